@@ -1,0 +1,15 @@
+# `make demo` and `make test` are the README's two set-up commands: each creates .venv
+# on a fresh machine and then does its job.
+.PHONY: setup demo test test-fast bench
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	HF_HUB_OFFLINE=1 .venv/bin/vtdsl fmt examples/design.vt
+
+test: setup
+	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q
+
+test-fast: setup
+	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -m "not slow"

@@ -1,0 +1,108 @@
+"""The resolved, checked form of a policy against one model: what cost and compiler read.
+
+The IR graph (`vtdsl.ir.graph`) is the source of truth; a `Plan` is its flat view, in
+execution order, with every site, score and quantity resolved to concrete numbers.
+
+Token-count conventions (all per image, batch-independent):
+- `vit_tokens[i]`: tokens entering ViT layer i, CLS included when the tower has one.
+- `projector_tokens`: visual tokens entering the projector (after the feature-select
+  strategy and any `vit.out` stage).
+- `llm_visual[j]`: visual tokens entering LLM layer j.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..lang.ast import Policy, Span
+from ..lang.errors import Diagnostic
+from ..models.spec import ModelSpec
+
+Tower = Literal["vit", "llm"]
+# Which attention rows a score reads (queries); "none" for scores without attention.
+Queries = Literal["cls", "all", "last_text", "all_text", "none"]
+
+
+@dataclass(frozen=True)
+class ResolvedSite:
+    """A site with a non-negative layer index. `vit.out` is `("vit", None)`."""
+
+    tower: Tower
+    layer: int | None
+
+    def text(self) -> str:
+        return f"{self.tower}.out" if self.layer is None else f"{self.tower}.layer{self.layer}"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """A score read inside one layer (the attention / hidden states computed there)."""
+
+    scorer: str  # canonical scorer: "cls", "attn", "text", "norm"
+    args: tuple[str, ...]
+    tower: Tower
+    layer: int  # the layer whose attention / output is read
+    queries: Queries
+
+
+@dataclass(frozen=True)
+class ResolvedScore:
+    """A leaf observation, or an aggregate ("mean", "sum", "max") of several."""
+
+    op: Literal["leaf", "mean", "sum", "max"]
+    observation: Observation | None = None
+    args: tuple["ResolvedScore", ...] = ()
+
+    def observations(self) -> list[Observation]:
+        if self.op == "leaf":
+            return [self.observation]
+        return [o for a in self.args for o in a.observations()]
+
+
+@dataclass(frozen=True)
+class ResolvedTerm:
+    kind: Literal["top", "diverse", "uniform", "random", "unique", "buffers"]
+    count: int  # tokens this term adds (buffers: the resolved upper bound)
+    score: ResolvedScore | None = None
+    seed: int | None = None
+    span: Span | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedStage:
+    index: int  # position in the source policy
+    site: ResolvedSite
+    action: Literal["keep", "merge", "pool", "drop"]
+    tokens_in: int  # selectable visual tokens entering the stage (CLS excluded)
+    tokens_out: int
+    terms: tuple[ResolvedTerm, ...] = ()
+    region: tuple[str, int, int] | None = None  # ("region", rows, cols) or ("crop", 0, 0)
+    merge_rest: int = 0  # keep: contextual tokens appended; merge: pairs merged
+    pool: tuple[int, int] | None = None
+    span: Span | None = None
+
+
+@dataclass
+class Plan:
+    policy: Policy
+    spec: ModelSpec
+    stages: list[ResolvedStage]
+    vit_tokens: list[int]
+    projector_tokens: int
+    llm_visual: list[int]
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+
+    @property
+    def visual_tokens_to_llm(self) -> int:
+        return self.llm_visual[0] if self.llm_visual else self.projector_tokens
+
+    @property
+    def observations(self) -> list[Observation]:
+        seen: dict[Observation, None] = {}
+        for stage in self.stages:
+            for term in stage.terms:
+                if term.score is not None:
+                    for obs in term.score.observations():
+                        seen.setdefault(obs, None)
+        return list(seen)

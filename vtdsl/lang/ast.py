@@ -1,0 +1,206 @@
+"""Typed AST of a vtdsl policy.
+
+Every node carries the source span it came from. Spans are location metadata, not
+identity: two ASTs that differ only in where they were written compare equal, which is
+what makes `.vt` -> AST -> YAML -> AST round trips checkable with `==`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Limits that keep every quantity meaningful and every integer small enough to print.
+MAX_COUNT = 1_000_000
+MAX_LAYER = 10_000
+
+
+class Span(BaseModel):
+    """1-based, end-inclusive line/column range of a construct in its source file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    line: int
+    column: int
+    end_line: int
+    end_column: int
+
+    def __eq__(self, other: object) -> bool:  # spans never distinguish two ASTs
+        return isinstance(other, Span)
+
+    def __hash__(self) -> int:
+        return 0
+
+
+class Node(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    span: Span | None = Field(default=None, repr=False)
+
+
+class Site(Node):
+    """Where in the model a stage acts or a score is read.
+
+    `vit.layerN`: the token set entering ViT layer N (negative N counts from the end).
+    `vit.out` (index None): the features handed to the projector.
+    `llm.layerN`: the visual tokens entering LLM layer N.
+    """
+
+    tower: Literal["vit", "llm"]
+    index: int | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "Site":
+        if self.index is None and self.tower != "vit":
+            raise ValueError("only 'vit.out' has no layer index; use llm.layerN")
+        if self.index is not None and abs(self.index) > MAX_LAYER:
+            raise ValueError(f"layer index {self.index} is out of any model's range")
+        return self
+
+    def text(self) -> str:
+        return f"{self.tower}.out" if self.index is None else f"{self.tower}.layer{self.index}"
+
+
+class Quantity(Node):
+    """A token count, or a percentage of the tokens entering the stage."""
+
+    value: float | int
+    percent: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "Quantity":
+        if self.percent:
+            if not 0 <= self.value <= 100:
+                raise ValueError(f"a percentage must lie in 0..100, got {self.value}%")
+        else:
+            if isinstance(self.value, float):
+                if not self.value.is_integer():
+                    raise ValueError(f"a token count must be a whole number, got {self.value}")
+                self.value = int(self.value)
+            if not 0 <= self.value <= MAX_COUNT:
+                raise ValueError(f"a token count must lie in 0..{MAX_COUNT}, got {self.value}")
+        return self
+
+
+class ScoreRef(Node):
+    """A named scorer, optional arguments (`text(all)`), optional observation site (`@`)."""
+
+    kind: Literal["ref"] = "ref"
+    name: str
+    args: list[str] = Field(default_factory=list)
+    at: Site | None = None
+
+
+class ScoreCombine(Node):
+    """An aggregate of several scores (e.g. CLS attention averaged over layers)."""
+
+    kind: Literal["combine"] = "combine"
+    op: Literal["mean", "sum", "max"]
+    args: list["Score"] = Field(min_length=2)
+
+
+Score = Annotated[Union[ScoreRef, ScoreCombine], Field(discriminator="kind")]
+ScoreCombine.model_rebuild()
+
+
+class TopTerm(Node):
+    """`<score> top <qty>`: the highest-scoring tokens not yet kept."""
+
+    kind: Literal["top"] = "top"
+    score: Score
+    qty: Quantity
+
+
+class SelectTerm(Node):
+    """`diverse|uniform|random|unique <qty>`: a score-free selector."""
+
+    kind: Literal["diverse", "uniform", "random", "unique"]
+    qty: Quantity
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "SelectTerm":
+        if self.seed is not None and self.kind != "random":
+            raise ValueError(f"'seed' belongs to 'random', not to '{self.kind}'")
+        return self
+
+
+class BuffersTerm(Node):
+    """`buffers [<qty>]`: spatial 4-neighbours of the tokens already kept by this stage."""
+
+    kind: Literal["buffers"] = "buffers"
+    qty: Quantity | None = None
+
+
+Term = Annotated[Union[TopTerm, SelectTerm, BuffersTerm], Field(discriminator="kind")]
+
+
+class Region(Node):
+    """`per crop` (each anyres crop) or `per region RxC` (an even spatial split)."""
+
+    kind: Literal["crop", "region"]
+    rows: int | None = None
+    cols: int | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "Region":
+        if self.kind == "region" and (not self.rows or not self.cols or self.rows < 1 or self.cols < 1):
+            raise ValueError("'per region' needs a positive RxC split such as 2x2")
+        if self.kind == "crop" and (self.rows is not None or self.cols is not None):
+            raise ValueError("'per crop' takes no RxC split")
+        return self
+
+
+class Keep(Node):
+    """`keep term + term ... [per ...] [then merge rest into N]`."""
+
+    kind: Literal["keep"] = "keep"
+    terms: list[Term] = Field(min_length=1)
+    region: Region | None = None
+    merge_rest: Quantity | None = None
+
+
+class Merge(Node):
+    """`merge <r>`: ToMe bipartite soft matching of r token pairs."""
+
+    kind: Literal["merge"] = "merge"
+    pairs: Quantity
+
+
+class Pool(Node):
+    """`pool RxC`: spatial average pooling of the token grid."""
+
+    kind: Literal["pool"] = "pool"
+    rows: int = Field(ge=1, le=64)
+    cols: int = Field(ge=1, le=64)
+
+
+class DropAll(Node):
+    """`drop all`: no visual tokens from this site on."""
+
+    kind: Literal["drop"] = "drop"
+
+
+Action = Annotated[Union[Keep, Merge, Pool, DropAll], Field(discriminator="kind")]
+
+
+class Stage(Node):
+    site: Site
+    action: Action
+
+
+class Budget(Node):
+    """`budget <metric> <op> <value>`; a percent value is relative to the unpruned model."""
+
+    metric: Literal["flops", "flops_fastv", "tokens", "kv"]
+    op: Literal["<=", "<"]
+    value: float | int
+    percent: bool = False
+
+
+class Policy(Node):
+    name: str | None = None
+    model: str | None = None
+    budgets: list[Budget] = Field(default_factory=list)
+    stages: list[Stage] = Field(default_factory=list)
