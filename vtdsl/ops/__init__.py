@@ -1,0 +1,63 @@
+"""Runtime ops: pure, batch-aware, deterministic torch functions the compiler calls.
+
+- `attention`: attention rows recomputed from captured q/k projections.
+- `scores`: per-token scores (CLS attention, attention received, query attention, norms).
+- `similarity`: the cosine matrix shared by similarity selectors.
+- `select`: selectors (top-k, diverse, unique, uniform, random, buffers, regions).
+- `keep`: a union of selection terms (`keep a + b + ...`).
+- `merge`: gather, contextual merge, ToMe merge, pooling, drop.
+
+Every op does exactly the matmuls `docs/dev/contracts.md` counts and no other.
+"""
+
+from .attention import attention_probs, repeat_kv, split_heads
+from .keep import TermSpec, select_union
+from .merge import (
+    bipartite_merge,
+    contextual_targets,
+    drop_all,
+    gather_tokens,
+    merge_rest,
+    pool2d,
+    pooled_grid,
+)
+from .scores import attention_received, cls_attention, query_attention, token_norm
+from .select import (
+    buffers,
+    diverse,
+    per_region,
+    random,
+    split_regions,
+    topk,
+    uniform,
+    unique,
+)
+from .similarity import pairwise_cosine
+
+__all__ = [
+    "attention_probs",
+    "repeat_kv",
+    "split_heads",
+    "cls_attention",
+    "attention_received",
+    "query_attention",
+    "token_norm",
+    "pairwise_cosine",
+    "topk",
+    "diverse",
+    "unique",
+    "uniform",
+    "random",
+    "buffers",
+    "split_regions",
+    "per_region",
+    "TermSpec",
+    "select_union",
+    "gather_tokens",
+    "merge_rest",
+    "contextual_targets",
+    "bipartite_merge",
+    "pool2d",
+    "pooled_grid",
+    "drop_all",
+]

@@ -1,0 +1,301 @@
+"""Token reduction that produces new tokens: gathering, merging, pooling, dropping.
+
+Counted FLOPs (`docs/dev/contracts.md`, ``d`` = width of the similarity metric):
+`merge_rest` ``2·(R−t)·t·d``; `bipartite_merge` ``2·|A|·|B|·d``; the rest none. Group
+sums are formed with ``scatter_add`` (uncounted), never with a one-hot matmul.
+
+Provenance: `merge_rest` and `bipartite_merge` report ``assign`` ``[B, n]``, the output
+slot each input token went into, so a visualisation can colour the original grid.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .similarity import normalize
+
+__all__ = ["gather_tokens", "merge_rest", "contextual_targets", "bipartite_merge", "pool2d", "pooled_grid", "drop_all"]
+
+
+def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
+    """Tokens ``idx`` of each sample.
+
+    Parameters
+    ----------
+    x : Tensor
+        ``[B, n, ...]``.
+    idx : Tensor
+        ``[B, k]`` int64 (or ``[k]`` shared by the batch).
+
+    Returns
+    -------
+    Tensor
+        ``[B, k, ...]``.
+    """
+    b = x.shape[0]
+    if idx.dim() == 1:
+        idx = idx[None].expand(b, -1)
+    k = idx.shape[1]
+    rest = x.shape[2:]
+    full = idx.view(b, k, *([1] * len(rest))).expand(b, k, *rest)
+    return x.gather(1, full)
+
+
+def _scatter_rows(dst: Tensor, index: Tensor, src: Tensor) -> Tensor:
+    """``dst[b, index[b, i]] += src[b, i]`` over the last dim (in place, returns dst)."""
+    return dst.scatter_add_(1, index[..., None].expand(-1, -1, src.shape[-1]), src)
+
+
+def _split_rest(kept_idx: Tensor, n: int, t: int) -> tuple[Tensor, Tensor]:
+    """Non-kept tokens split into VisionZip targets ``[B, t]`` and the others ``[B, R-t]``."""
+    b, k = kept_idx.shape
+    r = n - k
+    device = kept_idx.device
+    rest_mask = torch.ones(b, n, dtype=torch.bool, device=device)
+    rest_mask.scatter_(1, kept_idx, False)
+    rest_idx = rest_mask.nonzero()[:, 1].view(b, r)  # ascending
+    step = max(1, r // max(t, 1))
+    target_rank = torch.arange(0, step * t, step, device=device)
+    is_target = torch.zeros(r, dtype=torch.bool, device=device)
+    is_target[target_rank] = True
+    return rest_idx[:, target_rank], rest_idx[:, ~is_target]
+
+
+def contextual_targets(kept_idx: Tensor, n: int, t: int) -> Tensor:
+    """The tokens `merge_rest` uses as targets (the identity of each contextual token).
+
+    Parameters
+    ----------
+    kept_idx : Tensor
+        ``[B, k]`` kept tokens.
+    n : int
+        Tokens in the stage.
+    t : int
+        Contextual tokens (``0 <= t <= n - k``).
+
+    Returns
+    -------
+    Tensor
+        ``[B, t]`` int64, ascending: the non-kept tokens of rank ``i * max(1, R // t)``.
+    """
+    r = n - kept_idx.shape[1]
+    if not 0 <= t <= r:
+        raise ValueError(f"cannot form {t} contextual tokens from {r} remaining tokens")
+    return _split_rest(kept_idx, n, t)[0]
+
+
+def merge_rest(
+    x: Tensor,
+    kept_idx: Tensor,
+    t: int,
+    *,
+    metric: Tensor | None = None,
+    mode: Literal["mean", "visionzip"] = "mean",
+) -> tuple[Tensor, Tensor]:
+    """VisionZip contextual merging: fold the non-kept tokens into t contextual tokens.
+
+    Parameters
+    ----------
+    x : Tensor
+        ``[B, n, d]`` tokens of the stage.
+    kept_idx : Tensor
+        ``[B, k]`` kept (dominant) tokens, ascending.
+    t : int
+        Contextual tokens to produce (``0 <= t <= R = n - k``).
+    metric : Tensor, optional
+        ``[B, n, dm]`` features the similarity is measured on (VisionZip uses the layer's
+        keys); default ``x``. The matmul costs ``2·(R−t)·t·dm``.
+    mode : {"mean", "visionzip"}
+        ``"mean"`` (the contract): a contextual token is the mean of its group, target
+        included. ``"visionzip"``: as in VisionZip's released code, target + mean of the
+        tokens assigned to it (target alone when none).
+
+    Returns
+    -------
+    out : Tensor
+        ``[B, k + t, d]``: the kept tokens in order, then the t contextual tokens in the
+        order of their targets.
+    assign : Tensor
+        ``[B, n]`` int64: the output slot each input token went into.
+
+    Notes
+    -----
+    Targets are the non-kept tokens of rank ``i * max(1, R // t)``, ``i < t``, in
+    position order (VisionZip's stride). Each other non-kept token joins the target of
+    highest cosine similarity (ties: lower target) through one ``bmm``
+    ``[R−t, dm] x [dm, t]``; sums are accumulated in float32 with ``scatter_add``.
+    """
+    b, n, d = x.shape
+    k = kept_idx.shape[1]
+    r = n - k
+    if not 0 <= t <= r:
+        raise ValueError(f"cannot form {t} contextual tokens from {r} remaining tokens")
+    device = x.device
+    kept_idx = kept_idx.to(device)
+    assign = torch.empty(b, n, dtype=torch.long, device=device)
+    slots = torch.arange(n, device=device)[None].expand(b, -1)
+    assign.scatter_(1, kept_idx, slots[:, :k])
+    kept = gather_tokens(x, kept_idx)
+    if t == 0:
+        if r:
+            rest = torch.ones(b, n, dtype=torch.bool, device=device)
+            rest.scatter_(1, kept_idx, False)
+            assign.masked_fill_(rest, -1)  # dropped
+        return kept, assign
+
+    tgt_idx, oth_idx = _split_rest(kept_idx, n, t)
+
+    m = normalize(x if metric is None else metric)
+    sim = torch.bmm(gather_tokens(m, oth_idx), gather_tokens(m, tgt_idx).transpose(1, 2))
+    choice = sim.argmax(dim=2)  # [B, r - t]; first maximum -> lower target on ties
+
+    xf = x.float()
+    targets = gather_tokens(xf, tgt_idx)
+    others_sum = _scatter_rows(torch.zeros_like(targets), choice, gather_tokens(xf, oth_idx))
+    ones = torch.ones(choice.shape, device=device)
+    others_cnt = torch.zeros(b, t, device=device).scatter_add_(1, choice, ones)
+    if mode == "mean":
+        ctx = (targets + others_sum) / (others_cnt + 1.0)[..., None]
+    elif mode == "visionzip":
+        ctx = targets + others_sum / others_cnt.clamp(min=1.0)[..., None]
+    else:
+        raise ValueError(f"mode must be 'mean' or 'visionzip', got {mode!r}")
+
+    assign.scatter_(1, tgt_idx, k + slots[:, :t])
+    assign.scatter_(1, oth_idx, k + choice)
+    return torch.cat([kept, ctx.to(x.dtype)], dim=1), assign
+
+
+def bipartite_merge(
+    x: Tensor,
+    r: int,
+    *,
+    size: Tensor | None = None,
+    metric: Tensor | None = None,
+    protect_first: bool = False,
+    return_assign: bool = False,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
+    """ToMe bipartite soft matching: merge r tokens of set A into set B.
+
+    Parameters
+    ----------
+    x : Tensor
+        ``[B, n, d]``.
+    r : int
+        Tokens to remove (``0 <= r <= |A|``, minus one when ``protect_first``).
+    size : Tensor, optional
+        ``[B, n, 1]`` (or ``[B, n]``) how many original tokens each token stands for;
+        default ones.
+    metric : Tensor, optional
+        ``[B, n, dm]`` features to match on (ToMe: head-mean keys); default ``x``.
+    protect_first : bool
+        Never merge token 0 (a CLS token).
+    return_assign : bool
+        Also return ``assign`` ``[B, n]``: output slot of every input token.
+
+    Returns
+    -------
+    x_out : Tensor
+        ``[B, n - r, d]``, tokens in their original position order.
+    size_out : Tensor
+        ``[B, n - r, 1]`` float32 sizes.
+    assign : Tensor
+        Only with ``return_assign``.
+
+    Notes
+    -----
+    A = even positions, B = odd positions; one cosine matrix ``[|A|, d] x [d, |B|]``.
+    Each A token proposes its most similar B token (ties: lower B index); the r
+    proposals with the highest similarity (ties: lower A index) are merged, each into its
+    B token by size-weighted average ``Σ size·x / Σ size`` (float32, ``scatter_add``).
+    Unlike ToMe's code, which returns ``[unmerged A..., B...]``, the survivors keep their
+    original order.
+    """
+    b, n, d = x.shape
+    device = x.device
+    if size is None:
+        size = torch.ones(b, n, 1, device=device)
+    size = size.float().reshape(b, n, 1)
+    n_a = (n + 1) // 2
+    limit = n_a - (1 if protect_first else 0)
+    if not 0 <= r <= max(limit, 0) or r > n // 2:
+        raise ValueError(f"cannot merge {r} tokens out of {n} (at most {min(limit, n // 2)})")
+    pos = torch.arange(n, device=device)
+    if r == 0:
+        out = (x, size)
+        return (*out, pos[None].expand(b, -1).clone()) if return_assign else out
+
+    m = normalize(x if metric is None else metric)
+    scores = torch.matmul(m[:, 0::2], m[:, 1::2].transpose(1, 2))  # [B, |A|, |B|]
+    if protect_first:
+        scores[:, 0, :] = float("-inf")
+    best = scores.argmax(dim=2)  # [B, |A|]
+    best_sim = scores.gather(2, best[..., None]).squeeze(2)
+    edge = torch.sort(best_sim, dim=1, descending=True, stable=True).indices
+    src = edge[:, :r]  # merged A tokens (A-local)
+    dst = best.gather(1, src)  # their B tokens (B-local)
+
+    xs = x.float() * size
+    b_sum = _scatter_rows(xs[:, 1::2].clone(), dst, gather_tokens(xs[:, 0::2], src))
+    b_size = _scatter_rows(size[:, 1::2].clone(), dst, gather_tokens(size[:, 0::2], src))
+    full = x.float().clone()
+    full[:, 1::2] = b_sum / b_size
+    full_size = size.clone()
+    full_size[:, 1::2] = b_size
+
+    keep = torch.ones(b, n, dtype=torch.bool, device=device)
+    keep.scatter_(1, 2 * src, False)
+    keep_idx = keep.nonzero()[:, 1].view(b, n - r)
+    x_out = gather_tokens(full, keep_idx).to(x.dtype)
+    size_out = gather_tokens(full_size, keep_idx)
+    if not return_assign:
+        return x_out, size_out
+    assign = torch.full((b, n), -1, dtype=torch.long, device=device)
+    assign.scatter_(1, keep_idx, pos[None, : n - r].expand(b, -1))
+    assign.scatter_(1, 2 * src, assign.gather(1, 2 * dst + 1))
+    return x_out, size_out, assign
+
+
+def pooled_grid(grid: tuple[int, int], kr: int, kc: int) -> tuple[int, int]:
+    """Grid after `pool2d`: ``(ceil(rows / kr), ceil(cols / kc))``."""
+    rows, cols = grid
+    return -(-rows // kr), -(-cols // kc)
+
+
+def pool2d(x: Tensor, grid: tuple[int, int], kr: int, kc: int) -> Tensor:
+    """Average-pool a full token grid with a ``kr x kc`` window (stride = window, ceil mode).
+
+    Parameters
+    ----------
+    x : Tensor
+        ``[B, rows*cols, d]`` tokens in raster order.
+    grid : (int, int)
+        ``(rows, cols)``.
+    kr, kc : int
+        Window (and stride) in rows and columns.
+
+    Returns
+    -------
+    Tensor
+        ``[B, ceil(rows/kr) * ceil(cols/kc), d]`` in raster order. A window cut by the
+        grid edge averages only the tokens it covers. No counted FLOPs.
+    """
+    b, n, d = x.shape
+    rows, cols = grid
+    if n != rows * cols:
+        raise ValueError(f"pool2d needs the full {rows}x{cols} grid, got {n} tokens")
+    if kr < 1 or kc < 1:
+        raise ValueError(f"pool window must be positive, got {kr}x{kc}")
+    kr, kc = min(kr, rows), min(kc, cols)
+    img = x.float().view(b, rows, cols, d).permute(0, 3, 1, 2)
+    y = F.avg_pool2d(img, (kr, kc), stride=(kr, kc), ceil_mode=True)
+    return y.flatten(2).transpose(1, 2).to(x.dtype)
+
+
+def drop_all(x: Tensor) -> Tensor:
+    """No tokens: ``[B, 0, d]``."""
+    return x[:, :0]

@@ -1,0 +1,217 @@
+"""Per-token importance scores: attention from a query set, and token norms.
+
+Every attention scorer issues exactly one matmul, of the query rows it needs against all
+keys (``2·m·n·H·dh`` FLOPs per image, `docs/dev/contracts.md`): ``cls`` uses one row,
+``attention_received`` all n rows, and `query_attention` whatever rows it is given. Scores
+are float32, ``[B, n]``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .attention import HeadReduce, attention_probs, split_heads
+
+QueryReduce = Literal["mean", "sum", "max"]
+
+__all__ = ["cls_attention", "attention_received", "query_attention", "token_norm"]
+
+
+def _reduce_queries(probs: Tensor, how: QueryReduce) -> Tensor:
+    if how == "mean":
+        return probs.mean(dim=1)
+    if how == "sum":
+        return probs.sum(dim=1)
+    if how == "max":
+        return probs.amax(dim=1)
+    raise ValueError(f"query_reduce must be 'mean', 'sum' or 'max', got {how!r}")
+
+
+def _columns(scores: Tensor, key_index: Tensor | slice | None) -> Tensor:
+    """Select key columns from ``[B, n]``: a slice, ``[nk]`` or per-sample ``[B, nk]``."""
+    if key_index is None:
+        return scores
+    if isinstance(key_index, slice):
+        return scores[:, key_index]
+    key_index = key_index.to(scores.device)
+    if key_index.dim() == 1:
+        return scores.index_select(1, key_index)
+    return scores.gather(1, key_index)
+
+
+def _key_mask(key_index: Tensor | slice, b: int, n: int, device: torch.device) -> Tensor:
+    """Boolean ``[B, 1, 1, n]`` mask that is True on the selected key columns."""
+    allowed = torch.zeros(b, n, dtype=torch.bool, device=device)
+    if isinstance(key_index, slice):
+        allowed[:, key_index] = True
+    else:
+        key_index = key_index.to(device)
+        if key_index.dim() == 1:
+            allowed[:, key_index] = True
+        else:
+            allowed.scatter_(1, key_index, True)
+    return allowed[:, None, None, :]
+
+
+def query_attention(
+    q_rows: Tensor,
+    k: Tensor,
+    key_index: Tensor | slice | None = None,
+    *,
+    mask: Tensor | None = None,
+    query_positions: Tensor | None = None,
+    head_reduce: HeadReduce = "mean",
+    query_reduce: QueryReduce = "mean",
+    softmax_over: Literal["all", "selected"] = "all",
+    scale: float | None = None,
+) -> Tensor:
+    """Attention from given query rows to given key columns, reduced over heads and queries.
+
+    Parameters
+    ----------
+    q_rows : Tensor
+        ``[B, H, m, dh]``: only the query rows the score reads (e.g. the last text
+        position, ``m = 1``), RoPE applied.
+    k : Tensor
+        ``[B, Hkv, n, dh]``: all keys of the layer, RoPE applied; ``Hkv`` may divide ``H``.
+    key_index : Tensor or slice, optional
+        Key columns to return: ``[nk]`` shared, ``[B, nk]`` per sample, or a slice.
+        None returns all n columns.
+    mask : Tensor, optional
+        Extra mask for `attention_probs` (boolean True = may attend, or additive).
+    query_positions : Tensor, optional
+        ``[m]`` or ``[B, m]`` sequence positions of the query rows; when given, key ``j``
+        is visible to a query at position ``p`` only if ``j <= p`` (causal LLM attention,
+        so text before the image contributes zeros to the image columns).
+    head_reduce, query_reduce : {"mean", "sum", "max"}
+        Reductions over heads, then over the query rows.
+    softmax_over : {"all", "selected"}
+        ``"all"``: softmax over every key (what the model computes). ``"selected"``:
+        softmax restricted to the ``key_index`` columns (FEATHER-style criterion).
+    scale : float, optional
+        Logit scale; default ``1/sqrt(dh)``.
+
+    Returns
+    -------
+    Tensor
+        float32 ``[B, nk]``.
+    """
+    b, _, m, _ = q_rows.shape
+    n = k.shape[2]
+    masks: list[Tensor] = []
+    if query_positions is not None:
+        qp = query_positions.to(q_rows.device)
+        if qp.dim() == 1:
+            qp = qp[None].expand(b, m)
+        keys = torch.arange(n, device=q_rows.device)
+        masks.append((keys[None, None, :] <= qp[:, :, None])[:, None])  # [B, 1, m, n]
+    if softmax_over == "selected":
+        if key_index is None:
+            raise ValueError("softmax_over='selected' needs key_index")
+        masks.append(_key_mask(key_index, b, n, q_rows.device))
+    elif softmax_over != "all":
+        raise ValueError(f"softmax_over must be 'all' or 'selected', got {softmax_over!r}")
+
+    if masks:
+        combined = masks[0]
+        for extra in masks[1:]:
+            combined = combined & extra
+        if mask is None:
+            mask = combined
+        elif mask.dtype == torch.bool:
+            mask = mask & combined
+        else:
+            mask = mask.float().masked_fill(~combined, float("-inf"))
+
+    probs = attention_probs(q_rows, k, mask=mask, head_reduce=head_reduce, scale=scale)
+    return _columns(_reduce_queries(probs, query_reduce), key_index)
+
+
+def cls_attention(
+    q_proj_out: Tensor,
+    k_proj_out: Tensor,
+    num_heads: int,
+    *,
+    head_reduce: HeadReduce = "mean",
+) -> Tensor:
+    """Attention of the CLS token (position 0) over the patch tokens.
+
+    Parameters
+    ----------
+    q_proj_out, k_proj_out : Tensor
+        ``[B, n, H*dh]`` outputs of the layer's ``q_proj`` / ``k_proj`` (CLS at 0).
+    num_heads : int
+        Attention heads ``H``.
+    head_reduce : {"mean", "sum", "max"}
+        Head reduction. VisionZip sums heads; ``"mean"`` is the same ranking divided by H.
+
+    Returns
+    -------
+    Tensor
+        float32 ``[B, n-1]``: the CLS row of the softmax over all n keys (CLS
+        included), patch columns only.
+
+    Notes
+    -----
+    One matmul ``[1, dh] x [dh, n]`` per head: ``2·n·H·dh`` FLOPs per image.
+    """
+    q = split_heads(q_proj_out[:, :1], num_heads)
+    k = split_heads(k_proj_out, num_heads)
+    probs = attention_probs(q, k, head_reduce=head_reduce)  # [B, 1, n]
+    return probs[:, 0, 1:]
+
+
+def attention_received(
+    q_proj_out: Tensor,
+    k_proj_out: Tensor,
+    num_heads: int,
+    *,
+    key_index: Tensor | slice | None = None,
+    head_reduce: HeadReduce = "mean",
+) -> Tensor:
+    """Attention each token receives: mean over heads and over all n queries (HiPrune).
+
+    Parameters
+    ----------
+    q_proj_out, k_proj_out : Tensor
+        ``[B, n, H*dh]`` projection outputs of one (ViT) layer.
+    num_heads : int
+        Attention heads ``H``.
+    key_index : Tensor or slice, optional
+        Columns to return (e.g. ``slice(1, None)`` for the patches of a CLS tower).
+    head_reduce : {"mean", "sum", "max"}
+        Head reduction (default mean).
+
+    Returns
+    -------
+    Tensor
+        float32 ``[B, n]`` (or ``[B, nk]`` with ``key_index``).
+
+    Notes
+    -----
+    One matmul ``[n, dh] x [dh, n]`` per head: ``2·n²·H·dh`` FLOPs per image.
+    """
+    q = split_heads(q_proj_out, num_heads)
+    k = split_heads(k_proj_out, num_heads)
+    return query_attention(q, k, key_index, head_reduce=head_reduce, query_reduce="mean")
+
+
+def token_norm(h: Tensor, *, p: float = 2.0) -> Tensor:
+    """Per-token vector norm (L2 by default; ``p=1`` is DART's key-norm pivot criterion).
+
+    Parameters
+    ----------
+    h : Tensor
+        ``[B, n, d]`` hidden states / keys.
+    p : float
+        Norm order.
+
+    Returns
+    -------
+    Tensor
+        float32 ``[B, n]``. No counted FLOPs.
+    """
+    return torch.linalg.vector_norm(h.float(), ord=p, dim=-1)

@@ -1,0 +1,560 @@
+"""Token selectors: which of a stage's n tokens each sample keeps.
+
+Conventions shared by every selector
+------------------------------------
+- Batch-aware: inputs are ``[B, n, ...]``; every sample selects its own tokens, and every
+  sample selects the same number ``k``.
+- Returned indices are ``[B, k]`` int64, **sorted ascending** (original order kept).
+- Deterministic: equal scores are broken by position, the lower token index wins.
+  Scores are compared in float32; NaN ranks below everything.
+- ``exclude`` (``[B, n]`` bool, True = may not be chosen) is honoured exactly; asking for
+  more tokens than a sample has available raises `ValueError`.
+- No counted FLOPs, except `diverse` / `unique`: one pairwise cosine matrix (``2·n²·d``).
+
+Spatial helpers (`buffers`, `split_regions`) take ``positions`` ``[B, n]`` (or ``[n]``):
+the original raster index ``row*cols + col`` of each token on a ``grid = (rows, cols)``;
+a negative position marks a token that is not on the grid (CLS, newline tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .similarity import pairwise_cosine
+
+__all__ = [
+    "topk",
+    "diverse",
+    "unique",
+    "uniform",
+    "random",
+    "random_keys",
+    "buffers",
+    "neighbour_mask",
+    "split_regions",
+    "per_region",
+    "SelectFn",
+]
+
+_NEG = float("-inf")
+
+
+# --------------------------------------------------------------------------- helpers
+def _empty(b: int, device: torch.device) -> Tensor:
+    return torch.zeros(b, 0, dtype=torch.long, device=device)
+
+
+def _check_k(k: int, n: int) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise ValueError(f"k must be a non-negative int, got {k!r}")
+    if k > n:
+        raise ValueError(f"cannot select {k} tokens out of {n}")
+
+
+def _check_available(allowed: Tensor, k: int, what: str) -> None:
+    """Raise unless every sample has at least k allowed tokens (one host sync)."""
+    if k == 0 or allowed.shape[0] == 0:
+        return
+    have = int(allowed.sum(dim=1).min())
+    if have < k:
+        raise ValueError(f"{what}: asked for {k} tokens but a sample has only {have} available")
+
+
+def _as_scores(scores: Tensor) -> Tensor:
+    s = scores.float()
+    return torch.nan_to_num(s, nan=_NEG)
+
+
+def _lexsort(scores: Tensor, group: Tensor | None = None) -> Tensor:
+    """Per-row order by (group ascending, score descending, index ascending).
+
+    Two stable sorts make the order total and deterministic: the first sorts by score
+    (stable, so equal scores keep index order), the second by group (stable, so the
+    score order survives inside each group).
+    """
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    if group is not None:
+        g = group.to(torch.int8).gather(1, order)
+        order = order.gather(1, torch.sort(g, dim=1, stable=True).indices)
+    return order
+
+
+def _finish(order: Tensor, k: int) -> Tensor:
+    return order[:, :k].sort(dim=1).values
+
+
+def _batch_positions(positions: Tensor, b: int) -> Tensor:
+    positions = positions.long()
+    return positions[None].expand(b, -1) if positions.dim() == 1 else positions
+
+
+# --------------------------------------------------------------------------- top-k
+def topk(scores: Tensor, k: int, *, exclude: Tensor | None = None) -> Tensor:
+    """The k highest-scoring tokens of each sample.
+
+    Parameters
+    ----------
+    scores : Tensor
+        ``[B, n]`` (any float dtype; compared in float32, NaN lowest).
+    k : int
+        Tokens to select.
+    exclude : Tensor, optional
+        ``[B, n]`` bool; True tokens are never selected.
+
+    Returns
+    -------
+    Tensor
+        ``[B, k]`` int64 indices, ascending. Ties: the lower index wins (unlike
+        ``torch.topk``, whose tie order is unspecified).
+    """
+    b, n = scores.shape
+    _check_k(k, n)
+    if k == 0:
+        return _empty(b, scores.device)
+    if exclude is not None:
+        _check_available(~exclude, k, "top")
+    return _finish(_lexsort(_as_scores(scores), exclude), k)
+
+
+# --------------------------------------------------------------------------- similarity
+def _greedy_cover(
+    sim: Tensor,
+    k: int,
+    seed_mask: Tensor | None,
+    exclude: Tensor | None,
+    first_score: Callable[[Tensor, Tensor], Tensor],
+    what: str,
+) -> Tensor:
+    """Greedy: repeatedly take the available token least similar to the kept set.
+
+    ``maxsim[b, j]`` is token j's highest cosine similarity to the set (seeds and picks
+    so far); the next pick is ``argmin maxsim`` (= ``argmax`` of the min cosine distance
+    ``1 - maxsim``), lowest index on ties. A sample with no seed chooses its first token
+    by ``first_score`` (higher is better) instead.
+    """
+    b, n, _ = sim.shape
+    device = sim.device
+    _check_k(k, n)
+    if k == 0:
+        return _empty(b, device)
+    avail = torch.ones(b, n, dtype=torch.bool, device=device)
+    if exclude is not None:
+        avail &= ~exclude
+    if seed_mask is not None:
+        avail &= ~seed_mask
+        has_seed = seed_mask.any(dim=1)
+        maxsim = sim.masked_fill(~seed_mask[:, :, None], _NEG).amax(dim=1)
+    else:
+        has_seed = torch.zeros(b, dtype=torch.bool, device=device)
+        maxsim = torch.full((b, n), _NEG, device=device)
+    _check_available(avail, k, what)
+
+    picked = torch.empty(b, k, dtype=torch.long, device=device)
+    for step in range(k):
+        score = -maxsim
+        if step == 0:
+            score = torch.where(has_seed[:, None], score, first_score(sim, avail))
+        score = score.masked_fill(~avail, _NEG)
+        j = score.argmax(dim=1)  # first maximum: lowest index on ties
+        picked[:, step] = j
+        avail.scatter_(1, j[:, None], False)
+        row = sim.gather(1, j[:, None, None].expand(b, 1, n)).squeeze(1)
+        maxsim = torch.maximum(maxsim, row)
+    return picked.sort(dim=1).values
+
+
+def _first_most_isolated(sim: Tensor, cand: Tensor) -> Tensor:
+    """DivPrune's first pick: the candidate whose nearest other candidate is farthest."""
+    n = sim.shape[1]
+    eye = torch.eye(n, dtype=torch.bool, device=sim.device)
+    others = ~cand[:, :, None] | eye  # rows that do not count for column j
+    nearest = sim.masked_fill(others, _NEG).amax(dim=1)  # max similarity to another candidate
+    return -nearest  # +inf for a lone candidate
+
+
+def _first_most_central(sim: Tensor, cand: Tensor) -> Tensor:
+    """`unique`'s first pick: the candidate with the highest mean similarity to the others."""
+    n = sim.shape[1]
+    eye = torch.eye(n, dtype=torch.bool, device=sim.device)
+    others = ~cand[:, :, None] | eye
+    total = sim.masked_fill(others, 0.0).sum(dim=1)
+    count = (~others).sum(dim=1).clamp(min=1)
+    return total / count
+
+
+def diverse(
+    x: Tensor | None,
+    k: int,
+    *,
+    seed_mask: Tensor | None = None,
+    exclude: Tensor | None = None,
+    sim: Tensor | None = None,
+) -> Tensor:
+    """Greedy max-min diversity on cosine distance (DivPrune; k-center).
+
+    Parameters
+    ----------
+    x : Tensor or None
+        ``[B, n, d]`` token features (None when ``sim`` is given).
+    k : int
+        Tokens to select.
+    seed_mask : Tensor, optional
+        ``[B, n]`` bool: tokens already kept (e.g. by earlier terms). They start the set
+        the distances are measured to, and are not selected again.
+    exclude : Tensor, optional
+        ``[B, n]`` bool: tokens that may not be selected.
+    sim : Tensor, optional
+        Precomputed `pairwise_cosine` ``[B, n, n]`` (shared by several terms of a stage).
+
+    Returns
+    -------
+    Tensor
+        ``[B, k]`` int64 indices, ascending.
+
+    Notes
+    -----
+    Each step adds the available token whose cosine distance ``1 - cos`` to its nearest
+    kept token is largest. Without seeds the first token is, as in DivPrune's released
+    code, the one whose nearest *other* candidate is farthest (the most isolated token;
+    DivPrune takes the second-smallest column entry of the distance matrix, i.e. the
+    smallest off-diagonal one). Unlike that code, kept tokens are masked out explicitly
+    instead of relying on their zero self-distance. One ``2·n²·d`` matmul, then ``k``
+    vectorised steps over the matrix.
+    """
+    if sim is None:
+        if x is None:
+            raise ValueError("diverse needs features x or a precomputed sim")
+        sim = pairwise_cosine(x)
+    return _greedy_cover(sim, k, seed_mask, exclude, _first_most_isolated, "diverse")
+
+
+def unique(
+    x: Tensor | None,
+    k: int,
+    *,
+    seed_mask: Tensor | None = None,
+    exclude: Tensor | None = None,
+    sim: Tensor | None = None,
+) -> Tensor:
+    """Duplication-aware greedy selection: keep the token least similar to what is kept.
+
+    Parameters
+    ----------
+    x, k, seed_mask, exclude, sim
+        As in `diverse`.
+
+    Returns
+    -------
+    Tensor
+        ``[B, k]`` int64 indices, ascending.
+
+    Notes
+    -----
+    Each step adds the available token whose *maximum* cosine similarity to the kept set
+    (seeds and earlier picks) is smallest: the least duplicated token (the redundancy
+    criterion of DART, where the seeds play the role of DART's pivots). Given seeds this
+    is the same greedy rule as `diverse` (``argmin max cos = argmax min (1 - cos)``); the
+    two differ only in how a sample without seeds starts: `unique` starts from the most
+    *central* token (highest mean similarity to the other candidates, a representative
+    pivot), `diverse` from the most isolated one. One ``2·n²·d`` matmul.
+    """
+    if sim is None:
+        if x is None:
+            raise ValueError("unique needs features x or a precomputed sim")
+        sim = pairwise_cosine(x)
+    return _greedy_cover(sim, k, seed_mask, exclude, _first_most_central, "unique")
+
+
+# --------------------------------------------------------------------------- score-free
+def uniform(candidates_mask: Tensor, k: int) -> Tensor:
+    """Evenly strided tokens among each sample's candidates, in position order.
+
+    Parameters
+    ----------
+    candidates_mask : Tensor
+        ``[B, n]`` bool, True = may be selected (``c_b`` candidates in sample b).
+    k : int
+        Tokens to select (``k <= c_b``).
+
+    Returns
+    -------
+    Tensor
+        ``[B, k]`` int64 indices, ascending.
+
+    Notes
+    -----
+    The i-th pick (``i = 0..k-1``) is the candidate of rank ``floor(i * c_b / k)`` in
+    position order: it starts at the first candidate and spreads the picks over all of
+    them (when k divides c_b this is the plain stride ``c_b / k``, as in VisionZip's
+    target choice). Ranks strictly increase because ``c_b >= k``.
+    """
+    b, n = candidates_mask.shape
+    _check_k(k, n)
+    if k == 0:
+        return _empty(b, candidates_mask.device)
+    _check_available(candidates_mask, k, "uniform")
+    c = candidates_mask.sum(dim=1)  # [B]
+    # candidates first, in position order
+    order = torch.sort((~candidates_mask).to(torch.int8), dim=1, stable=True).indices
+    i = torch.arange(k, device=candidates_mask.device)
+    ranks = torch.div(i[None, :] * c[:, None], k, rounding_mode="floor")
+    return order.gather(1, ranks)
+
+
+def random_keys(seed: int, batch: int, n: int, device: torch.device | str = "cpu") -> Tensor:
+    """The random sort keys `random` draws: ``[batch, n]`` uniforms from a CPU generator.
+
+    Drawn on the CPU so that a seed gives the same tokens on every device; row b depends
+    only on (seed, b, n), not on the batch size.
+    """
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int(seed))
+    return torch.rand(batch, n, generator=g).to(device)
+
+
+def random(
+    candidates_mask: Tensor,
+    k: int,
+    *,
+    seed: int | None = 0,
+    keys: Tensor | None = None,
+) -> Tensor:
+    """k candidates chosen uniformly at random, independently per sample.
+
+    Parameters
+    ----------
+    candidates_mask : Tensor
+        ``[B, n]`` bool, True = may be selected.
+    k : int
+        Tokens to select.
+    seed : int, optional
+        Seed of a private ``torch.Generator`` (the global RNG is untouched); None means 0.
+    keys : Tensor, optional
+        ``[B, n]`` precomputed `random_keys` (lets a caller draw once for a full batch and
+        select on sub-batches).
+
+    Returns
+    -------
+    Tensor
+        ``[B, k]`` int64 indices, ascending. Same seed, same indices.
+
+    Notes
+    -----
+    Each token gets a uniform key; the k candidates with the smallest keys win (a
+    uniformly random k-subset, ties by lower index).
+    """
+    b, n = candidates_mask.shape
+    _check_k(k, n)
+    if k == 0:
+        return _empty(b, candidates_mask.device)
+    _check_available(candidates_mask, k, "random")
+    if keys is None:
+        keys = random_keys(0 if seed is None else seed, b, n, candidates_mask.device)
+    keys = keys.float().masked_fill(~candidates_mask, 2.0)  # non-candidates after all
+    order = torch.sort(keys, dim=1, stable=True).indices
+    return _finish(order, k)
+
+
+# --------------------------------------------------------------------------- spatial
+def neighbour_mask(kept_mask: Tensor, positions: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Tokens that are a 4-neighbour of a kept token on the grid (kept tokens excluded).
+
+    Parameters
+    ----------
+    kept_mask : Tensor
+        ``[B, n]`` bool.
+    positions : Tensor
+        ``[B, n]`` or ``[n]`` raster grid index of each token; negative = off-grid.
+    grid : (int, int)
+        ``(rows, cols)``.
+
+    Returns
+    -------
+    Tensor
+        ``[B, n]`` bool. Neighbours are ``(r±1, c)`` and ``(r, c±1)`` inside the grid: no
+        wrap-around from the end of one row to the start of the next.
+    """
+    rows, cols = grid
+    b, n = kept_mask.shape
+    pos = _batch_positions(positions, b).to(kept_mask.device)
+    cells = rows * cols
+    on_grid = (pos >= 0) & (pos < cells)
+    slot = torch.where(on_grid, pos, torch.full_like(pos, cells))  # off-grid -> dump slot
+    occ = torch.zeros(b, cells + 1, dtype=torch.int32, device=kept_mask.device)
+    occ.scatter_add_(1, slot, (kept_mask & on_grid).to(torch.int32))
+    occ2 = occ[:, :cells].view(b, rows, cols) > 0
+    nb = torch.zeros_like(occ2)
+    nb[:, 1:, :] |= occ2[:, :-1, :]
+    nb[:, :-1, :] |= occ2[:, 1:, :]
+    nb[:, :, 1:] |= occ2[:, :, :-1]
+    nb[:, :, :-1] |= occ2[:, :, 1:]
+    nb_flat = torch.cat([nb.view(b, cells), torch.zeros(b, 1, dtype=torch.bool, device=nb.device)], 1)
+    return nb_flat.gather(1, slot) & on_grid & ~kept_mask
+
+
+def buffers(
+    kept_mask: Tensor,
+    positions: Tensor,
+    grid: tuple[int, int],
+    k: int,
+    *,
+    order_scores: Tensor | None = None,
+    exclude: Tensor | None = None,
+) -> Tensor:
+    """Spatial buffers: 4-neighbours of the kept tokens (HiPrune), exactly k of them.
+
+    Parameters
+    ----------
+    kept_mask : Tensor
+        ``[B, n]`` bool: tokens already kept (the anchors).
+    positions : Tensor
+        ``[B, n]`` or ``[n]`` raster grid positions (negative = off-grid).
+    grid : (int, int)
+        ``(rows, cols)`` of the grid.
+    k : int
+        Tokens to return.
+    order_scores : Tensor, optional
+        ``[B, n]``; ranks the neighbours (descending) and chooses the padding. Without
+        it both follow position order.
+    exclude : Tensor, optional
+        ``[B, n]`` bool: tokens that may not be chosen.
+
+    Returns
+    -------
+    Tensor
+        ``[B, k]`` int64 indices, ascending.
+
+    Notes
+    -----
+    Candidates are the present, not kept, not excluded tokens at ``(r±1, c)`` /
+    ``(r, c±1)`` of a kept token. If there are more than k, the k best by
+    ``order_scores`` are taken (ties: lower index); if fewer, the rest is padded with
+    the best remaining non-neighbours by ``order_scores``. HiPrune's released code forms
+    neighbours as flat ``index ± 1`` / ``index ± width`` clamped to the range, which
+    wraps across row ends; here a row end has no right neighbour.
+    """
+    b, n = kept_mask.shape
+    _check_k(k, n)
+    if k == 0:
+        return _empty(b, kept_mask.device)
+    allowed = ~kept_mask if exclude is None else ~kept_mask & ~exclude
+    _check_available(allowed, k, "buffers")
+    is_nb = neighbour_mask(kept_mask, positions, grid) & allowed
+    # group 0: neighbours, 1: other allowed tokens (padding), 2: never
+    group = torch.where(is_nb, 0, torch.where(allowed, 1, 2))
+    s = torch.zeros(b, n, device=kept_mask.device) if order_scores is None else _as_scores(order_scores)
+    return _finish(_lexsort(s, group), k)
+
+
+def split_regions(positions: Tensor, grid: tuple[int, int], rows: int, cols: int) -> Tensor:
+    """Region id of each token for an even ``rows x cols`` split of the grid.
+
+    Parameters
+    ----------
+    positions : Tensor
+        ``[B, n]`` or ``[n]`` raster grid positions (negative = off-grid).
+    grid : (int, int)
+        ``(R, C)`` of the token grid.
+    rows, cols : int
+        The region split.
+
+    Returns
+    -------
+    Tensor
+        int64 region ids, raster order ``rr*cols + rc`` with ``rr = floor(r*rows/R)``
+        and ``rc = floor(c*cols/C)`` (sizes differ by at most one row/column);
+        -1 for off-grid tokens.
+    """
+    big_r, big_c = grid
+    if not (1 <= rows <= big_r and 1 <= cols <= big_c):
+        raise ValueError(f"cannot split a {big_r}x{big_c} grid into {rows}x{cols} regions")
+    pos = positions.long()
+    on_grid = (pos >= 0) & (pos < big_r * big_c)
+    p = pos.clamp(min=0)
+    r = torch.div(p, big_c, rounding_mode="floor")
+    c = p % big_c
+    rr = torch.div(r * rows, big_r, rounding_mode="floor")
+    rc = torch.div(c * cols, big_c, rounding_mode="floor")
+    return torch.where(on_grid, rr * cols + rc, torch.full_like(pos, -1))
+
+
+SelectFn = Callable[[int, Tensor, Tensor, Tensor], Tensor]
+"""``select_fn(count, allowed, taken, rows) -> idx [b', count]`` on the sub-batch ``rows``:
+``allowed`` ``[b', n]`` = tokens it may choose, ``taken`` ``[b', n]`` = tokens kept so far."""
+
+
+def per_region(
+    select_fn: SelectFn,
+    k: int,
+    region_ids: Tensor,
+    num_regions: int,
+    *,
+    taken: Tensor | None = None,
+    exclude: Tensor | None = None,
+) -> Tensor:
+    """Split a budget of k tokens evenly across regions and select within each.
+
+    Parameters
+    ----------
+    select_fn : SelectFn
+        ``select_fn(count, allowed, taken, rows)``: selects ``count`` tokens among
+        ``allowed`` for the samples ``rows`` (int64 ``[b']``); ``taken`` holds the tokens
+        kept before, including this call's picks in earlier regions (seeds for `diverse`).
+    k : int
+        Total tokens.
+    region_ids : Tensor
+        ``[B, n]`` int64 region of each token (`split_regions`; -1 = no region).
+    num_regions : int
+        Number of regions G.
+    taken, exclude : Tensor, optional
+        ``[B, n]`` bool: tokens already kept / never selectable.
+
+    Returns
+    -------
+    Tensor
+        ``[B, k]`` int64 indices, ascending.
+
+    Notes
+    -----
+    Region g (raster order) gets ``k // G`` tokens, plus one for the first ``k % G``
+    regions. A region with fewer available tokens than its share gives all it has, and
+    the shortfall is filled by one more ``select_fn`` call over all remaining tokens
+    (the globally best remaining). Samples whose counts differ are handled in groups,
+    so each sample's result does not depend on the rest of the batch.
+    """
+    b, n = region_ids.shape
+    device = region_ids.device
+    _check_k(k, n)
+    if num_regions < 1:
+        raise ValueError(f"num_regions must be >= 1, got {num_regions}")
+    taken = torch.zeros(b, n, dtype=torch.bool, device=device) if taken is None else taken.clone()
+    free = ~taken if exclude is None else ~taken & ~exclude
+    _check_available(free, k, "per_region")
+    picked = torch.zeros(b, n, dtype=torch.bool, device=device)
+
+    def run(count: Tensor, allowed: Tensor) -> None:
+        for value in torch.unique(count).tolist():
+            if value == 0:
+                continue
+            rows = (count == value).nonzero().squeeze(1)
+            idx = select_fn(int(value), allowed[rows], (taken | picked)[rows], rows)
+            sub = picked[rows]
+            sub.scatter_(1, idx, True)
+            picked[rows] = sub
+
+    base, extra = divmod(k, num_regions)
+    for g in range(num_regions):
+        share = base + (1 if g < extra else 0)
+        if share == 0:
+            continue
+        in_region = free & (region_ids == g)
+        run(in_region.sum(dim=1).clamp(max=share), in_region)
+    leftover = k - picked.sum(dim=1)
+    if bool((leftover > 0).any()):
+        run(leftover, free & ~picked)
+    if bool((picked.sum(dim=1) != k).any()):
+        raise RuntimeError("per_region: select_fn returned overlapping or disallowed tokens")
+    return picked.nonzero()[:, 1].view(b, k)
