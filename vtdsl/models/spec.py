@@ -3,12 +3,21 @@
 A `ModelSpec` is plain data derived from a transformers config. Everything family
 specific (CLS token or not, a 2x2 patch merger, anyres crops, M-RoPE) is a field here, so
 the IR passes and the cost model never branch on the model's name.
+
+Specs are made by `vtdsl.models.spec_from_config` (the one code path: built-ins, a user's
+own config, a local model directory all go through it). Importing this module is free: it
+does not import torch or transformers; `build` and `load_weights` do, lazily.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass(frozen=True)
@@ -23,6 +32,20 @@ class TowerDims:
     head_dim: int
     # "gelu" MLPs have two matmuls (fc1, fc2); "swiglu" have three (gate, up, down).
     mlp: Literal["gelu", "swiglu"] = "gelu"
+
+    @property
+    def q_width(self) -> int:
+        """Width of the query (and attention output) projection: heads * head_dim."""
+        return self.heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        """Width of each of the key and value projections (GQA: kv_heads * head_dim)."""
+        return self.kv_heads * self.head_dim
+
+    @property
+    def mlp_matmuls(self) -> int:
+        return 3 if self.mlp == "swiglu" else 2
 
 
 @dataclass(frozen=True)
@@ -47,6 +70,25 @@ class ModelSpec:
     llm_layer_path: str = "model.language_model.layers.{i}"
     # Builds the transformers config; kept as a callable so importing the registry is free.
     make_config: Callable[[], Any] | None = field(default=None, compare=False, repr=False)
+    # --- fields added for the registry / compiler / cost model (all with defaults) ---
+    image_token_id: int | None = None  # the placeholder id repeated once per visual token
+    # transformers class that `build` instantiates (looked up in `transformers`).
+    model_class: str = "LlavaForConditionalGeneration"
+    attn_implementation: str = "sdpa"  # default for `build`; "eager" etc. allowed
+    tie_word_embeddings: bool = False
+    # Crops the vision tower encodes per image (LLaVA-NeXT anyres: base + grid crops).
+    # `vit_tokens` in a Plan are per crop; projector / LLM counts are per image (all crops).
+    vit_crops: int = 1
+    # Side of the patch merge unit between ViT and projector (Qwen2.5-VL: 2 -> 2x2 patches
+    # become one token; `projector[0]` is then vit.hidden * 4).
+    spatial_merge: int = 1
+    # Position encoding of the LLM: "rope" (1-D) or "mrope" (Qwen2-VL style, 3 sections).
+    position_encoding: Literal["rope", "mrope"] = "rope"
+    # Checkpoint key renames (regex, replacement), first match wins: maps older / hub
+    # checkpoint layouts onto this transformers version's module tree.
+    checkpoint_renames: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    # A local model directory this spec was read from (weights may live there).
+    source: str | None = field(default=None, compare=False)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -69,11 +111,67 @@ class ModelSpec:
         return self.vision_feature_layer % (self.vit.layers + 1) - 1
 
     @property
+    def unused_vit_layers(self) -> tuple[int, ...]:
+        """ViT layers that run in transformers but whose output no one reads (e.g. the
+        last layer when vision_feature_layer is -2)."""
+        return tuple(range(self.feature_layer_index + 1, self.vit.layers))
+
+    @property
     def image_tokens(self) -> int:
         """Visual tokens entering the LLM per image when nothing is pruned."""
         keeps_cls = self.has_cls and self.select_strategy == "full"
-        return self.patch_tokens + (1 if keeps_cls else 0)
+        per_crop = self.patch_tokens // (self.spatial_merge**2) + (1 if keeps_cls else 0)
+        return per_crop * self.vit_crops
+
+    @property
+    def projector_tokens(self) -> int:
+        """Visual tokens entering the projector per image when nothing is pruned."""
+        return self.image_tokens
 
     @property
     def dtype_bytes(self) -> int:
-        return {"float32": 4, "float16": 2, "bfloat16": 2}[self.dtype]
+        return DTYPE_BYTES[self.dtype]
+
+    # ------------------------------------------------------------------ torch side
+    def config(self) -> Any:
+        """A fresh transformers config for this model (callers may mutate it)."""
+        if self.make_config is None:
+            raise ValueError(f"model spec '{self.name}' has no config factory")
+        return self.make_config()
+
+    def build(
+        self,
+        device: "str | torch.device" = "meta",
+        dtype: "str | torch.dtype | None" = None,
+        seed: int = 0,
+        attn_implementation: str | None = None,
+    ):
+        """Instantiate the transformers model (random weights, eval mode).
+
+        `device="meta"` allocates nothing and skips weight init (llava-1.5-7b builds in
+        well under a second); on a real device the weights are drawn from the model's own
+        initialiser under `torch.manual_seed(seed)` without touching the global RNG, so the
+        same seed gives the same weights. `dtype` defaults to the spec's dtype.
+        """
+        from .loading import build_model
+
+        return build_model(self, device=device, dtype=dtype, seed=seed, attn_implementation=attn_implementation)
+
+    def param_count(self) -> int:
+        """Parameters of the built model (counted on the meta device, cached)."""
+        from .loading import param_count
+
+        return param_count(self)
+
+    def summary(self) -> dict:
+        """One registry row: what `vtdsl models` prints."""
+        return {
+            "name": self.name,
+            "family": self.family,
+            "visual_tokens": self.image_tokens,
+            "vit_layers": self.vit.layers,
+            "llm_layers": self.llm.layers,
+            "params": self.param_count(),
+            "dtype": self.dtype,
+            "description": self.description,
+        }

@@ -1,0 +1,219 @@
+"""Instantiating models from specs, and loading local safetensors weights into them.
+
+Only safetensors files are read (never pickles), and no code from a model directory is
+ever run (no `trust_remote_code`): the architecture comes from the spec.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
+
+from .spec import ModelSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+class WeightsError(ValueError):
+    """A model directory's weights cannot be loaded into the spec's architecture."""
+
+
+def _torch_dtype(dtype):
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return value
+
+
+def _model_class(spec: ModelSpec):
+    import transformers
+
+    return getattr(transformers, spec.model_class)
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def build_model(
+    spec: ModelSpec,
+    device="meta",
+    dtype=None,
+    seed: int = 0,
+    attn_implementation: str | None = None,
+    init_weights: bool = True,
+):
+    """See `ModelSpec.build`. `init_weights=False` leaves real-device weights uninitialised
+    (used by `load_weights`, which overwrites every one of them)."""
+    import torch
+
+    dtype = _torch_dtype(dtype if dtype is not None else spec.dtype)
+    device = torch.device(device)
+    cls = _model_class(spec)
+    config = spec.config()
+    impl = attn_implementation or spec.attn_implementation
+    with _quiet_transformers():
+        if device.type == "meta":
+            # No storage on meta: init functions are no-ops, so this is just module setup.
+            with torch.device("meta"):
+                model = cls._from_config(config, dtype=dtype, attn_implementation=impl)
+        elif not init_weights:
+            from transformers.initialization import no_init_weights
+
+            with torch.device(device), no_init_weights():
+                model = cls._from_config(config, dtype=dtype, attn_implementation=impl)
+        else:
+            # Seed without disturbing the caller's RNG streams (CPU, and CUDA when used).
+            forked = [device] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=forked):
+                torch.manual_seed(seed)
+                with torch.device(device):
+                    model = cls._from_config(config, dtype=dtype, attn_implementation=impl)
+    model.eval()
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def _param_count(spec: ModelSpec) -> int:
+    model = build_model(spec, device="meta")
+    return sum(p.numel() for p in model.parameters())  # tied parameters are listed once
+
+
+def param_count(spec: ModelSpec) -> int:
+    return _param_count(spec)
+
+
+# ---------------------------------------------------------------------- weights
+def safetensors_files(path: str) -> list[str]:
+    """The safetensors files of a model directory (sharded via its index, or all)."""
+    if not os.path.isdir(path):
+        raise WeightsError(f"not a model directory: {path}")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as fh:
+            weight_map = json.load(fh).get("weight_map", {})
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+        if missing:
+            raise WeightsError(f"{index} names shard(s) that are not there: {', '.join(missing[:3])}")
+        if not files:
+            raise WeightsError(f"{index} has an empty weight_map")
+        return [os.path.join(path, f) for f in files]
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if files:
+        return [os.path.join(path, f) for f in files]
+    pickles = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
+    if pickles:
+        raise WeightsError(
+            f"{path} has only pickle weights ({', '.join(pickles[:3])}); vtdsl loads safetensors only. "
+            "Convert them once with a trusted tool (e.g. save_pretrained(..., safe_serialization=True))."
+        )
+    raise WeightsError(f"{path} has no *.safetensors weights")
+
+
+def rename_key(spec: ModelSpec, key: str) -> str:
+    """Map a checkpoint key onto this transformers version's parameter name."""
+    for pattern, replacement in _compiled_renames(spec.checkpoint_renames):
+        new, n = pattern.subn(replacement, key, count=1)
+        if n:
+            return new
+    return key
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_renames(rules: tuple[tuple[str, str], ...]):
+    return tuple((re.compile(p), r) for p, r in rules)
+
+
+def _check_architecture(spec: ModelSpec, path: str) -> None:
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        return
+    from .registry import spec_from_config
+
+    with open(config_path, encoding="utf-8") as fh:
+        theirs = spec_from_config(json.load(fh), name=spec.name)
+    fields = ("family", "vit", "llm", "vocab_size", "image_size", "patch_size", "channels", "projector")
+    diffs = [f for f in fields if getattr(theirs, f) != getattr(spec, f)]
+    if diffs:
+        f = diffs[0]
+        raise WeightsError(
+            f"{config_path} describes a different architecture than '{spec.name}': "
+            f"{f} is {getattr(theirs, f)!r} there, {getattr(spec, f)!r} in the spec"
+        )
+
+
+def load_weights(spec: ModelSpec, path: str | None = None, device="cpu", dtype=None, attn_implementation=None):
+    """Build `spec`'s model on `device` and load the safetensors weights of a local
+    directory into it. Every parameter must be present in the files with its exact shape
+    (a tied lm_head may be absent); extra tensors are an error too, so a wrong
+    checkpoint never loads half-way. Returns the model in eval mode.
+    """
+    import torch
+    from safetensors import safe_open
+
+    path = os.path.expanduser(os.fspath(path if path is not None else (spec.source or "")))
+    if not path:
+        raise WeightsError(f"model '{spec.name}' has no weights directory; pass one")
+    files = safetensors_files(path)
+    _check_architecture(spec, path)
+
+    model = build_model(
+        spec, device=device, dtype=dtype, attn_implementation=attn_implementation, init_weights=False
+    )
+    expected = model.state_dict()
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    loaded: dict[str, "torch.Tensor"] = {}
+    unexpected: list[str] = []
+    mismatched: list[str] = []
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as fh:
+            for key in fh.keys():
+                name = rename_key(spec, key)
+                if name not in expected:
+                    unexpected.append(key)
+                    continue
+                tensor = fh.get_tensor(key)
+                if tuple(tensor.shape) != tuple(expected[name].shape):
+                    mismatched.append(f"{key}: {tuple(tensor.shape)} vs {tuple(expected[name].shape)}")
+                    continue
+                if name in loaded:
+                    raise WeightsError(f"{path}: two tensors load into {name}")
+                loaded[name] = tensor
+    missing = sorted(set(expected) - set(loaded) - tied)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {', '.join(sorted(unexpected)[:3])})")
+    if mismatched:
+        problems.append(f"{len(mismatched)} with the wrong shape (e.g. {'; '.join(mismatched[:2])})")
+    if problems:
+        raise WeightsError(f"weights in {path} do not fit '{spec.name}': " + "; ".join(problems))
+    with torch.no_grad():
+        result = model.load_state_dict(loaded, strict=False)
+    leftover = set(result.missing_keys) - tied
+    if leftover:  # pragma: no cover - guarded above
+        raise WeightsError(f"weights not loaded: {sorted(leftover)[:3]}")
+    if tied and spec.tie_word_embeddings:
+        model.tie_weights()
+    model.eval()
+    return model
