@@ -1,0 +1,248 @@
+"""Analytic cost of one prefill (and one decode step) under a token-reduction plan.
+
+Pure-Python integer arithmetic over per-layer token counts, with the per-model constants
+computed once per spec. docs/cost-model.md gives every formula; in short, with N the
+sequence length at a layer, per layer:
+
+    hf     : 2N·(2·d·qd + 2·d·kvd + k·d·ffn) + 4·N²·qd        (k = 2 gelu, 3 swiglu)
+    fastv  : 4·N·d² + 2·N²·d + 2·N·d·ffn                       (LLM layers only)
+
+where qd = heads·head_dim and kvd = kv_heads·head_dim. The `hf` convention equals
+`torch.utils.flop_counter.FlopCounterMode` on the instantiated transformers model (sdpa on
+meta tensors; attention at full N², causal or not): ViT layers + patch conv, projector,
+LLM layers, lm_head on the last position (`logits="last"`, generate's prefill) or on all.
+"""
+
+from __future__ import annotations
+
+from operator import mul
+from typing import Iterable, Literal, Sequence
+
+from ..models.spec import ModelSpec
+
+Logits = Literal["last", "all"]
+PARTS = ("vit", "projector", "llm", "lm_head", "scorers")
+
+
+class _Constants:
+    """Per-spec coefficients: every sum over layers reduces to a·ΣN + b·ΣN²."""
+
+    __slots__ = (
+        "spec", "vit_layers", "vit_lin", "vit_att", "vit_d", "vit_qd", "patch", "crops", "proj",
+        "llm_layers", "llm_lin", "llm_att", "llm_d", "llm_qd", "head", "fastv_lin", "fastv_att",
+        "kv_token", "base_vit", "base_llm", "base_proj", "baselines",
+    )
+
+    def __init__(self, spec: ModelSpec):
+        v, t = spec.vit, spec.llm
+        self.spec = spec
+        self.vit_layers = v.layers
+        # q and o: d·qd each; k and v: d·kvd each; MLP: k matmuls of d·ffn. 2 FLOPs per MAC.
+        self.vit_lin = 2 * (2 * v.hidden * v.q_width + 2 * v.hidden * v.kv_width + v.mlp_matmuls * v.hidden * v.ffn)
+        self.vit_att = 4 * v.q_width  # QKᵀ and AV: 2·N·N·qd each
+        self.vit_d, self.vit_qd = v.hidden, v.q_width
+        self.patch = 2 * spec.patch_tokens * spec.channels * spec.patch_size**2 * v.hidden
+        self.crops = spec.vit_crops
+        self.proj = 2 * sum(a * b for a, b in zip(spec.projector, spec.projector[1:]))
+        self.llm_layers = t.layers
+        self.llm_lin = 2 * (2 * t.hidden * t.q_width + 2 * t.hidden * t.kv_width + t.mlp_matmuls * t.hidden * t.ffn)
+        self.llm_att = 4 * t.q_width
+        self.llm_d, self.llm_qd = t.hidden, t.q_width
+        self.head = 2 * t.hidden * spec.vocab_size
+        self.fastv_lin = 4 * t.hidden * t.hidden + 2 * t.hidden * t.ffn
+        self.fastv_att = 2 * t.hidden
+        self.kv_token = 2 * t.kv_heads * t.head_dim * spec.dtype_bytes
+        self.base_vit = [spec.vit_tokens] * v.layers
+        self.base_llm = [spec.image_tokens] * t.layers
+        self.base_proj = spec.projector_tokens
+        self.baselines: dict[tuple, "Side"] = {}
+
+
+_CONSTANTS: dict[int, _Constants] = {}
+
+
+def constants(spec: ModelSpec) -> _Constants:
+    k = _CONSTANTS.get(id(spec))
+    if k is None or k.spec is not spec:
+        if len(_CONSTANTS) >= 64:  # specs made on the fly (user configs) must not pile up
+            _CONSTANTS.clear()
+        k = _CONSTANTS[id(spec)] = _Constants(spec)
+    return k
+
+
+class Side:
+    """Costs of one side (baseline or policy) of a comparison. FLOPs are per image."""
+
+    __slots__ = ("vit", "projector", "llm", "lm_head", "scorers", "fastv", "kv_bytes", "decode", "visual")
+
+    def __init__(self, vit, projector, llm, lm_head, scorers, fastv, kv_bytes, decode, visual):
+        self.vit, self.projector, self.llm, self.lm_head, self.scorers = vit, projector, llm, lm_head, scorers
+        self.fastv, self.kv_bytes, self.decode, self.visual = fastv, kv_bytes, decode, visual
+
+    @property
+    def flops(self) -> int:
+        """Total `hf` FLOPs: ViT + projector + LLM + lm_head + scorer extras."""
+        return self.vit + self.projector + self.llm + self.lm_head + self.scorers
+
+    def by_part(self) -> dict[str, int]:
+        return {p: getattr(self, p) for p in PARTS}
+
+    def __repr__(self) -> str:
+        return f"Side(flops={self.flops}, fastv={self.fastv}, kv_bytes={self.kv_bytes}, visual={self.visual})"
+
+
+def _side(k: _Constants, vit_tokens, projector_tokens, llm_visual, T, logits, ctx, scorers) -> Side:
+    sv1 = sum(vit_tokens)
+    sv2 = sum(map(mul, vit_tokens, vit_tokens))
+    vit = k.crops * (k.patch + k.vit_lin * sv1 + k.vit_att * sv2)
+    L = k.llm_layers
+    sl1 = sum(llm_visual)
+    sl2 = sum(map(mul, llm_visual, llm_visual))
+    n1 = L * T + sl1  # Σ_layers N
+    n2 = L * T * T + 2 * T * sl1 + sl2  # Σ_layers N²
+    llm = k.llm_lin * n1 + k.llm_att * n2
+    head = k.head if logits == "last" else k.head * (T + llm_visual[-1])
+    # decode: one new token; layer l attends to its cache (N_l + ctx) plus itself.
+    decode = k.llm_lin * L + k.llm_att * (n1 + L * (ctx + 1)) + k.head
+    return Side(
+        vit,
+        k.proj * projector_tokens,
+        llm,
+        head,
+        scorers,
+        k.fastv_lin * n1 + k.fastv_att * n2,
+        k.kv_token * n1,
+        decode,
+        llm_visual[0] if llm_visual else projector_tokens,
+    )
+
+
+# ------------------------------------------------------------------ scorer extras
+_ONE_QUERY = ("cls", "last_text")
+
+
+def observation_flops(k: _Constants, obs, vit_tokens, llm_visual, T: int) -> int:
+    """`2·m·n·H·dh` of one attention observation (docs/dev/contracts.md)."""
+    q = obs.queries
+    if q == "none":
+        return 0
+    if obs.tower == "vit":
+        n = vit_tokens[obs.layer]
+        if q == "cls":
+            m = 1
+        elif q == "all":
+            m = n
+        else:
+            raise ValueError(f"observation {obs.scorer} at vit.layer{obs.layer} reads text queries ({q})")
+        return k.crops * 2 * m * n * k.vit_qd
+    n = T + llm_visual[obs.layer]
+    m = 1 if q in _ONE_QUERY else T if q == "all_text" else n
+    return 2 * m * n * k.llm_qd
+
+
+def stage_flops(k: _Constants, stage) -> int:
+    """Matmul work of a stage's selectors and merges (docs/dev/contracts.md)."""
+    d = k.vit_d if stage.site.tower == "vit" else k.llm_d
+    action = stage.action
+    if action == "keep":
+        total = 0
+        n = stage.tokens_in
+        for term in stage.terms:
+            if term.kind == "diverse" or term.kind == "unique":
+                total += 2 * n * n * d  # one pairwise cosine matrix, shared by the stage
+                break
+        t = stage.merge_rest
+        if t:
+            rest = n - (stage.tokens_out - t)  # R: the tokens the kept terms did not take
+            if rest > t:
+                total += 2 * (rest - t) * t * d
+        return total
+    if action == "merge":
+        n = stage.tokens_in
+        return 2 * ((n + 1) // 2) * (n // 2) * d  # ToMe: alternate A/B, one |A|x|B| matrix
+    return 0
+
+
+def _scorer_total(k, vit_tokens, llm_visual, T, observations, stages) -> int:
+    total = 0
+    for obs in observations:
+        total += observation_flops(k, obs, vit_tokens, llm_visual, T)
+    for stage in stages:
+        total += stage_flops(k, stage)
+    return total
+
+
+# ------------------------------------------------------------------ entry points
+def _baseline(k: _Constants, T: int, logits: str, ctx: int) -> Side:
+    key = (T, logits, ctx)
+    side = k.baselines.get(key)
+    if side is None:
+        side = _side(k, k.base_vit, k.base_proj, k.base_llm, T, logits, ctx, 0)
+        if len(k.baselines) > 256:
+            k.baselines.clear()
+        k.baselines[key] = side
+    return side
+
+
+def estimate_counts(
+    spec: ModelSpec,
+    vit_tokens: Sequence[int],
+    projector_tokens: int,
+    llm_visual: Sequence[int],
+    text_tokens: int = 64,
+    *,
+    observations: Iterable = (),
+    stages: Iterable = (),
+    extra_flops: int = 0,
+    logits: Logits = "last",
+    decode_context: int | None = None,
+):
+    """Cost of a prefill with the given per-layer token counts (no Plan needed).
+
+    `vit_tokens[i]`: tokens entering ViT layer i (CLS included; per crop);
+    `projector_tokens`: visual tokens entering the projector; `llm_visual[j]`: visual
+    tokens entering LLM layer j; `text_tokens`: the non-image positions of the prompt.
+    `observations` (vtdsl.ir.plan.Observation) and `stages` (ResolvedStage) add the
+    scorer extras of the contract; `extra_flops` adds any other counted work.
+    `decode_context`: tokens generated before the decode step that is costed (None = 0,
+    the first step after prefill).
+    """
+    from .report import CostReport
+
+    k = constants(spec)
+    if len(vit_tokens) != k.vit_layers:
+        raise ValueError(f"vit_tokens has {len(vit_tokens)} entries; '{spec.name}' has {k.vit_layers} ViT layers")
+    if len(llm_visual) != k.llm_layers:
+        raise ValueError(f"llm_visual has {len(llm_visual)} entries; '{spec.name}' has {k.llm_layers} LLM layers")
+    if logits != "last" and logits != "all":
+        raise ValueError(f"logits must be 'last' or 'all', not {logits!r}")
+    if text_tokens < 0:
+        raise ValueError(f"text_tokens must be >= 0, got {text_tokens}")
+    ctx = decode_context or 0
+    if ctx < 0:
+        raise ValueError(f"decode_context must be >= 0, got {decode_context}")
+    observations = tuple(observations)
+    stages = tuple(stages)
+    scorers = extra_flops
+    if observations or stages:
+        scorers += _scorer_total(k, vit_tokens, llm_visual, text_tokens, observations, stages)
+    policy = _side(k, vit_tokens, projector_tokens, llm_visual, text_tokens, logits, ctx, scorers)
+    baseline = _baseline(k, text_tokens, logits, ctx)
+    return CostReport(
+        spec, text_tokens, logits, ctx, baseline, policy, vit_tokens, llm_visual, observations, stages, extra_flops
+    )
+
+
+def estimate(plan, text_tokens: int = 64, logits: Logits = "last", decode_context: int | None = None):
+    """Cost of `plan` (a `vtdsl.ir.plan.Plan`) against the unpruned model."""
+    return estimate_counts(
+        plan.spec,
+        plan.vit_tokens,
+        plan.projector_tokens,
+        plan.llm_visual,
+        text_tokens,
+        observations=plan.observations,
+        stages=plan.stages,
+        logits=logits,
+        decode_context=decode_context,
+    )
