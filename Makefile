@@ -6,7 +6,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	HF_HUB_OFFLINE=1 .venv/bin/vtdsl fmt examples/design.vt
+	HF_HUB_OFFLINE=1 .venv/bin/vtdsl compile policies/fastv.vt --model llava-1.5-7b
 
 test: setup
 	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q

@@ -7,6 +7,8 @@ what makes `.vt` -> AST -> YAML -> AST round trips checkable with `==`.
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -14,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # Limits that keep every quantity meaningful and every integer small enough to print.
 MAX_COUNT = 1_000_000
 MAX_LAYER = 10_000
+MAX_BUDGET = 10**24  # absolute budgets (FLOPs, tokens, KV entries)
 
 
 class Span(BaseModel):
@@ -37,6 +40,17 @@ class Node(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     span: Span | None = Field(default=None, repr=False)
+
+    def __eq__(self, other: object) -> bool:
+        """Equal when every field but `span` is equal: a node built in Python (span None)
+        equals the same node parsed from a file."""
+        if not isinstance(other, Node) or type(self) is not type(other):
+            return NotImplemented
+        return all(
+            getattr(self, name) == getattr(other, name) for name in type(self).model_fields if not name.endswith("span")
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable models are unhashable
 
 
 class Site(Node):
@@ -81,6 +95,20 @@ class Quantity(Node):
             if not 0 <= self.value <= MAX_COUNT:
                 raise ValueError(f"a token count must lie in 0..{MAX_COUNT}, got {self.value}")
         return self
+
+    def fraction(self) -> Fraction:
+        """The value exactly: a percent written 12.5 is 25/2, never a binary float."""
+        return Fraction(self.value) if isinstance(self.value, int) else Fraction(repr(self.value))
+
+    def of(self, n: int) -> int:
+        """Tokens this quantity selects out of `n` selectable tokens.
+
+        A count is itself; a percentage p is rounded half up, exactly:
+        floor(n * p / 100 + 1/2). (Capping at n is the caller's decision.)
+        """
+        if not self.percent:
+            return int(self.value)
+        return math.floor(n * self.fraction() / 100 + Fraction(1, 2))
 
 
 class ScoreRef(Node):
@@ -198,9 +226,21 @@ class Budget(Node):
     value: float | int
     percent: bool = False
 
+    @model_validator(mode="after")
+    def _check(self) -> "Budget":
+        if (isinstance(self.value, float) and not math.isfinite(self.value)) or self.value < 0:
+            raise ValueError(f"a budget must be a non-negative number, got {self.value}")
+        if self.percent and self.value > 100:
+            raise ValueError(f"a percentage must lie in 0..100, got {self.value}%")
+        if not self.percent and self.value > MAX_BUDGET:
+            raise ValueError(f"a budget must be at most 1e24, got {self.value}")
+        return self
+
 
 class Policy(Node):
     name: str | None = None
     model: str | None = None
+    # Where the `model` line is, so a model mismatch can point at it (not part of the AST's identity).
+    model_span: Span | None = Field(default=None, repr=False, exclude=True)
     budgets: list[Budget] = Field(default_factory=list)
     stages: list[Stage] = Field(default_factory=list)

@@ -33,9 +33,12 @@ class Diagnostic:
         line, col = (self.span.line, self.span.column) if self.span else (1, 1)
         out = [f"{filename}:{line}:{col}: {self.severity}: {self.message}"]
         if self.span and source is not None:
-            lines = source.splitlines()
+            # Lines as the lexer counts them ("\n" only), shown without invisible
+            # characters (each becomes one '?', so the caret stays aligned).
+            lines = source.split("\n")
             if 1 <= line <= len(lines):
-                text = lines[line - 1].expandtabs(1)
+                text = lines[line - 1].rstrip("\r").expandtabs(1)
+                text = "".join(c if c.isprintable() else "?" for c in text)
                 if len(text) > 200:  # keep the caret line readable for giant lines
                     start = max(0, col - 80)
                     text, col = text[start : start + 160], col - start
@@ -100,5 +103,9 @@ class PolicyError(Exception):
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str | None:
     """A 'did you mean' hint for a near-miss keyword, scorer or site, or None."""
-    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f"did you mean '{match[0]}'?" if match else None
+    candidates = list(dict.fromkeys(candidates))
+    lowered = {c.lower(): c for c in candidates}
+    if word.lower() in lowered and word not in candidates:  # KEEP -> keep
+        return f"did you mean '{lowered[word.lower()]}'?"
+    match = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.6)
+    return f"did you mean '{lowered[match[0]]}'?" if match else None

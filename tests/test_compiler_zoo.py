@@ -1,0 +1,69 @@
+"""Every policy of the zoo (policies/*.vt) runs for real on a zoo-shaped mini LLaVA:
+llava-1.5's geometry (24 ViT layers, 576 patches, feature layer -2, 32 LLM layers) with
+tiny widths, so layer indices and token counts are the ones the zoo was written for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import vtdsl.compiler as vc
+from vtdsl.cost import estimate
+
+ZOO = sorted((Path(__file__).resolve().parents[1] / "policies").glob("*.vt"))
+IMG = 255
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is as fast, and far faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mini_llava(attn: str):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=24, num_attention_heads=2)
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=32, num_attention_heads=2,
+                       num_key_value_heads=1, vocab_size=256, max_position_embeddings=2048)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMG, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default")
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {"sdpa": mini_llava("sdpa"), "eager": mini_llava("eager")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ZOO, ids=[p.stem for p in ZOO])
+def test_zoo_policy_runs_and_matches_its_plan(models, path):
+    ids = torch.tensor([[5, 6, 7] + [IMG] * 576 + [8, 9, 10, 11], [0, 0, 0, 0, 5, 6] + [IMG] * 576 + [8]])
+    mask = (ids != 0).long()
+    px = torch.randn(2, 3, 336, 336, generator=torch.Generator().manual_seed(0))
+    model = models["sdpa"]
+    with vc.apply(path, model):
+        plan = vc.compiled(model).plan
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=px, use_cache=True)
+            gen = model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=2,
+                                 do_sample=False)
+    text = 7
+    assert [out.cache.layers[j].keys.shape[-2] for j in range(32)] == [text + v for v in plan.llm_visual]
+    assert int((gen[0, :-2] == IMG).sum()) == plan.projector_tokens and gen.shape[1] == text + plan.projector_tokens + 2
+
+    # counted FLOPs of a batch-1 prefill (eager: the CPU sdpa kernel is not counted) = cost model
+    model = models["eager"]
+    with vc.apply(path, model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(input_ids=ids[:1], pixel_values=px[:1])
+    assert counter.get_total_flops() == estimate(plan, text_tokens=text, logits="all").flops

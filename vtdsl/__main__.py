@@ -1,0 +1,5 @@
+"""`python -m vtdsl ...` is the `vtdsl` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,139 @@
+"""`vtdsl check`: resolve a policy against a model, count its tokens, cost it, judge budgets."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .common import EXIT_BAD_INPUT, EXIT_FAILED, emit_json, guarded
+
+
+def load_plan(policy_file: str, model: str | None, syntax: str | None = None):
+    """Parse POLICY (path or '-') and check it against MODEL (default: the policy's hint)."""
+    from ..ir import check
+    from ..lang.errors import Diagnostic, PolicyError
+    from ..lang.source import parse_text
+    from .lang_cmds import read_policy_source
+
+    text, filename, syntax = read_policy_source(policy_file, syntax)
+    policy = parse_text(text, filename=filename, syntax=syntax)
+    model = model or policy.model
+    if model is None:
+        raise PolicyError(
+            Diagnostic(
+                "no model to check against: the policy has no `model \"...\"` line",
+                policy.span,
+                expected="--model NAME (see `vtdsl models`) or a model line in the policy",
+                code="model",
+            ),
+            source=text,
+            filename=filename,
+        )
+    return check(policy, model, source=text, filename=filename), text, filename
+
+
+def _ratio(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def check_payload(plan, report, verdicts, warnings) -> dict:
+    cost = report.to_json()
+    return {
+        "policy": plan.policy.name,
+        "model": plan.spec.name,
+        "text_tokens": report.text_tokens,
+        "stages": [
+            {
+                "site": stage.site.text(),
+                "action": stage.action,
+                "tokens_in": stage.tokens_in,
+                "tokens_out": stage.tokens_out,
+            }
+            for stage in plan.stages
+        ],
+        "visual_tokens_to_llm": plan.visual_tokens_to_llm,
+        "tokens": {
+            "vit": plan.vit_tokens,
+            "projector": plan.projector_tokens,
+            "llm_visual": plan.llm_visual,
+        },
+        "flops": cost["flops"],
+        "flops_fastv": cost["flops_fastv"],
+        "kv_cache_bytes": cost["kv_cache_bytes"],
+        "decode_flops_per_token": cost["decode_flops_per_token"],
+        "scorers": cost["scorers"],
+        "notes": cost["notes"],
+        "budget": verdicts,
+        "ok": all(v["ok"] for v in verdicts),
+        "diagnostics": [d.to_json() for d in warnings],
+    }
+
+
+def render_text(payload: dict, report) -> str:
+    lines = [f"policy {payload['policy'] or '(unnamed)'} on {payload['model']}"]
+    rows = [("stage", "site", "action", "tokens in -> out")]
+    for i, stage in enumerate(payload["stages"]):
+        rows.append((str(i), stage["site"], stage["action"], f"{stage['tokens_in']} -> {stage['tokens_out']}"))
+    if len(rows) == 1:
+        rows.append(("-", "-", "(no stages: the unpruned model)", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.append(f"visual tokens into the LLM: {payload['visual_tokens_to_llm']}")
+    lines.append("")
+    lines.append(report.summary())
+    for note in payload["notes"]:
+        lines.append(f"note: {note}")
+    if payload["budget"]:
+        lines.append("")
+        lines.append("budget:")
+        for v in payload["budget"]:
+            mark = "ok  " if v["ok"] else "OVER"
+            lines.append(f"  {mark} {v['constraint']}  (policy: {_budget_value(v)})")
+    return "\n".join(lines)
+
+
+def _budget_value(verdict: dict) -> str:
+    pct = verdict.get("percent_of_baseline")
+    value = verdict["value"]
+    shown = f"{value:,.0f}" if isinstance(value, (int, float)) and value >= 1000 else f"{value}"
+    return f"{shown}, {pct:.2f}% of unpruned" if pct is not None else shown
+
+
+@click.command("check")
+@click.argument("policy_file", metavar="POLICY")
+@click.option("--model", "-m", help="Model name (see `vtdsl models`) or a local model directory.")
+@click.option("--text-tokens", default=64, show_default=True, type=click.IntRange(0, 1_000_000),
+              help="Text tokens in the prompt, for FLOPs and KV bytes.")
+@click.option("--budget", "budgets", multiple=True, metavar="EXPR",
+              help='Extra budget constraint, e.g. "flops <= 25%". Repeatable.')
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@guarded
+def check_(policy_file: str, model: str | None, text_tokens: int, budgets: tuple[str, ...], as_json: bool) -> None:
+    """Check POLICY against a model: stages, token counts, cost and budget verdicts.
+
+    Exit 0 when the policy is valid and within every budget, 1 when over budget,
+    2 for invalid input (the error names file, line and column).
+
+    \b
+    Example:
+      vtdsl check policies/fastv.vt --model llava-1.5-7b
+      vtdsl check policies/visionzip.vt -m llava-1.5-7b --budget "flops <= 25%" --json
+    """
+    from ..cost import estimate, parse_budget, verdicts
+
+    plan, source, filename = load_plan(policy_file, model)
+    extra = [parse_budget(text) for text in budgets]
+    report = estimate(plan, text_tokens=text_tokens)
+    judged = verdicts(report, list(plan.policy.budgets) + extra)
+    payload = check_payload(plan, report, judged, plan.diagnostics)
+    if as_json:
+        emit_json(payload)
+    else:
+        for warning in plan.diagnostics:
+            click.echo(warning.format(source, filename), err=True)
+        click.echo(render_text(payload, report))
+    sys.exit(0 if payload["ok"] else EXIT_FAILED)
+
+
+COMMANDS = [check_]

@@ -1,0 +1,419 @@
+"""LLM stages: reversible forward hooks on the decoder layers (no fx; see the package
+docstring for why).
+
+Prefill (the layer's cache is empty, or there is no cache):
+
+- the pre-hook of layer 0 starts the per-prompt state: which rows are image tokens
+  (recorded from `input_ids` by a pre-hook on `LlavaModel`), and the full-length
+  position embeddings, position ids and 4-D mask `LlamaModel` hands to every layer;
+- the pre-hook of a stage layer K gathers the hidden states entering K to the kept rows
+  (text rows always kept; each sample and each image selects its own tokens, all the
+  same count);
+- the pre-hook of every layer >= K replaces `position_embeddings` (cos, sin),
+  `position_ids` and the 4-D `attention_mask` by their gather to the kept positions, so
+  kept tokens keep their original RoPE positions and padding/causality.
+
+`llm.layer0` stages cannot work per layer: transformers sizes the 4-D mask by layer 0's
+cache, so they run in a pre-hook on the language model itself, shrinking its input
+embeddings, 2-D mask and position ids (original positions) before the mask is built.
+
+Decode (the layer's cache is not empty): the per-prompt state is found again through the
+cache object (a weak map), and layers >= K get the mask's key columns gathered to
+``[kept prefill positions] + [every position after the prompt]``; their caches are
+shorter, positions stay absolute. Scores read q/k captured from `q_proj` / `k_proj`
+outputs with RoPE applied and GQA handled by `vtdsl.ops`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..ir.plan import Observation, Plan, ResolvedStage
+from .runtime import CompileError, ForwardLog, Scored, StageView, Tokens, _align, execute
+from .vit import VitRuntime
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE as Llama applies it: ``x [B, H, n, dh]``, ``cos/sin [B, n, dh]``."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    return x * cos + _rotate_half(x) * sin
+
+
+def _rows(t: Tensor, rows: Tensor) -> Tensor:
+    """Gather dim 1 of ``[B or 1, N, ...]`` with ``rows [B, n]``."""
+    t = t.expand(rows.shape[0], *t.shape[1:])
+    index = rows.view(*rows.shape, *([1] * (t.dim() - 2))).expand(*rows.shape, *t.shape[2:])
+    return t.gather(1, index)
+
+
+def _gather_mask(mask: Tensor, rows: Tensor | None, cols: Tensor) -> Tensor:
+    """Gather a ``[B or 1, h, q, kv]`` mask to query rows and key columns (per sample)."""
+    b = cols.shape[0]
+    mask = mask.expand(b, *mask.shape[1:])
+    h = mask.shape[1]
+    if rows is not None:
+        mask = mask.gather(2, rows[:, None, :, None].expand(b, h, rows.shape[1], mask.shape[3]))
+    return mask.gather(3, cols[:, None, None, :].expand(b, h, mask.shape[2], cols.shape[1]))
+
+
+@dataclass
+class LlmState:
+    """One prompt (batch) from prefill through its decode steps.
+
+    Two coordinate systems: `pos` indexes the full prompt (what scores, logs and labels
+    use); `rows` indexes the sequence the decoder layers were handed (the full prompt,
+    or the prompt after `llm.layer0` stages, which run before the LLM builds its mask).
+    """
+
+    n0: int  # prompt length
+    pos: Tensor  # [B, n] prompt position of each current row
+    is_img: Tensor  # [B, n] bool
+    images: int  # images per sample
+    per_image: int  # visual tokens per image now
+    vtok: Tokens  # [B*images, per_image]
+    nb: int = 0  # length of the sequence handed to the layers
+    rows: Tensor | None = None  # [B, n] index of each current row in that sequence
+    base_pos: Tensor | None = None  # [B, nb] prompt positions kept by llm.layer0 stages
+    full_pe: tuple[Tensor, Tensor] | None = None
+    full_pid: Tensor | None = None
+    full_mask: Tensor | None = None
+    pruned: bool = False  # rows != arange(nb)
+    gathered: dict[str, Any] | None = None
+    layer_rows: dict[int, Tensor] = field(default_factory=dict)
+    ctx: dict[int, dict[str, Any]] = field(default_factory=dict)
+    captured: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    scored: dict[Observation, Scored] = field(default_factory=dict)
+
+
+class LlmRuntime:
+    def __init__(
+        self,
+        plan: Plan,
+        vit: VitRuntime | None,
+        log: ForwardLog,
+        *,
+        image_token_id: int,
+        num_heads: int,
+        num_kv_heads: int,
+        scaling: float,
+    ):
+        self.plan = plan
+        self.spec = plan.spec
+        self.vit = vit
+        self.log = log
+        self.image_token_id = image_token_id
+        self.num_heads, self.num_kv_heads, self.scaling = num_heads, num_kv_heads, scaling
+        self.stages_at: dict[int, list[ResolvedStage]] = {}
+        for s in plan.stages:
+            if s.site.tower == "llm":
+                self.stages_at.setdefault(s.site.layer, []).append(s)
+        self.last_stage_layer = max(self.stages_at) if self.stages_at else -1
+        self.observations = [o for o in plan.observations if o.tower == "llm"]
+        self.observed = {o.layer for o in self.observations}
+        self.by_cache: "weakref.WeakKeyDictionary[Any, LlmState]" = weakref.WeakKeyDictionary()
+        self.state: LlmState | None = None
+        self.pending: LlmState | None = None  # started by the LLM-input hook, not yet by layer 0
+        self.image_mask: Tensor | None = None
+        self.prefill = False
+
+    # ------------------------------------------------------------------ hooks
+    def llava_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is not None:
+            self.image_mask = input_ids == self.image_token_id
+            return None
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            self.image_mask = None
+            return None
+        token = torch.full((), self.image_token_id, dtype=torch.long, device=embeds.device)
+        self.image_mask = (embeds == module.get_input_embeddings()(token)).all(-1)
+        return None
+
+    def llm_input_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        """`llm.layer0` stages, on the language model's input (before it builds its mask).
+
+        Prefill: the embeddings, the 2-D attention mask and the position ids are gathered
+        to the kept prompt positions, so transformers builds mask and RoPE for the
+        shorter sequence at the original positions. Decode: the 2-D mask's prompt columns
+        are gathered the same way; missing position ids are made absolute.
+        """
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            return None
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        am = kwargs.get("attention_mask")
+        if am is not None and (not isinstance(am, Tensor) or am.dim() != 2):
+            raise CompileError("llm.layer0 stages need a 2-D attention mask (or none)")
+        kwargs = dict(kwargs)
+        b, q = embeds.shape[:2]
+        if cache is None or cache.get_seq_length(0) == 0:
+            self.pending = None
+            st = self._start(embeds, cache)
+            if st.images:
+                for stage in self.stages_at.get(0, ()):
+                    embeds = self._run_stage(st, stage, embeds)
+            keep = st.pos
+            st.base_pos = keep
+            self.pending = st
+            kwargs["inputs_embeds"] = embeds
+            if am is not None:
+                kwargs["attention_mask"] = am.gather(1, keep)
+            pid = kwargs.get("position_ids")
+            if pid is None:
+                pid = torch.arange(st.n0, device=embeds.device)[None]
+            kwargs["position_ids"] = _rows(pid, keep)
+            return args, kwargs
+        st = self.by_cache.get(cache)
+        if st is None or st.base_pos is None:
+            return None
+        past = cache.get_seq_length(0) - st.base_pos.shape[1]  # tokens decoded so far
+        if am is not None:
+            tail = torch.arange(st.n0, am.shape[1], device=am.device)[None].expand(b, -1)
+            kwargs["attention_mask"] = am.gather(1, torch.cat([st.base_pos, tail], dim=1))
+        if kwargs.get("position_ids") is None:
+            kwargs["position_ids"] = (st.n0 + past + torch.arange(q, device=embeds.device))[None].expand(b, -1)
+        return args, kwargs
+
+    def layer_pre_hook(self, j: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            prefill = cache is None or cache.get_seq_length(j) == 0
+            if prefill:
+                return self._prefill(j, hidden, args, kwargs, cache)
+            self.prefill = False
+            st = self.by_cache.get(cache)
+            if st is None or j not in st.layer_rows:
+                return None
+            mask = kwargs.get("attention_mask")
+            if mask is None:
+                return None
+            if not isinstance(mask, Tensor) or mask.dim() != 4:
+                raise CompileError(f"LLM stages need a 4-D tensor attention mask, got {type(mask).__name__}")
+            kept = st.layer_rows[j]
+            tail = torch.arange(st.nb, mask.shape[-1], device=kept.device)[None].expand(kept.shape[0], -1)
+            cols = torch.cat([kept, tail], dim=1)
+            q = hidden.shape[1]
+            if cache.get_seq_length(j) + q != cols.shape[1]:
+                raise CompileError(
+                    f"layer {j}: cache holds {cache.get_seq_length(j)} tokens but the pruned mask "
+                    f"expects {cols.shape[1] - q}"
+                )
+            kwargs = dict(kwargs)
+            kwargs["attention_mask"] = _gather_mask(mask, None, cols)
+            return args, kwargs
+
+        return hook
+
+    def layer_post_hook(self, j: int):
+        def hook(module: nn.Module, args: tuple, output):
+            if self.prefill and self.state is not None:
+                h = output[0] if isinstance(output, tuple) else output
+                self.state.captured.setdefault(j, {})["h"] = h
+            return None
+
+        return hook
+
+    def proj_hook(self, j: int, key: str):
+        def hook(module: nn.Module, args: tuple, output: Tensor):
+            if self.prefill and self.state is not None:
+                self.state.captured.setdefault(j, {})[key] = output
+            return None
+
+        return hook
+
+    # ------------------------------------------------------------------ prefill
+    def _start(self, hidden: Tensor, cache) -> LlmState:
+        b, n0 = hidden.shape[:2]
+        img = self.image_mask
+        if img is None or tuple(img.shape) != (b, n0):
+            img = torch.zeros(b, n0, dtype=torch.bool, device=hidden.device)
+        img = img.to(hidden.device)
+        counts = img.sum(1)
+        per_image = self.plan.projector_tokens
+        total = int(counts[0]) if b else 0
+        if bool((counts != total).any()):
+            raise CompileError(
+                f"LLM stages need the same number of image tokens in every sample, got {counts.tolist()}"
+            )
+        if total and (per_image == 0 or total % per_image):
+            raise CompileError(f"{total} image tokens per sample is not a multiple of {per_image} per image")
+        images = total // per_image if per_image else 0
+        g = b * images
+        if self.vit is not None and self.vit.projector_tokens is not None and g:
+            vtok = self.vit.projector_tokens.expand_to(g)
+        else:
+            keeps_cls = self.spec.has_cls and self.spec.select_strategy == "full"
+            vtok = Tokens.initial(g, self.spec.grid, hidden.device, keeps_cls)
+        if cache is not None and self.stages_at:
+            from transformers.cache_utils import DynamicCache
+
+            if not isinstance(cache, DynamicCache):
+                raise CompileError(
+                    f"LLM stages give layers different cache lengths; {type(cache).__name__} "
+                    "cannot hold that (use the default DynamicCache)"
+                )
+        st = LlmState(
+            n0=n0,
+            pos=torch.arange(n0, device=hidden.device)[None].expand(b, -1),
+            is_img=img,
+            images=images,
+            per_image=per_image if images else 0,
+            vtok=vtok,
+        )
+        st.captured[-1] = {"h": hidden}
+        st.ctx[-1] = {"pos": st.pos, "is_img": st.is_img}
+        self.state = st
+        return st
+
+    def _prefill(self, j: int, hidden: Tensor, args: tuple, kwargs: dict, cache):
+        self.prefill = True
+        if j == 0:
+            st, self.pending = self.pending, None
+            if st is None:
+                st = self._start(hidden, cache)
+            if cache is not None:
+                self.by_cache[cache] = st
+            st.nb = hidden.shape[1]
+            st.rows = torch.arange(st.nb, device=hidden.device)[None].expand(hidden.shape[0], -1)
+            st.full_pe = kwargs.get("position_embeddings")
+            st.full_pid = kwargs.get("position_ids")
+            st.full_mask = kwargs.get("attention_mask")
+        else:
+            st = self.state
+        if st is None or st.rows is None:
+            return None
+        changed = False
+        if st.images and j > 0:
+            for stage in self.stages_at.get(j, ()):
+                hidden = self._run_stage(st, stage, hidden)
+                changed = True
+        if st.pruned:
+            if changed or st.gathered is None:
+                st.gathered = self._gathered(st)
+            kwargs = dict(kwargs)
+            kwargs.update(st.gathered)
+            st.layer_rows[j] = st.rows
+        if j in self.observed:
+            st.ctx[j] = {
+                "pe": kwargs.get("position_embeddings"),
+                "mask": kwargs.get("attention_mask"),
+                "pos": st.pos,
+                "is_img": st.is_img,
+            }
+        if j == max(self.last_stage_layer, 0):  # no later stage reads what was captured
+            st.captured.clear()
+            st.scored.clear()
+        if not changed and not st.pruned:
+            return None
+        if args:
+            args = (hidden, *args[1:])
+        else:
+            kwargs = dict(kwargs)
+            kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _gathered(self, st: LlmState) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if st.full_pe is not None:
+            cos, sin = st.full_pe
+            out["position_embeddings"] = (_rows(cos, st.rows), _rows(sin, st.rows))
+        if st.full_pid is not None:
+            out["position_ids"] = _rows(st.full_pid, st.rows)
+        mask = st.full_mask
+        if mask is not None:
+            if not isinstance(mask, Tensor) or mask.dim() != 4:
+                raise CompileError(f"LLM stages need a 4-D tensor attention mask, got {type(mask).__name__}")
+            out["attention_mask"] = _gather_mask(mask, st.rows, st.rows)
+        return out
+
+    def _run_stage(self, st: LlmState, stage: ResolvedStage, hidden: Tensor) -> Tensor:
+        b, n, d = hidden.shape
+        k_in = st.per_image
+        img_rows = st.is_img.nonzero()[:, 1].view(b, st.images * k_in)
+        x_img = ops.gather_tokens(hidden, img_rows).reshape(b * st.images, k_in, d)
+        img_pos = st.pos.gather(1, img_rows)
+
+        def score_of(obs: Observation) -> Tensor:
+            if obs.tower == "vit":
+                if self.vit is None:
+                    raise CompileError("a ViT score was requested but the ViT is not instrumented")
+                return _align(self.vit.observe(obs), view.tokens.vid)
+            return _align(self._observe(st, obs), img_pos).view(b * st.images, k_in)
+
+        view = StageView(x_img, st.vtok, score_of)
+        values, src, new = execute(stage, view)
+        order = src.argsort(dim=1)
+        src = src.gather(1, order)
+        values = ops.gather_tokens(values, order)
+        new = new.take(order)
+        k_out = src.shape[1]
+        chosen = img_rows.view(b * st.images, k_in).gather(1, src).view(b, st.images * k_out)
+        h = hidden.scatter(1, chosen[..., None].expand(-1, -1, d), values.reshape(b, -1, d).to(hidden.dtype))
+        keep = ~st.is_img
+        keep = keep.scatter(1, chosen, True)
+        rows = keep.nonzero()[:, 1].view(b, -1)
+        self.log.llm[f"{stage.site.text()}#{stage.index}"] = (k_in, k_out)
+        self.log.kept[f"{stage.site.text()}#{stage.index}"] = st.pos.gather(1, chosen)
+        st.pos = st.pos.gather(1, rows)
+        if st.rows is not None:
+            st.rows = st.rows.gather(1, rows)
+            st.pruned = True
+        st.is_img = st.is_img.gather(1, rows)
+        st.per_image = k_out
+        st.vtok = new
+        return ops.gather_tokens(h, rows)
+
+    # ------------------------------------------------------------------ scores
+    def _observe(self, st: LlmState, obs: Observation) -> Scored:
+        done = st.scored.get(obs)
+        if done is not None:
+            return done
+        cap = st.captured.get(obs.layer, {})
+        ctx = st.ctx.get(obs.layer)
+        if ctx is None:
+            raise CompileError(f"nothing was observed at llm.layer{obs.layer}")
+        if obs.scorer == "norm":
+            values = ops.token_norm(cap["h"])
+        else:
+            q = ops.split_heads(cap["q"], self.num_heads)
+            k = ops.split_heads(cap["k"], self.num_kv_heads)
+            cos, sin = ctx["pe"]
+            b, n = k.shape[0], k.shape[2]
+            cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
+            k = _rope(k, cos, sin)
+            mask = ctx["mask"]
+            qpos = None
+            if obs.queries == "last_text":
+                q_rows = _rope(q[:, :, -1:], cos[:, -1:], sin[:, -1:])
+                mask = mask[:, :, -1:, :] if mask is not None else None
+            elif obs.queries == "all_text":
+                rows = (~ctx["is_img"]).nonzero()[:, 1].view(b, -1)
+                q_rows = _rope(q.gather(2, rows[:, None, :, None].expand(b, q.shape[1], rows.shape[1], q.shape[3])),
+                               _rows(cos, rows), _rows(sin, rows))
+                if mask is not None:
+                    mask = mask.expand(b, *mask.shape[1:])
+                    mask = mask.gather(2, rows[:, None, :, None].expand(b, mask.shape[1], rows.shape[1], n))
+                else:
+                    qpos = rows
+            elif obs.queries == "all":
+                q_rows = _rope(q, cos, sin)
+                if mask is None:
+                    qpos = torch.arange(n, device=q.device)
+            else:
+                raise CompileError(f"scorer '{obs.scorer}' ({obs.queries}) cannot be read in the LLM")
+            values = ops.query_attention(q_rows, k, None, mask=mask, query_positions=qpos, scale=self.scaling)
+        done = st.scored[obs] = Scored(values, ctx["pos"], "pos", st.n0)
+        return done

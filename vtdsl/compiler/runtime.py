@@ -1,0 +1,219 @@
+"""Per-forward state of a compiled model and the tower-independent stage executor.
+
+Token identity
+--------------
+Every visual token carries two ids while it moves through the model:
+
+- `vid`: its ViT origin (0 = CLS, 1 + r = patch r in raster order). Scores observed at
+  one layer are aligned to the tokens of a later stage by `vid` (ViT) or by sequence
+  position (LLM), so an observation may precede other stages.
+- `gpos`: its raster position on `grid` (-1 off the grid, e.g. CLS), for `buffers` and
+  `per region`. `pool` replaces the grid by the pooled one.
+
+A token produced by merging takes the identity of its target (the token it was merged
+into); a pooled token takes that of the top-left token of its window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..ir.plan import Observation, ResolvedScore, ResolvedStage
+
+
+class CompileError(ValueError):
+    """The policy cannot be compiled onto this model (or the model is already compiled)."""
+
+
+@dataclass
+class Tokens:
+    """Identities of the selectable visual tokens of G images, aligned with ``[G, n, d]``."""
+
+    vid: Tensor  # [G, n] int64
+    gpos: Tensor  # [G, n] int64
+    grid: tuple[int, int]
+
+    @staticmethod
+    def initial(g: int, grid: tuple[int, int], device, with_cls: bool) -> "Tokens":
+        cells = grid[0] * grid[1]
+        patches = torch.arange(cells, device=device)
+        if with_cls:
+            vid = torch.cat([patches.new_zeros(1), patches + 1])
+            gpos = torch.cat([patches.new_full((1,), -1), patches])
+        else:
+            vid, gpos = patches + 1, patches
+        return Tokens(vid[None].expand(g, -1), gpos[None].expand(g, -1), grid)
+
+    @property
+    def count(self) -> int:
+        return self.vid.shape[1]
+
+    def take(self, idx: Tensor) -> "Tokens":
+        return Tokens(self.vid.gather(1, idx), self.gpos.gather(1, idx), self.grid)
+
+    def drop_first(self) -> "Tokens":
+        return Tokens(self.vid[:, 1:], self.gpos[:, 1:], self.grid)
+
+    def expand_to(self, g: int) -> "Tokens":
+        """Repeat each image's ids when generate() expanded the batch (beams, samples)."""
+        have = self.vid.shape[0]
+        if have == g:
+            return self
+        if have == 0 or g % have:
+            raise CompileError(f"visual token bookkeeping has {have} images but the batch needs {g}")
+        r = g // have
+        return Tokens(self.vid.repeat_interleave(r, 0), self.gpos.repeat_interleave(r, 0), self.grid)
+
+
+@dataclass
+class Scored:
+    """Scores of one observation over the token set it was read from."""
+
+    values: Tensor  # [G, n] (by vid) or [B, n] (by sequence position)
+    ids: Tensor  # same shape: vid or sequence position of each column
+    by: str  # "vid" | "pos"
+    size: int  # id range (P + 1 for vid, prefill length for pos)
+
+
+def _align(scored: Scored, ids: Tensor) -> Tensor:
+    """Scores for the tokens `ids` (same kind of id, ``[R, n]``); NaN where unobserved."""
+    values, src = scored.values.float(), scored.ids
+    rows = ids.shape[0]
+    if values.shape[0] != rows:
+        if values.shape[0] == 0 or rows % values.shape[0]:
+            raise CompileError(f"cannot align scores of {values.shape[0]} rows to {rows} rows")
+        r = rows // values.shape[0]
+        values, src = values.repeat_interleave(r, 0), src.repeat_interleave(r, 0)
+    buf = torch.full((rows, scored.size), float("nan"), device=values.device)
+    buf.scatter_(1, src, values)
+    return buf.gather(1, ids)
+
+
+@dataclass
+class StageView:
+    """What a stage sees: candidate tokens, their identities, and how to score them."""
+
+    x: Tensor  # [G, n, d]
+    tokens: Tokens
+    score_of: Callable[[Observation], Tensor]  # -> [G, n] aligned float32
+
+
+def evaluate_score(score: ResolvedScore, view: StageView) -> Tensor:
+    if score.op == "leaf":
+        return view.score_of(score.observation)
+    parts = torch.stack([evaluate_score(a, view) for a in score.args])
+    if score.op == "mean":
+        return parts.mean(0)
+    if score.op == "sum":
+        return parts.sum(0)
+    return parts.amax(0)
+
+
+def _survivors(assign: Tensor) -> Tensor:
+    """Input tokens that survive `ops.merge.bipartite_merge` (A = even, B = odd).
+
+    A slot holding several inputs holds one B token (the survivor) and the A tokens
+    merged into it; a slot with one input holds a survivor.
+    """
+    b, n = assign.shape
+    counts = torch.zeros(b, n, dtype=torch.long, device=assign.device)
+    counts.scatter_add_(1, assign, torch.ones_like(assign))
+    even = (torch.arange(n, device=assign.device) % 2 == 0)[None]
+    merged = (counts.gather(1, assign) > 1) & even
+    return ~merged
+
+
+def execute(stage: ResolvedStage, view: StageView) -> tuple[Tensor, Tensor, Tokens]:
+    """Run one stage on ``[G, n, d]`` candidates.
+
+    Returns ``(values [G, k, d], src [G, k], tokens)``: the output tokens, for each the
+    input token whose identity it takes, and the new identities. Output order: kept
+    tokens ascending, then contextual tokens (`merge rest`) in target order — the
+    VisionZip layout; the LLM re-sorts by position.
+    """
+    x, tokens = view.x, view.tokens
+    g, n, _ = x.shape
+    device = x.device
+    if n != stage.tokens_in:
+        raise CompileError(
+            f"stage at {stage.site.text()} expected {stage.tokens_in} visual tokens per image, got {n}"
+        )
+    if stage.action == "drop":
+        src = torch.zeros(g, 0, dtype=torch.long, device=device)
+        return x[:, :0], src, tokens.take(src)
+    if stage.action == "pool":
+        kr, kc = stage.pool
+        rows, cols = tokens.grid
+        out = ops.pool2d(x, tokens.grid, kr, kc)
+        prow, pcol = ops.pooled_grid(tokens.grid, kr, kc)
+        r = torch.arange(prow, device=device) * min(kr, rows)
+        c = torch.arange(pcol, device=device) * min(kc, cols)
+        src = (r[:, None] * cols + c[None, :]).flatten()[None].expand(g, -1)
+        new = Tokens(
+            tokens.vid.gather(1, src),
+            torch.arange(prow * pcol, device=device)[None].expand(g, -1),
+            (prow, pcol),
+        )
+        return out, src, new
+    if stage.action == "merge":
+        out, _size, assign = ops.bipartite_merge(x, stage.merge_rest, return_assign=True)
+        src = _survivors(assign).nonzero()[:, 1].view(g, n - stage.merge_rest)
+        return out, src, tokens.take(src)
+    # keep
+    terms = []
+    needs_features = False
+    for term in stage.terms:
+        scores = evaluate_score(term.score, view) if term.score is not None else None
+        needs_features |= term.kind in ("diverse", "unique")
+        terms.append(ops.TermSpec(kind=term.kind, count=term.count, scores=scores, seed=term.seed))
+    region_ids, num_regions = None, None
+    if stage.region is not None:
+        kind, rr, rc = stage.region
+        if kind == "region":
+            region_ids = ops.split_regions(tokens.gpos, tokens.grid, rr, rc)
+            num_regions = rr * rc
+        else:  # one crop per image in LLaVA-1.5
+            region_ids = torch.zeros(g, n, dtype=torch.long, device=device)
+            num_regions = 1
+    kept = ops.select_union(
+        terms,
+        n=n,
+        positions=tokens.gpos,
+        grid=tokens.grid,
+        features=x if needs_features else None,
+        region_ids=region_ids,
+        num_regions=num_regions,
+        batch=g,
+    )
+    t = stage.merge_rest
+    if not t:
+        return ops.gather_tokens(x, kept), kept, tokens.take(kept)
+    out, _assign = ops.merge_rest(x, kept, t)
+    # merge_rest's documented targets: the non-kept tokens of rank i * max(1, R // t).
+    rest = torch.ones(g, n, dtype=torch.bool, device=device)
+    rest.scatter_(1, kept, False)
+    r = n - kept.shape[1]
+    rest_idx = rest.nonzero()[:, 1].view(g, r)
+    step = max(1, r // t)
+    targets = rest_idx[:, torch.arange(0, step * t, step, device=device)]
+    src = torch.cat([kept, targets], dim=1)
+    return out, src, tokens.take(src)
+
+
+@dataclass
+class ForwardLog:
+    """What the stages of the last forward did, for `kept_counts` / `kept_tokens`.
+
+    Keys are ``"<site>#<stage index>"``. `kept`: ViT stages, the `vid` of each output
+    token ``[images, k]`` (1 + raster patch index; merged tokens: their target);
+    LLM stages, the prompt position of each kept visual token ``[batch, images·k]``.
+    """
+
+    vit: dict[str, tuple[int, int]] = field(default_factory=dict)  # (in, out) per image
+    llm: dict[str, tuple[int, int]] = field(default_factory=dict)
+    kept: dict[str, Tensor] = field(default_factory=dict)

@@ -1,0 +1,268 @@
+"""ViT stages: an fx rewrite of the vision encoder's layer loop, plus a projector pre-hook.
+
+The encoder (`CLIPEncoder`) is traced one level up with its layers as leaf modules
+(tracing the whole HF model fails; see the package docstring). The graph is a chain
+``layers.0 -> layers.1 -> ...``; the compiler inserts
+
+- ``vtdsl_vit_begin`` after the input (resets the per-forward token bookkeeping), and
+- one ``vtdsl_vit_stage<i>`` node before ``layers.N`` for each stage at ``vit.layerN``
+  (CLS is always kept),
+
+and swaps the encoder module for the resulting `GraphModule`, whose submodule paths
+(``layers.i``) and therefore state-dict keys are the original ones.
+
+`vit.out` stages run in a forward pre-hook on the projector, on the features after the
+select strategy dropped CLS. A stage at ``vit.layer{f+1}`` (f = feature layer) also
+defines the features: its fx node runs after transformers captured layer f's output as a
+hidden state, so the projector hook substitutes that node's output for the features.
+
+Scores read q/k projections captured by forward hooks on ``layers.l.self_attn.q_proj`` /
+``k_proj`` (or a layer's output for `norm`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from .. import ops
+from ..ir.plan import Observation, Plan, ResolvedStage
+from .runtime import CompileError, ForwardLog, Scored, StageView, Tokens, _align, execute
+
+
+def _encoder_output(hidden_states: Tensor):
+    """Wrap the last hidden state the way `CLIPEncoder.forward` does."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    return BaseModelOutput(last_hidden_state=hidden_states)
+
+
+class _LayerLoopTracer(fx.Tracer):
+    """Traces an encoder's forward with each ``<prefix>N`` layer as a leaf module."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname.startswith(self.prefix) and qualname[len(self.prefix) :].isdigit():
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+class _TraceRoot(nn.Module):
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, inputs_embeds):
+        return self.encoder(inputs_embeds=inputs_embeds).last_hidden_state
+
+
+def trace_layer_loop(encoder: nn.Module, num_layers: int) -> fx.Graph:
+    """The encoder's layer loop as an fx graph whose call_module targets are ``layers.i``."""
+    try:
+        graph = _LayerLoopTracer("encoder.layers.").trace(_TraceRoot(encoder))
+    except Exception as exc:  # noqa: BLE001 - report any tracing failure as a compile error
+        raise CompileError(f"torch.fx could not trace {type(encoder).__name__}: {exc}") from exc
+    layer_nodes = []
+    for node in graph.nodes:
+        if node.op == "call_module":
+            node.target = node.target.removeprefix("encoder.")
+            layer_nodes.append(node)
+            try:  # cosmetic: `layers_3` instead of `encoder_layers_3` in the listing
+                node._rename(node.target.replace(".", "_"))
+            except AttributeError:  # pragma: no cover - private fx API
+                pass
+    expected = [f"layers.{i}" for i in range(num_layers)]
+    if [n.target for n in layer_nodes] != expected:
+        raise CompileError(
+            f"traced {type(encoder).__name__} calls {[n.target for n in layer_nodes]}, expected {expected}"
+        )
+    for prev, node in zip(layer_nodes, layer_nodes[1:]):
+        if node.args[0] is not prev:
+            raise CompileError(f"traced {type(encoder).__name__} is not a simple layer chain at {node.target}")
+    return graph
+
+
+class _VitBegin(nn.Module):
+    def __init__(self, rt: "VitRuntime"):
+        super().__init__()
+        self.rt = rt
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.rt.begin(x)
+        return x
+
+
+class _VitStage(nn.Module):
+    def __init__(self, rt: "VitRuntime", stage: ResolvedStage):
+        super().__init__()
+        self.rt = rt
+        self.stage = stage
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.rt.run_stage(self.stage, x)
+
+    def extra_repr(self) -> str:
+        s = self.stage
+        return f"{s.site.text()}: {s.action} {s.tokens_in} -> {s.tokens_out}"
+
+
+class VitRuntime:
+    """Bookkeeping of the vision tower for one compiled model."""
+
+    def __init__(self, plan: Plan, num_heads: int, log: ForwardLog):
+        spec = plan.spec
+        self.spec = spec
+        self.plan = plan
+        self.num_heads = num_heads
+        self.log = log
+        self.has_cls = spec.has_cls
+        self.feature_entry = spec.feature_layer_index + 1
+        self.drop_cls = spec.has_cls and spec.select_strategy == "default"
+        self.ids = spec.patch_tokens + 1
+        self.out_stages = [s for s in plan.stages if s.site.tower == "vit" and s.site.layer is None]
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens: Tokens | None = None  # rows of the ViT hidden state (CLS included)
+        self.feature_tokens: Tokens | None = None
+        self.feature_override: Tensor | None = None
+        self.projector_tokens: Tokens | None = None  # per image, what the LLM receives
+        self.captured: dict[int, dict[str, Any]] = {}
+        self.scored: dict[Observation, Scored] = {}
+
+    # -------------------------------------------------------------- graph nodes
+    def begin(self, x: Tensor) -> None:
+        self.reset()
+        self.tokens = Tokens.initial(x.shape[0], self.spec.grid, x.device, self.has_cls)
+        self.feature_tokens = self.tokens
+        self.captured[-1] = {"h": x, "tokens": self.tokens}
+
+    def run_stage(self, stage: ResolvedStage, x: Tensor) -> Tensor:
+        if self.tokens is None or self.tokens.count != x.shape[1]:
+            raise CompileError("ViT token bookkeeping is out of step with the hidden states")
+        lead = 1 if self.has_cls else 0
+        cand_tokens = self.tokens.drop_first() if lead else self.tokens
+        view = StageView(x[:, lead:], cand_tokens, lambda obs: self._aligned(obs, view.tokens.vid))
+        values, _src, new = execute(stage, view)
+        out = torch.cat([x[:, :lead], values], dim=1)
+        if lead:
+            new = Tokens(
+                torch.cat([self.tokens.vid[:, :1], new.vid], 1),
+                torch.cat([self.tokens.gpos[:, :1], new.gpos], 1),
+                new.grid,
+            )
+        self.tokens = new
+        key = f"{stage.site.text()}#{stage.index}"
+        self.log.vit[key] = (stage.tokens_in, values.shape[1])
+        self.log.kept[key] = new.vid[:, lead:]
+        if stage.site.layer <= self.feature_entry:
+            self.feature_tokens = new
+        if stage.site.layer == self.feature_entry:
+            self.feature_override = out
+        return out
+
+    # -------------------------------------------------------------- hooks
+    def capture(self, layer: int, key: str, value: Tensor) -> None:
+        slot = self.captured.setdefault(layer, {})
+        slot[key] = value
+        slot["tokens"] = self.tokens
+
+    def projector_pre_hook(self, module: nn.Module, args: tuple) -> tuple | None:
+        (x,) = args[:1]
+        if self.feature_tokens is None:
+            raise CompileError("the projector ran without the compiled vision encoder")
+        if self.feature_override is not None:
+            x = self.feature_override[:, 1:] if self.drop_cls else self.feature_override
+        tokens = self.feature_tokens.drop_first() if self.drop_cls else self.feature_tokens
+        if tokens.count != x.shape[1] or tokens.vid.shape[0] != x.shape[0]:
+            raise CompileError(
+                f"projector input has {tuple(x.shape[:2])} tokens, bookkeeping expects "
+                f"{(tokens.vid.shape[0], tokens.count)}"
+            )
+        lead = 1 if (self.has_cls and not self.drop_cls) else 0
+        for stage in self.out_stages:
+            cand = tokens.drop_first() if lead else tokens
+            view = StageView(x[:, lead:], cand, lambda obs: self._aligned(obs, view.tokens.vid))
+            values, _src, new = execute(stage, view)
+            x = torch.cat([x[:, :lead], values], dim=1)
+            if lead:
+                new = Tokens(
+                    torch.cat([tokens.vid[:, :1], new.vid], 1), torch.cat([tokens.gpos[:, :1], new.gpos], 1), new.grid
+                )
+            tokens = new
+            self.log.vit[f"vit.out#{stage.index}"] = (stage.tokens_in, values.shape[1])
+            self.log.kept[f"vit.out#{stage.index}"] = new.vid[:, lead:]
+        self.projector_tokens = tokens
+        return (x, *args[1:])
+
+    # -------------------------------------------------------------- scores
+    def observe(self, obs: Observation) -> Scored:
+        """Scores of a ViT observation over the patch tokens it was read from (cached)."""
+        done = self.scored.get(obs)
+        if done is not None:
+            return done
+        cap = self.captured.get(obs.layer)
+        if cap is None:
+            raise CompileError(f"nothing was captured at vit.layer{obs.layer} for '{obs.scorer}'")
+        tokens: Tokens = cap["tokens"]
+        lead = 1 if self.has_cls else 0
+        if obs.scorer == "norm":
+            values = ops.token_norm(cap["h"])[:, lead:]
+        elif obs.scorer == "cls":
+            values = ops.cls_attention(cap["q"], cap["k"], self.num_heads)
+        elif obs.scorer == "attn":
+            key_index = slice(lead, None) if lead else None
+            values = ops.attention_received(cap["q"], cap["k"], self.num_heads, key_index=key_index)
+        else:
+            raise CompileError(f"scorer '{obs.scorer}' cannot be read in the ViT")
+        ids = tokens.vid[:, lead:]
+        done = self.scored[obs] = Scored(values, ids, "vid", self.ids)
+        return done
+
+    def _aligned(self, obs: Observation, vid: Tensor) -> Tensor:
+        if obs.tower != "vit":
+            raise CompileError(f"a ViT stage cannot read the LLM observation at llm.layer{obs.layer}")
+        return _align(self.observe(obs), vid)
+
+
+def build_vit(model: nn.Module, plan: Plan, rt: VitRuntime, encoder_path: str) -> tuple[nn.Module, fx.GraphModule]:
+    """The original encoder and its fx rewrite (not installed yet)."""
+    spec = plan.spec
+    encoder = model.get_submodule(encoder_path)
+    layer_stages = [s for s in plan.stages if s.site.tower == "vit" and s.site.layer is not None]
+    graph = trace_layer_loop(encoder, spec.vit.layers)
+    modules: dict[str, nn.Module] = {f"layers.{i}": encoder.layers[i] for i in range(spec.vit.layers)}
+    placeholder = next(n for n in graph.nodes if n.op == "placeholder")
+    with graph.inserting_after(placeholder):
+        begin = graph.call_module("vtdsl_vit_begin", (placeholder,))
+    placeholder.replace_all_uses_with(begin, delete_user_cb=lambda user: user is not begin)
+    modules["vtdsl_vit_begin"] = _VitBegin(rt)
+    layer_nodes = {n.target: n for n in graph.nodes if n.op == "call_module" and n.target.startswith("layers.")}
+    for stage in layer_stages:
+        node = layer_nodes[f"layers.{stage.site.layer}"]
+        name = f"vtdsl_vit_stage{stage.index}"
+        with graph.inserting_before(node):
+            new = graph.call_module(name, (node.args[0],))
+        node.update_arg(0, new)
+        modules[name] = _VitStage(rt, stage)
+    output = next(n for n in graph.nodes if n.op == "output")
+    with graph.inserting_before(output):
+        wrapped = graph.call_function(_encoder_output, (output.args[0],))
+    output.args = (wrapped,)
+    with graph.inserting_after(placeholder):
+        kwargs_node = graph.placeholder("**kwargs")
+    with graph.inserting_after(placeholder):
+        graph.placeholder("attention_mask", default_value=None)
+    del kwargs_node
+    graph.lint()
+    gm = fx.GraphModule(modules, graph, class_name=f"Vtdsl{type(encoder).__name__}")
+    for attr in ("config", "gradient_checkpointing"):
+        if hasattr(encoder, attr):
+            setattr(gm, attr, getattr(encoder, attr))
+    return encoder, gm

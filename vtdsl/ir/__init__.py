@@ -1,0 +1,99 @@
+"""IR: a policy resolved and checked against one model.
+
+    plan = vtdsl.ir.check(policy, "llava-1.5-7b")   # raises PolicyError if invalid
+    plan.stages, plan.llm_visual, plan.diagnostics    # warnings stay on the plan
+
+`lower` builds the graph, `RULES` are the passes, `to_plan` flattens the result.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import networkx as nx
+
+from ..lang import ast
+from ..lang.errors import PolicyError
+from ..models.spec import ModelSpec
+from .graph import lower, stream
+from .passes import RULES, has_errors, infer_tokens, resolve_quantity, resolve_sites, run_passes, validate
+from .plan import Observation, Plan, ResolvedScore, ResolvedSite, ResolvedStage, ResolvedTerm
+
+__all__ = [
+    "check",
+    "build_graph",
+    "lower",
+    "to_plan",
+    "RULES",
+    "resolve_sites",
+    "validate",
+    "infer_tokens",
+    "resolve_quantity",
+    "Plan",
+    "ResolvedStage",
+    "ResolvedTerm",
+    "ResolvedScore",
+    "ResolvedSite",
+    "Observation",
+]
+
+
+def _load_spec(model: ModelSpec | str) -> ModelSpec:
+    if isinstance(model, ModelSpec):
+        return model
+    from ..models import get_spec
+
+    return get_spec(model)
+
+
+def build_graph(policy: ast.Policy, spec: ModelSpec) -> nx.DiGraph:
+    """Lower and run every pass; the returned graph carries all diagnostics."""
+    return run_passes(lower(policy), spec=spec)
+
+
+def to_plan(graph: nx.DiGraph) -> Plan:
+    stages = [graph.nodes[node]["resolved"] for node in stream(graph)]
+    return Plan(
+        policy=graph.graph["policy"],
+        spec=graph.graph["spec"],
+        stages=stages,
+        vit_tokens=list(graph.graph["vit_tokens"]),
+        projector_tokens=graph.graph["projector_tokens"],
+        llm_visual=list(graph.graph["llm_visual"]),
+        diagnostics=[d for d in graph.graph["diagnostics"] if d.severity == "warning"],
+    )
+
+
+def check(
+    policy: ast.Policy | str | Path,
+    model: ModelSpec | str,
+    *,
+    source: str | None = None,
+    filename: str = "<policy>",
+) -> Plan:
+    """Resolve and check `policy` against `model`; raise `PolicyError` on any error.
+
+    `policy` may be an AST, a path to a `.vt`/`.yaml` file, or policy source text.
+    `source`/`filename` (for an AST) let diagnostics quote the offending line.
+    """
+    from .. import lang
+
+    if isinstance(policy, Path) or (isinstance(policy, str) and _looks_like_path(policy)):
+        path = Path(policy)
+        source, filename = path.read_text(encoding="utf-8", errors="replace"), str(path)
+        policy = lang.parse_file(path)
+    elif isinstance(policy, str):
+        source = policy
+        policy = lang.parse(policy, filename=filename)
+    spec = _load_spec(model)
+    graph = build_graph(policy, spec)
+    if has_errors(graph):
+        errors = [d for d in graph.graph["diagnostics"] if d.severity == "error"]
+        raise PolicyError(errors, source=source, filename=filename)
+    return to_plan(graph)
+
+
+def _looks_like_path(text: str) -> bool:
+    if "\n" in text or len(text) > 4096:
+        return False
+    return text.endswith((".vt", ".yaml", ".yml")) and Path(text).exists()

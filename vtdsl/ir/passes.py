@@ -1,0 +1,458 @@
+"""IR passes. Each is a pure function `graph -> graph` (the input is never mutated).
+
+`RULES` lists them in order; `run_passes` fills each rule's keyword arguments from its
+signature (sqlglot-style), so adding a pass means adding a function to `RULES`.
+Every finding is a located `Diagnostic` appended to `graph.graph["diagnostics"]`; the
+driver stops after a pass that reported an error, since later passes need its results.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from fractions import Fraction
+
+import networkx as nx
+
+from ..lang import ast
+from ..lang.errors import Diagnostic, did_you_mean
+from ..models.spec import ModelSpec
+from .graph import SINK, SOURCE, stream
+from .plan import Observation, ResolvedScore, ResolvedSite, ResolvedStage, ResolvedTerm
+
+# What each scorer means: its canonical name, the attention rows it reads, and where it
+# can be read. Syntax (which names parse) lives in vtdsl.lang; meaning lives here.
+SCORERS: dict[str, dict] = {
+    "cls": {"canonical": "cls", "queries": {(): "cls"}, "towers": {"vit"}},
+    "attn": {"canonical": "attn", "queries": {(): "all"}, "towers": {"vit", "llm"}},
+    "anchors": {"canonical": "attn", "queries": {(): "all"}, "towers": {"vit", "llm"}},
+    "registers": {"canonical": "attn", "queries": {(): "all"}, "towers": {"vit", "llm"}},
+    "text": {
+        "canonical": "text",
+        "queries": {(): "last_text", ("last",): "last_text", ("all",): "all_text"},
+        "towers": {"llm"},
+    },
+    "norm": {"canonical": "norm", "queries": {(): "none"}, "towers": {"vit", "llm"}},
+}
+
+TOWER_NAMES = {"vit": "ViT", "llm": "LLM"}
+
+
+def _error(graph: nx.DiGraph, message: str, span, **kw) -> None:
+    graph.graph["diagnostics"].append(Diagnostic(message, span, **kw))
+
+
+def _warn(graph: nx.DiGraph, message: str, span, **kw) -> None:
+    graph.graph["diagnostics"].append(Diagnostic(message, span, severity="warning", **kw))
+
+
+def _copy(graph: nx.DiGraph) -> nx.DiGraph:
+    new = graph.copy()
+    new.graph["diagnostics"] = list(graph.graph["diagnostics"])
+    return new
+
+
+def has_errors(graph: nx.DiGraph) -> bool:
+    return any(d.severity == "error" for d in graph.graph["diagnostics"])
+
+
+def _layer_count(spec: ModelSpec, tower: str) -> int:
+    return spec.vit.layers if tower == "vit" else spec.llm.layers
+
+
+def _order_key(site: ResolvedSite, spec: ModelSpec, observed: bool = False) -> tuple:
+    """Execution-order key. An observation at layer l happens inside l: after the token
+    set entering l is fixed and before the stage entering l+1. `vit.out` comes after
+    every ViT layer and before the LLM."""
+    if site.tower == "vit" and site.layer is None:
+        return (1, 0, 0)
+    tower_rank = 0 if site.tower == "vit" else 2
+    return (tower_rank, site.layer, 1 if observed else 0)
+
+
+def _resolve_site(graph, spec: ModelSpec, site: ast.Site, what: str) -> ResolvedSite | None:
+    if site.index is None:
+        return ResolvedSite("vit", None)
+    count = _layer_count(spec, site.tower)
+    index = site.index + count if site.index < 0 else site.index
+    if not 0 <= index < count:
+        _error(
+            graph,
+            f"{site.text()} is out of range: {spec.name}'s {TOWER_NAMES[site.tower]} has layers "
+            f"0..{count - 1} (or -{count}..-1 from the end)",
+            site.span,
+            expected=f"a {site.tower} layer between 0 and {count - 1}",
+            code="site-range",
+        )
+        return None
+    return ResolvedSite(site.tower, index)
+
+
+def resolve_sites(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
+    """Give every stage and observation a concrete, non-negative site.
+
+    A score without `@` is read from the last layer that ran before the stage's site:
+    layer N-1 at `vit.layerN` / `llm.layerN`, the feature layer at `vit.out`. `@vit.out`
+    means the feature layer.
+    """
+    graph = _copy(graph)
+    graph.graph["spec"] = spec
+    policy: ast.Policy = graph.graph["policy"]
+    if policy.model and policy.model != spec.name:
+        _warn(
+            graph,
+            f"policy was written for model '{policy.model}' but is checked against '{spec.name}'",
+            policy.model_span or policy.span,
+            code="model-hint",
+        )
+    for node in stream(graph):
+        data = graph.nodes[node]
+        site = _resolve_site(graph, spec, data["stage"].site, "stage")
+        data["site"] = site
+        if site is not None:
+            data["order"] = _order_key(site, spec)
+    for node, data in list(graph.nodes(data=True)):
+        if data["kind"] != "observe":
+            continue
+        ref: ast.ScoreRef = data["score"]
+        stage_data = graph.nodes[next(iter(graph.successors(node)))]
+        meaning = SCORERS.get(ref.name)
+        if meaning is None:
+            _error(
+                graph,
+                f"unknown scorer '{ref.name}'",
+                ref.span,
+                expected="a scorer: " + ", ".join(SCORERS),
+                hint=did_you_mean(ref.name, SCORERS),
+                code="scorer",
+            )
+            continue
+        args = tuple(ref.args)
+        if args not in meaning["queries"]:
+            allowed = [f"{ref.name}({', '.join(a)})" if a else ref.name for a in meaning["queries"]]
+            _error(
+                graph,
+                f"'{ref.name}' does not take the arguments ({', '.join(args)})",
+                ref.span,
+                expected=" or ".join(allowed),
+                code="scorer-args",
+            )
+            continue
+        if ref.at is not None:
+            site = _resolve_site(graph, spec, ref.at, "score")
+            if site is None:
+                continue
+            layer = spec.feature_layer_index if site.layer is None else site.layer
+            obs_site = ResolvedSite(site.tower, layer)
+        else:
+            stage_site = stage_data.get("site")
+            if stage_site is None:
+                continue
+            if stage_site.layer is None:
+                obs_site = ResolvedSite("vit", spec.feature_layer_index)
+            else:
+                obs_site = ResolvedSite(stage_site.tower, stage_site.layer - 1)
+                if obs_site.layer < 0 and meaning["canonical"] != "norm":
+                    _error(
+                        graph,
+                        f"no {TOWER_NAMES[stage_site.tower]} layer has run before {stage_site.text()}, "
+                        f"so '{ref.name}' has no attention to read there",
+                        ref.span,
+                        expected=f"a score read from an earlier layer ({ref.name}@vit.layerN) "
+                        "or a score-free selector such as diverse, uniform or random",
+                        code="observe-order",
+                    )
+                    continue
+        data["observation"] = Observation(
+            scorer=meaning["canonical"],
+            args=args,
+            tower=obs_site.tower,
+            layer=obs_site.layer,
+            queries=meaning["queries"][args],
+        )
+        data["order"] = _order_key(obs_site, spec, observed=True)
+    return graph
+
+
+def validate(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
+    """Static checks that need resolved sites but no token counts."""
+    graph = _copy(graph)
+    previous_key, previous_site, dropped_at = None, None, None
+    feature_entry = spec.feature_layer_index + 1  # the token set that becomes the features
+    for node in stream(graph):
+        data = graph.nodes[node]
+        stage: ast.Stage = data["stage"]
+        site: ResolvedSite = data["site"]
+        if dropped_at is not None:
+            _error(
+                graph,
+                f"no visual tokens are left at {stage.site.text()}: 'drop all' at {dropped_at} "
+                "ended the visual stream",
+                stage.span,
+                expected="no stage after 'drop all'",
+                code="after-drop",
+            )
+        if previous_key is not None and data["order"] < previous_key:
+            _error(
+                graph,
+                f"stage at {stage.site.text()} runs before the previous stage at {previous_site}; "
+                "write stages in execution order (vit layers, vit.out, then llm layers)",
+                stage.site.span,
+                expected=f"a site at or after {previous_site}",
+                code="stage-order",
+            )
+        if site.tower == "vit" and site.layer is not None and site.layer > feature_entry:
+            _warn(
+                graph,
+                f"{stage.site.text()} comes after the feature layer (vit.layer{spec.feature_layer_index}, "
+                f"vision_feature_layer={spec.vision_feature_layer}): it only saves compute in "
+                "layers whose output is unused and does not change the image features",
+                stage.site.span,
+                code="after-features",
+            )
+        if isinstance(stage.action, ast.DropAll):
+            dropped_at = stage.site.text()
+        previous_key, previous_site = data["order"], stage.site.text()
+        for obs_node in graph.predecessors(node):
+            obs_data = graph.nodes[obs_node]
+            if obs_data["kind"] != "observe" or "observation" not in obs_data:
+                continue
+            _validate_observation(graph, spec, obs_data, data)
+    return graph
+
+
+def _validate_observation(graph, spec: ModelSpec, obs_data: dict, stage_data: dict) -> None:
+    ref: ast.ScoreRef = obs_data["score"]
+    obs: Observation = obs_data["observation"]
+    meaning = SCORERS[ref.name]
+    stage_site: ResolvedSite = stage_data["site"]
+    where = f"{obs.tower}.layer{obs.layer}"
+    if obs.tower not in meaning["towers"]:
+        if ref.name == "text":
+            message = f"'text' reads attention from text tokens, which exist only inside the LLM (not at {where})"
+        else:
+            message = f"'{ref.name}' is only available at ViT layers (the LLM sees no CLS token), not at {where}"
+        _error(graph, message, ref.span, expected="a score valid at " + where, code="scorer-site")
+        return
+    if obs.scorer == "cls" and not spec.has_cls:
+        _error(
+            graph,
+            f"{spec.name}'s vision tower has no CLS token, so 'cls' has nothing to read",
+            ref.span,
+            expected="a score such as attn or norm",
+            code="no-cls",
+        )
+        return
+    if obs_data["order"] >= stage_data["order"]:
+        _error(
+            graph,
+            f"'{_ref_text(ref)}' is read at {where}, which runs after the stage at "
+            f"{stage_site.text()} has already chosen its tokens",
+            ref.span,
+            expected=f"an observation before {stage_site.text()}",
+            code="observe-order",
+        )
+
+
+def _ref_text(ref: ast.ScoreRef) -> str:
+    text = ref.name + (f"({', '.join(ref.args)})" if ref.args else "")
+    return text + (f"@{ref.at.text()}" if ref.at else "")
+
+
+def resolve_quantity(qty: ast.Quantity, tokens_in: int) -> int:
+    """A count as written, or `floor(n * p / 100 + 1/2)` computed exactly for a percent."""
+    if not qty.percent:
+        return int(qty.value)
+    exact = Fraction(str(qty.value)) * tokens_in / 100 + Fraction(1, 2)
+    return math.floor(exact)
+
+
+def _resolve_score(graph, score, obs_by_ref: dict) -> ResolvedScore:
+    if isinstance(score, ast.ScoreRef):
+        return ResolvedScore("leaf", obs_by_ref[id(score)])
+    return ResolvedScore(score.op, args=tuple(_resolve_score(graph, a, obs_by_ref) for a in score.args))
+
+
+def infer_tokens(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
+    """Count the visual tokens at every ViT and LLM layer and check every quantity."""
+    graph = _copy(graph)
+    cls = 1 if spec.has_cls else 0
+    vit_tokens = [spec.vit_tokens] * spec.vit.layers
+    feature_entry = spec.feature_layer_index + 1
+    patches = spec.patch_tokens  # tokens in the ViT stream now
+    feature_patches = patches  # what the feature layer hands over
+    grid: tuple[int, int] | None = spec.grid
+    features: int | None = None  # after vit.out stages
+    llm_visual: list[int] | None = None
+    obs_by_ref = {
+        id(d["score"]): d["observation"]
+        for _, d in graph.nodes(data=True)
+        if d["kind"] == "observe" and "observation" in d
+    }
+    previous = SOURCE
+    for node in stream(graph):
+        data = graph.nodes[node]
+        site: ResolvedSite = data["site"]
+        if site.tower == "vit" and site.layer is not None:
+            tokens_in = patches
+        elif site.tower == "vit":
+            if features is None:
+                features = feature_patches
+            tokens_in = features
+        else:
+            if llm_visual is None:
+                if features is None:
+                    features = feature_patches
+                llm_visual = [features + (cls if spec.select_strategy == "full" else 0)] * spec.llm.layers
+            tokens_in = llm_visual[site.layer]
+        resolved = _infer_stage(graph, data, tokens_in, grid, obs_by_ref)
+        if resolved is None:
+            return graph
+        stage, grid = resolved
+        data["resolved"] = stage
+        graph.edges[previous, node]["tokens"] = tokens_in
+        previous = node
+        out = stage.tokens_out
+        if site.tower == "vit" and site.layer is not None:
+            patches = out
+            vit_tokens[site.layer :] = [out + cls] * (spec.vit.layers - site.layer)
+            if site.layer <= feature_entry:
+                feature_patches = out
+        elif site.tower == "vit":
+            features = out
+        else:
+            llm_visual[site.layer :] = [out] * (spec.llm.layers - site.layer)
+    if features is None:
+        features = feature_patches
+    projector_tokens = features + (cls if spec.select_strategy == "full" else 0)
+    if llm_visual is None:
+        llm_visual = [projector_tokens] * spec.llm.layers
+    graph.edges[previous, SINK]["tokens"] = llm_visual[-1] if llm_visual else projector_tokens
+    graph.graph["vit_tokens"] = vit_tokens
+    graph.graph["projector_tokens"] = projector_tokens
+    graph.graph["llm_visual"] = llm_visual
+    return graph
+
+
+def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref):
+    stage: ast.Stage = data["stage"]
+    action = stage.action
+    site: ResolvedSite = data["site"]
+    common = dict(index=data["index"], site=site, tokens_in=tokens_in, span=stage.span)
+    if isinstance(action, ast.DropAll):
+        return ResolvedStage(action="drop", tokens_out=0, **common), None
+    if isinstance(action, ast.Pool):
+        if grid is None:
+            _error(
+                graph,
+                f"'pool {action.rows}x{action.cols}' needs the full token grid, but an earlier stage "
+                "already pruned or merged it",
+                action.span,
+                expected="pool before any keep or merge stage",
+                code="pool-grid",
+            )
+            return None
+        rows, cols = math.ceil(grid[0] / action.rows), math.ceil(grid[1] / action.cols)
+        stage_out = ResolvedStage(
+            action="pool", tokens_out=rows * cols, pool=(action.rows, action.cols), **common
+        )
+        return stage_out, (rows, cols)
+    if isinstance(action, ast.Merge):
+        pairs = resolve_quantity(action.pairs, tokens_in)
+        if pairs > tokens_in // 2:
+            _error(
+                graph,
+                f"'merge {_qty_text(action.pairs)}' asks for {pairs} merged pairs, but {tokens_in} tokens "
+                f"enter this stage: at most {tokens_in // 2} pairs can be merged",
+                action.pairs.span,
+                expected=f"at most {tokens_in // 2} pairs",
+                code="quantity",
+            )
+            return None
+        stage_out = ResolvedStage(action="merge", tokens_out=tokens_in - pairs, merge_rest=pairs, **common)
+        return stage_out, (grid if pairs == 0 else None)
+    # keep
+    kept, terms, ok = 0, [], True
+    for term in action.terms:
+        available = tokens_in - kept
+        if isinstance(term, ast.BuffersTerm):
+            if term.qty is None:
+                count = min(4 * kept, available)
+            else:
+                count = resolve_quantity(term.qty, tokens_in)
+        else:
+            count = resolve_quantity(term.qty, tokens_in)
+        if count > available:
+            qty_span = term.qty.span if term.qty is not None else term.span
+            earlier = f" after the earlier terms kept {kept}" if kept else ""
+            _error(
+                graph,
+                f"'{term.kind if term.kind != 'top' else 'top'} {_qty_text(term.qty)}' asks for {count} tokens, "
+                f"but only {available} remain{earlier} ({tokens_in} enter this stage at {site.text()})",
+                qty_span,
+                expected=f"at most {available} tokens",
+                code="quantity",
+            )
+            ok = False
+            continue
+        score = _resolve_score(graph, term.score, obs_by_ref) if isinstance(term, ast.TopTerm) else None
+        seed = term.seed if isinstance(term, ast.SelectTerm) else None
+        terms.append(ResolvedTerm(kind=term.kind, count=count, score=score, seed=seed, span=term.span))
+        kept += count
+    if not ok:
+        return None
+    rest = 0
+    if action.merge_rest is not None:
+        rest = resolve_quantity(action.merge_rest, tokens_in)
+        if rest > tokens_in - kept:
+            _error(
+                graph,
+                f"'merge rest into {_qty_text(action.merge_rest)}' asks for {rest} contextual tokens, but only "
+                f"{tokens_in - kept} tokens are left to merge",
+                action.merge_rest.span,
+                expected=f"at most {tokens_in - kept} contextual tokens",
+                code="quantity",
+            )
+            return None
+    region = None
+    if action.region is not None:
+        region = (action.region.kind, action.region.rows or 0, action.region.cols or 0)
+        if action.region.kind == "region" and grid is not None:
+            if action.region.rows > grid[0] or action.region.cols > grid[1]:
+                _error(
+                    graph,
+                    f"'per region {action.region.rows}x{action.region.cols}' splits a "
+                    f"{grid[0]}x{grid[1]} token grid into empty regions",
+                    action.region.span,
+                    expected=f"at most {grid[0]}x{grid[1]} regions",
+                    code="region",
+                )
+                return None
+    out = kept + rest
+    stage_out = ResolvedStage(
+        action="keep", tokens_out=out, terms=tuple(terms), region=region, merge_rest=rest, **common
+    )
+    return stage_out, (grid if out == tokens_in and rest == 0 else None)
+
+
+def _qty_text(qty: ast.Quantity | None) -> str:
+    if qty is None:
+        return ""
+    value = qty.value
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return f"{value}%" if qty.percent else f"{value}"
+
+
+RULES = (resolve_sites, validate, infer_tokens)
+
+
+def run_passes(graph: nx.DiGraph, rules=RULES, **context) -> nx.DiGraph:
+    """Apply `rules` in order, each getting the keyword arguments its signature names."""
+    for rule in rules:
+        wanted = inspect.signature(rule).parameters
+        kwargs = {name: context[name] for name in wanted if name in context}
+        graph = rule(graph, **kwargs)
+        if has_errors(graph):
+            break
+    return graph

@@ -1,0 +1,690 @@
+"""The `.vt` front end: source text -> typed AST, or a located `PolicyError`.
+
+How a file is read:
+
+1. The whole text is lexed once with the grammar's basic lexer (keywords are retyped NAMEs,
+   so they never break identifiers). Comments are kept aside for the formatter.
+2. The token stream is split at `;` and newlines; each statement is parsed on its own from
+   the grammar's `statement` rule with Lark's interactive LALR parser, token by token. That
+   loop is where scorer names and sites are checked (so `divers` is reported where it is
+   written, with "did you mean 'diverse'?") and where nesting depth is bounded.
+3. Each statement's tree is built into AST nodes; pydantic validators run there and their
+   complaints become located errors.
+
+Every statement reports at most one error and parsing goes on with the next one, so a
+file with three mistakes gets three messages (up to `MAX_DIAGNOSTICS`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from lark import Lark, Token, Tree
+from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedToken
+from pydantic import ValidationError
+
+from . import ast
+from .errors import Diagnostic, PolicyError, did_you_mean
+from .scorers import COMBINERS, MAX_SCORE_DEPTH, SCORERS, SELECTORS
+from .terminals import END_OF_STATEMENT, TERMINAL_WORDS, expected_phrase, keyword_of
+
+GRAMMAR_PATH = Path(__file__).with_name("grammar.lark")
+# Entry rules: `statement` for .vt files, the others for values inside the YAML form.
+START_RULES = ["start", "statement", "term", "terms", "quantity", "budget_body", "site", "region_body", "grid"]
+
+MAX_SOURCE_BYTES = 1 << 20  # 1 MiB: policies are a few lines; anything bigger is a mistake
+MAX_DIAGNOSTICS = 10
+MAX_NUMBER_DIGITS = 30  # digits before the decimal point; far beyond any meaningful value
+MAX_SEED = 2**63 - 1
+
+_SEPARATORS = ("_NL", "_SEMI")
+_HEADERS = {"policy_line": "policy", "model_line": "model", "budget_line": "budget"}
+
+
+@functools.lru_cache(maxsize=None)
+def grammar() -> Lark:
+    return Lark(
+        GRAMMAR_PATH.read_text(encoding="utf-8"),
+        parser="lalr",
+        lexer="basic",
+        propagate_positions=True,
+        start=START_RULES,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Locations
+
+
+@dataclass
+class _Where:
+    """Maps positions in the text being parsed to positions in the user's file.
+
+    For a `.vt` file the two are the same; for a value inside a YAML file the text starts at
+    (line, column) of the file, so positions on its first line are shifted.
+    """
+
+    filename: str = "<policy>"
+    source: str | None = None
+    line: int = 1
+    column: int = 1
+    end_words: str = END_OF_STATEMENT  # what "$END" means here, in messages
+
+    def pos(self, line: int, column: int) -> tuple[int, int]:
+        if line == 1:
+            return self.line, column + self.column - 1
+        return line + self.line - 1, column
+
+    def span(self, line: int, column: int, end_line: int, end_column: int) -> ast.Span:
+        """`end_column` is exclusive, as Lark reports it."""
+        l0, c0 = self.pos(line, column)
+        l1, c1 = self.pos(end_line, end_column)
+        return ast.Span(line=l0, column=c0, end_line=l1, end_column=max(c1 - 1, 0))
+
+    def of_token(self, tok: Token) -> ast.Span:
+        return self.span(tok.line, tok.column, tok.end_line, tok.end_column)
+
+    def of_tree(self, tree: Tree) -> ast.Span:
+        m = tree.meta
+        return self.span(m.line, m.column, m.end_line, m.end_column)
+
+    def after(self, tok: Token) -> ast.Span:
+        """The (empty) position just after a token: where "end of input" is reported."""
+        return self.span(tok.end_line, tok.end_column, tok.end_line, tok.end_column)
+
+
+class _StatementError(Exception):
+    def __init__(self, diagnostic: Diagnostic):
+        self.diagnostic = diagnostic
+
+
+def _fail(message: str, span: ast.Span | None, *, expected: str | None = None, hint: str | None = None,
+          code: str = "syntax") -> _StatementError:
+    return _StatementError(Diagnostic(message, span, expected=expected, hint=hint, code=code))
+
+
+# ---------------------------------------------------------------------------------------
+# Words shown in messages
+
+
+def show(text: str, limit: int = 40) -> str:
+    """A token's text for a message: quoted, shortened, without invisible characters."""
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe_char(ch: str) -> str:
+    if ch.isprintable() and ord(ch) < 128:
+        return f"'{ch}'"
+    name = unicodedata.name(ch, "control character" if not ch.isprintable() else "character")
+    shown = f"'{ch}' " if ch.isprintable() and not ch.isspace() else ""
+    return f"{shown}U+{ord(ch):04X} ({name})"
+
+
+def describe_token(tok: Token) -> str:
+    t, v = tok.type, str(tok)
+    if t == "NAME":
+        return f"word '{show(v)}'"
+    if t == "SITE":
+        return f"site '{show(v)}'"
+    if t == "NUMBER":
+        return f"number {show(v)}"
+    if t == "PERCENT":
+        return f"percentage {show(v)}"
+    if t == "GRID":
+        return f"grid size {show(v)}"
+    if t == "STRING":
+        return f"string {show(v)}"
+    if keyword_of(t):
+        return f"keyword '{v}'"
+    return f"'{show(v)}'"
+
+
+_SITE_RE = re.compile(r"^(vit|llm)\.layer(-?[0-9]+)$|^vit\.out$")
+
+
+def site_candidates(word: str) -> list[str]:
+    m = re.search(r"-?[0-9]+$", word)
+    out = ["vit.out"]
+    if m:
+        out += [f"vit.layer{m.group()}", f"llm.layer{m.group()}"]
+    return out
+
+
+def site_hint(word: str) -> str | None:
+    if word == "llm.out":
+        return "the LLM has no 'out' site; LLM stages act at llm.layerN"
+    if re.fullmatch(r"(vit|llm)\.layer", word):
+        return f"add a layer number, as in {word}16"
+    return did_you_mean(word[:64], site_candidates(word))
+
+
+# ---------------------------------------------------------------------------------------
+# Parsing
+
+
+@dataclass
+class StatementInfo:
+    """Where one statement sits in the source; the formatter re-attaches comments by it."""
+
+    kind: str  # "policy" | "model" | "budget" | "stage"
+    index: int  # position in Policy.budgets / Policy.stages (0 for policy / model)
+    line: int
+    end_line: int
+
+
+@dataclass
+class Parsed:
+    policy: ast.Policy
+    source: str
+    statements: list[StatementInfo] = field(default_factory=list)
+    comments: list[Token] = field(default_factory=list)
+
+
+def check_size(text: str | bytes, filename: str) -> None:
+    size = len(text.encode("utf-8", "surrogatepass")) if isinstance(text, str) else len(text)
+    if size > MAX_SOURCE_BYTES:
+        raise PolicyError(
+            Diagnostic(
+                f"policy source is too large ({size} bytes; the limit is {MAX_SOURCE_BYTES // 1024} KiB)",
+                None,
+                hint="a policy is a few lines; is this the right file?",
+                code="input",
+            ),
+            filename=filename,
+        )
+
+
+def parse(text: str, filename: str = "<policy>") -> ast.Policy:
+    """Parse `.vt` source text into a `Policy`; raises `PolicyError` on any bad input."""
+    return parse_source(text, filename).policy
+
+
+def parse_source(text: str, filename: str = "<policy>") -> Parsed:
+    if not isinstance(text, str):
+        raise TypeError(f"parse() takes text (str), not {type(text).__name__}")
+    check_size(text, filename)
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    where = _Where(filename, text)
+    diagnostics: list[Diagnostic] = []
+    comments: list[Token] = []
+    built: list[tuple[str, Any, ast.Span]] = []
+
+    def run(tokens: list[Token], terminator: Token | None) -> None:
+        if not tokens:
+            return
+        try:
+            tree = _parse_tokens(tokens, "statement", where, terminator)
+            built.append(_Builder(where).statement(tree))
+        except _StatementError as err:
+            diagnostics.append(err.diagnostic)
+        except LarkError:  # defensive: no other parser complaint is known to reach here
+            diagnostics.append(Diagnostic("cannot parse this statement", where.of_token(tokens[0]), code="syntax"))
+
+    current: list[Token] = []
+    try:
+        for tok in grammar().lex(text, dont_ignore=True):
+            if tok.type == "WS":
+                continue
+            if tok.type == "COMMENT":
+                comments.append(tok)
+            elif tok.type in _SEPARATORS:
+                run(current, tok)
+                current = []
+            else:
+                current.append(tok)
+            if len(diagnostics) >= MAX_DIAGNOSTICS:
+                break
+        else:
+            run(current, None)
+    except UnexpectedCharacters as exc:
+        diagnostics.append(_lex_error(exc, text, current, where))
+
+    if not diagnostics:
+        policy, statements = _assemble(built, diagnostics)
+    if diagnostics:
+        diagnostics.sort(key=lambda d: (d.span.line, d.span.column) if d.span else (0, 0))
+        raise PolicyError(diagnostics[:MAX_DIAGNOSTICS], source=text, filename=filename)
+    return Parsed(policy, text, statements, comments)
+
+
+def _assemble(built, diagnostics: list[Diagnostic]):
+    name = model = model_span = None
+    first: dict[str, int] = {}
+    budgets: list[ast.Budget] = []
+    stages: list[ast.Stage] = []
+    statements: list[StatementInfo] = []
+    for kind, value, span in built:
+        if kind in ("policy", "model"):
+            if kind in first:
+                diagnostics.append(Diagnostic(
+                    f"a second '{kind}' line (the first is on line {first[kind]})", span,
+                    hint=f"a policy has at most one '{kind}' line", code="semantic"))
+                continue
+            first[kind] = span.line
+            if kind == "policy":
+                name = value
+            else:
+                model, model_span = value, span
+            statements.append(StatementInfo(kind, 0, span.line, span.end_line))
+        elif kind == "budget":
+            statements.append(StatementInfo(kind, len(budgets), span.line, span.end_line))
+            budgets.append(value)
+        else:
+            statements.append(StatementInfo(kind, len(stages), span.line, span.end_line))
+            stages.append(value)
+    last = built[-1][2] if built else ast.Span(line=1, column=1, end_line=1, end_column=1)
+    whole = ast.Span(line=1, column=1, end_line=last.end_line, end_column=last.end_column)
+    policy = ast.Policy(name=name, model=model, model_span=model_span, budgets=budgets, stages=stages, span=whole)
+    return policy, statements
+
+
+def _accepts(ip) -> set[str]:
+    """Terminals with an action in the current LALR state (cheap; may over-approximate)."""
+    state = ip.parser_state
+    return {k for k in state.parse_conf.parse_table.states[state.position] if k.isupper()}
+
+
+def _expected_after(tokens: list[Token], start: str) -> set[str]:
+    """Terminals that can really follow `tokens` (LALR merges states, so the failing
+    state's table row can list terminals that would fail after a reduction)."""
+    ip = grammar().parse_interactive(start=start)
+    for tok in tokens:
+        ip.feed_token(tok)
+    return set(ip.accepts())
+
+
+def _parse_tokens(tokens: list[Token], start: str, where: _Where, terminator: Token | None) -> Tree:
+    """Feed one statement's tokens to the LALR parser, checking words as they arrive."""
+    ip = grammar().parse_interactive(start=start)
+    parens: list[bool] = []  # one entry per open '(': True when it opens mean/sum/max(...)
+    depth = 0
+    prev: Token | None = None
+    for i, tok in enumerate(tokens):
+        accepts = _accepts(ip)
+        if tok.type == "NAME" and "NAME" in accepts and "ALL" not in accepts:
+            _check_scorer_word(tok, accepts, where)
+        elif tok.type == "SITE" and "SITE" in accepts and not _SITE_RE.match(tok):
+            raise _fail(f"unknown site '{show(tok)}'", where.of_token(tok),
+                        expected=TERMINAL_WORDS["SITE"], hint=site_hint(str(tok)))
+        elif tok.type == "_LPAR":
+            combine = prev is not None and prev.type in ("MEAN", "SUM", "MAX")
+            parens.append(combine)
+            depth += combine
+            if depth > MAX_SCORE_DEPTH:
+                raise _fail(
+                    f"scores nest too deeply: more than {MAX_SCORE_DEPTH} levels of {'/'.join(COMBINERS)}(...)",
+                    where.of_token(prev), hint="flatten the combination: mean(a, b, c) takes any number of scores",
+                )
+        elif tok.type == "_RPAR" and parens:
+            depth -= parens.pop()
+        try:
+            ip.feed_token(tok)
+        except UnexpectedToken:
+            raise _unexpected(tok, _expected_after(tokens[:i], start), where) from None
+        prev = tok
+    try:
+        return ip.feed_eof(tokens[-1])
+    except UnexpectedToken:
+        raise _unexpected_end(terminator, tokens[-1], _expected_after(tokens, start), where) from None
+
+
+def _check_scorer_word(tok: Token, accepts: set[str], where: _Where) -> None:
+    word = str(tok)
+    if word in SCORERS:
+        return
+    candidates = list(SCORERS) + list(COMBINERS)
+    if "DIVERSE" in accepts:
+        candidates += list(SELECTORS) + ["buffers"]
+    raise _fail(
+        f"unknown scorer '{show(word)}'",
+        where.of_token(tok),
+        expected=expected_phrase(accepts),
+        hint=did_you_mean(word[:64], candidates),
+    )
+
+
+_UNEXPECTED_HINTS = {
+    "_TOP": "'top' follows a score, as in 'cls top 10%'",
+    "_SEED": "'seed' follows 'random N', as in 'random 64 seed 0'",
+}
+
+
+def _unexpected(tok: Token, expected: set[str], where: _Where) -> _StatementError:
+    hint = None
+    if tok.type in ("NAME", "SITE"):
+        candidates = [k for k in map(keyword_of, expected) if k]
+        if "SITE" in expected:
+            candidates += site_candidates(str(tok))
+        hint = did_you_mean(str(tok)[:64], candidates)
+    if hint is None and tok.type in ("_AT", "_POLICY", "_MODEL", "_BUDGET") and "$END" in expected:
+        hint = "separate statements with ';' or a new line"
+    if hint is None and tok.type in _UNEXPECTED_HINTS:
+        hint = _UNEXPECTED_HINTS[tok.type]
+    if hint is None and tok.type == "NUMBER" and expected == {"GRID"}:
+        hint = f"write rows x columns, as in {tok}x{tok}"
+    return _fail(f"unexpected {describe_token(tok)}", where.of_token(tok),
+                 expected=expected_phrase(expected, end=where.end_words), hint=hint)
+
+
+def _unexpected_end(terminator: Token | None, last: Token, expected: set[str], where: _Where) -> _StatementError:
+    if terminator is not None and terminator.type == "_SEMI":
+        what, span = "';'", where.of_token(terminator)
+    else:
+        what = "end of line" if terminator is not None else (
+            "end of input" if where.end_words == END_OF_STATEMENT else "end of the value")
+        span = where.after(last)
+    return _fail(f"unexpected {what}", span, expected=expected_phrase(expected - {"$END"}, end=where.end_words))
+
+
+def _lex_error(exc: UnexpectedCharacters, text: str, current: list[Token], where: _Where,
+               start: str = "statement") -> Diagnostic:
+    """A character no token starts with: an unterminated string, junk, a stray symbol."""
+    try:  # what the statement so far would accept next (or its own earlier error)
+        expected: set[str] | None = _expected_after(current, start)
+    except UnexpectedToken:
+        try:
+            _parse_tokens(current, start, where, None)
+        except _StatementError as err:
+            return err.diagnostic
+        expected = None
+    ch = text[exc.pos_in_stream]
+    span = where.span(exc.line, exc.column, exc.line, exc.column + 1)
+    hint = None
+    if ch == '"':
+        rest = text[exc.pos_in_stream + 1 :].split("\n", 1)[0]
+        if '"' not in rest.replace('\\"', ""):
+            end = exc.column + 1 + len(rest)
+            return Diagnostic("unterminated string", where.span(exc.line, exc.column, exc.line, max(end, exc.column + 1)),
+                              expected="a closing '\"' on the same line", code="syntax")
+        message = "invalid string"
+    else:
+        message = f"unexpected character {describe_char(ch)}"
+    if ch == "%" and current and current[-1].type == "NUMBER":
+        hint = f"write a percentage without a space: {current[-1]}%"
+    elif ch in "<>=!" and expected and "LE" in expected:
+        hint = "a budget is an upper bound: use '<=' or '<'"
+    elif ch == "-" and expected and "NUMBER" in expected:
+        hint = "quantities cannot be negative"
+    elif ch in "\u00a0\u2009\u202f\u200b":
+        hint = "replace it with a plain space"
+    elif ch in "\u201c\u201d":
+        hint = 'use straight double quotes: "..."'
+    exp = expected_phrase(expected, end=where.end_words) if expected is not None else None
+    return Diagnostic(message, span, expected=exp, hint=hint, code="syntax")
+
+
+# ---------------------------------------------------------------------------------------
+# Tree -> AST
+
+
+def _validation_message(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    msg = str(err.get("msg", exc))
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix) :]
+    return msg
+
+
+class _Builder:
+    """Builds AST nodes from one statement's parse tree (or a YAML value's)."""
+
+    def __init__(self, where: _Where):
+        self.where = where
+
+    def node(self, cls, span: ast.Span, **fields):
+        try:
+            return cls(span=span, **fields)
+        except ValidationError as exc:
+            raise _fail(_validation_message(exc), span, code="semantic") from None
+
+    def span(self, item: Tree | Token) -> ast.Span:
+        return self.where.of_token(item) if isinstance(item, Token) else self.where.of_tree(item)
+
+    # -- statements ---------------------------------------------------------------------
+    def statement(self, tree: Tree) -> tuple[str, Any, ast.Span]:
+        span = self.span(tree)
+        if tree.data in ("policy_line", "model_line"):
+            return _HEADERS[tree.data], self.string(tree.children[0]), span
+        if tree.data == "budget_line":
+            return "budget", self.budget(tree.children[0], span), span
+        return "stage", self.stage(tree), span
+
+    def string(self, tok: Token) -> str:
+        try:
+            return json.loads(str(tok), strict=False)
+        except ValueError:
+            raise _fail(f"invalid escape in string {show(str(tok))}", self.span(tok),
+                        hint=r'strings use JSON escapes: \" \\ \n \t \uXXXX') from None
+
+    def budget(self, tree: Tree, span: ast.Span | None = None) -> ast.Budget:
+        metric, comparison, qty = tree.children
+        tok = qty.children[0]
+        value = self.number(tok)
+        percent = tok.type == "PERCENT"
+        return self.node(ast.Budget, span or self.span(tree), metric=str(metric.children[0]),
+                         op=str(comparison.children[0]), value=value, percent=percent)
+
+    def stage(self, tree: Tree) -> ast.Stage:
+        site, action = tree.children
+        return self.node(ast.Stage, self.span(tree), site=self.site(site), action=self.action(action))
+
+    def site(self, tree: Tree | Token) -> ast.Site:
+        tok = tree.children[0] if isinstance(tree, Tree) else tree
+        text = str(tok)
+        span = self.span(tok)
+        m = _SITE_RE.match(text)
+        if not m:
+            raise _fail(f"unknown site '{show(text)}'", span, expected=TERMINAL_WORDS["SITE"], hint=site_hint(text))
+        if m.group(1) is None:
+            return self.node(ast.Site, span, tower="vit", index=None)
+        digits = m.group(2).lstrip("-").lstrip("0")
+        if len(digits) > 9:
+            raise _fail(f"layer index in '{show(text)}' is out of any model's range", span, code="semantic")
+        return self.node(ast.Site, span, tower=m.group(1), index=int(m.group(2)))
+
+    # -- actions ------------------------------------------------------------------------
+    def action(self, tree: Tree):
+        span = self.span(tree)
+        kind = tree.data
+        if kind == "keep":
+            terms = region = merge_rest = None
+            for child in tree.children:
+                if child.data == "terms":
+                    terms = self.terms(child)
+                elif child.data == "region":
+                    region = self.region(child.children[0], self.span(child))
+                else:
+                    merge_rest = self.quantity(child.children[0])
+            return self.node(ast.Keep, span, terms=terms, region=region, merge_rest=merge_rest)
+        if kind == "merge":
+            return self.node(ast.Merge, span, pairs=self.quantity(tree.children[0]))
+        if kind == "pool":
+            rows, cols = self.grid(tree.children[0], "pool")
+            return self.node(ast.Pool, span, rows=rows, cols=cols)
+        return self.node(ast.DropAll, span)
+
+    def terms(self, tree: Tree) -> list:
+        return [self.term(t) for t in tree.children]
+
+    def term(self, tree: Tree):
+        span = self.span(tree)
+        if tree.data == "top_term":
+            score, qty = tree.children
+            return self.node(ast.TopTerm, span, score=self.score(score), qty=self.quantity(qty))
+        if tree.data == "buffers_term":
+            qty = self.quantity(tree.children[0]) if tree.children else None
+            return self.node(ast.BuffersTerm, span, qty=qty)
+        selector, qty, *rest = tree.children
+        kind = str(selector.children[0])
+        seed = None
+        if rest:
+            seed_tree = rest[0]
+            seed = self.seed(seed_tree.children[0])
+            if kind != "random":
+                raise _fail(f"'seed' belongs to 'random', not to '{kind}'", self.span(seed_tree),
+                            hint=f"'{kind}' is deterministic; remove 'seed {seed}'", code="semantic")
+        return self.node(ast.SelectTerm, span, kind=kind, qty=self.quantity(qty), seed=seed)
+
+    def seed(self, tok: Token) -> int:
+        value = self.number(tok)
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise _fail(f"a seed must be a whole number, got {show(str(tok))}", self.span(tok), code="semantic")
+            value = int(value)
+        if value > MAX_SEED:
+            raise _fail(f"a seed must lie in 0..2^63-1, got {show(str(tok))}", self.span(tok), code="semantic")
+        return value
+
+    def region(self, tree: Tree, span: ast.Span) -> ast.Region:
+        kind = str(tree.children[0])
+        if kind == "crop":
+            return self.node(ast.Region, span, kind="crop")
+        rows, cols = self.grid(tree.children[1], "region")
+        return self.node(ast.Region, span, kind="region", rows=rows, cols=cols)
+
+    def grid(self, tree: Tree | Token, what: str) -> tuple[int, int]:
+        tok = tree.children[0] if isinstance(tree, Tree) else tree
+        text = str(tok)
+        rows, cols = text.split("x")
+        limit = 64
+        if max(len(rows.lstrip("0")), len(cols.lstrip("0"))) > 3 or not (1 <= int(rows) <= limit and 1 <= int(cols) <= limit):
+            raise _fail(f"a {what} grid must be between 1x1 and {limit}x{limit}, got {show(text)}",
+                        self.span(tok), code="semantic")
+        return int(rows), int(cols)
+
+    # -- scores -------------------------------------------------------------------------
+    def score(self, tree: Tree):
+        span = self.span(tree)
+        if tree.data == "combine":
+            op_tree, *args = tree.children
+            op = str(op_tree.children[0])
+            if len(args) < 2:
+                raise _fail(f"{op}(...) needs at least two scores", span,
+                            hint=f"to use a single score, write it without {op}(...)", code="semantic")
+            return self.node(ast.ScoreCombine, span, op=op, args=[self.score(a) for a in args])
+        name_tok, *rest = tree.children
+        name = str(name_tok)
+        info = SCORERS.get(name)
+        if info is None:  # the token loop checks this first; kept for YAML values
+            raise _fail(f"unknown scorer '{show(name)}'", self.span(name_tok),
+                        expected=f"a scorer ({', '.join(SCORERS)})",
+                        hint=did_you_mean(name[:64], list(SCORERS) + list(COMBINERS)))
+        args: list[str] = []
+        at = None
+        for child in rest:
+            if child.data == "score_args":
+                args = self.score_args(info, child)
+            else:
+                at = self.site(child)
+        return self.node(ast.ScoreRef, span, name=name, args=args, at=at)
+
+    def score_args(self, info, tree: Tree) -> list[str]:
+        toks = [c.children[0] for c in tree.children]
+        if info.max_args == 0:
+            raise _fail(f"scorer '{info.name}' takes no arguments", self.span(tree),
+                        hint=f"write '{info.name}'", code="semantic")
+        if len(toks) > info.max_args:
+            raise _fail(f"scorer '{info.name}' takes at most {info.max_args} argument"
+                        f"{'s' if info.max_args > 1 else ''}", self.span(tree), code="semantic")
+        for tok in toks:
+            if str(tok) not in info.args:
+                raise _fail(f"unknown argument '{show(str(tok))}' for scorer '{info.name}'", self.span(tok),
+                            expected=" or ".join(info.args), hint=did_you_mean(str(tok)[:64], info.args),
+                            code="semantic")
+        return [str(t) for t in toks]
+
+    # -- numbers ------------------------------------------------------------------------
+    def number(self, tok: Token) -> int | float:
+        """A NUMBER or PERCENT token's value: int when written as an integer (or, for a
+        percentage, when integral), float otherwise. Huge literals are refused before any
+        conversion, so no OverflowError or int-digits limit can surface."""
+        text = str(tok)
+        percent = tok.type == "PERCENT"
+        body = text[:-1] if percent else text
+        whole = re.split(r"[.eE]", body, maxsplit=1)[0].lstrip("0")
+        value: int | float | None = None
+        if len(whole) <= MAX_NUMBER_DIGITS:
+            if body.isdigit():
+                value = int(body)
+            else:
+                value = float(body)
+                if not math.isfinite(value):
+                    value = None
+                elif percent and value.is_integer():
+                    value = int(value)
+        if value is None:
+            raise _fail(f"number {show(text, 24)} is too large", self.span(tok), code="semantic",
+                        hint="counts are at most 1000000 tokens, percentages at most 100%")
+        return value
+
+    def quantity(self, tree: Tree | Token) -> ast.Quantity:
+        tok = tree.children[0] if isinstance(tree, Tree) else tree
+        return self.node(ast.Quantity, self.span(tok), value=self.number(tok), percent=tok.type == "PERCENT")
+
+
+# ---------------------------------------------------------------------------------------
+# Values inside other files (the YAML form)
+
+
+def parse_value(text: str, start: str, where: _Where):
+    """Parse one value (a term, a quantity, ...) from the rule `start`.
+
+    Raises `_StatementError` located by `where`; the caller wraps it into a PolicyError.
+    """
+    tokens: list[Token] = []
+    try:
+        for tok in grammar().lex(text, dont_ignore=True):
+            if tok.type in ("WS", "COMMENT"):
+                continue
+            if tok.type in _SEPARATORS:
+                raise _fail(f"unexpected {'new line' if tok.type == '_NL' else repr(str(tok))} in a value",
+                            where.of_token(tok), hint="a YAML value holds one item; use a list for several")
+            tokens.append(tok)
+    except UnexpectedCharacters as exc:
+        raise _StatementError(_lex_error(exc, text, tokens, where, start)) from None
+    if not tokens:
+        raise _fail("empty value", where.span(1, 1, 1, 1), expected=_START_WORDS.get(start))
+    tree = _parse_tokens(tokens, start, where, None)
+    b = _Builder(where)
+    if start == "term":
+        return b.term(tree)
+    if start == "terms":
+        return b.terms(tree)
+    if start == "quantity":
+        return b.quantity(tree)
+    if start == "budget_body":
+        return b.budget(tree)
+    if start == "site":
+        return b.site(tree)
+    if start == "region_body":
+        return b.region(tree, b.span(tree))
+    if start == "grid":
+        return b.grid(tree, "pool")
+    raise ValueError(start)
+
+
+_START_WORDS = {
+    "term": "a term such as 'cls top 10%', 'diverse 64' or 'buffers'",
+    "terms": "terms such as 'cls top 10% + buffers'",
+    "quantity": "a token count such as 64 or a percentage such as 10%",
+    "budget_body": "a budget such as 'flops <= 25%'",
+    "site": TERMINAL_WORDS["SITE"],
+    "region_body": "'crop' or 'region RxC'",
+    "grid": TERMINAL_WORDS["GRID"],
+}
+
+
+def iter_terminals() -> Iterator[str]:
+    """Every terminal name in the grammar (for the words-table completeness test)."""
+    for t in grammar().terminals:
+        yield t.name

@@ -1,0 +1,78 @@
+"""The vocabulary of scores and selectors: the one place to add a scorer.
+
+The parser accepts a scorer name only if it is a key of `SCORERS`, and checks its
+arguments against `ScorerInfo.args`; the IR reads `towers`, `canonical` and `queries` to
+turn a `ScoreRef` into an `Observation`. Adding a scorer = one entry here (plus its
+runtime kernel and cost in the later stages).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ScorerInfo:
+    """What the front end and the IR need to know about one scorer name."""
+
+    name: str
+    # Towers whose attention / hidden states the score can be read from.
+    towers: tuple[str, ...]
+    # Accepted argument values (at most `max_args` of them); () = takes no arguments.
+    args: tuple[str, ...] = ()
+    max_args: int = 0
+    # The argument that applies when none is written.
+    default_args: tuple[str, ...] = ()
+    # The runtime scorer this name reads ("cls", "attn", "text", "norm").
+    canonical: str = ""
+    # Attention query rows read, per argument tuple (see vtdsl.ir.plan.Queries).
+    queries: dict[tuple[str, ...], str] | None = None
+    summary: str = ""
+
+    def queries_for(self, args: tuple[str, ...] | list[str]) -> str:
+        args = tuple(args) or self.default_args
+        assert self.queries is not None
+        return self.queries[args]
+
+
+SCORERS: dict[str, ScorerInfo] = {
+    "cls": ScorerInfo(
+        "cls", ("vit",), canonical="cls", queries={(): "cls"},
+        summary="attention paid by the CLS token (ViT only)",
+    ),
+    "attn": ScorerInfo(
+        "attn", ("vit", "llm"), canonical="attn", queries={(): "all"},
+        summary="mean attention received, over heads and queries",
+    ),
+    "text": ScorerInfo(
+        "text", ("llm",), args=("last", "all"), max_args=1, default_args=("last",),
+        canonical="text", queries={("last",): "last_text", ("all",): "all_text"},
+        summary="attention from the last text token; text(all): mean over all text tokens (LLM only)",
+    ),
+    "norm": ScorerInfo(
+        "norm", ("vit", "llm"), canonical="norm", queries={(): "none"},
+        summary="L2 norm of the token's hidden state",
+    ),
+    "anchors": ScorerInfo(
+        "anchors", ("vit", "llm"), canonical="attn", queries={(): "all"},
+        summary="HiPrune anchor tokens: scored like attn",
+    ),
+    "registers": ScorerInfo(
+        "registers", ("vit", "llm"), canonical="attn", queries={(): "all"},
+        summary="HiPrune register tokens: scored like attn",
+    ),
+}
+
+# Score-free selectors (`diverse 64`), in the order error messages list them.
+SELECTORS: dict[str, str] = {
+    "diverse": "greedy max-min (k-center) on cosine distance of hidden states",
+    "uniform": "evenly strided over the remaining tokens in grid order",
+    "unique": "duplication-aware: greedily keep the token least similar to those kept",
+    "random": "uniformly at random, optionally with `seed N`",
+}
+
+# Aggregates of several scores: `mean(s1, s2, ...)`.
+COMBINERS: tuple[str, ...] = ("mean", "sum", "max")
+
+# Nesting limit for `mean(mean(...))`: deeper input is refused with a located error.
+MAX_SCORE_DEPTH = 8

@@ -1,0 +1,125 @@
+"""English words for the grammar's terminals, for `expected: ...` lines in errors.
+
+Every terminal in grammar.lark has an entry in `TERMINAL_WORDS`; a test checks that no
+terminal is missing, so a raw name like `__ANON_3` or `_KEEP` can never reach a user.
+`expected_phrase` turns the set of terminals a parser state accepts into one line,
+collapsing families ("an action: keep, merge, pool or drop").
+"""
+
+from __future__ import annotations
+
+from .scorers import COMBINERS, SCORERS
+
+_SCORER_LIST = ", ".join(SCORERS)
+
+# Terminal name -> the words used when that terminal is expected.
+TERMINAL_WORDS: dict[str, str] = {
+    "_POLICY": "'policy'",
+    "_MODEL": "'model'",
+    "_BUDGET": "'budget'",
+    "FLOPS": "'flops'",
+    "FLOPS_FASTV": "'flops_fastv'",
+    "TOKENS": "'tokens'",
+    "KV": "'kv'",
+    "LE": "'<='",
+    "LT": "'<'",
+    "_AT": "'at'",
+    "_KEEP": "'keep'",
+    "_MERGE": "'merge'",
+    "_POOL": "'pool'",
+    "_DROP": "'drop'",
+    "_TOP": "'top'",
+    "DIVERSE": "'diverse'",
+    "UNIFORM": "'uniform'",
+    "UNIQUE": "'unique'",
+    "RANDOM": "'random'",
+    "_PLUS": "'+' and another term",
+    "_SEED": "'seed'",
+    "_BUFFERS": "'buffers'",
+    "_PER": "'per' (crop or region RxC)",
+    "CROP": "'crop'",
+    "REGION": "'region'",
+    "_THEN": "'then merge rest into N'",
+    "_REST": "'rest'",
+    "_INTO": "'into'",
+    "ALL": "'all'",
+    "MEAN": "'mean'",
+    "SUM": "'sum'",
+    "MAX": "'max'",
+    "_COMMA": "','",
+    "_LPAR": "'('",
+    "_RPAR": "')'",
+    "_AT_SIGN": "'@' and a site",
+    "_SEMI": "';'",
+    "_NL": "a new line",
+    "SITE": "a site such as vit.layer16, vit.out or llm.layer2",
+    "NAME": f"a scorer ({_SCORER_LIST})",
+    "PERCENT": "a percentage such as 10%",
+    "GRID": "a grid size such as 2x2",
+    "NUMBER": "a number",
+    "STRING": 'a quoted string such as "llava-1.5-7b"',
+    "COMMENT": "a comment",
+    "WS": "a space",
+    "$END": "the end of the statement (';' or a new line)",  # see END_OF_STATEMENT
+}
+
+# Families of terminals that read better as one phrase. Checked in order; a family is
+# used when all of its members are expected, and then replaces them.
+_FAMILIES: list[tuple[frozenset[str], str]] = [
+    (
+        frozenset({"NAME", "MEAN", "SUM", "MAX", "DIVERSE", "UNIFORM", "UNIQUE", "RANDOM", "_BUFFERS"}),
+        "a term: a score with 'top' (cls top 10%), a selector (diverse, uniform, unique, "
+        "random) or buffers",
+    ),
+    (frozenset({"NAME", "MEAN", "SUM", "MAX"}), f"a score: a scorer ({_SCORER_LIST}) or {', '.join(COMBINERS)}(...)"),
+    (frozenset({"NAME", "ALL"}), "an argument such as last or all"),
+    (frozenset({"_KEEP", "_MERGE", "_POOL", "_DROP"}), "an action: keep, merge, pool or drop"),
+    (
+        frozenset({"_AT", "_POLICY", "_MODEL", "_BUDGET"}),
+        "a stage (at <site> ...) or a header line (policy, model, budget)",
+    ),
+    (frozenset({"FLOPS", "FLOPS_FASTV", "TOKENS", "KV"}), "a budget metric: flops, flops_fastv, tokens or kv"),
+    (frozenset({"LE", "LT"}), "'<=' or '<'"),
+    (frozenset({"NUMBER", "PERCENT"}), "a token count such as 64 or a percentage such as 10%"),
+    (frozenset({"CROP", "REGION"}), "'crop' or 'region RxC'"),
+    (frozenset({"_COMMA", "_RPAR"}), "',' or ')'"),
+]
+
+
+END_OF_STATEMENT = "the end of the statement (';' or a new line)"
+
+
+def expected_phrase(terminals: set[str] | frozenset[str], *, end: str = END_OF_STATEMENT) -> str:
+    """One English line for the terminals a parser state accepts; `end` names $END."""
+    left = set(terminals)
+    parts: list[str] = []
+    for members, words in _FAMILIES:
+        if members <= left:
+            parts.append(words)
+            left -= members
+    # Keywords first (in grammar order), then value terminals, then the end.
+    order = list(TERMINAL_WORDS)
+    for name in sorted(left, key=lambda n: order.index(n) if n in order else len(order)):
+        parts.append(end if name == "$END" else TERMINAL_WORDS.get(name, name.strip("_").lower()))
+    return join_or(parts)
+
+
+def join_or(parts: list[str]) -> str:
+    parts = [p for i, p in enumerate(parts) if p not in parts[:i]]
+    if not parts:
+        return "nothing more"
+    if len(parts) == 1:
+        return parts[0]
+    sep = "; " if any("," in p for p in parts) else ", "
+    return sep.join(parts[:-1]) + (";" if sep == "; " else "") + " or " + parts[-1]
+
+
+# Terminals whose text is a fixed keyword: name -> keyword (for "did you mean").
+def keyword_of(terminal: str) -> str | None:
+    words = TERMINAL_WORDS.get(terminal, "")
+    if terminal in ("_PER", "_THEN"):
+        return terminal.strip("_").lower()
+    if words.startswith("'") and words.endswith("'") and words.count("'") == 2:
+        word = words[1:-1]
+        return word if word.replace("_", "").isalpha() else None
+    return None
