@@ -81,5 +81,5 @@ def test_bad_budget_expression_exits_2(tmp_path):
 def test_text_report_shows_stage_table():
     result = run(["check", "-", "--model", "tiny-llava"], input="at vit.out keep cls top 8 then merge rest into 2\n")
     assert result.exit_code == 0, result.output
-    assert "vit.out" in result.output and "64 -> 10" in result.output
+    assert "vit.out" in result.output and "576 -> 10" in result.output
     assert "visual tokens into the LLM: 10" in result.output

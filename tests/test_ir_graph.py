@@ -17,8 +17,9 @@ def test_lowered_graph_has_stream_and_observations():
     assert stream(graph) == ["stage:0"]
     observes = sorted(n for n, d in graph.nodes(data=True) if d["kind"] == "observe")
     assert len(observes) == 2
-    assert all(list(graph.successors(n)) == ["stage:0"] for n in observes)
-    assert graph.has_edge(SOURCE, "stage:0") and graph.has_edge("stage:0", SINK)
+    assert all(list(graph.successors(n)) == ["select:0"] for n in observes)
+    assert graph.has_edge(SOURCE, "stage:0") and graph.has_edge("stage:0", "select:0")
+    assert graph.has_edge("select:0", SINK)
 
 
 def test_check_annotates_stream_edges_with_token_counts():
@@ -54,3 +55,19 @@ def test_check_accepts_a_path(tmp_path):
     path = tmp_path / "p.vt"
     path.write_text(DESIGN)
     assert check(str(path), "llava-1.5-7b").projector_tokens == 290
+
+
+def test_stream_has_select_merge_and_drop_nodes_with_counted_edges():
+    from vtdsl.ir import build_graph
+    from vtdsl.ir.graph import stream_nodes
+    from vtdsl.models import get_spec
+
+    source = "at vit.out keep cls top 54 then merge rest into 10\nat llm.layer2 merge 20\nat llm.layer8 drop all\n"
+    graph = build_graph(parse(source), get_spec("llava-1.5-7b"))
+    nodes = stream_nodes(graph)
+    assert [graph.nodes[n]["kind"] for n in nodes] == [
+        "source", "stage", "select", "merge", "stage", "merge", "stage", "drop", "sink"]
+    tokens = [graph.edges[a, b]["tokens"] for a, b in zip(nodes, nodes[1:])]
+    # 576 enter; 54 kept then 10 contextual = 64; ToMe merges 20 pairs = 44; drop leaves 0
+    assert tokens == [576, 576, 54, 64, 64, 44, 44, 0]
+    assert [graph.nodes[n]["kind"] for n in graph.predecessors("select:0")] == ["stage", "observe"]

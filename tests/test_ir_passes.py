@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from vtdsl.ir import RULES, lower
-from vtdsl.ir.graph import stream
+from vtdsl.ir.graph import observations_of, stream
 from vtdsl.ir.passes import run_passes
 from vtdsl.lang import parse
 from vtdsl.models import get_spec
@@ -60,10 +60,8 @@ def render(graph, pass_name: str, source: str, filename: str) -> str:
         for node in stream(graph):
             data = graph.nodes[node]
             lines.append(f"stage {data['index']}: {data['stage'].site.text()} -> {data['site'].text()}")
-            for obs_node in sorted(graph.predecessors(node)):
+            for obs_node in observations_of(graph, data["index"]):
                 obs_data = graph.nodes[obs_node]
-                if obs_data["kind"] != "observe":
-                    continue
                 obs = obs_data["observation"]
                 lines.append(
                     f"  {_ref_text(obs_data['score'])} -> {obs.scorer}[{obs.queries}] at {obs.tower}.layer{obs.layer}"

@@ -17,7 +17,7 @@ import networkx as nx
 from ..lang import ast
 from ..lang.errors import Diagnostic, did_you_mean
 from ..models.spec import ModelSpec
-from .graph import SINK, SOURCE, stream
+from .graph import SINK, SOURCE, observations_of, stage_node, stream, stream_nodes
 from .plan import Observation, ResolvedScore, ResolvedSite, ResolvedStage, ResolvedTerm
 
 # What each scorer means: its canonical name, the attention rows it reads, and where it
@@ -115,7 +115,7 @@ def resolve_sites(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
         if data["kind"] != "observe":
             continue
         ref: ast.ScoreRef = data["score"]
-        stage_data = graph.nodes[next(iter(graph.successors(node)))]
+        stage_data = graph.nodes[stage_node(data["stage_index"])]
         meaning = SCORERS.get(ref.name)
         if meaning is None:
             _error(
@@ -213,9 +213,9 @@ def validate(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
         if isinstance(stage.action, ast.DropAll):
             dropped_at = stage.site.text()
         previous_key, previous_site = data["order"], stage.site.text()
-        for obs_node in graph.predecessors(node):
+        for obs_node in observations_of(graph, data["index"]):
             obs_data = graph.nodes[obs_node]
-            if obs_data["kind"] != "observe" or "observation" not in obs_data:
+            if "observation" not in obs_data:
                 continue
             _validate_observation(graph, spec, obs_data, data)
     return graph
@@ -289,7 +289,6 @@ def infer_tokens(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
         for _, d in graph.nodes(data=True)
         if d["kind"] == "observe" and "observation" in d
     }
-    previous = SOURCE
     for node in stream(graph):
         data = graph.nodes[node]
         site: ResolvedSite = data["site"]
@@ -310,8 +309,6 @@ def infer_tokens(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
             return graph
         stage, grid = resolved
         data["resolved"] = stage
-        graph.edges[previous, node]["tokens"] = tokens_in
-        previous = node
         out = stage.tokens_out
         if site.tower == "vit" and site.layer is not None:
             patches = out
@@ -327,11 +324,28 @@ def infer_tokens(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
     projector_tokens = features + (cls if spec.select_strategy == "full" else 0)
     if llm_visual is None:
         llm_visual = [projector_tokens] * spec.llm.layers
-    graph.edges[previous, SINK]["tokens"] = llm_visual[-1] if llm_visual else projector_tokens
+    _annotate_stream(graph)
     graph.graph["vit_tokens"] = vit_tokens
     graph.graph["projector_tokens"] = projector_tokens
     graph.graph["llm_visual"] = llm_visual
     return graph
+
+
+def _annotate_stream(graph: nx.DiGraph) -> None:
+    """Put the token count flowing along each stream edge on the edge (`tokens`)."""
+    nodes = stream_nodes(graph)
+    tokens = None
+    for before, after in zip(nodes, nodes[1:]):
+        data = graph.nodes[after]
+        stage = graph.nodes[stage_node(data["index"])]["resolved"] if "index" in data else None
+        if data["kind"] == "stage":
+            tokens = stage.tokens_in
+        graph.edges[before, after]["tokens"] = tokens
+        if data["kind"] == "select":
+            tokens = stage.tokens_out - stage.merge_rest if stage.merge_rest else stage.tokens_out
+        elif data["kind"] in ("merge", "drop"):
+            tokens = stage.tokens_out
+    # the sink edge carries what the last stage handed on (None: no stages)
 
 
 def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref):
