@@ -16,7 +16,7 @@ import vtdsl.compiler as vc
 
 POLICY = """
 policy "example"
-at vit.out keep cls top 24 then merge rest into 8
+at vit.out keep cls top 54 then merge rest into 10
 at llm.layer2 keep text top 50%
 """
 
@@ -26,7 +26,7 @@ def main() -> None:
     model = spec.build(device="cpu", attn_implementation="sdpa", seed=0).eval()
     plan = vtdsl.check(vtdsl.parse(POLICY), spec)
 
-    # The prompt as a processor would write it: 64 placeholders for the image. The
+    # The prompt as a processor would write it: 576 placeholders for the image. The
     # compiled model shortens the run to the policy's count by itself.
     image = spec.image_token_id
     input_ids = torch.tensor([[1, 17, 42] + [image] * spec.image_tokens + [23, 5, 9]])

@@ -16,7 +16,10 @@ from vtdsl.models import get_spec
 
 SPEC = get_spec("tiny-llava")
 IMG = 255
-P = 64  # patches = image tokens per image
+SIZE = 336
+P = (SIZE // 14) ** 2  # patches = image tokens per image: 24 x 24 = 576
+LLM_LAYERS = 32
+F = 24 - 2  # feature layer: vision_feature_layer -2 of 24 CLIP layers = hidden_states[23] = output of layer 22
 FASTV = "at llm.layer2 keep text top 50%"
 VIT_LAYER = "at vit.layer2 keep cls top 8"
 VIT_OUT = "at vit.out keep cls top 8 then merge rest into 2"
@@ -33,11 +36,13 @@ def _one_thread():
 
 def _sharpen(model: torch.nn.Module) -> torch.nn.Module:
     """Random init gives near-uniform attention, hence near-tied scores; scaling the q/k
-    projections makes the rankings (and so the reference comparisons) unambiguous."""
+    projections makes the rankings (and so the reference comparisons) unambiguous. With 576
+    image tokens the median of FastV's 50% cut sits in the dense middle of the scores: x12
+    (not x6) spreads them enough for the reference's gap check."""
     with torch.no_grad():
         for name, mod in model.named_modules():
             if name.endswith(("q_proj", "k_proj")):
-                mod.weight.mul_(6.0)
+                mod.weight.mul_(12.0)
     return model
 
 
@@ -53,6 +58,17 @@ def eager_model():
 @pytest.fixture(scope="module")
 def sdpa_model():
     return build("sdpa")
+
+
+@pytest.fixture(scope="module")
+def uncompiled_run(eager_model):
+    """Logits and 8 greedy tokens of the plain eager model on inputs(1)."""
+    ids, mask, px = inputs(1)
+    with torch.no_grad():
+        logits = eager_model(input_ids=ids, attention_mask=mask, pixel_values=px).logits
+        gen = eager_model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=8,
+                                   do_sample=False)
+    return logits, gen
 
 
 def plan_of(src: str):
@@ -71,7 +87,7 @@ def inputs(batch: int):
     for i, r in enumerate(rows):
         ids[i, n - len(r) :] = torch.tensor(r)
         mask[i, n - len(r) :] = 1
-    px = torch.randn(len(rows), 3, 64, 64, generator=g)
+    px = torch.randn(len(rows), 3, SIZE, SIZE, generator=g)
     return ids, mask, px
 
 
@@ -106,9 +122,9 @@ def masked_reference(model, ids, mask, px, stages, new_tokens: int = 8):
 
             return hook
 
-        first = min((layer for layer, _ in pruned_at), default=SPEC.llm.layers)
+        first = min((layer for layer, _ in pruned_at), default=LLM_LAYERS)
         return [ref.model.language_model.layers[j].register_forward_pre_hook(make(j), with_kwargs=True)
-                for j in range(first, SPEC.llm.layers)]
+                for j in range(first, LLM_LAYERS)]
 
     for layer, kind, k in stages:
         if kind == "text":
@@ -164,7 +180,7 @@ def vit_features_reference(model, px, *, prune_at=None, keep=8, out_keep=None, c
     """Image features by a plain loop over the CLIP layers (no hooks, no vtdsl)."""
     vt = model.model.vision_tower
     layers = vt.encoder.layers
-    f = SPEC.feature_layer_index
+    f = F
     with torch.no_grad():
         h = vt.pre_layrnorm(vt.embeddings(px))
         feats = None
@@ -207,13 +223,10 @@ def image_features(model, px):
 
 # ---------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("src", ["", "at llm.layer2 keep text top 100%", "at vit.layer1 keep cls top 100%",
-                                 "at vit.out keep cls top 64", "at llm.layer0 keep uniform 64"])
-def test_keep_everything_is_identity(eager_model, src):
+                                 f"at vit.out keep cls top {P}", f"at llm.layer0 keep uniform {P}"])
+def test_keep_everything_is_identity(eager_model, uncompiled_run, src):
     ids, mask, px = inputs(1)
-    with torch.no_grad():
-        base = eager_model(input_ids=ids, attention_mask=mask, pixel_values=px).logits
-        base_gen = eager_model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=8,
-                                        do_sample=False)
+    base, base_gen = uncompiled_run
     with vc.apply(plan_of(src), eager_model):
         with torch.no_grad():
             got = eager_model(input_ids=ids, attention_mask=mask, pixel_values=px).logits
@@ -229,7 +242,7 @@ def test_keep_everything_is_identity(eager_model, src):
 def test_fastv_generate_matches_masked_reference(request, attn, batch):
     model = request.getfixturevalue(f"{attn}_model")
     ids, mask, px = inputs(batch)
-    want, want_kept = fastv_reference(model, ids, mask, px, layer=2, keep=32)
+    want, want_kept = fastv_reference(model, ids, mask, px, layer=2, keep=P // 2)
     with vc.apply(plan_of(FASTV), model):
         with torch.no_grad():
             got = model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=8,
@@ -245,8 +258,8 @@ def test_two_llm_stages_including_layer0_match_reference(request, attn):
     mask); a later text-scored stage reads attention among the remaining tokens."""
     model = request.getfixturevalue(f"{attn}_model")
     ids, mask, px = inputs(2)
-    want, want_kept = masked_reference(model, ids, mask, px, [(0, "uniform", 40), (2, "text", 12)])
-    with vc.apply("at llm.layer0 keep uniform 40; at llm.layer2 keep text top 12", model):
+    want, want_kept = masked_reference(model, ids, mask, px, [(0, "uniform", 144), (2, "text", 36)])
+    with vc.apply("at llm.layer0 keep uniform 144; at llm.layer2 keep text top 36", model):
         with torch.no_grad():
             got = model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=8,
                                  do_sample=False)
@@ -255,7 +268,8 @@ def test_two_llm_stages_including_layer0_match_reference(request, attn):
     assert torch.equal(kept, want_kept)
     assert torch.equal(got, want)
     n = ids.shape[1]
-    assert [out.cache.layers[j].keys.shape[-2] for j in range(4)] == [n - 24, n - 24, n - 52, n - 52]
+    lengths = [out.cache.layers[j].keys.shape[-2] for j in range(LLM_LAYERS)]
+    assert lengths == [n - (P - 144)] * 2 + [n - (P - 36)] * (LLM_LAYERS - 2)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -267,15 +281,15 @@ def test_fastv_cache_is_shorter_from_the_stage_on(request, attn):
         with torch.no_grad():
             out = model(input_ids=ids, attention_mask=mask, pixel_values=px, use_cache=True)
     cache = out.cache
-    lengths = [cache.layers[j].keys.shape[-2] for j in range(SPEC.llm.layers)]
-    assert lengths == [n, n, n - 32, n - 32]
-    assert out.logits.shape[1] == n - 32  # logits of the kept positions
+    lengths = [cache.layers[j].keys.shape[-2] for j in range(LLM_LAYERS)]
+    assert lengths == [n, n] + [n - P // 2] * (LLM_LAYERS - 2)
+    assert out.logits.shape[1] == n - P // 2  # logits of the kept positions
 
 
 def test_fastv_logits_match_reference_prefill(eager_model):
     """Prefill logits of the kept positions equal the masked full-length model's."""
     ids, mask, px = inputs(2)
-    _, kept = fastv_reference(eager_model, ids, mask, px, layer=2, keep=32, new_tokens=1)
+    _, kept = fastv_reference(eager_model, ids, mask, px, layer=2, keep=P // 2, new_tokens=1)
     ref = SPEC.build(device="cpu", attn_implementation="eager", seed=0).eval()
     ref.load_state_dict(eager_model.state_dict())
     pruned = [sorted(set((ids[b] == IMG).nonzero().flatten().tolist()) - set(kept[b].tolist())) for b in range(2)]
@@ -287,7 +301,8 @@ def test_fastv_logits_match_reference_prefill(eager_model):
         kwargs["attention_mask"] = m
         return args, kwargs
 
-    hs = [ref.model.language_model.layers[j].register_forward_pre_hook(mask_pruned, with_kwargs=True) for j in (2, 3)]
+    hs = [ref.model.language_model.layers[j].register_forward_pre_hook(mask_pruned, with_kwargs=True)
+          for j in range(2, LLM_LAYERS)]
     with torch.no_grad():
         full = ref(input_ids=ids, attention_mask=mask, pixel_values=px).logits
     for h in hs:
@@ -322,11 +337,11 @@ def test_vit_out_keep_then_merge_features(eager_model):
 
 
 def test_stage_entering_the_layer_after_the_features_prunes_the_features(eager_model):
-    """vit.layer{f+1} is the token set the feature layer hands over: with f = 2 here,
-    `at vit.layer3 keep cls top 16` (scores of layer 2) gives the same features as
-    `at vit.out keep cls top 16` (scores of the feature layer, 2)."""
+    """vit.layer{f+1} is the token set the feature layer hands over: with f = 22 here,
+    `at vit.layer23 keep cls top 16` (scores of layer 22) gives the same features as
+    `at vit.out keep cls top 16` (scores of the feature layer, 22)."""
     _, _, px = inputs(2)
-    with vc.apply("at vit.layer3 keep cls top 16", eager_model):
+    with vc.apply(f"at vit.layer{F + 1} keep cls top 16", eager_model):
         a = image_features(eager_model, px)
     with vc.apply("at vit.out keep cls top 16", eager_model):
         b = image_features(eager_model, px)
@@ -402,7 +417,7 @@ def test_compile_accepts_source_ast_plan_and_path(tmp_path):
     path.write_text(FASTV + "\n")
     for policy in (FASTV, parse(FASTV), plan_of(FASTV), path, str(path)):
         with vc.apply(policy, model):
-            assert vc.compiled(model).plan.llm_visual == [64, 64, 32, 32]
+            assert vc.compiled(model).plan.llm_visual == [P, P] + [P // 2] * (LLM_LAYERS - 2)
 
 
 def test_listing_names_every_rewrite(sdpa_model):

@@ -14,6 +14,8 @@ from vtdsl.models import get_spec
 
 SPEC = get_spec("tiny-llava")
 IMG = 255
+SIZE, PATCH = 336, 14
+P = (SIZE // PATCH) ** 2  # 576 placeholders per image (strategy "default": CLS dropped)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -53,10 +55,10 @@ def test_rewrite_inputs_shrinks_each_run_and_repads_left():
 def test_processor_patch_uses_llava_processor_formula(model):
     from transformers import LlavaProcessor
 
-    proc = types.SimpleNamespace(patch_size=8, num_additional_image_tokens=1, vision_feature_select_strategy="default",
-                                 image_token="<image>")
-    image = {"pixel_values": [np.zeros((3, 64, 64), dtype=np.float32)]}
-    assert LlavaProcessor.replace_image_token(proc, image, 0) == "<image>" * 64
+    proc = types.SimpleNamespace(patch_size=PATCH, num_additional_image_tokens=1,
+                                 vision_feature_select_strategy="default", image_token="<image>")
+    image = {"pixel_values": [np.zeros((3, SIZE, SIZE), dtype=np.float32)]}
+    assert LlavaProcessor.replace_image_token(proc, image, 0) == "<image>" * P
     with vc.apply("at vit.out keep cls top 8 then merge rest into 2", model):
         with vc.processor_for(proc, model):
             assert LlavaProcessor.replace_image_token(proc, image, 0) == "<image>" * 10
@@ -64,29 +66,29 @@ def test_processor_patch_uses_llava_processor_formula(model):
 
 
 def test_forward_rewrites_prompt_and_handles_two_images_per_sample(model):
-    ids = torch.tensor([[7] + [IMG] * 64 + [8, 9] + [IMG] * 64 + [10]])
-    px = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[7] + [IMG] * P + [8, 9] + [IMG] * P + [10]])
+    px = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     with vc.apply("at vit.layer2 keep cls top 8; at llm.layer1 keep text top 4", model):
         with torch.no_grad():
             out = model(input_ids=ids, pixel_values=px, use_cache=True)
             gen = model.generate(input_ids=ids, pixel_values=px, max_new_tokens=3, do_sample=False)
         kept = vc.kept_tokens(model)
     # 4 text + 2 images x 8 placeholders; from layer 1 on, 4 per image
-    assert [out.cache.layers[j].keys.shape[-2] for j in range(4)] == [20, 12, 12, 12]
+    assert [out.cache.layers[j].keys.shape[-2] for j in range(SPEC.llm.layers)] == [20] + [12] * (SPEC.llm.layers - 1)
     assert kept["vit.layer2#0"].shape == (2, 8) and kept["llm.layer1#1"].shape == (1, 8)
     assert int((gen == IMG).sum()) == 16 and gen.shape[1] == 20 + 3
 
 
 def test_labels_give_the_loss_of_the_kept_positions(model):
-    ids = torch.tensor([[5, 6, 7] + [IMG] * 64 + [8, 9, 10, 11]])
+    ids = torch.tensor([[5, 6, 7] + [IMG] * P + [8, 9, 10, 11]])
     labels = torch.where(ids == IMG, -100, ids)
-    px = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    px = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     with vc.apply("at llm.layer2 keep text top 25%", model):
         with torch.no_grad():
             out = model(input_ids=ids, pixel_values=px, labels=labels)
         kept_img = vc.kept_tokens(model)["llm.layer2#0"][0].tolist()
-    rows = sorted(set(range(3)) | set(kept_img) | set(range(67, 71)))
+    rows = sorted(set(range(3)) | set(kept_img) | set(range(3 + P, 3 + P + 4)))
     lab = labels[0, rows]
     want = F.cross_entropy(out.logits[0, :-1].float(), lab[1:], ignore_index=-100)
-    assert out.logits.shape[1] == len(rows) == 3 + 16 + 4
+    assert out.logits.shape[1] == len(rows) == 3 + P // 4 + 4
     torch.testing.assert_close(out.loss, want)

@@ -1,4 +1,4 @@
-"""Every policy of the zoo (policies/*.vt) runs for real on a zoo-shaped mini LLaVA:
+"""Every policy of the zoo (policies/*.vt) runs for real on tiny-llava, which has
 llava-1.5's geometry (24 ViT layers, 576 patches, feature layer -2, 32 LLM layers) with
 tiny widths, so layer indices and token counts are the ones the zoo was written for."""
 
@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import vtdsl.compiler as vc
 from vtdsl.cost import estimate
+from vtdsl.models import get_spec
 
 ZOO = sorted((Path(__file__).resolve().parents[1] / "policies").glob("*.vt"))
 IMG = 255
@@ -26,23 +27,13 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def mini_llava(attn: str):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=32, intermediate_size=64,
-                              num_hidden_layers=24, num_attention_heads=2)
-    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=32, num_attention_heads=2,
-                       num_key_value_heads=1, vocab_size=256, max_position_embeddings=2048)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMG, vision_feature_layer=-2,
-                         vision_feature_select_strategy="default")
-    config._attn_implementation = attn
-    torch.manual_seed(0)
-    return LlavaForConditionalGeneration(config).eval()
+def tiny_llava(attn: str):
+    return get_spec("tiny-llava").build(device="cpu", attn_implementation=attn, seed=0).eval()
 
 
 @pytest.fixture(scope="module")
 def models():
-    return {"sdpa": mini_llava("sdpa"), "eager": mini_llava("eager")}
+    return {"sdpa": tiny_llava("sdpa"), "eager": tiny_llava("eager")}
 
 
 @pytest.mark.slow

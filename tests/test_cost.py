@@ -168,7 +168,9 @@ def test_hf_equals_flop_counter_tiny_unpruned(tiny, logits):
 
 def test_hf_equals_flop_counter_tiny_pruned_gqa(tiny):
     spec, model = tiny
-    vit_tokens, projector, llm_visual, text = [65, 65, 33, 17], 16, [16, 8, 8, 3], 11
+    # pruned twice inside the ViT (CLS kept), then twice inside the LLM
+    vit_tokens, projector, text = [577] * 8 + [289] * 8 + [145] * 8, 144, 11
+    llm_visual = [144] * 2 + [72] * 14 + [18] * 16
     parts = reference_prefill(spec, model, vit_tokens, projector, llm_visual, text)
     report = estimate_counts(spec, vit_tokens, projector, llm_visual, text)
     assert report.policy.flops == sum(parts.values())
@@ -235,9 +237,10 @@ def test_kv_bytes_and_decode_against_a_real_tiny_cache():
     spec = get_spec("tiny-llava")
     model = spec.build("cpu", attn_implementation="eager")  # eager: CPU sdpa is invisible to the counter
     text = 16
-    ids = torch.cat([torch.full((1, 64), spec.image_token_id), torch.arange(1, text + 1)[None]], 1)
+    ids = torch.cat([torch.full((1, spec.image_tokens), spec.image_token_id), torch.arange(1, text + 1)[None]], 1)
+    pixels = torch.randn(1, 3, spec.image_size, spec.image_size)
     with torch.no_grad():
-        out = model(input_ids=ids, pixel_values=torch.randn(1, 3, 64, 64), use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, pixel_values=pixels, use_cache=True, logits_to_keep=1)
     cache = out.cache
     cache_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     step0 = estimate_counts(spec, *unpruned(spec), text, decode_context=None)
@@ -256,16 +259,17 @@ def test_kv_bytes_pruned_by_hand():
     by_hand = sum(2 * 32 * 128 * (64 + v) * 2 for v in llm_visual)
     assert report.policy.kv_bytes == by_hand
     assert report.baseline.kv_bytes == 32 * 2 * 32 * 128 * 640 * 2 == 335_544_320
-    tiny = get_spec("tiny-llava")  # GQA: 2 KV heads of 16, float32
-    r = estimate_counts(tiny, [65] * 4, 64, [64, 32, 32, 8], 10)
-    assert r.policy.kv_bytes == sum(2 * 2 * 16 * (10 + v) * 4 for v in (64, 32, 32, 8))
+    tiny = get_spec("tiny-llava")  # GQA: 2 KV heads of 32 / 4 = 8, float32; 32 layers
+    tiny_visual = [576, 576] + [288] * 14 + [36] * 16
+    r = estimate_counts(tiny, [577] * 24, 576, tiny_visual, 10)
+    assert r.policy.kv_bytes == sum(2 * 2 * 8 * (10 + v) * 4 for v in tiny_visual)
 
 
 def test_decode_pruned_by_hand():
     spec = get_spec("tiny-llava")
-    llm_visual, text, ctx = [64, 32, 32, 8], 10, 5
-    r = estimate_counts(spec, [65] * 4, 64, llm_visual, text, decode_context=ctx)
-    d, f, qd, kvd, V = 64, 128, 64, 32, 256
+    llm_visual, text, ctx = [576, 576] + [288] * 14 + [36] * 16, 10, 5
+    r = estimate_counts(spec, [577] * 24, 576, llm_visual, text, decode_context=ctx)
+    d, f, qd, kvd, V = 32, 64, 32, 16, 256  # hidden, ffn, 4 heads x 8, 2 KV heads x 8, vocab
     per_layer_linear = 2 * (2 * d * qd + 2 * d * kvd + 3 * d * f)
     by_hand = sum(per_layer_linear + 2 * 2 * qd * (text + v + ctx + 1) for v in llm_visual) + 2 * d * V
     assert r.policy.decode == by_hand
@@ -374,12 +378,14 @@ def test_baseline_is_the_plan_without_stages():
 
 def test_bad_counts_are_rejected():
     spec = get_spec("tiny-llava")
-    with pytest.raises(ValueError, match="4 ViT layers"):
-        estimate_counts(spec, [65] * 3, 64, [64] * 4)
+    with pytest.raises(ValueError, match="24 ViT layers"):
+        estimate_counts(spec, [577] * 23, 576, [576] * 32)
+    with pytest.raises(ValueError, match="32 LLM layers"):
+        estimate_counts(spec, [577] * 24, 576, [576] * 31)
     with pytest.raises(ValueError, match="logits"):
-        estimate_counts(spec, [65] * 4, 64, [64] * 4, logits="first")
+        estimate_counts(spec, [577] * 24, 576, [576] * 32, logits="first")
     with pytest.raises(ValueError, match="text queries"):
-        estimate_counts(spec, [65] * 4, 64, [64] * 4, observations=[obs("vit", 1, "last_text")])
+        estimate_counts(spec, [577] * 24, 576, [576] * 32, observations=[obs("vit", 1, "last_text")])
 
 
 # --------------------------------------------------------------- budgets

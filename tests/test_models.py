@@ -54,14 +54,16 @@ def test_llava_15_13b_spec():
 
 def test_tiny_llava_matches_contract():
     s = get_spec("tiny-llava")
-    assert s.vit == TowerDims(layers=4, hidden=64, ffn=128, heads=4, kv_heads=4, head_dim=16, mlp="gelu")
-    assert s.llm == TowerDims(layers=4, hidden=64, ffn=128, heads=4, kv_heads=2, head_dim=16, mlp="swiglu")
-    assert (s.image_size, s.patch_size) == (64, 8)
-    assert (s.patch_tokens, s.vit_tokens, s.image_tokens) == (64, 65, 64)
-    assert s.projector == (64, 64, 64)
+    # llava-1.5-7b's geometry (layers, patches, feature layer) with tiny widths
+    assert s.vit == TowerDims(layers=24, hidden=32, ffn=64, heads=4, kv_heads=4, head_dim=8, mlp="gelu")
+    assert s.llm == TowerDims(layers=32, hidden=32, ffn=64, heads=4, kv_heads=2, head_dim=8, mlp="swiglu")
+    assert (s.image_size, s.patch_size) == (336, 14)
+    assert (s.patch_tokens, s.vit_tokens, s.image_tokens) == (576, 577, 576)  # (336 // 14) ** 2 = 24 * 24
+    assert s.projector == (32, 32, 32)
     assert (s.vocab_size, s.image_token_id, s.dtype) == (256, 255, "float32")
     assert s.vision_feature_layer == -2 and s.select_strategy == "default"
-    assert s.config().text_config.max_position_embeddings == 512
+    assert s.feature_layer_index == 22 and s.unused_vit_layers == (23,)  # as llava-1.5-7b
+    assert s.config().text_config.max_position_embeddings == 2048
 
 
 def test_aliases_and_case():
@@ -104,7 +106,7 @@ def test_spec_from_user_config_and_model():
     assert same_architecture(spec_from_config(model), tiny)
     # the spec keeps its own copy: changing the user's config later changes nothing
     config.text_config.num_hidden_layers = 99
-    assert from_config.config().text_config.num_hidden_layers == 4
+    assert from_config.config().text_config.num_hidden_layers == 32
 
 
 def test_spec_from_config_reads_gqa_and_strategy():
@@ -112,7 +114,7 @@ def test_spec_from_config_reads_gqa_and_strategy():
     config.vision_feature_select_strategy = "full"
     config.text_config.num_key_value_heads = 1
     s = spec_from_config(config)
-    assert s.image_tokens == 65 and s.llm.kv_heads == 1
+    assert s.image_tokens == 577 and s.llm.kv_heads == 1  # "full" keeps the CLS: 576 patches + 1
 
 
 def test_unsupported_architectures_are_policy_errors():
@@ -280,7 +282,7 @@ def test_cli_models_json():
     assert list(rows) == ["llava-1.5-7b", "llava-1.5-13b", "tiny-llava"]
     assert rows["llava-1.5-7b"]["params"] == 7_063_427_072
     assert rows["llava-1.5-7b"]["visual_tokens"] == 576
-    assert (rows["tiny-llava"]["vit_layers"], rows["tiny-llava"]["llm_layers"]) == (4, 4)
+    assert (rows["tiny-llava"]["vit_layers"], rows["tiny-llava"]["llm_layers"]) == (24, 32)
 
 
 def test_cli_models_table_help_and_bad_dir(tmp_path):
