@@ -16,25 +16,13 @@ import networkx as nx
 
 from ..lang import ast
 from ..lang.errors import Diagnostic, did_you_mean
+from ..lang.scorers import SCORERS
 from ..models.spec import ModelSpec
 from .graph import SINK, SOURCE, observations_of, stage_node, stream, stream_nodes
 from .plan import Observation, ResolvedScore, ResolvedSite, ResolvedStage, ResolvedTerm
 
-# What each scorer means: its canonical name, the attention rows it reads, and where it
-# can be read. Syntax (which names parse) lives in vtdsl.lang; meaning lives here.
-SCORERS: dict[str, dict] = {
-    "cls": {"canonical": "cls", "queries": {(): "cls"}, "towers": {"vit"}},
-    "attn": {"canonical": "attn", "queries": {(): "all"}, "towers": {"vit", "llm"}},
-    "anchors": {"canonical": "attn", "queries": {(): "all"}, "towers": {"vit", "llm"}},
-    "registers": {"canonical": "attn", "queries": {(): "all"}, "towers": {"vit", "llm"}},
-    "text": {
-        "canonical": "text",
-        "queries": {(): "last_text", ("last",): "last_text", ("all",): "all_text"},
-        "towers": {"llm"},
-    },
-    "norm": {"canonical": "norm", "queries": {(): "none"}, "towers": {"vit", "llm"}},
-}
-
+# Scorer meaning (towers, canonical runtime scorer, query rows) lives with the syntax in
+# vtdsl.lang.scorers.SCORERS, the one place a scorer is added.
 TOWER_NAMES = {"vit": "ViT", "llm": "LLM"}
 
 
@@ -127,9 +115,9 @@ def resolve_sites(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
                 code="scorer",
             )
             continue
-        args = tuple(ref.args)
-        if args not in meaning["queries"]:
-            allowed = [f"{ref.name}({', '.join(a)})" if a else ref.name for a in meaning["queries"]]
+        args = tuple(ref.args) or meaning.default_args
+        if args not in meaning.queries:
+            allowed = [f"{ref.name}({', '.join(a)})" if a else ref.name for a in meaning.queries]
             _error(
                 graph,
                 f"'{ref.name}' does not take the arguments ({', '.join(args)})",
@@ -152,7 +140,7 @@ def resolve_sites(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
                 obs_site = ResolvedSite("vit", spec.feature_layer_index)
             else:
                 obs_site = ResolvedSite(stage_site.tower, stage_site.layer - 1)
-                if obs_site.layer < 0 and meaning["canonical"] != "norm":
+                if obs_site.layer < 0 and meaning.canonical != "norm":
                     _error(
                         graph,
                         f"no {TOWER_NAMES[stage_site.tower]} layer has run before {stage_site.text()}, "
@@ -164,11 +152,11 @@ def resolve_sites(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
                     )
                     continue
         data["observation"] = Observation(
-            scorer=meaning["canonical"],
+            scorer=meaning.canonical,
             args=args,
             tower=obs_site.tower,
             layer=obs_site.layer,
-            queries=meaning["queries"][args],
+            queries=meaning.queries[args],
         )
         data["order"] = _order_key(obs_site, spec, observed=True)
     return graph
@@ -227,7 +215,7 @@ def _validate_observation(graph, spec: ModelSpec, obs_data: dict, stage_data: di
     meaning = SCORERS[ref.name]
     stage_site: ResolvedSite = stage_data["site"]
     where = f"{obs.tower}.layer{obs.layer}"
-    if obs.tower not in meaning["towers"]:
+    if obs.tower not in meaning.towers:
         if ref.name == "text":
             message = f"'text' reads attention from text tokens, which exist only inside the LLM (not at {where})"
         else:
