@@ -25,15 +25,6 @@ VIT_LAYER = "at vit.layer2 keep cls top 8"
 VIT_OUT = "at vit.out keep cls top 8 then merge rest into 2"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _sharpen(model: torch.nn.Module) -> torch.nn.Module:
     """Random init gives near-uniform attention, hence near-tied scores; scaling the q/k
     projections makes the rankings (and so the reference comparisons) unambiguous. With 576

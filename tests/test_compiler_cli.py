@@ -8,22 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from vtdsl.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 P = (336 // 14) ** 2  # tiny-llava's image placeholders: 24 x 24 patches, CLS dropped
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture()

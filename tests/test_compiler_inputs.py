@@ -18,15 +18,6 @@ SIZE, PATCH = 336, 14
 P = (SIZE // PATCH) ** 2  # 576 placeholders per image (strategy "default": CLS dropped)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     return SPEC.build(device="cpu", attn_implementation="sdpa", seed=0).eval()

@@ -18,15 +18,6 @@ ZOO = sorted((Path(__file__).resolve().parents[1] / "policies").glob("*.vt"))
 IMG = 255
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_llava(attn: str):
     return get_spec("tiny-llava").build(device="cpu", attn_implementation=attn, seed=0).eval()
 

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .common import EXIT_BAD_INPUT, EXIT_FAILED, emit_json, guarded
+from .common import EXIT_FAILED, emit_json, guarded
 
 
 def load_plan(policy_file: str, model: str | None, syntax: str | None = None):

@@ -18,7 +18,7 @@ from ..lang import ast
 from ..lang.errors import Diagnostic, did_you_mean
 from ..lang.scorers import SCORERS
 from ..models.spec import ModelSpec
-from .graph import SINK, SOURCE, observations_of, stage_node, stream, stream_nodes
+from .graph import observations_of, stage_node, stream, stream_nodes
 from .plan import Observation, ResolvedScore, ResolvedSite, ResolvedStage, ResolvedTerm
 
 # Scorer meaning (towers, canonical runtime scorer, query rows) lives with the syntax in

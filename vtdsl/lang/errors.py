@@ -14,7 +14,7 @@ reports through these, so the CLI prints one format everywhere:
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Literal
 
 from .ast import Span
