@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -157,12 +156,10 @@ def test_file_problems(tmp_path: Path):
     assert parse_file(tmp_path / "p.txt", syntax="vt").stages[0].site.index == 2
 
 
-def test_deep_nesting_is_refused_quickly():
+def test_deep_nesting_is_refused():
     text = "at llm.layer2 keep " + "mean(" * 80_000 + "cls" + ", cls)" * 80_000 + " top 4"
-    t0 = time.perf_counter()
     with pytest.raises(PolicyError, match="nest too deeply"):
         parse(text)
-    assert time.perf_counter() - t0 < 15  # generous: shared CI machines
     ok = "at llm.layer2 keep " + "mean(" * 8 + "cls" + ", cls)" * 8 + " top 4"
     assert parse(ok).stages[0].action.terms[0].score.op == "mean"
 
@@ -178,3 +175,11 @@ def test_long_junk_line_is_shown_shortened():
         parse(text)
     out = info.value.format()
     assert "unknown scorer 'xxxxxxxxxx" in out and max(len(line) for line in out.splitlines()) < 300
+
+
+def test_lone_surrogate_in_yaml_is_a_located_error():
+    # JSON-style escapes admit \ud800, which no UTF-8 output can carry: refused at the value
+    with pytest.raises(PolicyError) as info:
+        from_yaml('policy: "\\uD800"\n', "p.yaml")
+    first = info.value.format().splitlines()[0]
+    assert first == "p.yaml:1:9: error: 'policy' holds a lone surrogate escape, which is not a character"

@@ -30,8 +30,14 @@ class Diagnostic:
     code: str = "policy"
 
     def format(self, source: str | None = None, filename: str = "<policy>") -> str:
-        line, col = (self.span.line, self.span.column) if self.span else (1, 1)
-        out = [f"{filename}:{line}:{col}: {self.severity}: {self.message}"]
+        if self.span is not None:
+            line, col = self.span.line, self.span.column
+            where = f"{filename}:{line}:{col}: "
+        else:
+            # not about a place in the source (a command-line option, a model name): no
+            # made-up line and column
+            where = "" if filename == "<policy>" else f"{filename}: "
+        out = [f"{where}{self.severity}: {self.message}"]
         if self.span and source is not None:
             # Lines as the lexer counts them ("\n" only), shown without invisible
             # characters (each becomes one '?', so the caret stays aligned).

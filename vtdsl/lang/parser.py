@@ -358,6 +358,10 @@ _UNEXPECTED_HINTS = {
 }
 
 
+def has_surrogate(text: str) -> bool:
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
+
+
 def _unexpected(tok: Token, expected: set[str], where: _Where) -> _StatementError:
     hint = None
     if tok.type in ("NAME", "SITE"):
@@ -371,6 +375,10 @@ def _unexpected(tok: Token, expected: set[str], where: _Where) -> _StatementErro
         hint = _UNEXPECTED_HINTS[tok.type]
     if hint is None and tok.type == "NUMBER" and expected == {"GRID"}:
         hint = f"write rows x columns, as in {tok}x{tok}"
+    if hint is None and tok.type == "GRID":
+        hint = f"'per crop' takes no grid; for an even spatial split write 'per region {tok}'"
+    if hint is None and tok.type == "_MERGE" and "_THEN" in expected:
+        hint = "after the keep terms, write 'then merge rest into N'"
     return _fail(f"unexpected {describe_token(tok)}", where.of_token(tok),
                  expected=expected_phrase(expected, end=where.end_words), hint=hint)
 
@@ -461,10 +469,14 @@ class _Builder:
 
     def string(self, tok: Token) -> str:
         try:
-            return json.loads(str(tok), strict=False)
+            value = json.loads(str(tok), strict=False)
         except ValueError:
+            value = None
+        # JSON admits a lone surrogate (\ud800), which no UTF-8 output can carry
+        if value is None or has_surrogate(value):
             raise _fail(f"invalid escape in string {show(str(tok))}", self.span(tok),
                         hint=r'strings use JSON escapes: \" \\ \n \t \uXXXX') from None
+        return value
 
     def budget(self, tree: Tree, span: ast.Span | None = None) -> ast.Budget:
         metric, comparison, qty = tree.children

@@ -34,7 +34,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from . import ast
 from .errors import Diagnostic, PolicyError, did_you_mean
 from .format import format_budget_body, format_number, format_region, format_term
-from .parser import _StatementError, _Where, check_size, parse_value
+from .parser import _StatementError, _Where, check_size, has_surrogate, parse_value
 
 TOP_KEYS = ("policy", "model", "budget", "stages")
 ACTIONS = ("keep", "merge", "pool", "drop")
@@ -161,6 +161,8 @@ class _Reader:
     def string(self, node: Node, what: str) -> str:
         if not isinstance(node, ScalarNode) or node.tag == _NULL:
             raise self.fail(f"{what} must be a string", node, hint='quote it: "..."')
+        if has_surrogate(node.value):
+            raise self.fail(f"{what} holds a lone surrogate escape, which is not a character", node)
         return node.value
 
     def value(self, node: Node, start: str, what: str):
