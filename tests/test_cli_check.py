@@ -83,3 +83,23 @@ def test_text_report_shows_stage_table():
     assert result.exit_code == 0, result.output
     assert "vit.out" in result.output and "576 -> 10" in result.output
     assert "visual tokens into the LLM: 10" in result.output
+
+
+def test_invalid_policy_under_json_prints_the_diagnostics_as_json(tmp_path):
+    path = tmp_path / "bad.vt"
+    path.write_text("at vit.layer99 keep cls top 8\n")
+    result = run(["check", str(path), "--model", "llava-1.5-7b", "--json"])
+    assert result.exit_code == 2
+    data = json.loads(result.stdout)
+    assert data["ok"] is False
+    (diag,) = data["diagnostics"]
+    assert (diag["severity"], diag["line"], diag["column"]) == ("error", 1, 4)
+    assert diag["message"].startswith("vit.layer99 is out of range")
+
+
+def test_an_error_about_an_option_has_no_made_up_location(tmp_path):
+    path = tmp_path / "fastv.vt"
+    path.write_text(FASTV)
+    result = run(["check", str(path), "--model", "llava-1.5-7bb"])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: unknown model 'llava-1.5-7bb'")

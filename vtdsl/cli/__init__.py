@@ -25,12 +25,7 @@ def _register() -> None:
     from importlib import import_module
 
     for module in common.COMMAND_MODULES:
-        try:
-            mod = import_module(f"vtdsl.cli.{module}")
-        except ModuleNotFoundError as exc:  # a command whose module is not written yet
-            if exc.name != f"vtdsl.cli.{module}":
-                raise
-            continue
+        mod = import_module(f"vtdsl.cli.{module}")
         for command in mod.COMMANDS:
             main.add_command(command)
 

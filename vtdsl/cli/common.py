@@ -14,7 +14,7 @@ from ..lang.errors import PolicyError
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 # Command modules, in the order their commands appear in `vtdsl --help`.
-COMMAND_MODULES = ("lang_cmds", "models_cmd", "check_cmd", "compile_cmd", "eval_cmd", "search_cmd")
+COMMAND_MODULES = ("lang_cmds", "models_cmd", "check_cmd", "compile_cmd", "search_cmd")
 
 
 def emit_json(payload: Any) -> None:
@@ -25,7 +25,8 @@ def guarded(fn: Callable) -> Callable:
     """Turn every failure of a command into a located message and an exit code.
 
     A user must never see a Python traceback for bad input: PolicyError -> exit 2 with
-    `file:line:col: error: ...`; anything else unexpected -> exit 2 with one line.
+    `file:line:col: error: ...` on stderr (and, under --json, the diagnostics as a JSON
+    object on stdout); anything else unexpected -> exit 2 with one line.
     """
 
     @functools.wraps(fn)
@@ -34,6 +35,10 @@ def guarded(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except PolicyError as err:
             click.echo(err.format(), err=True)
+            if kwargs.get("as_json"):
+                # a script reading --json output gets an object even for bad input
+                emit_json({"ok": False, "error": err.message,
+                           "diagnostics": [d.to_json() for d in err.diagnostics]})
             sys.exit(EXIT_BAD_INPUT)
         except click.exceptions.Exit:
             raise
