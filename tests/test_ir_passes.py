@@ -115,3 +115,17 @@ def test_passes_do_not_mutate_their_input():
         assert {n: dict(d) for n, d in graph.nodes(data=True)} == before
         assert graph.graph["diagnostics"] == []
         graph, before = new, {n: dict(d) for n, d in new.nodes(data=True)}
+
+
+@pytest.mark.parametrize("fields, to_llm", [({}, 576), ({"spatial_merge": 2}, 24 * 24 // 4),
+                                            ({"vit_crops": 5}, 5 * 576)])
+def test_unpruned_counts_follow_patch_merge_and_crops(fields, to_llm):
+    """tiny-llava's 24x24 patch grid; a 2x2 patch merger (Qwen2.5-VL) or 5 crops (LLaVA-NeXT
+    anyres) change what reaches the LLM without any special case in the passes."""
+    from vtdsl.cost import estimate
+    from vtdsl.ir import check
+
+    spec = dataclasses.replace(get_spec("tiny-llava"), **fields)
+    plan = check(parse(""), spec)
+    assert plan.projector_tokens == to_llm and spec.image_tokens == to_llm
+    assert estimate(plan).flops_ratio == 1.0

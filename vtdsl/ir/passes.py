@@ -290,7 +290,7 @@ def infer_tokens(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
             if llm_visual is None:
                 if features is None:
                     features = feature_patches
-                llm_visual = [features + (cls if spec.select_strategy == "full" else 0)] * spec.llm.layers
+                llm_visual = [_to_llm(features, spec)] * spec.llm.layers
             tokens_in = llm_visual[site.layer]
         resolved = _infer_stage(graph, data, tokens_in, grid, obs_by_ref)
         if resolved is None:
@@ -309,7 +309,7 @@ def infer_tokens(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
             llm_visual[site.layer :] = [out] * (spec.llm.layers - site.layer)
     if features is None:
         features = feature_patches
-    projector_tokens = features + (cls if spec.select_strategy == "full" else 0)
+    projector_tokens = _to_llm(features, spec)
     if llm_visual is None:
         llm_visual = [projector_tokens] * spec.llm.layers
     _annotate_stream(graph)
@@ -317,6 +317,15 @@ def infer_tokens(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
     graph.graph["projector_tokens"] = projector_tokens
     graph.graph["llm_visual"] = llm_visual
     return graph
+
+
+def _to_llm(features: int, spec: ModelSpec) -> int:
+    """Visual tokens one image hands the projector and the LLM, from the patch tokens one
+    crop's feature layer hands over: merged in groups of spatial_merge x spatial_merge
+    (Qwen2.5-VL), CLS added back under the "full" strategy, times the crops (LLaVA-NeXT).
+    With nothing pruned this is `spec.image_tokens`."""
+    keeps_cls = spec.has_cls and spec.select_strategy == "full"
+    return (features // spec.spatial_merge**2 + (1 if keeps_cls else 0)) * spec.vit_crops
 
 
 def _annotate_stream(graph: nx.DiGraph) -> None:
