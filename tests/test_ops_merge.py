@@ -103,6 +103,47 @@ def test_gather_tokens_and_drop_all():
     assert drop_all(x).shape == (2, 0, 3)
 
 
+def test_gather_tokens_every_layout_against_a_loop():
+    """Batch 1, batch 3, and a non-contiguous (expanded) input all copy the same rows as a
+    plain per-sample loop."""
+    g = torch.Generator().manual_seed(3)
+    for x in (torch.randn(1, 7, 4, generator=g), torch.randn(3, 7, 4, generator=g),
+              torch.randn(1, 7, 4, generator=g).expand(3, 7, 4), torch.randn(3, 4, 7, generator=g).transpose(1, 2)):
+        b = x.shape[0]
+        idx = torch.stack([torch.randperm(7, generator=g)[:5] for _ in range(b)])
+        want = [[x[i, j].tolist() for j in idx[i].tolist()] for i in range(b)]
+        assert gather_tokens(x, idx).tolist() == want
+
+
+def test_gather_tokens_refuses_indices_of_another_sample():
+    x = torch.randn(2, 5, 3)
+    with pytest.raises(IndexError):
+        gather_tokens(x, torch.tensor([[0, 5], [1, 2]]))  # 5 would be sample 1's row 0
+    with pytest.raises(IndexError):
+        gather_tokens(x, torch.tensor([[0, -1], [1, 2]]))
+    with pytest.raises(ValueError):
+        gather_tokens(x, torch.tensor([[0, 1]]))
+    with pytest.raises(ValueError):
+        gather_tokens(torch.randn(1, 5, 3), torch.tensor([[0, 1], [2, 3]]))
+
+
+def test_scatter_rows_equals_scatter_add_and_checks_rows():
+    from vtdsl.ops.merge import _scatter_rows
+
+    g = torch.Generator().manual_seed(4)
+    dst = torch.randn(2, 6, 3, generator=g)
+    index = torch.tensor([[0, 0, 5, 2], [1, 3, 3, 3]])
+    src = torch.randn(2, 4, 3, generator=g)
+    want = dst.clone()
+    for b in range(2):
+        for i, row in enumerate(index[b].tolist()):
+            for c in range(3):
+                want[b, row, c] += src[b, i, c]
+    assert torch.allclose(_scatter_rows(dst.clone(), index, src), want, atol=1e-6)
+    with pytest.raises(IndexError):
+        _scatter_rows(torch.zeros(2, 3, 1), torch.tensor([[3], [0]]), torch.ones(2, 1, 1))
+
+
 # ----------------------------------------------------------------- merge_rest
 @pytest.mark.parametrize("mode", ["mean", "visionzip"])
 def test_merge_rest_matches_reference(mode):

@@ -39,22 +39,29 @@ from .runtime import CompileError, ForwardLog, Scored, StageView, Tokens, _align
 from .vit import VitRuntime
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE as Llama applies it: ``x [B, H, n, dh]``, ``cos/sin [B, n, dh]``."""
+    """RoPE as Llama applies it: ``x [B, H, n, dh]``, ``cos/sin [B, n, dh]``.
+
+    Bit for bit ``x * cos + rotate_half(x) * sin`` (rotate_half(x) = ``cat(-x2, x1)``),
+    without materialising ``rotate_half(x)`` by ``cat``: the rotated product is written
+    half by half into one buffer (about half the time on the CPU).
+    """
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    return x * cos + _rotate_half(x) * sin
+    half = x.shape[-1] // 2
+    if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad):
+        # out= does not support autograd: the plain formula
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    out = x * cos
+    rot = torch.empty_like(out)
+    torch.mul(x[..., half:], sin[..., :half], out=rot[..., :half])
+    rot[..., :half].neg_()
+    torch.mul(x[..., :half], sin[..., half:], out=rot[..., half:])
+    return out.add_(rot)
 
 
 def _rows(t: Tensor, rows: Tensor) -> Tensor:
     """Gather dim 1 of ``[B or 1, N, ...]`` with ``rows [B, n]``."""
-    t = t.expand(rows.shape[0], *t.shape[1:])
-    index = rows.view(*rows.shape, *([1] * (t.dim() - 2))).expand(*rows.shape, *t.shape[2:])
-    return t.gather(1, index)
+    return ops.gather_tokens(t.expand(rows.shape[0], *t.shape[1:]), rows)
 
 
 def _gather_mask(mask: Tensor, rows: Tensor | None, cols: Tensor) -> Tensor:
@@ -65,6 +72,12 @@ def _gather_mask(mask: Tensor, rows: Tensor | None, cols: Tensor) -> Tensor:
     if rows is not None:
         mask = mask.gather(2, rows[:, None, :, None].expand(b, h, rows.shape[1], mask.shape[3]))
     return mask.gather(3, cols[:, None, None, :].expand(b, h, mask.shape[2], cols.shape[1]))
+
+
+def _copies_rows(stage: ResolvedStage) -> bool:
+    """Whether the stage's output tokens are input rows unchanged (a plain keep or drop),
+    so the pruned sequence is one gather of the hidden states."""
+    return stage.action in ("keep", "drop") and not stage.merge_rest
 
 
 @dataclass
@@ -121,6 +134,10 @@ class LlmRuntime:
         self.last_stage_layer = max(self.stages_at) if self.stages_at else -1
         self.observations = [o for o in plan.observations if o.tower == "llm"]
         self.observed = {o.layer for o in self.observations}
+        self.attn_obs_at: dict[int, list[Observation]] = {}
+        for o in self.observations:
+            if o.scorer != "norm":
+                self.attn_obs_at.setdefault(o.layer, []).append(o)
         self.by_cache: "weakref.WeakKeyDictionary[Any, LlmState]" = weakref.WeakKeyDictionary()
         self.state: LlmState | None = None
         self.pending: LlmState | None = None  # started by the LLM-input hook, not yet by layer 0
@@ -229,10 +246,25 @@ class LlmRuntime:
     def proj_hook(self, j: int, key: str):
         def hook(module: nn.Module, args: tuple, output: Tensor):
             if self.prefill and self.state is not None:
-                self.state.captured.setdefault(j, {})[key] = output
+                slot = self.state.captured.setdefault(j, {})
+                slot[key] = output
+                if "q" in slot and "k" in slot:
+                    self._score_now(self.state, j)
             return None
 
         return hook
+
+    def _score_now(self, st: LlmState, j: int) -> None:
+        """Score layer j's attention observations as soon as its q and k are captured and
+        let the projections go: holding two ``[B, n, H·dh]`` tensors until the stage
+        layer would raise the prefill's peak memory (benchmarks/README.md)."""
+        if j not in st.ctx:
+            return  # nothing recorded for this layer: leave it to the lazy path
+        for obs in self.attn_obs_at.get(j, ()):
+            self._observe(st, obs)
+        slot = st.captured[j]
+        slot.pop("q", None)
+        slot.pop("k", None)
 
     # ------------------------------------------------------------------ prefill
     def _start(self, hidden: Tensor, cache) -> LlmState:
@@ -357,14 +389,19 @@ class LlmRuntime:
         values, src, new = execute(stage, view)
         order = src.argsort(dim=1)
         src = src.gather(1, order)
-        values = ops.gather_tokens(values, order)
         new = new.take(order)
         k_out = src.shape[1]
         chosen = img_rows.view(b * st.images, k_in).gather(1, src).view(b, st.images * k_out)
-        h = hidden.scatter(1, chosen[..., None].expand(-1, -1, d), values.reshape(b, -1, d).to(hidden.dtype))
         keep = ~st.is_img
         keep = keep.scatter(1, chosen, True)
         rows = keep.nonzero()[:, 1].view(b, -1)
+        out = ops.gather_tokens(hidden, rows)
+        if not _copies_rows(stage):
+            # merged / pooled vectors replace the rows whose identity they take; `rows` and
+            # `chosen` are both ascending, so each chosen row's slot is a sorted search
+            slot = torch.searchsorted(rows, chosen)
+            values = ops.gather_tokens(values, order).reshape(b, -1, d).to(out.dtype)
+            out.scatter_(1, slot[..., None].expand(-1, -1, d), values)
         self.log.llm[f"{stage.site.text()}#{stage.index}"] = (k_in, k_out)
         self.log.kept[f"{stage.site.text()}#{stage.index}"] = st.pos.gather(1, chosen)
         st.pos = st.pos.gather(1, rows)
@@ -374,7 +411,7 @@ class LlmRuntime:
         st.is_img = st.is_img.gather(1, rows)
         st.per_image = k_out
         st.vtok = new
-        return ops.gather_tokens(h, rows)
+        return out
 
     # ------------------------------------------------------------------ scores
     def _observe(self, st: LlmState, obs: Observation) -> Scored:

@@ -126,6 +126,10 @@ class VitRuntime:
         self.drop_cls = spec.has_cls and spec.select_strategy == "default"
         self.ids = spec.patch_tokens + 1
         self.out_stages = [s for s in plan.stages if s.site.tower == "vit" and s.site.layer is None]
+        self.attn_obs_at: dict[int, list[Observation]] = {}
+        for o in plan.observations:
+            if o.tower == "vit" and o.scorer != "norm":
+                self.attn_obs_at.setdefault(o.layer, []).append(o)
         self.reset()
 
     def reset(self) -> None:
@@ -172,6 +176,11 @@ class VitRuntime:
         slot = self.captured.setdefault(layer, {})
         slot[key] = value
         slot["tokens"] = self.tokens
+        if "q" in slot and "k" in slot:
+            # score now and let the projections go instead of holding them to the stage
+            for obs in self.attn_obs_at.get(layer, ()):
+                self.observe(obs)
+            del slot["q"], slot["k"]
 
     def projector_pre_hook(self, module: nn.Module, args: tuple) -> tuple | None:
         (x,) = args[:1]
