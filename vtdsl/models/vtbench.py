@@ -1,0 +1,146 @@
+"""`tiny-llava-vtbench`: a tiny LLaVA trained here on vtbench, shipped as package data.
+
+No real VLM weights can be downloaded in our CI, and random weights make every pruning
+method look alike, so this model gives pruning policies a real accuracy signal: its
+attention is learned. Architecture (a LLaVA-1.5 in miniature):
+
+- CLIP vision tower with CLS: image 96, patch 8 -> 12x12 = 144 patch tokens (+ CLS),
+  hidden 96, MLP 384, 5 layers (the 5th is unused: feature layer -2), 4 heads;
+  vision_feature_layer -2, strategy "default" (144 visual tokens enter the LLM);
+- projector: Linear(96, 128) -> GELU -> Linear(128, 128);
+- Llama decoder: hidden 128, 4 layers, 4 heads, 2 KV heads (GQA), SwiGLU 384;
+- a word-level tokenizer over the vtbench vocabulary (`PreTrainedTokenizerFast`), a
+  `CLIPImageProcessor` for 96-pixel images and a `LlavaProcessor` tying them together.
+
+Training: ``examples/train_tiny_vlm.py`` (logic in `vtdsl.eval.train`); results and the
+exact command are recorded in ``docs/vtbench.md``.
+
+    from vtdsl.models.vtbench import load_tiny_vtbench, vtbench_spec
+    model, processor = load_tiny_vtbench()
+    spec = vtbench_spec()
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vtdsl.models.spec import ModelSpec, TowerDims
+
+NAME = "tiny-llava-vtbench"
+DATA_DIR = Path(__file__).resolve().parent / "data" / NAME
+
+IMAGE_SIZE = 96
+PATCH_SIZE = 8
+# CLIP's normalisation constants (as in openai/clip-vit-*).
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Architecture hyper-parameters (vocab size and special ids are filled from the tokenizer).
+VISION = dict(hidden_size=96, intermediate_size=384, num_hidden_layers=5, num_attention_heads=4)
+TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2)
+MAX_POSITIONS = 256
+
+
+def make_config(vocab_size: int, image_token_id: int, pad_token_id: int = 0,
+                bos_token_id: int = 2, eos_token_id: int = 3, **overrides: Any):
+    """The `LlavaConfig` of tiny-llava-vtbench (`overrides` patch VISION / TEXT keys as
+    ``vision_<key>`` / ``text_<key>``, for experiments)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = dict(VISION)
+    text = dict(TEXT)
+    for key, value in overrides.items():
+        if key.startswith("vision_"):
+            vision[key[len("vision_"):]] = value
+        elif key.startswith("text_"):
+            text[key[len("text_"):]] = value
+        else:
+            raise TypeError(f"unknown override {key!r}")
+    vision_config = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, num_channels=3,
+                                     hidden_act="quick_gelu", **vision)
+    text_config = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=MAX_POSITIONS,
+                              hidden_act="silu", tie_word_embeddings=False,
+                              pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+                              eos_token_id=eos_token_id, **text)
+    config = LlavaConfig(vision_config=vision_config, text_config=text_config,
+                         image_token_id=image_token_id, projector_hidden_act="gelu",
+                         vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+                         tie_word_embeddings=False)
+    config.pad_token_id = pad_token_id
+    return config
+
+
+def spec_from_llava_config(config: Any, name: str = NAME, description: str = "") -> ModelSpec:
+    """A `ModelSpec` read off a LlavaConfig (CLIP + Llama)."""
+    v, t = config.vision_config, config.text_config
+    heads_t = t.num_attention_heads
+    return ModelSpec(
+        name=name,
+        family="llava",
+        description=description,
+        vit=TowerDims(layers=v.num_hidden_layers, hidden=v.hidden_size, ffn=v.intermediate_size,
+                      heads=v.num_attention_heads, kv_heads=v.num_attention_heads,
+                      head_dim=v.hidden_size // v.num_attention_heads, mlp="gelu"),
+        llm=TowerDims(layers=t.num_hidden_layers, hidden=t.hidden_size, ffn=t.intermediate_size,
+                      heads=heads_t, kv_heads=t.num_key_value_heads or heads_t,
+                      head_dim=getattr(t, "head_dim", None) or t.hidden_size // heads_t,
+                      mlp="swiglu"),
+        vocab_size=t.vocab_size,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        channels=v.num_channels,
+        has_cls=True,
+        vision_feature_layer=config.vision_feature_layer,
+        select_strategy=config.vision_feature_select_strategy,
+        projector=(v.hidden_size, t.hidden_size, t.hidden_size),
+        dtype="float32",
+    )
+
+
+def load_config():
+    """The shipped config (offline, from package data)."""
+    from transformers import LlavaConfig
+
+    return LlavaConfig.from_pretrained(DATA_DIR)
+
+
+def vtbench_spec() -> ModelSpec:
+    """`ModelSpec` of tiny-llava-vtbench, read from the shipped config."""
+    description = ("tiny LLaVA (CLIP 96px/8 + Llama) trained on vtbench; "
+                   "144 visual tokens; real accuracy signal on CPU")
+    config = load_config()
+    try:  # prefer the registry's reader when the models package provides one
+        from vtdsl.models import spec_from_config  # type: ignore[attr-defined]
+    except ImportError:
+        spec_from_config = None
+    if spec_from_config is not None:
+        from dataclasses import replace
+
+        spec = spec_from_config(config)
+        return replace(spec, name=NAME, description=description, make_config=load_config)
+    from dataclasses import replace
+
+    return replace(spec_from_llava_config(config, description=description), make_config=load_config)
+
+
+def load_processor():
+    """`LlavaProcessor` (word-level tokenizer + CLIPImageProcessor), offline."""
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor.from_pretrained(DATA_DIR)
+
+
+def load_tiny_vtbench(device: str = "cpu", dtype: Any = None):
+    """Load (model, processor) from package data; no network. `processor.tokenizer` is
+    the word-level tokenizer (left padding). The weights are stored in float16 and loaded
+    as float32 unless `dtype` says otherwise."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(
+        DATA_DIR, dtype=dtype or torch.float32, local_files_only=True)
+    model.to(device).eval()
+    return model, load_processor()
