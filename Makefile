@@ -13,3 +13,8 @@ test: setup
 
 test-fast: setup
 	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -m "not slow"
+
+# Issue 8 performance benchmarks (a few minutes on 2 CPU cores): results in
+# benchmarks/results/*.json and summary.md; see benchmarks/README.md.
+bench: setup
+	HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/run_all.py
