@@ -4,6 +4,7 @@ decode FLOPs, scorer extras, budgets."""
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -11,8 +12,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from vtdsl.cost import estimate, estimate_counts, parse_budget, verdicts
+from vtdsl.ir import check
 from vtdsl.ir.plan import Observation, Plan, ResolvedScore, ResolvedSite, ResolvedStage, ResolvedTerm
 from vtdsl.lang.ast import Budget, Policy
+from vtdsl.lang import parse_file
 from vtdsl.lang.errors import PolicyError
 from vtdsl.models import get_spec, spec_from_config
 
@@ -23,6 +26,9 @@ PART_MODULES = {
     "llm": f"{ROOT}.model.language_model",
     "lm_head": f"{ROOT}.lm_head",
 }
+
+
+ROOT_DIR = Path(__file__).resolve().parent.parent
 
 
 def rel_err(a, b):
@@ -435,3 +441,20 @@ def test_parse_budget_errors(text, message):
         parse_budget(text)
     assert message in str(info.value)
     assert "flops <= 25%" in str(info.value)  # the expected form is shown
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["pdrop", "visionzip-64", "hiprune", "tome-64", "sparsevlm-64"])
+def test_hf_equals_flop_counter_llava7b_zoo_policies(llava7b, name):
+    """Zoo policies through check and estimate: each part of the policy side equals the
+    FlopCounterMode count of a reference prefill run on meta with the plan's token counts
+    (the scorers' own extra matmuls are compared against the counter in
+    test_scorer_extras_equal_the_counted_matmuls)."""
+    spec, model = llava7b
+    plan = check(parse_file(ROOT_DIR / "policies" / f"{name}.vt"), spec)
+    text = 64
+    parts = reference_prefill(spec, model, plan.vit_tokens, plan.projector_tokens, plan.llm_visual, text)
+    report = estimate(plan, text_tokens=text)
+    for part, flops in parts.items():
+        assert rel_err(getattr(report.policy, part), flops) < 1e-6, part
+    assert report.policy.flops - report.policy.scorers < report.baseline.flops
