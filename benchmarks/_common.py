@@ -177,6 +177,22 @@ class Stopwatch:
         return False
 
 
+def interleaved(fns: dict[str, Callable], repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """CPU and wall seconds of `repeats` rounds in which every function runs once, in turn
+    (after one warm-up call each): load from other processes hits every configuration alike."""
+    for fn in fns.values():
+        fn()
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            gc.collect()
+            sw = fn()
+            cpu[k].append(sw.cpu)
+            wall[k].append(sw.wall)
+    return cpu, wall
+
+
 def med(xs: list[float]) -> float:
     return statistics.median(xs)
 

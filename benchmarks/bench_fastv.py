@@ -114,16 +114,7 @@ def main() -> dict:
         fns.update(impls)
 
     # -------------------------------------------------------------- timing
-    for fn in fns.values():
-        fn()
-    cpu = {k: [] for k in fns}
-    wall = {k: [] for k in fns}
-    for _ in range(args.repeats):
-        for k, fn in fns.items():
-            C.gc.collect()
-            sw = fn()
-            cpu[k].append(sw.cpu)
-            wall[k].append(sw.wall)
+    cpu, wall = C.interleaved(fns, args.repeats)
     med = {k: C.med(v) for k, v in cpu.items()}
     medw = {k: C.med(v) for k, v in wall.items()}
     print(f"\n   {'implementation':<20}{'cpu ms':>9}{'IQR':>7}{'wall ms':>9}   vtdsl speedup (cpu, paired, wall)")

@@ -73,16 +73,7 @@ def main() -> dict:
 
     # --------------------------------------------------------------- item 1: latency
     fns = {"unpruned": plain, **{name: under(plan) for name, plan in plans.items()}}
-    for fn in fns.values():  # warm-up
-        fn()
-    cpu: dict[str, list[float]] = {k: [] for k in fns}
-    wall: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(args.repeats):
-        for k, fn in fns.items():
-            C.gc.collect()
-            sw = fn()
-            cpu[k].append(sw.cpu)
-            wall[k].append(sw.wall)
+    cpu, wall = C.interleaved(fns, args.repeats)
     base_cpu, base_wall = C.med(cpu["unpruned"]), C.med(wall["unpruned"])
     rows = []
     print(f"\n   {'config':<15}{'kept':>5}{'cpu ms':>9}{'IQR':>7}{'wall ms':>9}{'IQR':>7}"

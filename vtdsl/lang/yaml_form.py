@@ -286,25 +286,34 @@ _VALUE_HINTS = {
 }
 
 
+def yaml_root(text: str) -> Node | None:
+    """The root node of the one YAML document in `text`, composed by the safe loader (no
+    tag can build a Python object); raises yaml's own errors."""
+    loader = yaml.SafeLoader(text)
+    try:
+        return loader.get_single_node()
+    finally:
+        loader.dispose()
+
+
+def mark_span(exc: yaml.MarkedYAMLError) -> ast.Span | None:
+    """Where a YAML error points (its problem, else its context), as a one-column span."""
+    mark = exc.problem_mark or exc.context_mark
+    if mark is None:
+        return None
+    return ast.Span(line=mark.line + 1, column=mark.column + 1, end_line=mark.line + 1, end_column=mark.column + 1)
+
+
 def from_yaml(text: str, filename: str = "<policy>") -> ast.Policy:
     """Read the YAML form; every problem is a located `PolicyError`."""
     check_size(text, filename)
     if text.startswith("\ufeff"):
         text = text[1:]
     try:
-        loader = yaml.SafeLoader(text)
-        try:
-            root = loader.get_single_node()
-        finally:
-            loader.dispose()
+        root = yaml_root(text)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        span = None
-        if mark is not None:
-            span = ast.Span(line=mark.line + 1, column=mark.column + 1, end_line=mark.line + 1,
-                            end_column=mark.column + 1)
         problem = exc.problem or exc.context or "invalid YAML"
-        raise PolicyError(Diagnostic(f"invalid YAML: {problem}", span, code="yaml"), source=text,
+        raise PolicyError(Diagnostic(f"invalid YAML: {problem}", mark_span(exc), code="yaml"), source=text,
                           filename=filename) from None
     except yaml.reader.ReaderError as exc:
         before = text[: exc.position]

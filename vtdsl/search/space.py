@@ -928,6 +928,8 @@ def _yaml_template(text: str, filename: str) -> Frag:
     import yaml
     from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
+    from ..lang.yaml_form import mark_span, yaml_root
+
     lines = _Lines(text)
 
     def fail(message, node=None, *, expected=None, hint=None, start=None, end=None):
@@ -937,17 +939,10 @@ def _yaml_template(text: str, filename: str) -> Frag:
         return _SpaceError(Diagnostic(message, span, expected=expected, hint=hint, code="yaml"))
 
     try:
-        loader = yaml.SafeLoader(text)
-        try:
-            root = loader.get_single_node()
-        finally:
-            loader.dispose()
+        root = yaml_root(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        span = None
-        if mark is not None:
-            span = ast.Span(line=mark.line + 1, column=mark.column + 1, end_line=mark.line + 1,
-                            end_column=mark.column + 1)
+        span = mark_span(exc)
         problem = exc.problem or exc.context or "invalid YAML"
         hint = None
         line_text = text.split("\n")[mark.line] if mark is not None and mark.line < text.count("\n") + 1 else ""
