@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ir.plan import Observation, Plan, ResolvedStage
-from .runtime import CompileError, ForwardLog, Scored, StageView, Tokens, _align, execute
+from .runtime import CompileError, ForwardLog, Scored, StageView, Tokens, _align
 from .vit import VitRuntime
 
 
@@ -386,7 +386,7 @@ class LlmRuntime:
             return _align(self._observe(st, obs), img_pos).view(b * st.images, k_in)
 
         view = StageView(x_img, st.vtok, score_of)
-        values, src, new = execute(stage, view)
+        values, src, new = self.log.run(f"{stage.site.text()}#{stage.index}", stage, view)
         order = src.argsort(dim=1)
         src = src.gather(1, order)
         new = new.take(order)

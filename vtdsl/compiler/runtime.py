@@ -128,13 +128,15 @@ def _survivors(assign: Tensor) -> Tensor:
     return ~merged
 
 
-def execute(stage: ResolvedStage, view: StageView) -> tuple[Tensor, Tensor, Tokens]:
+def execute(stage: ResolvedStage, view: StageView,
+            on_scores: Callable[[Tensor], None] | None = None) -> tuple[Tensor, Tensor, Tokens]:
     """Run one stage on ``[G, n, d]`` candidates.
 
     Returns ``(values [G, k, d], src [G, k], tokens)``: the output tokens, for each the
     input token whose identity it takes, and the new identities. Output order: kept
     tokens ascending, then contextual tokens (`merge rest`) in target order — the
-    VisionZip layout; the LLM re-sorts by position.
+    VisionZip layout; the LLM re-sorts by position. `on_scores` receives the scores
+    ``[G, n]`` of the stage's first scored term (for pictures; None on the hot path).
     """
     x, tokens = view.x, view.tokens
     g, n, _ = x.shape
@@ -169,6 +171,9 @@ def execute(stage: ResolvedStage, view: StageView) -> tuple[Tensor, Tensor, Toke
     needs_features = False
     for term in stage.terms:
         scores = evaluate_score(term.score, view) if term.score is not None else None
+        if on_scores is not None and scores is not None:
+            on_scores(scores)
+            on_scores = None
         needs_features |= term.kind in ("diverse", "unique")
         terms.append(ops.TermSpec(kind=term.kind, count=term.count, scores=scores, seed=term.seed))
     region_ids, num_regions = None, None
@@ -217,3 +222,18 @@ class ForwardLog:
     vit: dict[str, tuple[int, int]] = field(default_factory=dict)  # (in, out) per image
     llm: dict[str, tuple[int, int]] = field(default_factory=dict)
     kept: dict[str, Tensor] = field(default_factory=dict)
+    # Only when `record` is set (vtdsl show): per stage, the `vid` of every input and output
+    # token ``[images, n]`` / ``[images, k]`` and the first scored term's scores ``[images, n]``.
+    record: bool = False
+    inputs: dict[str, Tensor] = field(default_factory=dict)
+    outputs: dict[str, Tensor] = field(default_factory=dict)
+    scores: dict[str, Tensor] = field(default_factory=dict)
+
+    def run(self, key: str, stage: ResolvedStage, view: StageView) -> tuple[Tensor, Tensor, Tokens]:
+        """`execute`, recording what the stage saw and chose when `record` is set."""
+        if not self.record:
+            return execute(stage, view)
+        self.inputs[key] = view.tokens.vid
+        values, src, new = execute(stage, view, on_scores=lambda s: self.scores.__setitem__(key, s))
+        self.outputs[key] = new.vid
+        return values, src, new

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ir.plan import Observation, Plan, ResolvedStage
-from .runtime import CompileError, ForwardLog, Scored, StageView, Tokens, _align, execute
+from .runtime import CompileError, ForwardLog, Scored, StageView, Tokens, _align
 
 
 def _encoder_output(hidden_states: Tensor):
@@ -153,7 +153,8 @@ class VitRuntime:
         lead = 1 if self.has_cls else 0
         cand_tokens = self.tokens.drop_first() if lead else self.tokens
         view = StageView(x[:, lead:], cand_tokens, lambda obs: self._aligned(obs, view.tokens.vid))
-        values, _src, new = execute(stage, view)
+        key = f"{stage.site.text()}#{stage.index}"
+        values, _src, new = self.log.run(key, stage, view)
         out = torch.cat([x[:, :lead], values], dim=1)
         if lead:
             new = Tokens(
@@ -162,7 +163,6 @@ class VitRuntime:
                 new.grid,
             )
         self.tokens = new
-        key = f"{stage.site.text()}#{stage.index}"
         self.log.vit[key] = (stage.tokens_in, values.shape[1])
         self.log.kept[key] = new.vid[:, lead:]
         if stage.site.layer <= self.feature_entry:
@@ -198,7 +198,7 @@ class VitRuntime:
         for stage in self.out_stages:
             cand = tokens.drop_first() if lead else tokens
             view = StageView(x[:, lead:], cand, lambda obs: self._aligned(obs, view.tokens.vid))
-            values, _src, new = execute(stage, view)
+            values, _src, new = self.log.run(f"vit.out#{stage.index}", stage, view)
             x = torch.cat([x[:, :lead], values], dim=1)
             if lead:
                 new = Tokens(

@@ -1,0 +1,120 @@
+"""`vtdsl eval`: policies side by side on vtbench with the tiny trained LLaVA."""
+
+from __future__ import annotations
+
+import click
+
+from .common import emit_json, guarded
+
+
+@click.command("eval")
+@click.argument("policy_files", metavar="POLICY...", nargs=-1, required=True)
+@click.option("-m", "--model", "model_name", default="tiny-llava-vtbench", show_default=True,
+              help="tiny-llava-vtbench (package data) or a directory written by examples/train_tiny_vlm.py.")
+@click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True,
+              help="vtbench split (never train or search on test).")
+@click.option("-n", "--n", "n", type=click.IntRange(min=1, max=100_000), default=500, show_default=True,
+              help="Examples (the first N of the split; families round-robin).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--baselines", is_flag=True,
+              help="Add a random and a pooling policy (at vit.out) keeping as many visual tokens as each "
+                   "policy keeps to the end of the LLM.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@guarded
+def eval_(policy_files: tuple[str, ...], model_name: str, split: str, n: int, batch_size: int,
+          baselines: bool, as_json: bool) -> None:
+    """Evaluate POLICY... and the unpruned model on the same vtbench examples: accuracy
+    per task family, retention (% of unpruned accuracy), visual tokens into the LLM, FLOPs
+    ratio (cost model) and measured prefill latency ratio.
+
+    \b
+    Example:
+      vtdsl eval policies/fastv.vt policies/visionzip-64.vt --n 500
+      vtdsl eval policies/divprune.vt --baselines --split val --json
+    """
+    import sys
+
+    from ..ir import check
+    from ..lang.source import parse_text
+    from ..eval.bench import generate
+    from ..eval.compare import baseline_sources, compare, load_vtbench_model, render_table
+    from .check_cmd import load_plan
+
+    model, processor, spec = load_vtbench_model(model_name)
+    plans, seen = [], set()
+    for path in policy_files:
+        plan, _, filename = load_plan(path, spec)
+        name = plan.policy.name or filename
+        plans.append((name, plan))
+        # a policy's budget: the visual tokens it keeps to the end of the LLM
+        budget = plan.llm_visual[-1] if plan.llm_visual else plan.visual_tokens_to_llm
+        if baselines and 0 < budget < spec.image_tokens:
+            for base_name, source in baseline_sources(budget, spec.grid):
+                if base_name not in seen:
+                    seen.add(base_name)
+                    plans.append((base_name, check(parse_text(source, filename=base_name), spec)))
+    examples = generate(split, n)
+    result = compare(plans, model, processor, spec, examples, batch_size=batch_size, progress=not as_json)
+    result["split"] = split
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(render_table(result))
+    sys.exit(0)
+
+
+@click.command("show")
+@click.argument("policy_file", metavar="POLICY")
+@click.option("-m", "--model", "model_name", default="tiny-llava-vtbench", show_default=True,
+              help="tiny-llava-vtbench (package data) or a directory written by examples/train_tiny_vlm.py.")
+@click.option("--example", type=click.IntRange(min=0), default=None,
+              help="Index of a vtbench example (with its question).")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", show_default=True)
+@click.option("--image", "image_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="An image file instead of a vtbench example (resized to the model's input).")
+@click.option("--question", default=None, help="The question asked with --image (text scores read it).")
+@click.option("-o", "--out", "out_file", type=click.Path(dir_okay=False), required=True, help="PNG to write.")
+@click.option("--json", "as_json", is_flag=True, help="Print the per-stage counts as JSON.")
+@guarded
+def show_(policy_file: str, model_name: str, example: int | None, split: str, image_file: str | None,
+          question: str | None, out_file: str, as_json: bool) -> None:
+    """Draw what POLICY keeps on one image: the image, then per stage the patch grid
+    coloured kept (green) / merged (orange) / dropped (grey) / removed earlier (black), and
+    the stage's score heat-map where it has one.
+
+    \b
+    Example:
+      vtdsl show policies/visionzip-64.vt --example 3 -o kept.png
+      vtdsl show policies/fastv.vt --image photo.png --question "what color is the circle?" -o kept.png
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    from ..eval.bench import make_example
+    from ..eval.compare import load_vtbench_model
+    from ..eval.show import show
+    from ..lang.errors import Diagnostic, PolicyError
+    from .check_cmd import load_plan
+
+    if (example is None) == (image_file is None):
+        raise click.UsageError("give exactly one of --example N and --image FILE")
+    model, processor, spec = load_vtbench_model(model_name)
+    plan, _, _ = load_plan(policy_file, spec)
+    if image_file is not None:
+        try:
+            image = Image.open(image_file).convert("RGB").resize((spec.image_size, spec.image_size))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise PolicyError(Diagnostic(f"cannot read image {image_file}: {exc}", None, code="image")) from None
+        text = question or "What shape is at the center?"
+    else:
+        ex = make_example(split, example)
+        image, text = ex.image, question or ex.question
+    stages = show(plan, model, processor, spec, image, text, out_file)
+    if as_json:
+        emit_json({"image": out_file, "question": text,
+                   "stages": [{"site": s["text"], "kept": s["kept"], "merged": s["status"].count("merged"),
+                               "dropped": s["status"].count("dropped")} for s in stages]})
+    else:
+        click.echo(f"wrote {out_file}: " + ", ".join(f"{s['text']} keeps {s['kept']}" for s in stages))
+
+
+COMMANDS = [eval_, show_]
