@@ -28,6 +28,8 @@ POLICIES = [
     "at llm.layer1 keep text(all) top 12 + uniform 4 then merge rest into 3\n"
     "at llm.layer3 keep norm top 6 + random 2 seed 3",
     "at vit.layer1 pool 2x2; at llm.layer2 keep attn top 8 per region 2x2",
+    # scores read on a layer's own input (PDrop), one query row and all rows
+    "at llm.layer1 keep text@llm.layer1 top 50%\nat llm.layer3 keep text(all)@llm.layer3 top 25%",
 ]
 
 

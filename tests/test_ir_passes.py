@@ -65,6 +65,7 @@ def render(graph, pass_name: str, source: str, filename: str) -> str:
                 obs = obs_data["observation"]
                 lines.append(
                     f"  {_ref_text(obs_data['score'])} -> {obs.scorer}[{obs.queries}] at {obs.tower}.layer{obs.layer}"
+                    + (" (on its input)" if obs.on_input else "")
                 )
     elif pass_name == "infer_tokens":
         for node in stream(graph):

@@ -119,15 +119,18 @@ def _last_query_attention(model, ids, mask, px, dropped_by_layer: dict[int, list
     return row.tolist()
 
 
-def _text_rule(model, batch, schedule: list[tuple[int, float]]) -> list[list[int]]:
-    """FastV / PDrop: at each (layer K, fraction), keep the top fraction of the remaining
-    image tokens by the last token's layer K-1 attention; returns kept prompt positions."""
+def _text_rule(model, batch, schedule: list[tuple[int, float]], own_layer: bool = False) -> list[list[int]]:
+    """At each (layer K, fraction), keep the top fraction of the remaining image tokens by
+    the last token's attention: layer K-1's (FastV), or with `own_layer` layer K's own
+    attention over the tokens entering it (PDrop: K's norm and q/k on its input; in this
+    full-length reference, K's attention with the earlier-dropped positions masked).
+    Returns the kept prompt positions of each stage."""
     ids, mask, px = batch
     kept = [i for i, t in enumerate(ids[0].tolist()) if t == IMG]
     dropped: dict[int, list[int]] = {}
     history = []
     for layer, fraction in schedule:
-        att = _last_query_attention(model, ids, mask, px, dropped, layer - 1)
+        att = _last_query_attention(model, ids, mask, px, dropped, layer if own_layer else layer - 1)
         k = int(len(kept) * fraction + 0.5)
         chosen = [kept[i] for i in _top([att[p] for p in kept], k)]
         dropped[layer] = sorted(set(kept) - set(chosen))
@@ -144,7 +147,7 @@ def test_fastv_keeps_what_the_paper_rule_keeps(model, batch):
 
 def test_pdrop_keeps_what_the_paper_rule_keeps(model, batch):
     kept = _kept(model, ROOT / "policies" / "pdrop.vt", *batch)
-    expected = _text_rule(model, batch, [(8, 0.5), (16, 0.5), (24, 0.5)])
+    expected = _text_rule(model, batch, [(8, 0.5), (16, 0.5), (24, 0.5)], own_layer=True)
     got = [sorted(kept[f"llm.layer{k}#{i}"][0].tolist()) for i, k in enumerate((8, 16, 24))]
     assert [len(g) for g in got] == [288, 144, 72]
     assert got == expected

@@ -238,10 +238,16 @@ def _install(plan: Plan, model: nn.Module) -> Compiled:
                     what.append("gather cos/sin, position_ids, 4-D mask to kept positions; decode: mask key columns")
                 if j in llm_rt.observed:
                     what.append("record positions/mask for scores")
+                for obs in llm_rt.input_obs_at.get(j, ()):
+                    what.append(f"score {obs.scorer}@llm.layer{j} on the layer's input (its norm, q/k, RoPE)")
                 hook(spec.llm_layer_path.format(i=j), "pre", llm_rt.layer_pre_hook(j),
                      "; ".join(what) or "phase tracking", with_kwargs=True)
+            for j in llm_rt.input_obs_at:
+                llm_rt.input_layers[j] = model.get_submodule(spec.llm_layer_path.format(i=j))
             for obs in llm_obs:
                 label = f"{obs.scorer}@llm.layer{obs.layer}"
+                if obs.on_input:
+                    continue  # computed by the layer's pre-hook from its input
                 if obs.scorer == "norm":
                     if obs.layer >= 0:
                         hook(spec.llm_layer_path.format(i=obs.layer), "post", llm_rt.layer_post_hook(obs.layer),

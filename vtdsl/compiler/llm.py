@@ -132,7 +132,14 @@ class LlmRuntime:
             if s.site.tower == "llm":
                 self.stages_at.setdefault(s.site.layer, []).append(s)
         self.last_stage_layer = max(self.stages_at) if self.stages_at else -1
-        self.observations = [o for o in plan.observations if o.tower == "llm"]
+        llm_obs = [o for o in plan.observations if o.tower == "llm"]
+        # scores read on a layer's input, before its stage: computed by `_observe_input`
+        self.input_obs_at: dict[int, list[Observation]] = {}
+        for o in llm_obs:
+            if o.on_input:
+                self.input_obs_at.setdefault(o.layer, []).append(o)
+        self.input_layers: dict[int, nn.Module] = {}  # filled by the installer
+        self.observations = [o for o in llm_obs if not o.on_input]
         self.observed = {o.layer for o in self.observations}
         self.attn_obs_at: dict[int, list[Observation]] = {}
         for o in self.observations:
@@ -328,6 +335,8 @@ class LlmRuntime:
         if st is None or st.rows is None:
             return None
         changed = False
+        if st.images and j in self.input_obs_at:
+            self._observe_input(st, j, hidden, st.gathered if st.pruned and st.gathered is not None else kwargs)
         if st.images and j > 0:
             for stage in self.stages_at.get(j, ()):
                 hidden = self._run_stage(st, stage, hidden)
@@ -414,12 +423,30 @@ class LlmRuntime:
         return out
 
     # ------------------------------------------------------------------ scores
+    def _observe_input(self, st: LlmState, j: int, hidden: Tensor, current: dict) -> None:
+        """Score layer j on its input (PyramidDrop): its input norm and q/k projections
+        applied to the tokens entering it, before its stage chooses among them. Only the
+        query rows a score needs are projected; `current` holds the position embeddings
+        and mask of the tokens entering j."""
+        layer = self.input_layers[j]
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        last_only = all(o.queries == "last_text" for o in self.input_obs_at[j])
+        key = ("in", j)
+        st.captured[key] = {"q": attn.q_proj(x[:, -1:] if last_only else x), "k": attn.k_proj(x)}
+        st.ctx[key] = {"pe": current.get("position_embeddings"), "mask": current.get("attention_mask"),
+                       "pos": st.pos, "is_img": st.is_img}
+        for obs in self.input_obs_at[j]:
+            self._observe(st, obs)
+        del st.captured[key]
+
     def _observe(self, st: LlmState, obs: Observation) -> Scored:
         done = st.scored.get(obs)
         if done is not None:
             return done
-        cap = st.captured.get(obs.layer, {})
-        ctx = st.ctx.get(obs.layer)
+        slot = ("in", obs.layer) if obs.on_input else obs.layer
+        cap = st.captured.get(slot, {})
+        ctx = st.ctx.get(slot)
         if ctx is None:
             raise CompileError(f"nothing was observed at llm.layer{obs.layer}")
         if obs.scorer == "norm":

@@ -126,12 +126,26 @@ def resolve_sites(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
                 code="scorer-args",
             )
             continue
+        on_input = False
         if ref.at is not None:
             site = _resolve_site(graph, spec, ref.at, "score")
             if site is None:
                 continue
             layer = spec.feature_layer_index if site.layer is None else site.layer
             obs_site = ResolvedSite(site.tower, layer)
+            stage_site = stage_data.get("site")
+            on_input = (stage_site is not None and site.tower == "llm" == stage_site.tower
+                        and layer == stage_site.layer and meaning.canonical != "norm")
+            if on_input and layer == 0:
+                _error(
+                    graph,
+                    f"'{_ref_text(ref)}' would score llm.layer0 on its input, the token embeddings; "
+                    "scores on a layer's own input are read from llm.layer1 on",
+                    ref.span,
+                    expected="a score of an LLM layer >= 1, or a score-free selector such as diverse",
+                    code="observe-order",
+                )
+                continue
         else:
             stage_site = stage_data.get("site")
             if stage_site is None:
@@ -157,8 +171,10 @@ def resolve_sites(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
             tower=obs_site.tower,
             layer=obs_site.layer,
             queries=meaning.queries[args],
+            on_input=on_input,
         )
-        data["order"] = _order_key(obs_site, spec, observed=True)
+        # read on the layer's input: before the stage entering that layer
+        data["order"] = (2, obs_site.layer, -1) if on_input else _order_key(obs_site, spec, observed=True)
     return graph
 
 

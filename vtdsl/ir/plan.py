@@ -44,6 +44,10 @@ class Observation:
     tower: Tower
     layer: int  # the layer whose attention / output is read
     queries: Queries
+    # Read on the layer's input, before a stage entering that layer chooses its tokens:
+    # the layer's own input norm and q/k projections (+ RoPE) applied to the tokens
+    # entering it (PyramidDrop's rule). Written as a score @ the stage's own LLM layer.
+    on_input: bool = False
 
 
 @dataclass(frozen=True)
