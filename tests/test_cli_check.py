@@ -103,3 +103,16 @@ def test_an_error_about_an_option_has_no_made_up_location(tmp_path):
     result = run(["check", str(path), "--model", "llava-1.5-7bb"])
     assert result.exit_code == 2
     assert result.stderr.startswith("error: unknown model 'llava-1.5-7bb'")
+
+
+def test_decode_context_moves_the_decode_flops(tmp_path):
+    """llava-1.5-7b: 32 layers, q width 4096. One decoded token's QKᵀ and AV cost
+    4·keys·4096 per layer, so 100 more context tokens add 32·4·100·4096 FLOPs, and FastV's
+    cut (288 fewer keys in layers 2..31) saves 30·4·288·4096."""
+    path = tmp_path / "fastv.vt"
+    path.write_text(FASTV)
+    at = {c: json.loads(run(["check", str(path), "--decode-context", str(c), "--json"]).output)["decode_flops_per_token"]
+          for c in (0, 100)}
+    assert at[100]["context"] == 100
+    assert at[100]["baseline"] - at[0]["baseline"] == 32 * 4 * 100 * 4096
+    assert at[0]["baseline"] - at[0]["policy"] == 30 * 4 * 288 * 4096

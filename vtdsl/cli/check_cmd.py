@@ -107,9 +107,12 @@ def _budget_value(verdict: dict) -> str:
               help="Text tokens in the prompt, for FLOPs and KV bytes.")
 @click.option("--budget", "budgets", multiple=True, metavar="EXPR",
               help='Extra budget constraint, e.g. "flops <= 25%". Repeatable.')
+@click.option("--decode-context", default=0, show_default=True, type=click.IntRange(0, 1_000_000),
+              help="Tokens generated before the decode step whose FLOPs are reported.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @guarded
-def check_(policy_file: str, model: str | None, text_tokens: int, budgets: tuple[str, ...], as_json: bool) -> None:
+def check_(policy_file: str, model: str | None, text_tokens: int, budgets: tuple[str, ...], decode_context: int,
+           as_json: bool) -> None:
     """Check POLICY against a model: stages, token counts, cost and budget verdicts.
 
     Exit 0 when the policy is valid and within every budget, 1 when over budget,
@@ -124,7 +127,7 @@ def check_(policy_file: str, model: str | None, text_tokens: int, budgets: tuple
 
     plan, source, filename = load_plan(policy_file, model)
     extra = [parse_budget(text) for text in budgets]
-    report = estimate(plan, text_tokens=text_tokens)
+    report = estimate(plan, text_tokens=text_tokens, decode_context=decode_context)
     judged = verdicts(report, list(plan.policy.budgets) + extra)
     payload = check_payload(plan, report, judged, plan.diagnostics)
     if as_json:
