@@ -32,8 +32,6 @@ def eval_(policy_files: tuple[str, ...], model_name: str, split: str, n: int, ba
       vtdsl eval policies/fastv.vt policies/visionzip-64.vt --n 500
       vtdsl eval policies/divprune.vt --baselines --split val --json
     """
-    import sys
-
     from ..ir import check
     from ..lang.source import parse_text
     from ..eval.bench import generate
@@ -60,7 +58,6 @@ def eval_(policy_files: tuple[str, ...], model_name: str, split: str, n: int, ba
         emit_json(result)
     else:
         click.echo(render_table(result))
-    sys.exit(0)
 
 
 @click.command("show")

@@ -138,6 +138,8 @@ class LlmRuntime:
         for o in llm_obs:
             if o.on_input:
                 self.input_obs_at.setdefault(o.layer, []).append(o)
+        # one query row suffices when every score at that layer reads the last text token
+        self.input_last_only = {j: all(o.queries == "last_text" for o in obs) for j, obs in self.input_obs_at.items()}
         self.input_layers: dict[int, nn.Module] = {}  # filled by the installer
         self.observations = [o for o in llm_obs if not o.on_input]
         self.observed = {o.layer for o in self.observations}
@@ -431,9 +433,8 @@ class LlmRuntime:
         layer = self.input_layers[j]
         attn = layer.self_attn
         x = layer.input_layernorm(hidden)
-        last_only = all(o.queries == "last_text" for o in self.input_obs_at[j])
         key = ("in", j)
-        st.captured[key] = {"q": attn.q_proj(x[:, -1:] if last_only else x), "k": attn.k_proj(x)}
+        st.captured[key] = {"q": attn.q_proj(x[:, -1:] if self.input_last_only[j] else x), "k": attn.k_proj(x)}
         st.ctx[key] = {"pe": current.get("position_embeddings"), "mask": current.get("attention_mask"),
                        "pos": st.pos, "is_img": st.is_img}
         for obs in self.input_obs_at[j]:
