@@ -23,6 +23,7 @@ process is gone), so a study only ever holds finished trials and failed ones.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -310,6 +311,60 @@ def _over_text(v: dict) -> str:
     return f"{v['metric']} {shown} (limit {v['constraint']})"
 
 
+class _Interrupts:
+    """SIGINT / SIGTERM as KeyboardInterrupt, but only at safe points.
+
+    Raised anywhere, the interrupt can land inside one of optuna's storage writes and leave
+    this process's SQLite transaction open; the cleanup that follows (failing the running
+    trial, writing the outputs) then waits on that lock. So a signal raises at once only
+    while a candidate is being scored (`scoring()`, our own code, where waiting would make
+    Ctrl-C unresponsive); elsewhere it is held until the next `check()`: the start of a
+    trial, the end of scoring, the end of a trial.
+    """
+
+    def __init__(self) -> None:
+        self.pending = False
+        self.safe = False
+
+    def _handler(self, signum, frame) -> None:
+        if self.safe:
+            self.safe = False
+            raise KeyboardInterrupt
+        self.pending = True
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def check(self) -> None:
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def scoring(self):
+        self.check()
+        self.safe = True
+        try:
+            yield
+        finally:
+            self.safe = False
+        self.check()
+
+
+_INTERRUPTS = _Interrupts()
+
+
 class _Objective:
     """The optuna objective of one process."""
 
@@ -335,6 +390,7 @@ class _Objective:
     def __call__(self, trial):
         import optuna
 
+        _INTERRUPTS.check()
         trial.set_user_attr("worker", self.worker)
         started = time.perf_counter()
         point = self.ctx.space.suggest(trial)
@@ -353,7 +409,8 @@ class _Objective:
             from .objectives import SearchError
 
             try:
-                metrics = self.ctx.score(info["plan"])
+                with _INTERRUPTS.scoring():
+                    metrics = self.ctx.score(info["plan"])
             except SearchError:
                 raise
             except Exception as exc:  # noqa: BLE001 - one candidate the model cannot run is recorded, not fatal
@@ -495,7 +552,10 @@ def _worker_main(cfg: SearchConfig, storage_url: str, study_name: str, n_trials:
         _quiet_optuna()
         ctx = _Context(cfg)
         study = _open_study(ctx, storage_url, study_name, seed, create=False)
-        study.optimize(_Objective(ctx, study), n_trials=n_trials, catch=())
+        with _INTERRUPTS.installed():
+            study.optimize(_Objective(ctx, study), n_trials=n_trials, catch=(),
+                           callbacks=[lambda s, t: _INTERRUPTS.check()])
+            _INTERRUPTS.check()
     except KeyboardInterrupt:
         sys.exit(130)
     except PolicyError as err:
@@ -597,8 +657,10 @@ def search(cfg: SearchConfig, *, progress: bool | None = None, objective=None) -
         if workers == 1:
             bar.start()
             study = _open_study(ctx, storage_url, study_name, seed_base, create=False)
-            study.optimize(_Objective(ctx, study), n_trials=remaining, catch=(),
-                           callbacks=[lambda s, t: bar.update(s)])
+            with _INTERRUPTS.installed():
+                study.optimize(_Objective(ctx, study), n_trials=remaining, catch=(),
+                               callbacks=[lambda s, t: (bar.update(s), _INTERRUPTS.check())])
+                _INTERRUPTS.check()
         elif workers > 1:
             _run_workers(cfg, ctx, storage_url, study_name, remaining, workers, seed_base, bar, study)
     except KeyboardInterrupt:
