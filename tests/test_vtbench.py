@@ -112,6 +112,21 @@ def test_rendering_matches_metadata(sample):
                         assert p == want
 
 
+def test_every_character_lies_on_exactly_four_8_pixel_patches(sample):
+    """A glyph is read from a 2x2 block of the model's patches: its ink never spills
+    into a fifth patch, whatever its offset in the cell."""
+    offsets = set()
+    for ex in sample[:300]:
+        for o in ex.meta["objects"]:
+            if o["type"] != "char":
+                continue
+            x0, y0, x1, y1 = o["box"]
+            patches = {(y // 8, x // 8) for y in range(y0, y1) for x in range(x0, x1)}
+            assert len(patches) == 4, (ex.meta["index"], o)
+            offsets.add((x0 % 32, y0 % 32))
+    assert len(offsets) == 9  # three offsets per axis in a cell
+
+
 def test_locations_cover_the_whole_grid_top_rows_included(sample):
     asked = collections.Counter(ex.meta["location"] for ex in sample if ex.family in ("locate", "read"))
     assert set(asked) == set(LOCATIONS)
@@ -252,10 +267,11 @@ def test_training_script_trains_exports_and_resumes(tmp_path):
     export, out = tmp_path / "export", tmp_path / "run"
     args = [sys.executable, str(root / "examples" / "train_tiny_vlm.py"), "--steps", "3", "--batch-size", "4",
             "--train-pool", "8", "--questions", "2", "--warmup", "1", "--val-n", "8", "--final-n", "8",
-            "--eval-every", "3", "--ckpt-every", "3", "--out", str(out), "--export", str(export)]
+            "--eval-every", "3", "--ckpt-every", "3", "--vit-steps", "2", "--vit-batch-size", "4",
+            "--out", str(out), "--export", str(export)]
     subprocess.run(args, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     record = json.loads((export / "training.json").read_text())
-    assert record["steps"] == 3 and record["examples_seen"] == 12
+    assert record["steps"] == 3 and record["examples_seen"] == 12 and record["config"]["vit_steps"] == 2
     assert record["history"][-1]["step"] == 3 and record["history"][-1]["loss"] > 0
     ref = json.loads((export / "reference.json").read_text())
     assert ref["n"] == 200 and len(ref["predictions"]) == 200
