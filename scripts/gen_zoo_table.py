@@ -40,7 +40,7 @@ reproduces exactly and what it approximates; `docs/zoo-notes.md` has the details
 
 def stage_text(path: Path) -> str:
     lines = [ln.strip() for ln in path.read_text().splitlines()]
-    return "; ".join(ln for ln in lines if ln.startswith("at "))
+    return "; ".join(ln for ln in lines if ln.startswith(("at ", "every ")))
 
 
 def check_json(path: Path, model: str, text_tokens: int) -> dict:

@@ -236,7 +236,8 @@ def test_docs_examples_parse():
     assert len(vt_blocks) >= 2 and yaml_blocks
     policies = [parse(b) for b in vt_blocks]
     assert policies[1].stages == policies[0].stages
-    assert len(from_yaml(yaml_blocks[0]).stages) == 5
+    yaml_stages = from_yaml(yaml_blocks[0]).stages
+    assert len(yaml_stages) == 6 and yaml_stages[-1].repeat.step == 2
 
 
 @pytest.mark.parametrize("path", VALID, ids=lambda p: p.stem)

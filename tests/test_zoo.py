@@ -162,17 +162,29 @@ def _features(model, px) -> tuple[torch.Tensor, torch.Tensor]:
     return cls, feats[0]
 
 
-def test_visionzip_keeps_dominant_and_strided_contextual_targets(model, batch):
+def test_visionzip_keeps_cls_dominant_and_strided_contextual_targets(model, batch):
     ids, mask, px = batch
-    kept = _kept(model, ROOT / "policies" / "visionzip.vt", *batch)["vit.out#0"][0].tolist()
+    projected = []
+    handle = model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: projected.append(out))
+    try:
+        kept = _kept(model, ROOT / "policies" / "visionzip.vt", *batch)["vit.out#0"][0].tolist()
+    finally:
+        handle.remove()
     cls, _ = _features(model, px)
-    dominant = _top(cls.tolist(), 162)
+    dominant = _top(cls.tolist(), 161)  # VisionZip's "dominant 162" is CLS + 161 patches
     rest = [i for i in range(576) if i not in set(dominant)]
     step = max(1, len(rest) // 30)
     targets = [rest[i * step] for i in range(30)]
-    # the log names tokens by 1 + raster patch index; contextual tokens by their target
-    assert sorted(v - 1 for v in kept[:162]) == dominant
+    # the log names tokens by vid: 0 = CLS, 1 + raster patch index; contextual tokens by their target
+    assert len(kept) == 192 and kept[0] == 0
+    assert sorted(v - 1 for v in kept[1:162]) == dominant
     assert [v - 1 for v in kept[162:]] == targets
+    # the first visual token the LLM gets is the projected CLS row of the feature layer
+    with torch.no_grad():
+        hidden = model.model.vision_tower(px, output_hidden_states=True).hidden_states[SPEC.vision_feature_layer]
+        cls_row = model.model.multi_modal_projector(hidden[:, :1])
+    assert projected[0].shape[1] == 192
+    torch.testing.assert_close(projected[0][:, :1], cls_row)
 
 
 def test_divprune_keeps_the_greedy_max_min_diverse_set(model, batch):

@@ -195,6 +195,10 @@ def _install(plan: Plan, model: nn.Module) -> Compiled:
                 for key in ("q", "k"):
                     hook(f"{layer_path}.self_attn.{key}_proj", "post", _vit_capture(vit_rt, obs.layer, key),
                          f"capture {key}_proj output for {label}")
+            if vit_rt.needs_cls_feature:
+                feature_layer = spec.feature_layer_index
+                hook(spec.vit_layer_path.format(i=feature_layer), "post", _vit_cls_capture(vit_rt),
+                     f"capture the CLS row of the features (vit.layer{feature_layer} output) for 'cls_token'")
             out_what = "; ".join(f"stage {s.index} vit.out: {stage_text(s)} ({s.tokens_in} -> {s.tokens_out})"
                                  for s in vit_stages if s.site.layer is None)
             hook(spec.projector_path, "pre", vit_rt.projector_pre_hook,
@@ -305,6 +309,14 @@ def _install(plan: Plan, model: nn.Module) -> Compiled:
 def _vit_capture(rt, layer: int, key: str):
     def capture(module, args, output):
         rt.capture(layer, key, output[0] if isinstance(output, tuple) else output)
+
+    return capture
+
+
+def _vit_cls_capture(rt):
+    def capture(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        rt.cls_feature = h[:, :1]
 
     return capture
 

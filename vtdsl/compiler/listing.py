@@ -67,7 +67,7 @@ def stage_text(stage: ResolvedStage) -> str:
         return f"pool {stage.pool[0]}x{stage.pool[1]}"
     if stage.action == "merge":
         return f"merge {stage.merge_rest}"
-    parts = []
+    parts = ["cls_token"] if stage.keep_cls else []
     for term in stage.terms:
         if term.kind == "top":
             parts.append(f"{score_text(term.score)} top {term.count}")

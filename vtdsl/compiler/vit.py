@@ -126,6 +126,7 @@ class VitRuntime:
         self.drop_cls = spec.has_cls and spec.select_strategy == "default"
         self.ids = spec.patch_tokens + 1
         self.out_stages = [s for s in plan.stages if s.site.tower == "vit" and s.site.layer is None]
+        self.needs_cls_feature = any(s.keep_cls for s in self.out_stages)
         self.attn_obs_at: dict[int, list[Observation]] = {}
         for o in plan.observations:
             if o.tower == "vit" and o.scorer != "norm":
@@ -137,6 +138,7 @@ class VitRuntime:
         self.feature_tokens: Tokens | None = None
         self.feature_override: Tensor | None = None
         self.projector_tokens: Tokens | None = None  # per image, what the LLM receives
+        self.cls_feature: Tensor | None = None  # [G, 1, d]: CLS at the feature layer (`cls_token`)
         self.captured: dict[int, dict[str, Any]] = {}
         self.scored: dict[Observation, Scored] = {}
 
@@ -196,6 +198,18 @@ class VitRuntime:
             )
         lead = 1 if (self.has_cls and not self.drop_cls) else 0
         for stage in self.out_stages:
+            if stage.keep_cls:  # the IR allows it only in the last vit.out stage, lead 0
+                values, _src, new = self.log.run(f"vit.out#{stage.index}", stage,
+                                                 StageView(x, tokens, lambda obs: self._aligned(obs, tokens.vid)))
+                if self.cls_feature is None or self.cls_feature.shape[0] != x.shape[0]:
+                    raise CompileError("'cls_token' found no CLS feature from the vision tower")
+                x = torch.cat([self.cls_feature.to(values.dtype), values], dim=1)
+                new = Tokens(torch.cat([torch.zeros_like(new.vid[:, :1]), new.vid], 1),
+                             torch.cat([torch.full_like(new.gpos[:, :1], -1), new.gpos], 1), new.grid)
+                tokens = new
+                self.log.vit[f"vit.out#{stage.index}"] = (stage.tokens_in, x.shape[1])
+                self.log.kept[f"vit.out#{stage.index}"] = new.vid
+                continue
             cand = tokens.drop_first() if lead else tokens
             view = StageView(x[:, lead:], cand, lambda obs: self._aligned(obs, view.tokens.vid))
             values, _src, new = self.log.run(f"vit.out#{stage.index}", stage, view)

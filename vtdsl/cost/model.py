@@ -161,7 +161,7 @@ def stage_flops(k: _Constants, stage) -> int:
                 break
         t = stage.merge_rest
         if t:
-            rest = n - (stage.tokens_out - t)  # R: the tokens the kept terms did not take
+            rest = n - (stage.tokens_out - stage.keep_cls - t)  # R: the tokens the kept terms did not take
             if rest > t:
                 total += 2 * (rest - t) * t * d
         return total

@@ -16,7 +16,8 @@ from ..lang import ast
 from ..lang.errors import PolicyError
 from ..models.spec import ModelSpec
 from .graph import lower, stream
-from .passes import RULES, has_errors, infer_tokens, resolve_quantity, resolve_sites, run_passes, validate
+from .passes import (RULES, expand_repeats, has_errors, infer_tokens, resolve_quantity, resolve_sites, run_passes,
+                     validate)
 from .plan import Observation, Plan, ResolvedScore, ResolvedSite, ResolvedStage, ResolvedTerm
 
 __all__ = [
@@ -47,8 +48,15 @@ def _load_spec(model: ModelSpec | str) -> ModelSpec:
 
 
 def build_graph(policy: ast.Policy, spec: ModelSpec) -> nx.DiGraph:
-    """Lower and run every pass; the returned graph carries all diagnostics."""
-    return run_passes(lower(policy), spec=spec)
+    """Unroll schedules, lower and run every pass; the returned graph carries all
+    diagnostics (`policy` on the graph is the unrolled one)."""
+    expanded, diagnostics = expand_repeats(policy, spec)
+    graph = lower(expanded)
+    graph.graph["diagnostics"].extend(diagnostics)
+    if has_errors(graph):
+        graph.graph["spec"] = spec
+        return graph
+    return run_passes(graph, spec=spec)
 
 
 def to_plan(graph: nx.DiGraph) -> Plan:

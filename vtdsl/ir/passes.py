@@ -76,6 +76,45 @@ def _resolve_site(graph, spec: ModelSpec, site: ast.Site, what: str) -> Resolved
     return ResolvedSite(site.tower, index)
 
 
+def expand_repeats(policy: ast.Policy, spec: ModelSpec) -> tuple[ast.Policy, list[Diagnostic]]:
+    """Unroll every schedule (`every N layers from A to B <action>`) into one stage per
+    layer A, A+N, ... <= B, against the model's layer counts (negative sites count from
+    the end). Runs before lowering: every later pass sees plain stages, each carrying the
+    schedule's span. Percentages apply at each layer to the tokens entering it."""
+    if not any(s.repeat is not None for s in policy.stages):
+        return policy, []
+    probe = nx.DiGraph(diagnostics=[])
+    stages: list[ast.Stage] = []
+    for stage in policy.stages:
+        if stage.repeat is None:
+            stages.append(stage)
+            continue
+        start, end = stage.site, stage.repeat.end
+        if start.index is None or end.index is None:
+            bad = start if start.index is None else end
+            _error(probe, "vit.out is one site, not a layer a schedule can step through", bad.span,
+                   expected="a schedule over vit.layerN or llm.layerN sites", code="repeat")
+            continue
+        if start.tower != end.tower:
+            _error(probe, f"a schedule stays in one tower: {start.text()} is in the {TOWER_NAMES[start.tower]}, "
+                   f"{end.text()} in the {TOWER_NAMES[end.tower]}", end.span,
+                   expected=f"a {start.tower}.layerN site", code="repeat")
+            continue
+        first = _resolve_site(probe, spec, start, "stage")
+        last = _resolve_site(probe, spec, end, "stage")
+        if first is None or last is None:
+            continue
+        if last.layer < first.layer:
+            _error(probe, f"the schedule runs backwards: {end.text()} (layer {last.layer}) comes before "
+                   f"{start.text()} (layer {first.layer})", end.span,
+                   expected=f"a site at or after {start.text()}", code="repeat")
+            continue
+        for layer in range(first.layer, last.layer + 1, stage.repeat.step):
+            site = ast.Site(tower=start.tower, index=layer, span=start.span)
+            stages.append(ast.Stage(site=site, action=stage.action, span=stage.span))
+    return policy.model_copy(update={"stages": stages}), probe.graph["diagnostics"]
+
+
 def resolve_sites(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
     """Give every stage and observation a concrete, non-negative site.
 
@@ -181,7 +220,7 @@ def resolve_sites(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
 def validate(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
     """Static checks that need resolved sites but no token counts."""
     graph = _copy(graph)
-    previous_key, previous_site, dropped_at = None, None, None
+    previous_key, previous_site, dropped_at, cls_kept_at = None, None, None, None
     feature_entry = spec.feature_layer_index + 1  # the token set that becomes the features
     for node in stream(graph):
         data = graph.nodes[node]
@@ -214,6 +253,14 @@ def validate(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
                 stage.site.span,
                 code="after-features",
             )
+        if isinstance(stage.action, ast.Keep):
+            _validate_cls_token(graph, spec, stage, site, cls_kept_at)
+            if any(isinstance(t, ast.ClsTokenTerm) for t in stage.action.terms):
+                cls_kept_at = cls_kept_at or stage.site.text()
+        elif cls_kept_at is not None and site.tower == "vit":
+            _error(graph, f"'{stage.action.kind}' at vit.out after 'cls_token' was kept at {cls_kept_at} would treat "
+                   "the CLS token as a patch", stage.span, expected="'cls_token' in the last vit.out stage",
+                   code="cls-token")
         if isinstance(stage.action, ast.DropAll):
             dropped_at = stage.site.text()
         previous_key, previous_site = data["order"], stage.site.text()
@@ -223,6 +270,34 @@ def validate(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
                 continue
             _validate_observation(graph, spec, obs_data, data)
     return graph
+
+
+def _validate_cls_token(graph, spec: ModelSpec, stage: ast.Stage, site: ResolvedSite, kept_at: str | None) -> None:
+    """`cls_token` exists for one case: a vit.out where the select strategy dropped CLS."""
+    terms = [t for t in stage.action.terms if isinstance(t, ast.ClsTokenTerm)]
+    if not terms:
+        if kept_at is not None and site.tower == "vit":
+            _error(graph, f"a vit.out stage after 'cls_token' was kept at {kept_at} would treat the CLS token "
+                   "as a patch", stage.span, expected="'cls_token' in the last vit.out stage", code="cls-token")
+        return
+    expected = "'cls_token' only at vit.out, once"
+    if len(terms) > 1:
+        _error(graph, "'cls_token' appears twice in one stage", terms[1].span, expected=expected, code="cls-token")
+    term = terms[0]
+    if not spec.has_cls:
+        message = f"model '{spec.name}' has no CLS token, so 'cls_token' cannot keep one"
+    elif site.tower == "llm":
+        message = f"'cls_token' keeps the CLS token at vit.out; at {site.text()} the LLM only sees what the projector received"
+    elif site.layer is not None:
+        message = f"inside the ViT the CLS token is always kept; 'cls_token' belongs to vit.out, not {site.text()}"
+    elif spec.select_strategy != "default":
+        message = (f"the CLS token already reaches the projector on '{spec.name}' (select strategy "
+                   f"'{spec.select_strategy}'); 'cls_token' is only for the 'default' strategy, which drops it")
+    elif kept_at is not None:
+        message = f"the CLS token was already kept at {kept_at}"
+    else:
+        return
+    _error(graph, message, term.span, expected=expected, code="cls-token")
 
 
 def _validate_observation(graph, spec: ModelSpec, obs_data: dict, stage_data: dict) -> None:
@@ -400,7 +475,10 @@ def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref):
         return stage_out, (grid if pairs == 0 else None)
     # keep
     kept, terms, ok = 0, [], True
+    keep_cls = any(isinstance(t, ast.ClsTokenTerm) for t in action.terms)
     for term in action.terms:
+        if isinstance(term, ast.ClsTokenTerm):
+            continue  # one token ahead of the kept patches, outside the selection
         available = tokens_in - kept
         if isinstance(term, ast.BuffersTerm):
             if term.qty is None:
@@ -457,9 +535,10 @@ def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref):
                 return None
     out = kept + rest
     stage_out = ResolvedStage(
-        action="keep", tokens_out=out, terms=tuple(terms), region=region, merge_rest=rest, **common
+        action="keep", tokens_out=out + keep_cls, terms=tuple(terms), region=region, merge_rest=rest,
+        keep_cls=keep_cls, **common
     )
-    return stage_out, (grid if out == tokens_in and rest == 0 else None)
+    return stage_out, (grid if out == tokens_in and rest == 0 and not keep_cls else None)
 
 
 def _qty_text(qty: ast.Quantity | None) -> str:

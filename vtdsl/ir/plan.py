@@ -84,6 +84,9 @@ class ResolvedStage:
     region: tuple[str, int, int] | None = None  # ("region", rows, cols) or ("crop", 0, 0)
     merge_rest: int = 0  # keep: contextual tokens appended; merge: pairs merged
     pool: tuple[int, int] | None = None
+    # keep: the CLS token goes ahead of the kept patches (`cls_token`, vit.out only);
+    # counted in tokens_out, not in the terms.
+    keep_cls: bool = False
     span: Span | None = None
 
 

@@ -161,7 +161,15 @@ class BuffersTerm(Node):
     qty: Quantity | None = None
 
 
-Term = Annotated[Union[TopTerm, SelectTerm, BuffersTerm], Field(discriminator="kind")]
+class ClsTokenTerm(Node):
+    """`cls_token`: the CLS token itself, handed to the projector ahead of the kept patches
+    at a `vit.out` where the select strategy drops it (VisionZip feeds CLS + dominant
+    patches). One token, not counted in the stage's percentages."""
+
+    kind: Literal["cls_token"] = "cls_token"
+
+
+Term = Annotated[Union[TopTerm, SelectTerm, BuffersTerm, ClsTokenTerm], Field(discriminator="kind")]
 
 
 class Region(Node):
@@ -213,9 +221,18 @@ class DropAll(Node):
 Action = Annotated[Union[Keep, Merge, Pool, DropAll], Field(discriminator="kind")]
 
 
+class Repeat(Node):
+    """`every [N layers | layer] from <site> to <site>`: the stage's action at layers
+    start, start+N, ... up to end (inclusive), each a stage of its own."""
+
+    step: int = Field(ge=1, le=MAX_LAYER)
+    end: Site
+
+
 class Stage(Node):
-    site: Site
+    site: Site  # a repeated stage's first site (`from`)
     action: Action
+    repeat: Repeat | None = None
 
 
 class Budget(Node):

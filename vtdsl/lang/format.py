@@ -74,6 +74,8 @@ def format_score(score) -> str:
 def format_term(term) -> str:
     if isinstance(term, ast.TopTerm):
         return f"{format_score(term.score)} top {format_quantity(term.qty)}"
+    if isinstance(term, ast.ClsTokenTerm):
+        return "cls_token"
     if isinstance(term, ast.BuffersTerm):
         return "buffers" if term.qty is None else f"buffers {format_quantity(term.qty)}"
     text = f"{term.kind} {format_quantity(term.qty)}"
@@ -101,7 +103,14 @@ def format_action(action) -> str:
     return "drop all"
 
 
+def format_repeat(stage: ast.Stage) -> str:
+    step = "layer" if stage.repeat.step == 1 else f"{stage.repeat.step} layers"
+    return f"every {step} from {stage.site.text()} to {stage.repeat.end.text()}"
+
+
 def format_stage(stage: ast.Stage) -> str:
+    if stage.repeat is not None:
+        return f"{format_repeat(stage)} {format_action(stage.action)}"
     return f"at {stage.site.text()} {format_action(stage.action)}"
 
 

@@ -343,7 +343,7 @@ def _check_scorer_word(tok: Token, accepts: set[str], where: _Where) -> None:
         return
     candidates = list(SCORERS) + list(COMBINERS)
     if "DIVERSE" in accepts:
-        candidates += list(SELECTORS) + ["buffers"]
+        candidates += list(SELECTORS) + ["buffers", "cls_token"]
     raise _fail(
         f"unknown scorer '{show(word)}'",
         where.of_token(tok),
@@ -487,8 +487,21 @@ class _Builder:
                          op=str(comparison.children[0]), value=value, percent=percent)
 
     def stage(self, tree: Tree) -> ast.Stage:
-        site, action = tree.children
-        return self.node(ast.Stage, self.span(tree), site=self.site(site), action=self.action(action))
+        head, action = tree.children
+        if isinstance(head, Tree) and head.data == "repeat":
+            step_tree, start, end = head.children
+            step = 1
+            if step_tree.children:
+                tok = step_tree.children[0]
+                value = float(str(tok))
+                if not value.is_integer() or not 1 <= value <= ast.MAX_LAYER:
+                    raise _fail(f"'every {show(str(tok))} layers' needs a whole number of layers, 1 or more",
+                                self.span(tok), expected="a step such as 'every 2 layers'", code="semantic")
+                step = int(value)
+            repeat = self.node(ast.Repeat, self.span(head), step=step, end=self.site(end))
+            return self.node(ast.Stage, self.span(tree), site=self.site(start), action=self.action(action),
+                             repeat=repeat)
+        return self.node(ast.Stage, self.span(tree), site=self.site(head), action=self.action(action))
 
     def site(self, tree: Tree | Token) -> ast.Site:
         tok = tree.children[0] if isinstance(tree, Tree) else tree
@@ -533,6 +546,8 @@ class _Builder:
         if tree.data == "top_term":
             score, qty = tree.children
             return self.node(ast.TopTerm, span, score=self.score(score), qty=self.quantity(qty))
+        if tree.data == "cls_token_term":
+            return self.node(ast.ClsTokenTerm, span)
         if tree.data == "buffers_term":
             qty = self.quantity(tree.children[0]) if tree.children else None
             return self.node(ast.BuffersTerm, span, qty=qty)

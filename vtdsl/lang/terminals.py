@@ -24,6 +24,11 @@ TERMINAL_WORDS: dict[str, str] = {
     "LE": "'<='",
     "LT": "'<'",
     "_AT": "'at'",
+    "_EVERY": "'every'",
+    "_LAYER": "'layer'",
+    "_LAYERS": "'layers'",
+    "_FROM": "'from' and a site",
+    "_TO": "'to' and a site",
     "_KEEP": "'keep'",
     "_MERGE": "'merge'",
     "_POOL": "'pool'",
@@ -36,6 +41,7 @@ TERMINAL_WORDS: dict[str, str] = {
     "_PLUS": "'+' and another term",
     "_SEED": "'seed'",
     "_BUFFERS": "'buffers'",
+    "CLS_TOKEN": "'cls_token'",
     "_PER": "'per' (crop or region RxC)",
     "CROP": "'crop'",
     "REGION": "'region'",
@@ -67,16 +73,17 @@ TERMINAL_WORDS: dict[str, str] = {
 # used when all of its members are expected, and then replaces them.
 _FAMILIES: list[tuple[frozenset[str], str]] = [
     (
-        frozenset({"NAME", "MEAN", "SUM", "MAX", "DIVERSE", "UNIFORM", "UNIQUE", "RANDOM", "_BUFFERS"}),
+        frozenset({"NAME", "MEAN", "SUM", "MAX", "DIVERSE", "UNIFORM", "UNIQUE", "RANDOM", "_BUFFERS", "CLS_TOKEN"}),
         "a term: a score with 'top' (cls top 10%), a selector (diverse, uniform, unique, "
-        "random) or buffers",
+        "random), buffers or cls_token",
     ),
     (frozenset({"NAME", "MEAN", "SUM", "MAX"}), f"a score: a scorer ({_SCORER_LIST}) or {', '.join(COMBINERS)}(...)"),
     (frozenset({"NAME", "ALL"}), "an argument such as last or all"),
     (frozenset({"_KEEP", "_MERGE", "_POOL", "_DROP"}), "an action: keep, merge, pool or drop"),
     (
-        frozenset({"_AT", "_POLICY", "_MODEL", "_BUDGET"}),
-        "a stage (at <site> ...) or a header line (policy, model, budget)",
+        frozenset({"_AT", "_EVERY", "_POLICY", "_MODEL", "_BUDGET"}),
+        "a stage (at <site> ... or every N layers from <site> to <site> ...) or a header line "
+        "(policy, model, budget)",
     ),
     (frozenset({"FLOPS", "FLOPS_FASTV", "TOKENS", "KV"}), "a budget metric: flops, flops_fastv, tokens or kv"),
     (frozenset({"LE", "LT"}), "'<=' or '<'"),

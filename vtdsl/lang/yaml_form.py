@@ -19,6 +19,7 @@ Schema (every key optional except a stage's `at` and its one action):
       - {at: llm.layer8, merge: 32}
       - {at: vit.out, pool: 2x2}
       - {at: llm.layer20, drop: all}
+      - {every: 2, from: vit.layer2, to: vit.layer22, keep: cls top 80%}   # a schedule
 
 Each value is written exactly as the matching piece of a `.vt` stage and is parsed by the
 same grammar (from a sub-rule), so errors inside a value point into the YAML file with
@@ -38,7 +39,7 @@ from .parser import _StatementError, _Where, check_size, has_surrogate, parse_va
 
 TOP_KEYS = ("policy", "model", "budget", "stages")
 ACTIONS = ("keep", "merge", "pool", "drop")
-STAGE_KEYS = ("at",) + ACTIONS + ("per", "merge_rest_into")
+STAGE_KEYS = ("at", "every", "from", "to") + ACTIONS + ("per", "merge_rest_into")
 _NULL = "tag:yaml.org,2002:null"
 
 
@@ -79,7 +80,10 @@ def policy_to_data(policy: ast.Policy) -> dict:
         data["budget"] = [format_budget_body(b) for b in policy.budgets]
     stages = []
     for stage in policy.stages:
-        item: dict = {"at": stage.site.text()}
+        if stage.repeat is not None:
+            item: dict = {"every": stage.repeat.step, "from": stage.site.text(), "to": stage.repeat.end.text()}
+        else:
+            item = {"at": stage.site.text()}
         a = stage.action
         if isinstance(a, ast.Keep):
             item["keep"] = [format_term(t) for t in a.terms]
@@ -220,7 +224,24 @@ class _Reader:
 
     def stage(self, node: Node) -> ast.Stage:
         m = self.mapping(node, "a stage", STAGE_KEYS)
-        if "at" not in m:
+        repeat = None
+        if any(k in m for k in ("every", "from", "to")):
+            if "at" in m:
+                raise self.fail("a stage has 'at' or a schedule ('every', 'from', 'to'), not both", m["at"][0])
+            for k in ("from", "to"):
+                if k not in m:
+                    raise self.fail(f"a schedule needs '{k}: <site>'", node, expected="from: vit.layer2, to: vit.layer22")
+            step = 1
+            if "every" in m:
+                val = m["every"][1]
+                if not (isinstance(val, ScalarNode) and val.value.isdigit() and 1 <= int(val.value) <= ast.MAX_LAYER):
+                    raise self.fail("'every' takes a whole number of layers, 1 or more", val, hint="write 'every: 2'")
+                step = int(val.value)
+            end = self.value(m["to"][1], "site", "'to'")
+            repeat = self.node(ast.Repeat, _join(_span(m["from"][0]), _span(m["to"][1])), step=step, end=end)
+            m = dict(m)
+            m["at"] = m["from"]
+        elif "at" not in m:
             raise self.fail("a stage needs 'at: <site>'", node, expected="a site such as vit.layer16")
         actions = [k for k in ACTIONS if k in m]
         if not actions:
@@ -262,7 +283,7 @@ class _Reader:
             if not (isinstance(val, ScalarNode) and val.value == "all"):
                 raise self.fail("'drop' takes the value 'all'", val, hint="write 'drop: all'")
             act = self.node(ast.DropAll, span)
-        return self.node(ast.Stage, _span(node), site=site, action=act)
+        return self.node(ast.Stage, _span(node), site=site, action=act, repeat=repeat)
 
     def node(self, cls, span: ast.Span, **fields):
         from pydantic import ValidationError
