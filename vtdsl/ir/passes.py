@@ -76,16 +76,70 @@ def _resolve_site(graph, spec: ModelSpec, site: ast.Site, what: str) -> Resolved
     return ResolvedSite(site.tower, index)
 
 
+def _has_range(score) -> bool:
+    if isinstance(score, ast.ScoreCombine):
+        return any(_has_range(a) for a in score.args)
+    return score.to is not None
+
+
+def _unroll_score(probe: nx.DiGraph, spec: ModelSpec, score):
+    """`cls@vit.layer8..22 sum` -> `sum(cls@vit.layer8, ..., cls@vit.layer22)` (None on error)."""
+    if isinstance(score, ast.ScoreCombine):
+        args = [_unroll_score(probe, spec, a) for a in score.args]
+        return None if any(a is None for a in args) else score.model_copy(update={"args": args})
+    if score.to is None:
+        return score
+    end = ast.Site(tower=score.at.tower, index=score.to, span=score.at.span)
+    first = _resolve_site(probe, spec, score.at, "score")
+    last = _resolve_site(probe, spec, end, "score")
+    if first is None or last is None:
+        return None
+    if last.layer < first.layer:
+        _error(probe, f"the layer range runs backwards: layer {last.layer} comes before layer {first.layer}",
+               score.at.span, expected=f"a range from {score.at.text()} up", code="score-range")
+        return None
+    refs = [ast.ScoreRef(name=score.name, args=score.args, at=ast.Site(tower=first.tower, index=i, span=score.at.span),
+                         span=score.span) for i in range(first.layer, last.layer + 1)]
+    if len(refs) == 1:
+        return refs[0]
+    return ast.ScoreCombine(op=score.over, args=refs, span=score.span)
+
+
+def _stage_has_range(stage: ast.Stage) -> bool:
+    return isinstance(stage.action, ast.Keep) and any(
+        isinstance(t, ast.TopTerm) and _has_range(t.score) for t in stage.action.terms)
+
+
+def _unroll_ranges(probe: nx.DiGraph, spec: ModelSpec, stage: ast.Stage) -> ast.Stage | None:
+    if not _stage_has_range(stage):
+        return stage
+    action = stage.action
+    terms = []
+    for term in action.terms:
+        if isinstance(term, ast.TopTerm) and _has_range(term.score):
+            score = _unroll_score(probe, spec, term.score)
+            if score is None:
+                return None
+            term = term.model_copy(update={"score": score})
+        terms.append(term)
+    return stage.model_copy(update={"action": action.model_copy(update={"terms": terms})})
+
+
 def expand_repeats(policy: ast.Policy, spec: ModelSpec) -> tuple[ast.Policy, list[Diagnostic]]:
-    """Unroll every schedule (`every N layers from A to B <action>`) into one stage per
-    layer A, A+N, ... <= B, against the model's layer counts (negative sites count from
-    the end). Runs before lowering: every later pass sees plain stages, each carrying the
-    schedule's span. Percentages apply at each layer to the tokens entering it."""
-    if not any(s.repeat is not None for s in policy.stages):
+    """Unroll what is written once for many layers, against the model's layer counts
+    (negative sites count from the end): every schedule (`every N layers from A to B
+    <action>`) into one stage per layer A, A+N, ... <= B, and every layer-range score
+    (`cls@vit.layer8..22 sum`) into its aggregate over the layers. Runs before lowering:
+    every later pass sees plain stages and scores, carrying the spans of what was written.
+    Percentages apply at each layer of a schedule to the tokens entering it."""
+    if not any(s.repeat is not None or _stage_has_range(s) for s in policy.stages):
         return policy, []
     probe = nx.DiGraph(diagnostics=[])
     stages: list[ast.Stage] = []
     for stage in policy.stages:
+        stage = _unroll_ranges(probe, spec, stage)
+        if stage is None:
+            continue
         if stage.repeat is None:
             stages.append(stage)
             continue

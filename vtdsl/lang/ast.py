@@ -112,12 +112,26 @@ class Quantity(Node):
 
 
 class ScoreRef(Node):
-    """A named scorer, optional arguments (`text(all)`), optional observation site (`@`)."""
+    """A named scorer, optional arguments (`text(all)`), optional observation site (`@`).
+
+    A layer range (`cls@vit.layer8..22 sum`): `at` is its first layer, `to` the last
+    (as written, negative from the end allowed) and `over` the aggregate; the IR unrolls
+    it into `over(cls@vit.layer8, ..., cls@vit.layer22)`."""
 
     kind: Literal["ref"] = "ref"
     name: str
     args: list[str] = Field(default_factory=list)
     at: Site | None = None
+    to: int | None = None
+    over: Literal["mean", "sum", "max"] | None = None
+
+    @model_validator(mode="after")
+    def _check_range(self) -> "ScoreRef":
+        if (self.to is None) != (self.over is None):
+            raise ValueError("a layer range needs its last layer and an aggregate (mean, sum or max)")
+        if self.to is not None and (self.at is None or self.at.index is None or abs(self.to) > MAX_LAYER):
+            raise ValueError("a layer range runs between two layers of one tower, e.g. vit.layer8..22")
+        return self
 
 
 class ScoreCombine(Node):

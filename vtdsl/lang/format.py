@@ -68,6 +68,8 @@ def format_score(score) -> str:
         text += f"({', '.join(score.args)})"
     if score.at is not None:
         text += "@" + score.at.text()
+    if score.to is not None:
+        text += f"..{score.to} {score.over}"
     return text
 
 

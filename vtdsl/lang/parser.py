@@ -148,6 +148,7 @@ def describe_token(tok: Token) -> str:
 
 
 _SITE_RE = re.compile(r"^(vit|llm)\.layer(-?[0-9]+)$|^vit\.out$")
+_RANGE_RE = re.compile(r"^(vit|llm)\.layer(-?[0-9]+)\.\.(-?[0-9]+)$")
 
 
 def site_candidates(word: str) -> list[str]:
@@ -364,7 +365,9 @@ def has_surrogate(text: str) -> bool:
 
 def _unexpected(tok: Token, expected: set[str], where: _Where) -> _StatementError:
     hint = None
-    if tok.type in ("NAME", "SITE"):
+    if expected == {"MEAN", "SUM", "MAX"}:  # only after a layer range
+        hint = "a layer range is aggregated over its layers, as in 'cls@vit.layer8..22 sum'"
+    elif tok.type in ("NAME", "SITE"):
         candidates = [k for k in map(keyword_of, expected) if k]
         if "SITE" in expected:
             candidates += site_candidates(str(tok))
@@ -607,13 +610,29 @@ class _Builder:
                         expected=f"a scorer ({', '.join(SCORERS)})",
                         hint=did_you_mean(name[:64], list(SCORERS) + list(COMBINERS)))
         args: list[str] = []
-        at = None
+        at = to = over = None
         for child in rest:
             if child.data == "score_args":
                 args = self.score_args(info, child)
+            elif child.data == "layer_range":
+                at, to = self.layer_range(child.children[0])
+            elif child.data == "combine_op":
+                over = str(child.children[0])
             else:
                 at = self.site(child)
-        return self.node(ast.ScoreRef, span, name=name, args=args, at=at)
+        return self.node(ast.ScoreRef, span, name=name, args=args, at=at, to=to, over=over)
+
+    def layer_range(self, tok: Token) -> tuple[ast.Site, int]:
+        text = str(tok)
+        m = _RANGE_RE.match(text)
+        span = self.span(tok)
+        if not m:
+            raise _fail(f"unknown layer range '{show(text)}'", span, expected=TERMINAL_WORDS["SITE_RANGE"],
+                        hint="a range runs over vit.layerN or llm.layerN, e.g. cls@vit.layer8..22 sum")
+        for digits in (m.group(2), m.group(3)):
+            if len(digits.lstrip("-").lstrip("0")) > 9:
+                raise _fail(f"layer index in '{show(text)}' is out of any model's range", span, code="semantic")
+        return self.node(ast.Site, span, tower=m.group(1), index=int(m.group(2))), int(m.group(3))
 
     def score_args(self, info, tree: Tree) -> list[str]:
         toks = [c.children[0] for c in tree.children]

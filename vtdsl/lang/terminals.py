@@ -59,6 +59,7 @@ TERMINAL_WORDS: dict[str, str] = {
     "_SEMI": "';'",
     "_NL": "a new line",
     "SITE": "a site such as vit.layer16, vit.out or llm.layer2",
+    "SITE_RANGE": "a layer range such as vit.layer8..22",
     "NAME": f"a scorer ({_SCORER_LIST})",
     "PERCENT": "a percentage such as 10%",
     "GRID": "a grid size such as 2x2",
