@@ -80,3 +80,34 @@ def test_a_schedule_later_checks_like_its_unrolled_stages():
         check("every 4 layers from vit.layer4 to vit.layer12 merge 150", "llava-1.5-7b")
     diag = err.value.diagnostics[0]
     assert "merge 150" in diag.message and (diag.span.line, diag.span.column) == (1, 53)  # the quantity
+
+
+def test_unrolled_findings_are_reported_once_and_at_most_three_per_place():
+    with pytest.raises(PolicyError) as err:
+        check("every layer from llm.layer2 to llm.layer4 keep cls@llm.layer2..4 sum top 50%", "llava-1.5-7b")
+    messages = [d.message for d in err.value.diagnostics]
+    assert len(messages) == len(set(messages)) and 1 <= len(messages) <= 3
+    assert all("only available at ViT layers" in m for m in messages)
+
+
+def test_a_schedule_cannot_repeat_drop_all():
+    with pytest.raises(PolicyError, match="a schedule cannot repeat it"):
+        check("every layer from llm.layer2 to llm.layer5 drop all", "llava-1.5-7b")
+    assert check("every layer from llm.layer2 to llm.layer2 drop all", "llava-1.5-7b").llm_visual[2] == 0
+
+
+def test_a_schedule_may_aggregate_a_score_over_a_range():
+    plan = check("every 2 layers from vit.layer4 to vit.layer8 keep cls@vit.layer1..3 mean top 90%", "llava-1.5-7b")
+    assert [(s.tokens_in, s.tokens_out) for s in plan.stages] == [(576, 518), (518, 466), (466, 419)]
+    assert [o.layer for o in plan.stages[0].terms[0].score.observations()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("stages:\n  - {every: \u00b2, from: vit.layer2, to: vit.layer4, merge: 4}\n", "'every' takes a whole number"),
+    ("stages:\n  - {every: 2, to: vit.layer4, merge: 4}\n", "a schedule needs 'from: <site>'"),
+    ("stages:\n  - {every: 2, at: vit.layer2, from: vit.layer2, to: vit.layer4, merge: 4}\n", "not both"),
+    ("stages:\n  - {from: [vit.layer2], to: vit.layer4, merge: 4}\n", "'from' must be a single value"),
+])
+def test_bad_yaml_schedules_are_located_errors(text, message):
+    with pytest.raises(LangError, match=message):
+        from_yaml(text)

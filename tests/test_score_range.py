@@ -69,3 +69,11 @@ def test_compiled_keeps_the_top_of_the_summed_cls_attention():
         model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=px)
         kept = vc.kept_tokens(model)["vit.out#0"][0].tolist()
     assert sorted(v - 1 for v in kept) == sorted(order[:k])
+
+
+def test_a_range_score_is_one_item_of_a_search_space_choice():
+    from vtdsl.search.space import parse_space
+
+    space = parse_space("at vit.out keep {cls@vit.layer8..22 sum, cls} top 64")
+    texts = sorted(space.candidate(space.point(i)).text for i in range(space.count))
+    assert texts == ["at vit.out keep cls top 64\n", "at vit.out keep cls@vit.layer8..22 sum top 64\n"]

@@ -56,7 +56,23 @@ def build_graph(policy: ast.Policy, spec: ModelSpec) -> nx.DiGraph:
     if has_errors(graph):
         graph.graph["spec"] = spec
         return graph
-    return run_passes(graph, spec=spec)
+    graph = run_passes(graph, spec=spec)
+    if len(expanded.stages) != len(policy.stages) or diagnostics:
+        # an unrolled schedule or range repeats one finding per layer at the same text:
+        # report each once, and at most three per place
+        seen: set = set()
+        per_place: dict = {}
+        unique = []
+        for d in graph.graph["diagnostics"]:
+            place = (d.span.line, d.span.column) if d.span else None
+            key = (d.message, place, d.severity)
+            if key in seen or per_place.get(place, 0) >= 3:
+                continue
+            seen.add(key)
+            per_place[place] = per_place.get(place, 0) + 1
+            unique.append(d)
+        graph.graph["diagnostics"] = unique
+    return graph
 
 
 def to_plan(graph: nx.DiGraph) -> Plan:

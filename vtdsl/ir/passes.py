@@ -163,7 +163,12 @@ def expand_repeats(policy: ast.Policy, spec: ModelSpec) -> tuple[ast.Policy, lis
                    f"{start.text()} (layer {first.layer})", end.span,
                    expected=f"a site at or after {start.text()}", code="repeat")
             continue
-        for layer in range(first.layer, last.layer + 1, stage.repeat.step):
+        layers = range(first.layer, last.layer + 1, stage.repeat.step)
+        if isinstance(stage.action, ast.DropAll) and len(layers) > 1:
+            _error(probe, "'drop all' ends the visual stream: a schedule cannot repeat it", stage.action.span,
+                   expected=f"'at {start.text()} drop all'", code="repeat")
+            continue
+        for layer in layers:
             site = ast.Site(tower=start.tower, index=layer, span=start.span)
             stages.append(ast.Stage(site=site, action=stage.action, span=stage.span))
     return policy.model_copy(update={"stages": stages}), probe.graph["diagnostics"]

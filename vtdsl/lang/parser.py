@@ -380,6 +380,8 @@ def _unexpected(tok: Token, expected: set[str], where: _Where) -> _StatementErro
         hint = f"write rows x columns, as in {tok}x{tok}"
     if hint is None and tok.type == "GRID":
         hint = f"'per crop' takes no grid; for an even spatial split write 'per region {tok}'"
+    if hint is None and tok.type == "_LAYER" and expected == {"_LAYERS"}:
+        hint = "write 'every layer' or 'every N layers'"
     if hint is None and tok.type == "_MERGE" and "_THEN" in expected:
         hint = "after the keep terms, write 'then merge rest into N'"
     return _fail(f"unexpected {describe_token(tok)}", where.of_token(tok),
@@ -630,7 +632,7 @@ class _Builder:
             raise _fail(f"unknown layer range '{show(text)}'", span, expected=TERMINAL_WORDS["SITE_RANGE"],
                         hint="a range runs over vit.layerN or llm.layerN, e.g. cls@vit.layer8..22 sum")
         for digits in (m.group(2), m.group(3)):
-            if len(digits.lstrip("-").lstrip("0")) > 9:
+            if len(digits.lstrip("-").lstrip("0")) > 9 or abs(int(digits)) > ast.MAX_LAYER:
                 raise _fail(f"layer index in '{show(text)}' is out of any model's range", span, code="semantic")
         return self.node(ast.Site, span, tower=m.group(1), index=int(m.group(2))), int(m.group(3))
 

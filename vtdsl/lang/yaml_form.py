@@ -29,6 +29,8 @@ carry line/column marks); anchors/aliases and duplicate keys are refused.
 
 from __future__ import annotations
 
+import re
+
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
@@ -234,13 +236,15 @@ class _Reader:
             step = 1
             if "every" in m:
                 val = m["every"][1]
-                if not (isinstance(val, ScalarNode) and val.value.isdigit() and 1 <= int(val.value) <= ast.MAX_LAYER):
+                if not (isinstance(val, ScalarNode) and re.fullmatch(r"[0-9]{1,6}", val.value)
+                        and 1 <= int(val.value) <= ast.MAX_LAYER):
                     raise self.fail("'every' takes a whole number of layers, 1 or more", val, hint="write 'every: 2'")
                 step = int(val.value)
             end = self.value(m["to"][1], "site", "'to'")
             repeat = self.node(ast.Repeat, _join(_span(m["from"][0]), _span(m["to"][1])), step=step, end=end)
             m = dict(m)
             m["at"] = m["from"]
+            site = self.value(m["from"][1], "site", "'from'")
         elif "at" not in m:
             raise self.fail("a stage needs 'at: <site>'", node, expected="a site such as vit.layer16")
         actions = [k for k in ACTIONS if k in m]
@@ -253,7 +257,8 @@ class _Reader:
         for extra in ("per", "merge_rest_into"):
             if extra in m and action != "keep":
                 raise self.fail(f"'{extra}' belongs to 'keep', not to '{action}'", m[extra][0])
-        site = self.value(m["at"][1], "site", "'at'")
+        if repeat is None:
+            site = self.value(m["at"][1], "site", "'at'")
         key, val = m[action]
         span = _join(_span(key), _span(val))
         if action == "keep":

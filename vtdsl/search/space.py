@@ -405,7 +405,8 @@ class _Scanner:
                             hint="to make a piece optional, write {...}? instead of an empty item")
         lead = len(text) - len(text.lstrip())
         s, e = a + lead, a + lead + len(stripped)
-        if ".." in stripped and not any(isinstance(p, Hole) for p in parts):
+        # a number range ({8..20}); a layer-range score (cls@vit.layer8..22 sum) is text
+        if re.match(r"^-?\d*\s*\.\.", stripped) and not any(isinstance(p, Hole) for p in parts):
             return self.range(stripped, s, e)
         frag = Frag(_strip(parts), stripped, self.base + s, self.base + e)
         return frag
