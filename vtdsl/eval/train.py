@@ -149,18 +149,35 @@ def patch_labels(meta: dict[str, Any], patch: int = 8) -> torch.Tensor:
     return labels.flatten(1)
 
 
+# Relative frequency of each family among the extra questions: counting and the
+# colour-and-shape conjunction of `exists` are learnt last (docs/vtbench.md).
+FAMILY_WEIGHTS = {"color": 1.0, "locate": 1.0, "read": 1.0, "count": 1.5, "exists": 1.5}
+
+
+def _near_miss(meta: dict[str, Any], question: str) -> bool:
+    """Whether an `exists` question's colour or shape (not both) is in the scene."""
+    color, shape = question.rstrip("?").split()[-2:]
+    return any((o["color"] == color) != (o["shape"] == shape) for o in meta["objects"] if o["type"] == "shape")
+
+
 def questions_for(ex: bench.Example, k: int) -> list[tuple[str, str]]:
     """The example's own question first, then up to `k - 1` more questions about the same
-    scene (family drawn uniformly, yes/no balanced), seeded by the example."""
+    scene (family drawn by `FAMILY_WEIGHTS`, yes/no balanced), seeded by the example.
+    An extra `exists` question answered "no" names a near miss when the scene has one
+    (a present colour or shape), as the benchmark's own "no" questions always do: trivial
+    negatives would teach "is the colour there?" instead of the conjunction."""
     rng = random.Random(f"questions-{ex.meta['split']}-{ex.meta['index']}")
     pool = [q for q in bench.scene_questions(ex.meta) if q[1] != ex.question]
     out = [(ex.question, ex.answer)]
     while len(out) < k and pool:
-        fam = rng.choice(sorted({f for f, _, _ in pool}))
+        fams = sorted({f for f, _, _ in pool})
+        fam = rng.choices(fams, weights=[FAMILY_WEIGHTS[f] for f in fams])[0]
         cands = [q for q in pool if q[0] == fam]
         if fam == "exists":
             want = rng.choice(sorted({a for _, _, a in cands}))
             cands = [q for q in cands if q[2] == want]
+            if want == "no":
+                cands = [q for q in cands if _near_miss(ex.meta, q[1])] or cands
         pick = rng.choice(cands)
         pool.remove(pick)
         out.append((pick[1], pick[2]))
@@ -273,7 +290,7 @@ class TrainStream:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
+    steps: int = 1100
     batch_size: int = 32
     lr: float = 1e-3
     min_lr_ratio: float = 0.05
@@ -282,7 +299,7 @@ class TrainConfig:
     clip: float = 1.0
     seed: int = 0
     threads: int = 1
-    eval_every: int = 250
+    eval_every: int = 275
     val_n: int = 500
     final_n: int = 2000
     ckpt_every: int = 250

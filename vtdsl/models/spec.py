@@ -89,6 +89,9 @@ class ModelSpec:
     checkpoint_renames: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     # A local model directory this spec was read from (weights may live there).
     source: str | None = field(default=None, compare=False)
+    # `build()` on a real device loads the trained weights in `source` instead of drawing
+    # random ones (models shipped with trained weights: tiny-llava-vtbench).
+    pretrained: bool = field(default=False, compare=False)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -146,15 +149,18 @@ class ModelSpec:
         seed: int = 0,
         attn_implementation: str | None = None,
     ):
-        """Instantiate the transformers model (random weights, eval mode).
+        """Instantiate the transformers model (random weights, eval mode; the trained
+        weights of `source` for a `pretrained` spec, where `seed` plays no part).
 
         `device="meta"` allocates nothing and skips weight init (llava-1.5-7b builds in
         well under a second); on a real device the weights are drawn from the model's own
         initialiser under `torch.manual_seed(seed)` without touching the global RNG, so the
         same seed gives the same weights. `dtype` defaults to the spec's dtype.
         """
-        from .loading import build_model
+        from .loading import build_model, load_weights
 
+        if self.pretrained and str(device) != "meta":
+            return load_weights(self, self.source, device=device, dtype=dtype, attn_implementation=attn_implementation)
         return build_model(self, device=device, dtype=dtype, seed=seed, attn_implementation=attn_implementation)
 
     def param_count(self) -> int:

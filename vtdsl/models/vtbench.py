@@ -120,10 +120,12 @@ def vtbench_spec() -> ModelSpec:
         from dataclasses import replace
 
         spec = spec_from_config(config)
-        return replace(spec, name=NAME, description=description, make_config=load_config)
+        return replace(spec, name=NAME, description=description, make_config=load_config,
+                       source=str(DATA_DIR), pretrained=True)
     from dataclasses import replace
 
-    return replace(spec_from_llava_config(config, description=description), make_config=load_config)
+    return replace(spec_from_llava_config(config, description=description), make_config=load_config,
+                   source=str(DATA_DIR), pretrained=True)
 
 
 def load_processor():
@@ -135,8 +137,7 @@ def load_processor():
 
 def load_tiny_vtbench(device: str = "cpu", dtype: Any = None):
     """Load (model, processor) from package data; no network. `processor.tokenizer` is
-    the word-level tokenizer (left padding). The weights are stored in float16 and loaded
-    as float32 unless `dtype` says otherwise."""
+    the word-level tokenizer (left padding). Weights are float32 (about 5.7 MB)."""
     import torch
     from transformers import LlavaForConditionalGeneration
 
@@ -144,3 +145,12 @@ def load_tiny_vtbench(device: str = "cpu", dtype: Any = None):
         DATA_DIR, dtype=dtype or torch.float32, local_files_only=True)
     model.to(device).eval()
     return model, load_processor()
+
+
+def register_shipped() -> None:
+    """Register `tiny-llava-vtbench` when its trained files are in the package (a source
+    checkout without them still imports; `vtdsl eval` then says how to train it)."""
+    if (DATA_DIR / "config.json").is_file():
+        from .registry import register_spec
+
+        register_spec(NAME, vtbench_spec)
