@@ -23,6 +23,7 @@ POLICIES = [
     "at vit.layer2 keep cls top 8",
     "at vit.out keep cls top 8 then merge rest into 2",
     "at vit.out keep cls_token + cls top 7 then merge rest into 2\nat llm.layer1 keep text top 50%",
+    "at llm.layer2 keep attn(visual) top 50%\nat llm.layer3 keep attn(visual)@llm.layer3 top 50%",
     # every scorer and selector kind once
     "at vit.layer1 keep attn top 24 + diverse 8 + buffers 8\n"
     "at vit.out merge 10\n"

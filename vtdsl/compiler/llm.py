@@ -464,8 +464,10 @@ class LlmRuntime:
             if obs.queries == "last_text":
                 q_rows = _rope(q[:, :, -1:], cos[:, -1:], sin[:, -1:])
                 mask = mask[:, :, -1:, :] if mask is not None else None
-            elif obs.queries == "all_text":
-                rows = (~ctx["is_img"]).nonzero()[:, 1].view(b, -1)
+            elif obs.queries in ("all_text", "visual"):
+                # the text rows, or the image rows (VisionDrop's image-to-image attention)
+                pick = ~ctx["is_img"] if obs.queries == "all_text" else ctx["is_img"]
+                rows = pick.nonzero()[:, 1].view(b, -1)
                 q_rows = _rope(q.gather(2, rows[:, None, :, None].expand(b, q.shape[1], rows.shape[1], q.shape[3])),
                                _rows(cos, rows), _rows(sin, rows))
                 if mask is not None:

@@ -139,12 +139,12 @@ def observation_flops(k: _Constants, obs, vit_tokens, llm_visual, T: int) -> int
         # on the tokens entering the layer, before its stage: the layer's k projection of
         # every token and its q projection of the query rows, then the attention rows
         n = T + llm_visual[obs.layer - 1]
-        m = 1 if q in _ONE_QUERY else T if q == "all_text" else n
+        m = 1 if q in _ONE_QUERY else T if q == "all_text" else llm_visual[obs.layer - 1] if q == "visual" else n
         q_rows = 1 if q in _ONE_QUERY else n
         spec_t = k.spec.llm
         return 2 * n * spec_t.hidden * spec_t.kv_width + 2 * q_rows * spec_t.hidden * spec_t.q_width + 2 * m * n * k.llm_qd
     n = T + llm_visual[obs.layer]
-    m = 1 if q in _ONE_QUERY else T if q == "all_text" else n
+    m = 1 if q in _ONE_QUERY else T if q == "all_text" else llm_visual[obs.layer] if q == "visual" else n
     return 2 * m * n * k.llm_qd
 
 

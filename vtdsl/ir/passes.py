@@ -372,6 +372,10 @@ def _validate_observation(graph, spec: ModelSpec, obs_data: dict, stage_data: di
             message = f"'{ref.name}' is only available at ViT layers (the LLM sees no CLS token), not at {where}"
         _error(graph, message, ref.span, expected="a score valid at " + where, code="scorer-site")
         return
+    if obs.queries == "visual" and obs.tower == "vit":
+        _error(graph, f"in the ViT every query is a visual token: 'attn(visual)' is 'attn' at {where}", ref.span,
+               expected="attn", code="scorer-args")
+        return
     if obs.scorer == "cls" and not spec.has_cls:
         _error(
             graph,

@@ -21,7 +21,7 @@ from ..models.spec import ModelSpec
 
 Tower = Literal["vit", "llm"]
 # Which attention rows a score reads (queries); "none" for scores without attention.
-Queries = Literal["cls", "all", "last_text", "all_text", "none"]
+Queries = Literal["cls", "all", "last_text", "all_text", "visual", "none"]
 
 
 @dataclass(frozen=True)

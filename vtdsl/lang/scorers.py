@@ -41,8 +41,10 @@ SCORERS: dict[str, ScorerInfo] = {
         summary="attention paid by the CLS token (ViT only)",
     ),
     "attn": ScorerInfo(
-        "attn", ("vit", "llm"), canonical="attn", queries={(): "all"},
-        summary="mean attention received, over heads and queries",
+        "attn", ("vit", "llm"), args=("visual",), max_args=1, canonical="attn",
+        queries={(): "all", ("visual",): "visual"},
+        summary="mean attention received, over heads and queries; attn(visual): from the visual "
+                "tokens' queries only (LLM)",
     ),
     "text": ScorerInfo(
         "text", ("llm",), args=("last", "all"), max_args=1, default_args=("last",),
