@@ -481,6 +481,7 @@ class LlmRuntime:
                     qpos = torch.arange(n, device=q.device)
             else:
                 raise CompileError(f"scorer '{obs.scorer}' ({obs.queries}) cannot be read in the LLM")
-            values = ops.query_attention(q_rows, k, None, mask=mask, query_positions=qpos, scale=self.scaling)
+            values = ops.query_attention(q_rows, k, None, mask=mask, query_positions=qpos, scale=self.scaling,
+                                         head_reduce=obs.heads)
         done = st.scored[obs] = Scored(values, ctx["pos"], "pos", st.n0)
         return done

@@ -238,10 +238,11 @@ class VitRuntime:
         if obs.scorer == "norm":
             values = ops.token_norm(cap["h"])[:, lead:]
         elif obs.scorer == "cls":
-            values = ops.cls_attention(cap["q"], cap["k"], self.num_heads)
+            values = ops.cls_attention(cap["q"], cap["k"], self.num_heads, head_reduce=obs.heads)
         elif obs.scorer == "attn":
             key_index = slice(lead, None) if lead else None
-            values = ops.attention_received(cap["q"], cap["k"], self.num_heads, key_index=key_index)
+            values = ops.attention_received(cap["q"], cap["k"], self.num_heads, key_index=key_index,
+                                            head_reduce=obs.heads)
         else:
             raise CompileError(f"scorer '{obs.scorer}' cannot be read in the ViT")
         ids = tokens.vid[:, lead:]

@@ -270,6 +270,7 @@ def resolve_sites(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
             layer=obs_site.layer,
             queries=meaning.queries[args],
             on_input=on_input,
+            heads=ref.heads or "mean",
         )
         # read on the layer's input: before the stage entering that layer
         data["order"] = (2, obs_site.layer, -1) if on_input else _order_key(obs_site, spec, observed=True)

@@ -48,6 +48,8 @@ class Observation:
     # the layer's own input norm and q/k projections (+ RoPE) applied to the tokens
     # entering it (PyramidDrop's rule). Written as a score @ the stage's own LLM layer.
     on_input: bool = False
+    # Reduction of the attention over heads (`cls(max)`): "mean" (default), "sum", "max".
+    heads: str = "mean"
 
 
 @dataclass(frozen=True)

@@ -124,6 +124,8 @@ class ScoreRef(Node):
     at: Site | None = None
     to: int | None = None
     over: Literal["mean", "sum", "max"] | None = None
+    # How attention is reduced over heads (`cls(max)`); None = the mean.
+    heads: Literal["mean", "sum", "max"] | None = None
 
     @model_validator(mode="after")
     def _check_range(self) -> "ScoreRef":

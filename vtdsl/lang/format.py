@@ -64,8 +64,9 @@ def format_score(score) -> str:
     if isinstance(score, ast.ScoreCombine):
         return f"{score.op}({', '.join(format_score(a) for a in score.args)})"
     text = score.name
-    if score.args:
-        text += f"({', '.join(score.args)})"
+    args = list(score.args) + ([score.heads] if score.heads else [])
+    if args:
+        text += f"({', '.join(args)})"
     if score.at is not None:
         text += "@" + score.at.text()
     if score.to is not None:
