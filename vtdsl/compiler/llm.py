@@ -458,6 +458,8 @@ class LlmRuntime:
             cos, sin = ctx["pe"]
             b, n = k.shape[0], k.shape[2]
             cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
+            if not obs.rope:  # `no_rope`: the criterion without positions (FEATHER)
+                cos, sin = torch.ones_like(cos), torch.zeros_like(sin)
             k = _rope(k, cos, sin)
             mask = ctx["mask"]
             qpos = None

@@ -271,6 +271,7 @@ def resolve_sites(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
             queries=meaning.queries[args],
             on_input=on_input,
             heads=ref.heads or "mean",
+            rope=not ref.no_rope,
         )
         # read on the layer's input: before the stage entering that layer
         data["order"] = (2, obs_site.layer, -1) if on_input else _order_key(obs_site, spec, observed=True)
@@ -372,6 +373,10 @@ def _validate_observation(graph, spec: ModelSpec, obs_data: dict, stage_data: di
         else:
             message = f"'{ref.name}' is only available at ViT layers (the LLM sees no CLS token), not at {where}"
         _error(graph, message, ref.span, expected="a score valid at " + where, code="scorer-site")
+        return
+    if not obs.rope and obs.tower == "vit":
+        _error(graph, f"the ViT has no rotary position embeddings: 'no_rope' changes nothing at {where}", ref.span,
+               expected=f"'{ref.name}' without no_rope", code="scorer-args")
         return
     if obs.queries == "visual" and obs.tower == "vit":
         _error(graph, f"in the ViT every query is a visual token: 'attn(visual)' is 'attn' at {where}", ref.span,

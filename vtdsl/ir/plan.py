@@ -50,6 +50,8 @@ class Observation:
     on_input: bool = False
     # Reduction of the attention over heads (`cls(max)`): "mean" (default), "sum", "max".
     heads: str = "mean"
+    # False: q and k without rotary position embeddings (`text(no_rope)`, FEATHER; LLM only).
+    rope: bool = True
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,8 @@ class ScoreRef(Node):
     over: Literal["mean", "sum", "max"] | None = None
     # How attention is reduced over heads (`cls(max)`); None = the mean.
     heads: Literal["mean", "sum", "max"] | None = None
+    # The attention criterion computed without rotary position embeddings (FEATHER).
+    no_rope: bool = False
 
     @model_validator(mode="after")
     def _check_range(self) -> "ScoreRef":

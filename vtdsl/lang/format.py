@@ -64,7 +64,7 @@ def format_score(score) -> str:
     if isinstance(score, ast.ScoreCombine):
         return f"{score.op}({', '.join(format_score(a) for a in score.args)})"
     text = score.name
-    args = list(score.args) + ([score.heads] if score.heads else [])
+    args = list(score.args) + ([score.heads] if score.heads else []) + (["no_rope"] if score.no_rope else [])
     if args:
         text += f"({', '.join(args)})"
     if score.at is not None:

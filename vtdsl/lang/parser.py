@@ -613,16 +613,18 @@ class _Builder:
                         hint=did_you_mean(name[:64], list(SCORERS) + list(COMBINERS)))
         args: list[str] = []
         at = to = over = heads = None
+        no_rope = False
         for child in rest:
             if child.data == "score_args":
-                args, heads = self.score_args(info, child)
+                args, heads, no_rope = self.score_args(info, child)
             elif child.data == "layer_range":
                 at, to = self.layer_range(child.children[0])
             elif child.data == "combine_op":
                 over = str(child.children[0])
             else:
                 at = self.site(child)
-        return self.node(ast.ScoreRef, span, name=name, args=args, at=at, to=to, over=over, heads=heads)
+        return self.node(ast.ScoreRef, span, name=name, args=args, at=at, to=to, over=over, heads=heads,
+                         no_rope=no_rope)
 
     def layer_range(self, tok: Token) -> tuple[ast.Site, int]:
         text = str(tok)
@@ -636,10 +638,17 @@ class _Builder:
                 raise _fail(f"layer index in '{show(text)}' is out of any model's range", span, code="semantic")
         return self.node(ast.Site, span, tower=m.group(1), index=int(m.group(2))), int(m.group(3))
 
-    def score_args(self, info, tree: Tree) -> tuple[list[str], str | None]:
-        """The query arguments and the head aggregate (`mean`, `sum` or `max`, at most one,
-        for attention scores only)."""
+    def score_args(self, info, tree: Tree) -> tuple[list[str], str | None, bool]:
+        """The query arguments, the head aggregate (`mean`, `sum` or `max`, at most one)
+        and `no_rope`, the last two for attention scores only."""
         toks = [c.children[0] for c in tree.children]
+        rope_toks = [t for t in toks if str(t) == "no_rope"]
+        toks = [t for t in toks if str(t) != "no_rope"]
+        if rope_toks and info.canonical == "norm":
+            raise _fail(f"'{info.name}' reads no attention, so it has no RoPE to leave out",
+                        self.span(rope_toks[0]), hint=f"write '{info.name}'", code="semantic")
+        if len(rope_toks) > 1:
+            raise _fail("'no_rope' is written once", self.span(rope_toks[1]), code="semantic")
         head_toks = [t for t in toks if str(t) in COMBINERS]
         toks = [t for t in toks if str(t) not in COMBINERS]
         heads = None
@@ -652,7 +661,7 @@ class _Builder:
                             expected="one of mean, sum or max", code="semantic")
             heads = str(head_toks[0])
         if not toks:
-            return [], heads
+            return [], heads, bool(rope_toks)
         if info.max_args == 0:
             raise _fail(f"scorer '{info.name}' takes no arguments", self.span(tree),
                         hint=f"write '{info.name}'", code="semantic")
@@ -664,7 +673,7 @@ class _Builder:
                 raise _fail(f"unknown argument '{show(str(tok))}' for scorer '{info.name}'", self.span(tok),
                             expected=" or ".join(info.args), hint=did_you_mean(str(tok)[:64], info.args),
                             code="semantic")
-        return [str(t) for t in toks], heads
+        return [str(t) for t in toks], heads, bool(rope_toks)
 
     # -- numbers ------------------------------------------------------------------------
     def number(self, tok: Token) -> int | float:
