@@ -66,7 +66,7 @@ actions = st.one_of(
     st.builds(A.Pool, rows=st.integers(1, 64), cols=st.integers(1, 64)),
     st.just(A.DropAll()),
 )
-stages = st.builds(A.Stage, site=sites, action=actions)
+stages = st.builds(A.Stage, site=sites, action=actions, renumber=st.booleans())
 budgets = st.one_of(
     st.builds(A.Budget, metric=st.sampled_from(["flops", "flops_fastv", "tokens", "kv"]), op=st.sampled_from(["<=", "<"]),
               value=st.one_of(st.integers(0, 10**15), st.floats(0, 1e15, allow_nan=False)), percent=st.just(False)),

@@ -37,6 +37,8 @@ ISSUE_EXAMPLE = ("at vit.layer{8..20} keep anchors top {5%,10%,20%} + buffers; "
     ("at llm.layer2 keep attn top 10% {+ buffers | + uniform {4, 8}}?", 1 + 2 + 1),
     ("at? llm.layer{2,3,4} keep diverse {32,64,128}", 3 * 3 + 1),
     ("at? vit.layer{8, 12} keep cls top 10%; at? llm.layer2 drop all", (2 + 1) * (1 + 1)),
+    ("every? {1, 2} layers from vit.layer{2..4} to vit.layer-2 merge 8", 2 * 3 + 1),
+    ("at llm.layer2 keep text top {25%, 50%} {renumber}?", 2 * 2),
     ("at llm.layer2 keep {mean(text, attn) top 10% | diverse 64}", 2),  # the comma is inside (...)
     ('policy "a{1,2}"  # {3, 4}\nat llm.layer2 keep diverse 64', 1),     # no holes in strings/comments
     ("at llm.layer2 keep diverse 64", 1),
@@ -58,6 +60,35 @@ def test_yaml_space_count_and_points():
             "at llm.layer3 keep diverse 32 per region 3x3\nat llm.layer20 drop all\n") in texts
     assert ('policy "yaml-space"\nbudget flops <= 40%\nat vit.layer8 keep cls top 10% + buffers\n'
             "at llm.layer20 drop all\n") in texts
+
+
+def test_yaml_schedules_and_renumber_flags():
+    src = ("stages:\n"
+           "  - at: llm.layer{2, 3}\n"
+           "    keep: text top 50%\n"
+           '    renumber: "{true, false}"\n'
+           "  - every?: 2\n"
+           "    from: llm.layer{5..6}\n"
+           "    to: llm.layer10\n"
+           "    keep: text top 90%\n"
+           "    renumber: true\n")
+    space = parse_space(src, "s.yaml", "yaml")
+    assert space.count == 2 * 2 * (2 + 1)  # layer x flag x (schedule start, or no schedule)
+    expected = set()
+    for layer, flag, start in itertools.product((2, 3), ("", " renumber"), (None, 5, 6)):
+        text = f"at llm.layer{layer} keep text top 50%{flag}\n"
+        if start is not None:
+            text += f"every 2 layers from llm.layer{start} to llm.layer10 keep text top 90% renumber\n"
+        expected.add(text)
+    assert {space.candidate(p).text for p in space.points()} == expected
+    holes = {h["name"]: h["kind"] for h in space.describe()}
+    assert holes["4:16"] == "flag" and holes["5:5"] == "optional stage"
+    with pytest.raises(PolicyError) as info:
+        parse_space("stages:\n  - at: llm.layer2\n    drop: all\n    renumber: 3\n", "s.yaml", "yaml")
+    d = info.value.diagnostics[0]
+    assert (d.span.line, d.span.column) == (4, 15) and "'renumber' takes true, false" in d.message
+    with pytest.raises(PolicyError, match="needs 'to: <site>'"):
+        parse_space("stages:\n  - every: 2\n    from: vit.layer2\n    merge: 8\n", "s.yaml", "yaml")
 
 
 def test_every_point_enumerates_to_a_distinct_policy():

@@ -91,10 +91,13 @@ def _top(scores: list[float], k: int) -> list[int]:
     return sorted(order[:k])
 
 
-def _last_query_attention(model, ids, mask, px, dropped_by_layer: dict[int, list[int]], layer: int) -> list[float]:
+def _last_query_attention(model, ids, mask, px, dropped_by_layer: dict[int, list[int]], layer: int,
+                          renumber: bool = False) -> list[float]:
     """Eager attention of the last position at `layer`, head mean, with every position in
-    dropped_by_layer[j] masked out of attention in layers >= j (positions unchanged)."""
-    layers = model.model.language_model.layers
+    dropped_by_layer[j] masked out of attention in layers >= j; positions unchanged, or
+    with `renumber` each position less the dropped positions before it."""
+    lm = model.model.language_model
+    layers = lm.layers
 
     def masker(j):
         cols = [p for start, ps in dropped_by_layer.items() if start <= j for p in ps]
@@ -103,6 +106,12 @@ def _last_query_attention(model, ids, mask, px, dropped_by_layer: dict[int, list
             m = kwargs["attention_mask"].clone()
             m[..., cols] = torch.finfo(m.dtype).min
             kwargs["attention_mask"] = m
+            if renumber:
+                gone = torch.zeros(m.shape[-1], dtype=torch.long)
+                gone[cols] = 1
+                pid = kwargs["position_ids"] - (torch.cumsum(gone, 0) - gone)
+                kwargs["position_ids"] = pid
+                kwargs["position_embeddings"] = lm.rotary_emb(args[0] if args else kwargs["hidden_states"], pid)
             return args, kwargs
 
         return hook
@@ -119,7 +128,8 @@ def _last_query_attention(model, ids, mask, px, dropped_by_layer: dict[int, list
     return row.tolist()
 
 
-def _text_rule(model, batch, schedule: list[tuple[int, float]], own_layer: bool = False) -> list[list[int]]:
+def _text_rule(model, batch, schedule: list[tuple[int, float]], own_layer: bool = False,
+               renumber: bool = False) -> list[list[int]]:
     """At each (layer K, fraction), keep the top fraction of the remaining image tokens by
     the last token's attention: layer K-1's (FastV), or with `own_layer` layer K's own
     attention over the tokens entering it (PDrop: K's norm and q/k on its input; in this
@@ -130,7 +140,7 @@ def _text_rule(model, batch, schedule: list[tuple[int, float]], own_layer: bool 
     dropped: dict[int, list[int]] = {}
     history = []
     for layer, fraction in schedule:
-        att = _last_query_attention(model, ids, mask, px, dropped, layer if own_layer else layer - 1)
+        att = _last_query_attention(model, ids, mask, px, dropped, layer if own_layer else layer - 1, renumber)
         k = int(len(kept) * fraction + 0.5)
         chosen = [kept[i] for i in _top([att[p] for p in kept], k)]
         dropped[layer] = sorted(set(kept) - set(chosen))
@@ -147,7 +157,7 @@ def test_fastv_keeps_what_the_paper_rule_keeps(model, batch):
 
 def test_pdrop_keeps_what_the_paper_rule_keeps(model, batch):
     kept = _kept(model, ROOT / "policies" / "pdrop.vt", *batch)
-    expected = _text_rule(model, batch, [(8, 0.5), (16, 0.5), (24, 0.5)], own_layer=True)
+    expected = _text_rule(model, batch, [(8, 0.5), (16, 0.5), (24, 0.5)], own_layer=True, renumber=True)
     got = [sorted(kept[f"llm.layer{k}#{i}"][0].tolist()) for i, k in enumerate((8, 16, 24))]
     assert [len(g) for g in got] == [288, 144, 72]
     assert got == expected

@@ -213,12 +213,21 @@ def _install(plan: Plan, model: nn.Module) -> Compiled:
             layer0 = spec.llm_layer_path.format(i=0)
             attn = model.get_submodule(layer0 + ".self_attn")
             scaling = getattr(attn, "scaling", spec.llm.head_dim**-0.5)
+            lm_path = spec.llm_layer_path.format(i=0).rpartition(".")[0].rpartition(".")[0]
+            rotary = None
+            if any(s.renumber for s in llm_stages):
+                try:
+                    rotary = model.get_submodule(lm_path + ".rotary_emb")
+                except AttributeError:
+                    raise CompileError(f"'renumber' needs the rotary embedding {lm_path}.rotary_emb, which "
+                                       f"{type(model).__name__} does not have") from None
             llm_rt = LlmRuntime(
                 plan, vit_rt, log,
                 image_token_id=image_token_id,
                 num_heads=spec.llm.heads,
                 num_kv_heads=spec.llm.kv_heads,
                 scaling=scaling,
+                rotary=rotary,
             )
             llava_path = spec.llm_layer_path.format(i=0).split(".")[0]  # "model"
             hook(llava_path, "pre", llm_rt.llava_pre_hook, "record which prompt rows are image tokens",
@@ -226,7 +235,6 @@ def _install(plan: Plan, model: nn.Module) -> Compiled:
             first = min((s.site.layer for s in llm_stages), default=spec.llm.layers)
             layer0_stages = [s for s in llm_stages if s.site.layer == 0]
             if layer0_stages:
-                lm_path = spec.llm_layer_path.format(i=0).rpartition(".")[0].rpartition(".")[0]
                 what = [f"stage {s.index}: {stage_text(s)} ({s.tokens_in} -> {s.tokens_out} per image)"
                         for s in layer0_stages]
                 what.append("gather inputs_embeds, 2-D mask, position_ids to kept positions; decode: mask columns")
@@ -239,7 +247,10 @@ def _install(plan: Plan, model: nn.Module) -> Compiled:
                     if s.site.layer == j and j > 0:
                         what.append(f"stage {s.index}: {stage_text(s)} ({s.tokens_in} -> {s.tokens_out} per image)")
                 if j >= max(first, 1):
-                    what.append("gather cos/sin, position_ids, 4-D mask to kept positions; decode: mask key columns")
+                    renumbered = any(s.renumber and s.site.layer <= j for s in llm_stages)
+                    what.append("re-numbered position_ids and their cos/sin, 4-D mask gathered to kept rows; "
+                                "decode: shifted position_ids, mask key columns" if renumbered else
+                                "gather cos/sin, position_ids, 4-D mask to kept positions; decode: mask key columns")
                 if j in llm_rt.observed:
                     what.append("record positions/mask for scores")
                 for obs in llm_rt.input_obs_at.get(j, ()):

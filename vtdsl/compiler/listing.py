@@ -61,6 +61,10 @@ def score_text(score: ResolvedScore) -> str:
 
 def stage_text(stage: ResolvedStage) -> str:
     """The resolved action, e.g. ``keep cls@vit.layer1 top 8 then merge rest into 2``."""
+    return _action_text(stage) + (" renumber" if stage.renumber else "")
+
+
+def _action_text(stage: ResolvedStage) -> str:
     if stage.action == "drop":
         return "drop all"
     if stage.action == "pool":
@@ -79,6 +83,8 @@ def stage_text(stage: ResolvedStage) -> str:
     if stage.region is not None:
         kind, rows, cols = stage.region
         text += " per crop" if kind == "crop" else f" per region {rows}x{cols}"
+        if stage.region_proportional:
+            text += " proportional"
     if stage.merge_rest:
         text += f" then merge rest into {stage.merge_rest}"
     return text

@@ -11,7 +11,10 @@ Prefill (the layer's cache is empty, or there is no cache):
   same count);
 - the pre-hook of every layer >= K replaces `position_embeddings` (cos, sin),
   `position_ids` and the 4-D `attention_mask` by their gather to the kept positions, so
-  kept tokens keep their original RoPE positions and padding/causality.
+  kept tokens keep their original RoPE positions and padding/causality;
+- after a `renumber` stage the rows carry their own position ids instead (each kept row's
+  position less the rows the stage removed before it), and the layers from there on get
+  (cos, sin) recomputed by the model's rotary embedding at those ids.
 
 `llm.layer0` stages cannot work per layer: transformers sizes the 4-D mask by layer 0's
 cache, so they run in a pre-hook on the language model itself, shrinking its input
@@ -20,7 +23,8 @@ embeddings, 2-D mask and position ids (original positions) before the mask is bu
 Decode (the layer's cache is not empty): the per-prompt state is found again through the
 cache object (a weak map), and layers >= K get the mask's key columns gathered to
 ``[kept prefill positions] + [every position after the prompt]``; their caches are
-shorter, positions stay absolute. Scores read q/k captured from `q_proj` / `k_proj`
+shorter, positions stay absolute, less the rows every `renumber` stage before the
+layer removed (the position ids and (cos, sin) a layer is handed are recomputed). Scores read q/k captured from `q_proj` / `k_proj`
 outputs with RoPE applied and GQA handled by `vtdsl.ops`.
 """
 
@@ -102,6 +106,16 @@ class LlmState:
     full_pid: Tensor | None = None
     full_mask: Tensor | None = None
     pruned: bool = False  # rows != arange(nb)
+    # `renumber`: the position ids of the current rows once a stage re-numbered them
+    # (None: the positions of the sequence handed to the layers, gathered at `rows`);
+    # `shift`: rows removed by re-numbering stages so far, `input_shift` the part of it
+    # removed before the LLM built its positions (llm.layer0); `layer_shift[j]`: what
+    # layer j subtracts from the position ids it is handed while decoding.
+    pid: Tensor | None = None
+    prompt_pid: Tensor | None = None
+    shift: int = 0
+    input_shift: int = 0
+    layer_shift: dict[int, int] = field(default_factory=dict)
     gathered: dict[str, Any] | None = None
     layer_rows: dict[int, Tensor] = field(default_factory=dict)
     ctx: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -120,6 +134,7 @@ class LlmRuntime:
         num_heads: int,
         num_kv_heads: int,
         scaling: float,
+        rotary: nn.Module | None = None,
     ):
         self.plan = plan
         self.spec = plan.spec
@@ -127,6 +142,9 @@ class LlmRuntime:
         self.log = log
         self.image_token_id = image_token_id
         self.num_heads, self.num_kv_heads, self.scaling = num_heads, num_kv_heads, scaling
+        self.rotary = rotary  # the LLM's rotary embedding: (cos, sin) of re-numbered positions
+        if rotary is None and any(s.renumber for s in plan.stages):
+            raise CompileError("'renumber' needs the language model's rotary embedding module")
         self.stages_at: dict[int, list[ResolvedStage]] = {}
         for s in plan.stages:
             if s.site.tower == "llm":
@@ -187,6 +205,10 @@ class LlmRuntime:
         if cache is None or cache.get_seq_length(0) == 0:
             self.pending = None
             st = self._start(embeds, cache)
+            pid = kwargs.get("position_ids")
+            if pid is None:
+                pid = torch.arange(st.n0, device=embeds.device)[None]
+            st.prompt_pid = pid.expand(b, -1)
             if st.images:
                 for stage in self.stages_at.get(0, ()):
                     embeds = self._run_stage(st, stage, embeds)
@@ -196,10 +218,8 @@ class LlmRuntime:
             kwargs["inputs_embeds"] = embeds
             if am is not None:
                 kwargs["attention_mask"] = am.gather(1, keep)
-            pid = kwargs.get("position_ids")
-            if pid is None:
-                pid = torch.arange(st.n0, device=embeds.device)[None]
-            kwargs["position_ids"] = _rows(pid, keep)
+            kwargs["position_ids"] = st.pid if st.pid is not None else _rows(pid, keep)
+            st.input_shift = st.shift
             return args, kwargs
         st = self.by_cache.get(cache)
         if st is None or st.base_pos is None:
@@ -210,6 +230,8 @@ class LlmRuntime:
             kwargs["attention_mask"] = am.gather(1, torch.cat([st.base_pos, tail], dim=1))
         if kwargs.get("position_ids") is None:
             kwargs["position_ids"] = (st.n0 + past + torch.arange(q, device=embeds.device))[None].expand(b, -1)
+        if st.input_shift:
+            kwargs["position_ids"] = kwargs["position_ids"] - st.input_shift
         return args, kwargs
 
     def layer_pre_hook(self, j: int):
@@ -223,9 +245,18 @@ class LlmRuntime:
             st = self.by_cache.get(cache)
             if st is None or j not in st.layer_rows:
                 return None
+            kwargs = dict(kwargs)
+            shift = st.layer_shift.get(j, 0)
+            if shift:
+                pid = kwargs.get("position_ids")
+                if pid is None:
+                    raise CompileError(f"layer {j}: 'renumber' needs the position ids the layers are handed")
+                pid = pid - shift
+                kwargs["position_ids"] = pid
+                kwargs["position_embeddings"] = self._rope_at(kwargs.get("position_embeddings"), pid)
             mask = kwargs.get("attention_mask")
             if mask is None:
-                return None
+                return args, kwargs
             if not isinstance(mask, Tensor) or mask.dim() != 4:
                 raise CompileError(f"LLM stages need a 4-D tensor attention mask, got {type(mask).__name__}")
             kept = st.layer_rows[j]
@@ -237,7 +268,6 @@ class LlmRuntime:
                     f"layer {j}: cache holds {cache.get_seq_length(j)} tokens but the pruned mask "
                     f"expects {cols.shape[1] - q}"
                 )
-            kwargs = dict(kwargs)
             kwargs["attention_mask"] = _gather_mask(mask, None, cols)
             return args, kwargs
 
@@ -349,6 +379,7 @@ class LlmRuntime:
             kwargs = dict(kwargs)
             kwargs.update(st.gathered)
             st.layer_rows[j] = st.rows
+            st.layer_shift[j] = st.shift - st.input_shift
         if j in self.observed:
             st.ctx[j] = {
                 "pe": kwargs.get("position_embeddings"),
@@ -370,17 +401,39 @@ class LlmRuntime:
 
     def _gathered(self, st: LlmState) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        if st.full_pe is not None:
-            cos, sin = st.full_pe
-            out["position_embeddings"] = (_rows(cos, st.rows), _rows(sin, st.rows))
-        if st.full_pid is not None:
-            out["position_ids"] = _rows(st.full_pid, st.rows)
+        if st.pid is not None and st.shift > st.input_shift:
+            # re-numbered rows: positions no row had in the sequence the LLM handed over
+            out["position_ids"] = st.pid
+            out["position_embeddings"] = self._rope_at(st.full_pe, st.pid)
+        else:
+            if st.full_pe is not None:
+                cos, sin = st.full_pe
+                out["position_embeddings"] = (_rows(cos, st.rows), _rows(sin, st.rows))
+            if st.full_pid is not None:
+                out["position_ids"] = _rows(st.full_pid, st.rows)
         mask = st.full_mask
         if mask is not None:
             if not isinstance(mask, Tensor) or mask.dim() != 4:
                 raise CompileError(f"LLM stages need a 4-D tensor attention mask, got {type(mask).__name__}")
             out["attention_mask"] = _gather_mask(mask, st.rows, st.rows)
         return out
+
+    def _rope_at(self, like: tuple[Tensor, Tensor] | None, pid: Tensor) -> tuple[Tensor, Tensor]:
+        """(cos, sin) of the LLM's rotary embedding at position ids `pid` ``[B, n]``, in
+        the dtype and device of the (cos, sin) the layers were handed (`like`)."""
+        if like is None:
+            raise CompileError("'renumber' needs the position embeddings the layers are handed")
+        return self.rotary(like[0], pid.to(like[0].device))
+
+    def _positions(self, st: LlmState) -> Tensor:
+        """Position ids ``[B, n]`` of the current rows."""
+        if st.pid is not None:
+            return st.pid
+        if st.rows is None:  # an llm.layer0 stage, on the prompt itself
+            return st.prompt_pid.gather(1, st.pos)
+        if st.full_pid is not None:
+            return _rows(st.full_pid, st.rows)
+        return st.rows
 
     def _run_stage(self, st: LlmState, stage: ResolvedStage, hidden: Tensor) -> Tensor:
         b, n, d = hidden.shape
@@ -415,6 +468,13 @@ class LlmRuntime:
             out.scatter_(1, slot[..., None].expand(-1, -1, d), values)
         self.log.llm[f"{stage.site.text()}#{stage.index}"] = (k_in, k_out)
         self.log.kept[f"{stage.site.text()}#{stage.index}"] = st.pos.gather(1, chosen)
+        if stage.renumber or st.pid is not None:
+            pid = self._positions(st).gather(1, rows)
+            if stage.renumber:
+                # each kept row moves up by the rows removed before it: contiguous again
+                pid = pid - (rows - torch.arange(rows.shape[1], device=rows.device))
+                st.shift += n - rows.shape[1]
+            st.pid = pid
         st.pos = st.pos.gather(1, rows)
         if st.rows is not None:
             st.rows = st.rows.gather(1, rows)

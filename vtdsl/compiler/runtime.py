@@ -193,6 +193,7 @@ def execute(stage: ResolvedStage, view: StageView,
         features=x if needs_features else None,
         region_ids=region_ids,
         num_regions=num_regions,
+        region_weights=terms[0].scores if stage.region_proportional else None,
         batch=g,
     )
     t = stage.merge_rest

@@ -170,7 +170,8 @@ def expand_repeats(policy: ast.Policy, spec: ModelSpec) -> tuple[ast.Policy, lis
             continue
         for layer in layers:
             site = ast.Site(tower=start.tower, index=layer, span=start.span)
-            stages.append(ast.Stage(site=site, action=stage.action, span=stage.span))
+            stages.append(ast.Stage(site=site, action=stage.action, span=stage.span, renumber=stage.renumber,
+                                    renumber_span=stage.renumber_span))
     return policy.model_copy(update={"stages": stages}), probe.graph["diagnostics"]
 
 
@@ -322,6 +323,11 @@ def validate(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
             _error(graph, f"'{stage.action.kind}' at vit.out after 'cls_token' was kept at {cls_kept_at} would treat "
                    "the CLS token as a patch", stage.span, expected="'cls_token' in the last vit.out stage",
                    code="cls-token")
+        if stage.renumber and site.tower == "vit":
+            _error(graph, f"'renumber' re-numbers the LLM's rotary positions; {stage.site.text()} is in the vision "
+                   "tower, whose position embeddings were added before its first layer",
+                   stage.renumber_span or stage.span, expected="'renumber' on an llm.layerN stage",
+                   code="renumber")
         if isinstance(stage.action, ast.DropAll):
             dropped_at = stage.site.text()
         previous_key, previous_site = data["order"], stage.site.text()
@@ -509,7 +515,7 @@ def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref):
     stage: ast.Stage = data["stage"]
     action = stage.action
     site: ResolvedSite = data["site"]
-    common = dict(index=data["index"], site=site, tokens_in=tokens_in, span=stage.span)
+    common = dict(index=data["index"], site=site, tokens_in=tokens_in, span=stage.span, renumber=stage.renumber)
     if isinstance(action, ast.DropAll):
         return ResolvedStage(action="drop", tokens_out=0, **common), None
     if isinstance(action, ast.Pool):
@@ -589,6 +595,13 @@ def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref):
             )
             return None
     region = None
+    proportional = action.region is not None and action.region.proportional
+    if proportional and (not terms or terms[0].kind != "top"):
+        first = next((t for t in action.terms if not isinstance(t, ast.ClsTokenTerm)), action.terms[0])
+        _error(graph, "'proportional' shares the budget by each region's mean of the first term's score, "
+               f"but the first term ('{first.kind}') has no score", first.span,
+               expected="a scored first term, such as 'cls top 64 per region 4x4 proportional'", code="region")
+        return None
     if action.region is not None:
         region = (action.region.kind, action.region.rows or 0, action.region.cols or 0)
         if action.region.kind == "region" and grid is not None:
@@ -605,7 +618,7 @@ def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref):
     out = kept + rest
     stage_out = ResolvedStage(
         action="keep", tokens_out=out + keep_cls, terms=tuple(terms), region=region, merge_rest=rest,
-        keep_cls=keep_cls, **common
+        keep_cls=keep_cls, region_proportional=proportional, **common
     )
     return stage_out, (grid if out == tokens_in and rest == 0 and not keep_cls else None)
 

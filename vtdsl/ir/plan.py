@@ -86,11 +86,15 @@ class ResolvedStage:
     tokens_out: int
     terms: tuple[ResolvedTerm, ...] = ()
     region: tuple[str, int, int] | None = None  # ("region", rows, cols) or ("crop", 0, 0)
+    # `per region RxC proportional`: shares follow each region's mean of the first term's score
+    region_proportional: bool = False
     merge_rest: int = 0  # keep: contextual tokens appended; merge: pairs merged
     pool: tuple[int, int] | None = None
     # keep: the CLS token goes ahead of the kept patches (`cls_token`, vit.out only);
     # counted in tokens_out, not in the terms.
     keep_cls: bool = False
+    # LLM: the rows after the stage get contiguous positions (ast.Stage.renumber)
+    renumber: bool = False
     span: Span | None = None
 
 

@@ -191,18 +191,20 @@ Term = Annotated[Union[TopTerm, SelectTerm, BuffersTerm, ClsTokenTerm], Field(di
 
 
 class Region(Node):
-    """`per crop` (each anyres crop) or `per region RxC` (an even spatial split)."""
+    """`per crop` (each anyres crop) or `per region RxC` (a spatial split); the budget is
+    shared evenly, or with `proportional` in proportion to each region's mean score."""
 
     kind: Literal["crop", "region"]
     rows: int | None = None
     cols: int | None = None
+    proportional: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "Region":
         if self.kind == "region" and (not self.rows or not self.cols or self.rows < 1 or self.cols < 1):
             raise ValueError("'per region' needs a positive RxC split such as 2x2")
-        if self.kind == "crop" and (self.rows is not None or self.cols is not None):
-            raise ValueError("'per crop' takes no RxC split")
+        if self.kind == "crop" and (self.rows is not None or self.cols is not None or self.proportional):
+            raise ValueError("'per crop' takes no RxC split and no 'proportional'")
         return self
 
 
@@ -251,6 +253,10 @@ class Stage(Node):
     site: Site  # a repeated stage's first site (`from`)
     action: Action
     repeat: Repeat | None = None
+    # LLM stages: the tokens after the cut get contiguous RoPE positions (`renumber`)
+    # instead of keeping their own, in prefill and in every decode step.
+    renumber: bool = False
+    renumber_span: Span | None = Field(default=None, repr=False, exclude=True)
 
 
 class Budget(Node):

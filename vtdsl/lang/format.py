@@ -88,7 +88,9 @@ def format_term(term) -> str:
 
 
 def format_region(region: ast.Region) -> str:
-    return "crop" if region.kind == "crop" else f"region {region.rows}x{region.cols}"
+    if region.kind == "crop":
+        return "crop"
+    return f"region {region.rows}x{region.cols}" + (" proportional" if region.proportional else "")
 
 
 def format_action(action) -> str:
@@ -112,9 +114,8 @@ def format_repeat(stage: ast.Stage) -> str:
 
 
 def format_stage(stage: ast.Stage) -> str:
-    if stage.repeat is not None:
-        return f"{format_repeat(stage)} {format_action(stage.action)}"
-    return f"at {stage.site.text()} {format_action(stage.action)}"
+    head = format_repeat(stage) if stage.repeat is not None else f"at {stage.site.text()}"
+    return f"{head} {format_action(stage.action)}{' renumber' if stage.renumber else ''}"
 
 
 def format_budget_body(budget: ast.Budget) -> str:

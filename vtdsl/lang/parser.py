@@ -492,7 +492,10 @@ class _Builder:
                          op=str(comparison.children[0]), value=value, percent=percent)
 
     def stage(self, tree: Tree) -> ast.Stage:
-        head, action = tree.children
+        head, action, *tail = tree.children
+        extra = {}
+        if tail:
+            extra = dict(renumber=True, renumber_span=self.span(tail[0]))
         if isinstance(head, Tree) and head.data == "repeat":
             step_tree, start, end = head.children
             step = 1
@@ -505,8 +508,8 @@ class _Builder:
                 step = int(value)
             repeat = self.node(ast.Repeat, self.span(head), step=step, end=self.site(end))
             return self.node(ast.Stage, self.span(tree), site=self.site(start), action=self.action(action),
-                             repeat=repeat)
-        return self.node(ast.Stage, self.span(tree), site=self.site(head), action=self.action(action))
+                             repeat=repeat, **extra)
+        return self.node(ast.Stage, self.span(tree), site=self.site(head), action=self.action(action), **extra)
 
     def site(self, tree: Tree | Token) -> ast.Site:
         tok = tree.children[0] if isinstance(tree, Tree) else tree
@@ -582,7 +585,7 @@ class _Builder:
         if kind == "crop":
             return self.node(ast.Region, span, kind="crop")
         rows, cols = self.grid(tree.children[1], "region")
-        return self.node(ast.Region, span, kind="region", rows=rows, cols=cols)
+        return self.node(ast.Region, span, kind="region", rows=rows, cols=cols, proportional=len(tree.children) > 2)
 
     def grid(self, tree: Tree | Token, what: str) -> tuple[int, int]:
         tok = tree.children[0] if isinstance(tree, Tree) else tree

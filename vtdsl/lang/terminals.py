@@ -48,6 +48,8 @@ TERMINAL_WORDS: dict[str, str] = {
     "_THEN": "'then merge rest into N'",
     "_REST": "'rest'",
     "_INTO": "'into'",
+    "PROPORTIONAL": "'proportional'",
+    "RENUMBER": "'renumber'",
     "ALL": "'all'",
     "MEAN": "'mean'",
     "SUM": "'sum'",

@@ -41,7 +41,7 @@ from .parser import _StatementError, _Where, check_size, has_surrogate, parse_va
 
 TOP_KEYS = ("policy", "model", "budget", "stages")
 ACTIONS = ("keep", "merge", "pool", "drop")
-STAGE_KEYS = ("at", "every", "from", "to") + ACTIONS + ("per", "merge_rest_into")
+STAGE_KEYS = ("at", "every", "from", "to") + ACTIONS + ("per", "merge_rest_into", "renumber")
 _NULL = "tag:yaml.org,2002:null"
 
 
@@ -99,6 +99,8 @@ def policy_to_data(policy: ast.Policy) -> dict:
             item["pool"] = f"{a.rows}x{a.cols}"
         else:
             item["drop"] = "all"
+        if stage.renumber:
+            item["renumber"] = True
         stages.append(item)
     data["stages"] = stages
     return data
@@ -288,7 +290,13 @@ class _Reader:
             if not (isinstance(val, ScalarNode) and val.value == "all"):
                 raise self.fail("'drop' takes the value 'all'", val, hint="write 'drop: all'")
             act = self.node(ast.DropAll, span)
-        return self.node(ast.Stage, _span(node), site=site, action=act, repeat=repeat)
+        extra = {}
+        if "renumber" in m:
+            key, val = m["renumber"]
+            if not (isinstance(val, ScalarNode) and val.value in ("true", "false")):
+                raise self.fail("'renumber' takes true or false", val, hint="write 'renumber: true'")
+            extra = dict(renumber=val.value == "true", renumber_span=_join(_span(key), _span(val)))
+        return self.node(ast.Stage, _span(node), site=site, action=act, repeat=repeat, **extra)
 
     def node(self, cls, span: ast.Span, **fields):
         from pydantic import ValidationError

@@ -55,6 +55,7 @@ def select_union(
     exclude: Tensor | None = None,
     region_ids: Tensor | None = None,
     num_regions: int | None = None,
+    region_weights: Tensor | None = None,
     batch: int | None = None,
     return_terms: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -78,6 +79,9 @@ def select_union(
     region_ids, num_regions : optional
         ``per region`` / ``per crop``: every term's count is split across the regions
         with `select.per_region`.
+    region_weights : Tensor, optional
+        ``[B, n]`` token scores: each term's count is shared across the regions in
+        proportion to their mean score (`select.proportional_shares`) instead of evenly.
     batch : int, optional
         Batch size, needed only when no tensor argument carries it.
     return_terms : bool
@@ -174,7 +178,11 @@ def select_union(
             rows = torch.arange(b, device=device)
             idx = fn(term.count, ~taken & ~blocked, taken, rows)
         else:
-            idx = sel.per_region(fn, term.count, region_ids, num_regions, taken=taken, exclude=blocked)
+            shares = None
+            if region_weights is not None:
+                shares = sel.proportional_shares(region_weights, region_ids, num_regions, term.count)
+            idx = sel.per_region(fn, term.count, region_ids, num_regions, taken=taken, exclude=blocked,
+                                 shares=shares)
         taken.scatter_(1, idx, True)
         term_of.scatter_(1, idx, ti)
 

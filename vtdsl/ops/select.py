@@ -481,6 +481,52 @@ def split_regions(positions: Tensor, grid: tuple[int, int], rows: int, cols: int
     return torch.where(on_grid, rr * cols + rc, torch.full_like(pos, -1))
 
 
+def proportional_shares(scores: Tensor, region_ids: Tensor, num_regions: int, k: int) -> Tensor:
+    """Tokens per region in proportion to each region's mean score (HoloV's crop budget).
+
+    Parameters
+    ----------
+    scores : Tensor
+        ``[B, n]`` token scores (negative values count as 0).
+    region_ids : Tensor
+        ``[B, n]`` int64 region of each token (-1: none).
+    num_regions : int
+        G.
+    k : int
+        Total tokens.
+
+    Returns
+    -------
+    Tensor
+        ``[B, G]`` int64, each row summing to k.
+
+    Notes
+    -----
+    Region g gets ``floor(k * m_g / sum(m))`` where ``m_g`` is the mean score of its
+    tokens; the tokens the floors leave over go one each to the regions of highest mean
+    (lowest index on ties), round after round. All-zero means split evenly. A region
+    that cannot supply its share leaves the rest to `per_region`'s global fill.
+    """
+    b = scores.shape[0]
+    s = scores.float().clamp(min=0)
+    valid = region_ids >= 0
+    ids = region_ids.clamp(min=0)
+    total = torch.zeros(b, num_regions, device=scores.device).scatter_add_(1, ids, s * valid)
+    count = torch.zeros(b, num_regions, device=scores.device).scatter_add_(1, ids, valid.float())
+    mean = total / count.clamp(min=1)
+    norm = mean.sum(dim=1, keepdim=True)
+    even = norm <= 0
+    mean = torch.where(even, torch.ones_like(mean), mean)
+    norm = torch.where(even, torch.full_like(norm, float(num_regions)), norm)
+    base = torch.floor(k * mean / norm).long()
+    left = k - base.sum(dim=1)
+    # rank regions by mean (stable: lowest index first on ties) and hand out the rest
+    order = torch.sort(-mean, dim=1, stable=True).indices
+    rounds, extra = torch.div(left, num_regions, rounding_mode="floor"), left % num_regions
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(num_regions, device=scores.device).expand(b, -1))
+    return base + rounds[:, None] + (rank < extra[:, None]).long()
+
+
 SelectFn = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 """``select_fn(count, allowed, taken, rows) -> idx [b', count]`` on the sub-batch ``rows``:
 ``allowed`` ``[b', n]`` = tokens it may choose, ``taken`` ``[b', n]`` = tokens kept so far."""
@@ -494,8 +540,10 @@ def per_region(
     *,
     taken: Tensor | None = None,
     exclude: Tensor | None = None,
+    shares: Tensor | None = None,
 ) -> Tensor:
-    """Split a budget of k tokens evenly across regions and select within each.
+    """Split a budget of k tokens across regions (evenly, or as `shares` say) and select
+    within each.
 
     Parameters
     ----------
@@ -511,6 +559,9 @@ def per_region(
         Number of regions G.
     taken, exclude : Tensor, optional
         ``[B, n]`` bool: tokens already kept / never selectable.
+    shares : Tensor, optional
+        ``[B, G]`` int64 tokens per region, each row summing to k
+        (`proportional_shares`); default the even split.
 
     Returns
     -------
@@ -519,8 +570,8 @@ def per_region(
 
     Notes
     -----
-    Region g (raster order) gets ``k // G`` tokens, plus one for the first ``k % G``
-    regions. A region with fewer available tokens than its share gives all it has, and
+    By default region g (raster order) gets ``k // G`` tokens, plus one for the first
+    ``k % G`` regions. A region with fewer available tokens than its share gives all it has, and
     the shortfall is filled by one more ``select_fn`` call over all remaining tokens
     (the globally best remaining). Samples whose counts differ are handled in groups,
     so each sample's result does not depend on the rest of the batch.
@@ -545,13 +596,15 @@ def per_region(
             sub.scatter_(1, idx, True)
             picked[rows] = sub
 
-    base, extra = divmod(k, num_regions)
+    if shares is None:
+        base, extra = divmod(k, num_regions)
+        shares = torch.tensor([base + (1 if g < extra else 0) for g in range(num_regions)], device=device)
+        shares = shares[None].expand(b, -1)
+    elif tuple(shares.shape) != (b, num_regions) or bool((shares.sum(dim=1) != k).any()):
+        raise ValueError(f"shares must be [{b}, {num_regions}] with rows summing to {k}")
     for g in range(num_regions):
-        share = base + (1 if g < extra else 0)
-        if share == 0:
-            continue
         in_region = free & (region_ids == g)
-        run(in_region.sum(dim=1).clamp(max=share), in_region)
+        run(torch.minimum(in_region.sum(dim=1), shares[:, g]), in_region)
     leftover = k - picked.sum(dim=1)
     if bool((leftover > 0).any()):
         run(leftover, free & ~picked)

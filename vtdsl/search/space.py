@@ -113,7 +113,7 @@ class Frag:
 @dataclass
 class Hole:
     name: str  # "line:column"
-    kind: str  # "choice" | "stage"
+    kind: str  # "choice" | "stage" (an optional stage) | "flag" (a YAML keyword present or not)
     alts: list  # Frag | Range
     optional: bool
     start: int  # source offsets: '{' (or 'at?') .. after '}' / '?' (or the stage's end)
@@ -123,12 +123,17 @@ class Hole:
     _labels: dict = field(default_factory=dict, repr=False)
 
     @property
+    def boolean(self) -> bool:
+        """Whether the parameter's values are true / false (`at?`, `every?`, a YAML flag)."""
+        return self.kind in ("stage", "flag")
+
+    @property
     def single_range(self) -> bool:
         return self.kind == "choice" and not self.optional and len(self.alts) == 1 and isinstance(self.alts[0], Range)
 
     def choices(self) -> list[Value]:
         """Every value of this parameter, in order (lists of ranges expanded)."""
-        if self.kind == "stage":
+        if self.boolean:
             return [True, False]
         if self.single_range:
             r = self.alts[0]
@@ -145,12 +150,12 @@ class Hole:
 
     def find(self, value: Value):
         """The alternative (Frag or Range) a value selects; None for an absent piece."""
-        if self.kind == "stage":
+        if self.boolean:
             if value is True:
                 return self.alts[0]
             if value is False:
                 return None
-            raise ValueError(f"parameter {self.name} (at?) takes true or false, not {value!r}")
+            raise ValueError(f"parameter {self.name} ({self.kind}) takes true or false, not {value!r}")
         if value is None:
             if self.optional:
                 return None
@@ -178,7 +183,7 @@ class Hole:
                 items.append({"range": [alt.lo, alt.hi], "step": alt.step, "count": alt.count})
             else:
                 items.append({"text": alt.label, "count": alt.count})
-        return {"name": self.name, "kind": "optional stage" if self.kind == "stage" else (
+        return {"name": self.name, "kind": {"stage": "optional stage", "flag": "flag"}.get(self.kind) or (
             "range" if self.single_range else "choice"), "optional": self.optional, "count": self.count,
             "items": items}
 
@@ -316,10 +321,10 @@ class _Scanner:
             if c == "}":
                 raise self.fail("unexpected '}': no choice is open", self.i,
                                 hint="a choice is written {a, b, c}; remove the '}' or add the '{'")
-            if (self.stages and c == "a" and t.startswith("at?", self.i)
+            if (self.stages and c in "ae" and (t.startswith("at?", self.i) or t.startswith("every?", self.i))
                     and (self.i == 0 or not _IDENT.match(t[self.i - 1]))):
                 flush()
-                parts.append(self.stage_hole(depth, open_at))
+                parts.append(self.stage_hole(depth, open_at, "at" if c == "a" else "every"))
                 buf_start = self.i
                 continue
             if c == "(":
@@ -350,11 +355,12 @@ class _Scanner:
                          expected="'}' on the same line, closing the choice opened here",
                          hint="a choice is written {a, b, c} on one line")
 
-    def stage_hole(self, depth: int, open_at: int | None) -> Hole:
+    def stage_hole(self, depth: int, open_at: int | None, keyword: str = "at") -> Hole:
+        """An optional stage: `at? SITE ACTION` or `every? ... ACTION` (a schedule)."""
         start = self.i
-        self.i += 3  # "at?"
+        self.i += len(keyword) + 1  # "at?" / "every?"
         rest = self.seq(depth, stage=True, open_at=open_at)
-        parts = [Lit("at", self.base + start)] + rest
+        parts = [Lit(keyword, self.base + start)] + rest
         parts = _strip(parts)
         end = self.i
         label = self.t[start:end].strip()
@@ -586,11 +592,11 @@ def _decode_hole(h: Hole, r: int, out: Point) -> None:
                 v = alt.value(r)
                 out[h.name] = v if h.single_range else str(v)
             else:
-                out[h.name] = True if h.kind == "stage" else alt.label
+                out[h.name] = True if h.boolean else alt.label
                 _decode_frag(alt.parts, r, out)
             return
         r -= c
-    out[h.name] = False if h.kind == "stage" else None
+    out[h.name] = False if h.boolean else None
 
 
 def _encode_frag(frag_parts: list, point: Point) -> int:
@@ -645,10 +651,10 @@ def _sweep_hole(h: Hole) -> list[Point]:
             for v in dict.fromkeys((alt.lo, alt.value(alt.count - 1))):
                 out.append({h.name: v if h.single_range else str(v)})
         else:
-            label = True if h.kind == "stage" else alt.label
+            label = True if h.boolean else alt.label
             out += [{h.name: label, **pt} for pt in _sweep_frag(alt.parts)]
     if h.optional:
-        out.append({h.name: False if h.kind == "stage" else None})
+        out.append({h.name: False if h.boolean else None})
     return out
 
 
@@ -921,7 +927,7 @@ def load_space(path: str | os.PathLike, syntax: str | None = None) -> Space:
 
 _TOP_KEYS = ("policy", "model", "budget", "stages")
 _ACTIONS = ("keep", "merge", "pool", "drop")
-_STAGE_KEYS = ("at", "at?") + _ACTIONS + ("per", "merge_rest_into")
+_STAGE_KEYS = ("at", "at?", "every", "every?", "from", "to") + _ACTIONS + ("per", "merge_rest_into", "renumber")
 _NULL = "tag:yaml.org,2002:null"
 
 
@@ -1009,7 +1015,16 @@ def _yaml_template(text: str, filename: str) -> Frag:
     def stage(node):
         m = mapping(node, "a stage", _STAGE_KEYS)
         at_keys = [k for k in ("at", "at?") if k in m]
-        if not at_keys:
+        schedule = [k for k in ("every", "every?", "from", "to") if k in m]
+        if schedule and at_keys:
+            raise fail(f"a stage has '{at_keys[0]}' or a schedule ('every', 'from', 'to'), not both", m[at_keys[0]][0])
+        if "every" in m and "every?" in m:
+            raise fail("a schedule has 'every' or 'every?', not both", m["every?"][0])
+        if schedule:
+            for k in ("from", "to"):
+                if k not in m:
+                    raise fail(f"a schedule needs '{k}: <site>'", node, expected="from: vit.layer2, to: vit.layer22")
+        elif not at_keys:
             raise fail("a stage needs 'at: <site>' (or 'at?: <site>' for an optional stage)", node,
                        expected="a site such as vit.layer16")
         if len(at_keys) > 1:
@@ -1024,8 +1039,20 @@ def _yaml_template(text: str, filename: str) -> Frag:
         for extra in ("per", "merge_rest_into"):
             if extra in m and action != "keep":
                 raise fail(f"'{extra}' belongs to 'keep', not to '{action}'", m[extra][0])
-        at_key, at_val = m[at_keys[0]]
-        parts = [glue("at ", at_key)] + value(at_val, f"'{at_keys[0]}'") + [glue(" ", at_key)]
+        optional = "at?" in m or "every?" in m
+        if schedule:
+            every_key = "every?" if "every?" in m else "every" if "every" in m else None
+            at_key = m[every_key][0] if every_key else m["from"][0]
+            parts = [glue("every ", at_key)]
+            if every_key and not (isinstance(m[every_key][1], ScalarNode) and m[every_key][1].tag == _NULL):
+                parts += value(m[every_key][1], f"'{every_key}'") + [glue(" layers", m[every_key][0])]
+            else:  # `every?:` with no value: an optional schedule over every layer
+                parts.append(glue("layer", at_key))
+            parts += [glue(" from ", m["from"][0])] + value(m["from"][1], "'from'")
+            parts += [glue(" to ", m["to"][0])] + value(m["to"][1], "'to'") + [glue(" ", m["to"][0])]
+        else:
+            at_key, at_val = m[at_keys[0]]
+            parts = [glue("at ", at_key)] + value(at_val, f"'{at_keys[0]}'") + [glue(" ", at_key)]
         key, val = m[action]
         parts.append(glue(action + " ", key))
         if action == "keep" and isinstance(val, SequenceNode):
@@ -1044,7 +1071,21 @@ def _yaml_template(text: str, filename: str) -> Frag:
         if "merge_rest_into" in m:
             parts += [glue(" then merge rest into ", m["merge_rest_into"][0])] + value(
                 m["merge_rest_into"][1], "'merge_rest_into'")
-        if at_keys[0] == "at?":
+        if "renumber" in m:
+            key, val = m["renumber"]
+            word = val.value if isinstance(val, ScalarNode) else None
+            if word in ("true", "false"):
+                if word == "true":
+                    parts.append(glue(" renumber", key))
+            elif isinstance(val, ScalarNode) and re.fullmatch(r"\{\s*(true\s*,\s*false|false\s*,\s*true)\s*\}",
+                                                              val.value):
+                start, end = key.start_mark.index, val.end_mark.index
+                line, col = lines.pos(val.start_mark.index + (1 if val.style in ("'", '"') else 0))
+                alt = Frag([glue(" renumber", key)], "renumber", start, end)
+                parts.append(Hole(f"{line}:{col}", "flag", [alt], True, start, end))
+            else:
+                raise fail("'renumber' takes true, false or the choice \"{true, false}\"", val)
+        if optional:
             start = at_key.start_mark.index
             end = max(n.end_mark.index for _, n in m.values())
             line, col = lines.pos(start)
