@@ -46,7 +46,10 @@ def score_refs(draw):
 
 scores = st.recursive(
     score_refs(),
-    lambda inner: st.builds(A.ScoreCombine, op=st.sampled_from(COMBINERS), args=st.lists(inner, min_size=2, max_size=3)),
+    lambda inner: st.lists(inner, min_size=2, max_size=3).flatmap(lambda args: st.builds(
+        A.ScoreCombine, op=st.sampled_from(COMBINERS), args=st.just(args),
+        weights=st.none() | st.lists(st.sampled_from([1.0, 0.5, 2.0, 0.09, 1000.0, 1e-4]),
+                                     min_size=len(args), max_size=len(args)).filter(lambda w: any(x != 1 for x in w)))),
     max_leaves=6,
 )
 terms = st.one_of(

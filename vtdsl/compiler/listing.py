@@ -56,7 +56,9 @@ def score_text(score: ResolvedScore) -> str:
         o = score.observation
         args = f"({', '.join(o.args)})" if o.args else ""
         return f"{o.scorer}{args}@{o.tower}.layer{o.layer}"
-    return f"{score.op}(" + ", ".join(score_text(a) for a in score.args) + ")"
+    weights = score.weights or (1,) * len(score.args)
+    return f"{score.op}(" + ", ".join(("" if w == 1 else f"{w:g} * ") + score_text(a)
+                                      for w, a in zip(weights, score.args)) + ")"
 
 
 def stage_text(stage: ResolvedStage) -> str:

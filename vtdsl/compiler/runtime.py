@@ -107,10 +107,14 @@ def evaluate_score(score: ResolvedScore, view: StageView) -> Tensor:
     if score.op == "leaf":
         return view.score_of(score.observation)
     parts = torch.stack([evaluate_score(a, view) for a in score.args])
+    if score.weights is not None:
+        parts = parts * torch.tensor(score.weights, dtype=parts.dtype, device=parts.device).view(-1, *[1] * (parts.dim() - 1))
     if score.op == "mean":
         return parts.mean(0)
     if score.op == "sum":
         return parts.sum(0)
+    if score.op == "prod":
+        return parts.prod(0)
     return parts.amax(0)
 
 

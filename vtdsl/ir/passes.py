@@ -424,7 +424,8 @@ def resolve_quantity(qty: ast.Quantity, tokens_in: int) -> int:
 def _resolve_score(graph, score, obs_by_ref: dict) -> ResolvedScore:
     if isinstance(score, ast.ScoreRef):
         return ResolvedScore("leaf", obs_by_ref[id(score)])
-    return ResolvedScore(score.op, args=tuple(_resolve_score(graph, a, obs_by_ref) for a in score.args))
+    return ResolvedScore(score.op, args=tuple(_resolve_score(graph, a, obs_by_ref) for a in score.args),
+                         weights=tuple(score.weights) if score.weights is not None else None)
 
 
 def infer_tokens(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:

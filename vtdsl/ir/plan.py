@@ -56,11 +56,13 @@ class Observation:
 
 @dataclass(frozen=True)
 class ResolvedScore:
-    """A leaf observation, or an aggregate ("mean", "sum", "max") of several."""
+    """A leaf observation, or an aggregate ("mean", "sum", "max", "prod") of several, each
+    multiplied by its weight first (`weights`: one per argument, or None for all 1)."""
 
-    op: Literal["leaf", "mean", "sum", "max"]
+    op: Literal["leaf", "mean", "sum", "max", "prod"]
     observation: Observation | None = None
     args: tuple["ResolvedScore", ...] = ()
+    weights: tuple[float, ...] | None = None
 
     def observations(self) -> list[Observation]:
         if self.op == "leaf":

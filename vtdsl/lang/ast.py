@@ -139,11 +139,23 @@ class ScoreRef(Node):
 
 
 class ScoreCombine(Node):
-    """An aggregate of several scores (e.g. CLS attention averaged over layers)."""
+    """An aggregate of several scores (e.g. CLS attention averaged over layers), each
+    optionally multiplied by a constant weight (`sum(cls, 0.09 * norm)`)."""
 
     kind: Literal["combine"] = "combine"
-    op: Literal["mean", "sum", "max"]
+    op: Literal["mean", "sum", "max", "prod"]
     args: list["Score"] = Field(min_length=2)
+    # one per argument; None when no argument is weighted (all 1)
+    weights: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> "ScoreCombine":
+        if self.weights is not None:
+            if len(self.weights) != len(self.args):
+                raise ValueError("a combination has one weight per score")
+            if not all(math.isfinite(w) for w in self.weights):
+                raise ValueError("a weight must be a finite number")
+        return self
 
 
 Score = Annotated[Union[ScoreRef, ScoreCombine], Field(discriminator="kind")]

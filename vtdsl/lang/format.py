@@ -62,7 +62,9 @@ def format_quantity(q: ast.Quantity) -> str:
 
 def format_score(score) -> str:
     if isinstance(score, ast.ScoreCombine):
-        return f"{score.op}({', '.join(format_score(a) for a in score.args)})"
+        weights = score.weights or [1] * len(score.args)
+        args = [("" if w == 1 else f"{format_number(w)} * ") + format_score(a) for w, a in zip(weights, score.args)]
+        return f"{score.op}({', '.join(args)})"
     text = score.name
     args = list(score.args) + ([score.heads] if score.heads else []) + (["no_rope"] if score.no_rope else [])
     if args:

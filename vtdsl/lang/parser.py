@@ -32,7 +32,7 @@ from pydantic import ValidationError
 
 from . import ast
 from .errors import Diagnostic, PolicyError, did_you_mean
-from .scorers import COMBINERS, MAX_SCORE_DEPTH, SCORERS, SELECTORS
+from .scorers import AGGREGATES, COMBINERS, MAX_SCORE_DEPTH, SCORERS, SELECTORS
 from .terminals import END_OF_STATEMENT, TERMINAL_WORDS, expected_phrase, keyword_of
 
 GRAMMAR_PATH = Path(__file__).with_name("grammar.lark")
@@ -317,7 +317,7 @@ def _parse_tokens(tokens: list[Token], start: str, where: _Where, terminator: To
             raise _fail(f"unknown site '{show(tok)}'", where.of_token(tok),
                         expected=TERMINAL_WORDS["SITE"], hint=site_hint(str(tok)))
         elif tok.type == "_LPAR":
-            combine = prev is not None and prev.type in ("MEAN", "SUM", "MAX")
+            combine = prev is not None and prev.type in ("MEAN", "SUM", "MAX", "PROD")
             parens.append(combine)
             depth += combine
             if depth > MAX_SCORE_DEPTH:
@@ -606,7 +606,13 @@ class _Builder:
             if len(args) < 2:
                 raise _fail(f"{op}(...) needs at least two scores", span,
                             hint=f"to use a single score, write it without {op}(...)", code="semantic")
-            return self.node(ast.ScoreCombine, span, op=op, args=[self.score(a) for a in args])
+            scores, weights = [], []
+            for arg in args:
+                *weight_tok, score_tree = arg.children
+                weights.append(self.number(weight_tok[0]) if weight_tok else 1)
+                scores.append(self.score(score_tree))
+            return self.node(ast.ScoreCombine, span, op=op, args=scores,
+                             weights=[float(w) for w in weights] if any(w != 1 for w in weights) else None)
         name_tok, *rest = tree.children
         name = str(name_tok)
         info = SCORERS.get(name)
@@ -624,6 +630,9 @@ class _Builder:
                 at, to = self.layer_range(child.children[0])
             elif child.data == "combine_op":
                 over = str(child.children[0])
+                if over not in AGGREGATES:
+                    raise _fail(f"a layer range is aggregated by mean, sum or max, not '{over}'",
+                                self.span(child), expected="mean, sum or max", code="semantic")
             else:
                 at = self.site(child)
         return self.node(ast.ScoreRef, span, name=name, args=args, at=at, to=to, over=over, heads=heads,

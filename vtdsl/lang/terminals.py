@@ -54,6 +54,8 @@ TERMINAL_WORDS: dict[str, str] = {
     "MEAN": "'mean'",
     "SUM": "'sum'",
     "MAX": "'max'",
+    "PROD": "'prod'",
+    "_STAR": "'*' and a score",
     "_COMMA": "','",
     "_LPAR": "'('",
     "_RPAR": "')'",
@@ -76,11 +78,14 @@ TERMINAL_WORDS: dict[str, str] = {
 # used when all of its members are expected, and then replaces them.
 _FAMILIES: list[tuple[frozenset[str], str]] = [
     (
-        frozenset({"NAME", "MEAN", "SUM", "MAX", "DIVERSE", "UNIFORM", "UNIQUE", "RANDOM", "_BUFFERS", "CLS_TOKEN"}),
+        frozenset({"NAME", "MEAN", "SUM", "MAX", "PROD", "DIVERSE", "UNIFORM", "UNIQUE", "RANDOM", "_BUFFERS",
+                   "CLS_TOKEN"}),
         "a term: a score with 'top' (cls top 10%), a selector (diverse, uniform, unique, "
         "random), buffers or cls_token",
     ),
-    (frozenset({"NAME", "MEAN", "SUM", "MAX"}), f"a score: a scorer ({_SCORER_LIST}) or {', '.join(COMBINERS)}(...)"),
+    (frozenset({"NAME", "MEAN", "SUM", "MAX", "PROD", "NUMBER"}),
+     f"a score: a scorer ({_SCORER_LIST}) or {', '.join(COMBINERS)}(...), optionally weighted (0.5 * cls)"),
+    (frozenset({"NAME", "MEAN", "SUM", "MAX", "PROD"}), f"a score: a scorer ({_SCORER_LIST}) or {', '.join(COMBINERS)}(...)"),
     (frozenset({"NAME", "ALL"}), "an argument such as last or all"),
     (frozenset({"_KEEP", "_MERGE", "_POOL", "_DROP"}), "an action: keep, merge, pool or drop"),
     (
