@@ -55,6 +55,7 @@ scores = st.recursive(
 terms = st.one_of(
     st.builds(A.TopTerm, score=scores, qty=quantities),
     st.builds(A.SelectTerm, kind=st.sampled_from(["diverse", "uniform", "unique"]), qty=quantities),
+    st.builds(A.SelectTerm, kind=st.just("diverse"), qty=quantities, spread=st.just("sum")),
     st.builds(A.SelectTerm, kind=st.just("random"), qty=quantities, seed=st.none() | st.integers(0, 2**63 - 1)),
     st.builds(A.BuffersTerm, qty=st.none() | quantities),
 )

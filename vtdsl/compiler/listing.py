@@ -77,6 +77,8 @@ def _action_text(stage: ResolvedStage) -> str:
     for term in stage.terms:
         if term.kind == "top":
             parts.append(f"{score_text(term.score)} top {term.count}")
+        elif term.kind == "diverse" and term.spread == "sum":
+            parts.append(f"diverse(sum) {term.count}")
         elif term.kind == "random" and term.seed is not None:
             parts.append(f"random {term.count} seed {term.seed}")
         else:

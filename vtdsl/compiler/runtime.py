@@ -178,8 +178,9 @@ def execute(stage: ResolvedStage, view: StageView,
         if on_scores is not None and scores is not None:
             on_scores(scores)
             on_scores = None
-        needs_features |= term.kind in ("diverse", "unique")
-        terms.append(ops.TermSpec(kind=term.kind, count=term.count, scores=scores, seed=term.seed))
+        needs_features |= term.kind in ("diverse", "unique")  # diverse(sum) too
+        kind = "diverse_sum" if term.kind == "diverse" and term.spread == "sum" else term.kind
+        terms.append(ops.TermSpec(kind=kind, count=term.count, scores=scores, seed=term.seed))
     region_ids, num_regions = None, None
     if stage.region is not None:
         kind, rr, rc = stage.region

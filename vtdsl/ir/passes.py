@@ -578,7 +578,8 @@ def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref):
             continue
         score = _resolve_score(graph, term.score, obs_by_ref) if isinstance(term, ast.TopTerm) else None
         seed = term.seed if isinstance(term, ast.SelectTerm) else None
-        terms.append(ResolvedTerm(kind=term.kind, count=count, score=score, seed=seed, span=term.span))
+        spread = term.spread if isinstance(term, ast.SelectTerm) else "min"
+        terms.append(ResolvedTerm(kind=term.kind, count=count, score=score, seed=seed, spread=spread, span=term.span))
         kept += count
     if not ok:
         return None

@@ -76,6 +76,7 @@ class ResolvedTerm:
     count: int  # tokens this term adds (buffers: the resolved upper bound)
     score: ResolvedScore | None = None
     seed: int | None = None
+    spread: Literal["min", "sum"] = "min"  # diverse: max-min or max-sum
     span: Span | None = None
 
 

@@ -176,11 +176,15 @@ class SelectTerm(Node):
     kind: Literal["diverse", "uniform", "random", "unique"]
     qty: Quantity
     seed: int | None = None
+    # diverse: "min" = max-min (k-center, DivPrune), "sum" = max-sum diversification (ToDRE)
+    spread: Literal["min", "sum"] = "min"
 
     @model_validator(mode="after")
     def _check(self) -> "SelectTerm":
         if self.seed is not None and self.kind != "random":
             raise ValueError(f"'seed' belongs to 'random', not to '{self.kind}'")
+        if self.spread != "min" and self.kind != "diverse":
+            raise ValueError(f"'(sum)' belongs to 'diverse', not to '{self.kind}'")
         return self
 
 

@@ -83,7 +83,7 @@ def format_term(term) -> str:
         return "cls_token"
     if isinstance(term, ast.BuffersTerm):
         return "buffers" if term.qty is None else f"buffers {format_quantity(term.qty)}"
-    text = f"{term.kind} {format_quantity(term.qty)}"
+    text = f"{term.kind}{'(sum)' if term.spread == 'sum' else ''} {format_quantity(term.qty)}"
     if term.seed is not None:
         text += f" seed {term.seed}"
     return text

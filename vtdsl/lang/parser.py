@@ -559,8 +559,17 @@ class _Builder:
         if tree.data == "buffers_term":
             qty = self.quantity(tree.children[0]) if tree.children else None
             return self.node(ast.BuffersTerm, span, qty=qty)
-        selector, qty, *rest = tree.children
+        selector, *rest = tree.children
         kind = str(selector.children[0])
+        spread = "min"
+        if rest[0].data == "selector_arg":
+            arg = rest.pop(0)
+            if kind != "diverse":
+                raise _fail(f"'({arg.children[0]})' belongs to 'diverse', not to '{kind}'", self.span(arg),
+                            hint="diverse(sum) is max-sum diversity; the other selectors take no argument",
+                            code="semantic")
+            spread = "sum"
+        qty, *rest = rest
         seed = None
         if rest:
             seed_tree = rest[0]
@@ -568,7 +577,7 @@ class _Builder:
             if kind != "random":
                 raise _fail(f"'seed' belongs to 'random', not to '{kind}'", self.span(seed_tree),
                             hint=f"'{kind}' is deterministic; remove 'seed {seed}'", code="semantic")
-        return self.node(ast.SelectTerm, span, kind=kind, qty=self.quantity(qty), seed=seed)
+        return self.node(ast.SelectTerm, span, kind=kind, qty=self.quantity(qty), seed=seed, spread=spread)
 
     def seed(self, tok: Token) -> int:
         value = self.number(tok)

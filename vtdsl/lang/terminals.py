@@ -95,6 +95,8 @@ _FAMILIES: list[tuple[frozenset[str], str]] = [
     ),
     (frozenset({"FLOPS", "FLOPS_FASTV", "TOKENS", "KV"}), "a budget metric: flops, flops_fastv, tokens or kv"),
     (frozenset({"LE", "LT"}), "'<=' or '<'"),
+    (frozenset({"NUMBER", "PERCENT", "_LPAR"}),
+     "a token count such as 64 or a percentage such as 10% (after diverse: or '(sum)')"),
     (frozenset({"NUMBER", "PERCENT"}), "a token count such as 64 or a percentage such as 10%"),
     (frozenset({"CROP", "REGION"}), "'crop' or 'region RxC'"),
     (frozenset({"_COMMA", "_RPAR"}), "',' or ')'"),

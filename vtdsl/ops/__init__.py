@@ -25,6 +25,7 @@ from .scores import attention_received, cls_attention, query_attention, token_no
 from .select import (
     buffers,
     diverse,
+    diverse_sum,
     per_region,
     proportional_shares,
     random,
@@ -46,6 +47,7 @@ __all__ = [
     "pairwise_cosine",
     "topk",
     "diverse",
+    "diverse_sum",
     "unique",
     "uniform",
     "random",

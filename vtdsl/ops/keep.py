@@ -11,7 +11,7 @@ from torch import Tensor
 from . import select as sel
 from .similarity import pairwise_cosine
 
-TermKind = Literal["top", "diverse", "uniform", "random", "unique", "buffers"]
+TermKind = Literal["top", "diverse", "diverse_sum", "uniform", "random", "unique", "buffers"]
 
 __all__ = ["TermSpec", "select_union"]
 
@@ -22,7 +22,7 @@ class TermSpec:
 
     Attributes
     ----------
-    kind : {"top", "diverse", "uniform", "random", "unique", "buffers"}
+    kind : {"top", "diverse", "diverse_sum", "uniform", "random", "unique", "buffers"}
         The selector.
     count : int
         Tokens this term adds (resolved; buffers: exactly this many, padded if needed).
@@ -133,12 +133,12 @@ def select_union(
             def fn(c, allowed, tk, rows, scores=scores):
                 return sel.topk(scores[rows], c, exclude=~allowed)
 
-        elif kind in ("diverse", "unique"):
+        elif kind in ("diverse", "diverse_sum", "unique"):
             if features is None:
                 raise ValueError(f"term {ti} ('{kind}') needs features")
             if sim is None:
                 sim = pairwise_cosine(features)
-            greedy = sel.diverse if kind == "diverse" else sel.unique
+            greedy = {"diverse": sel.diverse, "diverse_sum": sel.diverse_sum, "unique": sel.unique}[kind]
 
             def fn(c, allowed, tk, rows, greedy=greedy, sim=sim):
                 return greedy(None, c, seed_mask=tk, exclude=~allowed, sim=sim[rows])

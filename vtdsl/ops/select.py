@@ -28,6 +28,7 @@ from .similarity import pairwise_cosine
 __all__ = [
     "topk",
     "diverse",
+    "diverse_sum",
     "unique",
     "uniform",
     "random",
@@ -229,6 +230,69 @@ def diverse(
             raise ValueError("diverse needs features x or a precomputed sim")
         sim = pairwise_cosine(x)
     return _greedy_cover(sim, k, seed_mask, exclude, _first_most_isolated, "diverse")
+
+
+def diverse_sum(
+    x: Tensor | None,
+    k: int,
+    *,
+    seed_mask: Tensor | None = None,
+    exclude: Tensor | None = None,
+    sim: Tensor | None = None,
+) -> Tensor:
+    """Greedy max-sum diversification on cosine distance (ToDRE).
+
+    Parameters
+    ----------
+    x, k, seed_mask, exclude, sim
+        As in `diverse`.
+
+    Returns
+    -------
+    Tensor
+        ``[B, k]`` int64 indices, ascending.
+
+    Notes
+    -----
+    Each step adds the available token whose *summed* cosine distance ``sum (1 - cos)``
+    to the kept set (seeds, e.g. a pivot kept by an earlier term, and earlier picks) is
+    largest, lowest index on ties. Unlike max-min (`diverse`), a token close to one kept
+    token can still be picked when it is far from the rest. Without seeds the first pick
+    is the candidate with the largest summed distance to all other candidates. One
+    ``2·n²·d`` matmul, then ``k`` vectorised steps.
+    """
+    if sim is None:
+        if x is None:
+            raise ValueError("diverse_sum needs features x or a precomputed sim")
+        sim = pairwise_cosine(x)
+    b, n, _ = sim.shape
+    device = sim.device
+    _check_k(k, n)
+    if k == 0:
+        return _empty(b, device)
+    dist = 1 - sim
+    avail = torch.ones(b, n, dtype=torch.bool, device=device)
+    if exclude is not None:
+        avail &= ~exclude
+    if seed_mask is not None:
+        avail &= ~seed_mask
+        total = (dist * seed_mask[:, :, None].to(dist.dtype)).sum(dim=1)
+        has_seed = seed_mask.any(dim=1)
+    else:
+        total = torch.zeros(b, n, dtype=dist.dtype, device=device)
+        has_seed = torch.zeros(b, dtype=torch.bool, device=device)
+    _check_available(avail, k, "diverse(sum)")
+    # first pick without seeds: the largest summed distance to the other candidates
+    cand = avail.to(dist.dtype)
+    spread = (dist * cand[:, :, None]).sum(dim=1)
+    picked = torch.empty(b, k, dtype=torch.long, device=device)
+    for step in range(k):
+        score = total if step else torch.where(has_seed[:, None], total, spread)
+        j = score.masked_fill(~avail, _NEG).argmax(dim=1)  # first maximum: lowest index on ties
+        picked[:, step] = j
+        avail.scatter_(1, j[:, None], False)
+        total = total + dist.gather(1, j[:, None, None].expand(b, 1, n)).squeeze(1)
+    return picked.sort(dim=1).values
 
 
 def unique(
