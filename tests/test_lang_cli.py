@@ -150,6 +150,21 @@ def test_fmt_usage_errors(runner, design):
     assert design.read_text() == DESIGN  # nothing was written
 
 
+def test_fmt_many_files(runner, design, tmp_path):
+    good = tmp_path / "good.vt"
+    good.write_text(CANONICAL)
+    r = runner.invoke(fmt, ["--check", str(good), str(design)])
+    assert r.exit_code == 1 and f"{design}: not in canonical form" in r.stderr and str(good) not in r.stderr
+    assert runner.invoke(fmt, [str(good), str(design)]).exit_code == 2  # printing takes one file
+    bad = tmp_path / "bad.vt"
+    bad.write_text("at llm.layer2 keep\n")
+    r = runner.invoke(fmt, ["-i", str(design), str(bad)])
+    assert r.exit_code == 2 and "bad.vt:1:" in r.output
+    assert design.read_text() == DESIGN  # a bad file leaves the others untouched too
+    r = runner.invoke(fmt, ["-i", str(design), str(good)])
+    assert r.exit_code == 0 and design.read_text() == CANONICAL and r.stderr.count("reformatted") == 1
+
+
 def test_fmt_stdin(runner):
     r = runner.invoke(fmt, ["-"], input="at  vit.out  pool 2x2;at llm.layer2 drop all")
     assert r.exit_code == 0 and r.stdout == "at vit.out pool 2x2\nat llm.layer2 drop all\n"

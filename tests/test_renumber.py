@@ -173,8 +173,7 @@ def references(models):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn, case", [("eager", c) for c in CASES] + [("sdpa", "layer0, plain, renumber")])
 def test_generate_and_logits_match_the_plain_loop(models, references, attn, case):
     policy = CASES[case][0]
     ids, mask, px = inputs()

@@ -142,54 +142,66 @@ def _write_atomically(path: str, text: str) -> None:
 
 
 @click.command("fmt")
-@click.argument("file", metavar="FILE")
-@click.option("--check", is_flag=True, help="Print nothing new; exit 1 if FILE is not in canonical form.")
+@click.argument("files", metavar="FILE...", nargs=-1, required=True)
+@click.option("--check", is_flag=True, help="Print nothing new; exit 1 if a FILE is not in canonical form.")
 @click.option("--to", "target", type=_SYNTAX, default=None,
               help="Output syntax (default: the syntax of FILE).")
-@click.option("--in-place", "-i", "in_place", is_flag=True, help="Rewrite FILE in canonical form.")
+@click.option("--in-place", "-i", "in_place", is_flag=True, help="Rewrite each FILE in canonical form.")
 @click.option("--from", "syntax", type=_SYNTAX, default=None,
               help="Syntax of FILE (default: from its extension; stdin is .vt).")
 @guarded
-def fmt(file: str, check: bool, target: str | None, in_place: bool, syntax: str | None) -> None:
-    """Print a policy in canonical form ('-' reads stdin).
+def fmt(files: tuple[str, ...], check: bool, target: str | None, in_place: bool, syntax: str | None) -> None:
+    """Print a policy in canonical form ('-' reads stdin); check or rewrite many.
 
     The .vt form keeps comments; the YAML form has none. With --check, exit 1 (and show a
-    diff) when FILE is not canonical; with --in-place, rewrite it. Bad input exits 2.
+    diff) when a FILE is not canonical; with --in-place, rewrite them. Printing takes one
+    FILE. Bad input exits 2 (every file is read before any is rewritten).
 
     \b
     Examples:
       vtdsl fmt examples/design.vt
-      vtdsl fmt --check examples/design.vt
+      vtdsl fmt --check policies/*.vt
       vtdsl fmt examples/design.vt --to yaml > design.yaml
-      vtdsl fmt --in-place policy.vt
+      vtdsl fmt --in-place policy.vt other.vt
     """
     if check and in_place:
         raise click.UsageError("--check and --in-place exclude each other")
-    if in_place and file == "-":
-        raise click.UsageError("--in-place needs a file, not stdin")
-    text, filename, syntax = read_policy_source(file, syntax)
-    target = target or syntax
-    if in_place and target != syntax:
-        raise click.UsageError(f"--in-place keeps the file's syntax ({syntax}); drop --to {target} "
-                               f"or redirect the output to a new file")
-    if target == "vt":
-        canonical = format_source(text, filename) if syntax == "vt" else format_policy(parse_text(text, filename, syntax))
-    else:
-        canonical = to_yaml(parse_text(text, filename, syntax))
+    if len(files) > 1 and not (check or in_place):
+        raise click.UsageError("printing takes one FILE; use --check or --in-place for several")
+    if in_place and "-" in files:
+        raise click.UsageError("--in-place needs files, not stdin")
+    results = []  # all parsed first: a bad file leaves every file untouched
+    for file in files:
+        text, filename, file_syntax = read_policy_source(file, syntax)
+        out_syntax = target or file_syntax
+        if in_place and out_syntax != file_syntax:
+            raise click.UsageError(f"--in-place keeps the file's syntax ({file_syntax}); drop --to {out_syntax} "
+                                   f"or redirect the output to a new file")
+        if out_syntax == "vt":
+            canonical = (format_source(text, filename) if file_syntax == "vt"
+                         else format_policy(parse_text(text, filename, file_syntax)))
+        else:
+            canonical = to_yaml(parse_text(text, filename, file_syntax))
+        results.append((file, filename, text, canonical))
     if check:
-        if canonical != text:
-            diff = difflib.unified_diff(text.splitlines(keepends=True), canonical.splitlines(keepends=True),
-                                        fromfile=filename, tofile=f"{filename} (canonical)")
-            click.echo("".join(diff), nl=False)
-            click.echo(f"{filename}: not in canonical form (run: vtdsl fmt --in-place {file})", err=True)
+        stale = False
+        for file, filename, text, canonical in results:
+            if canonical != text:
+                diff = difflib.unified_diff(text.splitlines(keepends=True), canonical.splitlines(keepends=True),
+                                            fromfile=filename, tofile=f"{filename} (canonical)")
+                click.echo("".join(diff), nl=False)
+                click.echo(f"{filename}: not in canonical form (run: vtdsl fmt --in-place {file})", err=True)
+                stale = True
+        if stale:
             sys.exit(EXIT_FAILED)
         return
     if in_place:
-        if canonical != text:
-            _write_atomically(file, canonical)
-            click.echo(f"reformatted {filename}", err=True)
+        for file, filename, text, canonical in results:
+            if canonical != text:
+                _write_atomically(file, canonical)
+                click.echo(f"reformatted {filename}", err=True)
         return
-    click.echo(canonical, nl=False)
+    click.echo(results[0][3], nl=False)
 
 
 COMMANDS = [parse, fmt]
