@@ -26,7 +26,7 @@ def same_architecture(a: ModelSpec, b: ModelSpec) -> bool:
 
 # ----------------------------------------------------------------- built-ins
 def test_registry_lists_the_builtins():
-    assert [s.name for s in list_specs()] == ["llava-1.5-7b", "llava-1.5-13b", "tiny-llava"]
+    assert [s.name for s in list_specs()] == ["llava-1.5-7b", "llava-1.5-13b", "tiny-llava", "tiny-llava-vtbench"]
 
 
 def test_llava_15_7b_spec():

@@ -292,3 +292,24 @@ def test_two_workers_share_one_study_without_duplicates_or_losses(space_file, tm
     workers = collections.Counter(t["worker"] for t in data["trials"])
     assert sorted(workers.values()) == [12, 12], workers
     assert data["counts"]["finished"] == 24
+
+
+def test_accuracy_objective_scores_the_shipped_model(tmp_path):
+    """The `accuracy` objective on tiny-llava-vtbench: the best trial's score is the vtbench
+    validation accuracy of its policy, as the harness measures it directly."""
+    import vtdsl.compiler as vc
+    from vtdsl.eval import bench
+    from vtdsl.eval.harness import evaluate
+    from vtdsl.models.vtbench import load_tiny_vtbench
+
+    space = tmp_path / "one.vts"
+    space.write_text("at vit.layer{2} keep cls top 50%\n")
+    cfg = SearchConfig(space=str(space), model="tiny-llava-vtbench", objective="accuracy", trials=1,
+                       objective_options={"examples": 20}, references=False, text_tokens=16,
+                       out_dir=str(tmp_path / "out"))
+    result = search(cfg, progress=False)
+    model, processor = load_tiny_vtbench()
+    with vc.apply("at vit.layer2 keep cls top 50%", model):
+        direct = evaluate(model, bench.generate("val", 20), processor, progress=False)
+    assert result.best["score"] == pytest.approx(direct["overall"])
+    assert 0.5 < direct["overall"] <= 1.0  # a trained model: far above the answer prior

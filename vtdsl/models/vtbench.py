@@ -38,8 +38,8 @@ IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Architecture hyper-parameters (vocab size and special ids are filled from the tokenizer).
 VISION = dict(hidden_size=96, intermediate_size=384, num_hidden_layers=5, num_attention_heads=4)
-TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2)
+TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=8,
+            num_key_value_heads=4)
 MAX_POSITIONS = 256
 
 
