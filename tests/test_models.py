@@ -279,7 +279,7 @@ def test_cli_models_json():
     result = CliRunner().invoke(_cli(), ["--json"])
     assert result.exit_code == 0, result.output
     rows = {r["name"]: r for r in json.loads(result.output)["models"]}
-    assert list(rows) == ["llava-1.5-7b", "llava-1.5-13b", "tiny-llava"]
+    assert list(rows) == ["llava-1.5-7b", "llava-1.5-13b", "tiny-llava", "tiny-llava-vtbench"]
     assert rows["llava-1.5-7b"]["params"] == 7_063_427_072
     assert rows["llava-1.5-7b"]["visual_tokens"] == 576
     assert (rows["tiny-llava"]["vit_layers"], rows["tiny-llava"]["llm_layers"]) == (24, 32)

@@ -29,7 +29,7 @@ def test_parses_formats_and_round_trips():
 
 
 @pytest.mark.parametrize("src, column, message", [
-    ("at vit.out keep cls@vit.layer8..22 prod top 3", 36, "aggregated by mean, sum or max, not 'prod'"),
+    ("at vit.out keep cls@vit.layer8..22 prod top 3", 36, "unexpected keyword 'prod'"),
     ("at vit.out keep sum(cls, 2 norm) top 3", 28, "unexpected word 'norm'"),
     ("at vit.out keep sum(cls, 2 *) top 3", 29, "unexpected ')'"),
     ("at vit.out keep cls(prod) top 3", 21, "unexpected keyword 'prod'"),

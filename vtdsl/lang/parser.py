@@ -32,7 +32,7 @@ from pydantic import ValidationError
 
 from . import ast
 from .errors import Diagnostic, PolicyError, did_you_mean
-from .scorers import AGGREGATES, COMBINERS, MAX_SCORE_DEPTH, SCORERS, SELECTORS
+from .scorers import COMBINERS, MAX_SCORE_DEPTH, SCORERS, SELECTORS
 from .terminals import END_OF_STATEMENT, TERMINAL_WORDS, expected_phrase, keyword_of
 
 GRAMMAR_PATH = Path(__file__).with_name("grammar.lark")
@@ -637,11 +637,8 @@ class _Builder:
                 args, heads, no_rope = self.score_args(info, child)
             elif child.data == "layer_range":
                 at, to = self.layer_range(child.children[0])
-            elif child.data == "combine_op":
+            elif child.data == "range_op":
                 over = str(child.children[0])
-                if over not in AGGREGATES:
-                    raise _fail(f"a layer range is aggregated by mean, sum or max, not '{over}'",
-                                self.span(child), expected="mean, sum or max", code="semantic")
             else:
                 at = self.site(child)
         return self.node(ast.ScoreRef, span, name=name, args=args, at=at, to=to, over=over, heads=heads,

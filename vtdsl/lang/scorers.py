@@ -75,8 +75,6 @@ SELECTORS: dict[str, str] = {
 
 # Aggregates of several scores: `mean(s1, s2, ...)`.
 COMBINERS: tuple[str, ...] = ("mean", "sum", "max", "prod")
-# How attention is reduced over heads, or a layer range aggregated (no product there).
-AGGREGATES: tuple[str, ...] = ("mean", "sum", "max")
 
 # Nesting limit for `mean(mean(...))`: deeper input is refused with a located error.
 MAX_SCORE_DEPTH = 8
