@@ -167,6 +167,15 @@ def _greedy_cover(
     return picked.sort(dim=1).values
 
 
+def _similarity(x: Tensor | None, sim: Tensor | None, what: str) -> Tensor:
+    """The precomputed cosine matrix, or `pairwise_cosine` of the features."""
+    if sim is not None:
+        return sim
+    if x is None:
+        raise ValueError(f"{what} needs features x or a precomputed sim")
+    return pairwise_cosine(x)
+
+
 def _first_most_isolated(sim: Tensor, cand: Tensor) -> Tensor:
     """DivPrune's first pick: the candidate whose nearest other candidate is farthest."""
     n = sim.shape[1]
@@ -225,10 +234,7 @@ def diverse(
     instead of relying on their zero self-distance. One ``2·n²·d`` matmul, then ``k``
     vectorised steps over the matrix.
     """
-    if sim is None:
-        if x is None:
-            raise ValueError("diverse needs features x or a precomputed sim")
-        sim = pairwise_cosine(x)
+    sim = _similarity(x, sim, "diverse")
     return _greedy_cover(sim, k, seed_mask, exclude, _first_most_isolated, "diverse")
 
 
@@ -261,10 +267,7 @@ def diverse_sum(
     is the candidate with the largest summed distance to all other candidates. One
     ``2·n²·d`` matmul, then ``k`` vectorised steps.
     """
-    if sim is None:
-        if x is None:
-            raise ValueError("diverse_sum needs features x or a precomputed sim")
-        sim = pairwise_cosine(x)
+    sim = _similarity(x, sim, "diverse_sum")
     b, n, _ = sim.shape
     device = sim.device
     _check_k(k, n)
@@ -325,10 +328,7 @@ def unique(
     *central* token (highest mean similarity to the other candidates, a representative
     pivot), `diverse` from the most isolated one. One ``2·n²·d`` matmul.
     """
-    if sim is None:
-        if x is None:
-            raise ValueError("unique needs features x or a precomputed sim")
-        sim = pairwise_cosine(x)
+    sim = _similarity(x, sim, "unique")
     return _greedy_cover(sim, k, seed_mask, exclude, _first_most_central, "unique")
 
 
