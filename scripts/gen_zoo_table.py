@@ -43,17 +43,43 @@ def stage_text(path: Path) -> str:
     return "; ".join(ln for ln in lines if ln.startswith(("at ", "every ")))
 
 
-def check_json(path: Path, model: str, text_tokens: int) -> dict:
+FAMILIES = ("llava-next-7b", "qwen2.5-vl-7b")
+
+FAMILY_HEADER = """
+## Other model families
+
+The same files, unchanged, checked against LLaVA-NeXT (anyres, counted at 672x672: base
+view + 2x2 crops, 2928 visual tokens) and Qwen2.5-VL (counted at 672x672: 576 merged
+tokens), {text} text tokens. ViT-side counts are per crop on LLaVA-NeXT, so a `vit.out
+keep 64` hands the LLM 5 x 64 tokens. A refused file shows the first check-time
+diagnostic (docs/language.md, "Model families", gives the rules).
+
+| policy | {a}: tokens → LLM | {a}: FLOPs (hf) | {b}: tokens → LLM | {b}: FLOPs (hf) |
+|---|---:|---:|---:|---:|
+"""
+
+
+def check_json(path: Path, model: str, text_tokens: int, refused_ok: bool = False) -> dict:
     """What `vtdsl check PATH --model MODEL --text-tokens N --json` prints, in-process
-    (one torch import for the whole zoo instead of one per file)."""
+    (one torch import for the whole zoo instead of one per file). `refused_ok`: a policy
+    the model cannot run (exit 2) is an answer, not a failure."""
     from vtdsl.cli import main
 
     out = CliRunner().invoke(
         main, ["check", str(path), "--model", model, "--text-tokens", str(text_tokens), "--json"]
     )
-    if out.exit_code not in (0, 1):
+    if out.exit_code not in (0, 1) and not (refused_ok and out.exit_code == 2):
         raise SystemExit(f"{path.name}: vtdsl check failed:\n{out.output}")
     return json.loads(out.stdout)
+
+
+def family_cells(path: Path, model: str, text_tokens: int) -> str:
+    data = check_json(path, model, text_tokens, refused_ok=True)
+    if "diagnostics" in data and not data.get("ok", True) and "tokens" not in data:
+        d = data["diagnostics"][0]
+        reason = d["message"].replace("|", "\\|")
+        return f"refused ({d['code']}, line {d['line']}): {reason} | —"
+    return f"{data['visual_tokens_to_llm']} | {100 * data['flops']['ratio']:.1f}%"
 
 
 def row(path: Path, model: str, text_tokens: int) -> str:
@@ -68,8 +94,12 @@ def row(path: Path, model: str, text_tokens: int) -> str:
 
 
 def render(model: str, text_tokens: int) -> str:
-    rows = [row(p, model, text_tokens) for p in sorted(POLICIES.glob("*.vt"))]
-    return HEADER.format(model=model, text=text_tokens) + "\n".join(rows) + "\n"
+    paths = sorted(POLICIES.glob("*.vt"))
+    rows = [row(p, model, text_tokens) for p in paths]
+    families = [f"| `{p.stem}` | " + " | ".join(family_cells(p, m, text_tokens) for m in FAMILIES) + " |"
+                for p in paths]
+    return (HEADER.format(model=model, text=text_tokens) + "\n".join(rows) + "\n"
+            + FAMILY_HEADER.format(text=text_tokens, a=FAMILIES[0], b=FAMILIES[1]) + "\n".join(families) + "\n")
 
 
 def main() -> None:
@@ -85,7 +115,7 @@ def main() -> None:
             raise SystemExit(1)
         return
     OUT.write_text(text)
-    print(f"wrote {OUT.relative_to(ROOT)} ({len(text.splitlines()) - HEADER.count(chr(10))} policies)")
+    print(f"wrote {OUT.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from vtdsl.ops or the compiler itself."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -13,6 +12,8 @@ import vtdsl.compiler as vc
 from vtdsl.ir import check
 from vtdsl.lang import parse
 from vtdsl.models import get_spec
+
+from plain_refs import clip_cls_scores
 
 SPEC = get_spec("tiny-llava")
 IMG = 255
@@ -156,17 +157,6 @@ def fastv_reference(model, ids, mask, px, layer: int, keep: int, new_tokens: int
     return masked_reference(model, ids, mask, px, [(layer, "text", keep)], new_tokens)
 
 
-def _cls_scores(layer_mod, h):
-    """CLS-row softmax attention of a CLIP layer on its input h, head mean, patch columns."""
-    x = layer_mod.layer_norm1(h)
-    attn = layer_mod.self_attn
-    heads, dh = attn.num_heads, attn.head_dim
-    q = attn.q_proj(x)[:, :1].view(h.shape[0], 1, heads, dh).transpose(1, 2)
-    k = attn.k_proj(x).view(h.shape[0], -1, heads, dh).transpose(1, 2)
-    probs = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(dh), dim=-1)  # [B, H, 1, n]
-    return probs.mean(1)[:, 0, 1:]
-
-
 def vit_features_reference(model, px, *, prune_at=None, keep=8, out_keep=None, contextual=0):
     """Image features by a plain loop over the CLIP layers (no hooks, no vtdsl)."""
     vt = model.model.vision_tower
@@ -178,7 +168,7 @@ def vit_features_reference(model, px, *, prune_at=None, keep=8, out_keep=None, c
         for i, layer in enumerate(layers):
             if i == prune_at:
                 # scores from layer i-1's attention: recompute on layer i-1's input
-                s = _cls_scores(layers[i - 1], prev_in)
+                s = clip_cls_scores(layers[i - 1], prev_in)
                 idx = torch.topk(s, keep, dim=1).indices.sort(1).values
                 h = torch.cat([h[:, :1], torch.stack([h[b, 1 + idx[b]] for b in range(h.shape[0])])], 1)
             prev_in = h
@@ -186,7 +176,7 @@ def vit_features_reference(model, px, *, prune_at=None, keep=8, out_keep=None, c
             if i == f:
                 feats, feat_in = h[:, 1:], prev_in
         if out_keep is not None:
-            s = _cls_scores(layers[f], feat_in)  # CLS attention of the feature layer
+            s = clip_cls_scores(layers[f], feat_in)  # CLS attention of the feature layer
             rows = []
             for b in range(feats.shape[0]):
                 x = feats[b]

@@ -26,7 +26,8 @@ def same_architecture(a: ModelSpec, b: ModelSpec) -> bool:
 
 # ----------------------------------------------------------------- built-ins
 def test_registry_lists_the_builtins():
-    assert [s.name for s in list_specs()] == ["llava-1.5-7b", "llava-1.5-13b", "tiny-llava", "tiny-llava-vtbench"]
+    assert [s.name for s in list_specs()] == ["llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "qwen2.5-vl-7b",
+                                             "tiny-llava", "tiny-llava-next", "tiny-qwen2.5-vl", "tiny-llava-vtbench"]
 
 
 def test_llava_15_7b_spec():
@@ -118,8 +119,8 @@ def test_spec_from_config_reads_gqa_and_strategy():
 
 
 def test_unsupported_architectures_are_policy_errors():
-    with pytest.raises(PolicyError, match="unsupported model type 'qwen2_5_vl'"):
-        spec_from_config({"model_type": "qwen2_5_vl"})
+    with pytest.raises(PolicyError, match="unsupported model type 'paligemma'"):
+        spec_from_config({"model_type": "paligemma"})
     config = get_spec("tiny-llava").config()
     config.vision_feature_layer = [-2, -5]
     with pytest.raises(PolicyError, match="multi-layer image features"):
@@ -279,7 +280,8 @@ def test_cli_models_json():
     result = CliRunner().invoke(_cli(), ["--json"])
     assert result.exit_code == 0, result.output
     rows = {r["name"]: r for r in json.loads(result.output)["models"]}
-    assert list(rows) == ["llava-1.5-7b", "llava-1.5-13b", "tiny-llava", "tiny-llava-vtbench"]
+    assert list(rows) == ["llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "qwen2.5-vl-7b", "tiny-llava",
+                          "tiny-llava-next", "tiny-qwen2.5-vl", "tiny-llava-vtbench"]
     assert rows["llava-1.5-7b"]["params"] == 7_063_427_072
     assert rows["llava-1.5-7b"]["visual_tokens"] == 576
     assert (rows["tiny-llava"]["vit_layers"], rows["tiny-llava"]["llm_layers"]) == (24, 32)
@@ -320,3 +322,25 @@ def test_register_spec():
     finally:
         registry._REGISTERED.pop("tiny-registered", None)
         registry._REGISTERED_SPECS.pop("tiny-registered", None)
+
+
+@pytest.mark.parametrize("name, hub_key", [
+    # llava-hf/llava-v1.6-*: LLaVA-1.5's layout plus the newline vector at the top level
+    ("tiny-llava-next", lambda k: ("image_newline" if k == "model.image_newline" else
+                                   k.replace("model.language_model.", "language_model.model.")
+                                    .replace("model.vision_tower.", "vision_tower.vision_model.")
+                                    .replace("model.multi_modal_projector.", "multi_modal_projector.")
+                                    .replace("lm_head.", "language_model.lm_head."))),
+    # Qwen/Qwen2.5-VL-*: `visual.*`, the text model under `model.*`
+    ("tiny-qwen2.5-vl", lambda k: k.replace("model.visual.", "visual.").replace("model.language_model.", "model.")),
+])
+def test_load_weights_from_hub_layouts_of_the_new_families(tmp_path, name, hub_key):
+    from safetensors.torch import save_file
+
+    spec = get_spec(name)
+    state = {k: v.contiguous() for k, v in spec.build("cpu", seed=5).state_dict().items()}
+    hub = {hub_key(k): v for k, v in state.items()}
+    assert len(set(hub) - set(state)) > len(state) // 2  # the layouts really differ
+    save_file(hub, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = load_weights(spec, str(tmp_path)).state_dict()
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)

@@ -53,6 +53,7 @@ def check_payload(plan, report, verdicts, warnings) -> dict:
             for stage in plan.stages
         ],
         "visual_tokens_to_llm": plan.visual_tokens_to_llm,
+        "crops": plan.spec.vit_crops,  # ViT token counts are per crop
         "tokens": {
             "vit": plan.vit_tokens,
             "projector": plan.projector_tokens,
@@ -74,7 +75,8 @@ def render_text(payload: dict, report) -> str:
     lines = [f"policy {payload['policy'] or '(unnamed)'} on {payload['model']}"]
     rows = [("stage", "site", "action", "tokens in -> out")]
     for i, stage in enumerate(payload["stages"]):
-        rows.append((str(i), stage["site"], stage["action"], f"{stage['tokens_in']} -> {stage['tokens_out']}"))
+        per = " per crop" if payload.get("crops", 1) > 1 and stage["site"].startswith("vit.") else ""
+        rows.append((str(i), stage["site"], stage["action"], f"{stage['tokens_in']} -> {stage['tokens_out']}{per}"))
     if len(rows) == 1:
         rows.append(("-", "-", "(no stages: the unpruned model)", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]

@@ -80,7 +80,7 @@ def compile_(policy_file: str, model_name: str | None, out_dir: str | None, weig
             "vit": plan.vit_tokens,
             "projector": plan.projector_tokens,
             "llm": plan.llm_visual,
-            "image_placeholders": {"before": spec.projector_tokens, "after": plan.projector_tokens},
+            "image_placeholders": {"before": spec.image_tokens, "after": plan.image_placeholders},
         },
         **handle.listing.to_json(),
         "cost": report.to_json(),
@@ -101,7 +101,8 @@ def compile_(policy_file: str, model_name: str | None, out_dir: str | None, weig
         click.echo("")
         click.echo(f"{'site':<14} {'module':<44} {'tokens in -> out':>17}")
         for s in manifest["stages"]:
-            click.echo(f"{s['site']:<14} {s['module']:<44} {s['tokens_in']:>8} -> {s['tokens_out']}")
+            per = " per crop" if spec.vit_crops > 1 and s["site"].startswith("vit.") else ""
+            click.echo(f"{s['site']:<14} {s['module']:<44} {s['tokens_in']:>8} -> {s['tokens_out']}{per}")
         if not manifest["stages"]:
             click.echo("(no stages: the model is unchanged)")
         click.echo("")

@@ -8,6 +8,7 @@ import inspect
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import torch
 from torch import Tensor, nn
 
 from ..ir.plan import Plan
@@ -61,7 +62,8 @@ def _spec_of(model: nn.Module, spec: ModelSpec | str | None) -> ModelSpec:
     return spec_from_config(model)
 
 
-_SAME = ("vit", "llm", "image_size", "patch_size", "has_cls", "vision_feature_layer", "select_strategy", "vit_crops")
+_SAME = ("vit", "llm", "image_size", "patch_size", "has_cls", "vision_feature_layer", "select_strategy", "vit_crops",
+         "anyres_grid", "spatial_merge", "vit_window")
 
 
 def _check_fits(plan_spec: ModelSpec, model_spec: ModelSpec) -> None:
@@ -132,7 +134,7 @@ def _install(plan: Plan, model: nn.Module) -> Compiled:
     spec = plan.spec
     listing = Listing(plan, type(model).__name__)
     log = ForwardLog()
-    handle = Compiled(plan, listing, log, plan.projector_tokens, spec.projector_tokens, _model=model)
+    handle = Compiled(plan, listing, log, plan.image_placeholders, spec.image_tokens, _model=model)
     undo = handle._undo
     config = model.config
     image_token_id = getattr(config, "image_token_id", None)
@@ -203,6 +205,9 @@ def _install(plan: Plan, model: nn.Module) -> Compiled:
                                  for s in vit_stages if s.site.layer is None)
             hook(spec.projector_path, "pre", vit_rt.projector_pre_hook,
                  out_what or "take the feature-layer token set (bookkeeping for later stages)")
+
+        if spec.anyres_grid is not None and plan.projector_tokens != spec.projector_tokens:
+            _install_anyres_packing(model, spec, plan, undo, listing)
 
         # ------------------------------------------------------------------ LLM
         llm_stages = [s for s in plan.stages if s.site.tower == "llm"]
@@ -276,14 +281,14 @@ def _install(plan: Plan, model: nn.Module) -> Compiled:
             llm_rt = None
 
         # ------------------------------------------------------------------ prompt
-        needs_rewrite = plan.projector_tokens != spec.projector_tokens
+        needs_rewrite = plan.image_placeholders != spec.image_tokens
         if needs_rewrite or llm_stages:
             pad = getattr(getattr(config, "text_config", config), "pad_token_id", None) or 0
-            top = _TopLevel(model, image_token_id, spec.projector_tokens, plan.projector_tokens, pad, llm_rt)
+            top = _TopLevel(model, image_token_id, spec.image_tokens, plan.image_placeholders, pad, llm_rt)
             what = []
             if needs_rewrite:
                 what.append(
-                    f"shrink image placeholders {spec.projector_tokens} -> {plan.projector_tokens} per image "
+                    f"shrink image placeholders {spec.image_tokens} -> {plan.image_placeholders} per image "
                     "(input_ids, attention_mask, labels, position_ids)"
                 )
             if llm_stages:
@@ -308,13 +313,41 @@ def _install(plan: Plan, model: nn.Module) -> Compiled:
 
                 undo.append(unwrap_generate)
                 listing.add("<model>.generate", "method-wrapper",
-                            f"shrink image placeholders {spec.projector_tokens} -> {plan.projector_tokens} "
+                            f"shrink image placeholders {spec.image_tokens} -> {plan.image_placeholders} "
                             "before generation (returned ids hold the shortened prompt)")
     except BaseException:
         handle.remove()
         raise
     model.__dict__[_ATTR] = handle
     return handle
+
+
+def _install_anyres_packing(model, spec: ModelSpec, plan: Plan, undo: list, listing: Listing) -> None:
+    """LLaVA-NeXT packs each image's crops into a spatial map (unpad, one newline token per
+    row), which needs every crop's full 24x24 grid. With pruned crops, the kept tokens of
+    each crop are concatenated in crop order (base view first) instead, as the published
+    anyres pruning methods do: `crops x k` visual tokens per image, no newline tokens."""
+    owner_path = spec.projector_path.rpartition(".")[0]
+    owner = model.get_submodule(owner_path)
+    if not hasattr(owner, "pack_image_features"):
+        raise CompileError(f"{type(owner).__name__} has no pack_image_features to replace")
+
+    def pack_image_features(image_features, image_sizes=None, vision_feature_select_strategy=None,
+                            image_newline=None):
+        packed = [f.reshape(-1, f.shape[-1]) for f in image_features]
+        lens = torch.tensor([p.shape[0] for p in packed], dtype=torch.long, device=packed[0].device)
+        return packed, lens
+
+    owner.pack_image_features = pack_image_features
+
+    def restore(owner=owner) -> None:
+        owner.__dict__.pop("pack_image_features", None)
+
+    undo.append(restore)
+    per_crop = plan.projector_tokens // spec.vit_crops
+    listing.add(f"{owner_path}.pack_image_features", "method-override",
+                f"concatenate each image's pruned crops ({per_crop} tokens each, base view first) instead of "
+                "unpadding them into a map with newline tokens")
 
 
 def _vit_capture(rt, layer: int, key: str):
@@ -453,7 +486,7 @@ def original_image_token_count(model: nn.Module) -> int:
     handle = compiled(model)
     if handle is not None:
         return handle.original_image_tokens
-    return _spec_of(model, None).projector_tokens
+    return _spec_of(model, None).image_tokens
 
 
 def kept_counts(model: nn.Module) -> dict[str, dict[str, tuple[int, int]]]:

@@ -124,6 +124,11 @@ def rewrite_inputs(
 def count_images(kwargs: dict[str, Any]) -> int | None:
     """Images a forward/generate call carries (None when it carries none)."""
     pixel_values = kwargs.get("pixel_values")
+    # anyres / dynamic resolution: one size per image, however many crops or patches each has
+    for key in ("image_sizes", "image_grid_thw"):
+        sizes = kwargs.get(key)
+        if isinstance(sizes, Tensor) and pixel_values is not None:
+            return int(sizes.shape[0])
     if isinstance(pixel_values, Tensor):
         if pixel_values.dim() == 4:
             return int(pixel_values.shape[0])

@@ -208,7 +208,8 @@ class LlmRuntime:
             pid = kwargs.get("position_ids")
             if pid is None:
                 pid = torch.arange(st.n0, device=embeds.device)[None]
-            st.prompt_pid = pid.expand(b, -1)
+            if pid.dim() == 2:
+                st.prompt_pid = pid.expand(b, -1)
             if st.images:
                 for stage in self.stages_at.get(0, ()):
                     embeds = self._run_stage(st, stage, embeds)
@@ -218,7 +219,12 @@ class LlmRuntime:
             kwargs["inputs_embeds"] = embeds
             if am is not None:
                 kwargs["attention_mask"] = am.gather(1, keep)
-            kwargs["position_ids"] = st.pid if st.pid is not None else _rows(pid, keep)
+            if st.pid is not None:
+                kwargs["position_ids"] = st.pid
+            elif pid.dim() == 3:  # M-RoPE: [streams, B, N], every stream gathered alike
+                kwargs["position_ids"] = pid.expand(-1, b, -1).gather(2, keep[None].expand(pid.shape[0], -1, -1))
+            else:
+                kwargs["position_ids"] = _rows(pid, keep)
             st.input_shift = st.shift
             return args, kwargs
         st = self.by_cache.get(cache)
@@ -313,21 +319,29 @@ class LlmRuntime:
             img = torch.zeros(b, n0, dtype=torch.bool, device=hidden.device)
         img = img.to(hidden.device)
         counts = img.sum(1)
-        per_image = self.plan.projector_tokens
+        per_image = self.plan.image_placeholders
         total = int(counts[0]) if b else 0
         if bool((counts != total).any()):
             raise CompileError(
                 f"LLM stages need the same number of image tokens in every sample, got {counts.tolist()}"
             )
         if total and (per_image == 0 or total % per_image):
+            if self.spec.anyres_grid is not None or self.spec.spatial_merge > 1:
+                raise CompileError(
+                    f"LLM stages on {self.spec.name} are resolved for its reference image layout ({per_image} "
+                    f"visual tokens per image, docs/language.md, 'Model families'); this prompt has {total} image "
+                    "tokens per sample"
+                )
             raise CompileError(f"{total} image tokens per sample is not a multiple of {per_image} per image")
         images = total // per_image if per_image else 0
         g = b * images
-        if self.vit is not None and self.vit.projector_tokens is not None and g:
+        if self.spec.anyres_grid is not None:
+            vtok = Tokens.anyres(g, per_image, self.spec, hidden.device)
+        elif self.vit is not None and self.vit.projector_tokens is not None and g:
             vtok = self.vit.projector_tokens.expand_to(g)
         else:
             keeps_cls = self.spec.has_cls and self.spec.select_strategy == "full"
-            vtok = Tokens.initial(g, self.spec.grid, hidden.device, keeps_cls)
+            vtok = Tokens.initial(g, self.spec.llm_grid, hidden.device, keeps_cls)
         if cache is not None and self.stages_at:
             from transformers.cache_utils import DynamicCache
 

@@ -37,6 +37,32 @@ class Tokens:
     vid: Tensor  # [G, n] int64
     gpos: Tensor  # [G, n] int64
     grid: tuple[int, int]
+    # anyres (LLaVA-NeXT) in the LLM: the crop each token came from [G, n] (0 = base view),
+    # for `per crop`; None: one crop (every ViT row is one crop)
+    crop: Tensor | None = None
+    crops: int = 1
+
+    @staticmethod
+    def anyres(g: int, n: int, spec, device) -> "Tokens":
+        """An image's visual tokens as LLaVA-NeXT hands them to the LLM: `vid` is the index
+        in that sequence (1-based; no ViT identity survives the packing), off every grid;
+        the crop of each token from the packed layout: intact (base view, then the grid
+        crops' feature map row by row, each row ending in a newline token, which counts
+        with the row's last crop), or pruned crops concatenated with equal counts."""
+        idx = torch.arange(n, device=device)
+        crops = spec.vit_crops
+        if n == spec.image_tokens and spec.anyres_grid is not None:
+            side_r, side_c = spec.llm_grid
+            base = side_r * side_c
+            width = spec.anyres_grid[1] * side_c + (1 if spec.image_newline else 0)
+            r, c = (idx - base) // width, ((idx - base) % width).clamp(max=spec.anyres_grid[1] * side_c - 1)
+            crop = torch.where(idx < base, 0, 1 + (r // side_r) * spec.anyres_grid[1] + c // side_c)
+        elif n % crops == 0:
+            crop = idx // (n // crops)
+        else:
+            raise CompileError(f"{n} visual tokens per image cannot be split into {spec.name}'s {crops} crops")
+        return Tokens((idx + 1)[None].expand(g, -1), torch.full_like(idx, -1)[None].expand(g, -1), (0, 0),
+                      crop[None].expand(g, -1), crops)
 
     @staticmethod
     def initial(g: int, grid: tuple[int, int], device, with_cls: bool) -> "Tokens":
@@ -54,10 +80,12 @@ class Tokens:
         return self.vid.shape[1]
 
     def take(self, idx: Tensor) -> "Tokens":
-        return Tokens(self.vid.gather(1, idx), self.gpos.gather(1, idx), self.grid)
+        crop = self.crop.gather(1, idx) if self.crop is not None else None
+        return Tokens(self.vid.gather(1, idx), self.gpos.gather(1, idx), self.grid, crop, self.crops)
 
     def drop_first(self) -> "Tokens":
-        return Tokens(self.vid[:, 1:], self.gpos[:, 1:], self.grid)
+        crop = self.crop[:, 1:] if self.crop is not None else None
+        return Tokens(self.vid[:, 1:], self.gpos[:, 1:], self.grid, crop, self.crops)
 
     def expand_to(self, g: int) -> "Tokens":
         """Repeat each image's ids when generate() expanded the batch (beams, samples)."""
@@ -67,7 +95,9 @@ class Tokens:
         if have == 0 or g % have:
             raise CompileError(f"visual token bookkeeping has {have} images but the batch needs {g}")
         r = g // have
-        return Tokens(self.vid.repeat_interleave(r, 0), self.gpos.repeat_interleave(r, 0), self.grid)
+        crop = self.crop.repeat_interleave(r, 0) if self.crop is not None else None
+        return Tokens(self.vid.repeat_interleave(r, 0), self.gpos.repeat_interleave(r, 0), self.grid, crop,
+                      self.crops)
 
 
 @dataclass
@@ -187,7 +217,9 @@ def execute(stage: ResolvedStage, view: StageView,
         if kind == "region":
             region_ids = ops.split_regions(tokens.gpos, tokens.grid, rr, rc)
             num_regions = rr * rc
-        else:  # one crop per image in LLaVA-1.5
+        elif tokens.crop is not None:  # anyres tokens in the LLM: each crop its share
+            region_ids, num_regions = tokens.crop, tokens.crops
+        else:  # a ViT row is one crop (LLaVA-1.5: the image; LLaVA-NeXT: one of its crops)
             region_ids = torch.zeros(g, n, dtype=torch.long, device=device)
             num_regions = 1
     kept = ops.select_union(

@@ -28,7 +28,7 @@ class _Constants:
     """Per-spec coefficients: every sum over layers reduces to a·ΣN + b·ΣN²."""
 
     __slots__ = (
-        "spec", "vit_layers", "vit_lin", "vit_att", "vit_d", "vit_qd", "patch", "crops", "proj",
+        "spec", "vit_layers", "vit_window", "vit_lin", "vit_att", "vit_d", "vit_qd", "patch", "crops", "proj",
         "llm_layers", "llm_lin", "llm_att", "llm_d", "llm_qd", "head", "fastv_lin", "fastv_att",
         "kv_token", "base_vit", "base_llm", "base_proj", "baselines",
     )
@@ -41,7 +41,10 @@ class _Constants:
         self.vit_lin = 2 * (2 * v.hidden * v.q_width + 2 * v.hidden * v.kv_width + v.mlp_matmuls * v.hidden * v.ffn)
         self.vit_att = 4 * v.q_width  # QKᵀ and AV: 2·N·N·qd each
         self.vit_d, self.vit_qd = v.hidden, v.q_width
-        self.patch = 2 * spec.patch_tokens * spec.channels * spec.patch_size**2 * v.hidden
+        self.patch = 2 * spec.patch_tokens * spec.channels * spec.temporal_patch * spec.patch_size**2 * v.hidden
+        # window attention: per layer, the tokens of one window (0: the whole crop)
+        self.vit_window = [0 if not spec.vit_window or i in spec.vit_full_attention else spec.vit_window
+                           for i in range(v.layers)]
         self.crops = spec.vit_crops
         self.proj = 2 * sum(a * b for a, b in zip(spec.projector, spec.projector[1:]))
         self.llm_layers = t.layers
@@ -56,6 +59,11 @@ class _Constants:
         self.base_llm = [spec.image_tokens] * t.layers
         self.base_proj = spec.projector_tokens
         self.baselines: dict[tuple, "Side"] = {}
+
+    def vit_layer(self, i: int, n: int) -> int:
+        """FLOPs of ViT layer i on n tokens of one crop."""
+        w = self.vit_window[i]
+        return self.vit_lin * n + self.vit_att * n * (min(n, w) if w else n)
 
 
 _CONSTANTS: dict[int, _Constants] = {}
@@ -93,7 +101,8 @@ class Side:
 
 def _side(k: _Constants, vit_tokens, projector_tokens, llm_visual, T, logits, ctx, scorers) -> Side:
     sv1 = sum(vit_tokens)
-    sv2 = sum(map(mul, vit_tokens, vit_tokens))
+    # attention pairs: N² over the whole crop, N·w in windows of w tokens (Σ over windows)
+    sv2 = sum(n * (min(n, w) if w else n) for n, w in zip(vit_tokens, k.vit_window))
     vit = k.crops * (k.patch + k.vit_lin * sv1 + k.vit_att * sv2)
     L = k.llm_layers
     sl1 = sum(llm_visual)
@@ -149,8 +158,14 @@ def observation_flops(k: _Constants, obs, vit_tokens, llm_visual, T: int) -> int
 
 
 def stage_flops(k: _Constants, stage) -> int:
-    """Matmul work of a stage's selectors and merges (docs/dev/contracts.md)."""
-    d = k.vit_d if stage.site.tower == "vit" else k.llm_d
+    """Matmul work of a stage's selectors and merges (docs/dev/contracts.md); a ViT stage
+    runs once per crop."""
+    if stage.site.tower == "vit":
+        return k.crops * _stage_flops(stage, k.vit_d)
+    return _stage_flops(stage, k.llm_d)
+
+
+def _stage_flops(stage, d: int) -> int:
     action = stage.action
     if action == "keep":
         total = 0

@@ -100,8 +100,7 @@ class CostReport:
         k = constants(self.spec)
         total = 0
         for i in self.spec.unused_vit_layers:
-            n = self.vit_tokens[i]
-            total += k.vit_lin * n + k.vit_att * n * n
+            total += k.vit_layer(i, self.vit_tokens[i])
         return total * k.crops
 
     def notes(self) -> list[str]:
@@ -155,7 +154,7 @@ class CostReport:
         """`hf` FLOPs of every ViT and LLM layer of the policy (for plots and debugging)."""
         k = constants(self.spec)
         T = self.text_tokens
-        vit = [k.crops * (k.vit_lin * n + k.vit_att * n * n) for n in self.vit_tokens]
+        vit = [k.crops * k.vit_layer(i, n) for i, n in enumerate(self.vit_tokens)]
         llm = [k.llm_lin * (T + v) + k.llm_att * (T + v) * (T + v) for v in self.llm_visual]
         return {"vit": vit, "llm": llm}
 

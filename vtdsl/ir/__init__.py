@@ -83,6 +83,7 @@ def to_plan(graph: nx.DiGraph) -> Plan:
         stages=stages,
         vit_tokens=list(graph.graph["vit_tokens"]),
         projector_tokens=graph.graph["projector_tokens"],
+        image_placeholders=graph.graph["image_placeholders"],
         llm_visual=list(graph.graph["llm_visual"]),
         diagnostics=[d for d in graph.graph["diagnostics"] if d.severity == "warning"],
     )

@@ -328,15 +328,54 @@ def validate(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
                    "tower, whose position embeddings were added before its first layer",
                    stage.renumber_span or stage.span, expected="'renumber' on an llm.layerN stage",
                    code="renumber")
+        elif stage.renumber and spec.position_encoding == "mrope":
+            _error(graph, f"{spec.name} gives visual tokens 3-D M-RoPE positions (time, row, column), which have no "
+                   "contiguous re-numbering; kept tokens keep their positions", stage.renumber_span or stage.span,
+                   expected="the stage without 'renumber'", code="renumber")
         if isinstance(stage.action, ast.DropAll):
             dropped_at = stage.site.text()
         previous_key, previous_site = data["order"], stage.site.text()
+        _validate_layout(graph, spec, stage, site)
         for obs_node in observations_of(graph, data["index"]):
             obs_data = graph.nodes[obs_node]
             if "observation" not in obs_data:
                 continue
             _validate_observation(graph, spec, obs_data, data)
     return graph
+
+
+def _validate_layout(graph, spec: ModelSpec, stage: ast.Stage, site: ResolvedSite) -> None:
+    """What a model family's token layout rules out (docs/language.md, "Model families").
+
+    - A patch merger (Qwen2.5-VL) takes 2x2 groups of ViT patches in window order: a ViT
+      stage would have to keep whole groups, which no selector guarantees, so ViT stages
+      are refused there (prune the merged tokens at llm.layer0 instead).
+    - Anyres (LLaVA-NeXT): the LLM's visual tokens are the base view, the unpadded grid
+      crops and newline tokens, not one grid; spatial selectors there are refused.
+    """
+    if site.tower == "vit" and spec.spatial_merge > 1:
+        m = spec.spatial_merge
+        _error(graph, f"{spec.name} merges {m}x{m} groups of ViT patches into one token after the vision tower; "
+               f"a stage at {site.text()} would have to keep whole {m}x{m} groups, which vtdsl does not do",
+               stage.site.span, expected="an llm.layerN site (llm.layer0 prunes the merged tokens before the LLM)",
+               code="model-layout")
+        return
+    if site.tower != "llm" or spec.anyres_grid is None:
+        return
+    action = stage.action
+    why = (f"on {spec.name} the LLM's visual tokens are a base view, unpadded crops and newline tokens, "
+           "not one token grid")
+    expected = "a non-spatial selector (top, diverse, uniform, random, unique) or 'per crop'"
+    if isinstance(action, ast.Pool):
+        _error(graph, f"'pool' at {site.text()}: {why}", action.span, expected="pool at vit.out (per crop)",
+               code="model-layout")
+    elif isinstance(action, ast.Keep):
+        for term in action.terms:
+            if isinstance(term, ast.BuffersTerm):
+                _error(graph, f"'buffers' at {site.text()}: {why}", term.span, expected=expected, code="model-layout")
+        if action.region is not None and action.region.kind == "region":
+            _error(graph, f"'per region' at {site.text()}: {why}", action.region.span, expected=expected,
+                   code="model-layout")
 
 
 def _validate_cls_token(graph, spec: ModelSpec, stage: ast.Stage, site: ResolvedSite, kept_at: str | None) -> None:
@@ -393,9 +432,19 @@ def _validate_observation(graph, spec: ModelSpec, obs_data: dict, stage_data: di
             graph,
             f"{spec.name}'s vision tower has no CLS token, so 'cls' has nothing to read",
             ref.span,
-            expected="a score such as attn or norm",
+            expected="an LLM score such as text or attn" if spec.spatial_merge > 1 else "a score such as attn or norm",
             code="no-cls",
         )
+        return
+    if obs.tower == "vit" and spec.spatial_merge > 1:
+        _error(graph, f"{spec.name}'s vision tower orders patches by attention window and merges them "
+               f"{spec.spatial_merge}x{spec.spatial_merge} before the LLM; vtdsl reads no ViT scores there",
+               ref.span, expected="an LLM score such as text@llm.layer2", code="model-layout")
+        return
+    if obs.tower == "vit" and stage_site.tower == "llm" and spec.anyres_grid is not None:
+        _error(graph, f"'{_ref_text(ref)}' scores ViT crop patches, but the stage at {stage_site.text()} chooses "
+               f"among {spec.name}'s packed LLM tokens (base view, unpadded crops, newline tokens)",
+               ref.span, expected="an LLM score such as text@llm.layer2, or the stage at vit.out", code="model-layout")
         return
     if obs_data["order"] >= stage_data["order"]:
         _error(
@@ -457,7 +506,12 @@ def infer_tokens(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
             if llm_visual is None:
                 if features is None:
                     features = feature_patches
-                llm_visual = [_to_llm(features, spec)] * spec.llm.layers
+                llm_visual = [spec.llm_entry_tokens(_to_projector(features, spec))] * spec.llm.layers
+                # the LLM's token grid: one crop's, merged (Qwen2.5-VL); none for anyres
+                if spec.anyres_grid is not None:
+                    grid = None
+                elif grid is not None and spec.spatial_merge > 1:
+                    grid = spec.llm_grid
             tokens_in = llm_visual[site.layer]
         resolved = _infer_stage(graph, data, tokens_in, grid, obs_by_ref)
         if resolved is None:
@@ -476,21 +530,22 @@ def infer_tokens(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
             llm_visual[site.layer :] = [out] * (spec.llm.layers - site.layer)
     if features is None:
         features = feature_patches
-    projector_tokens = _to_llm(features, spec)
+    projector_tokens = _to_projector(features, spec)
     if llm_visual is None:
-        llm_visual = [projector_tokens] * spec.llm.layers
+        llm_visual = [spec.llm_entry_tokens(projector_tokens)] * spec.llm.layers
     _annotate_stream(graph)
     graph.graph["vit_tokens"] = vit_tokens
     graph.graph["projector_tokens"] = projector_tokens
+    graph.graph["image_placeholders"] = spec.llm_entry_tokens(projector_tokens)
     graph.graph["llm_visual"] = llm_visual
     return graph
 
 
-def _to_llm(features: int, spec: ModelSpec) -> int:
-    """Visual tokens one image hands the projector and the LLM, from the patch tokens one
-    crop's feature layer hands over: merged in groups of spatial_merge x spatial_merge
+def _to_projector(features: int, spec: ModelSpec) -> int:
+    """Visual tokens one image hands the projector, from the patch tokens one crop's
+    feature layer hands over: merged in groups of spatial_merge x spatial_merge
     (Qwen2.5-VL), CLS added back under the "full" strategy, times the crops (LLaVA-NeXT).
-    With nothing pruned this is `spec.image_tokens`."""
+    With nothing pruned this is `spec.projector_tokens`."""
     keeps_cls = spec.has_cls and spec.select_strategy == "full"
     return (features // spec.spatial_merge**2 + (1 if keeps_cls else 0)) * spec.vit_crops
 

@@ -7,6 +7,8 @@ Token-count conventions (all per image, batch-independent):
 - `vit_tokens[i]`: tokens entering ViT layer i, CLS included when the tower has one.
 - `projector_tokens`: visual tokens entering the projector (after the feature-select
   strategy and any `vit.out` stage).
+- `image_placeholders`: visual tokens the LLM receives per image, i.e. image placeholder
+  tokens in the prompt (the projector's output plus LLaVA-NeXT's newline tokens).
 - `llm_visual[j]`: visual tokens entering LLM layer j.
 """
 
@@ -110,6 +112,11 @@ class Plan:
     projector_tokens: int
     llm_visual: list[int]
     diagnostics: list[Diagnostic] = field(default_factory=list)
+    image_placeholders: int = -1  # -1: the projector's count (set by `vtdsl.ir.check`)
+
+    def __post_init__(self) -> None:
+        if self.image_placeholders < 0:
+            self.image_placeholders = self.spec.llm_entry_tokens(self.projector_tokens)
 
     @property
     def visual_tokens_to_llm(self) -> int:

@@ -15,6 +15,24 @@ llava-hf/llava-1.5-7b-hf and llava-hf/llava-1.5-13b-hf:
   40 heads, 40 KV heads. vocab 32064 (32000 + <image> + <pad> padded to 64),
   max positions 4096, rms_norm_eps 1e-5, untied lm_head.
 - image_token_index 32000, pad_token_id 32001, float16.
+
+llava-hf/llava-v1.6-vicuna-7b-hf (LLaVA-NeXT): the same CLIP ViT-L/14-336 tower and
+projector shape, Vicuna-7B v1.5, and anyres: the image is resized to the best of five
+pinpoints ([336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]) and cut into
+336-pixel crops, encoded with a 336-pixel base view; the grid crops' feature map is
+unpadded and ends each row with a learned `image_newline` token. The largest pinpoint
+(672x672: base + 2x2 crops) gives 576 + 48·(48 + 1) = 2928 visual tokens, the counts the
+cost model uses. image_token_index 32000, pad_token_id 32001, float16.
+
+Qwen/Qwen2.5-VL-7B-Instruct: a 32-block ViT (hidden 1280, 16 heads, gated-SiLU MLP 3420,
+RMSNorm, no CLS token, 2-D rotary positions) on 14-pixel patches with a temporal patch of
+2; blocks 7, 15, 23, 31 attend over the whole image, the others in 112-pixel windows (8x8
+patches); a merger (RMSNorm, 2x2 patches -> Linear 5120->5120, GELU, Linear 5120->3584)
+hands one token per 2x2 patches to Qwen2-7B (hidden 3584, 28 layers, 28 heads, 4 KV
+heads, ffn 18944, vocab 152064, M-RoPE sections [16, 24, 24], rope_theta 1e6), bfloat16.
+Resolution is dynamic; `vtdsl_reference_image` (a vtdsl key, ignored by transformers)
+fixes the image the counts are for: 672x672 -> 48x48 patches -> 576 visual tokens, the
+same count as LLaVA-1.5.
 """
 
 from __future__ import annotations
@@ -86,6 +104,65 @@ LLAVA_15_13B = {
     },
 }
 
+LLAVA_NEXT_7B = {
+    **_LLAVA_15_COMMON,
+    "architectures": ["LlavaNextForConditionalGeneration"],
+    "model_type": "llava_next",
+    "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    "use_image_newline_parameter": True,
+    "vision_config": _CLIP_L14_336,
+    "text_config": copy.deepcopy(LLAVA_15_7B["text_config"]),
+}
+
+QWEN25_VL_7B = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    "model_type": "qwen2_5_vl",
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "vision_token_id": 151654,
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "vtdsl_reference_image": [672, 672],
+    "vision_config": {
+        "depth": 32,
+        "hidden_act": "silu",
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "in_channels": 3,
+        "out_hidden_size": 3584,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+        "tokens_per_second": 2,
+    },
+    "text_config": {
+        "model_type": "qwen2_5_vl_text",
+        "vocab_size": 152064,
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "hidden_act": "silu",
+        "max_position_embeddings": 128000,
+        "rms_norm_eps": 1e-06,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        "use_sliding_window": False,
+        "sliding_window": 32768,
+        "max_window_layers": 28,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "torch_dtype": "bfloat16",
+    },
+}
+
 # The test model of docs/dev/contracts.md: small enough for exact CPU runs in tests.
 TINY_LLAVA = {
     "architectures": ["LlavaForConditionalGeneration"],
@@ -120,11 +197,59 @@ TINY_LLAVA = {
     },
 }
 
+# tiny-llava's towers with LLaVA-NeXT's anyres layout at a 56-pixel crop (4x4 patches of
+# 14): pinpoints scaled from llava-v1.6 (largest 112x112: base + 2x2 crops, 16 + 8·9 = 88
+# visual tokens), 4 ViT and 4 LLM layers so exact CPU runs stay fast.
+TINY_LLAVA_NEXT = {
+    **copy.deepcopy(TINY_LLAVA),
+    "architectures": ["LlavaNextForConditionalGeneration"],
+    "model_type": "llava_next",
+    "image_grid_pinpoints": [[56, 112], [112, 56], [112, 112]],
+    "use_image_newline_parameter": True,
+}
+TINY_LLAVA_NEXT["vision_config"].update(image_size=56, num_hidden_layers=4)
+TINY_LLAVA_NEXT["text_config"].update(num_hidden_layers=4)
+
+# Qwen2.5-VL's layout at tiny widths: 4 ViT blocks (1 and 3 full attention, the others in
+# 56-pixel windows of 4x4 patches), 2x2 merger, 4 LLM layers with M-RoPE; a 224x224
+# reference image: 16x16 patches -> 64 visual tokens.
+TINY_QWEN25_VL = {
+    **{k: v for k, v in QWEN25_VL_7B.items() if k not in ("vision_config", "text_config")},
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "image_token_id": 250,
+    "vision_start_token_id": 251,
+    "vision_end_token_id": 252,
+    "vision_token_id": 253,
+    "video_token_id": 254,
+    "torch_dtype": "float32",
+    "vtdsl_reference_image": [224, 224],
+    "vision_config": {
+        "depth": 4, "hidden_act": "silu", "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
+        "in_channels": 3, "out_hidden_size": 32, "patch_size": 14, "spatial_merge_size": 2,
+        "temporal_patch_size": 2, "window_size": 56, "fullatt_block_indexes": [1, 3],
+    },
+    "text_config": {
+        "model_type": "qwen2_5_vl_text", "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu",
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-06,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [1, 1, 2]},
+        "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2, "torch_dtype": "float32",
+    },
+}
+
 # name -> (config.json dict, description)
 BUILTINS: dict[str, tuple[dict, str]] = {
     "llava-1.5-7b": (LLAVA_15_7B, "LLaVA-1.5 7B (llava-hf/llava-1.5-7b-hf): CLIP ViT-L/14-336 + Vicuna-7B v1.5"),
     "llava-1.5-13b": (LLAVA_15_13B, "LLaVA-1.5 13B (llava-hf/llava-1.5-13b-hf): CLIP ViT-L/14-336 + Vicuna-13B v1.5"),
+    "llava-next-7b": (LLAVA_NEXT_7B, "LLaVA-NeXT 7B (llava-hf/llava-v1.6-vicuna-7b-hf): anyres CLIP ViT-L/14-336 "
+                                     "(base + up to 4 crops) + Vicuna-7B v1.5"),
+    "qwen2.5-vl-7b": (QWEN25_VL_7B, "Qwen2.5-VL 7B (Qwen/Qwen2.5-VL-7B-Instruct): window-attention ViT + 2x2 merger + "
+                                   "Qwen2-7B with M-RoPE; counts at 672x672 (576 visual tokens)"),
     "tiny-llava": (TINY_LLAVA, "tiny random LLaVA for tests (docs/dev/contracts.md), float32"),
+    "tiny-llava-next": (TINY_LLAVA_NEXT, "tiny random LLaVA-NeXT (anyres, 56-pixel crops) for tests, float32"),
+    "tiny-qwen2.5-vl": (TINY_QWEN25_VL, "tiny random Qwen2.5-VL (windows, 2x2 merger, M-RoPE; 224x224 reference) "
+                                        "for tests, float32"),
 }
 
 # Other spellings users type for the same architectures.
@@ -135,6 +260,12 @@ ALIASES: dict[str, str] = {
     "llava-hf/llava-1.5-13b-hf": "llava-1.5-13b",
     "llava-1.5-13b-hf": "llava-1.5-13b",
     "liuhaotian/llava-v1.5-13b": "llava-1.5-13b",
+    "llava-hf/llava-v1.6-vicuna-7b-hf": "llava-next-7b",
+    "llava-v1.6-vicuna-7b-hf": "llava-next-7b",
+    "liuhaotian/llava-v1.6-vicuna-7b": "llava-next-7b",
+    "llava-v1.6-vicuna-7b": "llava-next-7b",
+    "qwen/qwen2.5-vl-7b-instruct": "qwen2.5-vl-7b",
+    "qwen2.5-vl-7b-instruct": "qwen2.5-vl-7b",
 }
 
 

@@ -16,6 +16,19 @@ from ..lang.errors import Diagnostic, PolicyError, did_you_mean
 from .builtins import ALIASES, BUILTINS, builtin_config_dict
 from .spec import DTYPE_BYTES, ModelSpec, TowerDims
 
+# Hub checkpoints (llava-hf, and transformers 4.x/5.x save_pretrained) name keys
+# `language_model.model.*`, `vision_tower.vision_model.*`, ...; transformers 5 modules are
+# `model.language_model.*`, `model.vision_tower.*` (no vision_model). First match wins.
+_LLAVA_RENAMES = (
+    (r"^language_model\.lm_head\.", "lm_head."),
+    (r"^language_model\.model\.", "model.language_model."),
+    (r"^model\.vision_tower\.vision_model\.", "model.vision_tower."),
+    (r"^vision_tower\.vision_model\.", "model.vision_tower."),
+    (r"^vision_tower\.", "model.vision_tower."),
+    (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+    (r"^language_model\.", "model.language_model."),
+)
+
 # Family data, keyed by the config's model_type. Adding LLaVA-NeXT or Qwen2.5-VL means
 # adding a row here (and the fields the row sets), not branching elsewhere.
 _FAMILIES: dict[str, dict[str, Any]] = {
@@ -26,24 +39,84 @@ _FAMILIES: dict[str, dict[str, Any]] = {
         "vit_layer_path": "model.vision_tower.encoder.layers.{i}",
         "projector_path": "model.multi_modal_projector",
         "llm_layer_path": "model.language_model.layers.{i}",
-        # Hub checkpoints (llava-hf, and transformers 4.x/5.x save_pretrained) name keys
-        # `language_model.model.*`, `vision_tower.vision_model.*`, ...; transformers 5
-        # modules are `model.language_model.*`, `model.vision_tower.*` (no vision_model).
+        "checkpoint_renames": _LLAVA_RENAMES,
+    },
+    "llava_next": {
+        "family": "llava-next",
+        "config_class": "LlavaNextConfig",
+        "model_class": "LlavaNextForConditionalGeneration",
+        "vit_layer_path": "model.vision_tower.encoder.layers.{i}",
+        "projector_path": "model.multi_modal_projector",
+        "llm_layer_path": "model.language_model.layers.{i}",
+        # llava-hf/llava-v1.6-* checkpoints: the LLaVA-1.5 key layout plus the newline vector
+        "checkpoint_renames": ((r"^image_newline$", "model.image_newline"),) + _LLAVA_RENAMES,
+    },
+    "qwen2_5_vl": {
+        "family": "qwen2.5-vl",
+        "config_class": "Qwen2_5_VLConfig",
+        "model_class": "Qwen2_5_VLForConditionalGeneration",
+        "vit_layer_path": "model.visual.blocks.{i}",
+        "projector_path": "model.visual.merger",
+        "llm_layer_path": "model.language_model.layers.{i}",
+        # Qwen/Qwen2.5-VL-* hub checkpoints: `visual.*`, `model.*` (text), `lm_head.*`.
         "checkpoint_renames": (
-            (r"^language_model\.lm_head\.", "lm_head."),
-            (r"^language_model\.model\.", "model.language_model."),
-            (r"^model\.vision_tower\.vision_model\.", "model.vision_tower."),
-            (r"^vision_tower\.vision_model\.", "model.vision_tower."),
-            (r"^vision_tower\.", "model.vision_tower."),
-            (r"^multi_modal_projector\.", "model.multi_modal_projector."),
-            (r"^language_model\.", "model.language_model."),
+            (r"^visual\.", "model.visual."),
+            (r"^model\.(?!visual\.|language_model\.)", "model.language_model."),
         ),
     },
 }
 
-# Vision towers: whether the ViT prepends a CLS token, and its MLP kind.
+
+def _anyres_layout(config, vc) -> dict[str, Any]:
+    """LLaVA-NeXT: counts are for the largest pinpoint (ties: the first listed), the most
+    tokens an image can take; each pinpoint side is a whole number of crops."""
+    side = vc.image_size
+    pinpoints = [tuple(p) for p in (getattr(config, "image_grid_pinpoints", None) or ())]
+    if not pinpoints:
+        raise _unsupported("a llava_next config without image_grid_pinpoints",
+                           expected="image_grid_pinpoints such as [[336, 672], [672, 336], [672, 672]]")
+    height, width = max(pinpoints, key=lambda p: p[0] * p[1])
+    if height % side or width % side:
+        raise _unsupported(f"pinpoint {height}x{width} is not a whole number of {side}-pixel crops")
+    grid = (height // side, width // side)
+    return {"anyres_grid": grid, "vit_crops": 1 + grid[0] * grid[1], "image_newline": True}
+
+
+def _qwen_layout(config, vc) -> dict[str, Any]:
+    """Qwen2.5-VL: dynamic resolution, so counts are for `vtdsl_reference_image` (a key
+    vtdsl adds to the config; 672x672 when absent); features are the last block's output,
+    merged 2x2 by the merger, which is the projector here."""
+    height, width = tuple(getattr(config, "vtdsl_reference_image", None) or (672, 672))
+    merge = vc.spatial_merge_size
+    unit = vc.patch_size * merge
+    if height != width or height % unit:
+        raise _unsupported(f"reference image {height}x{width}: vtdsl needs a square side that is a multiple of "
+                           f"{unit} pixels (patch {vc.patch_size} x merge {merge})")
+    window = vc.window_size // vc.patch_size
+    if window % merge or (height // vc.patch_size) % window:
+        raise _unsupported(f"a {vc.window_size}-pixel attention window does not tile a {height}-pixel image")
+    wide = vc.hidden_size * merge * merge
+    return {
+        "image_size": height,
+        "channels": vc.in_channels,
+        "vision_feature_layer": -1,
+        "select_strategy": "default",
+        "projector": (wide, wide, vc.out_hidden_size),
+        "spatial_merge": merge,
+        "temporal_patch": vc.temporal_patch_size,
+        "vit_window": window * window,
+        "vit_full_attention": tuple(vc.fullatt_block_indexes),
+        "position_encoding": "mrope",
+    }
+
+
+_LAYOUTS: dict[str, Callable[[Any, Any], dict[str, Any]]] = {"llava_next": _anyres_layout, "qwen2_5_vl": _qwen_layout}
+
+# Vision towers: whether the ViT prepends a CLS token, its MLP kind, and the config's
+# names for its depth and head count.
 _VISION_TOWERS: dict[str, dict[str, Any]] = {
-    "clip_vision_model": {"has_cls": True, "mlp": "gelu"},
+    "clip_vision_model": {"has_cls": True, "mlp": "gelu", "layers": "num_hidden_layers", "heads": "num_attention_heads"},
+    "qwen2_5_vl_vision": {"has_cls": False, "mlp": "swiglu", "layers": "depth", "heads": "num_heads"},
 }
 
 # Language models with the Llama layer layout (q/k/v/o, gate/up/down, RMSNorm).
@@ -51,6 +124,7 @@ _TEXT_MODELS: dict[str, dict[str, Any]] = {
     "llama": {"mlp": "swiglu"},
     "mistral": {"mlp": "swiglu"},
     "qwen2": {"mlp": "swiglu"},
+    "qwen2_5_vl_text": {"mlp": "swiglu"},
 }
 
 
@@ -122,25 +196,27 @@ def spec_from_config(
             f"unsupported language model {tc.model_type!r}",
             expected="one of: " + ", ".join(sorted(_TEXT_MODELS)),
         )
-    feature_layer = config.vision_feature_layer
+    tower = _VISION_TOWERS[vc.model_type]
+    layout = _LAYOUTS[config.model_type](config, vc) if config.model_type in _LAYOUTS else {}
+    feature_layer = layout.get("vision_feature_layer", getattr(config, "vision_feature_layer", None))
     if not isinstance(feature_layer, int):
         raise _unsupported(
             f"vision_feature_layer {feature_layer!r}: multi-layer image features are not supported",
             expected="a single layer index such as -2",
         )
-    strategy = config.vision_feature_select_strategy
+    strategy = layout.get("select_strategy", getattr(config, "vision_feature_select_strategy", None))
     if strategy not in ("default", "full"):
         raise _unsupported(f"unknown vision_feature_select_strategy {strategy!r}", expected="default or full")
 
-    vheads = vc.num_attention_heads
+    vheads = getattr(vc, tower["heads"])
     vit = TowerDims(
-        layers=vc.num_hidden_layers,
+        layers=getattr(vc, tower["layers"]),
         hidden=vc.hidden_size,
         ffn=vc.intermediate_size,
         heads=vheads,
         kv_heads=vheads,
         head_dim=vc.hidden_size // vheads,
-        mlp=_VISION_TOWERS[vc.model_type]["mlp"],
+        mlp=tower["mlp"],
     )
     heads = tc.num_attention_heads
     kv_heads = getattr(tc, "num_key_value_heads", None) or heads
@@ -175,6 +251,13 @@ def spec_from_config(
             f"{fam['family']}: {vc.model_type} {vit.layers}L/{vit.hidden} + "
             f"{tc.model_type} {llm.layers}L/{llm.hidden}"
         )
+    fields: dict[str, Any] = dict(
+        image_size=getattr(vc, "image_size", None),
+        channels=getattr(vc, "num_channels", 3),
+        projector=(vit.hidden, llm.hidden, llm.hidden),
+    )
+    fields.update(layout)
+    fields.update(vision_feature_layer=feature_layer, select_strategy=strategy)
     return ModelSpec(
         name=name,
         family=fam["family"],
@@ -182,13 +265,8 @@ def spec_from_config(
         vit=vit,
         llm=llm,
         vocab_size=tc.vocab_size,
-        image_size=vc.image_size,
         patch_size=vc.patch_size,
-        channels=getattr(vc, "num_channels", 3),
-        has_cls=_VISION_TOWERS[vc.model_type]["has_cls"],
-        vision_feature_layer=feature_layer,
-        select_strategy=strategy,
-        projector=(vit.hidden, llm.hidden, llm.hidden),
+        has_cls=tower["has_cls"],
         dtype=dtype,
         vit_layer_path=fam["vit_layer_path"],
         projector_path=fam["projector_path"],
@@ -200,6 +278,7 @@ def spec_from_config(
         tie_word_embeddings=bool(tie),
         checkpoint_renames=fam["checkpoint_renames"],
         source=source,
+        **fields,
     )
 
 

@@ -51,7 +51,7 @@ class TowerDims:
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    family: Literal["llava"]  # later: "llava-next", "qwen2.5-vl"
+    family: Literal["llava", "llava-next", "qwen2.5-vl"]
     description: str
     vit: TowerDims
     llm: TowerDims
@@ -79,6 +79,17 @@ class ModelSpec:
     # Crops the vision tower encodes per image (LLaVA-NeXT anyres: base + grid crops).
     # `vit_tokens` in a Plan are per crop; projector / LLM counts are per image (all crops).
     vit_crops: int = 1
+    # LLaVA-NeXT anyres: the crop grid (rows, cols) of the reference image every count is
+    # for (the largest of the model's pinpoints, so counts are upper bounds), and whether a
+    # learned newline token ends each row of the grid crops' feature map in the LLM.
+    anyres_grid: tuple[int, int] | None = None
+    image_newline: bool = False
+    # Frames one patch spans (Qwen2.5-VL's Conv3d patch embedding: 2; an image is repeated).
+    temporal_patch: int = 1
+    # Window attention (Qwen2.5-VL): tokens per window in every ViT layer not listed in
+    # `vit_full_attention` (0: every layer attends over the whole crop).
+    vit_window: int = 0
+    vit_full_attention: tuple[int, ...] = ()
     # Side of the patch merge unit between ViT and projector (Qwen2.5-VL: 2 -> 2x2 patches
     # become one token; `projector[0]` is then vit.hidden * 4).
     spatial_merge: int = 1
@@ -120,16 +131,39 @@ class ModelSpec:
         return tuple(range(self.feature_layer_index + 1, self.vit.layers))
 
     @property
-    def image_tokens(self) -> int:
-        """Visual tokens entering the LLM per image when nothing is pruned."""
-        keeps_cls = self.has_cls and self.select_strategy == "full"
-        per_crop = self.patch_tokens // (self.spatial_merge**2) + (1 if keeps_cls else 0)
-        return per_crop * self.vit_crops
+    def llm_grid(self) -> tuple[int, int]:
+        """Token grid of one crop as the projector hands it on (after a patch merger)."""
+        rows, cols = self.grid
+        return rows // self.spatial_merge, cols // self.spatial_merge
 
     @property
     def projector_tokens(self) -> int:
-        """Visual tokens entering the projector per image when nothing is pruned."""
-        return self.image_tokens
+        """Visual tokens entering the projector per image when nothing is pruned (merged
+        units for a patch merger: Qwen2.5-VL's projector widths are 4 patches wide)."""
+        keeps_cls = self.has_cls and self.select_strategy == "full"
+        rows, cols = self.llm_grid
+        return (rows * cols + (1 if keeps_cls else 0)) * self.vit_crops
+
+    @property
+    def newline_tokens(self) -> int:
+        """Image-newline tokens LLaVA-NeXT appends: one per row of the grid crops' map."""
+        if not self.image_newline or self.anyres_grid is None:
+            return 0
+        return self.anyres_grid[0] * self.llm_grid[0]
+
+    @property
+    def image_tokens(self) -> int:
+        """Visual tokens entering the LLM per image when nothing is pruned (the prompt's
+        image placeholders): the projector's output plus any newline tokens."""
+        return self.projector_tokens + self.newline_tokens
+
+    def llm_entry_tokens(self, projector_tokens: int) -> int:
+        """Visual tokens entering the LLM when the projector sees `projector_tokens` per
+        image. Newline tokens belong to the intact anyres layout: once crops are pruned
+        the compiled model concatenates the kept tokens of every crop without them."""
+        if projector_tokens == self.projector_tokens:
+            return self.image_tokens
+        return projector_tokens
 
     @property
     def dtype_bytes(self) -> int:

@@ -1,0 +1,244 @@
+"""LLaVA-NeXT (anyres): spec counts, cost = FlopCounterMode, and compiled tiny-llava-next
+runs against plain references written here (loops over the HF layers, eager attention,
+an uncompiled model fed hand-built embeddings), never vtdsl's own ops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import vtdsl.compiler as vc
+from vtdsl.cost import estimate, estimate_counts
+from vtdsl.ir import check
+from vtdsl.lang.errors import PolicyError
+from vtdsl.models import get_spec
+
+from plain_refs import clip_cls_scores, last_query_attention, masked_generate, prune_to_top, sharpen_llm, top_rows
+
+SPEC = get_spec("tiny-llava-next")
+IMG = SPEC.image_token_id
+CROP = 56  # pixels per crop; 4x4 patches of 14
+SIDE = 4  # patches per crop side
+BASE = SIDE * SIDE  # 16 tokens of the base view
+ROWS, WIDTH = 2 * SIDE, 2 * SIDE + 1  # the 2x2 grid crops' map: 8 rows of 8 tokens + a newline
+N_IMG = BASE + ROWS * WIDTH  # 88
+ZOO = sorted((Path(__file__).resolve().parents[1] / "policies").glob("*.vt"))
+
+
+def build(attn: str):
+    return sharpen_llm(SPEC.build(device="cpu", attn_implementation=attn, seed=0).eval())
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {"eager": build("eager"), "sdpa": build("sdpa")}
+
+
+def inputs(batch: int):
+    """One 112x112 image per prompt (base + 2x2 crops); batch 2 is left-padded."""
+    rows = [[5, 6, 7] + [IMG] * N_IMG + [8, 9, 10]]
+    if batch == 2:
+        rows.append([11, 12, 13, 14, 15] + [IMG] * N_IMG + [18, 19, 20, 21])
+    n = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), n, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, n - len(r):] = torch.tensor(r)
+        mask[i, n - len(r):] = 1
+    px = torch.randn(len(rows), 5, 3, CROP, CROP, generator=torch.Generator().manual_seed(3))
+    sizes = torch.tensor([[2 * CROP, 2 * CROP]] * len(rows))
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=px, image_sizes=sizes)
+
+
+def crop_of(i: int) -> int:
+    """Crop of the i-th visual token of an intact 112x112 image (newline: its row's last crop)."""
+    if i < BASE:
+        return 0
+    r, c = divmod(i - BASE, WIDTH)
+    return 1 + (r // SIDE) * 2 + min(c, 2 * SIDE - 1) // SIDE
+
+
+def fresh_copy(model, attn="eager"):
+    ref = SPEC.build(device="cpu", attn_implementation=attn, seed=0).eval()
+    ref.load_state_dict(model.state_dict())
+    return ref
+
+
+# ---------------------------------------------------------------------------- spec and cost
+def test_counts_follow_the_anyres_layout():
+    big = get_spec("llava-next-7b")
+    assert (big.vit_crops, big.anyres_grid) == (5, (2, 2))
+    assert big.projector_tokens == 5 * 576
+    assert big.image_tokens == 576 + 48 * (48 + 1)  # base view + 48 rows of 48 tokens and a newline
+    assert (SPEC.projector_tokens, SPEC.image_tokens) == (5 * BASE, N_IMG)
+    # transformers' own packing agrees (unpadding a square image removes nothing)
+    model = SPEC.build(device="cpu", seed=0)
+    batch = inputs(1)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=batch["pixel_values"],
+                                               image_sizes=batch["image_sizes"]).pooler_output
+    assert [f.shape[0] for f in feats] == [N_IMG]
+
+
+def test_cost_of_llava_next_7b_equals_flop_counter_on_meta():
+    spec = get_spec("llava-next-7b")
+    model = spec.build(device="meta", attn_implementation="eager")
+    text = 64
+    ids = torch.cat([torch.full((1, spec.image_tokens), spec.image_token_id), torch.ones(1, text, dtype=torch.long)], 1)
+    px = torch.zeros(1, 5, 3, 336, 336, device="meta", dtype=model.dtype)
+    check_off = mock.patch("transformers.models.llava_next.modeling_llava_next.torch_compilable_check",
+                           lambda *a, **k: None)
+    with check_off, torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(input_ids=ids.to("meta"), pixel_values=px, image_sizes=torch.tensor([[672, 672]]), logits_to_keep=1)
+    vit_layer = lambda n: 2 * n * (4 * 1024**2 + 2 * n * 1024 + 2 * 1024 * 4096)  # noqa: E731
+    llm_layer = lambda n: 2 * n * (4 * 4096**2 + 2 * n * 4096 + 3 * 4096 * 11008)  # noqa: E731
+    independent = (5 * (24 * vit_layer(577) + 2 * 576 * 3 * 14 * 14 * 1024)
+                   + 2 * 2880 * (1024 * 4096 + 4096 * 4096)
+                   + 32 * llm_layer(2928 + text) + 2 * 4096 * 32064)
+    assert counter.get_total_flops() == independent
+    report = estimate_counts(spec, [577] * 24, 2880, [2928] * 32, text)
+    assert report.baseline.flops == independent
+
+
+@pytest.mark.parametrize("src", [
+    "at llm.layer2 keep text top 50%",
+    "at vit.layer2 keep cls top 8",
+    "at vit.out keep cls top 8 then merge rest into 2; at llm.layer1 keep text top 20 per crop",
+    "at vit.out pool 2x2",
+    "at llm.layer0 keep diverse 30",
+])
+def test_compiled_flops_equal_the_cost_model(models, src):
+    model = models["eager"]
+    batch = inputs(1)
+    with vc.apply(src, model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**batch)
+    assert counter.get_total_flops() == estimate(check(src, SPEC), text_tokens=6, logits="all").flops
+
+
+# ---------------------------------------------------------------------------- LLM stages
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_llm_stage_generate_matches_masked_reference(models, attn, batch):
+    model = models[attn]
+    batch_inputs = inputs(batch)
+    ref = fresh_copy(model)
+    att = last_query_attention(ref, batch_inputs, layer=1)
+    kept, pruned = prune_to_top(att, batch_inputs["input_ids"], IMG, N_IMG // 2)
+    want = masked_generate(ref, batch_inputs, pruned, from_layer=2, new_tokens=6)
+    with vc.apply("at llm.layer2 keep text top 50%", model):
+        with torch.no_grad():
+            got = model.generate(**batch_inputs, max_new_tokens=6, do_sample=False)
+        assert torch.equal(vc.kept_tokens(model)["llm.layer2#0"], kept)
+    assert torch.equal(got, want)
+
+
+def test_per_crop_at_an_llm_site_gives_every_crop_its_share(models):
+    """`per crop` on the packed LLM tokens: 40 tokens over 5 crops = the 8 best of each crop
+    (crops read from the layout: base view, then rows of the grid crops + newline)."""
+    model = models["eager"]
+    batch_inputs = inputs(2)
+    ref = fresh_copy(model)
+    att = last_query_attention(ref, batch_inputs, layer=0)
+    ids = batch_inputs["input_ids"]
+    kept, pruned = [], []
+    for b in range(2):
+        rows = (ids[b] == IMG).nonzero().flatten()
+        crop = torch.tensor([crop_of(i) for i in range(N_IMG)])
+        chosen = torch.cat([top_rows(att[b], rows[crop == c], 8) for c in range(5)]).sort().values
+        kept.append(chosen)
+        pruned.append(rows[~torch.isin(rows, chosen)])
+    want = masked_generate(ref, batch_inputs, pruned, from_layer=1, new_tokens=5)
+    with vc.apply("at llm.layer1 keep text top 40 per crop", model):
+        with torch.no_grad():
+            got = model.generate(**batch_inputs, max_new_tokens=5, do_sample=False)
+        assert torch.equal(vc.kept_tokens(model)["llm.layer1#0"], torch.stack(kept))
+    assert torch.equal(got, want)
+    # the even split differs from a plain top 40 here (otherwise the test proves nothing)
+    plain = torch.stack([top_rows(att[b], (ids[b] == IMG).nonzero().flatten(), 40) for b in range(2)])
+    assert not torch.equal(plain, torch.stack(kept))
+
+
+# ---------------------------------------------------------------------------- ViT stages
+def crop_features_reference(model, px, prune_at: int, keep: int) -> torch.Tensor:
+    """Each crop through the CLIP layers by hand, pruned before layer `prune_at` to the
+    `keep` patches the CLS row of layer prune_at-1 attends to most; the feature layer's
+    patches through the projector; crops concatenated in order (base view first)."""
+    vt = model.model.vision_tower
+    layers = vt.encoder.layers
+    with torch.no_grad():
+        crops = px.reshape(-1, *px.shape[2:])
+        h = vt.pre_layrnorm(vt.embeddings(crops))
+        prev = None
+        for i, layer in enumerate(layers):
+            if i == prune_at:
+                idx = torch.topk(clip_cls_scores(layers[i - 1], prev), keep, dim=1).indices.sort(1).values
+                h = torch.cat([h[:, :1], torch.stack([h[c, 1 + idx[c]] for c in range(h.shape[0])])], 1)
+            prev = h
+            h = layer(h, None)
+            if i == len(layers) - 2:  # vision_feature_layer -2
+                feats = h[:, 1:]
+        out = model.model.multi_modal_projector(feats)
+    return out.reshape(px.shape[0], -1, out.shape[-1])
+
+
+def test_vit_stage_prunes_every_crop_and_generate_follows(models):
+    model = models["eager"]
+    batch_inputs = inputs(2)
+    want = crop_features_reference(model, batch_inputs["pixel_values"], prune_at=2, keep=8)
+    with vc.apply("at vit.layer2 keep cls top 8", model):
+        assert vc.image_token_count(model) == 5 * 8
+        with torch.no_grad():
+            got = model.model.get_image_features(pixel_values=batch_inputs["pixel_values"],
+                                                 image_sizes=batch_inputs["image_sizes"]).pooler_output
+            gen = model.generate(**batch_inputs, max_new_tokens=5, do_sample=False)
+    torch.testing.assert_close(torch.stack(list(got)), want, atol=1e-5, rtol=1e-5)
+    # reference generation: the plain model on a prompt with 40 placeholders whose
+    # embeddings are the reference features
+    ref = fresh_copy(model)
+    short = vc.rewrite_inputs(batch_inputs["input_ids"], batch_inputs["attention_mask"], image_token_id=IMG,
+                              from_count=N_IMG, to_count=40)
+    embeds = ref.get_input_embeddings()(short["input_ids"]).clone()
+    for b in range(2):
+        embeds[b, short["input_ids"][b] == IMG] = want[b]
+    with torch.no_grad():
+        new = ref.generate(inputs_embeds=embeds, attention_mask=short["attention_mask"], max_new_tokens=5,
+                           do_sample=False)
+    assert torch.equal(gen[:, -5:], new[:, -5:])
+    assert int((gen[0] == IMG).sum()) == 40
+
+
+# ---------------------------------------------------------------------------- check time
+@pytest.mark.parametrize("src, at, words", [
+    ("at llm.layer2 pool 2x2", "pool", "not one token grid"),
+    ("at llm.layer2 keep anchors top 10% + buffers", "buffers", "'buffers' at llm.layer2"),
+    ("at llm.layer2 keep text top 20 per region 2x2", "per region", "'per region' at llm.layer2"),
+    ("at llm.layer2 keep cls@vit.layer2 top 20", "cls@", "scores ViT crop patches"),
+])
+def test_layout_refusals_are_located(src, at, words):
+    with pytest.raises(PolicyError) as err:
+        check(src, SPEC)
+    d = err.value.diagnostics[0]
+    assert (d.span.line, d.span.column) == (1, src.index(at) + 1)
+    assert words in d.message
+
+
+def test_zoo_on_llava_next_7b_checks_or_is_refused_with_a_reason():
+    spec = get_spec("llava-next-7b")
+    refused = {}
+    for path in ZOO:
+        try:
+            plan = check(path, spec)
+        except PolicyError as err:
+            refused[path.stem] = err.diagnostics[0]
+            continue
+        # vit.out counts are per crop: the LLM receives five crops' worth
+        if any(s.site.tower == "vit" for s in plan.stages):
+            assert plan.image_placeholders == plan.projector_tokens and plan.projector_tokens % 5 == 0
+        else:
+            assert plan.image_placeholders == 2928
+    assert set(refused) == {"todre"}
+    assert refused["todre"].code == "model-layout" and "packed LLM tokens" in refused["todre"].message

@@ -1,0 +1,186 @@
+"""Qwen2.5-VL: spec from the published config, cost = FlopCounterMode (window attention,
+2x2 merger, M-RoPE LLM), check-time refusals, and compiled tiny-qwen2.5-vl runs against
+plain references written here (the uncompiled model with pruned positions masked out)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import vtdsl.compiler as vc
+from vtdsl.cost import estimate, estimate_counts
+from vtdsl.ir import check
+from vtdsl.lang.errors import PolicyError
+from vtdsl.models import get_spec
+
+from plain_refs import masked_generate, prune_to_top, sharpen_llm
+
+SPEC = get_spec("tiny-qwen2.5-vl")
+IMG, START, END = 250, 251, 252
+SIDE = 16  # 224 px / 14: patches per side of the reference image
+N_IMG = (SIDE // 2) ** 2  # 64 merged tokens
+ZOO = sorted((Path(__file__).resolve().parents[1] / "policies").glob("*.vt"))
+
+
+def build(attn: str):
+    return sharpen_llm(SPEC.build(device="cpu", attn_implementation=attn, seed=0).eval())
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {"eager": build("eager"), "sdpa": build("sdpa")}
+
+
+def inputs(batch: int):
+    """One 224x224 image per prompt, wrapped in vision start/end; batch 2 is left-padded."""
+    rows = [[5, 6, 7, START] + [IMG] * N_IMG + [END, 8, 9, 10]]
+    if batch == 2:
+        rows.append([11, 12, 13, 14, 15, START] + [IMG] * N_IMG + [END, 18, 19])
+    n = max(len(r) for r in rows)
+    ids = torch.full((len(rows), n), 2, dtype=torch.long)  # pad id 2
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, n - len(r):] = torch.tensor(r)
+        mask[i, n - len(r):] = 1
+    px = torch.randn(len(rows) * SIDE * SIDE, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(5))
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=px,
+                image_grid_thw=torch.tensor([[1, SIDE, SIDE]] * len(rows)), mm_token_type_ids=(ids == IMG).int())
+
+
+def fresh_copy(model, attn="eager"):
+    ref = SPEC.build(device="cpu", attn_implementation=attn, seed=0).eval()
+    ref.load_state_dict(model.state_dict())
+    return ref
+
+
+# ---------------------------------------------------------------------------- spec and cost
+def test_spec_from_the_published_config():
+    s = get_spec("qwen2.5-vl-7b")
+    assert (s.family, s.has_cls, s.spatial_merge, s.temporal_patch, s.position_encoding) == (
+        "qwen2.5-vl", False, 2, 2, "mrope")
+    assert (s.vit.layers, s.vit.hidden, s.vit.ffn, s.vit.heads, s.vit.mlp) == (32, 1280, 3420, 16, "swiglu")
+    assert (s.llm.layers, s.llm.hidden, s.llm.heads, s.llm.kv_heads, s.llm.ffn) == (28, 3584, 28, 4, 18944)
+    assert s.vit_window == 8 * 8 and s.vit_full_attention == (7, 15, 23, 31)
+    # 672x672: 48x48 patches in the ViT, one LLM token per 2x2
+    assert (s.vit_tokens, s.image_tokens, s.projector) == (48 * 48, 24 * 24, (5120, 5120, 3584))
+    assert s.param_count() == 8_292_166_656  # Qwen2.5-VL-7B's published size (8.29 B)
+
+
+def test_cost_of_qwen25_vl_7b_equals_flop_counter_on_meta():
+    """The vision tower called directly (its rotary ids precomputed: meta tensors cannot be
+    read), the features scattered by hand, then the LLM with the model's own M-RoPE ids."""
+    import transformers.vision_utils as vu
+
+    spec = get_spec("qwen2.5-vl-7b")
+    model = spec.build(device="meta", attn_implementation="eager")
+    side = 48
+    grid = torch.tensor([[1, side, side]])
+    ids = torch.tensor([[9] * 20 + [151652] + [151655] * 576 + [151653] + [9] * 42])
+    text = ids.shape[1] - 576
+    pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=(ids == 151655).int(), image_grid_thw=grid)
+    pixels = torch.empty(side * side, 1176, dtype=model.dtype, device="meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        vision = model.model.visual(pixels, grid_thw=grid, position_ids=vu.get_vision_position_ids(grid, 2).to("meta"))
+        embeds = model.get_input_embeddings()(ids.to("meta"))
+        embeds = embeds.masked_scatter((ids == 151655)[..., None].to("meta"), vision.pooler_output)
+        model(inputs_embeds=embeds, position_ids=pos.to("meta"), use_cache=False, logits_to_keep=1)
+    n, d, ffn = 2304, 1280, 3420
+    linear = 2 * n * (4 * d * d + 3 * d * ffn)
+    windows = 36 * 64 * 64  # 6x6 windows of 8x8 patches: attention within each
+    vit = 2 * n * 1176 * d + 28 * (linear + 4 * d * windows) + 4 * (linear + 4 * d * n * n)
+    merger = 2 * 576 * (5120 * 5120 + 5120 * 3584)
+    N, h, kv = 576 + text, 3584, 512
+    llm = 28 * (2 * N * (2 * h * h + 2 * h * kv + 3 * h * 18944) + 4 * N * N * h)
+    independent = vit + merger + llm + 2 * h * 152064
+    assert counter.get_total_flops() == independent
+    assert estimate_counts(spec, [n] * 32, 576, [576] * 28, text).baseline.flops == independent
+
+
+@pytest.mark.parametrize("src", [
+    "at llm.layer2 keep text top 50%",
+    "at llm.layer0 pool 2x2; at llm.layer2 keep text top 5",
+    "at llm.layer1 keep text top 16 per region 2x2",
+])
+def test_compiled_flops_equal_the_cost_model(models, src):
+    model = models["eager"]
+    with vc.apply(src, model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**inputs(1))
+    assert counter.get_total_flops() == estimate(check(src, SPEC), text_tokens=8, logits="all").flops
+
+
+# ---------------------------------------------------------------------------- LLM stages
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_llm_stage_generate_matches_masked_reference(models, attn, batch):
+    model = models[attn]
+    batch_inputs = inputs(batch)
+    ref = fresh_copy(model)
+    with torch.no_grad():
+        att = ref(**batch_inputs, output_attentions=True).attentions[1][:, :, -1, :].mean(1)
+    kept, pruned = prune_to_top(att, batch_inputs["input_ids"], IMG, N_IMG // 2)
+    want = masked_generate(ref, batch_inputs, pruned, from_layer=2, new_tokens=6)
+    with vc.apply("at llm.layer2 keep text top 50%", model):
+        with torch.no_grad():
+            got = model.generate(**batch_inputs, max_new_tokens=6, do_sample=False)
+        assert torch.equal(vc.kept_tokens(model)["llm.layer2#0"], kept)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_llm_layer0_gathers_all_three_position_streams(models, attn):
+    """A prune before the LLM removes rows from the sequence; kept tokens must keep their
+    (t, h, w) M-RoPE positions: the same as masking the dropped rows everywhere."""
+    model = models[attn]
+    batch_inputs = inputs(2)
+    ids = batch_inputs["input_ids"]
+    pruned = []
+    for b in range(2):
+        rows = (ids[b] == IMG).nonzero().flatten()
+        chosen = rows[[i * N_IMG // 20 for i in range(20)]]  # `uniform 20`: ranks floor(i·n/k)
+        pruned.append(rows[~torch.isin(rows, chosen)])
+    want = masked_generate(fresh_copy(model, attn), batch_inputs, pruned, from_layer=0, new_tokens=6)
+    with vc.apply("at llm.layer0 keep uniform 20", model):
+        with torch.no_grad():
+            got = model.generate(**batch_inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want)
+    # and gathering only the text stream (1-D positions) would not be the same model
+    with torch.no_grad():
+        flat = fresh_copy(model, attn).generate(**{k: v for k, v in batch_inputs.items() if k != "mm_token_type_ids"},
+                                                max_new_tokens=6, do_sample=False)
+    assert not torch.equal(flat, want)
+
+
+# ---------------------------------------------------------------------------- check time
+@pytest.mark.parametrize("src, at, code, words", [
+    ("at llm.layer2 keep cls@vit.layer3 top 20", "cls@", "no-cls", "has no CLS token"),
+    ("at vit.layer2 keep random 100", "vit.layer2", "model-layout", "whole 2x2 groups"),
+    ("at vit.out pool 2x2", "vit.out", "model-layout", "llm.layer0 prunes the merged tokens"),
+    ("at llm.layer2 keep text top 20 renumber", "renumber", "renumber", "M-RoPE"),
+    ("at llm.layer2 keep attn@vit.layer1 top 20", "attn@", "model-layout", "window"),
+])
+def test_refusals_are_located_and_say_why(src, at, code, words):
+    with pytest.raises(PolicyError) as err:
+        check(src, SPEC)
+    d = err.value.diagnostics[0]
+    assert (d.span.line, d.span.column, d.code) == (1, src.index(at) + 1, code)
+    assert words in d.message + (d.expected or "")
+
+
+def test_zoo_on_qwen25_vl_7b_runs_or_is_refused_with_a_reason():
+    spec = get_spec("qwen2.5-vl-7b")
+    ok, refused = [], {}
+    for path in ZOO:
+        try:
+            plan = check(path, spec)
+            ok.append(path.stem)
+            assert all(s.site.tower == "llm" for s in plan.stages)
+        except PolicyError as err:
+            refused[path.stem] = err.diagnostics[0].code
+    # LLM-only policies without re-numbering run unchanged
+    assert {"fastv", "dart", "feather", "dyvte"} <= set(ok)
+    assert refused["pdrop"] == "renumber" and refused["visionzip"] == "cls-token"
+    assert refused["pool"] == "model-layout" and refused["tome"] == "model-layout"
+    assert all(code in ("renumber", "cls-token", "model-layout", "no-cls", "site-range") for code in refused.values())
