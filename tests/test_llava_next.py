@@ -242,3 +242,103 @@ def test_zoo_on_llava_next_7b_checks_or_is_refused_with_a_reason():
             assert plan.image_placeholders == 2928
     assert set(refused) == {"todre"}
     assert refused["todre"].code == "model-layout" and "packed LLM tokens" in refused["todre"].message
+
+
+# ---------------------------------------------------------------------------- other image sizes
+SMALL = (45, 60)  # a 3:4 image: anyres picks 1x2 crops and unpads the map to 4 x 6
+
+
+def small_inputs():
+    spec = SPEC.for_image(*SMALL)
+    rows = [[5, 6, 7] + [IMG] * spec.image_tokens + [8, 9, 10]]
+    ids = torch.tensor(rows)
+    px = torch.randn(1, spec.vit_crops, 3, CROP, CROP, generator=torch.Generator().manual_seed(4))
+    return spec, dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=px,
+                      image_sizes=torch.tensor([list(SMALL)]))
+
+
+def packed_crop_ids(model, size, crops: int) -> torch.Tensor:
+    """The crop of every packed visual token, by transformers' own packing of features
+    that carry their crop number (newline tokens: -1, then their row's last crop)."""
+    feats = torch.arange(crops, dtype=torch.float32)[:, None, None].expand(crops, BASE, 1)
+    packed, _ = type(model.model).pack_image_features(
+        model.model, [feats], torch.tensor([list(size)]), "default", image_newline=torch.full((1,), -1.0))
+    ids = packed[0][:, 0].long()
+    for i in range(1, ids.numel()):
+        if ids[i] < 0:
+            ids[i] = ids[i - 1]
+    return ids
+
+
+def test_counts_at_other_sizes_equal_transformers(models):
+    model = models["eager"]
+    for size in [(112, 112), (56, 112), (45, 60), (60, 45)]:
+        spec = SPEC.for_image(*size)
+        px = torch.randn(1, spec.vit_crops, 3, CROP, CROP)
+        with torch.no_grad():
+            feats = model.model.get_image_features(pixel_values=px, image_sizes=torch.tensor([list(size)])).pooler_output
+        assert feats[0].shape[0] == spec.image_tokens, size
+
+
+def test_llm_stage_at_another_image_size_resolves_for_its_count(models):
+    """`top 50%` of a 44-token image keeps 22, and `per crop` reads the unpadded layout."""
+    model = models["eager"]
+    spec, batch_inputs = small_inputs()
+    assert (spec.vit_crops, spec.image_tokens) == (3, 44)
+    ref = fresh_copy(model)
+    att = last_query_attention(ref, batch_inputs, layer=0)
+    rows = (batch_inputs["input_ids"][0] == IMG).nonzero().flatten()
+    crop = packed_crop_ids(model, SMALL, 3)
+    chosen = torch.cat([top_rows(att[0], rows[crop == c], k) for c, k in zip(range(3), (8, 7, 7))]).sort().values
+    want = masked_generate(ref, batch_inputs, [rows[~torch.isin(rows, chosen)]], from_layer=1, new_tokens=5)
+    with vc.apply("at llm.layer1 keep text top 50% per crop", model):
+        with torch.no_grad():
+            got = model.generate(**batch_inputs, max_new_tokens=5, do_sample=False)
+        assert vc.kept_counts(model)["llm"]["llm.layer1#0"] == (44, 22)
+        assert torch.equal(vc.kept_tokens(model)["llm.layer1#0"][0], chosen)
+    assert torch.equal(got, want)
+
+
+def test_vit_stage_at_another_image_size_packs_its_crops(models):
+    model = models["eager"]
+    spec, batch_inputs = small_inputs()
+    want = crop_features_reference(model, batch_inputs["pixel_values"], prune_at=2, keep=8)  # 3 crops x 8
+    with vc.apply("at vit.layer2 keep cls top 8", model):
+        with torch.no_grad():
+            gen = model.generate(**batch_inputs, max_new_tokens=5, do_sample=False)
+    ref = fresh_copy(model)
+    short = vc.rewrite_inputs(batch_inputs["input_ids"], image_token_id=IMG, from_count=44, to_count=24)
+    embeds = ref.get_input_embeddings()(short["input_ids"]).clone()
+    embeds[0, short["input_ids"][0] == IMG] = want[0]
+    with torch.no_grad():
+        new = ref.generate(inputs_embeds=embeds, max_new_tokens=5, do_sample=False)
+    assert int((gen[0] == IMG).sum()) == 24
+    assert torch.equal(gen[:, -5:], new[:, -5:])
+
+
+def test_images_of_two_sizes_in_one_call_are_refused(models):
+    model = models["eager"]
+    batch_inputs = inputs(2)
+    batch_inputs["image_sizes"] = torch.tensor([[112, 112], [56, 112]])
+    with vc.apply("at llm.layer2 keep text top 50%", model), pytest.raises(vc.CompileError, match="one size per call"):
+        model(**batch_inputs)
+
+
+def test_cli_check_counts_at_the_image_size_given():
+    import json
+
+    from click.testing import CliRunner
+
+    from vtdsl.cli import main
+
+    run = CliRunner().invoke(main, ["check", "policies/visionzip.vt", "-m", "llava-next-7b", "--image", "600x800",
+                                    "--json"])
+    assert run.exit_code == 0, run.output
+    data = json.loads(run.stdout)
+    # 600x800 -> 2x2 crops (5 x 192 kept at vit.out); unpadded, the unpruned image has
+    # 576 + 36 rows x (48 + newline) tokens
+    assert data["visual_tokens_to_llm"] == 5 * 192
+    assert data["flops"]["baseline"] == estimate_counts(get_spec("llava-next-7b"), [577] * 24, 2880,
+                                                        [576 + 36 * 49] * 32, 64).policy.flops
+    bad = CliRunner().invoke(main, ["check", "policies/visionzip.vt", "-m", "llava-next-7b", "--image", "600by800"])
+    assert bad.exit_code == 2 and "HEIGHTxWIDTH" in bad.output

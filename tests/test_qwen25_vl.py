@@ -184,3 +184,42 @@ def test_zoo_on_qwen25_vl_7b_runs_or_is_refused_with_a_reason():
     assert refused["pdrop"] == "renumber" and refused["visionzip"] == "cls-token"
     assert refused["pool"] == "model-layout" and refused["tome"] == "model-layout"
     assert all(code in ("renumber", "cls-token", "model-layout", "no-cls", "site-range") for code in refused.values())
+
+
+def test_an_image_of_another_size_runs_the_plan_checked_for_it(models):
+    """Dynamic resolution: a 224x168 image (16x12 patches, 48 tokens) keeps 24 at `top 50%`,
+    and a 2x2 pool at llm.layer0 pools its own 8x6 merged grid."""
+    model = models["eager"]
+    h, w = 16, 12
+    ids = torch.tensor([[5, 6, 7, START] + [IMG] * (h * w // 4) + [END, 8, 9, 10]])
+    batch_inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                        pixel_values=torch.randn(h * w, 1176, generator=torch.Generator().manual_seed(6)),
+                        image_grid_thw=torch.tensor([[1, h, w]]), mm_token_type_ids=(ids == IMG).int())
+    ref = fresh_copy(model)
+    with torch.no_grad():
+        att = ref(**batch_inputs, output_attentions=True).attentions[1][:, :, -1, :].mean(1)
+    kept, pruned = prune_to_top(att, ids, IMG, 24)
+    want = masked_generate(ref, batch_inputs, pruned, from_layer=2, new_tokens=5)
+    with vc.apply("at llm.layer2 keep text top 50%", model):
+        with torch.no_grad():
+            got = model.generate(**batch_inputs, max_new_tokens=5, do_sample=False)
+        assert torch.equal(vc.kept_tokens(model)["llm.layer2#0"], kept)
+    assert torch.equal(got, want)
+    with vc.apply("at llm.layer0 pool 2x2", model):
+        with torch.no_grad():
+            model(**batch_inputs)
+        assert vc.kept_counts(model)["llm"]["llm.layer0#0"] == (48, 4 * 3)
+
+
+def test_cli_check_counts_at_the_image_size_the_processor_makes():
+    import json
+
+    from click.testing import CliRunner
+
+    from vtdsl.cli import main
+
+    run = CliRunner().invoke(main, ["check", "policies/fastv.vt", "-m", "qwen2.5-vl-7b", "--image", "600x800",
+                                    "--json"])
+    assert run.exit_code == 0, run.output
+    # the processor rounds 600x800 to 588x812 (multiples of 28): 21 x 29 merged tokens
+    assert json.loads(run.stdout)["visual_tokens_to_llm"] == 21 * 29

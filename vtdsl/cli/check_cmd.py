@@ -9,10 +9,24 @@ import click
 from .common import EXIT_FAILED, emit_json, guarded
 
 
-def load_plan(policy_file: str, model: str | None, syntax: str | None = None):
-    """Parse POLICY (path or '-') and check it against MODEL (default: the policy's hint)."""
+def parse_image_size(ctx, param, value: str | None) -> tuple[int, int] | None:
+    """`--image HxW` (pixels, height first) -> (height, width)."""
+    if value is None:
+        return None
+    height, sep, width = value.lower().partition("x")
+    if not sep or not height.strip().isdigit() or not width.strip().isdigit() or int(height) < 1 or int(width) < 1:
+        raise click.BadParameter(f"expected HEIGHTxWIDTH in pixels such as 600x800, not {value!r}")
+    return int(height), int(width)
+
+
+def load_plan(policy_file: str, model: str | None, syntax: str | None = None,
+              image: tuple[int, int] | None = None):
+    """Parse POLICY (path or '-') and check it against MODEL (default: the policy's hint),
+    for an image of `image` = (height, width) pixels when given (anyres and
+    dynamic-resolution models count tokens by image size)."""
     from ..ir import check
     from ..lang.errors import Diagnostic, PolicyError
+    from ..models import get_spec
     from ..lang.source import parse_text
     from .lang_cmds import read_policy_source
 
@@ -30,6 +44,13 @@ def load_plan(policy_file: str, model: str | None, syntax: str | None = None):
             source=text,
             filename=filename,
         )
+    if image is not None:
+        spec = get_spec(model)
+        try:
+            model = spec.for_image(*image)
+        except ValueError as err:
+            raise PolicyError(Diagnostic(str(err), expected="--image with sides the model accepts", code="model"),
+                              source=text, filename=filename) from None
     return check(policy, model, source=text, filename=filename), text, filename
 
 
@@ -111,10 +132,13 @@ def _budget_value(verdict: dict) -> str:
               help='Extra budget constraint, e.g. "flops <= 25%". Repeatable.')
 @click.option("--decode-context", default=0, show_default=True, type=click.IntRange(0, 1_000_000),
               help="Tokens generated before the decode step whose FLOPs are reported.")
+@click.option("--image", metavar="HxW", callback=parse_image_size,
+              help="Image size in pixels (height x width) for models whose token count depends on it "
+                   "(llava-next-7b, qwen2.5-vl-7b); default: the model's reference image.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @guarded
 def check_(policy_file: str, model: str | None, text_tokens: int, budgets: tuple[str, ...], decode_context: int,
-           as_json: bool) -> None:
+           image: tuple[int, int] | None, as_json: bool) -> None:
     """Check POLICY against a model: stages, token counts, cost and budget verdicts.
 
     Exit 0 when the policy is valid and within every budget, 1 when over budget,
@@ -124,10 +148,11 @@ def check_(policy_file: str, model: str | None, text_tokens: int, budgets: tuple
     Example:
       vtdsl check policies/fastv.vt --model llava-1.5-7b
       vtdsl check policies/visionzip.vt -m llava-1.5-7b --budget "flops <= 25%" --json
+      vtdsl check policies/fastv.vt -m llava-next-7b --image 600x800
     """
     from ..cost import estimate, parse_budget, verdicts
 
-    plan, source, filename = load_plan(policy_file, model)
+    plan, source, filename = load_plan(policy_file, model, image=image)
     extra = [parse_budget(text) for text in budgets]
     report = estimate(plan, text_tokens=text_tokens, decode_context=decode_context)
     judged = verdicts(report, list(plan.policy.budgets) + extra)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -16,6 +17,7 @@ from ..lang import ast
 from ..lang.errors import PolicyError
 from ..models.spec import ModelSpec
 from .inputs import maybe_rewrite
+from .layouts import PlanCache, image_layout, varies_with_image
 from .listing import Listing, stage_text
 from .runtime import CompileError, ForwardLog
 
@@ -208,6 +210,9 @@ def _install(plan: Plan, model: nn.Module) -> Compiled:
 
         if spec.anyres_grid is not None and plan.projector_tokens != spec.projector_tokens:
             _install_anyres_packing(model, spec, plan, undo, listing)
+        plans = PlanCache(plan)
+        if varies_with_image(spec):
+            _install_size_recorder(model, spec, plans, undo, listing)
 
         # ------------------------------------------------------------------ LLM
         llm_stages = [s for s in plan.stages if s.site.tower == "llm"]
@@ -233,6 +238,7 @@ def _install(plan: Plan, model: nn.Module) -> Compiled:
                 num_kv_heads=spec.llm.kv_heads,
                 scaling=scaling,
                 rotary=rotary,
+                plans=plans,
             )
             llava_path = spec.llm_layer_path.format(i=0).split(".")[0]  # "model"
             hook(llava_path, "pre", llm_rt.llava_pre_hook, "record which prompt rows are image tokens",
@@ -284,7 +290,7 @@ def _install(plan: Plan, model: nn.Module) -> Compiled:
         needs_rewrite = plan.image_placeholders != spec.image_tokens
         if needs_rewrite or llm_stages:
             pad = getattr(getattr(config, "text_config", config), "pad_token_id", None) or 0
-            top = _TopLevel(model, image_token_id, spec.image_tokens, plan.image_placeholders, pad, llm_rt)
+            top = _TopLevel(model, image_token_id, plans, pad, llm_rt)
             what = []
             if needs_rewrite:
                 what.append(
@@ -350,6 +356,30 @@ def _install_anyres_packing(model, spec: ModelSpec, plan: Plan, undo: list, list
                 "unpadding them into a map with newline tokens")
 
 
+def _install_size_recorder(model, spec: ModelSpec, plans: PlanCache, undo: list, listing: Listing) -> None:
+    """Record each call's image size where the images are encoded, so the LLM stages run
+    the plan checked for it (`vtdsl.compiler.layouts`)."""
+    owner_path = spec.projector_path.split(".")[0]  # the multimodal model ("model")
+    owner = model.get_submodule(owner_path)
+    original = owner.get_image_features
+
+    @functools.wraps(original)  # generate() reads its signature to pick the encoder's inputs
+    def get_image_features(*args, **kwargs):
+        names = ("pixel_values", "image_sizes" if spec.anyres_grid is not None else "image_grid_thw")
+        seen = {**dict(zip(names, args)), **kwargs}
+        plans.current = image_layout(spec, seen)
+        return original(*args, **kwargs)
+
+    owner.get_image_features = get_image_features
+
+    def restore(owner=owner) -> None:
+        owner.__dict__.pop("get_image_features", None)
+
+    undo.append(restore)
+    listing.add(f"{owner_path}.get_image_features", "method-wrapper",
+                "record the image size: LLM stages and placeholders follow the plan checked for it")
+
+
 def _vit_capture(rt, layer: int, key: str):
     def capture(module, args, output):
         rt.capture(layer, key, output[0] if isinstance(output, tuple) else output)
@@ -368,10 +398,11 @@ def _vit_cls_capture(rt):
 class _TopLevel:
     """Prompt rewriting and label handling around the top-level forward / generate."""
 
-    def __init__(self, model, image_token_id, from_count, to_count, pad, llm_rt):
+    def __init__(self, model, image_token_id, plans: PlanCache, pad, llm_rt):
         self.model = model
         self.params = _forward_params(model)
-        self.kw = dict(image_token_id=image_token_id, from_count=from_count, to_count=to_count, pad_token_id=pad)
+        self.plans = plans
+        self.kw = dict(image_token_id=image_token_id, pad_token_id=pad)
         self.llm_rt = llm_rt
         self.labels = None
         self.previous_generate = None  # an instance-level generate that was there before
@@ -380,12 +411,16 @@ class _TopLevel:
         if args:
             kwargs = {**dict(zip(self.params, args)), **kwargs}
             args = ()
-        kwargs = maybe_rewrite(kwargs, **self.kw)
+        kwargs = self._rewrite(kwargs)
         self.labels = None
         if self.llm_rt is not None and kwargs.get("labels") is not None:
             kwargs = dict(kwargs)
             self.labels = kwargs.pop("labels")
         return args, kwargs
+
+    def _rewrite(self, kwargs: dict) -> dict:
+        from_count, to_count = self.plans.counts(kwargs)
+        return maybe_rewrite(kwargs, from_count=from_count, to_count=to_count, **self.kw)
 
     def post_hook(self, module, args, output):
         labels, self.labels = self.labels, None
@@ -407,7 +442,7 @@ class _TopLevel:
             args = (None, *args[1:]) if len(args) > 1 else ()
         elif kwargs.get("inputs") is not None:
             kwargs["input_ids"] = kwargs.pop("inputs")
-        kwargs = maybe_rewrite(kwargs, **self.kw)
+        kwargs = self._rewrite(kwargs)
         previous = self.previous_generate
         if previous is not None:
             return previous(*args, **kwargs)

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ir.plan import Observation, Plan, ResolvedStage
+from .layouts import PlanCache
 from .runtime import CompileError, ForwardLog, Scored, StageView, Tokens, _align
 from .vit import VitRuntime
 
@@ -121,6 +122,8 @@ class LlmState:
     ctx: dict[int, dict[str, Any]] = field(default_factory=dict)
     captured: dict[int, dict[str, Tensor]] = field(default_factory=dict)
     scored: dict[Observation, Scored] = field(default_factory=dict)
+    # the stages as resolved for this prompt's image size, by stage index
+    stages: dict[int, ResolvedStage] = field(default_factory=dict)
 
 
 class LlmRuntime:
@@ -135,8 +138,10 @@ class LlmRuntime:
         num_kv_heads: int,
         scaling: float,
         rotary: nn.Module | None = None,
+        plans: PlanCache | None = None,
     ):
         self.plan = plan
+        self.plans = plans if plans is not None else PlanCache(plan)
         self.spec = plan.spec
         self.vit = vit
         self.log = log
@@ -319,29 +324,27 @@ class LlmRuntime:
             img = torch.zeros(b, n0, dtype=torch.bool, device=hidden.device)
         img = img.to(hidden.device)
         counts = img.sum(1)
-        per_image = self.plan.image_placeholders
+        plan = self.plans.for_size(self.plans.current)  # counts for this call's image size
+        spec = plan.spec
+        per_image = plan.image_placeholders
         total = int(counts[0]) if b else 0
         if bool((counts != total).any()):
             raise CompileError(
                 f"LLM stages need the same number of image tokens in every sample, got {counts.tolist()}"
             )
         if total and (per_image == 0 or total % per_image):
-            if self.spec.anyres_grid is not None or self.spec.spatial_merge > 1:
-                raise CompileError(
-                    f"LLM stages on {self.spec.name} are resolved for its reference image layout ({per_image} "
-                    f"visual tokens per image, docs/language.md, 'Model families'); this prompt has {total} image "
-                    "tokens per sample"
-                )
-            raise CompileError(f"{total} image tokens per sample is not a multiple of {per_image} per image")
+            raise CompileError(f"{total} image tokens per sample is not a multiple of {per_image} per image"
+                               + (f" (the count of a {spec.name} image of the size passed)" if plan is not self.plan
+                                  else ""))
         images = total // per_image if per_image else 0
         g = b * images
-        if self.spec.anyres_grid is not None:
-            vtok = Tokens.anyres(g, per_image, self.spec, hidden.device)
+        if spec.anyres_grid is not None:
+            vtok = Tokens.anyres(g, per_image, spec, hidden.device)
         elif self.vit is not None and self.vit.projector_tokens is not None and g:
             vtok = self.vit.projector_tokens.expand_to(g)
         else:
-            keeps_cls = self.spec.has_cls and self.spec.select_strategy == "full"
-            vtok = Tokens.initial(g, self.spec.llm_grid, hidden.device, keeps_cls)
+            keeps_cls = spec.has_cls and spec.select_strategy == "full"
+            vtok = Tokens.initial(g, spec.llm_grid, hidden.device, keeps_cls)
         if cache is not None and self.stages_at:
             from transformers.cache_utils import DynamicCache
 
@@ -357,6 +360,7 @@ class LlmRuntime:
             images=images,
             per_image=per_image if images else 0,
             vtok=vtok,
+            stages={s.index: s for s in plan.stages},
         )
         st.captured[-1] = {"h": hidden}
         st.ctx[-1] = {"pos": st.pos, "is_img": st.is_img}
@@ -450,6 +454,7 @@ class LlmRuntime:
         return st.rows
 
     def _run_stage(self, st: LlmState, stage: ResolvedStage, hidden: Tensor) -> Tensor:
+        stage = st.stages.get(stage.index, stage)
         b, n, d = hidden.shape
         k_in = st.per_image
         img_rows = st.is_img.nonzero()[:, 1].view(b, st.images * k_in)

@@ -54,8 +54,9 @@ class Tokens:
         if n == spec.image_tokens and spec.anyres_grid is not None:
             side_r, side_c = spec.llm_grid
             base = side_r * side_c
-            width = spec.anyres_grid[1] * side_c + (1 if spec.image_newline else 0)
-            r, c = (idx - base) // width, ((idx - base) % width).clamp(max=spec.anyres_grid[1] * side_c - 1)
+            rows, cols, top, left = spec.crop_map  # the unpadded part of the crops' map
+            width = cols + (1 if spec.image_newline else 0)
+            r, c = (idx - base) // width + top, ((idx - base) % width).clamp(max=cols - 1) + left
             crop = torch.where(idx < base, 0, 1 + (r // side_r) * spec.anyres_grid[1] + c // side_c)
         elif n % crops == 0:
             crop = idx // (n // crops)

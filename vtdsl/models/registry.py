@@ -79,7 +79,8 @@ def _anyres_layout(config, vc) -> dict[str, Any]:
     if height % side or width % side:
         raise _unsupported(f"pinpoint {height}x{width} is not a whole number of {side}-pixel crops")
     grid = (height // side, width // side)
-    return {"anyres_grid": grid, "vit_crops": 1 + grid[0] * grid[1], "image_newline": True}
+    return {"anyres_grid": grid, "vit_crops": 1 + grid[0] * grid[1], "image_newline": True,
+            "anyres_pinpoints": tuple(pinpoints)}
 
 
 def _qwen_layout(config, vc) -> dict[str, Any]:
@@ -107,6 +108,7 @@ def _qwen_layout(config, vc) -> dict[str, Any]:
         "vit_window": window * window,
         "vit_full_attention": tuple(vc.fullatt_block_indexes),
         "position_encoding": "mrope",
+        "dynamic_resolution": True,
     }
 
 

@@ -84,6 +84,15 @@ class ModelSpec:
     # learned newline token ends each row of the grid crops' feature map in the LLM.
     anyres_grid: tuple[int, int] | None = None
     image_newline: bool = False
+    # The resolutions (height, width) anyres picks from, and, for one image, the part of
+    # the grid crops' feature map that survives unpadding: (rows, cols, top, left); None
+    # = all of it (the reference image fills its pinpoint).
+    anyres_pinpoints: tuple[tuple[int, int], ...] = ()
+    anyres_map: tuple[int, int, int, int] | None = None
+    # Dynamic resolution (Qwen2.5-VL): the patch grid (rows, cols) of one image when it is
+    # not the square `image_size` one; `for_image` sets it.
+    image_grid: tuple[int, int] | None = None
+    dynamic_resolution: bool = False
     # Frames one patch spans (Qwen2.5-VL's Conv3d patch embedding: 2; an image is repeated).
     temporal_patch: int = 1
     # Window attention (Qwen2.5-VL): tokens per window in every ViT layer not listed in
@@ -106,6 +115,8 @@ class ModelSpec:
 
     @property
     def grid(self) -> tuple[int, int]:
+        if self.image_grid is not None:
+            return self.image_grid
         side = self.image_size // self.patch_size
         return side, side
 
@@ -145,17 +156,56 @@ class ModelSpec:
         return (rows * cols + (1 if keeps_cls else 0)) * self.vit_crops
 
     @property
-    def newline_tokens(self) -> int:
-        """Image-newline tokens LLaVA-NeXT appends: one per row of the grid crops' map."""
-        if not self.image_newline or self.anyres_grid is None:
-            return 0
-        return self.anyres_grid[0] * self.llm_grid[0]
+    def crop_map(self) -> tuple[int, int, int, int]:
+        """Anyres: (rows, cols, top, left) of the grid crops' feature map after unpadding."""
+        if self.anyres_map is not None:
+            return self.anyres_map
+        rows, cols = self.llm_grid
+        return self.anyres_grid[0] * rows, self.anyres_grid[1] * cols, 0, 0
 
     @property
     def image_tokens(self) -> int:
         """Visual tokens entering the LLM per image when nothing is pruned (the prompt's
-        image placeholders): the projector's output plus any newline tokens."""
-        return self.projector_tokens + self.newline_tokens
+        image placeholders): the projector's output; for anyres, the base view plus the
+        unpadded grid crops' map with one newline token ending each row."""
+        if self.anyres_grid is None:
+            return self.projector_tokens
+        rows, cols, _, _ = self.crop_map
+        return self.projector_tokens // self.vit_crops + rows * (cols + (1 if self.image_newline else 0))
+
+    def for_image(self, height: int, width: int) -> "ModelSpec":
+        """This spec with every count for one image of height x width pixels: the crops
+        anyres picks and the unpadded map (LLaVA-NeXT, transformers' own resolution
+        choice), or the patch grid (dynamic resolution). Fixed-size models: itself."""
+        from dataclasses import replace
+
+        if self.anyres_grid is not None:
+            from transformers.image_processing_utils import select_best_resolution
+
+            best_h, best_w = select_best_resolution((height, width), [list(p) for p in self.anyres_pinpoints])
+            grid = (best_h // self.image_size, best_w // self.image_size)
+            side_r, side_c = self.llm_grid
+            cur_h, cur_w = grid[0] * side_r, grid[1] * side_c
+            rows, cols, top, left = cur_h, cur_w, 0, 0
+            # LLaVA-NeXT's unpad rule: the padding the resize added, cut from both sides
+            if width / height > cur_w / cur_h:
+                pad = (cur_h - int(round(height * (cur_w / width), 7))) // 2
+                rows, top = cur_h - 2 * pad, pad
+            else:
+                pad = (cur_w - int(round(width * (cur_h / height), 7))) // 2
+                cols, left = cur_w - 2 * pad, pad
+            return replace(self, anyres_grid=grid, vit_crops=1 + grid[0] * grid[1],
+                           anyres_map=(rows, cols, top, left))
+        if self.dynamic_resolution:
+            unit = self.patch_size * self.spatial_merge
+            if height % unit or width % unit:
+                # the size the processor resizes to: sides rounded to the merge unit, the
+                # area kept within the processor's default pixel range
+                from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+                height, width = smart_resize(height, width, factor=unit)
+            return replace(self, image_grid=(height // self.patch_size, width // self.patch_size))
+        return self
 
     def llm_entry_tokens(self, projector_tokens: int) -> int:
         """Visual tokens entering the LLM when the projector sees `projector_tokens` per
