@@ -91,3 +91,13 @@ def test_example_runs(capsys, monkeypatch):
     # 6 text tokens; 54 + 10 visual tokens leave the ViT, FastV halves them from llm.layer2 on
     assert f"KV-cache length per LLM layer: {[6 + 64] * 2 + [6 + 32] * 30}" in out
     assert "vit.out#0" in out and "FLOPs (hf)" in out
+
+
+def test_model_families_example_runs(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["model_families.py"])
+    runpy.run_path(str(ROOT / "examples" / "model_families.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    # half of each image's own count: 88 and 44 tokens (LLaVA-NeXT), 64 and 48 (Qwen2.5-VL)
+    for n in (88, 44, 64, 48):
+        assert f"kept {n // 2} of {n} visual tokens" in out
+    assert "visionzip on llava-next-7b: 960" in out and "no CLS token" in out

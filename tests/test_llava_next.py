@@ -226,8 +226,9 @@ def test_layout_refusals_are_located(src, at, words):
     assert words in d.message
 
 
-def test_zoo_on_llava_next_7b_checks_or_is_refused_with_a_reason():
+def test_zoo_on_llava_next_7b_compiles_or_is_refused_with_a_reason():
     spec = get_spec("llava-next-7b")
+    model = spec.build(device="meta")
     refused = {}
     for path in ZOO:
         try:
@@ -235,6 +236,8 @@ def test_zoo_on_llava_next_7b_checks_or_is_refused_with_a_reason():
         except PolicyError as err:
             refused[path.stem] = err.diagnostics[0]
             continue
+        with vc.apply(plan, model):  # installs on the full-size module tree
+            assert vc.image_token_count(model) == plan.image_placeholders
         # vit.out counts are per crop: the LLM receives five crops' worth
         if any(s.site.tower == "vit" for s in plan.stages):
             assert plan.image_placeholders == plan.projector_tokens and plan.projector_tokens % 5 == 0
