@@ -345,3 +345,12 @@ def test_cli_check_counts_at_the_image_size_given():
                                                         [576 + 36 * 49] * 32, 64).policy.flops
     bad = CliRunner().invoke(main, ["check", "policies/visionzip.vt", "-m", "llava-next-7b", "--image", "600by800"])
     assert bad.exit_code == 2 and "HEIGHTxWIDTH" in bad.output
+
+
+def test_patch_processor_refuses_a_size_dependent_count(models):
+    class Processor:  # the one knob LlavaProcessor has
+        num_additional_image_tokens = 1
+
+    model = models["eager"]
+    with vc.apply("at vit.layer2 keep cls top 8", model), pytest.raises(TypeError, match="depends on each image"):
+        vc.patch_processor(Processor(), model)

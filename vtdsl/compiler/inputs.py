@@ -187,6 +187,15 @@ def patch_processor(processor: Any, model_or_count: Any) -> Callable[[], None]:
 
     if isinstance(model_or_count, int):
         raise TypeError("patch_processor needs the compiled model (it knows both counts)")
+    from .api import compiled
+    from .layouts import varies_with_image
+
+    handle = compiled(model_or_count)
+    if handle is not None and varies_with_image(handle.plan.spec):
+        raise TypeError(
+            f"{handle.plan.spec.name}'s placeholder count depends on each image's size, which one processor "
+            "setting cannot follow; pass the processor's output as is (the compiled model rewrites it)"
+        )
     delta = image_token_count(model_or_count) - original_image_token_count(model_or_count)
     if not hasattr(processor, "num_additional_image_tokens"):
         raise TypeError(
