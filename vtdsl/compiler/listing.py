@@ -91,6 +91,8 @@ def _action_text(stage: ResolvedStage) -> str:
             text += " proportional"
     if stage.merge_rest:
         text += f" then merge rest into {stage.merge_rest}"
+    if stage.recycle:
+        text += f" then recycle {stage.recycle[0]} into {stage.recycle[1]}"
     return text
 
 

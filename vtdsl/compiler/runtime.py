@@ -223,6 +223,7 @@ def execute(stage: ResolvedStage, view: StageView,
         else:  # a ViT row is one crop (LLaVA-1.5: the image; LLaVA-NeXT: one of its crops)
             region_ids = torch.zeros(g, n, dtype=torch.long, device=device)
             num_regions = 1
+    first_scores = terms[0].scores if terms else None
     kept = ops.select_union(
         terms,
         n=n,
@@ -234,6 +235,11 @@ def execute(stage: ResolvedStage, view: StageView,
         region_weights=terms[0].scores if stage.region_proportional else None,
         batch=g,
     )
+    if stage.recycle:
+        m, c = stage.recycle
+        out, centres = ops.recycle_clusters(x, kept, first_scores, m, c)
+        src = torch.cat([kept, centres], dim=1)  # a cluster takes its centre's identity
+        return out, src, tokens.take(src)
     t = stage.merge_rest
     if not t:
         return ops.gather_tokens(x, kept), kept, tokens.take(kept)

@@ -179,6 +179,9 @@ def _stage_flops(stage, d: int) -> int:
             rest = n - (stage.tokens_out - stage.keep_cls - t)  # R: the tokens the kept terms did not take
             if rest > t:
                 total += 2 * (rest - t) * t * d
+        if stage.recycle:
+            m = stage.recycle[0]
+            total += 2 * m * m * d  # DPC-kNN: the recycled tokens' pairwise distances, one m x m matrix
         return total
     if action == "merge":
         n = stage.tokens_in

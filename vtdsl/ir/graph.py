@@ -67,6 +67,8 @@ def lower(policy: ast.Policy) -> nx.DiGraph:
                         graph.add_edge(obs, select, stream=False, term=term_index)
             if action.merge_rest is not None:
                 chain(f"merge:{index}", kind="merge", index=index, mode="rest", span=action.merge_rest.span)
+            if action.recycle is not None:
+                chain(f"merge:{index}", kind="merge", index=index, mode="recycle", span=action.recycle.span)
         elif isinstance(action, ast.Merge):
             chain(f"merge:{index}", kind="merge", index=index, mode="tome", span=action.span)
         elif isinstance(action, ast.Pool):

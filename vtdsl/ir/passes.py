@@ -561,7 +561,7 @@ def _annotate_stream(graph: nx.DiGraph) -> None:
             tokens = stage.tokens_in
         graph.edges[before, after]["tokens"] = tokens
         if data["kind"] == "select":
-            tokens = stage.tokens_out - stage.merge_rest if stage.merge_rest else stage.tokens_out
+            tokens = stage.tokens_out - stage.merge_rest - (stage.recycle[1] if stage.recycle else 0)
         elif data["kind"] in ("merge", "drop"):
             tokens = stage.tokens_out
     # the sink edge carries what the last stage handed on (None: no stages)
@@ -651,6 +651,12 @@ def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref):
                 code="quantity",
             )
             return None
+    recycle = None
+    if action.recycle is not None:
+        recycle = _resolve_recycle(graph, action, terms, tokens_in - kept)
+        if recycle is None:
+            return None
+        rest = recycle[1]
     region = None
     proportional = action.region is not None and action.region.proportional
     if proportional and (not terms or terms[0].kind != "top"):
@@ -674,10 +680,35 @@ def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref):
                 return None
     out = kept + rest
     stage_out = ResolvedStage(
-        action="keep", tokens_out=out + keep_cls, terms=tuple(terms), region=region, merge_rest=rest,
+        action="keep", tokens_out=out + keep_cls, terms=tuple(terms), region=region,
+        merge_rest=rest if recycle is None else 0, recycle=recycle,
         keep_cls=keep_cls, region_proportional=proportional, **common
     )
     return stage_out, (grid if out == tokens_in and rest == 0 and not keep_cls else None)
+
+
+def _resolve_recycle(graph, action: ast.Keep, terms: list, dropped: int) -> tuple[int, int] | None:
+    """`then recycle N into M`: N of the `dropped` tokens (a percent: of them), M clusters
+    (a percent: of the N); the first term's score ranks the dropped tokens."""
+    rec = action.recycle
+    if not terms or terms[0].score is None:
+        first = next((t for t in action.terms if not isinstance(t, ast.ClsTokenTerm)), action.terms[0])
+        _error(graph, "'recycle' ranks the dropped tokens by the first term's score, but the first term "
+               f"('{first.kind}') has no score", first.span,
+               expected="a scored first term, such as 'text(all) top 300 then recycle 83 into 9'", code="recycle")
+        return None
+    m = resolve_quantity(rec.count, dropped)
+    if not 1 <= m <= dropped:
+        _error(graph, f"'recycle {_qty_text(rec.count)}' asks for {m} of the {dropped} tokens this stage drops",
+               rec.count.span, expected=f"between 1 and {dropped} tokens" if dropped else "a stage that drops tokens",
+               code="quantity")
+        return None
+    c = resolve_quantity(rec.clusters, m)
+    if not 1 <= c <= m:
+        _error(graph, f"'into {_qty_text(rec.clusters)}' asks for {c} clusters of {m} recycled tokens",
+               rec.clusters.span, expected=f"between 1 and {m} clusters", code="quantity")
+        return None
+    return m, c
 
 
 def _qty_text(qty: ast.Quantity | None) -> str:

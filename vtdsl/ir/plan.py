@@ -100,6 +100,9 @@ class ResolvedStage:
     keep_cls: bool = False
     # LLM: the rows after the stage get contiguous positions (ast.Stage.renumber)
     renumber: bool = False
+    # keep: (m, c) — the m dropped tokens the first term scores highest, clustered into
+    # c tokens kept after the selected ones (`then recycle m into c`); counted in tokens_out
+    recycle: tuple[int, int] | None = None
     span: Span | None = None
 
 

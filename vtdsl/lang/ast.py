@@ -224,13 +224,30 @@ class Region(Node):
         return self
 
 
+class Recycle(Node):
+    """`then recycle N into M`: of the tokens the terms did not keep, the N the first term
+    scores highest (a percentage: of those dropped tokens) are clustered into M tokens
+    (a percentage: of the N) that are kept too; the other dropped tokens are discarded."""
+
+    kind: Literal["recycle"] = "recycle"
+    count: Quantity
+    clusters: Quantity
+
+
 class Keep(Node):
-    """`keep term + term ... [per ...] [then merge rest into N]`."""
+    """`keep term + term ... [per ...] [then merge rest into N | then recycle N into M]`."""
 
     kind: Literal["keep"] = "keep"
     terms: list[Term] = Field(min_length=1)
     region: Region | None = None
     merge_rest: Quantity | None = None
+    recycle: Recycle | None = None
+
+    @model_validator(mode="after")
+    def _one_way_for_the_rest(self) -> "Keep":
+        if self.merge_rest is not None and self.recycle is not None:
+            raise ValueError("a keep either merges the rest or recycles some of it, not both")
+        return self
 
 
 class Merge(Node):

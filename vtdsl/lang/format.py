@@ -102,6 +102,9 @@ def format_action(action) -> str:
             text += " per " + format_region(action.region)
         if action.merge_rest is not None:
             text += " then merge rest into " + format_quantity(action.merge_rest)
+        if action.recycle is not None:
+            text += (f" then recycle {format_quantity(action.recycle.count)} into "
+                     f"{format_quantity(action.recycle.clusters)}")
         return text
     if isinstance(action, ast.Merge):
         return f"merge {format_quantity(action.pairs)}"

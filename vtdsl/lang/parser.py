@@ -530,15 +530,18 @@ class _Builder:
         span = self.span(tree)
         kind = tree.data
         if kind == "keep":
-            terms = region = merge_rest = None
+            terms = region = merge_rest = recycle = None
             for child in tree.children:
                 if child.data == "terms":
                     terms = self.terms(child)
                 elif child.data == "region":
                     region = self.region(child.children[0], self.span(child))
+                elif child.data == "recycle":
+                    count, clusters = (self.quantity(c) for c in child.children)
+                    recycle = self.node(ast.Recycle, self.span(child), count=count, clusters=clusters)
                 else:
                     merge_rest = self.quantity(child.children[0])
-            return self.node(ast.Keep, span, terms=terms, region=region, merge_rest=merge_rest)
+            return self.node(ast.Keep, span, terms=terms, region=region, merge_rest=merge_rest, recycle=recycle)
         if kind == "merge":
             return self.node(ast.Merge, span, pairs=self.quantity(tree.children[0]))
         if kind == "pool":

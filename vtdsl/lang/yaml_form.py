@@ -16,6 +16,10 @@ Schema (every key optional except a stage's `at` and its one action):
         keep: diverse 64
         per: region 2x2            # keep only: `crop` or `region RxC`
         merge_rest_into: 16        # keep only: `then merge rest into 16`
+      - at: llm.layer3             # keep only: `then recycle 83 into 9`
+        keep: text(all) top 300
+        recycle: 83
+        recycle_into: 9
       - {at: llm.layer8, merge: 32}
       - {at: vit.out, pool: 2x2}
       - {at: llm.layer20, drop: all}
@@ -41,7 +45,8 @@ from .parser import _StatementError, _Where, check_size, has_surrogate, parse_va
 
 TOP_KEYS = ("policy", "model", "budget", "stages")
 ACTIONS = ("keep", "merge", "pool", "drop")
-STAGE_KEYS = ("at", "every", "from", "to") + ACTIONS + ("per", "merge_rest_into", "renumber")
+STAGE_KEYS = ("at", "every", "from", "to") + ACTIONS + ("per", "merge_rest_into", "recycle", "recycle_into",
+                                                        "renumber")
 _NULL = "tag:yaml.org,2002:null"
 
 
@@ -93,6 +98,9 @@ def policy_to_data(policy: ast.Policy) -> dict:
                 item["per"] = format_region(a.region)
             if a.merge_rest is not None:
                 item["merge_rest_into"] = _qty(a.merge_rest)
+            if a.recycle is not None:
+                item["recycle"] = _qty(a.recycle.count)
+                item["recycle_into"] = _qty(a.recycle.clusters)
         elif isinstance(a, ast.Merge):
             item["merge"] = _qty(a.pairs)
         elif isinstance(a, ast.Pool):
@@ -256,7 +264,7 @@ class _Reader:
             raise self.fail(f"a stage has one action, got {' and '.join(actions)}", m[actions[1]][0],
                             hint="write a second stage at the same site")
         action = actions[0]
-        for extra in ("per", "merge_rest_into"):
+        for extra in ("per", "merge_rest_into", "recycle", "recycle_into"):
             if extra in m and action != "keep":
                 raise self.fail(f"'{extra}' belongs to 'keep', not to '{action}'", m[extra][0])
         if repeat is None:
@@ -277,10 +285,23 @@ class _Reader:
                 region = self.value(m["per"][1], "region_body", "'per'")
             if "merge_rest_into" in m:
                 merge_rest = self.value(m["merge_rest_into"][1], "quantity", "'merge_rest_into'")
-            last = max((m[k][1] for k in ("keep", "per", "merge_rest_into") if k in m),
+            recycle = None
+            if ("recycle" in m) != ("recycle_into" in m):
+                have, missing = ("recycle", "recycle_into") if "recycle" in m else ("recycle_into", "recycle")
+                raise self.fail(f"'{have}' needs '{missing}' beside it", m[have][0],
+                                expected="recycle: N and recycle_into: M (`then recycle N into M`)")
+            if "recycle" in m:
+                if merge_rest is not None:
+                    raise self.fail("a keep either merges the rest or recycles some of it, not both",
+                                    m["recycle"][0], expected="one of merge_rest_into or recycle")
+                count = self.value(m["recycle"][1], "quantity", "'recycle'")
+                clusters = self.value(m["recycle_into"][1], "quantity", "'recycle_into'")
+                recycle = self.node(ast.Recycle, _join(_span(m["recycle"][0]), _span(m["recycle_into"][1])),
+                                    count=count, clusters=clusters)
+            last = max((m[k][1] for k in ("keep", "per", "merge_rest_into", "recycle", "recycle_into") if k in m),
                        key=lambda n: (n.end_mark.line, n.end_mark.column))
             act = self.node(ast.Keep, _join(_span(key), _span(last)), terms=terms, region=region,
-                            merge_rest=merge_rest)
+                            merge_rest=merge_rest, recycle=recycle)
         elif action == "merge":
             act = self.node(ast.Merge, span, pairs=self.value(val, "quantity", "'merge'"))
         elif action == "pool":

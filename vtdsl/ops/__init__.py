@@ -18,6 +18,7 @@ from .merge import (
     drop_all,
     gather_tokens,
     merge_rest,
+    recycle_clusters,
     pool2d,
     pooled_grid,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "select_union",
     "gather_tokens",
     "merge_rest",
+    "recycle_clusters",
     "contextual_targets",
     "bipartite_merge",
     "pool2d",

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from .similarity import normalize
 
-__all__ = ["gather_tokens", "merge_rest", "contextual_targets", "bipartite_merge", "pool2d", "pooled_grid", "drop_all"]
+__all__ = ["gather_tokens", "merge_rest", "contextual_targets", "bipartite_merge", "pool2d", "pooled_grid", "drop_all",
+           "recycle_clusters"]
 
 
 def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
@@ -329,3 +330,75 @@ def pool2d(x: Tensor, grid: tuple[int, int], kr: int, kc: int) -> Tensor:
 def drop_all(x: Tensor) -> Tensor:
     """No tokens: ``[B, 0, d]``."""
     return x[:, :0]
+
+
+def recycle_clusters(x: Tensor, kept_idx: Tensor, scores: Tensor, m: int, c: int) -> tuple[Tensor, Tensor]:
+    """SparseVLM v1's recycling: the m best-scored dropped tokens, clustered by DPC-kNN
+    into c tokens appended to the kept ones.
+
+    Parameters
+    ----------
+    x : Tensor
+        ``[B, n, d]`` tokens of the stage.
+    kept_idx : Tensor
+        ``[B, k]`` kept tokens, ascending.
+    scores : Tensor
+        ``[B, n]``: the dropped tokens with the m highest scores are recycled (ties: lower
+        index); the others are discarded.
+    m, c : int
+        Recycled tokens (``1 <= m <= n - k``) and clusters (``1 <= c <= m``).
+
+    Returns
+    -------
+    out : Tensor
+        ``[B, k + c, d]``: the kept tokens in order, then one token per cluster (the mean
+        of its members), clusters in decreasing order of their centre's DPC score.
+    centres : Tensor
+        ``[B, c]`` int64: the input index of each cluster's centre (its identity).
+
+    Notes
+    -----
+    Density peaks with k nearest neighbours (k = c, as SparseVLM sets it), on Euclidean
+    distances divided by ``sqrt(d)``: density ``exp(-mean of the squared distances to the
+    c nearest, self included)``; a token's delta is its distance to the nearest denser
+    token (the largest distance of all for the densest); the c tokens with the highest
+    ``delta * density`` are the centres, every recycled token joins its nearest centre
+    (a centre joins itself). Equal densities are ordered by index (SparseVLM adds random
+    noise instead). Distances come from one ``bmm`` ``[m, d] x [d, m]``.
+    """
+    b, n, d = x.shape
+    k = kept_idx.shape[1]
+    if not 1 <= m <= n - k:
+        raise ValueError(f"cannot recycle {m} of the {n - k} dropped tokens")
+    if not 1 <= c <= m:
+        raise ValueError(f"cannot form {c} clusters from {m} recycled tokens")
+    device = x.device
+    kept_idx = kept_idx.to(device)
+    dropped = torch.ones(b, n, dtype=torch.bool, device=device)
+    dropped.scatter_(1, kept_idx, False)
+    ranked = torch.where(dropped, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float32))
+    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
+    recycled = order[:, :m]  # [B, m]
+    feats = gather_tokens(x, recycled).float()
+    sq = feats.pow(2).sum(-1)
+    dist = (sq[:, :, None] + sq[:, None, :] - 2 * torch.bmm(feats, feats.transpose(1, 2))).clamp_min_(0)
+    dist = dist.sqrt_().div_(d**0.5)
+    dist.diagonal(dim1=1, dim2=2).zero_()
+    nearest = torch.topk(dist, c, dim=-1, largest=False).values
+    density = torch.exp(-nearest.pow(2).mean(-1))  # [B, m]
+    # rank by density, ties by index: j is denser than i when its rank is smaller
+    rank = torch.empty_like(recycled)
+    by_density = torch.sort(density, dim=1, descending=True, stable=True).indices
+    rank.scatter_(1, by_density, torch.arange(m, device=device).expand(b, -1).contiguous())
+    denser = rank[:, None, :] < rank[:, :, None]  # [B, i, j]
+    far = dist.flatten(1).amax(-1)[:, None, None].expand_as(dist)
+    delta = torch.where(denser, dist, far).amin(-1)
+    centre_pos = torch.topk(delta * density, c, dim=-1).indices  # [B, c], best first
+    member_of = dist.gather(1, centre_pos[:, :, None].expand(-1, -1, m)).argmin(1)  # [B, m] nearest centre
+    member_of.scatter_(1, centre_pos, torch.arange(c, device=device).expand(b, -1).contiguous())
+    sums = torch.zeros(b, c, d, dtype=torch.float32, device=device)
+    sums.scatter_add_(1, member_of[..., None].expand(-1, -1, d), feats)
+    counts = torch.zeros(b, c, dtype=torch.float32, device=device)
+    counts.scatter_add_(1, member_of, torch.ones_like(member_of, dtype=torch.float32))
+    clusters = (sums / counts[..., None]).to(x.dtype)
+    return torch.cat([gather_tokens(x, kept_idx), clusters], dim=1), recycled.gather(1, centre_pos)
