@@ -3,6 +3,8 @@ score (HoloV's crop budget). Expected shares are worked out by hand or by a plai
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -87,3 +89,78 @@ def test_compiled_keeps_the_proportional_top_tokens():
         model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=px)
         even_kept = sorted(v - 1 for v in vc.kept_tokens(model)["vit.out#0"][0].tolist())
     assert even_kept != kept
+
+
+# ---------------------------------------------------------------------------- per chunk N
+def holov_reference(features: torch.Tensor, attention: list[float], chunks: int, k: int, eps: float = 1e-6):
+    """HoloV's selection as its release computes it (obananas/HoloV, `HoloV()`), by loops:
+    contiguous chunks (the first n % chunks one longer); token score = 1e3·attn +
+    0.09·(variance of its in-chunk cosine similarities, the zeroed diagonal included,
+    rescaled by mean|1e3·attn| / mean|var|); chunk budget = floor(k · mean score / total),
+    the rest one each to the best chunks; in a chunk, the top of its budget by attention."""
+    n = len(attention)
+    size, extra = divmod(n, chunks)
+    bounds, start = [], 0
+    for c in range(chunks):
+        end = start + size + (1 if c < extra else 0)
+        bounds.append((start, end))
+        start = end
+    chunk_scores = []
+    for a, b in bounds:
+        x = features[a:b].double()
+        f = x / (x.norm(dim=1, keepdim=True) + eps)
+        m = b - a
+        sim = [[float(f[i] @ f[j]) if i != j else 0.0 for j in range(m)] for i in range(m)]
+        mean = [sum(row) / (m - 1) for row in sim]
+        var = [sum((v - mean[i]) ** 2 for v in sim[i]) / (m - 1) for i in range(m)]
+        att = [1e3 * attention[a + i] for i in range(m)]
+        scale = (sum(abs(v) for v in att) / m) / (sum(abs(v) for v in var) / m + eps)
+        chunk_scores.append(sum(att[i] + 0.09 * var[i] * scale for i in range(m)) / m)
+    weights = [s / (sum(chunk_scores) + eps) for s in chunk_scores]
+    shares = [math.floor(w * k) for w in weights]
+    best = sorted(range(chunks), key=lambda c: (-weights[c], c))
+    for c in best[:k - sum(shares)]:
+        shares[c] += 1
+    kept = []
+    for (a, b), share in zip(bounds, shares):
+        order = sorted(range(a, b), key=lambda p: (-attention[p], p))
+        if share < b - a:
+            assert attention[order[share - 1]] - attention[order[share]] > 1e-7, "near tie"
+        kept += order[:share]
+    return sorted(kept), shares
+
+
+def test_per_chunk_proportional_is_holov_selection():
+    """HoloV's holistic score averages to 1.09 x 1e3 x the chunk's mean attention (the
+    variance term is rescaled to the attention's mean), so `cls top k per chunk 16
+    proportional` keeps exactly HoloV's tokens: checked against the full computation."""
+    model = SPEC.build(device="cpu", attn_implementation="eager", seed=0).eval()
+    with torch.no_grad():
+        for layer in model.model.vision_tower.encoder.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+    px = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(3))
+    attention = _cls_attention(model, px)
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=px).pooler_output[0]  # after the projector
+    want, shares = holov_reference(features, attention, 16, 64)
+    assert len(set(shares)) > 1
+    ids = torch.tensor([[5, 6] + [IMG] * 64 + [7, 8]])
+    src = "at vit.out keep cls top 64 per chunk 16 proportional"
+    with vc.apply(src, model), torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=px)
+        kept = sorted(v - 1 for v in vc.kept_tokens(model)["vit.out#0"][0].tolist())
+    assert kept == want
+    # 36-token chunks cut rows in half: not the same as 16 bands of whole rows
+    with vc.apply("at vit.out keep cls top 64 per region 16x1 proportional", model), torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=px)
+        bands = sorted(v - 1 for v in vc.kept_tokens(model)["vit.out#0"][0].tolist())
+    assert bands != kept
+
+
+def test_per_chunk_forms_and_chunk_ids():
+    src = "at llm.layer2 keep text top 20 per chunk 3\n"
+    assert format_policy(parse(src)) == src and from_yaml(to_yaml(parse(src))) == parse(src)
+    assert ops.split_chunks(8, 3).tolist() == [0, 0, 0, 1, 1, 1, 2, 2]
+    with pytest.raises(PolicyError) as err:
+        check("at vit.out keep cls top 64 per chunk 600", "llava-1.5-7b")
+    assert "empty chunks" in err.value.diagnostics[0].message

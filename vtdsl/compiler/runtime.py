@@ -218,6 +218,9 @@ def execute(stage: ResolvedStage, view: StageView,
         if kind == "region":
             region_ids = ops.split_regions(tokens.gpos, tokens.grid, rr, rc)
             num_regions = rr * rc
+        elif kind == "chunk":
+            region_ids = ops.split_chunks(n, rr, device)[None].expand(g, -1)
+            num_regions = rr
         elif tokens.crop is not None:  # anyres tokens in the LLM: each crop its share
             region_ids, num_regions = tokens.crop, tokens.crops
         else:  # a ViT row is one crop (LLaVA-1.5: the image; LLaVA-NeXT: one of its crops)

@@ -666,7 +666,14 @@ def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref):
                expected="a scored first term, such as 'cls top 64 per region 4x4 proportional'", code="region")
         return None
     if action.region is not None:
-        region = (action.region.kind, action.region.rows or 0, action.region.cols or 0)
+        if action.region.kind == "chunk":
+            region = ("chunk", action.region.chunks, 0)
+            if action.region.chunks > tokens_in:
+                _error(graph, f"'per chunk {action.region.chunks}' cuts {tokens_in} tokens into empty chunks",
+                       action.region.span, expected=f"at most {tokens_in} chunks", code="region")
+                return None
+        else:
+            region = (action.region.kind, action.region.rows or 0, action.region.cols or 0)
         if action.region.kind == "region" and grid is not None:
             if action.region.rows > grid[0] or action.region.cols > grid[1]:
                 _error(

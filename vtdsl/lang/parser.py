@@ -596,6 +596,13 @@ class _Builder:
         kind = str(tree.children[0])
         if kind == "crop":
             return self.node(ast.Region, span, kind="crop")
+        if kind == "chunk":
+            tok = tree.children[1]
+            value = self.number(tok)
+            if not isinstance(value, int) or not 1 <= value <= 4096:
+                raise _fail(f"'per chunk' needs a whole number of chunks between 1 and 4096, got {show(str(tok))}",
+                            self.span(tok), code="semantic")
+            return self.node(ast.Region, span, kind="chunk", chunks=value, proportional=len(tree.children) > 2)
         rows, cols = self.grid(tree.children[1], "region")
         return self.node(ast.Region, span, kind="region", rows=rows, cols=cols, proportional=len(tree.children) > 2)
 
@@ -772,7 +779,7 @@ _START_WORDS = {
     "quantity": "a token count such as 64 or a percentage such as 10%",
     "budget_body": "a budget such as 'flops <= 25%'",
     "site": TERMINAL_WORDS["SITE"],
-    "region_body": "'crop' or 'region RxC'",
+    "region_body": "'crop', 'region RxC' or 'chunk N'",
     "grid": TERMINAL_WORDS["GRID"],
 }
 

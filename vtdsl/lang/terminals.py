@@ -42,9 +42,10 @@ TERMINAL_WORDS: dict[str, str] = {
     "_SEED": "'seed'",
     "_BUFFERS": "'buffers'",
     "CLS_TOKEN": "'cls_token'",
-    "_PER": "'per' (crop or region RxC)",
+    "_PER": "'per' (crop, region RxC or chunk N)",
     "CROP": "'crop'",
     "REGION": "'region'",
+    "CHUNK": "'chunk'",
     "_THEN": "'then merge rest into N', 'then recycle N into M'",
     "_REST": "'rest'",
     "_RECYCLE": "'recycle'",
@@ -99,7 +100,7 @@ _FAMILIES: list[tuple[frozenset[str], str]] = [
     (frozenset({"NUMBER", "PERCENT", "_LPAR"}),
      "a token count such as 64 or a percentage such as 10% (after diverse: or '(sum)')"),
     (frozenset({"NUMBER", "PERCENT"}), "a token count such as 64 or a percentage such as 10%"),
-    (frozenset({"CROP", "REGION"}), "'crop' or 'region RxC'"),
+    (frozenset({"CROP", "REGION", "CHUNK"}), "'crop', 'region RxC' or 'chunk N'"),
     (frozenset({"_COMMA", "_RPAR"}), "',' or ')'"),
 ]
 

@@ -336,7 +336,7 @@ _VALUE_HINTS = {
     "quantity": "write a count such as 64 or a percentage such as 10%",
     "budget_body": "write a budget such as 'flops <= 25%'",
     "site": "write a site such as vit.layer16",
-    "region_body": "write 'crop' or 'region 2x2'",
+    "region_body": "write 'crop', 'region 2x2' or 'chunk 16'",
     "grid": "write a grid such as 2x2",
 }
 

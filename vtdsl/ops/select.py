@@ -35,6 +35,7 @@ __all__ = [
     "random_keys",
     "buffers",
     "neighbour_mask",
+    "split_chunks",
     "split_regions",
     "per_region",
     "SelectFn",
@@ -511,6 +512,17 @@ def buffers(
     group = torch.where(is_nb, 0, torch.where(allowed, 1, 2))
     s = torch.zeros(b, n, device=kept_mask.device) if order_scores is None else _as_scores(order_scores)
     return _finish(_lexsort(s, group), k)
+
+
+def split_chunks(n: int, chunks: int, device=None) -> Tensor:
+    """Chunk id of each of n tokens cut into `chunks` contiguous runs in order, the first
+    ``n % chunks`` runs one token longer (HoloV's crops). ``[n]`` int64."""
+    if not 1 <= chunks <= n:
+        raise ValueError(f"cannot cut {n} tokens into {chunks} chunks")
+    size, extra = divmod(n, chunks)
+    lengths = torch.full((chunks,), size, dtype=torch.long, device=device)
+    lengths[:extra] += 1
+    return torch.repeat_interleave(torch.arange(chunks, device=device), lengths)
 
 
 def split_regions(positions: Tensor, grid: tuple[int, int], rows: int, cols: int) -> Tensor:
