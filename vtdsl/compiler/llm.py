@@ -540,6 +540,9 @@ class LlmRuntime:
             if not obs.rope:  # `no_rope`: the criterion without positions (FEATHER)
                 cos, sin = torch.ones_like(cos), torch.zeros_like(sin)
             k = _rope(k, cos, sin)
+            if obs.scorer == "knorm":  # DART's pivots: L1 norm of the cached key, all heads
+                done = st.scored[obs] = Scored(k.float().abs().sum((1, 3)), ctx["pos"], "pos", st.n0)
+                return done
             mask = ctx["mask"]
             qpos = None
             if obs.queries == "last_text":

@@ -237,6 +237,8 @@ class VitRuntime:
         lead = 1 if self.has_cls else 0
         if obs.scorer == "norm":
             values = ops.token_norm(cap["h"])[:, lead:]
+        elif obs.scorer == "knorm":
+            values = cap["k"].float().abs().sum(-1)[:, lead:]
         elif obs.scorer == "cls":
             values = ops.cls_attention(cap["q"], cap["k"], self.num_heads, head_reduce=obs.heads)
         elif obs.scorer == "attn":

@@ -423,6 +423,11 @@ def _validate_observation(graph, spec: ModelSpec, obs_data: dict, stage_data: di
         _error(graph, f"the ViT has no rotary position embeddings: 'no_rope' changes nothing at {where}", ref.span,
                expected=f"'{ref.name}' without no_rope", code="scorer-args")
         return
+    if obs.scorer == "knorm" and obs.on_input:
+        _error(graph, f"'{ref.name}' reads the keys a layer computed; at the stage entering {where} they do not "
+               "exist yet", ref.span, expected=f"knorm@{obs.tower}.layer{obs.layer - 1} (the layer before)",
+               code="observe-order")
+        return
     if obs.queries == "visual" and obs.tower == "vit":
         _error(graph, f"in the ViT every query is a visual token: 'attn(visual)' is 'attn' at {where}", ref.span,
                expected="attn", code="scorer-args")

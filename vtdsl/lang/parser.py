@@ -681,7 +681,7 @@ class _Builder:
         toks = [t for t in toks if str(t) not in COMBINERS]
         heads = None
         if head_toks:
-            if info.canonical == "norm":
+            if info.canonical in ("norm", "knorm"):
                 raise _fail(f"'{info.name}' reads no attention heads", self.span(head_toks[0]),
                             hint=f"write '{info.name}'", code="semantic")
             if len(head_toks) > 1:

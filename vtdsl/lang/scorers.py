@@ -23,7 +23,7 @@ class ScorerInfo:
     max_args: int = 0
     # The argument that applies when none is written.
     default_args: tuple[str, ...] = ()
-    # The runtime scorer this name reads ("cls", "attn", "text", "norm").
+    # The runtime scorer this name reads ("cls", "attn", "text", "norm", "knorm").
     canonical: str = ""
     # Attention query rows read, per argument tuple (see vtdsl.ir.plan.Queries).
     queries: dict[tuple[str, ...], str] | None = None
@@ -54,6 +54,11 @@ SCORERS: dict[str, ScorerInfo] = {
     "norm": ScorerInfo(
         "norm", ("vit", "llm"), canonical="norm", queries={(): "none"},
         summary="L2 norm of the token's hidden state",
+    ),
+    "knorm": ScorerInfo(
+        "knorm", ("vit", "llm"), canonical="knorm", queries={(): "none"},
+        summary="L1 norm of the token's attention key over all heads (LLM: with RoPE, as cached, "
+                "unless no_rope); DART's pivots",
     ),
     "anchors": ScorerInfo(
         "anchors", ("vit", "llm"), canonical="attn", queries={(): "all"},
