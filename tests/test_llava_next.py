@@ -354,3 +354,28 @@ def test_patch_processor_refuses_a_size_dependent_count(models):
     model = models["eager"]
     with vc.apply("at vit.layer2 keep cls top 8", model), pytest.raises(TypeError, match="depends on each image"):
         vc.patch_processor(Processor(), model)
+
+
+def test_pruned_crops_are_read_as_concatenated_even_when_the_total_matches_the_intact_count(models):
+    """57x70 picks 5 crops and unpads to 70 tokens; 5 crops x 14 kept is 70 too, but those
+    tokens are concatenated crops: `per crop` must give each crop its 2."""
+    model = models["eager"]
+    spec = SPEC.for_image(57, 70)
+    assert spec.image_tokens == 5 * 14
+    ids = torch.tensor([[1, 17, 42] + [IMG] * spec.image_tokens + [23, 5]])
+    px = torch.randn(1, 5, 3, CROP, CROP, generator=torch.Generator().manual_seed(0))
+    with vc.apply("at vit.out keep cls top 14; at llm.layer1 keep text top 10 per crop", model), torch.no_grad():
+        model(input_ids=ids, pixel_values=px, image_sizes=torch.tensor([[57, 70]]))
+        kept = vc.kept_tokens(model)["llm.layer1#1"][0] - 3  # index among the visual tokens
+    assert torch.bincount(kept // 14, minlength=5).tolist() == [2] * 5
+
+
+def test_llm_layer0_without_an_attention_mask_is_one_sequence(models):
+    """Gathered position ids have gaps; without a mask transformers would read them as
+    packed sequences. No mask must mean the same as an all-ones mask."""
+    model = models["eager"]
+    batch_inputs = inputs(1)
+    with vc.apply("at llm.layer0 keep uniform 20", model), torch.no_grad():
+        masked = model(**batch_inputs, use_cache=False).logits
+        bare = model(**{k: v for k, v in batch_inputs.items() if k != "attention_mask"}, use_cache=False).logits
+    assert torch.equal(masked, bare)

@@ -224,6 +224,10 @@ class LlmRuntime:
             kwargs["inputs_embeds"] = embeds
             if am is not None:
                 kwargs["attention_mask"] = am.gather(1, keep)
+            else:
+                # without a mask (and a cache) transformers reads gaps in the position ids as
+                # packed sequences and blocks attention across them: say "one sequence"
+                kwargs["attention_mask"] = torch.ones(keep.shape, dtype=torch.long, device=embeds.device)
             if st.pid is not None:
                 kwargs["position_ids"] = st.pid
             elif pid.dim() == 3:  # M-RoPE: [streams, B, N], every stream gathered alike
@@ -339,7 +343,8 @@ class LlmRuntime:
         images = total // per_image if per_image else 0
         g = b * images
         if spec.anyres_grid is not None:
-            vtok = Tokens.anyres(g, per_image, spec, hidden.device)
+            vtok = Tokens.anyres(g, per_image, spec, hidden.device,
+                                 intact=plan.projector_tokens == spec.projector_tokens)
         elif self.vit is not None and self.vit.projector_tokens is not None and g:
             vtok = self.vit.projector_tokens.expand_to(g)
         else:

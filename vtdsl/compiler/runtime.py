@@ -43,15 +43,17 @@ class Tokens:
     crops: int = 1
 
     @staticmethod
-    def anyres(g: int, n: int, spec, device) -> "Tokens":
+    def anyres(g: int, n: int, spec, device, intact: bool = True) -> "Tokens":
         """An image's visual tokens as LLaVA-NeXT hands them to the LLM: `vid` is the index
         in that sequence (1-based; no ViT identity survives the packing), off every grid;
         the crop of each token from the packed layout: intact (base view, then the grid
         crops' feature map row by row, each row ending in a newline token, which counts
-        with the row's last crop), or pruned crops concatenated with equal counts."""
+        with the row's last crop), or pruned crops concatenated with equal counts
+        (`intact=False`: a ViT stage changed the crops' counts, even when the total happens
+        to equal the intact one)."""
         idx = torch.arange(n, device=device)
         crops = spec.vit_crops
-        if n == spec.image_tokens and spec.anyres_grid is not None:
+        if intact and n == spec.image_tokens and spec.anyres_grid is not None:
             side_r, side_c = spec.llm_grid
             base = side_r * side_c
             rows, cols, top, left = spec.crop_map  # the unpadded part of the crops' map

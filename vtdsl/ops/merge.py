@@ -376,9 +376,10 @@ def recycle_clusters(x: Tensor, kept_idx: Tensor, scores: Tensor, m: int, c: int
     kept_idx = kept_idx.to(device)
     dropped = torch.ones(b, n, dtype=torch.bool, device=device)
     dropped.scatter_(1, kept_idx, False)
-    ranked = torch.where(dropped, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float32))
-    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
-    recycled = order[:, :m]  # [B, m]
+    rest = dropped.nonzero()[:, 1].view(b, n - k)  # only dropped tokens compete, whatever their scores
+    rest_scores = scores.to(device).float().gather(1, rest).nan_to_num(nan=float("-inf"))
+    order = torch.sort(rest_scores, dim=1, descending=True, stable=True).indices
+    recycled = rest.gather(1, order[:, :m])  # [B, m]
     feats = gather_tokens(x, recycled).float()
     sq = feats.pow(2).sum(-1)
     dist = (sq[:, :, None] + sq[:, None, :] - 2 * torch.bmm(feats, feats.transpose(1, 2))).clamp_min_(0)
