@@ -323,8 +323,14 @@ def test_images_of_two_sizes_in_one_call_are_refused(models):
     model = models["eager"]
     batch_inputs = inputs(2)
     batch_inputs["image_sizes"] = torch.tensor([[112, 112], [56, 112]])
-    with vc.apply("at llm.layer2 keep text top 50%", model), pytest.raises(vc.CompileError, match="one size per call"):
+    with vc.apply("at llm.layer2 keep text top 50%", model), pytest.raises(vc.CompileError, match="one token layout"):
         model(**batch_inputs)
+    # sizes with the same crops and unpadding share a layout (and one plan): accepted
+    batch_inputs["image_sizes"] = torch.tensor([[112, 112], [80, 81]])
+    assert SPEC.for_image(80, 81).crop_map == SPEC.for_image(112, 112).crop_map
+    with vc.apply("at llm.layer2 keep text top 50%", model), torch.no_grad():
+        model(**batch_inputs)
+        assert vc.kept_counts(model)["llm"]["llm.layer2#0"] == (N_IMG, N_IMG // 2)
 
 
 def test_cli_check_counts_at_the_image_size_given():

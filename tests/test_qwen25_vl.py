@@ -227,3 +227,23 @@ def test_cli_check_counts_at_the_image_size_the_processor_makes():
     assert run.exit_code == 0, run.output
     # the processor rounds 600x800 to 588x812 (multiples of 28): 21 x 29 merged tokens
     assert json.loads(run.stdout)["visual_tokens_to_llm"] == 21 * 29
+
+
+@pytest.mark.parametrize("height, width", [(196, 252), (84, 84)])
+def test_cost_counts_partial_attention_windows(models, height, width):
+    """Sides that are not whole windows leave partial windows at the bottom and right:
+    the cost model sums their squares, as the windowed attention computes them."""
+    model = models["eager"]
+    h, w = height // 14, width // 14
+    ids = torch.tensor([[5, 6, 7, START] + [IMG] * (h * w // 4) + [END, 8, 9, 10]])
+    batch_inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                        pixel_values=torch.randn(h * w, 1176), image_grid_thw=torch.tensor([[1, h, w]]),
+                        mm_token_type_ids=(ids == IMG).int())
+    src = "at llm.layer2 keep text top 50%"
+    with vc.apply(src, model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**batch_inputs)
+    spec = SPEC.for_image(height, width)
+    merged_rows, merged_cols = h // 2, w // 2  # windows: 2x2 merged tokens = 4x4 patches
+    runs = lambda n: [2] * (n // 2) + [n % 2] * (n % 2)  # noqa: E731
+    assert spec.vit_window_pairs == sum((a * b * 4) ** 2 for a in runs(merged_rows) for b in runs(merged_cols))
+    assert counter.get_total_flops() == estimate(check(src, spec), text_tokens=8, logits="all").flops

@@ -17,7 +17,7 @@ from ..lang import ast
 from ..lang.errors import PolicyError
 from ..models.spec import ModelSpec
 from .inputs import maybe_rewrite
-from .layouts import PlanCache, image_layout, varies_with_image
+from .layouts import PlanCache, varies_with_image
 from .listing import Listing, stage_text
 from .runtime import CompileError, ForwardLog
 
@@ -366,8 +366,7 @@ def _install_size_recorder(model, spec: ModelSpec, plans: PlanCache, undo: list,
     @functools.wraps(original)  # generate() reads its signature to pick the encoder's inputs
     def get_image_features(*args, **kwargs):
         names = ("pixel_values", "image_sizes" if spec.anyres_grid is not None else "image_grid_thw")
-        seen = {**dict(zip(names, args)), **kwargs}
-        plans.current = image_layout(spec, seen)
+        plans.current = plans.for_call({**dict(zip(names, args)), **kwargs})
         return original(*args, **kwargs)
 
     owner.get_image_features = get_image_features

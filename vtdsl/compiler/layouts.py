@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor
+import torch
 
 from ..ir.plan import Plan
 from ..lang.errors import PolicyError
@@ -23,63 +23,77 @@ def varies_with_image(spec: ModelSpec) -> bool:
     return spec.anyres_grid is not None or spec.dynamic_resolution
 
 
-def image_layout(spec: ModelSpec, kwargs: dict[str, Any]) -> tuple[int, int] | None:
-    """(height, width) in pixels of the images of one call, from `image_sizes` (anyres) or
-    `image_grid_thw` (dynamic resolution); None when the call carries neither. Images of
-    different sizes in one call are refused: the LLM stages need one count per image."""
+def image_sizes(spec: ModelSpec, kwargs: dict[str, Any]) -> list[tuple[int, int]] | None:
+    """(height, width) in pixels of each image of one call, from `image_sizes` (anyres) or
+    `image_grid_thw` (dynamic resolution, in patches); None when the call carries neither."""
     sizes = kwargs.get("image_sizes")
     grid = kwargs.get("image_grid_thw")
-    if isinstance(sizes, Tensor) and spec.anyres_grid is not None:
-        pairs = {tuple(int(v) for v in row) for row in sizes.reshape(-1, 2).tolist()}
-    elif isinstance(grid, Tensor) and spec.dynamic_resolution:
-        rows = grid.reshape(-1, 3).tolist()
+    if sizes is not None and spec.anyres_grid is not None:
+        rows = torch.as_tensor(sizes).reshape(-1, 2).tolist()  # transformers also takes lists
+        return [(int(h), int(w)) for h, w in rows] or None
+    if grid is not None and spec.dynamic_resolution:
+        rows = torch.as_tensor(grid).reshape(-1, 3).tolist()
         if any(t != 1 for t, _, _ in rows):
             raise CompileError("vtdsl compiles image inputs only (image_grid_thw with t = 1), not video")
-        pairs = {(h * spec.patch_size, w * spec.patch_size) for _, h, w in rows}
-    else:
-        return None
-    if not pairs:
-        return None
-    if len(pairs) > 1:
-        raise CompileError(f"a compiled {spec.name} takes images of one size per call (their visual token counts "
-                           f"differ), got sizes {sorted(pairs)}; pass them in separate calls")
-    return pairs.pop()
+        return [(h * spec.patch_size, w * spec.patch_size) for _, h, w in rows] or None
+    return None
 
 
 class PlanCache:
-    """The plan of a compiled model for each image size seen (checked once per size)."""
+    """The plan of a compiled model for each token layout seen (checked once per layout:
+    images of different sizes often share one, e.g. the same anyres crops and unpadding)."""
+
+    MAX_LAYOUTS = 256
 
     def __init__(self, plan: Plan):
         self.plan = plan
-        self.by_size: dict[tuple[int, int], Plan] = {}
-        # the image size of the call in flight, recorded where the images are encoded
-        # (generate() encodes them before prefill and does not pass their sizes on)
-        self.current: tuple[int, int] | None = None
+        self.by_layout: dict[tuple, Plan] = {}
+        # the plan of the call in flight, set where the images are encoded (generate()
+        # encodes them before prefill and does not pass their sizes on)
+        self.current: Plan | None = None
+
+    def for_call(self, kwargs: dict[str, Any]) -> Plan | None:
+        """The plan for the images a call carries, or None when it names no sizes."""
+        if not varies_with_image(self.plan.spec):
+            return self.plan
+        sizes = image_sizes(self.plan.spec, kwargs)
+        return None if sizes is None else self.for_sizes(sizes)
+
+    def for_sizes(self, sizes: list[tuple[int, int]]) -> Plan:
+        specs = {}
+        for height, width in dict.fromkeys(sizes):
+            try:
+                spec = self.plan.spec.for_image(height, width)
+            except ValueError as err:
+                raise CompileError(str(err)) from None
+            specs.setdefault((spec.anyres_grid, spec.anyres_map, spec.image_grid), (spec, (height, width)))
+        if len(specs) > 1:
+            counts = sorted({spec.image_tokens for spec, _ in specs.values()})
+            raise CompileError(f"a compiled {self.plan.spec.name} takes images of one token layout per call; these "
+                               f"sizes give {len(specs)} ({', '.join(map(str, counts))} visual tokens): "
+                               f"{sorted(size for _, size in specs.values())}; pass them in separate calls")
+        (key, (spec, size)), = specs.items()
+        plan = self.by_layout.get(key)
+        if plan is None:
+            if len(self.by_layout) >= self.MAX_LAYOUTS:
+                self.by_layout.clear()
+            plan = self.by_layout[key] = self._check(spec, size)
+        return plan
 
     def counts(self, kwargs: dict[str, Any]) -> tuple[int, int]:
         """(unpruned, compiled) image placeholders per image for one call."""
-        plan = self.for_size(image_layout(self.plan.spec, kwargs) or self.current)
+        plan = self.for_call(kwargs) or self.current or self.plan
         return plan.spec.image_tokens, plan.image_placeholders
 
-    def for_size(self, size: tuple[int, int] | None) -> Plan:
-        if size is None or not varies_with_image(self.plan.spec):
-            return self.plan
-        plan = self.by_size.get(size)
-        if plan is None:
-            plan = self.by_size[size] = self._check(size)
-        return plan
-
-    def _check(self, size: tuple[int, int]) -> Plan:
+    def _check(self, spec: ModelSpec, size: tuple[int, int]) -> Plan:
         from ..ir import check
 
-        height, width = size
-        try:
-            spec = self.plan.spec.for_image(height, width)
-        except ValueError as err:
-            raise CompileError(str(err)) from None
+        if spec == self.plan.spec:
+            return self.plan
         try:
             return check(self.plan.policy, spec)
         except PolicyError as err:
             first = err.diagnostics[0]
+            height, width = size
             raise CompileError(f"the policy does not fit a {height}x{width} image on {spec.name} "
                                f"({spec.image_tokens} visual tokens): {first.message}") from None

@@ -328,7 +328,7 @@ class LlmRuntime:
             img = torch.zeros(b, n0, dtype=torch.bool, device=hidden.device)
         img = img.to(hidden.device)
         counts = img.sum(1)
-        plan = self.plans.for_size(self.plans.current)  # counts for this call's image size
+        plan = self.plans.current or self.plan  # counts for this call's images
         spec = plan.spec
         per_image = plan.image_placeholders
         total = int(counts[0]) if b else 0

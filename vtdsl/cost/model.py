@@ -28,7 +28,7 @@ class _Constants:
     """Per-spec coefficients: every sum over layers reduces to a·ΣN + b·ΣN²."""
 
     __slots__ = (
-        "spec", "vit_layers", "vit_window", "vit_lin", "vit_att", "vit_d", "vit_qd", "patch", "crops", "proj",
+        "spec", "vit_layers", "vit_window", "vit_window_pairs", "vit_lin", "vit_att", "vit_d", "vit_qd", "patch", "crops", "proj",
         "llm_layers", "llm_lin", "llm_att", "llm_d", "llm_qd", "head", "fastv_lin", "fastv_att",
         "kv_token", "base_vit", "base_llm", "base_proj", "baselines",
     )
@@ -45,6 +45,7 @@ class _Constants:
         # window attention: per layer, the tokens of one window (0: the whole crop)
         self.vit_window = [0 if not spec.vit_window or i in spec.vit_full_attention else spec.vit_window
                            for i in range(v.layers)]
+        self.vit_window_pairs = spec.vit_window_pairs if spec.vit_window else 0
         self.crops = spec.vit_crops
         self.proj = 2 * sum(a * b for a, b in zip(spec.projector, spec.projector[1:]))
         self.llm_layers = t.layers
@@ -60,10 +61,20 @@ class _Constants:
         self.base_proj = spec.projector_tokens
         self.baselines: dict[tuple, "Side"] = {}
 
+    def vit_pairs(self, i: int, n: int) -> int:
+        """Attention (query, key) pairs of ViT layer i on n tokens of one crop: n² over the
+        whole crop; in windows, Σ_w n_w² (edge windows partial) for the whole grid, n·w
+        (full windows) once a stage pruned it."""
+        w = self.vit_window[i]
+        if not w:
+            return n * n
+        if n == self.spec.vit_tokens:
+            return self.vit_window_pairs
+        return n * min(n, w)
+
     def vit_layer(self, i: int, n: int) -> int:
         """FLOPs of ViT layer i on n tokens of one crop."""
-        w = self.vit_window[i]
-        return self.vit_lin * n + self.vit_att * n * (min(n, w) if w else n)
+        return self.vit_lin * n + self.vit_att * self.vit_pairs(i, n)
 
 
 _CONSTANTS: dict[int, _Constants] = {}
@@ -101,8 +112,8 @@ class Side:
 
 def _side(k: _Constants, vit_tokens, projector_tokens, llm_visual, T, logits, ctx, scorers) -> Side:
     sv1 = sum(vit_tokens)
-    # attention pairs: N² over the whole crop, N·w in windows of w tokens (Σ over windows)
-    sv2 = sum(n * (min(n, w) if w else n) for n, w in zip(vit_tokens, k.vit_window))
+    # attention pairs per layer: N² over the whole crop, Σ_w n_w² in windows
+    sv2 = sum(k.vit_pairs(i, n) for i, n in enumerate(vit_tokens))
     vit = k.crops * (k.patch + k.vit_lin * sv1 + k.vit_att * sv2)
     L = k.llm_layers
     sl1 = sum(llm_visual)

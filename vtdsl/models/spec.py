@@ -11,6 +11,7 @@ does not import torch or transformers; `build` and `load_weights` do, lazily.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
@@ -156,6 +157,20 @@ class ModelSpec:
         return (rows * cols + (1 if keeps_cls else 0)) * self.vit_crops
 
     @property
+    def vit_window_pairs(self) -> int:
+        """Σ over the attention windows of one image of (tokens in the window)²: windows are
+        squares of `vit_window` patches tiling the merged grid from the top left, the last
+        row and column of windows partial when the grid is not a multiple of them."""
+        side = math.isqrt(self.vit_window) // self.spatial_merge  # merged tokens per window side
+        unit = self.spatial_merge**2
+
+        def runs(n: int) -> list[int]:
+            return [side] * (n // side) + ([n % side] if n % side else [])
+
+        rows, cols = self.llm_grid
+        return sum((a * b * unit) ** 2 for a in runs(rows) for b in runs(cols))
+
+    @property
     def crop_map(self) -> tuple[int, int, int, int]:
         """Anyres: (rows, cols, top, left) of the grid crops' feature map after unpadding."""
         if self.anyres_map is not None:
@@ -200,10 +215,11 @@ class ModelSpec:
             unit = self.patch_size * self.spatial_merge
             if height % unit or width % unit:
                 # the size the processor resizes to: sides rounded to the merge unit, the
-                # area kept within the processor's default pixel range
+                # area within Qwen2.5-VL's published pixel range (its preprocessor_config)
                 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-                height, width = smart_resize(height, width, factor=unit)
+                height, width = smart_resize(height, width, factor=unit, min_pixels=56 * 56,
+                                             max_pixels=14 * 14 * 4 * 16384)
             return replace(self, image_grid=(height // self.patch_size, width // self.patch_size))
         return self
 
