@@ -118,6 +118,7 @@ def main() -> None:
     run("bench_decode.py", *reps)
     run("bench_memory.py", *reps)
     run("bench_compile.py")
+    run("bench_families.py")
     run("bench_cost.py", "--seconds", "1")
     text = summary()
     (RESULTS / "summary.md").write_text(text)
