@@ -129,7 +129,7 @@ def _forward_params(model: nn.Module) -> list[str]:
 
 def _install(plan: Plan, model: nn.Module) -> Compiled:
     from .llm import LlmRuntime
-    from .vit import VitRuntime, build_vit
+    from .vit import VitRuntime, build_vit, projections_read
 
     if model.__dict__.get(_ATTR) is not None:
         raise CompileError("this model is already compiled; call vtdsl.compiler.uncompile(model) first")
@@ -196,7 +196,7 @@ def _install(plan: Plan, model: nn.Module) -> Compiled:
                     if layer_path is not None:
                         hook(layer_path, "post", _vit_capture(vit_rt, obs.layer, "h"), f"capture output for {label}")
                     continue
-                for key in ("q", "k"):
+                for key in projections_read(obs.scorer):
                     hook(f"{layer_path}.self_attn.{key}_proj", "post", _vit_capture(vit_rt, obs.layer, key),
                          f"capture {key}_proj output for {label}")
             if vit_rt.needs_cls_feature:

@@ -128,9 +128,12 @@ class VitRuntime:
         self.out_stages = [s for s in plan.stages if s.site.tower == "vit" and s.site.layer is None]
         self.needs_cls_feature = any(s.keep_cls for s in self.out_stages)
         self.attn_obs_at: dict[int, list[Observation]] = {}
+        # projections each layer's observations read: scored once all of them are captured
+        self.needs: dict[int, set[str]] = {}
         for o in plan.observations:
             if o.tower == "vit" and o.scorer != "norm":
                 self.attn_obs_at.setdefault(o.layer, []).append(o)
+                self.needs.setdefault(o.layer, set()).update(projections_read(o.scorer))
         self.reset()
 
     def reset(self) -> None:
@@ -178,11 +181,13 @@ class VitRuntime:
         slot = self.captured.setdefault(layer, {})
         slot[key] = value
         slot["tokens"] = self.tokens
-        if "q" in slot and "k" in slot:
+        needs = self.needs.get(layer, ())
+        if needs and all(k in slot for k in needs):
             # score now and let the projections go instead of holding them to the stage
             for obs in self.attn_obs_at.get(layer, ()):
                 self.observe(obs)
-            del slot["q"], slot["k"]
+            for k in needs:
+                del slot[k]
 
     def projector_pre_hook(self, module: nn.Module, args: tuple) -> tuple | None:
         (x,) = args[:1]
@@ -239,6 +244,10 @@ class VitRuntime:
             values = ops.token_norm(cap["h"])[:, lead:]
         elif obs.scorer == "knorm":
             values = cap["k"].float().abs().sum(-1)[:, lead:]
+        elif obs.scorer == "vnorm":
+            values = ops.value_norm(cap["v"], self.num_heads)[:, lead:]
+        elif obs.scorer == "vsim":
+            values = ops.value_similarity(cap["v"], self.num_heads)
         elif obs.scorer == "cls":
             values = ops.cls_attention(cap["q"], cap["k"], self.num_heads, head_reduce=obs.heads)
         elif obs.scorer == "attn":
@@ -255,6 +264,11 @@ class VitRuntime:
         if obs.tower != "vit":
             raise CompileError(f"a ViT stage cannot read the LLM observation at llm.layer{obs.layer}")
         return _align(self.observe(obs), vid)
+
+
+def projections_read(scorer: str) -> tuple[str, ...]:
+    """The attention projections (q, k, v) a ViT scorer reads."""
+    return {"knorm": ("k",), "vnorm": ("v",), "vsim": ("v",)}.get(scorer, ("q", "k"))
 
 
 def build_vit(model: nn.Module, plan: Plan, rt: VitRuntime, encoder_path: str) -> tuple[nn.Module, fx.GraphModule]:

@@ -432,10 +432,10 @@ def _validate_observation(graph, spec: ModelSpec, obs_data: dict, stage_data: di
         _error(graph, f"in the ViT every query is a visual token: 'attn(visual)' is 'attn' at {where}", ref.span,
                expected="attn", code="scorer-args")
         return
-    if obs.scorer == "cls" and not spec.has_cls:
+    if obs.scorer in ("cls", "vsim") and not spec.has_cls:
         _error(
             graph,
-            f"{spec.name}'s vision tower has no CLS token, so 'cls' has nothing to read",
+            f"{spec.name}'s vision tower has no CLS token, so '{ref.name}' has nothing to read",
             ref.span,
             expected="an LLM score such as text or attn" if spec.spatial_merge > 1 else "a score such as attn or norm",
             code="no-cls",

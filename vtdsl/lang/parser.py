@@ -672,7 +672,7 @@ class _Builder:
         toks = [c.children[0] for c in tree.children]
         rope_toks = [t for t in toks if str(t) == "no_rope"]
         toks = [t for t in toks if str(t) != "no_rope"]
-        if rope_toks and info.canonical == "norm":
+        if rope_toks and info.canonical in ("norm", "vnorm", "vsim"):
             raise _fail(f"'{info.name}' reads no attention, so it has no RoPE to leave out",
                         self.span(rope_toks[0]), hint=f"write '{info.name}'", code="semantic")
         if len(rope_toks) > 1:
@@ -681,7 +681,7 @@ class _Builder:
         toks = [t for t in toks if str(t) not in COMBINERS]
         heads = None
         if head_toks:
-            if info.canonical in ("norm", "knorm"):
+            if info.canonical in ("norm", "knorm", "vnorm", "vsim"):
                 raise _fail(f"'{info.name}' reads no attention heads", self.span(head_toks[0]),
                             hint=f"write '{info.name}'", code="semantic")
             if len(head_toks) > 1:

@@ -60,6 +60,15 @@ SCORERS: dict[str, ScorerInfo] = {
         summary="L1 norm of the token's attention key over all heads (LLM: with RoPE, as cached, "
                 "unless no_rope); DART's pivots",
     ),
+    "vnorm": ScorerInfo(
+        "vnorm", ("vit",), canonical="vnorm", queries={(): "none"},
+        summary="L1 norm of the token's value averaged over heads (FlowCut; ViT only)",
+    ),
+    "vsim": ScorerInfo(
+        "vsim", ("vit",), canonical="vsim", queries={(): "cls"},
+        summary="softmax of the CLS value's dot product with the token's value, head mean "
+                "(FlowCut's semantic attention; ViT only)",
+    ),
     "anchors": ScorerInfo(
         "anchors", ("vit", "llm"), canonical="attn", queries={(): "all"},
         summary="HiPrune anchor tokens: scored like attn",

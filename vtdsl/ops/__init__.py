@@ -22,7 +22,7 @@ from .merge import (
     pool2d,
     pooled_grid,
 )
-from .scores import attention_received, cls_attention, query_attention, token_norm
+from .scores import attention_received, cls_attention, query_attention, token_norm, value_norm, value_similarity
 from .select import (
     buffers,
     diverse,
@@ -43,6 +43,8 @@ __all__ = [
     "repeat_kv",
     "split_heads",
     "cls_attention",
+    "value_norm",
+    "value_similarity",
     "attention_received",
     "query_attention",
     "token_norm",

@@ -17,7 +17,7 @@ from .attention import HeadReduce, attention_probs, split_heads
 
 QueryReduce = Literal["mean", "sum", "max"]
 
-__all__ = ["cls_attention", "attention_received", "query_attention", "token_norm"]
+__all__ = ["cls_attention", "attention_received", "query_attention", "token_norm", "value_norm", "value_similarity"]
 
 
 def _reduce_queries(probs: Tensor, how: QueryReduce) -> Tensor:
@@ -215,3 +215,25 @@ def token_norm(h: Tensor, *, p: float = 2.0) -> Tensor:
         float32 ``[B, n]``. No counted FLOPs.
     """
     return torch.linalg.vector_norm(h.float(), ord=p, dim=-1)
+
+
+def value_norm(v_proj_out: Tensor, num_heads: int) -> Tensor:
+    """L1 norm of each token's value averaged over heads (FlowCut's value norm).
+
+    ``v_proj_out`` ``[B, n, H*dh]`` -> float32 ``[B, n]``: ``Σ_c |mean_h v[h, c]|``. No
+    matmul.
+    """
+    v = split_heads(v_proj_out, num_heads).float()  # [B, H, n, dh]
+    return v.mean(1).abs().sum(-1)
+
+
+def value_similarity(v_proj_out: Tensor, num_heads: int) -> Tensor:
+    """FlowCut's semantic attention: per head, the softmax over all n tokens of the CLS
+    value's dot product with every value (unscaled), averaged over heads; patch columns.
+
+    ``v_proj_out`` ``[B, n, H*dh]`` (CLS at 0) -> float32 ``[B, n-1]``. One matmul
+    ``[1, dh] x [dh, n]`` per head: ``2·n·H·dh`` FLOPs per image.
+    """
+    v = split_heads(v_proj_out, num_heads).float()  # [B, H, n, dh]
+    logits = torch.matmul(v[:, :, :1], v.transpose(-1, -2))  # [B, H, 1, n]
+    return torch.softmax(logits, dim=-1).mean(1)[:, 0, 1:]
