@@ -44,12 +44,14 @@ def score_refs(draw):
     return A.ScoreRef(name=name, args=args, at=at)
 
 
+_NARY = [op for op in COMBINERS if op != "share"]
 scores = st.recursive(
     score_refs(),
     lambda inner: st.lists(inner, min_size=2, max_size=3).flatmap(lambda args: st.builds(
-        A.ScoreCombine, op=st.sampled_from(COMBINERS), args=st.just(args),
+        A.ScoreCombine, op=st.sampled_from(_NARY), args=st.just(args),
         weights=st.none() | st.lists(st.sampled_from([1.0, 0.5, 2.0, 0.09, 1000.0, 1e-4]),
-                                     min_size=len(args), max_size=len(args)).filter(lambda w: any(x != 1 for x in w)))),
+                                     min_size=len(args), max_size=len(args)).filter(lambda w: any(x != 1 for x in w))))
+    | inner.map(lambda arg: A.ScoreCombine(op="share", args=[arg])),
     max_leaves=6,
 )
 terms = st.one_of(

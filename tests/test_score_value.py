@@ -66,6 +66,22 @@ def test_value_scores_rank_as_their_definitions(model):
     combined = (cls + vsim) * vnorm
     assert kept(model, px, "at vit.out keep prod(sum(cls, vsim), vnorm) top 16") == top16(combined)
     assert top16(combined) != top16(cls)
+    # FlowCut's score exactly: each attention normalised to sum 1 over the patches first
+    flowcut = (cls / cls.sum() + vsim / vsim.sum()) * vnorm
+    assert kept(model, px, "at vit.out keep prod(sum(share(cls), share(vsim)), vnorm) top 16") == top16(flowcut)
+
+
+def test_share_divides_by_the_sum_over_the_candidates():
+    from vtdsl.compiler.runtime import StageView, evaluate_score
+    from vtdsl.ir.plan import Observation, ResolvedScore
+
+    a, b = Observation("cls", (), "vit", 3, "cls"), Observation("norm", (), "vit", 3, "none")
+    values = {a: torch.tensor([[1.0, 3.0, float("nan")]]), b: torch.tensor([[10.0, 30.0, 60.0]])}
+    view = StageView(torch.zeros(1, 3, 2), None, lambda obs: values[obs])
+    share = lambda o: ResolvedScore("share", args=(ResolvedScore("leaf", o),))  # noqa: E731
+    got = evaluate_score(ResolvedScore("sum", args=(share(a), share(b))), view)
+    torch.testing.assert_close(got[0, :2], torch.tensor([0.25 + 0.1, 0.75 + 0.3]))
+    assert torch.isnan(got[0, 2])  # unobserved stays unobserved
 
 
 def test_vsim_cost_equals_the_counted_matmul(model):
@@ -80,6 +96,7 @@ def test_vsim_cost_equals_the_counted_matmul(model):
 @pytest.mark.parametrize("src, words", [
     ("at llm.layer2 keep vnorm top 8", "only available at ViT layers"),
     ("at vit.out keep vsim(max) top 8", "reads no attention heads"),
+    ("at vit.out keep share(cls, vsim) top 8", "normalises one score"),
 ])
 def test_value_scores_misuse(src, words):
     with pytest.raises(PolicyError) as err:

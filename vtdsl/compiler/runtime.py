@@ -146,6 +146,8 @@ def evaluate_score(score: ResolvedScore, view: StageView) -> Tensor:
         return parts.mean(0)
     if score.op == "sum":
         return parts.sum(0)
+    if score.op == "share":  # of the stage's candidates (NaN: unobserved, left out)
+        return parts[0] / parts[0].nansum(-1, keepdim=True)
     if score.op == "prod":
         return parts.prod(0)
     return parts.amax(0)

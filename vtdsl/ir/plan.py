@@ -61,7 +61,7 @@ class ResolvedScore:
     """A leaf observation, or an aggregate ("mean", "sum", "max", "prod") of several, each
     multiplied by its weight first (`weights`: one per argument, or None for all 1)."""
 
-    op: Literal["leaf", "mean", "sum", "max", "prod"]
+    op: Literal["leaf", "mean", "sum", "max", "prod", "share"]
     observation: Observation | None = None
     args: tuple["ResolvedScore", ...] = ()
     weights: tuple[float, ...] | None = None

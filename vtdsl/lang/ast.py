@@ -143,13 +143,15 @@ class ScoreCombine(Node):
     optionally multiplied by a constant weight (`sum(cls, 0.09 * norm)`)."""
 
     kind: Literal["combine"] = "combine"
-    op: Literal["mean", "sum", "max", "prod"]
-    args: list["Score"] = Field(min_length=2)
+    op: Literal["mean", "sum", "max", "prod", "share"]
+    args: list["Score"] = Field(min_length=1)
     # one per argument; None when no argument is weighted (all 1)
     weights: list[float] | None = None
 
     @model_validator(mode="after")
     def _check_weights(self) -> "ScoreCombine":
+        if (self.op == "share") != (len(self.args) == 1):
+            raise ValueError("share(...) takes one score; the other combinations two or more")
         if self.weights is not None:
             if len(self.weights) != len(self.args):
                 raise ValueError("a combination has one weight per score")

@@ -317,7 +317,7 @@ def _parse_tokens(tokens: list[Token], start: str, where: _Where, terminator: To
             raise _fail(f"unknown site '{show(tok)}'", where.of_token(tok),
                         expected=TERMINAL_WORDS["SITE"], hint=site_hint(str(tok)))
         elif tok.type == "_LPAR":
-            combine = prev is not None and prev.type in ("MEAN", "SUM", "MAX", "PROD")
+            combine = prev is not None and prev.type in ("MEAN", "SUM", "MAX", "PROD", "SHARE")
             parens.append(combine)
             depth += combine
             if depth > MAX_SCORE_DEPTH:
@@ -622,7 +622,10 @@ class _Builder:
         if tree.data == "combine":
             op_tree, *args = tree.children
             op = str(op_tree.children[0])
-            if len(args) < 2:
+            if op == "share" and len(args) != 1:
+                raise _fail("share(...) normalises one score", span,
+                            hint="write share(cls) + ... as sum(share(cls), share(vsim))", code="semantic")
+            if op != "share" and len(args) < 2:
                 raise _fail(f"{op}(...) needs at least two scores", span,
                             hint=f"to use a single score, write it without {op}(...)", code="semantic")
             scores, weights = [], []

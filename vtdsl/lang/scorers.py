@@ -88,7 +88,7 @@ SELECTORS: dict[str, str] = {
 }
 
 # Aggregates of several scores: `mean(s1, s2, ...)`.
-COMBINERS: tuple[str, ...] = ("mean", "sum", "max", "prod")
+COMBINERS: tuple[str, ...] = ("mean", "sum", "max", "prod", "share")
 
 # Nesting limit for `mean(mean(...))`: deeper input is refused with a located error.
 MAX_SCORE_DEPTH = 8

@@ -57,6 +57,7 @@ TERMINAL_WORDS: dict[str, str] = {
     "SUM": "'sum'",
     "MAX": "'max'",
     "PROD": "'prod'",
+    "SHARE": "'share'",
     "_STAR": "'*' and a score",
     "_COMMA": "','",
     "_LPAR": "'('",
@@ -80,14 +81,14 @@ TERMINAL_WORDS: dict[str, str] = {
 # used when all of its members are expected, and then replaces them.
 _FAMILIES: list[tuple[frozenset[str], str]] = [
     (
-        frozenset({"NAME", "MEAN", "SUM", "MAX", "PROD", "DIVERSE", "UNIFORM", "UNIQUE", "RANDOM", "_BUFFERS",
+        frozenset({"NAME", "MEAN", "SUM", "MAX", "PROD", "SHARE", "DIVERSE", "UNIFORM", "UNIQUE", "RANDOM", "_BUFFERS",
                    "CLS_TOKEN"}),
         "a term: a score with 'top' (cls top 10%), a selector (diverse, uniform, unique, "
         "random), buffers or cls_token",
     ),
-    (frozenset({"NAME", "MEAN", "SUM", "MAX", "PROD", "NUMBER"}),
+    (frozenset({"NAME", "MEAN", "SUM", "MAX", "PROD", "SHARE", "NUMBER"}),
      f"a score: a scorer ({_SCORER_LIST}) or {', '.join(COMBINERS)}(...), optionally weighted (0.5 * cls)"),
-    (frozenset({"NAME", "MEAN", "SUM", "MAX", "PROD"}), f"a score: a scorer ({_SCORER_LIST}) or {', '.join(COMBINERS)}(...)"),
+    (frozenset({"NAME", "MEAN", "SUM", "MAX", "PROD", "SHARE"}), f"a score: a scorer ({_SCORER_LIST}) or {', '.join(COMBINERS)}(...)"),
     (frozenset({"NAME", "ALL"}), "an argument such as last or all"),
     (frozenset({"_KEEP", "_MERGE", "_POOL", "_DROP"}), "an action: keep, merge, pool or drop"),
     (
