@@ -93,6 +93,8 @@ def _action_text(stage: ResolvedStage) -> str:
         text += f" then merge rest into {stage.merge_rest}"
     if stage.recycle:
         text += f" then recycle {stage.recycle[0]} into {stage.recycle[1]}"
+    if stage.absorb:
+        text += f" then absorb {stage.absorb}"
     return text
 
 

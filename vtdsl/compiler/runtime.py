@@ -242,6 +242,10 @@ def execute(stage: ResolvedStage, view: StageView,
         region_weights=terms[0].scores if stage.region_proportional else None,
         batch=g,
     )
+    if stage.absorb:
+        out, extra = ops.absorb_neighbours(x, kept, first_scores, stage.absorb)
+        src = torch.cat([kept, extra], dim=1)  # the extra token takes its best dropped token's identity
+        return out, src, tokens.take(src)
     if stage.recycle:
         m, c = stage.recycle
         out, centres = ops.recycle_clusters(x, kept, first_scores, m, c)

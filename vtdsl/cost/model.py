@@ -190,6 +190,9 @@ def _stage_flops(stage, d: int) -> int:
             rest = n - (stage.tokens_out - stage.keep_cls - t)  # R: the tokens the kept terms did not take
             if rest > t:
                 total += 2 * (rest - t) * t * d
+        if stage.absorb:
+            k = stage.tokens_out - stage.keep_cls - 1  # kept tokens, each against all n
+            total += 2 * k * n * d  # one cosine-similarity matrix [k, d] x [d, n]
         if stage.recycle:
             m = stage.recycle[0]
             total += 2 * m * m * d  # DPC-kNN: the recycled tokens' pairwise distances, one m x m matrix

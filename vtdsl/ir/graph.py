@@ -69,6 +69,8 @@ def lower(policy: ast.Policy) -> nx.DiGraph:
                 chain(f"merge:{index}", kind="merge", index=index, mode="rest", span=action.merge_rest.span)
             if action.recycle is not None:
                 chain(f"merge:{index}", kind="merge", index=index, mode="recycle", span=action.recycle.span)
+            if action.absorb is not None:
+                chain(f"merge:{index}", kind="merge", index=index, mode="absorb", span=action.absorb.span)
         elif isinstance(action, ast.Merge):
             chain(f"merge:{index}", kind="merge", index=index, mode="tome", span=action.span)
         elif isinstance(action, ast.Pool):

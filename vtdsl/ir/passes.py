@@ -566,7 +566,8 @@ def _annotate_stream(graph: nx.DiGraph) -> None:
             tokens = stage.tokens_in
         graph.edges[before, after]["tokens"] = tokens
         if data["kind"] == "select":
-            tokens = stage.tokens_out - stage.merge_rest - (stage.recycle[1] if stage.recycle else 0)
+            tokens = (stage.tokens_out - stage.merge_rest - (stage.recycle[1] if stage.recycle else 0)
+                      - (1 if stage.absorb else 0))
         elif data["kind"] in ("merge", "drop"):
             tokens = stage.tokens_out
     # the sink edge carries what the last stage handed on (None: no stages)
@@ -662,6 +663,12 @@ def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref):
         if recycle is None:
             return None
         rest = recycle[1]
+    absorb = 0
+    if action.absorb is not None:
+        absorb = _resolve_absorb(graph, action, terms, tokens_in, kept)
+        if not absorb:
+            return None
+        rest = 1  # the dropped tokens' weighted sum
     region = None
     proportional = action.region is not None and action.region.proportional
     if proportional and (not terms or terms[0].kind != "top"):
@@ -693,10 +700,32 @@ def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref):
     out = kept + rest
     stage_out = ResolvedStage(
         action="keep", tokens_out=out + keep_cls, terms=tuple(terms), region=region,
-        merge_rest=rest if recycle is None else 0, recycle=recycle,
+        merge_rest=rest if recycle is None and not absorb else 0, recycle=recycle, absorb=absorb,
         keep_cls=keep_cls, region_proportional=proportional, **common
     )
     return stage_out, (grid if out == tokens_in and rest == 0 and not keep_cls else None)
+
+
+def _resolve_absorb(graph, action: ast.Keep, terms: list, tokens_in: int, kept: int) -> int:
+    """`then absorb K`: K of the tokens_in - 1 others (a percent: of them); the first
+    term's score weights what is absorbed, and something must be dropped."""
+    if not terms or terms[0].score is None:
+        first = next((t for t in action.terms if not isinstance(t, ast.ClsTokenTerm)), action.terms[0])
+        _error(graph, "'absorb' weights what each kept token takes in by the first term's score, but the first "
+               f"term ('{first.kind}') has no score", first.span,
+               expected="a scored first term, such as 'cls top 32 then absorb 32'", code="absorb")
+        return 0
+    if kept >= tokens_in:
+        _error(graph, f"'absorb' needs dropped tokens, but the terms keep all {tokens_in}", action.absorb.span,
+               expected=f"terms keeping fewer than {tokens_in} tokens", code="absorb")
+        return 0
+    k = resolve_quantity(action.absorb, tokens_in - 1)
+    if not 1 <= k <= tokens_in - 1:
+        _error(graph, f"'absorb {_qty_text(action.absorb)}' asks each kept token for {k} neighbours among the "
+               f"{tokens_in - 1} others", action.absorb.span, expected=f"between 1 and {tokens_in - 1}",
+               code="quantity")
+        return 0
+    return k
 
 
 def _resolve_recycle(graph, action: ast.Keep, terms: list, dropped: int) -> tuple[int, int] | None:

@@ -103,6 +103,9 @@ class ResolvedStage:
     # keep: (m, c) — the m dropped tokens the first term scores highest, clustered into
     # c tokens kept after the selected ones (`then recycle m into c`); counted in tokens_out
     recycle: tuple[int, int] | None = None
+    # keep: K of `then absorb K` (PruMerge): kept tokens absorb their K nearest, one token
+    # more for the dropped (counted in tokens_out); 0 = none
+    absorb: int = 0
     span: Span | None = None
 
 

@@ -243,18 +243,22 @@ class Recycle(Node):
 
 
 class Keep(Node):
-    """`keep term + term ... [per ...] [then merge rest into N | then recycle N into M]`."""
+    """`keep term + term ... [per ...] [then merge rest into N | then recycle N into M |
+    then absorb K]`."""
 
     kind: Literal["keep"] = "keep"
     terms: list[Term] = Field(min_length=1)
     region: Region | None = None
     merge_rest: Quantity | None = None
     recycle: Recycle | None = None
+    # `then absorb K` (PruMerge): each kept token adds its K most similar other tokens,
+    # weighted by the first term's score; the dropped ones so weighted become one more token
+    absorb: Quantity | None = None
 
     @model_validator(mode="after")
     def _one_way_for_the_rest(self) -> "Keep":
-        if self.merge_rest is not None and self.recycle is not None:
-            raise ValueError("a keep either merges the rest or recycles some of it, not both")
+        if sum(x is not None for x in (self.merge_rest, self.recycle, self.absorb)) > 1:
+            raise ValueError("a keep takes one of 'merge rest into', 'recycle' and 'absorb'")
         return self
 
 

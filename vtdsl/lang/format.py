@@ -104,6 +104,8 @@ def format_action(action) -> str:
             text += " per " + format_region(action.region)
         if action.merge_rest is not None:
             text += " then merge rest into " + format_quantity(action.merge_rest)
+        if action.absorb is not None:
+            text += " then absorb " + format_quantity(action.absorb)
         if action.recycle is not None:
             text += (f" then recycle {format_quantity(action.recycle.count)} into "
                      f"{format_quantity(action.recycle.clusters)}")

@@ -530,7 +530,7 @@ class _Builder:
         span = self.span(tree)
         kind = tree.data
         if kind == "keep":
-            terms = region = merge_rest = recycle = None
+            terms = region = merge_rest = recycle = absorb = None
             for child in tree.children:
                 if child.data == "terms":
                     terms = self.terms(child)
@@ -539,9 +539,12 @@ class _Builder:
                 elif child.data == "recycle":
                     count, clusters = (self.quantity(c) for c in child.children)
                     recycle = self.node(ast.Recycle, self.span(child), count=count, clusters=clusters)
+                elif child.data == "absorb":
+                    absorb = self.quantity(child.children[0])
                 else:
                     merge_rest = self.quantity(child.children[0])
-            return self.node(ast.Keep, span, terms=terms, region=region, merge_rest=merge_rest, recycle=recycle)
+            return self.node(ast.Keep, span, terms=terms, region=region, merge_rest=merge_rest, recycle=recycle,
+                             absorb=absorb)
         if kind == "merge":
             return self.node(ast.Merge, span, pairs=self.quantity(tree.children[0]))
         if kind == "pool":

@@ -46,7 +46,7 @@ from .parser import _StatementError, _Where, check_size, has_surrogate, parse_va
 TOP_KEYS = ("policy", "model", "budget", "stages")
 ACTIONS = ("keep", "merge", "pool", "drop")
 STAGE_KEYS = ("at", "every", "from", "to") + ACTIONS + ("per", "merge_rest_into", "recycle", "recycle_into",
-                                                        "renumber")
+                                                        "absorb", "renumber")
 _NULL = "tag:yaml.org,2002:null"
 
 
@@ -98,6 +98,8 @@ def policy_to_data(policy: ast.Policy) -> dict:
                 item["per"] = format_region(a.region)
             if a.merge_rest is not None:
                 item["merge_rest_into"] = _qty(a.merge_rest)
+            if a.absorb is not None:
+                item["absorb"] = _qty(a.absorb)
             if a.recycle is not None:
                 item["recycle"] = _qty(a.recycle.count)
                 item["recycle_into"] = _qty(a.recycle.clusters)
@@ -264,7 +266,7 @@ class _Reader:
             raise self.fail(f"a stage has one action, got {' and '.join(actions)}", m[actions[1]][0],
                             hint="write a second stage at the same site")
         action = actions[0]
-        for extra in ("per", "merge_rest_into", "recycle", "recycle_into"):
+        for extra in ("per", "merge_rest_into", "recycle", "recycle_into", "absorb"):
             if extra in m and action != "keep":
                 raise self.fail(f"'{extra}' belongs to 'keep', not to '{action}'", m[extra][0])
         if repeat is None:
@@ -298,10 +300,15 @@ class _Reader:
                 clusters = self.value(m["recycle_into"][1], "quantity", "'recycle_into'")
                 recycle = self.node(ast.Recycle, _join(_span(m["recycle"][0]), _span(m["recycle_into"][1])),
                                     count=count, clusters=clusters)
-            last = max((m[k][1] for k in ("keep", "per", "merge_rest_into", "recycle", "recycle_into") if k in m),
+            absorb = self.value(m["absorb"][1], "quantity", "'absorb'") if "absorb" in m else None
+            if absorb is not None and (merge_rest is not None or recycle is not None):
+                raise self.fail("a keep takes one of 'merge_rest_into', 'recycle' and 'absorb'", m["absorb"][0],
+                                expected="one of them")
+            last = max((m[k][1] for k in ("keep", "per", "merge_rest_into", "recycle", "recycle_into", "absorb")
+                        if k in m),
                        key=lambda n: (n.end_mark.line, n.end_mark.column))
             act = self.node(ast.Keep, _join(_span(key), _span(last)), terms=terms, region=region,
-                            merge_rest=merge_rest, recycle=recycle)
+                            merge_rest=merge_rest, recycle=recycle, absorb=absorb)
         elif action == "merge":
             act = self.node(ast.Merge, span, pairs=self.value(val, "quantity", "'merge'"))
         elif action == "pool":

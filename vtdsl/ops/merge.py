@@ -19,7 +19,7 @@ from torch import Tensor
 from .similarity import normalize
 
 __all__ = ["gather_tokens", "merge_rest", "contextual_targets", "bipartite_merge", "pool2d", "pooled_grid", "drop_all",
-           "recycle_clusters"]
+           "recycle_clusters", "absorb_neighbours"]
 
 
 def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
@@ -403,3 +403,58 @@ def recycle_clusters(x: Tensor, kept_idx: Tensor, scores: Tensor, m: int, c: int
     counts.scatter_add_(1, member_of, torch.ones_like(member_of, dtype=torch.float32))
     clusters = (sums / counts[..., None]).to(x.dtype)
     return torch.cat([gather_tokens(x, kept_idx), clusters], dim=1), recycled.gather(1, centre_pos)
+
+
+def absorb_neighbours(x: Tensor, kept_idx: Tensor, scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """PruMerge's merge: every kept token adds the score-weighted sum of its k most similar
+    other tokens (kept or not); the dropped tokens, score-weighted, are summed into one
+    token appended after the kept ones.
+
+    Parameters
+    ----------
+    x : Tensor
+        ``[B, n, d]`` tokens of the stage (also the similarity metric: cosine).
+    kept_idx : Tensor
+        ``[B, q]`` kept tokens, ascending (at least one token dropped).
+    scores : Tensor
+        ``[B, n]`` weights (the stage's first score, e.g. CLS attention; unnormalised, as
+        PruMerge uses them).
+    k : int
+        Neighbours per kept token, ``1 <= k <= n - 1``; ties: lower index.
+
+    Returns
+    -------
+    out : Tensor
+        ``[B, q + 1, d]``: ``x_i + Σ_{j in N_k(i)} s_j x_j`` for the kept tokens in order,
+        then ``Σ_{dropped j} s_j x_j``.
+    extra : Tensor
+        ``[B, 1]``: the dropped token with the highest score (the extra token's identity).
+
+    Notes
+    -----
+    One ``bmm`` ``[q, d] x [d, n]`` of normalised tokens (``2·q·n·d`` FLOPs); the weighted
+    sums are gathers, not matmuls.
+    """
+    b, n, d = x.shape
+    q = kept_idx.shape[1]
+    if not 1 <= k <= n - 1:
+        raise ValueError(f"cannot take {k} neighbours among {n - 1} other tokens")
+    if q >= n:
+        raise ValueError("absorb needs at least one dropped token")
+    device = x.device
+    kept_idx = kept_idx.to(device)
+    xf = x.float()
+    w = scores.to(device).float().nan_to_num(0.0)
+    unit = torch.nn.functional.normalize(xf, dim=-1)
+    sim = torch.bmm(gather_tokens(unit, kept_idx), unit.transpose(1, 2))  # [B, q, n]
+    sim.scatter_(2, kept_idx[..., None], float("-inf"))  # not itself
+    # top-k with ties to the lower index: sort is stable on the descending order
+    nbr = torch.sort(sim, dim=-1, descending=True, stable=True).indices[..., :k]  # [B, q, k]
+    nbr_x = gather_tokens(xf, nbr.reshape(b, q * k)).view(b, q, k, d)
+    nbr_w = w.gather(1, nbr.reshape(b, q * k)).view(b, q, k, 1)
+    kept_out = gather_tokens(xf, kept_idx) + (nbr_x * nbr_w).sum(2)
+    dropped = torch.ones(b, n, dtype=torch.bool, device=device)
+    dropped.scatter_(1, kept_idx, False)
+    extra = (xf * (w * dropped)[..., None]).sum(1, keepdim=True)
+    best = torch.where(dropped, w, torch.full_like(w, float("-inf"))).argmax(1, keepdim=True)
+    return torch.cat([kept_out, extra], dim=1).to(x.dtype), best
