@@ -77,3 +77,15 @@ def clip_cls_scores(layer_mod, h: torch.Tensor) -> torch.Tensor:
     k = attn.k_proj(x).view(h.shape[0], -1, heads, dh).transpose(1, 2)
     probs = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(dh), dim=-1)  # [B, H, 1, n]
     return probs.mean(1)[:, 0, 1:]
+
+
+def first_error(src: str, spec):
+    """The first diagnostic `vtdsl.ir.check` raises for `src` on `spec` (fails if none)."""
+    import pytest
+
+    from vtdsl.ir import check
+    from vtdsl.lang.errors import PolicyError
+
+    with pytest.raises(PolicyError) as err:
+        check(src, spec)
+    return err.value.diagnostics[0]
