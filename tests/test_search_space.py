@@ -202,3 +202,26 @@ def test_example_spaces_load(name):
     assert space.count > 1
     for _, point in space.sample(5, seed=0):
         space.candidate(point)
+
+
+def test_spaces_search_over_recycle_absorb_and_chunks():
+    """The stage endings added for SparseVLM, PruMerge and HoloV take holes in both forms."""
+    vts = parse_space("at llm.layer3 keep text(all) top 300 then recycle {40, 83} into {5, 9}\n"
+                      "at vit.out keep cls top {32, 64} per chunk {8, 16} proportional then absorb {8, 32}")
+    assert vts.count == 2 * 2 * 2 * 2 * 2
+    yaml_src = ("stages:\n"
+                "  - at: vit.out\n"
+                "    keep: cls top {32, 64}\n"
+                "    per: chunk {8, 16}\n"
+                "    absorb: '{8, 32}'\n"
+                "  - at: llm.layer3\n"
+                "    keep: text(all) top 100\n"
+                "    recycle: '{40, 83}'\n"
+                "    recycle_into: 9\n")
+    space = parse_space(yaml_src, "s.yaml", "yaml")
+    texts = {space.candidate(p).text for p in space.points()}
+    assert len(texts) == space.count == 2 * 2 * 2 * 2
+    assert ("at vit.out keep cls top 64 per chunk 16 then absorb 8\n"
+            "at llm.layer3 keep text(all) top 100 then recycle 83 into 9\n") in texts
+    with pytest.raises(PolicyError, match="'recycle' needs 'recycle_into'"):
+        parse_space("stages:\n  - at: llm.layer3\n    keep: text top 9\n    recycle: 4\n", "s.yaml", "yaml")

@@ -927,7 +927,8 @@ def load_space(path: str | os.PathLike, syntax: str | None = None) -> Space:
 
 _TOP_KEYS = ("policy", "model", "budget", "stages")
 _ACTIONS = ("keep", "merge", "pool", "drop")
-_STAGE_KEYS = ("at", "at?", "every", "every?", "from", "to") + _ACTIONS + ("per", "merge_rest_into", "renumber")
+_STAGE_KEYS = ("at", "at?", "every", "every?", "from", "to") + _ACTIONS + ("per", "merge_rest_into", "recycle",
+                                                                          "recycle_into", "absorb", "renumber")
 _NULL = "tag:yaml.org,2002:null"
 
 
@@ -1036,9 +1037,13 @@ def _yaml_template(text: str, filename: str) -> Frag:
             raise fail(f"a stage has one action, got {' and '.join(actions)}", m[actions[1]][0],
                        hint="write a second stage at the same site")
         action = actions[0]
-        for extra in ("per", "merge_rest_into"):
+        for extra in ("per", "merge_rest_into", "recycle", "recycle_into", "absorb"):
             if extra in m and action != "keep":
                 raise fail(f"'{extra}' belongs to 'keep', not to '{action}'", m[extra][0])
+        if ("recycle" in m) != ("recycle_into" in m):
+            have, missing = ("recycle", "recycle_into") if "recycle" in m else ("recycle_into", "recycle")
+            raise fail(f"'{have}' needs '{missing}' beside it", m[have][0],
+                       expected="recycle: N and recycle_into: M (`then recycle N into M`)")
         optional = "at?" in m or "every?" in m
         if schedule:
             every_key = "every?" if "every?" in m else "every" if "every" in m else None
@@ -1071,6 +1076,11 @@ def _yaml_template(text: str, filename: str) -> Frag:
         if "merge_rest_into" in m:
             parts += [glue(" then merge rest into ", m["merge_rest_into"][0])] + value(
                 m["merge_rest_into"][1], "'merge_rest_into'")
+        if "recycle" in m:
+            parts += [glue(" then recycle ", m["recycle"][0])] + value(m["recycle"][1], "'recycle'")
+            parts += [glue(" into ", m["recycle_into"][0])] + value(m["recycle_into"][1], "'recycle_into'")
+        if "absorb" in m:
+            parts += [glue(" then absorb ", m["absorb"][0])] + value(m["absorb"][1], "'absorb'")
         if "renumber" in m:
             key, val = m["renumber"]
             word = val.value if isinstance(val, ScalarNode) else None
