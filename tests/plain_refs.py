@@ -89,3 +89,9 @@ def first_error(src: str, spec):
     with pytest.raises(PolicyError) as err:
         check(src, spec)
     return err.value.diagnostics[0]
+
+
+def sharpened_pair(spec) -> dict:
+    """The spec's random model (seed 0) with sharpened LLM attention, eager and sdpa."""
+    return {attn: sharpen_llm(spec.build(device="cpu", attn_implementation=attn, seed=0).eval())
+            for attn in ("eager", "sdpa")}

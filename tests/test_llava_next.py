@@ -17,7 +17,8 @@ from vtdsl.ir import check
 from vtdsl.lang.errors import PolicyError
 from vtdsl.models import get_spec
 
-from plain_refs import clip_cls_scores, last_query_attention, masked_generate, prune_to_top, sharpen_llm, top_rows
+from plain_refs import (clip_cls_scores, first_error, last_query_attention, masked_generate, prune_to_top,
+                        sharpened_pair, top_rows)
 
 SPEC = get_spec("tiny-llava-next")
 IMG = SPEC.image_token_id
@@ -29,13 +30,9 @@ N_IMG = BASE + ROWS * WIDTH  # 88
 ZOO = sorted((Path(__file__).resolve().parents[1] / "policies").glob("*.vt"))
 
 
-def build(attn: str):
-    return sharpen_llm(SPEC.build(device="cpu", attn_implementation=attn, seed=0).eval())
-
-
 @pytest.fixture(scope="module")
 def models():
-    return {"eager": build("eager"), "sdpa": build("sdpa")}
+    return sharpened_pair(SPEC)
 
 
 def inputs(batch: int):
@@ -219,9 +216,7 @@ def test_vit_stage_prunes_every_crop_and_generate_follows(models):
     ("at llm.layer2 keep cls@vit.layer2 top 20", "cls@", "scores ViT crop patches"),
 ])
 def test_layout_refusals_are_located(src, at, words):
-    with pytest.raises(PolicyError) as err:
-        check(src, SPEC)
-    d = err.value.diagnostics[0]
+    d = first_error(src, SPEC)
     assert (d.span.line, d.span.column) == (1, src.index(at) + 1)
     assert words in d.message
 

@@ -71,12 +71,18 @@ def _reference(scores: list[float], k: int, bands: int, grid: int = 24) -> list[
     return sorted(kept), shares
 
 
-def test_compiled_keeps_the_proportional_top_tokens():
+@pytest.fixture(scope="module")
+def vit_sharpened():
+    """tiny-llava with sharper ViT attention (clear CLS-attention ranks) and one image."""
     model = SPEC.build(device="cpu", attn_implementation="eager", seed=0).eval()
     with torch.no_grad():
         for layer in model.model.vision_tower.encoder.layers:
             layer.self_attn.q_proj.weight.mul_(8.0)
-    px = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(3))
+    return model, torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(3))
+
+
+def test_compiled_keeps_the_proportional_top_tokens(vit_sharpened):
+    model, px = vit_sharpened
     scores = _cls_attention(model, px)
     want, shares = _reference(scores, 64, 4)
     assert len(set(shares)) > 1  # the shares really differ from an even split
@@ -130,15 +136,11 @@ def holov_reference(features: torch.Tensor, attention: list[float], chunks: int,
     return sorted(kept), shares
 
 
-def test_per_chunk_proportional_is_holov_selection():
+def test_per_chunk_proportional_is_holov_selection(vit_sharpened):
     """HoloV's holistic score averages to 1.09 x 1e3 x the chunk's mean attention (the
     variance term is rescaled to the attention's mean), so `cls top k per chunk 16
     proportional` keeps exactly HoloV's tokens: checked against the full computation."""
-    model = SPEC.build(device="cpu", attn_implementation="eager", seed=0).eval()
-    with torch.no_grad():
-        for layer in model.model.vision_tower.encoder.layers:
-            layer.self_attn.q_proj.weight.mul_(8.0)
-    px = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(3))
+    model, px = vit_sharpened
     attention = _cls_attention(model, px)
     with torch.no_grad():
         features = model.model.get_image_features(pixel_values=px).pooler_output[0]  # after the projector
