@@ -571,6 +571,7 @@ class LlmRuntime:
             else:
                 raise CompileError(f"scorer '{obs.scorer}' ({obs.queries}) cannot be read in the LLM")
             values = ops.query_attention(q_rows, k, None, mask=mask, query_positions=qpos, scale=self.scaling,
-                                         head_reduce=obs.heads)
+                                         head_reduce=obs.heads,
+                                         head_columns=None if isinstance(obs.heads, str) else ctx["is_img"])
         done = st.scored[obs] = Scored(values, ctx["pos"], "pos", st.n0)
         return done

@@ -428,6 +428,12 @@ def _validate_observation(graph, spec: ModelSpec, obs_data: dict, stage_data: di
                "exist yet", ref.span, expected=f"knorm@{obs.tower}.layer{obs.layer - 1} (the layer before)",
                code="observe-order")
         return
+    if isinstance(obs.heads, int):
+        tower = spec.vit if obs.tower == "vit" else spec.llm
+        if obs.heads > tower.heads:
+            _error(graph, f"'top {obs.heads} heads' asks for more heads than {spec.name}'s {TOWER_NAMES[obs.tower]} has "
+                   f"({tower.heads})", ref.span, expected=f"at most {tower.heads} heads", code="scorer-args")
+            return
     if obs.queries == "visual" and obs.tower == "vit":
         _error(graph, f"in the ViT every query is a visual token: 'attn(visual)' is 'attn' at {where}", ref.span,
                expected="attn", code="scorer-args")

@@ -50,8 +50,9 @@ class Observation:
     # the layer's own input norm and q/k projections (+ RoPE) applied to the tokens
     # entering it (PyramidDrop's rule). Written as a score @ the stage's own LLM layer.
     on_input: bool = False
-    # Reduction of the attention over heads (`cls(max)`): "mean" (default), "sum", "max".
-    heads: str = "mean"
+    # Reduction of the attention over heads (`cls(max)`): "mean" (default), "sum", "max",
+    # or an int H: the mean over the H heads with the most attention on the visual tokens.
+    heads: str | int = "mean"
     # False: q and k without rotary position embeddings (`text(no_rope)`, FEATHER; LLM only).
     rope: bool = True
 

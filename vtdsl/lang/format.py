@@ -66,7 +66,8 @@ def format_score(score) -> str:
         args = [("" if w == 1 else f"{format_number(w)} * ") + format_score(a) for w, a in zip(weights, score.args)]
         return f"{score.op}({', '.join(args)})"
     text = score.name
-    args = list(score.args) + ([score.heads] if score.heads else []) + (["no_rope"] if score.no_rope else [])
+    heads = [] if score.heads is None else [f"top {score.heads} heads" if isinstance(score.heads, int) else score.heads]
+    args = list(score.args) + heads + (["no_rope"] if score.no_rope else [])
     if args:
         text += f"({', '.join(args)})"
     if score.at is not None:

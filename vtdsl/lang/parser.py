@@ -672,10 +672,11 @@ class _Builder:
                 raise _fail(f"layer index in '{show(text)}' is out of any model's range", span, code="semantic")
         return self.node(ast.Site, span, tower=m.group(1), index=int(m.group(2))), int(m.group(3))
 
-    def score_args(self, info, tree: Tree) -> tuple[list[str], str | None, bool]:
-        """The query arguments, the head aggregate (`mean`, `sum` or `max`, at most one)
-        and `no_rope`, the last two for attention scores only."""
-        toks = [c.children[0] for c in tree.children]
+    def score_args(self, info, tree: Tree) -> tuple[list[str], str | int | None, bool]:
+        """The query arguments, the head aggregate (`mean`, `sum`, `max` or `top H heads`
+        as the int H, at most one) and `no_rope`, the last two for attention scores only."""
+        top_heads = [c.children[0] for c in tree.children if isinstance(c.children[0], Tree)]
+        toks = [c.children[0] for c in tree.children if not isinstance(c.children[0], Tree)]
         rope_toks = [t for t in toks if str(t) == "no_rope"]
         toks = [t for t in toks if str(t) != "no_rope"]
         if rope_toks and info.canonical in ("norm", "vnorm", "vsim"):
@@ -685,15 +686,28 @@ class _Builder:
             raise _fail("'no_rope' is written once", self.span(rope_toks[1]), code="semantic")
         head_toks = [t for t in toks if str(t) in COMBINERS]
         toks = [t for t in toks if str(t) not in COMBINERS]
-        heads = None
-        if head_toks:
+        heads: str | int | None = None
+        aggregates = sorted([(t.start_pos, t, None) for t in head_toks]
+                            + [(h.meta.start_pos, h, h) for h in top_heads], key=lambda e: e[0])
+        if aggregates:
+            first, first_tree = aggregates[0][1], aggregates[0][2]
+            where = self.span(first)
             if info.canonical in ("norm", "knorm", "vnorm", "vsim"):
-                raise _fail(f"'{info.name}' reads no attention heads", self.span(head_toks[0]),
+                raise _fail(f"'{info.name}' reads no attention heads", where,
                             hint=f"write '{info.name}'", code="semantic")
-            if len(head_toks) > 1:
-                raise _fail("one head aggregate per score", self.span(head_toks[1]),
-                            expected="one of mean, sum or max", code="semantic")
-            heads = str(head_toks[0])
+            if len(aggregates) > 1:
+                raise _fail("one head aggregate per score", self.span(aggregates[1][1]),
+                            expected="one of mean, sum, max or top H heads", code="semantic")
+            if first_tree is None:
+                heads = str(first)
+            else:
+                count = first_tree.children[0]
+                value = self.number(count)
+                if not isinstance(value, int) or value < 1:
+                    raise _fail(f"'top {show(str(count))} heads' needs a whole number of heads", self.span(count),
+                                expected="a head count of 1 or more, as in text(all, top 14 heads)",
+                                code="semantic")
+                heads = value
         if not toks:
             return [], heads, bool(rope_toks)
         if info.max_args == 0:

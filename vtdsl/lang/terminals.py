@@ -34,6 +34,7 @@ TERMINAL_WORDS: dict[str, str] = {
     "_POOL": "'pool'",
     "_DROP": "'drop'",
     "_TOP": "'top'",
+    "_HEADS": "'heads'",
     "DIVERSE": "'diverse'",
     "UNIFORM": "'uniform'",
     "UNIQUE": "'unique'",

@@ -13,12 +13,12 @@ Shapes: ``B`` batch, ``H`` query heads, ``Hkv`` key heads, ``m`` query rows, ``n
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, Union
 
 import torch
 from torch import Tensor
 
-HeadReduce = Literal["mean", "sum", "max"]
+HeadReduce = Union[Literal["mean", "sum", "max"], int]
 
 __all__ = ["split_heads", "repeat_kv", "attention_probs", "reduce_heads"]
 
@@ -71,15 +71,29 @@ def repeat_kv(k: Tensor, n_rep: int) -> Tensor:
     return k[:, :, None].expand(b, hkv, n_rep, n, dh).reshape(b, hkv * n_rep, n, dh)
 
 
-def reduce_heads(probs: Tensor, how: HeadReduce = "mean") -> Tensor:
-    """Reduce ``[B, H, ...]`` over the head dimension (1) with mean, sum or max."""
+def reduce_heads(probs: Tensor, how: HeadReduce = "mean", *, head_columns: Tensor | None = None) -> Tensor:
+    """Reduce ``[B, H, m, n]`` attention over the head dimension (1).
+
+    ``how``: ``"mean"``, ``"sum"``, ``"max"``, or an int h: the mean over the h heads
+    whose attention on the `head_columns` keys (``[B, n]`` bool; None = every key),
+    summed over all query rows, is largest — chosen per sample (SparseVLM v2's head
+    selection, which picks the heads per layer from their total mass on the image).
+    """
     if how == "mean":
         return probs.mean(dim=1)
     if how == "sum":
         return probs.sum(dim=1)
     if how == "max":
         return probs.amax(dim=1)
-    raise ValueError(f"head_reduce must be 'mean', 'sum' or 'max', got {how!r}")
+    if isinstance(how, int) and not isinstance(how, bool) and 1 <= how <= probs.shape[1]:
+        if head_columns is None:
+            mass = probs.sum(dim=(2, 3))
+        else:
+            mass = (probs * head_columns[:, None, None, :].to(probs.dtype)).sum(dim=(2, 3))
+        heads = mass.topk(how, dim=1).indices  # [B, h]
+        index = heads[:, :, None, None].expand(-1, -1, *probs.shape[2:])
+        return probs.gather(1, index).mean(dim=1)
+    raise ValueError(f"head_reduce must be 'mean', 'sum', 'max' or a head count 1..{probs.shape[1]}, got {how!r}")
 
 
 def attention_probs(
@@ -89,6 +103,7 @@ def attention_probs(
     mask: Tensor | None = None,
     head_reduce: HeadReduce | None = "mean",
     scale: float | None = None,
+    head_columns: Tensor | None = None,
 ) -> Tensor:
     """Softmax attention of query rows over keys, reduced over heads.
 
@@ -106,10 +121,13 @@ def attention_probs(
         convention). Floating: added to the logits (the transformers convention).
         A row whose keys are all masked out (boolean ``False`` or ``-inf``) yields
         all-zero probabilities, not NaN.
-    head_reduce : {"mean", "sum", "max"} or None
-        How heads are combined; ``None`` keeps them.
+    head_reduce : {"mean", "sum", "max"}, int or None
+        How heads are combined (an int h: the mean of the h heads with the most mass on
+        `head_columns`, see `reduce_heads`); ``None`` keeps them.
     scale : float, optional
         Logit scale; default ``1/sqrt(dh)``.
+    head_columns : Tensor, optional
+        ``[B, n]`` bool: the keys whose attention ranks heads for an int `head_reduce`.
 
     Returns
     -------
@@ -146,4 +164,4 @@ def attention_probs(
         probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows
     if head_reduce is None:
         return probs
-    return reduce_heads(probs, head_reduce)
+    return reduce_heads(probs, head_reduce, head_columns=head_columns)

@@ -67,6 +67,7 @@ def query_attention(
     query_reduce: QueryReduce = "mean",
     softmax_over: Literal["all", "selected"] = "all",
     scale: float | None = None,
+    head_columns: Tensor | None = None,
 ) -> Tensor:
     """Attention from given query rows to given key columns, reduced over heads and queries.
 
@@ -87,7 +88,9 @@ def query_attention(
         is visible to a query at position ``p`` only if ``j <= p`` (causal LLM attention,
         so text before the image contributes zeros to the image columns).
     head_reduce, query_reduce : {"mean", "sum", "max"}
-        Reductions over heads, then over the query rows.
+        Reductions over heads, then over the query rows. `head_reduce` may also be an
+        int h: the h heads with the most attention on `head_columns` (``[B, n]`` bool;
+        None = every key), summed over the rows (`attention.reduce_heads`).
     softmax_over : {"all", "selected"}
         ``"all"``: softmax over every key (what the model computes). ``"selected"``:
         softmax restricted to the ``key_index`` columns (FEATHER-style criterion).
@@ -126,7 +129,7 @@ def query_attention(
         else:
             mask = mask.float().masked_fill(~combined, float("-inf"))
 
-    probs = attention_probs(q_rows, k, mask=mask, head_reduce=head_reduce, scale=scale)
+    probs = attention_probs(q_rows, k, mask=mask, head_reduce=head_reduce, scale=scale, head_columns=head_columns)
     return _columns(_reduce_queries(probs, query_reduce), key_index)
 
 
@@ -145,8 +148,9 @@ def cls_attention(
         ``[B, n, H*dh]`` outputs of the layer's ``q_proj`` / ``k_proj`` (CLS at 0).
     num_heads : int
         Attention heads ``H``.
-    head_reduce : {"mean", "sum", "max"}
+    head_reduce : {"mean", "sum", "max"} or int
         Head reduction. VisionZip sums heads; ``"mean"`` is the same ranking divided by H.
+        An int h: the h heads that give the patches the most attention.
 
     Returns
     -------
@@ -160,7 +164,11 @@ def cls_attention(
     """
     q = split_heads(q_proj_out[:, :1], num_heads)
     k = split_heads(k_proj_out, num_heads)
-    probs = attention_probs(q, k, head_reduce=head_reduce)  # [B, 1, n]
+    patches = None
+    if not isinstance(head_reduce, str):  # heads ranked by their attention on the patches
+        patches = torch.ones(q.shape[0], k.shape[2], dtype=torch.bool, device=q.device)
+        patches[:, 0] = False
+    probs = attention_probs(q, k, head_reduce=head_reduce, head_columns=patches)  # [B, 1, n]
     return probs[:, 0, 1:]
 
 
@@ -182,8 +190,8 @@ def attention_received(
         Attention heads ``H``.
     key_index : Tensor or slice, optional
         Columns to return (e.g. ``slice(1, None)`` for the patches of a CLS tower).
-    head_reduce : {"mean", "sum", "max"}
-        Head reduction (default mean).
+    head_reduce : {"mean", "sum", "max"} or int
+        Head reduction (default mean); an int h ranks heads on the `key_index` columns.
 
     Returns
     -------
@@ -196,7 +204,10 @@ def attention_received(
     """
     q = split_heads(q_proj_out, num_heads)
     k = split_heads(k_proj_out, num_heads)
-    return query_attention(q, k, key_index, head_reduce=head_reduce, query_reduce="mean")
+    columns = None
+    if key_index is not None and not isinstance(head_reduce, str):  # heads ranked on the returned keys
+        columns = _key_mask(key_index, q.shape[0], k.shape[2], q.device)[:, 0, 0]
+    return query_attention(q, k, key_index, head_reduce=head_reduce, query_reduce="mean", head_columns=columns)
 
 
 def token_norm(h: Tensor, *, p: float = 2.0) -> Tensor:
