@@ -25,7 +25,8 @@ def test_json_has_the_documented_keys(tmp_path):
                 "kv_cache_bytes", "budget", "ok", "diagnostics"):
         assert key in data
     assert data["policy"] == "fastv" and data["model"] == "llava-1.5-7b"
-    assert data["stages"] == [{"site": "llm.layer2", "action": "keep", "tokens_in": 576, "tokens_out": 288}]
+    assert data["stages"] == [{"site": "llm.layer2", "action": "keep", "tokens_in": 576, "tokens_out": 288,
+                               "fewest_in": 576, "fewest_out": 288}]
     assert set(data["flops"]) >= {"baseline", "policy", "ratio", "by_part"}
     assert data["flops"]["ratio"] == data["flops"]["policy"] / data["flops"]["baseline"]
     # 2 of 32 LLM layers see 576 visual tokens, 30 see 288: KV entries (64 text tokens each)

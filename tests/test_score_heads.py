@@ -83,3 +83,10 @@ def test_compiled_cls_max_and_text_sum_match_eager_attention():
         model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=px)
         kept_llm = vc.kept_tokens(model)["llm.layer2#0"][0].tolist()
     assert sorted(kept_llm) == [img[i] for i in want_llm]
+
+
+def test_a_layer_range_keeps_the_head_aggregate_and_rope_option():
+    plan = check("at vit.out keep cls(max)@vit.layer8..10 sum top 4\n"
+                 "at llm.layer4 keep text(no_rope, top 2 heads)@llm.layer1..2 mean top 2", "llava-1.5-7b")
+    assert [(o.layer, o.heads, o.rope) for o in plan.observations] == [
+        (8, "max", True), (9, "max", True), (10, "max", True), (1, 2, False), (2, 2, False)]

@@ -70,6 +70,9 @@ def check_payload(plan, report, verdicts, warnings) -> dict:
                 "action": stage.action,
                 "tokens_in": stage.tokens_in,
                 "tokens_out": stage.tokens_out,
+                # adaptive counts (`top N by ...`): tokens_in/out are the most, these the fewest
+                "fewest_in": stage.fewest_in,
+                "fewest_out": stage.fewest_out,
             }
             for stage in plan.stages
         ],
@@ -92,12 +95,19 @@ def check_payload(plan, report, verdicts, warnings) -> dict:
     }
 
 
+def token_range(fewest: int, most: int) -> str:
+    """`576`, or `64..576` when an adaptive count makes it vary per call."""
+    return str(most) if fewest == most else f"{fewest}..{most}"
+
+
 def render_text(payload: dict, report) -> str:
     lines = [f"policy {payload['policy'] or '(unnamed)'} on {payload['model']}"]
     rows = [("stage", "site", "action", "tokens in -> out")]
     for i, stage in enumerate(payload["stages"]):
         per = " per crop" if payload.get("crops", 1) > 1 and stage["site"].startswith("vit.") else ""
-        rows.append((str(i), stage["site"], stage["action"], f"{stage['tokens_in']} -> {stage['tokens_out']}{per}"))
+        counts = f"{token_range(stage['fewest_in'], stage['tokens_in'])} -> " \
+                 f"{token_range(stage['fewest_out'], stage['tokens_out'])}"
+        rows.append((str(i), stage["site"], stage["action"], counts + per))
     if len(rows) == 1:
         rows.append(("-", "-", "(no stages: the unpruned model)", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]

@@ -102,7 +102,9 @@ def compile_(policy_file: str, model_name: str | None, out_dir: str | None, weig
         click.echo(f"{'site':<14} {'module':<44} {'tokens in -> out':>17}")
         for s in manifest["stages"]:
             per = " per crop" if spec.vit_crops > 1 and s["site"].startswith("vit.") else ""
-            click.echo(f"{s['site']:<14} {s['module']:<44} {s['tokens_in']:>8} -> {s['tokens_out']}{per}")
+            counts_in = s["tokens_in"] if s["fewest_in"] == s["tokens_in"] else f"{s['fewest_in']}..{s['tokens_in']}"
+            counts_out = s["tokens_out"] if s["fewest_out"] == s["tokens_out"] else f"{s['fewest_out']}..{s['tokens_out']}"
+            click.echo(f"{s['site']:<14} {s['module']:<44} {counts_in:>8} -> {counts_out}{per}")
         if not manifest["stages"]:
             click.echo("(no stages: the model is unchanged)")
         click.echo("")

@@ -127,6 +127,15 @@ def _forward_params(model: nn.Module) -> list[str]:
     return [p.name for p in list(sig.parameters.values())[1:] if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
+def _features_vary(plan: Plan) -> bool:
+    """Whether adaptive counts make the features' token count vary per call: the last
+    stage deciding the features (vit.out, or a ViT layer up to the feature layer) has a
+    range of output counts."""
+    entry = plan.spec.feature_layer_index + 1
+    deciding = [s for s in plan.stages if s.site.tower == "vit" and (s.site.layer is None or s.site.layer <= entry)]
+    return bool(deciding) and deciding[-1].fewest_out != deciding[-1].tokens_out
+
+
 def _install(plan: Plan, model: nn.Module) -> Compiled:
     from .llm import LlmRuntime
     from .vit import VitRuntime, build_vit, projections_read
@@ -208,6 +217,16 @@ def _install(plan: Plan, model: nn.Module) -> Compiled:
             hook(spec.projector_path, "pre", vit_rt.projector_pre_hook,
                  out_what or "take the feature-layer token set (bookkeeping for later stages)")
 
+        # an adaptive count decides how many tokens the features hold per image: the prompt
+        # keeps room for the bound, padded after the projector and trimmed at the LLM input
+        trims = _features_vary(plan)
+        if trims and spec.anyres_grid is not None and plan.projector_tokens == spec.projector_tokens:
+            raise CompileError(f"an adaptive count that may keep all {spec.patch_tokens} tokens of a crop leaves "
+                               f"{spec.name}'s crops in their packed layout (newline tokens) or not, per call; "
+                               "bound it below that, or end the vision-tower stages with a fixed count")
+        if trims:
+            hook(spec.projector_path, "post", vit_rt.pad_features,
+                 f"pad each image's features to the {plan.projector_tokens} planned (adaptive counts)")
         if spec.anyres_grid is not None and plan.projector_tokens != spec.projector_tokens:
             _install_anyres_packing(model, spec, plan, undo, listing)
         plans = PlanCache(plan)
@@ -218,7 +237,7 @@ def _install(plan: Plan, model: nn.Module) -> Compiled:
         llm_stages = [s for s in plan.stages if s.site.tower == "llm"]
         llm_obs = [o for o in plan.observations if o.tower == "llm"]
         listing.mechanism["llm"] = "none"
-        if llm_stages or llm_obs:
+        if llm_stages or llm_obs or trims:
             listing.mechanism["llm"] = "hooks"
             layer0 = spec.llm_layer_path.format(i=0)
             attn = model.get_submodule(layer0 + ".self_attn")
@@ -245,9 +264,11 @@ def _install(plan: Plan, model: nn.Module) -> Compiled:
                  with_kwargs=True)
             first = min((s.site.layer for s in llm_stages), default=spec.llm.layers)
             layer0_stages = [s for s in llm_stages if s.site.layer == 0]
-            if layer0_stages:
+            if layer0_stages or trims:
                 what = [f"stage {s.index}: {stage_text(s)} ({s.tokens_in} -> {s.tokens_out} per image)"
                         for s in layer0_stages]
+                if trims:
+                    what.insert(0, "remove the padding rows of adaptive ViT counts (positions contiguous)")
                 what.append("gather inputs_embeds, 2-D mask, position_ids to kept positions; decode: mask columns")
                 hook(lm_path, "pre", llm_rt.llm_input_pre_hook, "; ".join(what), with_kwargs=True)
             for j in range(spec.llm.layers):
@@ -288,7 +309,8 @@ def _install(plan: Plan, model: nn.Module) -> Compiled:
 
         # ------------------------------------------------------------------ prompt
         needs_rewrite = plan.image_placeholders != spec.image_tokens
-        if needs_rewrite or llm_stages:
+        rows_change = bool(llm_stages) or trims  # the LLM sees fewer rows than the prompt: labels follow
+        if needs_rewrite or rows_change:
             pad = getattr(getattr(config, "text_config", config), "pad_token_id", None) or 0
             top = _TopLevel(model, image_token_id, plans, pad, llm_rt)
             what = []
@@ -297,10 +319,10 @@ def _install(plan: Plan, model: nn.Module) -> Compiled:
                     f"shrink image placeholders {spec.image_tokens} -> {plan.image_placeholders} per image "
                     "(input_ids, attention_mask, labels, position_ids)"
                 )
-            if llm_stages:
+            if rows_change:
                 what.append("labels: loss on the kept positions")
             hook("", "pre", top.pre_hook, "; ".join(what), with_kwargs=True)
-            if llm_stages:
+            if rows_change:
                 hook("", "post", top.post_hook, "loss from labels gathered to the kept positions")
             if needs_rewrite:
                 def generate(*args, **kwargs):

@@ -127,6 +127,8 @@ class Listing:
                 "action": stage_text(s),
                 "tokens_in": s.tokens_in,
                 "tokens_out": s.tokens_out,
+                "fewest_in": s.fewest_in,
+                "fewest_out": s.fewest_out,
             }
             for s in self.plan.stages
         ]
@@ -148,7 +150,8 @@ class Listing:
         for s in self.stages():
             lines.append(
                 f"  [{s['index']}] {s['site']:<14} {s['module']:<44} "
-                f"{s['tokens_in']:>6} -> {s['tokens_out']:<6} {s['action']}"
+                f"{_range(s['fewest_in'], s['tokens_in']):>6} -> {_range(s['fewest_out'], s['tokens_out']):<6} "
+                f"{s['action']}"
             )
         lines.append("")
         lines.append(
@@ -172,3 +175,8 @@ class Listing:
 
     def __str__(self) -> str:
         return self.text()
+
+
+def _range(fewest: int, most: int) -> str:
+    """`576`, or `64..576` when an adaptive count makes it vary per call."""
+    return str(most) if fewest == most else f"{fewest}..{most}"

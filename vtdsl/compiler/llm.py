@@ -216,6 +216,9 @@ class LlmRuntime:
             if pid.dim() == 2:
                 st.prompt_pid = pid.expand(b, -1)
             if st.images:
+                surplus = self.vit.surplus if self.vit is not None else 0
+                if surplus:
+                    embeds = self._trim(st, embeds, surplus)
                 for stage in self.stages_at.get(0, ()):
                     embeds = self._run_stage(st, stage, embeds)
             keep = st.pos
@@ -457,6 +460,30 @@ class LlmRuntime:
         if st.full_pid is not None:
             return _rows(st.full_pid, st.rows)
         return st.rows
+
+    def _trim(self, st: LlmState, embeds: Tensor, surplus: int) -> Tensor:
+        """Remove the `surplus` padding rows ending each image's placeholders (each crop's,
+        on anyres models): an adaptive ViT count kept fewer tokens than the prompt has
+        room for (`VitRuntime.pad_features`). The rows after them move up (contiguous
+        positions), as if the prompt had held exactly the kept tokens."""
+        b, n = embeds.shape[:2]
+        per = st.per_image
+        plan = self.plans.current or self.plan
+        blocks = plan.spec.vit_crops  # the image's crops, each padded to the same room
+        room = per // blocks
+        img_rows = st.is_img.nonzero()[:, 1].view(b, st.images, blocks, room)
+        keep = torch.ones_like(st.is_img)
+        keep.scatter_(1, img_rows[..., room - surplus:].reshape(b, -1), False)
+        rows = keep.nonzero()[:, 1].view(b, -1)
+        pid = self._positions(st).gather(1, rows)
+        st.pid = pid - (rows - torch.arange(rows.shape[1], device=rows.device))
+        st.shift += n - rows.shape[1]
+        st.pos = st.pos.gather(1, rows)
+        st.is_img = st.is_img.gather(1, rows)
+        st.per_image = per - blocks * surplus
+        if plan.spec.anyres_grid is not None:  # crops concatenated, now of the kept count
+            st.vtok = Tokens.anyres(b * st.images, st.per_image, plan.spec, embeds.device, intact=False)
+        return ops.gather_tokens(embeds, rows)
 
     def _run_stage(self, st: LlmState, stage: ResolvedStage, hidden: Tensor) -> Tensor:
         stage = st.stages.get(stage.index, stage)

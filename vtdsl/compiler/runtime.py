@@ -153,6 +153,14 @@ def evaluate_score(score: ResolvedScore, view: StageView) -> Tensor:
     return parts.amax(0)
 
 
+def _adaptive_count(term, scores: Tensor, view: StageView, available: int) -> int:
+    """This call's count of a `top N by ...` term (one for the whole batch: `ops.counts`)."""
+    rule = term.adaptive
+    if rule.kind == "outliers":
+        return ops.outlier_count(scores, min(rule.bound, available))
+    return ops.entropy_count(evaluate_score(rule.score, view), available, rule.bound, rule.steps)
+
+
 def _survivors(assign: Tensor) -> Tensor:
     """Input tokens that survive `ops.merge.bipartite_merge` (A = even, B = odd).
 
@@ -180,10 +188,10 @@ def execute(stage: ResolvedStage, view: StageView,
     x, tokens = view.x, view.tokens
     g, n, _ = x.shape
     device = x.device
-    if n != stage.tokens_in:
-        raise CompileError(
-            f"stage at {stage.site.text()} expected {stage.tokens_in} visual tokens per image, got {n}"
-        )
+    if not stage.fewest_in <= n <= stage.tokens_in:
+        expected = (f"{stage.tokens_in}" if stage.fewest_in == stage.tokens_in
+                    else f"{stage.fewest_in} to {stage.tokens_in}")
+        raise CompileError(f"stage at {stage.site.text()} expected {expected} visual tokens per image, got {n}")
     if stage.action == "drop":
         src = torch.zeros(g, 0, dtype=torch.long, device=device)
         return x[:, :0], src, tokens.take(src)
@@ -208,6 +216,7 @@ def execute(stage: ResolvedStage, view: StageView,
     # keep
     terms = []
     needs_features = False
+    taken = 0  # tokens the terms so far keep (this call's counts)
     for term in stage.terms:
         scores = evaluate_score(term.score, view) if term.score is not None else None
         if on_scores is not None and scores is not None:
@@ -215,7 +224,9 @@ def execute(stage: ResolvedStage, view: StageView,
             on_scores = None
         needs_features |= term.kind in ("diverse", "unique")  # diverse(sum) too
         kind = "diverse_sum" if term.kind == "diverse" and term.spread == "sum" else term.kind
-        terms.append(ops.TermSpec(kind=kind, count=term.count, scores=scores, seed=term.seed))
+        count = term.count if term.adaptive is None else _adaptive_count(term, scores, view, n - taken)
+        taken += count
+        terms.append(ops.TermSpec(kind=kind, count=count, scores=scores, seed=term.seed))
     region_ids, num_regions = None, None
     if stage.region is not None:
         kind, rr, rc = stage.region

@@ -140,6 +140,7 @@ class VitRuntime:
         self.tokens: Tokens | None = None  # rows of the ViT hidden state (CLS included)
         self.feature_tokens: Tokens | None = None
         self.feature_override: Tensor | None = None
+        self.surplus = 0  # padding rows per projector row (image or crop) after the projector (adaptive counts)
         self.projector_tokens: Tokens | None = None  # per image, what the LLM receives
         self.cls_feature: Tensor | None = None  # [G, 1, d]: CLS at the feature layer (`cls_token`)
         self.captured: dict[int, dict[str, Any]] = {}
@@ -168,7 +169,7 @@ class VitRuntime:
                 new.grid,
             )
         self.tokens = new
-        self.log.vit[key] = (stage.tokens_in, values.shape[1])
+        self.log.vit[key] = (x.shape[1] - lead, values.shape[1])
         self.log.kept[key] = new.vid[:, lead:]
         if stage.site.layer <= self.feature_entry:
             self.feature_tokens = new
@@ -204,6 +205,7 @@ class VitRuntime:
         lead = 1 if (self.has_cls and not self.drop_cls) else 0
         for stage in self.out_stages:
             if stage.keep_cls:  # the IR allows it only in the last vit.out stage, lead 0
+                n_in = tokens.count
                 values, _src, new = self.log.run(f"vit.out#{stage.index}", stage,
                                                  StageView(x, tokens, lambda obs: self._aligned(obs, tokens.vid)))
                 if self.cls_feature is None or self.cls_feature.shape[0] != x.shape[0]:
@@ -212,11 +214,12 @@ class VitRuntime:
                 new = Tokens(torch.cat([torch.zeros_like(new.vid[:, :1]), new.vid], 1),
                              torch.cat([torch.full_like(new.gpos[:, :1], -1), new.gpos], 1), new.grid)
                 tokens = new
-                self.log.vit[f"vit.out#{stage.index}"] = (stage.tokens_in, x.shape[1])
+                self.log.vit[f"vit.out#{stage.index}"] = (n_in, x.shape[1])
                 self.log.kept[f"vit.out#{stage.index}"] = new.vid
                 continue
             cand = tokens.drop_first() if lead else tokens
             view = StageView(x[:, lead:], cand, lambda obs: self._aligned(obs, view.tokens.vid))
+            n_in = cand.count
             values, _src, new = self.log.run(f"vit.out#{stage.index}", stage, view)
             x = torch.cat([x[:, :lead], values], dim=1)
             if lead:
@@ -224,10 +227,24 @@ class VitRuntime:
                     torch.cat([tokens.vid[:, :1], new.vid], 1), torch.cat([tokens.gpos[:, :1], new.gpos], 1), new.grid
                 )
             tokens = new
-            self.log.vit[f"vit.out#{stage.index}"] = (stage.tokens_in, values.shape[1])
+            self.log.vit[f"vit.out#{stage.index}"] = (n_in, values.shape[1])
             self.log.kept[f"vit.out#{stage.index}"] = new.vid[:, lead:]
         self.projector_tokens = tokens
         return (x, *args[1:])
+
+    def pad_features(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        """Projector post-hook under adaptive ViT counts: the prompt holds room for the
+        plan's bound per image (per crop on anyres models, whose crops all get the call's
+        one count); pad each row's features to it with zero rows at the end, which the
+        LLM-input hook removes again (`LlmRuntime._trim`)."""
+        room = self.plan.projector_tokens // self.spec.vit_crops
+        have = output.shape[1]
+        if have > room:
+            raise CompileError(f"the vision tower kept {have} tokens per image, more than the {room} planned")
+        self.surplus = room - have
+        if not self.surplus:
+            return output
+        return torch.cat([output, output.new_zeros(output.shape[0], self.surplus, *output.shape[2:])], dim=1)
 
     # -------------------------------------------------------------- scores
     def observe(self, obs: Observation) -> Scored:

@@ -18,7 +18,7 @@ from ..models.spec import ModelSpec
 from .graph import lower, stream
 from .passes import (RULES, expand_repeats, has_errors, infer_tokens, resolve_quantity, resolve_sites, run_passes,
                      validate)
-from .plan import Observation, Plan, ResolvedScore, ResolvedSite, ResolvedStage, ResolvedTerm
+from .plan import Observation, Plan, ResolvedAdaptive, ResolvedScore, ResolvedSite, ResolvedStage, ResolvedTerm
 
 __all__ = [
     "check",
@@ -31,6 +31,7 @@ __all__ = [
     "infer_tokens",
     "resolve_quantity",
     "Plan",
+    "ResolvedAdaptive",
     "ResolvedStage",
     "ResolvedTerm",
     "ResolvedScore",

@@ -61,7 +61,10 @@ def lower(policy: ast.Policy) -> nx.DiGraph:
             chain(select, kind="select", index=index, terms=action.terms, region=action.region, span=action.span)
             for term_index, term in enumerate(action.terms):
                 if isinstance(term, ast.TopTerm):
-                    for ref_index, ref in enumerate(iter_score_refs(term.score)):
+                    refs = iter_score_refs(term.score)
+                    if term.adaptive is not None and term.adaptive.score is not None:
+                        refs += iter_score_refs(term.adaptive.score)  # read by the count rule
+                    for ref_index, ref in enumerate(refs):
                         obs = f"observe:{index}.{term_index}.{ref_index}"
                         graph.add_node(obs, kind="observe", score=ref, span=ref.span, stage_index=index)
                         graph.add_edge(obs, select, stream=False, term=term_index)

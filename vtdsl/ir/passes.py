@@ -19,7 +19,7 @@ from ..lang.errors import Diagnostic, did_you_mean
 from ..lang.scorers import SCORERS
 from ..models.spec import ModelSpec
 from .graph import observations_of, stage_node, stream, stream_nodes
-from .plan import Observation, ResolvedScore, ResolvedSite, ResolvedStage, ResolvedTerm
+from .plan import Observation, ResolvedAdaptive, ResolvedScore, ResolvedSite, ResolvedStage, ResolvedTerm
 
 # Scorer meaning (towers, canonical runtime scorer, query rows) lives with the syntax in
 # vtdsl.lang.scorers.SCORERS, the one place a scorer is added.
@@ -98,16 +98,23 @@ def _unroll_score(probe: nx.DiGraph, spec: ModelSpec, score):
         _error(probe, f"the layer range runs backwards: layer {last.layer} comes before layer {first.layer}",
                score.at.span, expected=f"a range from {score.at.text()} up", code="score-range")
         return None
-    refs = [ast.ScoreRef(name=score.name, args=score.args, at=ast.Site(tower=first.tower, index=i, span=score.at.span),
+    refs = [ast.ScoreRef(name=score.name, args=score.args, heads=score.heads, no_rope=score.no_rope,
+                         at=ast.Site(tower=first.tower, index=i, span=score.at.span),
                          span=score.span) for i in range(first.layer, last.layer + 1)]
     if len(refs) == 1:
         return refs[0]
     return ast.ScoreCombine(op=score.over, args=refs, span=score.span)
 
 
+def _term_has_range(term) -> bool:
+    if not isinstance(term, ast.TopTerm):
+        return False
+    return _has_range(term.score) or (term.adaptive is not None and term.adaptive.score is not None
+                                      and _has_range(term.adaptive.score))
+
+
 def _stage_has_range(stage: ast.Stage) -> bool:
-    return isinstance(stage.action, ast.Keep) and any(
-        isinstance(t, ast.TopTerm) and _has_range(t.score) for t in stage.action.terms)
+    return isinstance(stage.action, ast.Keep) and any(_term_has_range(t) for t in stage.action.terms)
 
 
 def _unroll_ranges(probe: nx.DiGraph, spec: ModelSpec, stage: ast.Stage) -> ast.Stage | None:
@@ -116,11 +123,17 @@ def _unroll_ranges(probe: nx.DiGraph, spec: ModelSpec, stage: ast.Stage) -> ast.
     action = stage.action
     terms = []
     for term in action.terms:
-        if isinstance(term, ast.TopTerm) and _has_range(term.score):
-            score = _unroll_score(probe, spec, term.score)
+        if _term_has_range(term):
+            score = _unroll_score(probe, spec, term.score) if _has_range(term.score) else term.score
             if score is None:
                 return None
-            term = term.model_copy(update={"score": score})
+            update = {"score": score}
+            if term.adaptive is not None and term.adaptive.score is not None and _has_range(term.adaptive.score):
+                counted = _unroll_score(probe, spec, term.adaptive.score)
+                if counted is None:
+                    return None
+                update["adaptive"] = term.adaptive.model_copy(update={"score": counted})
+            term = term.model_copy(update=update)
         terms.append(term)
     return stage.model_copy(update={"action": action.model_copy(update={"terms": terms})})
 
@@ -504,41 +517,51 @@ def infer_tokens(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
         for _, d in graph.nodes(data=True)
         if d["kind"] == "observe" and "observation" in d
     }
+    # the fewest tokens each count can be after adaptive stages (`top N by ...`), and the
+    # stage that made them vary (None: counts are exact)
+    patches_min = feature_patches_min = patches
+    features_min: int | None = None
+    llm_min: list[int] | None = None
+    varies_from: str | None = None
     for node in stream(graph):
         data = graph.nodes[node]
         site: ResolvedSite = data["site"]
         if site.tower == "vit" and site.layer is not None:
-            tokens_in = patches
+            tokens_in, tokens_min = patches, patches_min
         elif site.tower == "vit":
             if features is None:
-                features = feature_patches
-            tokens_in = features
+                features, features_min = feature_patches, feature_patches_min
+            tokens_in, tokens_min = features, features_min
         else:
             if llm_visual is None:
                 if features is None:
-                    features = feature_patches
+                    features, features_min = feature_patches, feature_patches_min
                 llm_visual = [spec.llm_entry_tokens(_to_projector(features, spec))] * spec.llm.layers
+                llm_min = [spec.llm_entry_tokens(_to_projector(features_min, spec))] * spec.llm.layers
                 # the LLM's token grid: one crop's, merged (Qwen2.5-VL); none for anyres
                 if spec.anyres_grid is not None:
                     grid = None
                 elif grid is not None and spec.spatial_merge > 1:
                     grid = spec.llm_grid
-            tokens_in = llm_visual[site.layer]
-        resolved = _infer_stage(graph, data, tokens_in, grid, obs_by_ref)
+            tokens_in, tokens_min = llm_visual[site.layer], llm_min[site.layer]
+        resolved = _infer_stage(graph, data, tokens_in, grid, obs_by_ref, tokens_min, varies_from)
         if resolved is None:
             return graph
         stage, grid = resolved
         data["resolved"] = stage
-        out = stage.tokens_out
+        out, out_min = stage.tokens_out, stage.fewest_out
+        if out_min != out and varies_from is None:
+            varies_from = site.text()
         if site.tower == "vit" and site.layer is not None:
-            patches = out
+            patches, patches_min = out, out_min
             vit_tokens[site.layer :] = [out + cls] * (spec.vit.layers - site.layer)
             if site.layer <= feature_entry:
-                feature_patches = out
+                feature_patches, feature_patches_min = out, out_min
         elif site.tower == "vit":
-            features = out
+            features, features_min = out, out_min
         else:
             llm_visual[site.layer :] = [out] * (spec.llm.layers - site.layer)
+            llm_min[site.layer :] = [out_min] * (spec.llm.layers - site.layer)
     if features is None:
         features = feature_patches
     projector_tokens = _to_projector(features, spec)
@@ -579,11 +602,41 @@ def _annotate_stream(graph: nx.DiGraph) -> None:
     # the sink edge carries what the last stage handed on (None: no stages)
 
 
-def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref):
+def _percent_of_varying(graph, action, varies_from: str) -> bool:
+    """Refuse a percentage of a token count that varies per image (after an adaptive
+    stage): it would resolve to a different count per image. True if one was found."""
+    found = []
+    if isinstance(action, ast.Merge):
+        found.append((action.pairs, "merge"))
+    elif isinstance(action, ast.Keep):
+        found += [(t.qty, "term") for t in action.terms if getattr(t, "qty", None) is not None]
+        found += [(q, "rest") for q in (action.merge_rest, action.absorb) if q is not None]
+        if action.recycle is not None:
+            found.append((action.recycle.count, "recycle"))
+    for qty, _what in found:
+        if qty.percent:
+            _error(graph, f"'{_qty_text(qty)}' is a share of the tokens entering this stage, whose count varies per "
+                   f"image after the adaptive count at {varies_from}", qty.span,
+                   expected="a number of tokens", code="adaptive")
+            return True
+    return False
+
+
+def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref, tokens_min: int | None = None,
+                 varies_from: str | None = None):
+    """Resolve one stage's counts. `tokens_in` is what enters (the most, after adaptive
+    stages), `tokens_min` the fewest; every quantity must fit the fewest."""
     stage: ast.Stage = data["stage"]
     action = stage.action
     site: ResolvedSite = data["site"]
-    common = dict(index=data["index"], site=site, tokens_in=tokens_in, span=stage.span, renumber=stage.renumber)
+    fewest = tokens_in if tokens_min is None else tokens_min
+    varies = fewest != tokens_in
+    if varies and _percent_of_varying(graph, action, varies_from or "an earlier stage"):
+        return None
+    common = dict(index=data["index"], site=site, tokens_in=tokens_in, span=stage.span, renumber=stage.renumber,
+                  tokens_in_min=fewest if varies else None)
+    entering = f"{tokens_in} enter this stage at {site.text()}" if not varies else \
+        f"as few as {fewest} enter this stage at {site.text()}"
     if isinstance(action, ast.DropAll):
         return ResolvedStage(action="drop", tokens_out=0, **common), None
     if isinstance(action, ast.Pool):
@@ -604,26 +657,36 @@ def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref):
         return stage_out, (rows, cols)
     if isinstance(action, ast.Merge):
         pairs = resolve_quantity(action.pairs, tokens_in)
-        if pairs > tokens_in // 2:
+        if pairs > fewest // 2:
             _error(
                 graph,
-                f"'merge {_qty_text(action.pairs)}' asks for {pairs} merged pairs, but {tokens_in} tokens "
-                f"enter this stage: at most {tokens_in // 2} pairs can be merged",
+                f"'merge {_qty_text(action.pairs)}' asks for {pairs} merged pairs, but "
+                f"{'as few as ' if varies else ''}{fewest} tokens enter this stage: "
+                f"at most {fewest // 2} pairs can be merged",
                 action.pairs.span,
-                expected=f"at most {tokens_in // 2} pairs",
+                expected=f"at most {fewest // 2} pairs",
                 code="quantity",
             )
             return None
-        stage_out = ResolvedStage(action="merge", tokens_out=tokens_in - pairs, merge_rest=pairs, **common)
+        stage_out = ResolvedStage(action="merge", tokens_out=tokens_in - pairs, merge_rest=pairs,
+                                  tokens_out_min=fewest - pairs if varies else None, **common)
         return stage_out, (grid if pairs == 0 else None)
-    # keep
-    kept, terms, ok = 0, [], True
+    # keep: `kept` counts the most the terms so far can keep, `kept_min` the fewest
+    kept, kept_min, terms, ok = 0, 0, [], True
     keep_cls = any(isinstance(t, ast.ClsTokenTerm) for t in action.terms)
+    adaptive_seen = False
     for term in action.terms:
         if isinstance(term, ast.ClsTokenTerm):
             continue  # one token ahead of the kept patches, outside the selection
-        available = tokens_in - kept
+        available = fewest - kept  # what is surely left for this term
+        adaptive = term.adaptive if isinstance(term, ast.TopTerm) else None
         if isinstance(term, ast.BuffersTerm):
+            if term.qty is None and adaptive_seen:
+                _error(graph, "'buffers' sizes itself by the tokens kept before it, whose count varies per image here",
+                       term.span, expected="'buffers N' with a number, or no adaptive count before it",
+                       code="adaptive")
+                ok = False
+                continue
             if term.qty is None:
                 count = min(4 * kept, available)
             else:
@@ -636,7 +699,7 @@ def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref):
             _error(
                 graph,
                 f"'{term.kind if term.kind != 'top' else 'top'} {_qty_text(term.qty)}' asks for {count} tokens, "
-                f"but only {available} remain{earlier} ({tokens_in} enter this stage at {site.text()})",
+                f"but only {available} remain{earlier} ({entering})",
                 qty_span,
                 expected=f"at most {available} tokens",
                 code="quantity",
@@ -646,32 +709,44 @@ def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref):
         score = _resolve_score(graph, term.score, obs_by_ref) if isinstance(term, ast.TopTerm) else None
         seed = term.seed if isinstance(term, ast.SelectTerm) else None
         spread = term.spread if isinstance(term, ast.SelectTerm) else "min"
-        terms.append(ResolvedTerm(kind=term.kind, count=count, score=score, seed=seed, spread=spread, span=term.span))
+        resolved_adaptive, least = None, None
+        if adaptive is not None:
+            adaptive_seen = True
+            counted = _resolve_score(graph, adaptive.score, obs_by_ref) if adaptive.score is not None else None
+            resolved_adaptive = ResolvedAdaptive(adaptive.kind, count, adaptive.steps or 1, counted)
+            if adaptive.kind == "outliers":
+                least = min(1, count)  # at least one token (the best), at most N
+            else:  # entropy: never below N, at most every token still available
+                least, count = count, tokens_in - kept_min
+        terms.append(ResolvedTerm(kind=term.kind, count=count, score=score, seed=seed, spread=spread, span=term.span,
+                                  adaptive=resolved_adaptive, min_count=least))
         kept += count
+        kept_min += count if least is None else least
     if not ok:
         return None
+    leftover = fewest - kept  # tokens surely left over after the terms
     rest = 0
     if action.merge_rest is not None:
         rest = resolve_quantity(action.merge_rest, tokens_in)
-        if rest > tokens_in - kept:
+        if rest > leftover:
             _error(
                 graph,
                 f"'merge rest into {_qty_text(action.merge_rest)}' asks for {rest} contextual tokens, but only "
-                f"{tokens_in - kept} tokens are left to merge",
+                f"{leftover} tokens are left to merge",
                 action.merge_rest.span,
-                expected=f"at most {tokens_in - kept} contextual tokens",
+                expected=f"at most {leftover} contextual tokens",
                 code="quantity",
             )
             return None
     recycle = None
     if action.recycle is not None:
-        recycle = _resolve_recycle(graph, action, terms, tokens_in - kept)
+        recycle = _resolve_recycle(graph, action, terms, leftover)
         if recycle is None:
             return None
         rest = recycle[1]
     absorb = 0
     if action.absorb is not None:
-        absorb = _resolve_absorb(graph, action, terms, tokens_in, kept)
+        absorb = _resolve_absorb(graph, action, terms, fewest, kept)
         if not absorb:
             return None
         rest = 1  # the dropped tokens' weighted sum
@@ -684,11 +759,15 @@ def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref):
                expected="a scored first term, such as 'cls top 64 per region 4x4 proportional'", code="region")
         return None
     if action.region is not None:
+        if adaptive_seen:
+            _error(graph, "a count decided per image ('by ...') cannot also be split over regions", action.region.span,
+                   expected="the stage without 'per ...', or a fixed count", code="adaptive")
+            return None
         if action.region.kind == "chunk":
             region = ("chunk", action.region.chunks, 0)
-            if action.region.chunks > tokens_in:
-                _error(graph, f"'per chunk {action.region.chunks}' cuts {tokens_in} tokens into empty chunks",
-                       action.region.span, expected=f"at most {tokens_in} chunks", code="region")
+            if action.region.chunks > fewest:
+                _error(graph, f"'per chunk {action.region.chunks}' cuts {fewest} tokens into empty chunks",
+                       action.region.span, expected=f"at most {fewest} chunks", code="region")
                 return None
         else:
             region = (action.region.kind, action.region.rows or 0, action.region.cols or 0)
@@ -704,12 +783,15 @@ def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref):
                 )
                 return None
     out = kept + rest
+    out_min = kept_min + rest
     stage_out = ResolvedStage(
         action="keep", tokens_out=out + keep_cls, terms=tuple(terms), region=region,
         merge_rest=rest if recycle is None and not absorb else 0, recycle=recycle, absorb=absorb,
-        keep_cls=keep_cls, region_proportional=proportional, **common
+        keep_cls=keep_cls, region_proportional=proportional,
+        tokens_out_min=out_min + keep_cls if (out_min != out or varies) else None, **common
     )
-    return stage_out, (grid if out == tokens_in and rest == 0 and not keep_cls else None)
+    exact = out == tokens_in and out_min == out and not varies
+    return stage_out, (grid if exact and rest == 0 and not keep_cls else None)
 
 
 def _resolve_absorb(graph, action: ast.Keep, terms: list, tokens_in: int, kept: int) -> int:

@@ -74,13 +74,27 @@ class ResolvedScore:
 
 
 @dataclass(frozen=True)
+class ResolvedAdaptive:
+    """A count decided per image (`top N by outliers`, `top N by entropy(s) over L layers`).
+
+    `bound`: outliers, the most tokens kept; entropy, the fewest (the N written)."""
+
+    kind: Literal["outliers", "entropy"]
+    bound: int
+    steps: int = 1
+    score: ResolvedScore | None = None  # entropy: whose entropy slows the cut
+
+
+@dataclass(frozen=True)
 class ResolvedTerm:
     kind: Literal["top", "diverse", "uniform", "random", "unique", "buffers"]
-    count: int  # tokens this term adds (buffers: the resolved upper bound)
+    count: int  # tokens this term adds (buffers: the resolved upper bound; adaptive: the most)
     score: ResolvedScore | None = None
     seed: int | None = None
     spread: Literal["min", "sum"] = "min"  # diverse: max-min or max-sum
     span: Span | None = None
+    adaptive: ResolvedAdaptive | None = None
+    min_count: int | None = None  # adaptive: the fewest tokens it adds (None: `count`)
 
 
 @dataclass(frozen=True)
@@ -108,6 +122,19 @@ class ResolvedStage:
     # more for the dropped (counted in tokens_out); 0 = none
     absorb: int = 0
     span: Span | None = None
+    # Adaptive counts (`top N by ...`) make token counts data-dependent: tokens_in /
+    # tokens_out are then upper bounds (what the cost model charges) and these the lower
+    # bounds (what later quantities are checked against). None: the count is exact.
+    tokens_in_min: int | None = None
+    tokens_out_min: int | None = None
+
+    @property
+    def fewest_in(self) -> int:
+        return self.tokens_in if self.tokens_in_min is None else self.tokens_in_min
+
+    @property
+    def fewest_out(self) -> int:
+        return self.tokens_out if self.tokens_out_min is None else self.tokens_out_min
 
 
 @dataclass
@@ -134,7 +161,16 @@ class Plan:
         seen: dict[Observation, None] = {}
         for stage in self.stages:
             for term in stage.terms:
-                if term.score is not None:
-                    for obs in term.score.observations():
-                        seen.setdefault(obs, None)
+                scores = [term.score]
+                if term.adaptive is not None:
+                    scores.append(term.adaptive.score)
+                for score in scores:
+                    if score is not None:
+                        for obs in score.observations():
+                            seen.setdefault(obs, None)
         return list(seen)
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether some stage's count is decided per image (`top N by ...`)."""
+        return any(t.adaptive is not None for s in self.stages for t in s.terms)

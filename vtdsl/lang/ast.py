@@ -166,12 +166,32 @@ Score = Annotated[Union[ScoreRef, ScoreCombine], Field(discriminator="kind")]
 ScoreCombine.model_rebuild()
 
 
+class Adaptive(Node):
+    """A count decided per image (`top N by ...`); N is its bound.
+
+    `outliers`: the tokens whose score exceeds Q3 + 1.5 IQR of the stage's scores, at
+    least 1 and at most N (PruMerge). `entropy`: of the a tokens available to the term,
+    ``round((a - N)(1 - H^2) / sqrt(steps))`` are removed, never leaving fewer than N,
+    H = the normalised entropy of `score` over the candidates (FlowCut)."""
+
+    kind: Literal["outliers", "entropy"]
+    score: Score | None = None
+    steps: int | None = Field(default=None, ge=1, le=MAX_LAYER)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Adaptive":
+        if (self.kind == "entropy") != (self.score is not None and self.steps is not None):
+            raise ValueError("'by entropy(score) over N layers' names a score and a layer count; 'by outliers' neither")
+        return self
+
+
 class TopTerm(Node):
-    """`<score> top <qty>`: the highest-scoring tokens not yet kept."""
+    """`<score> top <qty> [by ...]`: the highest-scoring tokens not yet kept."""
 
     kind: Literal["top"] = "top"
     score: Score
     qty: Quantity
+    adaptive: Adaptive | None = None
 
 
 class SelectTerm(Node):

@@ -77,9 +77,19 @@ def format_score(score) -> str:
     return text
 
 
+def format_adaptive(adaptive) -> str:
+    if adaptive.kind == "outliers":
+        return " by outliers"
+    layers = "layer" if adaptive.steps == 1 else "layers"
+    return f" by entropy({format_score(adaptive.score)}) over {adaptive.steps} {layers}"
+
+
 def format_term(term) -> str:
     if isinstance(term, ast.TopTerm):
-        return f"{format_score(term.score)} top {format_quantity(term.qty)}"
+        text = f"{format_score(term.score)} top {format_quantity(term.qty)}"
+        if term.adaptive is not None:
+            text += format_adaptive(term.adaptive)
+        return text
     if isinstance(term, ast.ClsTokenTerm):
         return "cls_token"
     if isinstance(term, ast.BuffersTerm):

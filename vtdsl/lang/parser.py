@@ -558,8 +558,9 @@ class _Builder:
     def term(self, tree: Tree):
         span = self.span(tree)
         if tree.data == "top_term":
-            score, qty = tree.children
-            return self.node(ast.TopTerm, span, score=self.score(score), qty=self.quantity(qty))
+            score, qty, *rest = tree.children
+            adaptive = self.adaptive(rest[0]) if rest else None
+            return self.node(ast.TopTerm, span, score=self.score(score), qty=self.quantity(qty), adaptive=adaptive)
         if tree.data == "cls_token_term":
             return self.node(ast.ClsTokenTerm, span)
         if tree.data == "buffers_term":
@@ -584,6 +585,18 @@ class _Builder:
                 raise _fail(f"'seed' belongs to 'random', not to '{kind}'", self.span(seed_tree),
                             hint=f"'{kind}' is deterministic; remove 'seed {seed}'", code="semantic")
         return self.node(ast.SelectTerm, span, kind=kind, qty=self.quantity(qty), seed=seed, spread=spread)
+
+    def adaptive(self, tree: Tree) -> ast.Adaptive:
+        span = self.span(tree)
+        if len(tree.children) == 1:
+            return self.node(ast.Adaptive, span, kind="outliers")
+        score_tree, steps_tok = tree.children
+        steps = self.number(steps_tok)
+        if not isinstance(steps, int) or not 1 <= steps <= ast.MAX_LAYER:
+            raise _fail(f"'over {show(str(steps_tok))} layers' needs a whole number of layers, 1 or more",
+                        self.span(steps_tok), expected="a layer count such as 'over 20 layers'",
+                        hint="the last cut of a schedule (no layers left) is a plain 'top N'", code="semantic")
+        return self.node(ast.Adaptive, span, kind="entropy", score=self.score(score_tree), steps=steps)
 
     def seed(self, tok: Token) -> int:
         value = self.number(tok)

@@ -4,6 +4,7 @@
 - `scores`: per-token scores (CLS attention, attention received, query attention, norms).
 - `similarity`: the cosine matrix shared by similarity selectors.
 - `select`: selectors (top-k, diverse, unique, uniform, random, buffers, regions).
+- `counts`: adaptive counts (IQR outliers, FlowCut's entropy rule).
 - `keep`: a union of selection terms (`keep a + b + ...`).
 - `merge`: gather, contextual merge, ToMe merge, pooling, drop.
 
@@ -11,6 +12,7 @@ Every op does exactly the matmuls `docs/dev/contracts.md` counts and no other.
 """
 
 from .attention import attention_probs, repeat_kv, split_heads
+from .counts import entropy_count, normalised_entropy, outlier_count
 from .keep import TermSpec, select_union
 from .merge import (
     bipartite_merge,
@@ -61,6 +63,9 @@ __all__ = [
     "split_regions",
     "per_region",
     "proportional_shares",
+    "outlier_count",
+    "entropy_count",
+    "normalised_entropy",
     "TermSpec",
     "select_union",
     "gather_tokens",
