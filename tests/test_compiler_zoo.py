@@ -41,11 +41,19 @@ def test_zoo_policy_runs_and_matches_its_plan(models, path):
             gen = model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=2,
                                  do_sample=False)
     text = 7
-    assert [out.cache.layers[j].keys.shape[-2] for j in range(32)] == [text + v for v in plan.llm_visual]
+    cached = [out.cache.layers[j].keys.shape[-2] for j in range(32)]
+    if plan.adaptive:  # counts decided per call: within the plan's bounds (the cost model charges the most)
+        fewest = min(s.fewest_out for s in plan.stages)
+        assert all(text + fewest <= c <= text + v for c, v in zip(cached, plan.llm_visual))
+    else:
+        assert cached == [text + v for v in plan.llm_visual]
     assert int((gen[0, :-2] == IMG).sum()) == plan.projector_tokens and gen.shape[1] == text + plan.projector_tokens + 2
 
     # counted FLOPs of a batch-1 prefill (eager: the CPU sdpa kernel is not counted) = cost model
     model = models["eager"]
     with vc.apply(path, model), torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(input_ids=ids[:1], pixel_values=px[:1])
-    assert counter.get_total_flops() == estimate(plan, text_tokens=text, logits="all").flops
+    if plan.adaptive:
+        assert counter.get_total_flops() <= estimate(plan, text_tokens=text, logits="all").flops
+    else:
+        assert counter.get_total_flops() == estimate(plan, text_tokens=text, logits="all").flops
