@@ -69,7 +69,7 @@ def test_parse_bad_input_exits_2_with_located_error(runner, tmp_path):
         f"{f}:1:20: error: unknown scorer 'divers'",
         "  at llm.layer2 keep divers 64",
         "                     ^^^^^^",
-        "  expected: a term: a score with 'top' (cls top 10%), a selector (diverse, uniform, unique, random), buffers or cls_token",
+        "  expected: a term: a score with 'top' (cls top 10%), a selector (diverse, uniform, unique, random, far), buffers or cls_token",
         "  hint: did you mean 'diverse'?",
     ]
     assert "Traceback" not in r.output

@@ -201,6 +201,6 @@ def test_yaml_error_shows_the_yaml_line():
         "p.yaml:3:12: error: unknown scorer 'divers'\n"
         "      keep: [divers 4]\n"
         "             ^^^^^^\n"
-        "  expected: a term: a score with 'top' (cls top 10%), a selector (diverse, uniform, unique, random), buffers or cls_token\n"
+        "  expected: a term: a score with 'top' (cls top 10%), a selector (diverse, uniform, unique, random, far), buffers or cls_token\n"
         "  hint: did you mean 'diverse'?"
     )

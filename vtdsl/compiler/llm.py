@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..ir.plan import Observation, Plan, ResolvedStage
 from .layouts import PlanCache
-from .runtime import CompileError, ForwardLog, Scored, StageView, Tokens, _align
+from .runtime import CompileError, ForwardLog, Scored, StageView, Tokens, _align, evaluate_score
 from .vit import VitRuntime
 
 
@@ -500,7 +500,30 @@ class LlmRuntime:
                 return _align(self.vit.observe(obs), view.tokens.vid)
             return _align(self._observe(st, obs), img_pos).view(b * st.images, k_in)
 
-        view = StageView(x_img, st.vtok, score_of)
+        def text_pivots(score, m: int) -> Tensor:
+            # the m text rows that `score` ranks highest among those after the sample's last
+            # image token (the question); a prompt with fewer there takes the rest from the
+            # best-scored text rows before the image
+            def row_score(obs: Observation) -> Tensor:
+                if obs.tower == "vit":
+                    raise CompileError("text pivots are ranked by an LLM score")
+                return _align(self._observe(st, obs), st.pos)
+
+            values = evaluate_score(score, StageView(hidden, st.vtok, row_score)).float()
+            values = torch.nan_to_num(values, nan=float("-inf"))
+            idx = torch.arange(n, device=hidden.device)
+            last_img = torch.where(st.is_img, idx[None], -1).amax(1)
+            after = idx[None] > last_img[:, None]
+            have = int((~st.is_img).sum(1).min())
+            if have < m:
+                raise CompileError(f"'far' asks for {m} text pivots, but a prompt has only {have} text tokens")
+            by_score = values.argsort(dim=1, descending=True, stable=True)
+            rank = (~st.is_img & after).gather(1, by_score).long() * 2 + (~st.is_img).gather(1, by_score).long()
+            order = by_score.gather(1, rank.argsort(dim=1, descending=True, stable=True))
+            rows = order[:, :m].sort(dim=1).values
+            return ops.gather_tokens(hidden, rows).repeat_interleave(st.images, 0)
+
+        view = StageView(x_img, st.vtok, score_of, text_pivots)
         values, src, new = self.log.run(f"{stage.site.text()}#{stage.index}", stage, view)
         order = src.argsort(dim=1)
         src = src.gather(1, order)

@@ -134,6 +134,9 @@ class StageView:
     x: Tensor  # [G, n, d]
     tokens: Tokens
     score_of: Callable[[Observation], Tensor]  # -> [G, n] aligned float32
+    # LLM stages: (score, m) -> [G, m, d] features of the m text tokens after the image
+    # that the score ranks highest (`far ... with m text pivots by score`)
+    text_pivots: Callable[[ResolvedScore, int], Tensor] | None = None
 
 
 def evaluate_score(score: ResolvedScore, view: StageView) -> Tensor:
@@ -222,11 +225,17 @@ def execute(stage: ResolvedStage, view: StageView,
         if on_scores is not None and scores is not None:
             on_scores(scores)
             on_scores = None
-        needs_features |= term.kind in ("diverse", "unique")  # diverse(sum) too
+        needs_features |= term.kind in ("diverse", "unique", "far")  # diverse(sum) too
         kind = "diverse_sum" if term.kind == "diverse" and term.spread == "sum" else term.kind
         count = term.count if term.adaptive is None else _adaptive_count(term, scores, view, n - taken)
         taken += count
-        terms.append(ops.TermSpec(kind=kind, count=count, scores=scores, seed=term.seed))
+        pivots = None
+        if term.text_pivots:
+            if view.text_pivots is None:
+                raise CompileError(f"stage at {stage.site.text()} has no text tokens for 'far' to take pivots from")
+            pivots = view.text_pivots(term.pivot_score, term.text_pivots)
+        terms.append(ops.TermSpec(kind=kind, count=count, scores=scores, seed=term.seed, per_pivot=term.per_pivot,
+                                  pivots=pivots))
     region_ids, num_regions = None, None
     if stage.region is not None:
         kind, rr, rc = stage.region

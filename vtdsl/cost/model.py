@@ -185,6 +185,9 @@ def _stage_flops(stage, d: int) -> int:
             if term.kind == "diverse" or term.kind == "unique":
                 total += 2 * n * n * d  # one pairwise cosine matrix, shared by the stage
                 break
+        for term in stage.terms:
+            if term.kind == "far":  # the pivots' cosine against every token: [P, d] x [d, n]
+                total += 2 * (term.count // term.per_pivot) * n * d
         t = stage.merge_rest
         if t:
             rest = n - (stage.tokens_out - stage.keep_cls - t)  # R: the tokens the kept terms did not take

@@ -60,10 +60,14 @@ def lower(policy: ast.Policy) -> nx.DiGraph:
             select = f"select:{index}"
             chain(select, kind="select", index=index, terms=action.terms, region=action.region, span=action.span)
             for term_index, term in enumerate(action.terms):
+                refs = []
                 if isinstance(term, ast.TopTerm):
                     refs = iter_score_refs(term.score)
                     if term.adaptive is not None and term.adaptive.score is not None:
                         refs += iter_score_refs(term.adaptive.score)  # read by the count rule
+                elif isinstance(term, ast.SelectTerm) and term.pivot_score is not None:
+                    refs = iter_score_refs(term.pivot_score)  # ranks the text pivots
+                if refs:
                     for ref_index, ref in enumerate(refs):
                         obs = f"observe:{index}.{term_index}.{ref_index}"
                         graph.add_node(obs, kind="observe", score=ref, span=ref.span, stage_index=index)

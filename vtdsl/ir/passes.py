@@ -107,6 +107,8 @@ def _unroll_score(probe: nx.DiGraph, spec: ModelSpec, score):
 
 
 def _term_has_range(term) -> bool:
+    if isinstance(term, ast.SelectTerm):
+        return term.pivot_score is not None and _has_range(term.pivot_score)
     if not isinstance(term, ast.TopTerm):
         return False
     return _has_range(term.score) or (term.adaptive is not None and term.adaptive.score is not None
@@ -123,7 +125,12 @@ def _unroll_ranges(probe: nx.DiGraph, spec: ModelSpec, stage: ast.Stage) -> ast.
     action = stage.action
     terms = []
     for term in action.terms:
-        if _term_has_range(term):
+        if isinstance(term, ast.SelectTerm) and _term_has_range(term):
+            pivots = _unroll_score(probe, spec, term.pivot_score)
+            if pivots is None:
+                return None
+            term = term.model_copy(update={"pivot_score": pivots})
+        elif _term_has_range(term):
             score = _unroll_score(probe, spec, term.score) if _has_range(term.score) else term.score
             if score is None:
                 return None
@@ -706,6 +713,13 @@ def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref, tokens_min
             )
             ok = False
             continue
+        far = {}
+        if isinstance(term, ast.SelectTerm) and term.kind == "far":
+            far = _resolve_far(graph, term, site, kept, adaptive_seen, action.region, obs_by_ref, count)
+            if far is None:
+                ok = False
+                continue
+            count = far["count"]
         score = _resolve_score(graph, term.score, obs_by_ref) if isinstance(term, ast.TopTerm) else None
         seed = term.seed if isinstance(term, ast.SelectTerm) else None
         spread = term.spread if isinstance(term, ast.SelectTerm) else "min"
@@ -719,7 +733,9 @@ def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref, tokens_min
             else:  # entropy: never below N, at most every token still available
                 least, count = count, tokens_in - kept_min
         terms.append(ResolvedTerm(kind=term.kind, count=count, score=score, seed=seed, spread=spread, span=term.span,
-                                  adaptive=resolved_adaptive, min_count=least))
+                                  adaptive=resolved_adaptive, min_count=least,
+                                  text_pivots=far.get("text_pivots", 0), pivot_score=far.get("pivot_score"),
+                                  per_pivot=far.get("per_pivot", 0)))
         kept += count
         kept_min += count if least is None else least
     if not ok:
@@ -792,6 +808,40 @@ def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref, tokens_min
     )
     exact = out == tokens_in and out_min == out and not varies
     return stage_out, (grid if exact and rest == 0 and not keep_cls else None)
+
+
+def _resolve_far(graph, term: ast.SelectTerm, site: ResolvedSite, kept: int, adaptive_seen: bool, region,
+                 obs_by_ref, asked: int) -> dict | None:
+    """`far q [with N text pivots by s]`: the pivots are the `kept` tokens of the earlier
+    terms plus N text tokens; each takes q // pivots tokens (so q is rounded down to a
+    multiple of the pivots)."""
+    text = term.text_pivots or 0
+    if text and site.tower != "llm":
+        _error(graph, f"text pivots are text tokens, which exist only inside the LLM (not at {site.text()})",
+               term.pivot_score.span, expected="'far' without text pivots in the vision tower", code="scorer-site")
+        return None
+    if adaptive_seen:
+        _error(graph, "'far' takes its pivots from the tokens kept before it, whose count varies per image here",
+               term.span, expected="a fixed count before 'far'", code="adaptive")
+        return None
+    if region is not None:
+        _error(graph, "'far' compares every token with every pivot; it cannot also be split over regions",
+               region.span, expected="the stage without 'per ...'", code="region")
+        return None
+    pivots = kept + text
+    if pivots == 0:
+        _error(graph, "'far' keeps the tokens least similar to its pivots, but there are none: no term before it "
+               "keeps a token and it names no text pivots", term.span,
+               expected="a term before it (knorm top 4 + far 64) or 'far 64 with 4 text pivots by knorm'",
+               code="quantity")
+        return None
+    per = asked // pivots
+    if per == 0:
+        _error(graph, f"'far {_qty_text(term.qty)}' shares {asked} tokens among {pivots} pivots: none for each",
+               term.qty.span, expected=f"at least {pivots} tokens", code="quantity")
+        return None
+    score = _resolve_score(graph, term.pivot_score, obs_by_ref) if term.pivot_score is not None else None
+    return {"count": per * pivots, "per_pivot": per, "text_pivots": text, "pivot_score": score}
 
 
 def _resolve_absorb(graph, action: ast.Keep, terms: list, tokens_in: int, kept: int) -> int:

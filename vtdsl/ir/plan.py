@@ -95,6 +95,10 @@ class ResolvedTerm:
     span: Span | None = None
     adaptive: ResolvedAdaptive | None = None
     min_count: int | None = None  # adaptive: the fewest tokens it adds (None: `count`)
+    # far: the text pivots (LLM) and the score ranking them; each pivot takes per_pivot
+    text_pivots: int = 0
+    pivot_score: ResolvedScore | None = None
+    per_pivot: int = 0
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,7 @@ class Plan:
         seen: dict[Observation, None] = {}
         for stage in self.stages:
             for term in stage.terms:
-                scores = [term.score]
+                scores = [term.score, term.pivot_score]
                 if term.adaptive is not None:
                     scores.append(term.adaptive.score)
                 for score in scores:

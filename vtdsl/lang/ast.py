@@ -195,13 +195,16 @@ class TopTerm(Node):
 
 
 class SelectTerm(Node):
-    """`diverse|uniform|random|unique <qty>`: a score-free selector."""
+    """`diverse|uniform|random|unique|far <qty>`: a score-free selector."""
 
-    kind: Literal["diverse", "uniform", "random", "unique"]
+    kind: Literal["diverse", "uniform", "random", "unique", "far"]
     qty: Quantity
     seed: int | None = None
     # diverse: "min" = max-min (k-center, DivPrune), "sum" = max-sum diversification (ToDRE)
     spread: Literal["min", "sum"] = "min"
+    # far: N text tokens (after the image) ranked by `pivot_score` join the pivots (DART)
+    text_pivots: int | None = Field(default=None, ge=1, le=MAX_COUNT)
+    pivot_score: Score | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "SelectTerm":
@@ -209,6 +212,10 @@ class SelectTerm(Node):
             raise ValueError(f"'seed' belongs to 'random', not to '{self.kind}'")
         if self.spread != "min" and self.kind != "diverse":
             raise ValueError(f"'(sum)' belongs to 'diverse', not to '{self.kind}'")
+        if (self.text_pivots is None) != (self.pivot_score is None):
+            raise ValueError("text pivots need a count and a score: 'with 4 text pivots by knorm'")
+        if self.text_pivots is not None and self.kind != "far":
+            raise ValueError(f"text pivots belong to 'far', not to '{self.kind}'")
         return self
 
 

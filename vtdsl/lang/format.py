@@ -97,6 +97,8 @@ def format_term(term) -> str:
     text = f"{term.kind}{'(sum)' if term.spread == 'sum' else ''} {format_quantity(term.qty)}"
     if term.seed is not None:
         text += f" seed {term.seed}"
+    if term.text_pivots is not None:
+        text += f" with {term.text_pivots} text pivots by {format_score(term.pivot_score)}"
     return text
 
 

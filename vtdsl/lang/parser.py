@@ -340,6 +340,11 @@ def _parse_tokens(tokens: list[Token], start: str, where: _Where, terminator: To
 
 def _check_scorer_word(tok: Token, accepts: set[str], where: _Where) -> None:
     word = str(tok)
+    if accepts == {"NAME"}:  # `far N with K <word> pivots`: the only pivots are text tokens
+        if word != "text":
+            raise _fail(f"unknown pivots '{show(word)}'", where.of_token(tok), expected="'text'",
+                        hint="the pivots besides the kept tokens are text tokens: 'with 4 text pivots by knorm'")
+        return
     if word in SCORERS:
         return
     candidates = list(SCORERS) + list(COMBINERS)
@@ -577,14 +582,30 @@ class _Builder:
                             code="semantic")
             spread = "sum"
         qty, *rest = rest
-        seed = None
-        if rest:
+        seed = text_pivots = pivot_score = None
+        if rest and rest[0].data == "text_pivots":
+            clause = rest[0]
+            count_tok, word, score_tree = clause.children
+            if kind != "far":
+                raise _fail(f"text pivots belong to 'far', not to '{kind}'", self.span(clause),
+                            hint="far N with 4 text pivots by knorm: DART's pivots", code="semantic")
+            if str(word) != "text":
+                raise _fail(f"unknown pivots '{show(str(word))}'", self.span(word), expected="'text'",
+                            hint="the pivots besides the kept tokens are text tokens: 'with 4 text pivots by knorm'",
+                            code="semantic")
+            text_pivots = self.number(count_tok)
+            if not isinstance(text_pivots, int) or not 1 <= text_pivots <= ast.MAX_COUNT:
+                raise _fail(f"'with {show(str(count_tok))} text pivots' needs a whole number of pivots, 1 or more",
+                            self.span(count_tok), expected="a count such as 'with 4 text pivots'", code="semantic")
+            pivot_score = self.score(score_tree)
+        elif rest:
             seed_tree = rest[0]
             seed = self.seed(seed_tree.children[0])
             if kind != "random":
                 raise _fail(f"'seed' belongs to 'random', not to '{kind}'", self.span(seed_tree),
                             hint=f"'{kind}' is deterministic; remove 'seed {seed}'", code="semantic")
-        return self.node(ast.SelectTerm, span, kind=kind, qty=self.quantity(qty), seed=seed, spread=spread)
+        return self.node(ast.SelectTerm, span, kind=kind, qty=self.quantity(qty), seed=seed, spread=spread,
+                         text_pivots=text_pivots, pivot_score=pivot_score)
 
     def adaptive(self, tree: Tree) -> ast.Adaptive:
         span = self.span(tree)

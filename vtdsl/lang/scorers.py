@@ -85,6 +85,7 @@ SELECTORS: dict[str, str] = {
     "uniform": "evenly strided over the remaining tokens in grid order",
     "unique": "duplication-aware: greedily keep the token least similar to those kept",
     "random": "uniformly at random, optionally with `seed N`",
+    "far": "pivot-based duplicate removal (DART): each pivot takes the tokens least similar to it",
 }
 
 # Aggregates of several scores: `mean(s1, s2, ...)`.

@@ -43,6 +43,9 @@ TERMINAL_WORDS: dict[str, str] = {
     "UNIFORM": "'uniform'",
     "UNIQUE": "'unique'",
     "RANDOM": "'random'",
+    "FAR": "'far'",
+    "_WITH": "'with' (N text pivots by a score)",
+    "_PIVOTS": "'pivots'",
     "_PLUS": "'+' and another term",
     "_SEED": "'seed'",
     "_BUFFERS": "'buffers'",
@@ -87,10 +90,10 @@ TERMINAL_WORDS: dict[str, str] = {
 # used when all of its members are expected, and then replaces them.
 _FAMILIES: list[tuple[frozenset[str], str]] = [
     (
-        frozenset({"NAME", "MEAN", "SUM", "MAX", "PROD", "SHARE", "DIVERSE", "UNIFORM", "UNIQUE", "RANDOM", "_BUFFERS",
-                   "CLS_TOKEN"}),
+        frozenset({"NAME", "MEAN", "SUM", "MAX", "PROD", "SHARE", "DIVERSE", "UNIFORM", "UNIQUE", "RANDOM", "FAR",
+                   "_BUFFERS", "CLS_TOKEN"}),
         "a term: a score with 'top' (cls top 10%), a selector (diverse, uniform, unique, "
-        "random), buffers or cls_token",
+        "random, far), buffers or cls_token",
     ),
     (frozenset({"NAME", "MEAN", "SUM", "MAX", "PROD", "SHARE", "NUMBER"}),
      f"a score: a scorer ({_SCORER_LIST}) or {', '.join(COMBINERS)}(...), optionally weighted (0.5 * cls)"),

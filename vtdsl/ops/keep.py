@@ -11,7 +11,7 @@ from torch import Tensor
 from . import select as sel
 from .similarity import pairwise_cosine
 
-TermKind = Literal["top", "diverse", "diverse_sum", "uniform", "random", "unique", "buffers"]
+TermKind = Literal["top", "diverse", "diverse_sum", "uniform", "random", "unique", "buffers", "far"]
 
 __all__ = ["TermSpec", "select_union"]
 
@@ -30,12 +30,19 @@ class TermSpec:
         ``[B, n]`` scores; required by ``top``.
     seed : int, optional
         Seed of ``random`` (None means 0).
+    per_pivot : int
+        ``far``: tokens each pivot keeps (`count` = per_pivot x pivots).
+    pivots : Tensor, optional
+        ``far``: ``[B, m, d]`` features of pivots besides the tokens kept so far (DART's
+        text pivots).
     """
 
     kind: TermKind
     count: int
     scores: Tensor | None = None
     seed: int | None = None
+    per_pivot: int = 0
+    pivots: Tensor | None = None
 
 
 def _batch_size(*tensors: Tensor | None) -> tuple[int, torch.device]:
@@ -100,6 +107,7 @@ def select_union(
     - ``top``: excluded; ranks its own ``scores``.
     - ``diverse`` / ``unique``: taken tokens are the seeds the distances start from
       (e.g. a diverse term after a top term complements the top tokens).
+    - ``far``: taken tokens are the pivots, each keeping its least similar tokens.
     - ``uniform`` / ``random``: strided / drawn over the remaining tokens.
     - ``buffers``: neighbours of the tokens taken *before this term*, ordered and padded
       by the first term's scores (position order when the first term has none).
@@ -142,6 +150,14 @@ def select_union(
 
             def fn(c, allowed, tk, rows, greedy=greedy, sim=sim):
                 return greedy(None, c, seed_mask=tk, exclude=~allowed, sim=sim[rows])
+
+        elif kind == "far":
+            if features is None:
+                raise ValueError(f"term {ti} ('far') needs features")
+
+            def fn(c, allowed, tk, rows, term=term):
+                extra = None if term.pivots is None else term.pivots[rows]
+                return sel.far(features[rows], tk, term.per_pivot, extra_pivots=extra, exclude=~allowed & ~tk)
 
         elif kind == "uniform":
 

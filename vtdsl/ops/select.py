@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .similarity import pairwise_cosine
+from .similarity import normalize, pairwise_cosine
 
 __all__ = [
     "topk",
@@ -331,6 +331,68 @@ def unique(
     """
     sim = _similarity(x, sim, "unique")
     return _greedy_cover(sim, k, seed_mask, exclude, _first_most_central, "unique")
+
+
+def far(
+    x: Tensor,
+    pivot_mask: Tensor,
+    per_pivot: int,
+    *,
+    extra_pivots: Tensor | None = None,
+    exclude: Tensor | None = None,
+) -> Tensor:
+    """Pivot-based duplicate removal (DART): each pivot in turn keeps the `per_pivot`
+    available tokens least cosine-similar to it.
+
+    Parameters
+    ----------
+    x : Tensor
+        ``[B, n, d]`` token features.
+    pivot_mask : Tensor
+        ``[B, n]`` bool: the tokens that are pivots (already kept; never chosen again).
+        The same count in every row.
+    per_pivot : int
+        Tokens each pivot keeps.
+    extra_pivots : Tensor, optional
+        ``[B, m, d]`` features of further pivots that are not candidates (DART's text
+        pivots); they come after the token pivots.
+    exclude : Tensor, optional
+        ``[B, n]`` bool: tokens no pivot may keep.
+
+    Returns
+    -------
+    Tensor
+        ``[B, per_pivot · P]`` int64 indices, ascending (P = pivots per row).
+
+    Notes
+    -----
+    Pivots take turns in order: the token pivots by position, then `extra_pivots` in
+    their given order; a token kept by one pivot is unavailable to the next. Ties: the
+    lower index. One matmul of the P pivots against the n tokens: ``2·P·n·d``.
+    """
+    b, n, _ = x.shape
+    p_rows = pivot_mask.sum(1)
+    if bool((p_rows != p_rows[0]).any()):
+        raise ValueError("every row needs the same number of pivots")
+    rows = pivot_mask.nonzero()[:, 1].view(b, -1)
+    pivots = [x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))]
+    if extra_pivots is not None:
+        pivots.append(extra_pivots.to(x.dtype))
+    piv = torch.cat(pivots, dim=1)
+    sim = torch.bmm(normalize(piv), normalize(x).transpose(1, 2))  # [B, P, n]
+    available = ~pivot_mask if exclude is None else ~pivot_mask & ~exclude
+    chosen = []
+    for i in range(piv.shape[1]):
+        # least similar first; among equals, the lower index (stable sort on similarity)
+        s = sim[:, i].masked_fill(~available, float("inf"))
+        idx = torch.sort(s, dim=1, stable=True).indices[:, :per_pivot]
+        if bool((~available.gather(1, idx)).any()):
+            raise ValueError(f"pivot {i} has fewer than {per_pivot} tokens left to keep")
+        available = available.scatter(1, idx, False)
+        chosen.append(idx)
+    if not chosen:
+        return torch.zeros(b, 0, dtype=torch.long, device=x.device)
+    return torch.cat(chosen, dim=1).sort(dim=1).values
 
 
 # --------------------------------------------------------------------------- score-free
