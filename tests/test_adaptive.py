@@ -314,3 +314,28 @@ def test_counted_flops_are_those_of_the_count_the_run_kept(peaked):
     bound = estimate(check("at vit.out keep cls top 25% by outliers then absorb 8", "tiny-llava"), text_tokens=6,
                      logits="all")
     assert counter.get_total_flops() == fixed.flops < bound.flops
+
+
+def test_review_fixes_bounds_percentages_and_flat_weights():
+    # two adaptive terms never bound the stage above what enters it
+    plan = check("at vit.out keep cls top 10 by outliers + cls top 20 by entropy(cls) over 1 layers", "llava-1.5-7b")
+    assert (plan.stages[0].fewest_out, plan.stages[0].tokens_out) == (21, 576)
+    # a share of a varying number of dropped tokens is refused at the quantity
+    diag = first_error("at vit.out keep cls top 64 by outliers then recycle 50% into 10", "llava-1.5-7b")
+    assert diag.code == "adaptive" and diag.span.column == 53
+    # an outlier term only needs its one sure token: a schedule of them checks
+    plan = check("every 2 layers from llm.layer2 to llm.layer8 keep text top 64 by outliers", "llava-1.5-7b")
+    assert [(s.fewest_in, s.tokens_in, s.tokens_out) for s in plan.stages] == [
+        (576, 576, 64), (1, 64, 64), (1, 64, 64), (1, 64, 64)]
+    # nothing to weigh (zero or negative weights): flat, so nothing is removed
+    assert ops.entropy_count(torch.zeros(1, 50), 50, 10, 1) == 50
+    assert ops.entropy_count(torch.tensor([[-1.0, 2.0, 0.0, 0.0]]), 4, 1, 1) == 1  # all on one token
+
+
+def test_merge_rest_is_charged_for_the_most_tokens_it_can_merge():
+    from vtdsl.cost.model import stage_flops
+    from vtdsl.cost.model import _Constants  # noqa: PLC2701 - the per-stage figure is what is tested
+
+    plan = check("at vit.out keep cls top 64 by outliers then merge rest into 10", "llava-1.5-7b")
+    # at most 575 tokens are left over (one outlier kept): 565 of them join the 10 targets
+    assert stage_flops(_Constants(plan.spec), plan.stages[0]) == 2 * 565 * 10 * 1024

@@ -47,8 +47,9 @@ def test_eval_json_reports_every_policy_against_the_unpruned_model(model_dir, tm
     rows = {r["policy"]: r for r in data["results"]}
     assert [rows[n]["visual_tokens_to_llm"] for n in names] == [144, 72, 72, 36]
     for r in data["results"]:
-        assert set(r) == {"policy", "visual_tokens_to_llm", "accuracy", "per_family", "retention", "flops_ratio",
-                          "prefill_ms_per_example", "latency_ratio"}
+        assert set(r) == {"policy", "visual_tokens_to_llm", "bound", "accuracy", "per_family", "retention",
+                          "flops_ratio", "prefill_ms_per_example", "latency_ratio"}
+        assert r["bound"] is False
         assert set(r["per_family"]) == {"color", "count", "exists", "locate", "read"}
     assert rows["unpruned"]["flops_ratio"] == 1.0 and rows["unpruned"]["latency_ratio"] == 1.0
     assert rows["pool-2x2"]["flops_ratio"] < rows["half"]["flops_ratio"] < 1.0
@@ -70,6 +71,17 @@ def test_eval_text_table_and_bad_model(model_dir, tmp_path):
     assert lines[3].split()[:2] == ["pooled", "16"]
     missing = run(["eval", policy, "--model", tmp_path / "nowhere"])
     assert missing.exit_code == 2 and "no trained vtbench model" in missing.stderr
+
+
+def test_eval_of_an_adaptive_count_reports_its_bound(model_dir, tmp_path):
+    policy = tmp_path / "p.vt"
+    policy.write_text('policy "iqr"\nat vit.out keep cls top 25% by outliers\n')
+    result = run(["eval", policy, "--model", model_dir, "--n", 6, "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["policy"]: r for r in json.loads(result.stdout)["results"]}
+    assert rows["iqr"]["bound"] is True and rows["iqr"]["visual_tokens_to_llm"] == 36  # 25% of 12x12
+    table = run(["eval", policy, "--model", model_dir, "--n", 6]).stdout.splitlines()
+    assert table[3].split()[:3] == ["iqr", "≤", "36"]
 
 
 def _count(png: Image.Image, panel: int, colour) -> int:

@@ -190,7 +190,8 @@ def _stage_flops(stage, d: int) -> int:
                 total += 2 * (term.count // term.per_pivot) * n * d
         t = stage.merge_rest
         if t:
-            rest = n - (stage.tokens_out - stage.keep_cls - t)  # R: the tokens the kept terms did not take
+            # R: the tokens the kept terms did not take (the most, under adaptive counts)
+            rest = n - (stage.fewest_out - stage.keep_cls - t)
             if rest > t:
                 total += 2 * (rest - t) * t * d
         if stage.absorb:

@@ -700,7 +700,11 @@ def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref, tokens_min
                 count = resolve_quantity(term.qty, tokens_in)
         else:
             count = resolve_quantity(term.qty, tokens_in)
-        if count > available:
+        sure = count
+        if adaptive is not None and adaptive.kind == "outliers":
+            count = min(count, tokens_in - kept_min)  # at run time: at most what is there
+            sure = min(count, 1)  # only its one sure token must fit
+        if sure > available:
             qty_span = term.qty.span if term.qty is not None else term.span
             earlier = f" after the earlier terms kept {kept}" if kept else ""
             _error(
@@ -736,7 +740,7 @@ def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref, tokens_min
                                   adaptive=resolved_adaptive, min_count=least,
                                   text_pivots=far.get("text_pivots", 0), pivot_score=far.get("pivot_score"),
                                   per_pivot=far.get("per_pivot", 0)))
-        kept += count
+        kept = min(kept + count, tokens_in)  # no stage keeps more than enters
         kept_min += count if least is None else least
     if not ok:
         return None
@@ -755,6 +759,11 @@ def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref, tokens_min
             )
             return None
     recycle = None
+    if action.recycle is not None and adaptive_seen and action.recycle.count.percent:
+        _error(graph, f"'recycle {_qty_text(action.recycle.count)}' is a share of the tokens this stage drops, whose "
+               "count varies per image after the adaptive count before it", action.recycle.count.span,
+               expected="a number of tokens", code="adaptive")
+        return None
     if action.recycle is not None:
         recycle = _resolve_recycle(graph, action, terms, leftover)
         if recycle is None:

@@ -32,13 +32,16 @@ def outlier_count(scores: Tensor, bound: int) -> int:
 
 def normalised_entropy(weights: Tensor) -> Tensor:
     """``[G, n]`` non-negative weights -> ``[G]`` entropy of ``w / sum(w)`` divided by
-    ``log n`` (in [0, 1]; 0 log 0 = 0). NaN weights are left out of the sum and of n."""
+    ``log n`` (in [0, 1]; 0 log 0 = 0). NaN weights are left out of the sum and of n;
+    negative ones count as 0; a row with nothing to weigh is flat (1)."""
     w = weights.float()
     seen = ~torch.isnan(w)
-    w = torch.where(seen, w, torch.zeros_like(w))
-    p = w / w.sum(1, keepdim=True)
+    w = torch.where(seen, w, torch.zeros_like(w)).clamp(min=0)  # a negative weight counts as 0
+    total = w.sum(1, keepdim=True)
+    p = w / total.clamp(min=torch.finfo(w.dtype).tiny)
     n = seen.sum(1).clamp(min=2).float()
-    return -torch.special.xlogy(p, p).sum(1) / torch.log(n)
+    h = -torch.special.xlogy(p, p).sum(1) / torch.log(n)
+    return torch.where(total[:, 0] > 0, h, torch.ones_like(h))  # nothing to weigh: flat
 
 
 def entropy_count(weights: Tensor, available: int, target: int, steps: int) -> int:
