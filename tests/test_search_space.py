@@ -225,3 +225,14 @@ def test_spaces_search_over_recycle_absorb_and_chunks():
             "at llm.layer3 keep text(all) top 100 then recycle 83 into 9\n") in texts
     with pytest.raises(PolicyError, match="'recycle' needs 'recycle_into'"):
         parse_space("stages:\n  - at: llm.layer3\n    keep: text top 9\n    recycle: 4\n", "s.yaml", "yaml")
+
+
+def test_spaces_search_over_recycle_cells():
+    vts = parse_space("at vit.out keep cls top {32, 64} then recycle rest into {2x2, 1x2} cells")
+    assert {vts.candidate(p).text for p in vts.points()} == {
+        f"at vit.out keep cls top {k} then recycle rest into {g} cells\n" for k in (32, 64) for g in ("2x2", "1x2")}
+    space = parse_space("stages:\n  - at: vit.out\n    keep: cls top 64\n    recycle_cells: '{2x2, 1x2}'\n",
+                        "s.yaml", "yaml")
+    assert {space.candidate(p).text for p in space.points()} == {
+        "at vit.out keep cls top 64 then recycle rest into 2x2 cells\n",
+        "at vit.out keep cls top 64 then recycle rest into 1x2 cells\n"}

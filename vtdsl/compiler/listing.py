@@ -95,6 +95,8 @@ def _action_text(stage: ResolvedStage) -> str:
         text += f" then recycle {stage.recycle[0]} into {stage.recycle[1]}"
     if stage.absorb:
         text += f" then absorb {stage.absorb}"
+    if stage.cells:
+        text += f" then recycle rest into {stage.cells[0]}x{stage.cells[1]} cells"
     return text
 
 

@@ -266,6 +266,14 @@ def execute(stage: ResolvedStage, view: StageView,
         out, extra = ops.absorb_neighbours(x, kept, first_scores, stage.absorb)
         src = torch.cat([kept, extra], dim=1)  # the extra token takes its best dropped token's identity
         return out, src, tokens.take(src)
+    if stage.cells:
+        rows, cols = stage.cells
+        cell_ids = ops.split_regions(tokens.gpos, tokens.grid, rows, cols)
+        if cell_ids.dim() == 1:
+            cell_ids = cell_ids[None].expand(g, -1)
+        out, best = ops.recycle_cells(x, kept, first_scores, cell_ids, rows * cols)
+        src = torch.cat([kept, best], dim=1)  # a cell's token takes its best dropped token's identity
+        return out, src, tokens.take(src)
     if stage.recycle:
         m, c = stage.recycle
         out, centres = ops.recycle_clusters(x, kept, first_scores, m, c)

@@ -78,6 +78,8 @@ def lower(policy: ast.Policy) -> nx.DiGraph:
                 chain(f"merge:{index}", kind="merge", index=index, mode="recycle", span=action.recycle.span)
             if action.absorb is not None:
                 chain(f"merge:{index}", kind="merge", index=index, mode="absorb", span=action.absorb.span)
+            if action.cells is not None:
+                chain(f"merge:{index}", kind="merge", index=index, mode="cells", span=action.cells.span)
         elif isinstance(action, ast.Merge):
             chain(f"merge:{index}", kind="merge", index=index, mode="tome", span=action.span)
         elif isinstance(action, ast.Pool):

@@ -603,7 +603,7 @@ def _annotate_stream(graph: nx.DiGraph) -> None:
         graph.edges[before, after]["tokens"] = tokens
         if data["kind"] == "select":
             tokens = (stage.tokens_out - stage.merge_rest - (stage.recycle[1] if stage.recycle else 0)
-                      - (1 if stage.absorb else 0))
+                      - (1 if stage.absorb else 0) - (stage.cells[0] * stage.cells[1] if stage.cells else 0))
         elif data["kind"] in ("merge", "drop"):
             tokens = stage.tokens_out
     # the sink edge carries what the last stage handed on (None: no stages)
@@ -775,6 +775,12 @@ def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref, tokens_min
         if not absorb:
             return None
         rest = 1  # the dropped tokens' weighted sum
+    cells = None
+    if action.cells is not None:
+        cells = _resolve_cells(graph, action, terms, grid, kept)
+        if cells is None:
+            return None
+        rest = cells[0] * cells[1]
     region = None
     proportional = action.region is not None and action.region.proportional
     if proportional and (not terms or terms[0].kind != "top"):
@@ -811,8 +817,8 @@ def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref, tokens_min
     out_min = kept_min + rest
     stage_out = ResolvedStage(
         action="keep", tokens_out=out + keep_cls, terms=tuple(terms), region=region,
-        merge_rest=rest if recycle is None and not absorb else 0, recycle=recycle, absorb=absorb,
-        keep_cls=keep_cls, region_proportional=proportional,
+        merge_rest=rest if recycle is None and not absorb and cells is None else 0, recycle=recycle, absorb=absorb,
+        cells=cells, keep_cls=keep_cls, region_proportional=proportional,
         tokens_out_min=out_min + keep_cls if (out_min != out or varies) else None, **common
     )
     exact = out == tokens_in and out_min == out and not varies
@@ -851,6 +857,44 @@ def _resolve_far(graph, term: ast.SelectTerm, site: ResolvedSite, kept: int, ada
         return None
     score = _resolve_score(graph, term.pivot_score, obs_by_ref) if term.pivot_score is not None else None
     return {"count": per * pivots, "per_pivot": per, "text_pivots": text, "pivot_score": score}
+
+
+def _band_sizes(length: int, parts: int) -> list[int]:
+    """How many of `length` grid rows (columns) fall in each of `parts` bands, by the
+    `per region` rule: row r is in band floor(r * parts / length)."""
+    sizes = [0] * parts
+    for r in range(length):
+        sizes[r * parts // length] += 1
+    return sizes
+
+
+def _resolve_cells(graph, action: ast.Keep, terms: list, grid, kept: int) -> tuple[int, int] | None:
+    """`then recycle rest into RxC cells`: the full token grid cut as `per region RxC`;
+    every cell must keep a dropped token whatever the terms keep, so it has more tokens
+    than they keep in all."""
+    cells = action.cells
+    if not terms or terms[0].score is None:
+        first = next((t for t in action.terms if not isinstance(t, ast.ClsTokenTerm)), action.terms[0])
+        _error(graph, "'recycle rest into cells' weights the dropped tokens by the first term's score, but the first "
+               f"term ('{first.kind}') has no score", first.span,
+               expected="a scored first term, such as 'cls top 64 then recycle rest into 2x2 cells'", code="recycle")
+        return None
+    if grid is None:
+        _error(graph, f"'recycle rest into {cells.rows}x{cells.cols} cells' needs the full token grid, but an earlier "
+               "stage already pruned or merged it (or the model's visual tokens form no grid here)", cells.span,
+               expected="cells in the first stage that cuts the grid", code="pool-grid")
+        return None
+    if cells.rows > grid[0] or cells.cols > grid[1]:
+        _error(graph, f"'{cells.rows}x{cells.cols} cells' split a {grid[0]}x{grid[1]} token grid into empty cells",
+               cells.span, expected=f"at most {grid[0]}x{grid[1]} cells", code="region")
+        return None
+    smallest = min(_band_sizes(grid[0], cells.rows)) * min(_band_sizes(grid[1], cells.cols))
+    if smallest <= kept:
+        _error(graph, f"a {cells.rows}x{cells.cols} cell can hold as few as {smallest} tokens, which the terms (keeping "
+               f"{kept}) could all keep, leaving the cell nothing to recycle", cells.span,
+               expected=f"cells of more than {kept} tokens (fewer, larger cells)", code="recycle")
+        return None
+    return cells.rows, cells.cols
 
 
 def _resolve_absorb(graph, action: ast.Keep, terms: list, tokens_in: int, kept: int) -> int:

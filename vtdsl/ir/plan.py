@@ -125,6 +125,9 @@ class ResolvedStage:
     # keep: K of `then absorb K` (PruMerge): kept tokens absorb their K nearest, one token
     # more for the dropped (counted in tokens_out); 0 = none
     absorb: int = 0
+    # keep: (R, C) of `then recycle rest into RxC cells` (VFlowOpt): one token per cell
+    # from the dropped tokens in it, after the selected ones (counted in tokens_out)
+    cells: tuple[int, int] | None = None
     span: Span | None = None
     # Adaptive counts (`top N by ...`) make token counts data-dependent: tokens_in /
     # tokens_out are then upper bounds (what the cost model charges) and these the lower

@@ -271,9 +271,19 @@ class Recycle(Node):
     clusters: Quantity
 
 
+class Cells(Node):
+    """`then recycle rest into RxC cells` (VFlowOpt): the token grid is cut into R x C
+    cells (as `per region RxC`); the tokens the terms dropped in each cell, weighted by the
+    first term's score, become one token per cell, kept after the selected ones."""
+
+    kind: Literal["cells"] = "cells"
+    rows: int = Field(ge=1, le=64)
+    cols: int = Field(ge=1, le=64)
+
+
 class Keep(Node):
     """`keep term + term ... [per ...] [then merge rest into N | then recycle N into M |
-    then absorb K]`."""
+    then absorb K | then recycle rest into RxC cells]`."""
 
     kind: Literal["keep"] = "keep"
     terms: list[Term] = Field(min_length=1)
@@ -283,11 +293,12 @@ class Keep(Node):
     # `then absorb K` (PruMerge): each kept token adds its K most similar other tokens,
     # weighted by the first term's score; the dropped ones so weighted become one more token
     absorb: Quantity | None = None
+    cells: Cells | None = None
 
     @model_validator(mode="after")
     def _one_way_for_the_rest(self) -> "Keep":
-        if sum(x is not None for x in (self.merge_rest, self.recycle, self.absorb)) > 1:
-            raise ValueError("a keep takes one of 'merge rest into', 'recycle' and 'absorb'")
+        if sum(x is not None for x in (self.merge_rest, self.recycle, self.absorb, self.cells)) > 1:
+            raise ValueError("a keep takes one of 'merge rest into', 'recycle', 'absorb' and 'recycle rest into'")
         return self
 
 

@@ -122,6 +122,8 @@ def format_action(action) -> str:
         if action.recycle is not None:
             text += (f" then recycle {format_quantity(action.recycle.count)} into "
                      f"{format_quantity(action.recycle.clusters)}")
+        if action.cells is not None:
+            text += f" then recycle rest into {action.cells.rows}x{action.cells.cols} cells"
         return text
     if isinstance(action, ast.Merge):
         return f"merge {format_quantity(action.pairs)}"

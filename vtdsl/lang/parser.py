@@ -535,7 +535,7 @@ class _Builder:
         span = self.span(tree)
         kind = tree.data
         if kind == "keep":
-            terms = region = merge_rest = recycle = absorb = None
+            terms = region = merge_rest = recycle = absorb = cells = None
             for child in tree.children:
                 if child.data == "terms":
                     terms = self.terms(child)
@@ -546,10 +546,13 @@ class _Builder:
                     recycle = self.node(ast.Recycle, self.span(child), count=count, clusters=clusters)
                 elif child.data == "absorb":
                     absorb = self.quantity(child.children[0])
+                elif child.data == "cells":
+                    rows, cols = self.grid(child.children[0], "cell")
+                    cells = self.node(ast.Cells, self.span(child), rows=rows, cols=cols)
                 else:
                     merge_rest = self.quantity(child.children[0])
             return self.node(ast.Keep, span, terms=terms, region=region, merge_rest=merge_rest, recycle=recycle,
-                             absorb=absorb)
+                             absorb=absorb, cells=cells)
         if kind == "merge":
             return self.node(ast.Merge, span, pairs=self.quantity(tree.children[0]))
         if kind == "pool":

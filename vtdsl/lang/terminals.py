@@ -58,6 +58,7 @@ TERMINAL_WORDS: dict[str, str] = {
     "_REST": "'rest'",
     "_RECYCLE": "'recycle'",
     "_ABSORB": "'absorb'",
+    "_CELLS": "'cells'",
     "_INTO": "'into'",
     "PROPORTIONAL": "'proportional'",
     "RENUMBER": "'renumber'",

@@ -20,6 +20,9 @@ Schema (every key optional except a stage's `at` and its one action):
         keep: text(all) top 300
         recycle: 83
         recycle_into: 9
+      - at: vit.out                # keep only: `then recycle rest into 2x2 cells`
+        keep: cls top 64
+        recycle_cells: 2x2
       - {at: llm.layer8, merge: 32}
       - {at: vit.out, pool: 2x2}
       - {at: llm.layer20, drop: all}
@@ -46,7 +49,7 @@ from .parser import _StatementError, _Where, check_size, has_surrogate, parse_va
 TOP_KEYS = ("policy", "model", "budget", "stages")
 ACTIONS = ("keep", "merge", "pool", "drop")
 STAGE_KEYS = ("at", "every", "from", "to") + ACTIONS + ("per", "merge_rest_into", "recycle", "recycle_into",
-                                                        "absorb", "renumber")
+                                                        "absorb", "recycle_cells", "renumber")
 _NULL = "tag:yaml.org,2002:null"
 
 
@@ -103,6 +106,8 @@ def policy_to_data(policy: ast.Policy) -> dict:
             if a.recycle is not None:
                 item["recycle"] = _qty(a.recycle.count)
                 item["recycle_into"] = _qty(a.recycle.clusters)
+            if a.cells is not None:
+                item["recycle_cells"] = f"{a.cells.rows}x{a.cells.cols}"
         elif isinstance(a, ast.Merge):
             item["merge"] = _qty(a.pairs)
         elif isinstance(a, ast.Pool):
@@ -266,7 +271,7 @@ class _Reader:
             raise self.fail(f"a stage has one action, got {' and '.join(actions)}", m[actions[1]][0],
                             hint="write a second stage at the same site")
         action = actions[0]
-        for extra in ("per", "merge_rest_into", "recycle", "recycle_into", "absorb"):
+        for extra in ("per", "merge_rest_into", "recycle", "recycle_into", "absorb", "recycle_cells"):
             if extra in m and action != "keep":
                 raise self.fail(f"'{extra}' belongs to 'keep', not to '{action}'", m[extra][0])
         if repeat is None:
@@ -304,11 +309,19 @@ class _Reader:
             if absorb is not None and (merge_rest is not None or recycle is not None):
                 raise self.fail("a keep takes one of 'merge_rest_into', 'recycle' and 'absorb'", m["absorb"][0],
                                 expected="one of them")
-            last = max((m[k][1] for k in ("keep", "per", "merge_rest_into", "recycle", "recycle_into", "absorb")
-                        if k in m),
+            cells = None
+            if "recycle_cells" in m:
+                if merge_rest is not None or recycle is not None or absorb is not None:
+                    raise self.fail("a keep takes one of 'merge_rest_into', 'recycle', 'absorb' and 'recycle_cells'",
+                                    m["recycle_cells"][0], expected="one of them")
+                rows, cols = self.value(m["recycle_cells"][1], "grid", "'recycle_cells'")
+                cells = self.node(ast.Cells, _join(_span(m["recycle_cells"][0]), _span(m["recycle_cells"][1])),
+                                  rows=rows, cols=cols)
+            last = max((m[k][1] for k in ("keep", "per", "merge_rest_into", "recycle", "recycle_into", "absorb",
+                                          "recycle_cells") if k in m),
                        key=lambda n: (n.end_mark.line, n.end_mark.column))
             act = self.node(ast.Keep, _join(_span(key), _span(last)), terms=terms, region=region,
-                            merge_rest=merge_rest, recycle=recycle, absorb=absorb)
+                            merge_rest=merge_rest, recycle=recycle, absorb=absorb, cells=cells)
         elif action == "merge":
             act = self.node(ast.Merge, span, pairs=self.value(val, "quantity", "'merge'"))
         elif action == "pool":

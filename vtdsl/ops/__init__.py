@@ -22,6 +22,7 @@ from .merge import (
     merge_rest,
     absorb_neighbours,
     recycle_clusters,
+    recycle_cells,
     pool2d,
     pooled_grid,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "merge_rest",
     "absorb_neighbours",
     "recycle_clusters",
+    "recycle_cells",
     "contextual_targets",
     "bipartite_merge",
     "pool2d",

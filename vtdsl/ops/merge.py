@@ -19,7 +19,7 @@ from torch import Tensor
 from .similarity import normalize
 
 __all__ = ["gather_tokens", "merge_rest", "contextual_targets", "bipartite_merge", "pool2d", "pooled_grid", "drop_all",
-           "recycle_clusters", "absorb_neighbours"]
+           "recycle_clusters", "absorb_neighbours", "recycle_cells"]
 
 
 def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
@@ -330,6 +330,59 @@ def pool2d(x: Tensor, grid: tuple[int, int], kr: int, kc: int) -> Tensor:
 def drop_all(x: Tensor) -> Tensor:
     """No tokens: ``[B, 0, d]``."""
     return x[:, :0]
+
+
+def recycle_cells(x: Tensor, kept_idx: Tensor, scores: Tensor, cell_ids: Tensor, cells: int) -> tuple[Tensor, Tensor]:
+    """VFlowOpt's recycling: in every cell, the tokens not kept, weighted by their score
+    (``s_j / Σ s`` over the cell's dropped tokens), become one token appended to the
+    kept ones.
+
+    Parameters
+    ----------
+    x : Tensor
+        ``[B, n, d]`` tokens.
+    kept_idx : Tensor
+        ``[B, k]`` kept indices.
+    scores : Tensor
+        ``[B, n]`` the weights (negative or NaN count as 0; a cell whose dropped tokens
+        all weigh 0 takes their plain mean).
+    cell_ids : Tensor
+        ``[B, n]`` cell of each token, ``0..cells-1`` (-1: in no cell, never recycled).
+    cells : int
+        Number of cells; every cell must hold a dropped token.
+
+    Returns
+    -------
+    (Tensor, Tensor)
+        ``[B, k + cells, d]`` kept tokens then one token per cell (cell order), and
+        ``[B, cells]`` the index of each cell's best-scored dropped token (its identity).
+
+    Notes
+    -----
+    Weighted sums by scatter: no matmul, no counted FLOPs.
+    """
+    b, n, d = x.shape
+    dropped = torch.ones(b, n, dtype=torch.bool, device=x.device)
+    dropped.scatter_(1, kept_idx, False)
+    dropped &= cell_ids >= 0
+    ids = cell_ids.clamp(min=0)
+    w = torch.nan_to_num(scores.float(), nan=0.0).clamp(min=0) * dropped
+    mass = torch.zeros(b, cells, device=x.device).scatter_add_(1, ids, w)
+    members = torch.zeros(b, cells, device=x.device).scatter_add_(1, ids, dropped.float())
+    if bool((members == 0).any()):
+        raise ValueError("a cell has no dropped token to recycle")
+    flat = mass.gather(1, ids) <= 0  # the token's cell has no weight: plain mean there
+    weight = torch.where(flat, dropped.float(), w)
+    total = torch.where(mass > 0, mass, members)
+    summed = torch.zeros(b, cells, d, device=x.device).scatter_add_(
+        1, ids[..., None].expand(-1, -1, d), x.float() * weight[..., None])
+    merged = (summed / total[..., None]).to(x.dtype)
+    in_cell = dropped[:, None, :] & (ids[:, None, :] == torch.arange(cells, device=x.device)[None, :, None])
+    key = torch.where(in_cell, torch.nan_to_num(scores.float(), nan=float("-inf"))[:, None, :], float("-inf"))
+    best = torch.where(in_cell.any(-1), key.argmax(-1), 0)
+    # a cell whose dropped tokens all score -inf/NaN: its first dropped token
+    best = torch.where(torch.isinf(key.amax(-1)), in_cell.float().argmax(-1), best)
+    return torch.cat([gather_tokens(x, kept_idx), merged], dim=1), best
 
 
 def recycle_clusters(x: Tensor, kept_idx: Tensor, scores: Tensor, m: int, c: int) -> tuple[Tensor, Tensor]:

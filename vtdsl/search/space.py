@@ -928,7 +928,8 @@ def load_space(path: str | os.PathLike, syntax: str | None = None) -> Space:
 _TOP_KEYS = ("policy", "model", "budget", "stages")
 _ACTIONS = ("keep", "merge", "pool", "drop")
 _STAGE_KEYS = ("at", "at?", "every", "every?", "from", "to") + _ACTIONS + ("per", "merge_rest_into", "recycle",
-                                                                          "recycle_into", "absorb", "renumber")
+                                                                          "recycle_into", "absorb", "recycle_cells",
+                                                                          "renumber")
 _NULL = "tag:yaml.org,2002:null"
 
 
@@ -1037,7 +1038,7 @@ def _yaml_template(text: str, filename: str) -> Frag:
             raise fail(f"a stage has one action, got {' and '.join(actions)}", m[actions[1]][0],
                        hint="write a second stage at the same site")
         action = actions[0]
-        for extra in ("per", "merge_rest_into", "recycle", "recycle_into", "absorb"):
+        for extra in ("per", "merge_rest_into", "recycle", "recycle_into", "absorb", "recycle_cells"):
             if extra in m and action != "keep":
                 raise fail(f"'{extra}' belongs to 'keep', not to '{action}'", m[extra][0])
         if ("recycle" in m) != ("recycle_into" in m):
@@ -1081,6 +1082,9 @@ def _yaml_template(text: str, filename: str) -> Frag:
             parts += [glue(" into ", m["recycle_into"][0])] + value(m["recycle_into"][1], "'recycle_into'")
         if "absorb" in m:
             parts += [glue(" then absorb ", m["absorb"][0])] + value(m["absorb"][1], "'absorb'")
+        if "recycle_cells" in m:
+            parts += [glue(" then recycle rest into ", m["recycle_cells"][0])] + value(
+                m["recycle_cells"][1], "'recycle_cells'") + [glue(" cells", m["recycle_cells"][0])]
         if "renumber" in m:
             key, val = m["renumber"]
             word = val.value if isinstance(val, ScalarNode) else None
