@@ -859,6 +859,17 @@ def _resolve_far(graph, term: ast.SelectTerm, site: ResolvedSite, kept: int, ada
     return {"count": per * pivots, "per_pivot": per, "text_pivots": text, "pivot_score": score}
 
 
+def _first_term_unscored(graph, action: ast.Keep, terms: list, uses: str, example: str, code: str) -> bool:
+    """Report (True) when the option needing the first term's score has none to read:
+    `uses` says what it does with the score, `example` a stage that works."""
+    if terms and terms[0].score is not None:
+        return False
+    first = next((t for t in action.terms if not isinstance(t, ast.ClsTokenTerm)), action.terms[0])
+    _error(graph, f"{uses} the first term's score, but the first term ('{first.kind}') has no score", first.span,
+           expected=f"a scored first term, such as '{example}'", code=code)
+    return True
+
+
 def _band_sizes(length: int, parts: int) -> list[int]:
     """How many of `length` grid rows (columns) fall in each of `parts` bands, by the
     `per region` rule: row r is in band floor(r * parts / length)."""
@@ -873,11 +884,8 @@ def _resolve_cells(graph, action: ast.Keep, terms: list, grid, kept: int) -> tup
     every cell must keep a dropped token whatever the terms keep, so it has more tokens
     than they keep in all."""
     cells = action.cells
-    if not terms or terms[0].score is None:
-        first = next((t for t in action.terms if not isinstance(t, ast.ClsTokenTerm)), action.terms[0])
-        _error(graph, "'recycle rest into cells' weights the dropped tokens by the first term's score, but the first "
-               f"term ('{first.kind}') has no score", first.span,
-               expected="a scored first term, such as 'cls top 64 then recycle rest into 2x2 cells'", code="recycle")
+    if _first_term_unscored(graph, action, terms, "'recycle rest into cells' weights the dropped tokens by",
+                            "cls top 64 then recycle rest into 2x2 cells", "recycle"):
         return None
     if grid is None:
         _error(graph, f"'recycle rest into {cells.rows}x{cells.cols} cells' needs the full token grid, but an earlier "
@@ -900,11 +908,8 @@ def _resolve_cells(graph, action: ast.Keep, terms: list, grid, kept: int) -> tup
 def _resolve_absorb(graph, action: ast.Keep, terms: list, tokens_in: int, kept: int) -> int:
     """`then absorb K`: K of the tokens_in - 1 others (a percent: of them); the first
     term's score weights what is absorbed, and something must be dropped."""
-    if not terms or terms[0].score is None:
-        first = next((t for t in action.terms if not isinstance(t, ast.ClsTokenTerm)), action.terms[0])
-        _error(graph, "'absorb' weights what each kept token takes in by the first term's score, but the first "
-               f"term ('{first.kind}') has no score", first.span,
-               expected="a scored first term, such as 'cls top 32 then absorb 32'", code="absorb")
+    if _first_term_unscored(graph, action, terms, "'absorb' weights what each kept token takes in by",
+                            "cls top 32 then absorb 32", "absorb"):
         return 0
     if kept >= tokens_in:
         _error(graph, f"'absorb' needs dropped tokens, but the terms keep all {tokens_in}", action.absorb.span,
@@ -923,11 +928,8 @@ def _resolve_recycle(graph, action: ast.Keep, terms: list, dropped: int) -> tupl
     """`then recycle N into M`: N of the `dropped` tokens (a percent: of them), M clusters
     (a percent: of the N); the first term's score ranks the dropped tokens."""
     rec = action.recycle
-    if not terms or terms[0].score is None:
-        first = next((t for t in action.terms if not isinstance(t, ast.ClsTokenTerm)), action.terms[0])
-        _error(graph, "'recycle' ranks the dropped tokens by the first term's score, but the first term "
-               f"('{first.kind}') has no score", first.span,
-               expected="a scored first term, such as 'text(all) top 300 then recycle 83 into 9'", code="recycle")
+    if _first_term_unscored(graph, action, terms, "'recycle' ranks the dropped tokens by",
+                            "text(all) top 300 then recycle 83 into 9", "recycle"):
         return None
     m = resolve_quantity(rec.count, dropped)
     if not 1 <= m <= dropped:
