@@ -125,6 +125,8 @@ class LlmState:
     scored: dict[Observation, Scored] = field(default_factory=dict)
     # the stages as resolved for this prompt's image size, by stage index
     stages: dict[int, ResolvedStage] = field(default_factory=dict)
+    # `text(raters)`: [B, n0] the prompt positions of SparseVLM's raters
+    raters: Tensor | None = None
 
 
 class LlmRuntime:
@@ -165,6 +167,7 @@ class LlmRuntime:
         # one query row suffices when every score at that layer reads the last text token
         self.input_last_only = {j: all(o.queries == "last_text" for o in obs) for j, obs in self.input_obs_at.items()}
         self.input_layers: dict[int, nn.Module] = {}  # filled by the installer
+        self.needs_raters = any(o.queries == "raters" for o in llm_obs)
         self.observations = [o for o in llm_obs if not o.on_input]
         self.observed = {o.layer for o in self.observations}
         self.attn_obs_at: dict[int, list[Observation]] = {}
@@ -389,6 +392,8 @@ class LlmRuntime:
             st.full_pe = kwargs.get("position_embeddings")
             st.full_pid = kwargs.get("position_ids")
             st.full_mask = kwargs.get("attention_mask")
+            if self.needs_raters and st.images:
+                self._raters(st, hidden)
         else:
             st = self.state
         if st is None or st.rows is None:
@@ -560,6 +565,18 @@ class LlmRuntime:
         return out
 
     # ------------------------------------------------------------------ scores
+    def _raters(self, st: LlmState, hidden: Tensor) -> None:
+        """SparseVLM's raters from the tokens entering layer 0: the text after the last
+        image token (all text when there is none) rated by the visual tokens."""
+        b = hidden.shape[0]
+        img_rows = st.is_img.nonzero()[:, 1].view(b, -1)
+        txt_rows = (~st.is_img).nonzero()[:, 1].view(b, -1)
+        after = txt_rows > img_rows[:, -1:]
+        candidates = torch.where(after.any(1, keepdim=True), after, torch.ones_like(after))
+        chosen = ops.text_raters(ops.gather_tokens(hidden, img_rows), ops.gather_tokens(hidden, txt_rows), candidates)
+        st.raters = torch.zeros(b, st.n0, dtype=torch.bool, device=hidden.device)
+        st.raters.scatter_(1, st.pos.gather(1, txt_rows), chosen)
+
     def _observe_input(self, st: LlmState, j: int, hidden: Tensor, current: dict) -> None:
         """Score layer j on its input (PyramidDrop): its input norm and q/k projections
         applied to the tokens entering it, before its stage chooses among them. Only the
@@ -600,14 +617,18 @@ class LlmRuntime:
                 done = st.scored[obs] = Scored(k.float().abs().sum((1, 3)), ctx["pos"], "pos", st.n0)
                 return done
             mask = ctx["mask"]
-            qpos = None
+            qpos = query_mask = None
             if obs.queries == "last_text":
                 q_rows = _rope(q[:, :, -1:], cos[:, -1:], sin[:, -1:])
                 mask = mask[:, :, -1:, :] if mask is not None else None
-            elif obs.queries in ("all_text", "visual"):
+            elif obs.queries in ("all_text", "raters", "visual"):
                 # the text rows, or the image rows (VisionDrop's image-to-image attention)
-                pick = ~ctx["is_img"] if obs.queries == "all_text" else ctx["is_img"]
+                pick = ctx["is_img"] if obs.queries == "visual" else ~ctx["is_img"]
                 rows = pick.nonzero()[:, 1].view(b, -1)
+                if obs.queries == "raters":  # every text row computed, the raters' averaged
+                    if st.raters is None:
+                        raise CompileError("'text(raters)' found no raters: they are chosen at the LLM's first layer")
+                    query_mask = st.raters.gather(1, ctx["pos"].gather(1, rows))
                 q_rows = _rope(q.gather(2, rows[:, None, :, None].expand(b, q.shape[1], rows.shape[1], q.shape[3])),
                                _rows(cos, rows), _rows(sin, rows))
                 if mask is not None:
@@ -623,6 +644,7 @@ class LlmRuntime:
                 raise CompileError(f"scorer '{obs.scorer}' ({obs.queries}) cannot be read in the LLM")
             values = ops.query_attention(q_rows, k, None, mask=mask, query_positions=qpos, scale=self.scaling,
                                          head_reduce=obs.heads,
-                                         head_columns=None if isinstance(obs.heads, str) else ctx["is_img"])
+                                         head_columns=None if isinstance(obs.heads, str) else ctx["is_img"],
+                                         query_mask=query_mask)
         done = st.scored[obs] = Scored(values, ctx["pos"], "pos", st.n0)
         return done

@@ -139,6 +139,7 @@ def _side(k: _Constants, vit_tokens, projector_tokens, llm_visual, T, logits, ct
 
 # ------------------------------------------------------------------ scorer extras
 _ONE_QUERY = ("cls", "last_text")
+_TEXT_ROWS = ("all_text", "raters")  # raters: every text row is computed, the raters averaged
 
 
 def observation_flops(k: _Constants, obs, vit_tokens, llm_visual, T: int) -> int:
@@ -159,12 +160,12 @@ def observation_flops(k: _Constants, obs, vit_tokens, llm_visual, T: int) -> int
         # on the tokens entering the layer, before its stage: the layer's k projection of
         # every token and its q projection of the query rows, then the attention rows
         n = T + llm_visual[obs.layer - 1]
-        m = 1 if q in _ONE_QUERY else T if q == "all_text" else llm_visual[obs.layer - 1] if q == "visual" else n
+        m = 1 if q in _ONE_QUERY else T if q in _TEXT_ROWS else llm_visual[obs.layer - 1] if q == "visual" else n
         q_rows = 1 if q in _ONE_QUERY else n
         spec_t = k.spec.llm
         return 2 * n * spec_t.hidden * spec_t.kv_width + 2 * q_rows * spec_t.hidden * spec_t.q_width + 2 * m * n * k.llm_qd
     n = T + llm_visual[obs.layer]
-    m = 1 if q in _ONE_QUERY else T if q == "all_text" else llm_visual[obs.layer] if q == "visual" else n
+    m = 1 if q in _ONE_QUERY else T if q in _TEXT_ROWS else llm_visual[obs.layer] if q == "visual" else n
     return 2 * m * n * k.llm_qd
 
 
@@ -207,8 +208,16 @@ def _stage_flops(stage, d: int) -> int:
     return 0
 
 
+def rater_flops(k: _Constants, observations, llm_visual, T: int) -> int:
+    """SparseVLM's raters, chosen once per prompt if a score reads them: the visual
+    tokens entering the LLM against every text token, ``2·V·T·d``."""
+    if not any(o.queries == "raters" for o in observations):
+        return 0
+    return 2 * llm_visual[0] * T * k.llm_d
+
+
 def _scorer_total(k, vit_tokens, llm_visual, T, observations, stages) -> int:
-    total = 0
+    total = rater_flops(k, observations, llm_visual, T)
     for obs in observations:
         total += observation_flops(k, obs, vit_tokens, llm_visual, T)
     for stage in stages:

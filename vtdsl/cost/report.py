@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .model import PARTS, Side, constants, observation_flops, stage_flops
+from .model import PARTS, Side, constants, observation_flops, rater_flops, stage_flops
 
 
 def _ratio(policy, baseline):
@@ -83,6 +83,9 @@ class CostReport:
         """Each observation's and stage's counted extra FLOPs."""
         k = constants(self.spec)
         items = []
+        raters = rater_flops(k, self.observations, self.llm_visual, self.text_tokens)
+        if raters:
+            items.append({"what": "text raters (visual x text tokens at the LLM input)", "flops": raters})
         for obs in self.observations:
             site = f"{obs.tower}.layer{obs.layer}"
             what = f"{obs.scorer}({', '.join(obs.args)}) @ {site}, queries={obs.queries}"

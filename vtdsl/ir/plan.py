@@ -23,7 +23,8 @@ from ..models.spec import ModelSpec
 
 Tower = Literal["vit", "llm"]
 # Which attention rows a score reads (queries); "none" for scores without attention.
-Queries = Literal["cls", "all", "last_text", "all_text", "visual", "none"]
+# "raters": SparseVLM's text raters, the question tokens most relevant to the image.
+Queries = Literal["cls", "all", "last_text", "all_text", "raters", "visual", "none"]
 
 
 @dataclass(frozen=True)

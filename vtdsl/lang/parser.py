@@ -338,6 +338,12 @@ def _parse_tokens(tokens: list[Token], start: str, where: _Where, terminator: To
         raise _unexpected_end(terminator, tokens[-1], _expected_after(tokens, start), where) from None
 
 
+def _either(words) -> str:
+    """`a`, `a or b`, `a, b or c`."""
+    words = list(words)
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
 def _check_scorer_word(tok: Token, accepts: set[str], where: _Where) -> None:
     word = str(tok)
     if accepts == {"NAME"}:  # `far N with K <word> pivots`: the only pivots are text tokens
@@ -756,7 +762,7 @@ class _Builder:
         for tok in toks:
             if str(tok) not in info.args:
                 raise _fail(f"unknown argument '{show(str(tok))}' for scorer '{info.name}'", self.span(tok),
-                            expected=" or ".join(info.args), hint=did_you_mean(str(tok)[:64], info.args),
+                            expected=_either(info.args), hint=did_you_mean(str(tok)[:64], info.args),
                             code="semantic")
         return [str(t) for t in toks], heads, bool(rope_toks)
 

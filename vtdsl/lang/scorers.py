@@ -47,9 +47,10 @@ SCORERS: dict[str, ScorerInfo] = {
                 "tokens' queries only (LLM)",
     ),
     "text": ScorerInfo(
-        "text", ("llm",), args=("last", "all"), max_args=1, default_args=("last",),
-        canonical="text", queries={("last",): "last_text", ("all",): "all_text"},
-        summary="attention from the last text token; text(all): mean over all text tokens (LLM only)",
+        "text", ("llm",), args=("last", "all", "raters"), max_args=1, default_args=("last",),
+        canonical="text", queries={("last",): "last_text", ("all",): "all_text", ("raters",): "raters"},
+        summary="attention from the last text token; text(all): mean over all text tokens; text(raters): "
+                "over SparseVLM's raters (LLM only)",
     ),
     "norm": ScorerInfo(
         "norm", ("vit", "llm"), canonical="norm", queries={(): "none"},

@@ -26,7 +26,15 @@ from .merge import (
     pool2d,
     pooled_grid,
 )
-from .scores import attention_received, cls_attention, query_attention, token_norm, value_norm, value_similarity
+from .scores import (
+    attention_received,
+    cls_attention,
+    query_attention,
+    text_raters,
+    token_norm,
+    value_norm,
+    value_similarity,
+)
 from .select import (
     buffers,
     diverse,
@@ -52,6 +60,7 @@ __all__ = [
     "value_similarity",
     "attention_received",
     "query_attention",
+    "text_raters",
     "token_norm",
     "pairwise_cosine",
     "topk",

@@ -13,11 +13,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .attention import HeadReduce, attention_probs, split_heads
+from .attention import HeadReduce, attention_probs, reduce_heads, split_heads
 
 QueryReduce = Literal["mean", "sum", "max"]
 
-__all__ = ["cls_attention", "attention_received", "query_attention", "token_norm", "value_norm", "value_similarity"]
+__all__ = ["cls_attention", "attention_received", "query_attention", "token_norm", "value_norm", "value_similarity",
+           "text_raters"]
 
 
 def _reduce_queries(probs: Tensor, how: QueryReduce) -> Tensor:
@@ -68,6 +69,7 @@ def query_attention(
     softmax_over: Literal["all", "selected"] = "all",
     scale: float | None = None,
     head_columns: Tensor | None = None,
+    query_mask: Tensor | None = None,
 ) -> Tensor:
     """Attention from given query rows to given key columns, reduced over heads and queries.
 
@@ -96,6 +98,10 @@ def query_attention(
         softmax restricted to the ``key_index`` columns (FEATHER-style criterion).
     scale : float, optional
         Logit scale; default ``1/sqrt(dh)``.
+    query_mask : Tensor, optional
+        ``[B, m]`` bool: only these query rows count (SparseVLM's raters); the rows are
+        still all computed, so the cost does not depend on the data. `query_reduce` must
+        be ``"mean"``; the heads of an int `head_reduce` are ranked on these rows.
 
     Returns
     -------
@@ -129,8 +135,15 @@ def query_attention(
         else:
             mask = mask.float().masked_fill(~combined, float("-inf"))
 
-    probs = attention_probs(q_rows, k, mask=mask, head_reduce=head_reduce, scale=scale, head_columns=head_columns)
-    return _columns(_reduce_queries(probs, query_reduce), key_index)
+    if query_mask is None:
+        probs = attention_probs(q_rows, k, mask=mask, head_reduce=head_reduce, scale=scale, head_columns=head_columns)
+        return _columns(_reduce_queries(probs, query_reduce), key_index)
+    if query_reduce != "mean":
+        raise ValueError("query_mask averages the rows it keeps: query_reduce must be 'mean'")
+    weight = query_mask.to(torch.float32)
+    probs = attention_probs(q_rows, k, mask=mask, head_reduce=None, scale=scale) * weight[:, None, :, None]
+    reduced = reduce_heads(probs, head_reduce, head_columns=head_columns)  # [B, m, n]
+    return _columns(reduced.sum(1) / weight.sum(1, keepdim=True).clamp(min=1), key_index)
 
 
 def cls_attention(
@@ -248,3 +261,38 @@ def value_similarity(v_proj_out: Tensor, num_heads: int) -> Tensor:
     v = split_heads(v_proj_out, num_heads).float()  # [B, H, n, dh]
     logits = torch.matmul(v[:, :, :1], v.transpose(-1, -2))  # [B, H, 1, n]
     return torch.softmax(logits, dim=-1).mean(1)[:, 0, 1:]
+
+
+def text_raters(visual: Tensor, text: Tensor, candidates: Tensor) -> Tensor:
+    """SparseVLM's raters: the candidate text tokens most relevant to the image.
+
+    Each visual token's softmax over the candidates of its dot products with them
+    (``softmax(v · tᵀ)``), averaged over the visual tokens, rates every candidate; the
+    raters are the candidates rated above their mean (all of them when none is).
+
+    Parameters
+    ----------
+    visual : Tensor
+        ``[B, V, d]`` visual tokens as the LLM receives them (its input embeddings).
+    text : Tensor
+        ``[B, T, d]`` text tokens, the same way.
+    candidates : Tensor
+        ``[B, T]`` bool: the text tokens that may rate (SparseVLM: those after the image).
+
+    Returns
+    -------
+    Tensor
+        ``[B, T]`` bool.
+
+    Notes
+    -----
+    One ``bmm`` of the visual tokens against every text token, candidates or not, so the
+    cost is ``2·V·T·d`` whatever the prompt; float32.
+    """
+    logits = torch.bmm(visual.float(), text.float().transpose(1, 2))  # [B, V, T]
+    logits = logits.masked_fill(~candidates[:, None, :], float("-inf"))
+    rating = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0).mean(1)  # [B, T]
+    count = candidates.sum(1, keepdim=True).clamp(min=1)
+    mean = (rating * candidates).sum(1, keepdim=True) / count
+    raters = candidates & (rating > mean)
+    return torch.where(raters.any(1, keepdim=True), raters, candidates)
