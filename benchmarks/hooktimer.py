@@ -33,6 +33,7 @@ def _hook_dicts(module) -> list[tuple[str, dict]]:
 class HookTimer:
     def __init__(self, model, before: dict, label: Callable[[str, str], str] | None = None):
         import vtdsl.compiler.llm as llm_mod
+        import vtdsl.compiler.runtime as runtime_mod
         import vtdsl.compiler.vit as vit_mod
 
         self.totals: dict[str, float] = defaultdict(float)  # CPU seconds per site
@@ -55,10 +56,10 @@ class HookTimer:
                 module.forward = self._wrap(f"{path}:fx", fwd)
                 self._undo.append(lambda module=module: module.__dict__.pop("forward", None))
         self._depth = 0
-        for mod in (vit_mod, llm_mod):
-            original = mod.execute
-            mod.execute = self._wrap_stage(original)
-            self._undo.append(lambda mod=mod, original=original: setattr(mod, "execute", original))
+        # every stage runs through runtime.execute (called by ForwardLog.run)
+        original = runtime_mod.execute
+        runtime_mod.execute = self._wrap_stage(original)
+        self._undo.append(lambda original=original: setattr(runtime_mod, "execute", original))
         for cls, attr in ((vit_mod.VitRuntime, "observe"), (llm_mod.LlmRuntime, "_observe")):
             original = cls.__dict__[attr]
             setattr(cls, attr, self._wrap_stage(original))

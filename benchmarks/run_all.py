@@ -104,6 +104,16 @@ def summary() -> str:
     for r in mem["rows"]:
         out.append(f"| {r['config']} | {r['torch_peak_bytes'] / 2**20:.1f} | {r.get('torch_ratio', 1):.2f} | "
                    f"{r['rss_peak_delta_bytes'] / 2**20:.1f} | {r.get('rss_ratio', 1):.2f} |")
+    meth = load("methods")
+    out += ["", "## 7. Published-method constructs (issue 10): vtdsl's share of the prefill", "",
+            f"Unpruned forward {meth['unpruned_forward_cpu_ms']:.1f} CPU ms.", "",
+            "| construct | forward CPU ms | all vtdsl hooks | share | score + select | share |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for r in meth["rows"]:
+        out.append(f"| {r['method']} | {r['forward_cpu_ms']:.1f} | {r['hooks_cpu_ms']:.2f} ms | {r['hooks_share']:.2%} | "
+                   f"{r['stages_cpu_ms']:.2f} ms | {r['stages_share']:.2%} |")
+    out += ["", f"Target score + select <= 3 %: {'met' if meth['worst_stages_share'] <= 0.03 else 'MISSED'} "
+            f"(worst {meth['worst_stages_share']:.2%})."]
     return "\n".join(out) + "\n"
 
 
@@ -119,6 +129,7 @@ def main() -> None:
     run("bench_memory.py", *reps)
     run("bench_compile.py")
     run("bench_families.py")
+    run("bench_methods.py", *reps)
     run("bench_cost.py", "--seconds", "1")
     text = summary()
     (RESULTS / "summary.md").write_text(text)
