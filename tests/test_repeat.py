@@ -111,3 +111,32 @@ def test_a_schedule_may_aggregate_a_score_over_a_range():
 def test_bad_yaml_schedules_are_located_errors(text, message):
     with pytest.raises(LangError, match=message):
         from_yaml(text)
+
+
+def test_every_unrolled_stage_reads_its_own_layer():
+    """Each stage of a schedule reads the layer before it (a score without @), not the
+    last stage's: the unrolled stages must not share one score."""
+    plan = check("every 2 layers from vit.layer2 to vit.layer6 keep cls top 90%\n"
+                 "every layer from llm.layer2 to llm.layer4 keep text top 90%", "llava-1.5-7b")
+    assert [(s.site.text(), s.terms[0].score.observation.layer) for s in plan.stages] == [
+        ("vit.layer2", 1), ("vit.layer4", 3), ("vit.layer6", 5), ("llm.layer2", 1), ("llm.layer3", 2),
+        ("llm.layer4", 3)]
+
+
+def test_an_llm_schedule_runs_like_its_stages_written_out():
+    import torch
+
+    import vtdsl.compiler as vc
+    from vtdsl.models import get_spec
+
+    spec = get_spec("tiny-llava")
+    model = spec.build(device="cpu", attn_implementation="eager", seed=0).eval()
+    ids = torch.tensor([[5, 6] + [spec.image_token_id] * 576 + [8, 9, 10]])
+    px = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(12))
+    outs = []
+    for src in ("every layer from llm.layer2 to llm.layer3 keep text top 50%",
+                "at llm.layer2 keep text top 50%\nat llm.layer3 keep text top 50%"):
+        with vc.apply(src, model), torch.no_grad():
+            outs.append((model(input_ids=ids, pixel_values=px).logits, vc.kept_tokens(model)))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    assert [v.tolist() for v in outs[0][1].values()] == [v.tolist() for v in outs[1][1].values()]

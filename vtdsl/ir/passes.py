@@ -190,8 +190,10 @@ def expand_repeats(policy: ast.Policy, spec: ModelSpec) -> tuple[ast.Policy, lis
             continue
         for layer in layers:
             site = ast.Site(tower=start.tower, index=layer, span=start.span)
-            stages.append(ast.Stage(site=site, action=stage.action, span=stage.span, renumber=stage.renumber,
-                                    renumber_span=stage.renumber_span))
+            # a copy per layer: the IR keys each score it reads by the score's node, so
+            # stages sharing one node would all read the last layer's observation
+            stages.append(ast.Stage(site=site, action=stage.action.model_copy(deep=True), span=stage.span,
+                                    renumber=stage.renumber, renumber_span=stage.renumber_span))
     return policy.model_copy(update={"stages": stages}), probe.graph["diagnostics"]
 
 
