@@ -30,7 +30,8 @@ def models():
 @pytest.mark.slow
 @pytest.mark.parametrize("path", ZOO, ids=[p.stem for p in ZOO])
 def test_zoo_policy_runs_and_matches_its_plan(models, path):
-    ids = torch.tensor([[5, 6, 7] + [IMG] * 576 + [8, 9, 10, 11], [0, 0, 0, 0, 5, 6] + [IMG] * 576 + [8]])
+    # the second prompt is left-padded, with 5 real text tokens (DART takes 4 text pivots)
+    ids = torch.tensor([[5, 6, 7] + [IMG] * 576 + [8, 9, 10, 11], [0, 0, 5, 6, 7, 8] + [IMG] * 576 + [8]])
     mask = (ids != 0).long()
     px = torch.randn(2, 3, 336, 336, generator=torch.Generator().manual_seed(0))
     model = models["sdpa"]

@@ -72,13 +72,14 @@ def test_count_and_cost():
     assert with_far.policy.flops - plain.policy.flops == 2 * 8 * 576 * 4096
 
 
-def _dart_reference(model, ids, px, pivots_img: int, pivots_txt: int, per_pivot: int) -> list[list[int]]:
+def _dart_reference(model, ids, px, pivots_img: int, pivots_txt: int, per_pivot: int, mask=None) -> list[list[int]]:
     """DART at layer 2: pivots by the L1 norm of layer 1's cached keys (4 image tokens, 4
     text tokens after the image); each pivot in turn (image pivots by position, then text
     pivots by position) keeps the per_pivot image tokens least cosine-similar to it among
     those still free; text pivots are not kept."""
+    mask = torch.ones_like(ids) if mask is None else mask
     with torch.no_grad():
-        out = model(input_ids=ids, pixel_values=px, use_cache=True, output_hidden_states=True)
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=px, use_cache=True, output_hidden_states=True)
     keys = out.past_key_values.layers[1].keys  # [B, Hkv, N, dh], RoPE applied
     knorm = keys.abs().sum((1, 3))
     hidden = out.hidden_states[2]  # entering layer 2
@@ -87,7 +88,7 @@ def _dart_reference(model, ids, px, pivots_img: int, pivots_txt: int, per_pivot:
         img = (ids[b] == IMG).nonzero().flatten().tolist()
         after = [p for p in range(img[-1] + 1, ids.shape[1])]
         top_img = sorted(sorted(img, key=lambda p: -float(knorm[b, p]))[:pivots_img])
-        before = [p for p in range(img[0])]
+        before = [p for p in range(img[0]) if mask[b, p]]  # padding is never a pivot
         # the question's tokens first; a short question borrows the best text before the image
         top_txt = sorted((sorted(after, key=lambda p: -float(knorm[b, p]))
                           + sorted(before, key=lambda p: -float(knorm[b, p])))[:pivots_txt])
@@ -147,3 +148,30 @@ def test_far_in_the_vit_takes_the_kept_tokens_as_pivots():
         model(input_ids=torch.tensor([[5] + [IMG] * 33 + [8]]), pixel_values=px)
         got = [v - 1 for v in vc.kept_tokens(model)["vit.out#0"][0].tolist()]
     assert sorted(got) == sorted(pivots + chosen)
+
+
+def test_text_pivots_are_never_padding_or_vit_scores():
+    diag = first_error("at llm.layer2 keep knorm top 4 + far 64 with 4 text pivots by cls@vit.layer1", "llava-1.5-7b")
+    assert "'cls@vit.layer1' (a ViT score)" in diag.message and diag.span.column == 63
+    model = sharpen_llm(SPEC.build(device="cpu", attn_implementation="eager", seed=0).eval())
+    px = torch.randn(2, 3, 336, 336, generator=torch.Generator().manual_seed(13))
+    # the second prompt has 4 text tokens (2 before the image, 2 after) behind 4 pad rows
+    padded = torch.tensor([[5, 6, 7, 8, 9, 10] + [IMG] * 576 + [8, 9], [0, 0, 0, 0, 5, 6] + [IMG] * 576 + [8, 9]])
+    mask = (padded != 0).long()
+    want = _dart_reference(model, padded, px, 4, 4, 16, mask)
+    with vc.apply(DART, model), torch.no_grad():
+        model(input_ids=padded, attention_mask=mask, pixel_values=px)
+        got = vc.kept_tokens(model)["llm.layer2#0"]
+        assert [sorted(row.tolist()) for row in got] == want
+        short = padded.clone()
+        short[1, 4] = 0  # one more pad row: 3 text tokens are left
+        with pytest.raises(vc.CompileError, match="only 3 text tokens"):
+            model(input_ids=short, attention_mask=(short != 0).long(), pixel_values=px)
+
+
+def test_the_listing_names_the_pivots():
+    model = SPEC.build(device="meta")
+    with vc.apply(DART, model) as compiled:
+        assert "far 128 with 4 text pivots by knorm" in vc.compiled(compiled).listing.text()
+    assert vc.stage_text(check(DART, SPEC).stages[0]) == ("keep knorm@llm.layer1 top 4 + far 128 with 4 text pivots "
+                                                          "by knorm@llm.layer1")

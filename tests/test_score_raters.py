@@ -85,3 +85,13 @@ def test_compiled_stage_ranks_by_the_raters_attention_and_counts_its_flops():
         got = vc.kept_tokens(model)["llm.layer3#0"][0].tolist()
     assert sorted(got) == want
     assert counter.get_total_flops() == estimate(check(src, "tiny-llava"), text_tokens=11, logits="all").flops
+
+
+def test_a_prompt_without_an_image_runs_unchanged():
+    model = SPEC.build(device="cpu", attn_implementation="eager", seed=0).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        with vc.apply("at llm.layer3 keep text(raters) top 100 then recycle 8 into 2 renumber", model):
+            got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want)

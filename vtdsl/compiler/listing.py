@@ -75,8 +75,15 @@ def _action_text(stage: ResolvedStage) -> str:
         return f"merge {stage.merge_rest}"
     parts = ["cls_token"] if stage.keep_cls else []
     for term in stage.terms:
-        if term.kind == "top":
+        if term.kind == "top" and term.adaptive is not None:
+            rule = term.adaptive
+            parts.append(f"{score_text(term.score)} top {rule.bound} by outliers" if rule.kind == "outliers" else
+                         f"{score_text(term.score)} top {rule.bound} by entropy({score_text(rule.score)}) "
+                         f"over {rule.steps} layer{'s' if rule.steps != 1 else ''}")
+        elif term.kind == "top":
             parts.append(f"{score_text(term.score)} top {term.count}")
+        elif term.kind == "far" and term.text_pivots:
+            parts.append(f"far {term.count} with {term.text_pivots} text pivots by {score_text(term.pivot_score)}")
         elif term.kind == "diverse" and term.spread == "sum":
             parts.append(f"diverse(sum) {term.count}")
         elif term.kind == "random" and term.seed is not None:

@@ -127,6 +127,7 @@ class LlmState:
     stages: dict[int, ResolvedStage] = field(default_factory=dict)
     # `text(raters)`: [B, n0] the prompt positions of SparseVLM's raters
     raters: Tensor | None = None
+    is_pad: Tensor | None = None  # [B, n0] padding positions of the prompt (2-D mask zeros)
 
 
 class LlmRuntime:
@@ -178,10 +179,14 @@ class LlmRuntime:
         self.state: LlmState | None = None
         self.pending: LlmState | None = None  # started by the LLM-input hook, not yet by layer 0
         self.image_mask: Tensor | None = None
+        self.pad_mask: Tensor | None = None
         self.prefill = False
 
     # ------------------------------------------------------------------ hooks
     def llava_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        am = kwargs.get("attention_mask")
+        # padding rows (2-D mask zeros): never text pivots or raters
+        self.pad_mask = (am == 0) if isinstance(am, Tensor) and am.dim() == 2 else None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is not None:
             self.image_mask = input_ids == self.image_token_id
@@ -319,8 +324,8 @@ class LlmRuntime:
         """Score layer j's attention observations as soon as its q and k are captured and
         let the projections go: holding two ``[B, n, H·dh]`` tensors until the stage
         layer would raise the prefill's peak memory (benchmarks/README.md)."""
-        if j not in st.ctx:
-            return  # nothing recorded for this layer: leave it to the lazy path
+        if j not in st.ctx or not st.images:
+            return  # nothing recorded for this layer, or no image: no stage reads a score
         for obs in self.attn_obs_at.get(j, ()):
             self._observe(st, obs)
         slot = st.captured[j]
@@ -374,6 +379,9 @@ class LlmRuntime:
             vtok=vtok,
             stages={s.index: s for s in plan.stages},
         )
+        pad = self.pad_mask
+        st.is_pad = (pad.to(hidden.device) if pad is not None and tuple(pad.shape) == (b, n0)
+                     else torch.zeros(b, n0, dtype=torch.bool, device=hidden.device))
         st.captured[-1] = {"h": hidden}
         st.ctx[-1] = {"pos": st.pos, "is_img": st.is_img}
         self.state = st
@@ -520,11 +528,12 @@ class LlmRuntime:
             idx = torch.arange(n, device=hidden.device)
             last_img = torch.where(st.is_img, idx[None], -1).amax(1)
             after = idx[None] > last_img[:, None]
-            have = int((~st.is_img).sum(1).min())
+            text = ~st.is_img & ~st.is_pad.gather(1, st.pos)
+            have = int(text.sum(1).min())
             if have < m:
                 raise CompileError(f"'far' asks for {m} text pivots, but a prompt has only {have} text tokens")
             by_score = values.argsort(dim=1, descending=True, stable=True)
-            rank = (~st.is_img & after).gather(1, by_score).long() * 2 + (~st.is_img).gather(1, by_score).long()
+            rank = (text & after).gather(1, by_score).long() * 2 + text.gather(1, by_score).long()
             order = by_score.gather(1, rank.argsort(dim=1, descending=True, stable=True))
             rows = order[:, :m].sort(dim=1).values
             return ops.gather_tokens(hidden, rows).repeat_interleave(st.images, 0)
@@ -571,8 +580,9 @@ class LlmRuntime:
         b = hidden.shape[0]
         img_rows = st.is_img.nonzero()[:, 1].view(b, -1)
         txt_rows = (~st.is_img).nonzero()[:, 1].view(b, -1)
-        after = txt_rows > img_rows[:, -1:]
-        candidates = torch.where(after.any(1, keepdim=True), after, torch.ones_like(after))
+        real = ~st.is_pad.gather(1, st.pos.gather(1, txt_rows))
+        after = (txt_rows > img_rows[:, -1:]) & real
+        candidates = torch.where(after.any(1, keepdim=True), after, real)
         chosen = ops.text_raters(ops.gather_tokens(hidden, img_rows), ops.gather_tokens(hidden, txt_rows), candidates)
         st.raters = torch.zeros(b, st.n0, dtype=torch.bool, device=hidden.device)
         st.raters.scatter_(1, st.pos.gather(1, txt_rows), chosen)

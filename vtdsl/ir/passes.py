@@ -18,7 +18,7 @@ from ..lang import ast
 from ..lang.errors import Diagnostic, did_you_mean
 from ..lang.scorers import SCORERS
 from ..models.spec import ModelSpec
-from .graph import observations_of, stage_node, stream, stream_nodes
+from .graph import iter_score_refs, observations_of, stage_node, stream, stream_nodes
 from .plan import Observation, ResolvedAdaptive, ResolvedScore, ResolvedSite, ResolvedStage, ResolvedTerm
 
 # Scorer meaning (towers, canonical runtime scorer, query rows) lives with the syntax in
@@ -702,6 +702,13 @@ def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref, tokens_min
                 count = resolve_quantity(term.qty, tokens_in)
         else:
             count = resolve_quantity(term.qty, tokens_in)
+        far = {}
+        if isinstance(term, ast.SelectTerm) and term.kind == "far":
+            far = _resolve_far(graph, term, site, kept, adaptive_seen, action.region, obs_by_ref, count)
+            if far is None:
+                ok = False
+                continue
+            count = far["count"]  # rounded down to a multiple of the pivots
         sure = count
         if adaptive is not None and adaptive.kind == "outliers":
             count = min(count, tokens_in - kept_min)  # at run time: at most what is there
@@ -719,13 +726,6 @@ def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref, tokens_min
             )
             ok = False
             continue
-        far = {}
-        if isinstance(term, ast.SelectTerm) and term.kind == "far":
-            far = _resolve_far(graph, term, site, kept, adaptive_seen, action.region, obs_by_ref, count)
-            if far is None:
-                ok = False
-                continue
-            count = far["count"]
         score = _resolve_score(graph, term.score, obs_by_ref) if isinstance(term, ast.TopTerm) else None
         seed = term.seed if isinstance(term, ast.SelectTerm) else None
         spread = term.spread if isinstance(term, ast.SelectTerm) else "min"
@@ -857,6 +857,14 @@ def _resolve_far(graph, term: ast.SelectTerm, site: ResolvedSite, kept: int, ada
         _error(graph, f"'far {_qty_text(term.qty)}' shares {asked} tokens among {pivots} pivots: none for each",
                term.qty.span, expected=f"at least {pivots} tokens", code="quantity")
         return None
+    if term.pivot_score is not None:
+        for ref in iter_score_refs(term.pivot_score):
+            obs = obs_by_ref.get(id(ref))
+            if obs is not None and obs.tower == "vit":
+                _error(graph, f"text pivots are ranked among text tokens, which '{_ref_text(ref)}' (a ViT score) "
+                       "does not score", ref.span, expected="an LLM score such as knorm or text(all)",
+                       code="scorer-site")
+                return None
     score = _resolve_score(graph, term.pivot_score, obs_by_ref) if term.pivot_score is not None else None
     return {"count": per * pivots, "per_pivot": per, "text_pivots": text, "pivot_score": score}
 

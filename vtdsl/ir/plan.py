@@ -88,7 +88,7 @@ class ResolvedAdaptive:
 
 @dataclass(frozen=True)
 class ResolvedTerm:
-    kind: Literal["top", "diverse", "uniform", "random", "unique", "buffers"]
+    kind: Literal["top", "diverse", "uniform", "random", "unique", "buffers", "far"]
     count: int  # tokens this term adds (buffers: the resolved upper bound; adaptive: the most)
     score: ResolvedScore | None = None
     seed: int | None = None
