@@ -339,3 +339,64 @@ def test_merge_rest_is_charged_for_the_most_tokens_it_can_merge():
     plan = check("at vit.out keep cls top 64 by outliers then merge rest into 10", "llava-1.5-7b")
     # at most 575 tokens are left over (one outlier kept): 565 of them join the 10 targets
     assert stage_flops(_Constants(plan.spec), plan.stages[0]) == 2 * 565 * 10 * 1024
+
+
+def _flowcut_scores(layer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlowCut's per-layer score of ViT `layer` on its input h, by hand: (CLS attention /
+    its sum + CLS-value softmax / its sum) x L1 norm of the head-mean value; and the CLS
+    attention. Patch columns, ``[B, n]`` each."""
+    attn = layer.self_attn
+    heads, dh = attn.num_heads, attn.head_dim
+    x = layer.layer_norm1(h)
+    b, n = x.shape[:2]
+    q, k, v = (p(x).view(b, n, heads, dh).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    cls = torch.softmax(q[:, :, :1] @ k.transpose(-1, -2) / dh**0.5, dim=-1).mean(1)[:, 0, 1:]
+    sem = torch.softmax(v[:, :, :1] @ v.transpose(-1, -2), dim=-1).mean(1)[:, 0, 1:]
+    vnorm = v.mean(1).abs().sum(-1)[:, 1:]
+    return (cls / cls.sum(1, keepdim=True) + sem / sem.sum(1, keepdim=True)) * vnorm, cls
+
+
+def test_flowcuts_ema_ranking_follows_its_loop(peaked):
+    """`prod(sum(share(cls), share(vsim)), vnorm)@vit.layer0..K ema`: FlowCut's cumulative
+    score, updated after every layer (0.5 old + 0.5 new, each layer's score normalised over
+    the tokens present then), ranks every cut; counts by the entropy rule."""
+    score = "prod(sum(share(cls), share(vsim)), vnorm)"
+    policy = (f"at vit.layer2 keep {score}@vit.layer0..1 ema top 64 by entropy(cls) over 4 layers\n"
+              f"at vit.layer4 keep {score}@vit.layer0..3 ema top 64 by entropy(cls) over 2 layers\n"
+              f"at vit.layer6 keep {score}@vit.layer0..5 ema top 64")
+    tower = peaked.model.vision_tower
+    want = {}
+    with torch.no_grad():
+        h = tower.pre_layrnorm(tower.embeddings(PX))
+        ids = torch.arange(576)[None].expand(2, -1)
+        cum = None
+        for i, layer in enumerate(tower.encoder.layers[:6]):
+            s, cls = _flowcut_scores(layer, h)
+            cum = s if cum is None else 0.5 * cum + 0.5 * s
+            h = layer(h, None)
+            h = h[0] if isinstance(h, tuple) else h
+            if i in (1, 3, 5):
+                rpl = 5 - i
+                n = cls.shape[1]
+                if rpl:
+                    p = cls / cls.sum(1, keepdim=True)
+                    ent = -(p * p.log()).sum(1) / math.log(n)
+                    removed = max(int(torch.round((n - 64) / math.sqrt(rpl) * (1 - e**2))) for e in ent)
+                    k = max(n - removed, 64)
+                else:
+                    k = 64
+                keep = cum.topk(k, dim=1).indices.sort(dim=1).values
+                h = torch.cat([h[:, :1], h[:, 1:].gather(1, keep[..., None].expand(-1, -1, h.shape[-1]))], 1)
+                cum, ids = cum.gather(1, keep), ids.gather(1, keep)
+                want[i + 1] = [sorted(r) for r in ids.tolist()]
+    assert 576 > len(want[2][0]) > len(want[4][0]) > 64
+    with vc.apply(policy, peaked), torch.no_grad():
+        peaked(input_ids=_prompt(64), pixel_values=PX)
+        got = vc.kept_tokens(peaked)
+    for index, layer in enumerate((2, 4, 6)):
+        assert [sorted(v - 1 for v in row.tolist()) for row in got[f"vit.layer{layer}#{index}"]] == want[layer]
+    # the running average matters: each layer's own score keeps other tokens
+    plain = policy.replace("@vit.layer0..1 ema", "").replace("@vit.layer0..3 ema", "").replace("@vit.layer0..5 ema", "")
+    with vc.apply(plain, peaked), torch.no_grad():
+        peaked(input_ids=_prompt(64), pixel_values=PX)
+        assert sorted(vc.kept_tokens(peaked)["vit.layer6#2"][0].tolist()) != [v + 1 for v in want[6][0]]

@@ -77,3 +77,33 @@ def test_a_range_score_is_one_item_of_a_search_space_choice():
     space = parse_space("at vit.out keep {cls@vit.layer8..22 sum, cls} top 64")
     texts = sorted(space.candidate(space.point(i)).text for i in range(space.count))
     assert texts == ["at vit.out keep cls top 64\n", "at vit.out keep cls@vit.layer8..22 sum top 64\n"]
+
+
+def test_ema_weights_each_layer_as_much_as_all_before_it():
+    plan = check("at vit.out keep cls@vit.layer8..10 ema top 4\n", "llava-1.5-7b")
+    score = plan.stages[0].terms[0].score
+    assert score.op == "sum" and score.weights == (0.25, 0.25, 0.5)
+    assert [a.observation.layer for a in score.args] == [8, 9, 10]
+
+
+def test_a_ranged_combination_reads_each_copy_at_its_layer():
+    plan = check("at vit.layer4 keep prod(sum(share(cls), share(vsim)), vnorm)@vit.layer1..3 ema top 64",
+                 "llava-1.5-7b")
+    score = plan.stages[0].terms[0].score
+    assert score.weights == (0.25, 0.25, 0.5)
+    assert [sorted({o.layer for o in copy.observations()}) for copy in score.args] == [[1], [2], [3]]
+    assert format_policy(parse("at vit.layer4 keep prod(cls, vnorm)@vit.layer1..3 ema top 64")) == (
+        "at vit.layer4 keep prod(cls, vnorm)@vit.layer1..3 ema top 64\n")
+
+
+@pytest.mark.parametrize("src, message, column", [
+    ("at vit.layer4 keep prod(cls@vit.layer1, vnorm)@vit.layer0..3 ema top 64",
+     "'cls@vit.layer1' names its own layer inside a ranged combination", 29),
+    ("at vit.layer4 keep prod(cls@vit.layer0..1 sum, vnorm)@vit.layer0..3 ema top 64",
+     "names its own layer inside a ranged combination", 29),
+])
+def test_a_ranged_combination_gives_its_scores_their_layers(src, message, column):
+    with pytest.raises(PolicyError) as err:
+        check(src, "llava-1.5-7b")
+    diag = err.value.diagnostics[0]
+    assert message in diag.message and diag.span.column == column

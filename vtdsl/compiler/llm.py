@@ -538,7 +538,10 @@ class LlmRuntime:
             rows = order[:, :m].sort(dim=1).values
             return ops.gather_tokens(hidden, rows).repeat_interleave(st.images, 0)
 
-        view = StageView(x_img, st.vtok, score_of, text_pivots)
+        def total_of(obs: Observation) -> Tensor | None:
+            return self.vit.total_of(obs, b * st.images) if obs.tower == "vit" and self.vit is not None else None
+
+        view = StageView(x_img, st.vtok, score_of, text_pivots, total_of)
         values, src, new = self.log.run(f"{stage.site.text()}#{stage.index}", stage, view)
         order = src.argsort(dim=1)
         src = src.gather(1, order)

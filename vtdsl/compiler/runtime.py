@@ -137,6 +137,9 @@ class StageView:
     # LLM stages: (score, m) -> [G, m, d] features of the m text tokens after the image
     # that the score ranks highest (`far ... with m text pivots by score`)
     text_pivots: Callable[[ResolvedScore, int], Tensor] | None = None
+    # ViT observations: their sum over the tokens they were read on ``[G, 1]`` (`share`
+    # divides by it); None: `share` divides by the sum over the stage's candidates
+    total_of: Callable[[Observation], Tensor | None] | None = None
 
 
 def evaluate_score(score: ResolvedScore, view: StageView) -> Tensor:
@@ -149,8 +152,15 @@ def evaluate_score(score: ResolvedScore, view: StageView) -> Tensor:
         return parts.mean(0)
     if score.op == "sum":
         return parts.sum(0)
-    if score.op == "share":  # of the stage's candidates (NaN: unobserved, left out)
-        return parts[0] / parts[0].nansum(-1, keepdim=True)
+    if score.op == "share":
+        arg = score.args[0]
+        if arg.op == "leaf" and view.total_of is not None:
+            # a ViT score: of the tokens it was read on (FlowCut normalises at each layer)
+            total = view.total_of(arg.observation)
+            if total is not None:
+                weight = score.weights[0] if score.weights is not None else 1.0
+                return parts[0] / (weight * total)
+        return parts[0] / parts[0].nansum(-1, keepdim=True)  # of the stage's candidates (NaN: left out)
     if score.op == "prod":
         return parts.prod(0)
     return parts.amax(0)

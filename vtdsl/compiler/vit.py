@@ -158,7 +158,8 @@ class VitRuntime:
             raise CompileError("ViT token bookkeeping is out of step with the hidden states")
         lead = 1 if self.has_cls else 0
         cand_tokens = self.tokens.drop_first() if lead else self.tokens
-        view = StageView(x[:, lead:], cand_tokens, lambda obs: self._aligned(obs, view.tokens.vid))
+        view = StageView(x[:, lead:], cand_tokens, lambda obs: self._aligned(obs, view.tokens.vid),
+                         total_of=lambda obs: self.total_of(obs, x.shape[0]))
         key = f"{stage.site.text()}#{stage.index}"
         values, _src, new = self.log.run(key, stage, view)
         out = torch.cat([x[:, :lead], values], dim=1)
@@ -207,7 +208,8 @@ class VitRuntime:
             if stage.keep_cls:  # the IR allows it only in the last vit.out stage, lead 0
                 n_in = tokens.count
                 values, _src, new = self.log.run(f"vit.out#{stage.index}", stage,
-                                                 StageView(x, tokens, lambda obs: self._aligned(obs, tokens.vid)))
+                                                 StageView(x, tokens, lambda obs: self._aligned(obs, tokens.vid),
+                                                           total_of=lambda obs: self.total_of(obs, x.shape[0])))
                 if self.cls_feature is None or self.cls_feature.shape[0] != x.shape[0]:
                     raise CompileError("'cls_token' found no CLS feature from the vision tower")
                 x = torch.cat([self.cls_feature.to(values.dtype), values], dim=1)
@@ -218,7 +220,8 @@ class VitRuntime:
                 self.log.kept[f"vit.out#{stage.index}"] = new.vid
                 continue
             cand = tokens.drop_first() if lead else tokens
-            view = StageView(x[:, lead:], cand, lambda obs: self._aligned(obs, view.tokens.vid))
+            view = StageView(x[:, lead:], cand, lambda obs: self._aligned(obs, view.tokens.vid),
+                             total_of=lambda obs: self.total_of(obs, x.shape[0]))
             n_in = cand.count
             values, _src, new = self.log.run(f"vit.out#{stage.index}", stage, view)
             x = torch.cat([x[:, :lead], values], dim=1)
@@ -276,6 +279,18 @@ class VitRuntime:
         ids = tokens.vid[:, lead:]
         done = self.scored[obs] = Scored(values, ids, "vid", self.ids)
         return done
+
+    def total_of(self, obs: Observation, rows: int) -> Tensor | None:
+        """``[rows, 1]``: a ViT observation's sum over the patches it was read on (the
+        denominator of `share`); None for an LLM observation."""
+        if obs.tower != "vit":
+            return None
+        total = self.observe(obs).values.float().nansum(-1, keepdim=True)
+        if total.shape[0] != rows:
+            if total.shape[0] == 0 or rows % total.shape[0]:
+                raise CompileError(f"cannot align scores of {total.shape[0]} rows to {rows} rows")
+            total = total.repeat_interleave(rows // total.shape[0], 0)
+        return total
 
     def _aligned(self, obs: Observation, vid: Tensor) -> Tensor:
         if obs.tower != "vit":

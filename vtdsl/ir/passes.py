@@ -78,17 +78,12 @@ def _resolve_site(graph, spec: ModelSpec, site: ast.Site, what: str) -> Resolved
 
 def _has_range(score) -> bool:
     if isinstance(score, ast.ScoreCombine):
-        return any(_has_range(a) for a in score.args)
+        return score.to is not None or any(_has_range(a) for a in score.args)
     return score.to is not None
 
 
-def _unroll_score(probe: nx.DiGraph, spec: ModelSpec, score):
-    """`cls@vit.layer8..22 sum` -> `sum(cls@vit.layer8, ..., cls@vit.layer22)` (None on error)."""
-    if isinstance(score, ast.ScoreCombine):
-        args = [_unroll_score(probe, spec, a) for a in score.args]
-        return None if any(a is None for a in args) else score.model_copy(update={"args": args})
-    if score.to is None:
-        return score
+def _range_layers(probe: nx.DiGraph, spec: ModelSpec, score) -> range | None:
+    """The layers of a score's range `@tower.layerA..B` (None on error)."""
     end = ast.Site(tower=score.at.tower, index=score.to, span=score.at.span)
     first = _resolve_site(probe, spec, score.at, "score")
     last = _resolve_site(probe, spec, end, "score")
@@ -98,12 +93,62 @@ def _unroll_score(probe: nx.DiGraph, spec: ModelSpec, score):
         _error(probe, f"the layer range runs backwards: layer {last.layer} comes before layer {first.layer}",
                score.at.span, expected=f"a range from {score.at.text()} up", code="score-range")
         return None
+    return range(first.layer, last.layer + 1)
+
+
+def _aggregate(over: str, copies: list, span):
+    """`over` of the per-layer copies; `ema` is FlowCut's running average (0.5): the
+    last layer weighs 1/2, the one before 1/4, ..., the first as much as the second."""
+    if len(copies) == 1:
+        return copies[0]
+    if over != "ema":
+        return ast.ScoreCombine(op=over, args=copies, span=span)
+    m = len(copies) - 1
+    weights = [0.5**m] + [0.5 ** (m - i + 1) for i in range(1, m + 1)]
+    return ast.ScoreCombine(op="sum", args=copies, weights=weights, span=span)
+
+
+def _at_layer(probe: nx.DiGraph, score, tower: str, layer: int, span):
+    """A copy of a ranged combination's body with every score read at `layer` (None if a
+    score inside names its own layer or range: the range gives them all theirs)."""
+    if isinstance(score, ast.ScoreCombine):
+        if score.to is not None:
+            _error(probe, "a layer range inside a ranged combination", score.at.span,
+                   expected="one range, on the outer combination", code="score-range")
+            return None
+        args = [_at_layer(probe, a, tower, layer, span) for a in score.args]
+        return None if any(a is None for a in args) else score.model_copy(update={"args": args})
+    if score.at is not None:
+        _error(probe, f"'{score.name}@{score.at.text()}' names its own layer inside a ranged combination, which "
+               "reads every score at each layer of its range", score.at.span,
+               expected=f"'{score.name}' without @", code="score-range")
+        return None
+    return score.model_copy(update={"at": ast.Site(tower=tower, index=layer, span=span)})
+
+
+def _unroll_score(probe: nx.DiGraph, spec: ModelSpec, score):
+    """`cls@vit.layer8..22 sum` -> `sum(cls@vit.layer8, ..., cls@vit.layer22)`, and a
+    ranged combination `prod(a, b)@vit.layer0..3 ema` -> the weighted sum of its copies at
+    each layer (None on error)."""
+    if isinstance(score, ast.ScoreCombine):
+        if score.to is not None:
+            layers = _range_layers(probe, spec, score)
+            if layers is None:
+                return None
+            body = score.model_copy(update={"at": None, "to": None, "over": None})
+            copies = [_at_layer(probe, body, score.at.tower, i, score.at.span) for i in layers]
+            return None if any(c is None for c in copies) else _aggregate(score.over, copies, score.span)
+        args = [_unroll_score(probe, spec, a) for a in score.args]
+        return None if any(a is None for a in args) else score.model_copy(update={"args": args})
+    if score.to is None:
+        return score
+    layers = _range_layers(probe, spec, score)
+    if layers is None:
+        return None
     refs = [ast.ScoreRef(name=score.name, args=score.args, heads=score.heads, no_rope=score.no_rope,
-                         at=ast.Site(tower=first.tower, index=i, span=score.at.span),
-                         span=score.span) for i in range(first.layer, last.layer + 1)]
-    if len(refs) == 1:
-        return refs[0]
-    return ast.ScoreCombine(op=score.over, args=refs, span=score.span)
+                         at=ast.Site(tower=score.at.tower, index=i, span=score.at.span),
+                         span=score.span) for i in layers]
+    return _aggregate(score.over, refs, score.span)
 
 
 def _term_has_range(term) -> bool:

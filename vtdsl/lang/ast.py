@@ -123,7 +123,7 @@ class ScoreRef(Node):
     args: list[str] = Field(default_factory=list)
     at: Site | None = None
     to: int | None = None
-    over: Literal["mean", "sum", "max"] | None = None
+    over: Literal["mean", "sum", "max", "ema"] | None = None
     # How attention is reduced over heads (`cls(max)`); None = the mean. An int H: the
     # mean over the H heads that give the visual tokens the most attention in total
     # (`text(all, top 14 heads)`, SparseVLM v2), chosen per attention map.
@@ -149,9 +149,16 @@ class ScoreCombine(Node):
     args: list["Score"] = Field(min_length=1)
     # one per argument; None when no argument is weighted (all 1)
     weights: list[float] | None = None
+    # `prod(...)@vit.layer0..21 ema`: the whole combination read at every layer of a range
+    # (its scores take their layer from it), aggregated; as for ScoreRef
+    at: Site | None = None
+    to: int | None = None
+    over: Literal["mean", "sum", "max", "ema"] | None = None
 
     @model_validator(mode="after")
     def _check_weights(self) -> "ScoreCombine":
+        if (self.to is None) != (self.over is None) or (self.to is None) != (self.at is None):
+            raise ValueError("a layer range needs its first and last layer and an aggregate")
         if (self.op == "share") != (len(self.args) == 1):
             raise ValueError("share(...) takes one score; the other combinations two or more")
         if self.weights is not None:

@@ -64,7 +64,10 @@ def format_score(score) -> str:
     if isinstance(score, ast.ScoreCombine):
         weights = score.weights or [1] * len(score.args)
         args = [("" if w == 1 else f"{format_number(w)} * ") + format_score(a) for w, a in zip(weights, score.args)]
-        return f"{score.op}({', '.join(args)})"
+        text = f"{score.op}({', '.join(args)})"
+        if score.to is not None:
+            text += f"@{score.at.text()}..{score.to} {score.over}"
+        return text
     text = score.name
     heads = [] if score.heads is None else [f"top {score.heads} heads" if isinstance(score.heads, int) else score.heads]
     args = list(score.args) + heads + (["no_rope"] if score.no_rope else [])

@@ -376,8 +376,8 @@ def has_surrogate(text: str) -> bool:
 
 def _unexpected(tok: Token, expected: set[str], where: _Where) -> _StatementError:
     hint = None
-    if expected == {"MEAN", "SUM", "MAX"}:  # only after a layer range
-        hint = "a layer range is aggregated over its layers, as in 'cls@vit.layer8..22 sum'"
+    if expected == {"MEAN", "SUM", "MAX", "EMA"}:  # only after a layer range
+        hint = "a layer range is aggregated over its layers, as in 'cls@vit.layer8..22 sum' (or mean, max, ema)"
     elif tok.type in ("NAME", "SITE"):
         candidates = [k for k in map(keyword_of, expected) if k]
         if "SITE" in expected:
@@ -674,13 +674,19 @@ class _Builder:
             if op != "share" and len(args) < 2:
                 raise _fail(f"{op}(...) needs at least two scores", span,
                             hint=f"to use a single score, write it without {op}(...)", code="semantic")
+            at = to = over = None
+            if args and args[-1].data == "range_op":
+                *args, range_tree, op_tree_range = args
+                at, to = self.layer_range(range_tree.children[0])
+                over = str(op_tree_range.children[0])
             scores, weights = [], []
             for arg in args:
                 *weight_tok, score_tree = arg.children
                 weights.append(self.number(weight_tok[0]) if weight_tok else 1)
                 scores.append(self.score(score_tree))
             return self.node(ast.ScoreCombine, span, op=op, args=scores,
-                             weights=[float(w) for w in weights] if any(w != 1 for w in weights) else None)
+                             weights=[float(w) for w in weights] if any(w != 1 for w in weights) else None,
+                             at=at, to=to, over=over)
         name_tok, *rest = tree.children
         name = str(name_tok)
         info = SCORERS.get(name)

@@ -68,6 +68,7 @@ TERMINAL_WORDS: dict[str, str] = {
     "MAX": "'max'",
     "PROD": "'prod'",
     "SHARE": "'share'",
+    "EMA": "'ema'",
     "_STAR": "'*' and a score",
     "_COMMA": "','",
     "_LPAR": "'('",
