@@ -5,7 +5,7 @@
 The benchmark model (benchmarks/_common.py: llava-1.5 geometry, reduced widths, 8 ViT and
 8 LLM layers) runs one prefill (``model(**inputs, logits_to_keep=1)``) under policies
 written with each construct the zoo uses beyond top-k: adaptive counts (PruMerge's IQR
-rule, FlowCut's entropy rule), `far` with text pivots (DART), `text(raters)` with
+rule, FlowCut's entropy rule and running score), `far` with text pivots (DART), `text(raters)` with
 `recycle` (SparseVLM), `top H heads`, `then absorb`, spatial cells (VFlowOpt). Each
 configuration is instrumented as in bench_prefill.py's overhead pass (benchmarks/
 hooktimer.py): CPU time per forward of every vtdsl hook, and of the score and stage
@@ -22,10 +22,12 @@ import _common as C
 
 METHODS = {
     "prumerge (outliers + absorb)": "at vit.out keep cls top 25% by outliers then absorb 32",
-    "flowcut (entropy cuts)": (
-        "at vit.layer2 keep prod(sum(share(cls), share(vsim)), vnorm) top 64 by entropy(cls) over 4 layers\n"
-        "at vit.layer4 keep prod(sum(share(cls), share(vsim)), vnorm) top 64 by entropy(cls) over 2 layers\n"
-        "at vit.layer6 keep prod(sum(share(cls), share(vsim)), vnorm) top 64"),
+    "flowcut (ema + entropy cuts)": (
+        "at vit.layer2 keep prod(sum(share(cls), share(vsim)), vnorm)@vit.layer0..1 ema top 64 by entropy(cls) "
+        "over 4 layers\n"
+        "at vit.layer4 keep prod(sum(share(cls), share(vsim)), vnorm)@vit.layer0..3 ema top 64 by entropy(cls) "
+        "over 2 layers\n"
+        "at vit.layer6 keep prod(sum(share(cls), share(vsim)), vnorm)@vit.layer0..5 ema top 64"),
     "dart (far, text pivots)": "at llm.layer2 keep knorm top 4 + far 128 with 4 text pivots by knorm",
     "sparsevlm (raters + recycle)": ("at llm.layer2 keep text(raters) top 300 then recycle 83 into 9 renumber\n"
                                      "at llm.layer4 keep text(raters) top 200 then recycle 33 into 4 renumber"),
