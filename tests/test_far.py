@@ -72,7 +72,8 @@ def test_count_and_cost():
     assert with_far.policy.flops - plain.policy.flops == 2 * 8 * 576 * 4096
 
 
-def _dart_reference(model, ids, px, pivots_img: int, pivots_txt: int, per_pivot: int, mask=None) -> list[list[int]]:
+def _dart_reference(model, ids, px, pivots_img: int, pivots_txt: int, per_pivot: int, mask=None,
+                    normed: bool = False) -> list[list[int]]:
     """DART at layer 2: pivots by the L1 norm of layer 1's cached keys (4 image tokens, 4
     text tokens after the image); each pivot in turn (image pivots by position, then text
     pivots by position) keeps the per_pivot image tokens least cosine-similar to it among
@@ -83,6 +84,9 @@ def _dart_reference(model, ids, px, pivots_img: int, pivots_txt: int, per_pivot:
     keys = out.past_key_values.layers[1].keys  # [B, Hkv, N, dh], RoPE applied
     knorm = keys.abs().sum((1, 3))
     hidden = out.hidden_states[2]  # entering layer 2
+    if normed:  # DART's last_layer_state: the model's final norm of it
+        with torch.no_grad():
+            hidden = model.model.language_model.norm(hidden)
     kept = []
     for b in range(ids.shape[0]):
         img = (ids[b] == IMG).nonzero().flatten().tolist()
@@ -175,3 +179,21 @@ def test_the_listing_names_the_pivots():
         assert "far 128 with 4 text pivots by knorm" in vc.compiled(compiled).listing.text()
     assert vc.stage_text(check(DART, SPEC).stages[0]) == ("keep knorm@llm.layer1 top 4 + far 128 with 4 text pivots "
                                                           "by knorm@llm.layer1")
+
+
+def test_far_norm_compares_the_final_norms_output():
+    model = sharpen_llm(SPEC.build(device="cpu", attn_implementation="eager", seed=0).eval())
+    with torch.no_grad():  # a non-trivial norm weight, so that normed states compare differently
+        model.model.language_model.norm.weight.copy_(torch.rand(SPEC.llm.hidden, generator=torch.Generator()
+                                                                .manual_seed(14)) * 2)
+    ids = torch.tensor([[5, 6] + [IMG] * 576 + [8, 9, 10, 11, 12, 13, 14]])
+    px = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(15))
+    want = _dart_reference(model, ids, px, 4, 4, 16, normed=True)
+    assert want != _dart_reference(model, ids, px, 4, 4, 16)
+    with vc.apply(DART.replace("far", "far(norm)"), model), torch.no_grad():
+        model(input_ids=ids, pixel_values=px)
+        got = vc.kept_tokens(model)["llm.layer2#0"]
+    assert [sorted(row.tolist()) for row in got] == want
+    diag = first_error("at vit.out keep cls top 4 + far(norm) 8", "llava-1.5-7b")
+    assert "far(norm) compares hidden states after the LLM's final norm" in diag.message
+

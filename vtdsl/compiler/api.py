@@ -250,6 +250,13 @@ def _install(plan: Plan, model: nn.Module) -> Compiled:
                 except AttributeError:
                     raise CompileError(f"'renumber' needs the rotary embedding {lm_path}.rotary_emb, which "
                                        f"{type(model).__name__} does not have") from None
+            norm_weight = None
+            if any(t.normed for s in llm_stages for t in s.terms):
+                try:
+                    norm_weight = model.get_submodule(lm_path + ".norm").weight
+                except AttributeError:
+                    raise CompileError(f"far(norm) needs the final norm {lm_path}.norm, which "
+                                       f"{type(model).__name__} does not have") from None
             llm_rt = LlmRuntime(
                 plan, vit_rt, log,
                 image_token_id=image_token_id,
@@ -258,6 +265,7 @@ def _install(plan: Plan, model: nn.Module) -> Compiled:
                 scaling=scaling,
                 rotary=rotary,
                 plans=plans,
+                norm_weight=norm_weight,
             )
             llava_path = spec.llm_layer_path.format(i=0).split(".")[0]  # "model"
             hook(llava_path, "pre", llm_rt.llava_pre_hook, "record which prompt rows are image tokens",

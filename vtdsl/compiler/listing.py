@@ -82,8 +82,11 @@ def _action_text(stage: ResolvedStage) -> str:
                          f"over {rule.steps} layer{'s' if rule.steps != 1 else ''}")
         elif term.kind == "top":
             parts.append(f"{score_text(term.score)} top {term.count}")
-        elif term.kind == "far" and term.text_pivots:
-            parts.append(f"far {term.count} with {term.text_pivots} text pivots by {score_text(term.pivot_score)}")
+        elif term.kind == "far":
+            text = f"far{'(norm)' if term.normed else ''} {term.count}"
+            if term.text_pivots:
+                text += f" with {term.text_pivots} text pivots by {score_text(term.pivot_score)}"
+            parts.append(text)
         elif term.kind == "diverse" and term.spread == "sum":
             parts.append(f"diverse(sum) {term.count}")
         elif term.kind == "random" and term.seed is not None:

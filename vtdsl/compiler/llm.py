@@ -143,6 +143,7 @@ class LlmRuntime:
         scaling: float,
         rotary: nn.Module | None = None,
         plans: PlanCache | None = None,
+        norm_weight: Tensor | None = None,
     ):
         self.plan = plan
         self.plans = plans if plans is not None else PlanCache(plan)
@@ -152,6 +153,7 @@ class LlmRuntime:
         self.image_token_id = image_token_id
         self.num_heads, self.num_kv_heads, self.scaling = num_heads, num_kv_heads, scaling
         self.rotary = rotary  # the LLM's rotary embedding: (cos, sin) of re-numbered positions
+        self.norm_weight = norm_weight  # the LLM's final norm weight (far(norm))
         if rotary is None and any(s.renumber for s in plan.stages):
             raise CompileError("'renumber' needs the language model's rotary embedding module")
         self.stages_at: dict[int, list[ResolvedStage]] = {}
@@ -541,7 +543,7 @@ class LlmRuntime:
         def total_of(obs: Observation) -> Tensor | None:
             return self.vit.total_of(obs, b * st.images) if obs.tower == "vit" and self.vit is not None else None
 
-        view = StageView(x_img, st.vtok, score_of, text_pivots, total_of)
+        view = StageView(x_img, st.vtok, score_of, text_pivots, total_of, self.norm_weight)
         values, src, new = self.log.run(f"{stage.site.text()}#{stage.index}", stage, view)
         order = src.argsort(dim=1)
         src = src.gather(1, order)

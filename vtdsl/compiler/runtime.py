@@ -140,6 +140,9 @@ class StageView:
     # ViT observations: their sum over the tokens they were read on ``[G, 1]`` (`share`
     # divides by it); None: `share` divides by the sum over the stage's candidates
     total_of: Callable[[Observation], Tensor | None] | None = None
+    # LLM stages: the final norm's weight ``[d]`` (`far(norm)`: cosine is invariant to the
+    # norm's per-token scale, so the normed states compare as x * weight)
+    norm_weight: Tensor | None = None
 
 
 def evaluate_score(score: ResolvedScore, view: StageView) -> Tensor:
@@ -239,13 +242,19 @@ def execute(stage: ResolvedStage, view: StageView,
         kind = "diverse_sum" if term.kind == "diverse" and term.spread == "sum" else term.kind
         count = term.count if term.adaptive is None else _adaptive_count(term, scores, view, n - taken)
         taken += count
-        pivots = None
+        pivots = feats = None
         if term.text_pivots:
             if view.text_pivots is None:
                 raise CompileError(f"stage at {stage.site.text()} has no text tokens for 'far' to take pivots from")
             pivots = view.text_pivots(term.pivot_score, term.text_pivots)
+        if term.normed:
+            if view.norm_weight is None:
+                raise CompileError(f"stage at {stage.site.text()}: far(norm) needs the LLM's final norm")
+            weight = view.norm_weight.to(view.x.dtype)
+            feats = view.x * weight
+            pivots = None if pivots is None else pivots * weight
         terms.append(ops.TermSpec(kind=kind, count=count, scores=scores, seed=term.seed, per_pivot=term.per_pivot,
-                                  pivots=pivots))
+                                  pivots=pivots, features=feats))
     region_ids, num_regions = None, None
     if stage.region is not None:
         kind, rr, rc = stage.region

@@ -786,7 +786,7 @@ def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref, tokens_min
         terms.append(ResolvedTerm(kind=term.kind, count=count, score=score, seed=seed, spread=spread, span=term.span,
                                   adaptive=resolved_adaptive, min_count=least,
                                   text_pivots=far.get("text_pivots", 0), pivot_score=far.get("pivot_score"),
-                                  per_pivot=far.get("per_pivot", 0)))
+                                  per_pivot=far.get("per_pivot", 0), normed=far.get("normed", False)))
         kept = min(kept + count, tokens_in)  # no stage keeps more than enters
         kept_min += count if least is None else least
     if not ok:
@@ -878,6 +878,10 @@ def _resolve_far(graph, term: ast.SelectTerm, site: ResolvedSite, kept: int, ada
     terms plus N text tokens; each takes q // pivots tokens (so q is rounded down to a
     multiple of the pivots)."""
     text = term.text_pivots or 0
+    if term.normed and site.tower != "llm":
+        _error(graph, f"far(norm) compares hidden states after the LLM's final norm; {site.text()} is in the vision "
+               "tower", term.span, expected="'far' without (norm) in the vision tower", code="scorer-site")
+        return None
     if text and site.tower != "llm":
         _error(graph, f"text pivots are text tokens, which exist only inside the LLM (not at {site.text()})",
                term.pivot_score.span, expected="'far' without text pivots in the vision tower", code="scorer-site")
@@ -911,7 +915,8 @@ def _resolve_far(graph, term: ast.SelectTerm, site: ResolvedSite, kept: int, ada
                        code="scorer-site")
                 return None
     score = _resolve_score(graph, term.pivot_score, obs_by_ref) if term.pivot_score is not None else None
-    return {"count": per * pivots, "per_pivot": per, "text_pivots": text, "pivot_score": score}
+    return {"count": per * pivots, "per_pivot": per, "text_pivots": text, "pivot_score": score,
+            "normed": term.normed}
 
 
 def _first_term_unscored(graph, action: ast.Keep, terms: list, uses: str, example: str, code: str) -> bool:

@@ -100,6 +100,7 @@ class ResolvedTerm:
     text_pivots: int = 0
     pivot_score: ResolvedScore | None = None
     per_pivot: int = 0
+    normed: bool = False  # far(norm): hidden states after the LLM's final norm
 
 
 @dataclass(frozen=True)

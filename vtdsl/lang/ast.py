@@ -212,6 +212,8 @@ class SelectTerm(Node):
     # far: N text tokens (after the image) ranked by `pivot_score` join the pivots (DART)
     text_pivots: int | None = Field(default=None, ge=1, le=MAX_COUNT)
     pivot_score: Score | None = None
+    # far(norm): cosine of the hidden states after the LLM's final RMSNorm (DART)
+    normed: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "SelectTerm":
@@ -223,6 +225,8 @@ class SelectTerm(Node):
             raise ValueError("text pivots need a count and a score: 'with 4 text pivots by knorm'")
         if self.text_pivots is not None and self.kind != "far":
             raise ValueError(f"text pivots belong to 'far', not to '{self.kind}'")
+        if self.normed and self.kind != "far":
+            raise ValueError(f"'(norm)' belongs to 'far', not to '{self.kind}'")
         return self
 
 

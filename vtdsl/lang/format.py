@@ -97,7 +97,8 @@ def format_term(term) -> str:
         return "cls_token"
     if isinstance(term, ast.BuffersTerm):
         return "buffers" if term.qty is None else f"buffers {format_quantity(term.qty)}"
-    text = f"{term.kind}{'(sum)' if term.spread == 'sum' else ''} {format_quantity(term.qty)}"
+    arg = "(sum)" if term.spread == "sum" else "(norm)" if getattr(term, "normed", False) else ""
+    text = f"{term.kind}{arg} {format_quantity(term.qty)}"
     if term.seed is not None:
         text += f" seed {term.seed}"
     if term.text_pivots is not None:

@@ -346,6 +346,11 @@ def _either(words) -> str:
 
 def _check_scorer_word(tok: Token, accepts: set[str], where: _Where) -> None:
     word = str(tok)
+    if accepts == {"NAME", "SUM"}:  # `diverse(sum)` / `far(norm)`
+        if word != "norm":
+            raise _fail(f"unknown selector argument '{show(word)}'", where.of_token(tok),
+                        expected="(sum) after diverse or (norm) after far")
+        return
     if accepts == {"NAME"}:  # `far N with K <word> pivots`: the only pivots are text tokens
         if word != "text":
             raise _fail(f"unknown pivots '{show(word)}'", where.of_token(tok), expected="'text'",
@@ -583,13 +588,22 @@ class _Builder:
         selector, *rest = tree.children
         kind = str(selector.children[0])
         spread = "min"
+        normed = False
         if rest[0].data == "selector_arg":
             arg = rest.pop(0)
-            if kind != "diverse":
-                raise _fail(f"'({arg.children[0]})' belongs to 'diverse', not to '{kind}'", self.span(arg),
-                            hint="diverse(sum) is max-sum diversity; the other selectors take no argument",
-                            code="semantic")
-            spread = "sum"
+            word = str(arg.children[0])
+            owner = {"sum": "diverse", "norm": "far"}.get(word)
+            if owner is None:
+                raise _fail(f"unknown selector argument '{show(word)}'", self.span(arg),
+                            expected="(sum) after diverse or (norm) after far", code="semantic")
+            if kind != owner:
+                raise _fail(f"'({word})' belongs to '{owner}', not to '{kind}'", self.span(arg),
+                            hint="diverse(sum) is max-sum diversity, far(norm) compares normed hidden states; "
+                                 "the other selectors take no argument", code="semantic")
+            if word == "sum":
+                spread = "sum"
+            else:
+                normed = True
         qty, *rest = rest
         seed = text_pivots = pivot_score = None
         if rest and rest[0].data == "text_pivots":
@@ -614,7 +628,7 @@ class _Builder:
                 raise _fail(f"'seed' belongs to 'random', not to '{kind}'", self.span(seed_tree),
                             hint=f"'{kind}' is deterministic; remove 'seed {seed}'", code="semantic")
         return self.node(ast.SelectTerm, span, kind=kind, qty=self.quantity(qty), seed=seed, spread=spread,
-                         text_pivots=text_pivots, pivot_score=pivot_score)
+                         text_pivots=text_pivots, pivot_score=pivot_score, normed=normed)
 
     def adaptive(self, tree: Tree) -> ast.Adaptive:
         span = self.span(tree)

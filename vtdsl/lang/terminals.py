@@ -114,6 +114,7 @@ _FAMILIES: list[tuple[frozenset[str], str]] = [
     (frozenset({"NUMBER", "PERCENT"}), "a token count such as 64 or a percentage such as 10%"),
     (frozenset({"CROP", "REGION", "CHUNK"}), "'crop', 'region RxC' or 'chunk N'"),
     (frozenset({"_COMMA", "_RPAR"}), "',' or ')'"),
+    (frozenset({"SUM", "NAME"}), "'sum' (diverse(sum)) or 'norm' (far(norm))"),
 ]
 
 

@@ -35,6 +35,8 @@ class TermSpec:
     pivots : Tensor, optional
         ``far``: ``[B, m, d]`` features of pivots besides the tokens kept so far (DART's
         text pivots).
+    features : Tensor, optional
+        ``far``: ``[B, n, d]`` features to compare instead of the stage's `features`.
     """
 
     kind: TermKind
@@ -43,6 +45,7 @@ class TermSpec:
     seed: int | None = None
     per_pivot: int = 0
     pivots: Tensor | None = None
+    features: Tensor | None = None
 
 
 def _batch_size(*tensors: Tensor | None) -> tuple[int, torch.device]:
@@ -152,12 +155,13 @@ def select_union(
                 return greedy(None, c, seed_mask=tk, exclude=~allowed, sim=sim[rows])
 
         elif kind == "far":
-            if features is None:
+            feats = term.features if term.features is not None else features
+            if feats is None:
                 raise ValueError(f"term {ti} ('far') needs features")
 
-            def fn(c, allowed, tk, rows, term=term):
+            def fn(c, allowed, tk, rows, term=term, feats=feats):
                 extra = None if term.pivots is None else term.pivots[rows]
-                return sel.far(features[rows], tk, term.per_pivot, extra_pivots=extra, exclude=~allowed & ~tk)
+                return sel.far(feats[rows], tk, term.per_pivot, extra_pivots=extra, exclude=~allowed & ~tk)
 
         elif kind == "uniform":
 
