@@ -55,3 +55,36 @@ def test_compiled_ranks_by_the_last_token_attention_without_rope():
     with_rope = out.attentions[1][0, :, -1, img].mean(0).tolist()
     rope_order = sorted(range(576), key=lambda i: -with_rope[i])
     assert sorted(img[i] for i in rope_order[:k_keep]) != want
+
+
+def test_image_keys_softmax_over_the_image_only():
+    """`text(image_keys)`: each head's softmax over the image tokens' keys alone, i.e. the
+    full attention row renormalised over the image columns, then the head mean (FEATHER)."""
+    import torch
+
+    import vtdsl.compiler as vc
+    from vtdsl.models import get_spec
+    from plain_refs import sharpen_llm
+
+    spec = get_spec("tiny-llava")
+    img = spec.image_token_id
+    model = sharpen_llm(spec.build(device="cpu", attn_implementation="eager", seed=0).eval())
+    # a long question: the heads give the text a different share of their attention
+    question = list(range(5, 205))
+    ids = torch.tensor([[5, 6, 7] + [img] * 576 + question, [0, 0, 5] + [img] * 576 + question])
+    mask = (ids != 0).long()
+    px = torch.randn(2, 3, 336, 336, generator=torch.Generator().manual_seed(16))
+    with torch.no_grad():
+        att = model(input_ids=ids, attention_mask=mask, pixel_values=px, output_attentions=True).attentions[1]
+    rows = att[:, :, -1, 3:579]  # [B, H, 576]
+    renorm = (rows / rows.sum(-1, keepdim=True)).mean(1)
+    plain = rows.mean(1)
+    orders = [renorm[b].argsort(descending=True) for b in range(2)]
+    k = next(k for k in range(80, 300)
+             if all(float(renorm[b, orders[b][k - 1]] - renorm[b, orders[b][k]]) > 1e-7 for b in range(2)))
+    want = [sorted(3 + i for i in orders[b][:k].tolist()) for b in range(2)]
+    assert sorted(3 + i for i in plain[0].argsort(descending=True)[:k].tolist()) != want[0]  # it matters
+    with vc.apply(f"at llm.layer2 keep text(image_keys) top {k}", model), torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, pixel_values=px)
+        got = vc.kept_tokens(model)["llm.layer2#0"]
+    assert [sorted(row.tolist()) for row in got] == want

@@ -657,6 +657,14 @@ class LlmRuntime:
                     qpos = torch.arange(n, device=q.device)
             else:
                 raise CompileError(f"scorer '{obs.scorer}' ({obs.queries}) cannot be read in the LLM")
+            if obs.image_keys:  # FEATHER: the softmax over the image tokens' keys only
+                allowed = ctx["is_img"][:, None, None, :]
+                if mask is None:
+                    mask = allowed
+                elif mask.dtype == torch.bool:
+                    mask = mask & allowed
+                else:
+                    mask = mask.float().masked_fill(~allowed, float("-inf"))
             values = ops.query_attention(q_rows, k, None, mask=mask, query_positions=qpos, scale=self.scaling,
                                          head_reduce=obs.heads,
                                          head_columns=None if isinstance(obs.heads, str) else ctx["is_img"],

@@ -146,6 +146,7 @@ def _unroll_score(probe: nx.DiGraph, spec: ModelSpec, score):
     if layers is None:
         return None
     refs = [ast.ScoreRef(name=score.name, args=score.args, heads=score.heads, no_rope=score.no_rope,
+                         image_keys=score.image_keys,
                          at=ast.Site(tower=score.at.tower, index=i, span=score.at.span),
                          span=score.span) for i in layers]
     return _aggregate(score.over, refs, score.span)
@@ -340,6 +341,7 @@ def resolve_sites(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
             on_input=on_input,
             heads=ref.heads or "mean",
             rope=not ref.no_rope,
+            image_keys=ref.image_keys,
         )
         # read on the layer's input: before the stage entering that layer
         data["order"] = (2, obs_site.layer, -1) if on_input else _order_key(obs_site, spec, observed=True)
@@ -485,6 +487,10 @@ def _validate_observation(graph, spec: ModelSpec, obs_data: dict, stage_data: di
         else:
             message = f"'{ref.name}' is only available at ViT layers (the LLM sees no CLS token), not at {where}"
         _error(graph, message, ref.span, expected="a score valid at " + where, code="scorer-site")
+        return
+    if obs.image_keys and obs.tower == "vit":
+        _error(graph, f"'image_keys' restricts an LLM attention to the image tokens' keys; at {where} every key is "
+               "a patch", ref.span, expected=f"'{ref.name}' without image_keys", code="scorer-args")
         return
     if not obs.rope and obs.tower == "vit":
         _error(graph, f"the ViT has no rotary position embeddings: 'no_rope' changes nothing at {where}", ref.span,

@@ -56,6 +56,8 @@ class Observation:
     heads: str | int = "mean"
     # False: q and k without rotary position embeddings (`text(no_rope)`, FEATHER; LLM only).
     rope: bool = True
+    # True: the softmax over the image tokens' keys only (`text(image_keys)`, FEATHER; LLM only).
+    image_keys: bool = False
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,8 @@ class ScoreRef(Node):
     heads: Literal["mean", "sum", "max"] | Annotated[int, Field(ge=1, le=MAX_LAYER)] | None = None
     # The attention criterion computed without rotary position embeddings (FEATHER).
     no_rope: bool = False
+    # The attention softmax taken over the image tokens' keys only (FEATHER; LLM).
+    image_keys: bool = False
 
     @model_validator(mode="after")
     def _check_range(self) -> "ScoreRef":

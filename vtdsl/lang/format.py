@@ -70,7 +70,8 @@ def format_score(score) -> str:
         return text
     text = score.name
     heads = [] if score.heads is None else [f"top {score.heads} heads" if isinstance(score.heads, int) else score.heads]
-    args = list(score.args) + heads + (["no_rope"] if score.no_rope else [])
+    args = (list(score.args) + heads + (["no_rope"] if score.no_rope else [])
+            + (["image_keys"] if getattr(score, "image_keys", False) else []))
     if args:
         text += f"({', '.join(args)})"
     if score.at is not None:

@@ -710,10 +710,10 @@ class _Builder:
                         hint=did_you_mean(name[:64], list(SCORERS) + list(COMBINERS)))
         args: list[str] = []
         at = to = over = heads = None
-        no_rope = False
+        no_rope = image_keys = False
         for child in rest:
             if child.data == "score_args":
-                args, heads, no_rope = self.score_args(info, child)
+                args, heads, no_rope, image_keys = self.score_args(info, child)
             elif child.data == "layer_range":
                 at, to = self.layer_range(child.children[0])
             elif child.data == "range_op":
@@ -721,7 +721,7 @@ class _Builder:
             else:
                 at = self.site(child)
         return self.node(ast.ScoreRef, span, name=name, args=args, at=at, to=to, over=over, heads=heads,
-                         no_rope=no_rope)
+                         no_rope=no_rope, image_keys=image_keys)
 
     def layer_range(self, tok: Token) -> tuple[ast.Site, int]:
         text = str(tok)
@@ -735,11 +735,19 @@ class _Builder:
                 raise _fail(f"layer index in '{show(text)}' is out of any model's range", span, code="semantic")
         return self.node(ast.Site, span, tower=m.group(1), index=int(m.group(2))), int(m.group(3))
 
-    def score_args(self, info, tree: Tree) -> tuple[list[str], str | int | None, bool]:
+    def score_args(self, info, tree: Tree) -> tuple[list[str], str | int | None, bool, bool]:
         """The query arguments, the head aggregate (`mean`, `sum`, `max` or `top H heads`
-        as the int H, at most one) and `no_rope`, the last two for attention scores only."""
+        as the int H, at most one), `no_rope` and `image_keys`, the last three for
+        attention scores only."""
         top_heads = [c.children[0] for c in tree.children if isinstance(c.children[0], Tree)]
         toks = [c.children[0] for c in tree.children if not isinstance(c.children[0], Tree)]
+        key_toks = [t for t in toks if str(t) == "image_keys"]
+        toks = [t for t in toks if str(t) != "image_keys"]
+        if key_toks and info.canonical not in ("text", "attn"):
+            raise _fail(f"'{info.name}' reads no attention softmax over LLM keys, so 'image_keys' changes nothing",
+                        self.span(key_toks[0]), hint=f"write '{info.name}'", code="semantic")
+        if len(key_toks) > 1:
+            raise _fail("'image_keys' is written once", self.span(key_toks[1]), code="semantic")
         rope_toks = [t for t in toks if str(t) == "no_rope"]
         toks = [t for t in toks if str(t) != "no_rope"]
         if rope_toks and info.canonical in ("norm", "vnorm", "vsim"):
@@ -772,7 +780,7 @@ class _Builder:
                                 code="semantic")
                 heads = value
         if not toks:
-            return [], heads, bool(rope_toks)
+            return [], heads, bool(rope_toks), bool(key_toks)
         if info.max_args == 0:
             raise _fail(f"scorer '{info.name}' takes no arguments", self.span(tree),
                         hint=f"write '{info.name}'", code="semantic")
@@ -784,7 +792,7 @@ class _Builder:
                 raise _fail(f"unknown argument '{show(str(tok))}' for scorer '{info.name}'", self.span(tok),
                             expected=_either(info.args), hint=did_you_mean(str(tok)[:64], info.args),
                             code="semantic")
-        return [str(t) for t in toks], heads, bool(rope_toks)
+        return [str(t) for t in toks], heads, bool(rope_toks), bool(key_toks)
 
     # -- numbers ------------------------------------------------------------------------
     def number(self, tok: Token) -> int | float:
