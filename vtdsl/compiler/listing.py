@@ -100,7 +100,9 @@ def _action_text(stage: ResolvedStage) -> str:
         if stage.region_proportional:
             text += " proportional"
     if stage.merge_rest:
-        text += f" then merge rest into {stage.merge_rest}"
+        text += f" then {'add' if stage.merge_added else 'merge'} rest into {stage.merge_rest}"
+        if stage.merge_keys is not None:
+            text += " by keys"
     if stage.recycle:
         text += f" then recycle {stage.recycle[0]} into {stage.recycle[1]}"
     if stage.absorb:

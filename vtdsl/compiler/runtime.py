@@ -143,6 +143,9 @@ class StageView:
     # LLM stages: the final norm's weight ``[d]`` (`far(norm)`: cosine is invariant to the
     # norm's per-token scale, so the normed states compare as x * weight)
     norm_weight: Tensor | None = None
+    # ViT stages: a layer -> its attention keys, head mean, for the candidates ``[G, n, dh]``
+    # (`then merge rest into N by keys`)
+    keys_of: Callable[[int], Tensor] | None = None
 
 
 def evaluate_score(score: ResolvedScore, view: StageView) -> Tensor:
@@ -301,7 +304,12 @@ def execute(stage: ResolvedStage, view: StageView,
     t = stage.merge_rest
     if not t:
         return ops.gather_tokens(x, kept), kept, tokens.take(kept)
-    out, _assign = ops.merge_rest(x, kept, t)
+    metric = None
+    if stage.merge_keys is not None:
+        if view.keys_of is None:
+            raise CompileError(f"stage at {stage.site.text()}: 'by keys' found no ViT keys")
+        metric = view.keys_of(stage.merge_keys)
+    out, _assign = ops.merge_rest(x, kept, t, metric=metric, mode="visionzip" if stage.merge_added else "mean")
     # merge_rest's documented targets: the non-kept tokens of rank i * max(1, R // t).
     rest = torch.ones(g, n, dtype=torch.bool, device=device)
     rest.scatter_(1, kept, False)

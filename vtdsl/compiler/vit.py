@@ -127,6 +127,8 @@ class VitRuntime:
         self.ids = spec.patch_tokens + 1
         self.out_stages = [s for s in plan.stages if s.site.tower == "vit" and s.site.layer is None]
         self.needs_cls_feature = any(s.keep_cls for s in self.out_stages)
+        # layers whose keys a `merge rest ... by keys` stage matches on: kept after scoring
+        self.keep_keys = {s.merge_keys for s in plan.stages if s.merge_keys is not None}
         self.attn_obs_at: dict[int, list[Observation]] = {}
         # projections each layer's observations read: scored once all of them are captured
         self.needs: dict[int, set[str]] = {}
@@ -159,7 +161,8 @@ class VitRuntime:
         lead = 1 if self.has_cls else 0
         cand_tokens = self.tokens.drop_first() if lead else self.tokens
         view = StageView(x[:, lead:], cand_tokens, lambda obs: self._aligned(obs, view.tokens.vid),
-                         total_of=lambda obs: self.total_of(obs, x.shape[0]))
+                         total_of=lambda obs: self.total_of(obs, x.shape[0]),
+                         keys_of=lambda layer: self.keys_of(layer, view.tokens.vid))
         key = f"{stage.site.text()}#{stage.index}"
         values, _src, new = self.log.run(key, stage, view)
         out = torch.cat([x[:, :lead], values], dim=1)
@@ -189,7 +192,8 @@ class VitRuntime:
             for obs in self.attn_obs_at.get(layer, ()):
                 self.observe(obs)
             for k in needs:
-                del slot[k]
+                if not (k == "k" and layer in self.keep_keys):
+                    del slot[k]
 
     def projector_pre_hook(self, module: nn.Module, args: tuple) -> tuple | None:
         (x,) = args[:1]
@@ -209,7 +213,8 @@ class VitRuntime:
                 n_in = tokens.count
                 values, _src, new = self.log.run(f"vit.out#{stage.index}", stage,
                                                  StageView(x, tokens, lambda obs: self._aligned(obs, tokens.vid),
-                                                           total_of=lambda obs: self.total_of(obs, x.shape[0])))
+                                                           total_of=lambda obs: self.total_of(obs, x.shape[0]),
+                                                           keys_of=lambda layer: self.keys_of(layer, tokens.vid)))
                 if self.cls_feature is None or self.cls_feature.shape[0] != x.shape[0]:
                     raise CompileError("'cls_token' found no CLS feature from the vision tower")
                 x = torch.cat([self.cls_feature.to(values.dtype), values], dim=1)
@@ -221,7 +226,8 @@ class VitRuntime:
                 continue
             cand = tokens.drop_first() if lead else tokens
             view = StageView(x[:, lead:], cand, lambda obs: self._aligned(obs, view.tokens.vid),
-                             total_of=lambda obs: self.total_of(obs, x.shape[0]))
+                             total_of=lambda obs: self.total_of(obs, x.shape[0]),
+                             keys_of=lambda layer: self.keys_of(layer, view.tokens.vid))
             n_in = cand.count
             values, _src, new = self.log.run(f"vit.out#{stage.index}", stage, view)
             x = torch.cat([x[:, :lead], values], dim=1)
@@ -279,6 +285,22 @@ class VitRuntime:
         ids = tokens.vid[:, lead:]
         done = self.scored[obs] = Scored(values, ids, "vid", self.ids)
         return done
+
+    def keys_of(self, layer: int, vid: Tensor) -> Tensor:
+        """``[G, n, dh]``: the attention keys of ViT `layer` (its k_proj output, head
+        mean) of the tokens `vid`, which must have been present at that layer."""
+        cap = self.captured.get(layer, {})
+        if "k" not in cap:
+            raise CompileError(f"'by keys' found no keys captured at vit.layer{layer}")
+        k, tokens = cap["k"], cap["tokens"]
+        g, n_l = k.shape[:2]
+        keys = k.view(g, n_l, self.num_heads, -1).mean(2)
+        where = torch.full((g, self.ids), -1, dtype=torch.long, device=k.device)
+        where.scatter_(1, tokens.vid, torch.arange(n_l, device=k.device)[None].expand(g, -1))
+        idx = where.gather(1, vid)
+        if bool((idx < 0).any()):
+            raise CompileError(f"'by keys': a token was not present at vit.layer{layer}")
+        return ops.gather_tokens(keys, idx)
 
     def total_of(self, obs: Observation, rows: int) -> Tensor | None:
         """``[rows, 1]``: a ViT observation's sum over the patches it was read on (the

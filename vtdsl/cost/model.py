@@ -173,11 +173,11 @@ def stage_flops(k: _Constants, stage) -> int:
     """Matmul work of a stage's selectors and merges (docs/dev/contracts.md); a ViT stage
     runs once per crop."""
     if stage.site.tower == "vit":
-        return k.crops * _stage_flops(stage, k.vit_d)
+        return k.crops * _stage_flops(stage, k.vit_d, k.spec.vit.head_dim)
     return _stage_flops(stage, k.llm_d)
 
 
-def _stage_flops(stage, d: int) -> int:
+def _stage_flops(stage, d: int, head_dim: int = 0) -> int:
     action = stage.action
     if action == "keep":
         total = 0
@@ -193,8 +193,8 @@ def _stage_flops(stage, d: int) -> int:
         if t:
             # R: the tokens the kept terms did not take (the most, under adaptive counts)
             rest = n - (stage.fewest_out - stage.keep_cls - t)
-            if rest > t:
-                total += 2 * (rest - t) * t * d
+            if rest > t:  # matched on the tokens (d), or on head-mean keys (`by keys`: head_dim)
+                total += 2 * (rest - t) * t * (head_dim if stage.merge_keys is not None else d)
         if stage.absorb:
             k = stage.tokens_out - stage.keep_cls - 1  # kept tokens, each against all n
             total += 2 * k * n * d  # one cosine-similarity matrix [k, d] x [d, n]

@@ -811,6 +811,11 @@ def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref, tokens_min
                 code="quantity",
             )
             return None
+    merge_keys = None
+    if action.merge_rest is not None and action.merge_by == "keys":
+        merge_keys = _resolve_merge_keys(graph, action, terms, site)
+        if merge_keys is None:
+            return None
     recycle = None
     if action.recycle is not None and adaptive_seen and action.recycle.count.percent:
         _error(graph, f"'recycle {_qty_text(action.recycle.count)}' is a share of the tokens this stage drops, whose "
@@ -872,6 +877,7 @@ def _infer_stage(graph, data: dict, tokens_in: int, grid, obs_by_ref, tokens_min
         action="keep", tokens_out=out + keep_cls, terms=tuple(terms), region=region,
         merge_rest=rest if recycle is None and not absorb and cells is None else 0, recycle=recycle, absorb=absorb,
         cells=cells, keep_cls=keep_cls, region_proportional=proportional,
+        merge_added=action.merge_added and action.merge_rest is not None, merge_keys=merge_keys,
         tokens_out_min=out_min + keep_cls if (out_min != out or varies) else None, **common
     )
     exact = out == tokens_in and out_min == out and not varies
@@ -934,6 +940,25 @@ def _first_term_unscored(graph, action: ast.Keep, terms: list, uses: str, exampl
     _error(graph, f"{uses} the first term's score, but the first term ('{first.kind}') has no score", first.span,
            expected=f"a scored first term, such as '{example}'", code=code)
     return True
+
+
+def _resolve_merge_keys(graph, action: ast.Keep, terms: list, site: ResolvedSite) -> int | None:
+    """`... by keys`: the ViT layer whose keys the first term's score read (VisionZip
+    matches on the keys of the layer its CLS attention comes from)."""
+    where = action.merge_rest.span
+    if site.tower != "vit":
+        _error(graph, "'by keys' matches on a ViT layer's attention keys; this stage is in the LLM", where,
+               expected="'then merge rest into N' without 'by keys'", code="merge-keys")
+        return None
+    score = terms[0].score if terms else None
+    obs = score.observation if score is not None and score.op == "leaf" else None
+    if obs is None or obs.tower != "vit" or obs.scorer not in ("cls", "attn", "knorm"):
+        _error(graph, "'by keys' takes the keys of the layer the first term's score reads, so the first term must "
+               "be one ViT attention score", where,
+               expected="a first term such as 'cls top 161' (keys of the layer its attention comes from)",
+               code="merge-keys")
+        return None
+    return obs.layer
 
 
 def _band_sizes(length: int, parts: int) -> list[int]:

@@ -132,6 +132,10 @@ class ResolvedStage:
     # keep: (R, C) of `then recycle rest into RxC cells` (VFlowOpt): one token per cell
     # from the dropped tokens in it, after the selected ones (counted in tokens_out)
     cells: tuple[int, int] | None = None
+    # `then add rest into N`: contextual = target + mean of the joiners (VisionZip)
+    merge_added: bool = False
+    # `... by keys`: the ViT layer whose attention keys (head mean) the merge matches on
+    merge_keys: int | None = None
     span: Span | None = None
     # Adaptive counts (`top N by ...`) make token counts data-dependent: tokens_in /
     # tokens_out are then upper bounds (what the cost model charges) and these the lower

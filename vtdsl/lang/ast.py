@@ -307,11 +307,19 @@ class Keep(Node):
     # weighted by the first term's score; the dropped ones so weighted become one more token
     absorb: Quantity | None = None
     cells: Cells | None = None
+    # `then add rest into N` (VisionZip): a contextual token is its target plus the mean of
+    # the tokens joining it, not the mean of the group
+    merge_added: bool = False
+    # `... by keys`: tokens join the target of most similar attention keys (head mean) of
+    # the layer the first term's score reads
+    merge_by: Literal["tokens", "keys"] = "tokens"
 
     @model_validator(mode="after")
     def _one_way_for_the_rest(self) -> "Keep":
         if sum(x is not None for x in (self.merge_rest, self.recycle, self.absorb, self.cells)) > 1:
             raise ValueError("a keep takes one of 'merge rest into', 'recycle', 'absorb' and 'recycle rest into'")
+        if self.merge_rest is None and (self.merge_added or self.merge_by != "tokens"):
+            raise ValueError("'add' and 'by keys' belong to 'then merge rest into N'")
         return self
 
 

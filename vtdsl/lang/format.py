@@ -121,7 +121,10 @@ def format_action(action) -> str:
         if action.region is not None:
             text += " per " + format_region(action.region)
         if action.merge_rest is not None:
-            text += " then merge rest into " + format_quantity(action.merge_rest)
+            verb = "add" if action.merge_added else "merge"
+            text += f" then {verb} rest into " + format_quantity(action.merge_rest)
+            if action.merge_by == "keys":
+                text += " by keys"
         if action.absorb is not None:
             text += " then absorb " + format_quantity(action.absorb)
         if action.recycle is not None:

@@ -547,6 +547,7 @@ class _Builder:
         kind = tree.data
         if kind == "keep":
             terms = region = merge_rest = recycle = absorb = cells = None
+            merge_added, merge_by = False, "tokens"
             for child in tree.children:
                 if child.data == "terms":
                     terms = self.terms(child)
@@ -560,10 +561,16 @@ class _Builder:
                 elif child.data == "cells":
                     rows, cols = self.grid(child.children[0], "cell")
                     cells = self.node(ast.Cells, self.span(child), rows=rows, cols=cols)
-                else:
-                    merge_rest = self.quantity(child.children[0])
+                else:  # merge_rest: [ADD] quantity [merge_by]
+                    parts = list(child.children)
+                    if isinstance(parts[0], Token):
+                        merge_added = True
+                        parts.pop(0)
+                    merge_rest = self.quantity(parts[0])
+                    if len(parts) > 1:
+                        merge_by = "keys"
             return self.node(ast.Keep, span, terms=terms, region=region, merge_rest=merge_rest, recycle=recycle,
-                             absorb=absorb, cells=cells)
+                             absorb=absorb, cells=cells, merge_added=merge_added, merge_by=merge_by)
         if kind == "merge":
             return self.node(ast.Merge, span, pairs=self.quantity(tree.children[0]))
         if kind == "pool":

@@ -59,6 +59,8 @@ TERMINAL_WORDS: dict[str, str] = {
     "_RECYCLE": "'recycle'",
     "_ABSORB": "'absorb'",
     "_CELLS": "'cells'",
+    "ADD": "'add'",
+    "KEYS": "'keys'",
     "_INTO": "'into'",
     "PROPORTIONAL": "'proportional'",
     "RENUMBER": "'renumber'",

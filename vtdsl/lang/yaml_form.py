@@ -15,7 +15,8 @@ Schema (every key optional except a stage's `at` and its one action):
       - at: llm.layer2
         keep: diverse 64
         per: region 2x2            # keep only: `crop` or `region RxC`
-        merge_rest_into: 16        # keep only: `then merge rest into 16`
+        merge_rest_into: 16        # keep only: `then merge rest into 16` (add_rest_into: `then add rest ...`;
+        merge_by: keys             #   with `merge_by: keys`, `... by keys`)
       - at: llm.layer3             # keep only: `then recycle 83 into 9`
         keep: text(all) top 300
         recycle: 83
@@ -48,8 +49,9 @@ from .parser import _StatementError, _Where, check_size, has_surrogate, parse_va
 
 TOP_KEYS = ("policy", "model", "budget", "stages")
 ACTIONS = ("keep", "merge", "pool", "drop")
-STAGE_KEYS = ("at", "every", "from", "to") + ACTIONS + ("per", "merge_rest_into", "recycle", "recycle_into",
-                                                        "absorb", "recycle_cells", "renumber")
+STAGE_KEYS = ("at", "every", "from", "to") + ACTIONS + ("per", "merge_rest_into", "add_rest_into", "merge_by",
+                                                        "recycle", "recycle_into", "absorb", "recycle_cells",
+                                                        "renumber")
 _NULL = "tag:yaml.org,2002:null"
 
 
@@ -100,7 +102,9 @@ def policy_to_data(policy: ast.Policy) -> dict:
             if a.region is not None:
                 item["per"] = format_region(a.region)
             if a.merge_rest is not None:
-                item["merge_rest_into"] = _qty(a.merge_rest)
+                item["add_rest_into" if a.merge_added else "merge_rest_into"] = _qty(a.merge_rest)
+                if a.merge_by == "keys":
+                    item["merge_by"] = "keys"
             if a.absorb is not None:
                 item["absorb"] = _qty(a.absorb)
             if a.recycle is not None:
@@ -271,7 +275,8 @@ class _Reader:
             raise self.fail(f"a stage has one action, got {' and '.join(actions)}", m[actions[1]][0],
                             hint="write a second stage at the same site")
         action = actions[0]
-        for extra in ("per", "merge_rest_into", "recycle", "recycle_into", "absorb", "recycle_cells"):
+        for extra in ("per", "merge_rest_into", "add_rest_into", "merge_by", "recycle", "recycle_into", "absorb",
+                      "recycle_cells"):
             if extra in m and action != "keep":
                 raise self.fail(f"'{extra}' belongs to 'keep', not to '{action}'", m[extra][0])
         if repeat is None:
@@ -290,8 +295,23 @@ class _Reader:
             region = merge_rest = None
             if "per" in m:
                 region = self.value(m["per"][1], "region_body", "'per'")
+            merge_added, merge_by = False, "tokens"
+            if "merge_rest_into" in m and "add_rest_into" in m:
+                raise self.fail("a keep either merges or adds the rest, not both", m["add_rest_into"][0],
+                                expected="one of merge_rest_into or add_rest_into")
             if "merge_rest_into" in m:
                 merge_rest = self.value(m["merge_rest_into"][1], "quantity", "'merge_rest_into'")
+            if "add_rest_into" in m:
+                merge_rest = self.value(m["add_rest_into"][1], "quantity", "'add_rest_into'")
+                merge_added = True
+            if "merge_by" in m:
+                key, val = m["merge_by"]
+                if merge_rest is None:
+                    raise self.fail("'merge_by' belongs to merge_rest_into or add_rest_into", key,
+                                    expected="merge_rest_into: N beside it")
+                if not (isinstance(val, ScalarNode) and val.value == "keys"):
+                    raise self.fail("'merge_by' takes 'keys'", val, expected="merge_by: keys")
+                merge_by = "keys"
             recycle = None
             if ("recycle" in m) != ("recycle_into" in m):
                 have, missing = ("recycle", "recycle_into") if "recycle" in m else ("recycle_into", "recycle")
@@ -317,11 +337,12 @@ class _Reader:
                 rows, cols = self.value(m["recycle_cells"][1], "grid", "'recycle_cells'")
                 cells = self.node(ast.Cells, _join(_span(m["recycle_cells"][0]), _span(m["recycle_cells"][1])),
                                   rows=rows, cols=cols)
-            last = max((m[k][1] for k in ("keep", "per", "merge_rest_into", "recycle", "recycle_into", "absorb",
-                                          "recycle_cells") if k in m),
+            last = max((m[k][1] for k in ("keep", "per", "merge_rest_into", "add_rest_into", "merge_by", "recycle",
+                                          "recycle_into", "absorb", "recycle_cells") if k in m),
                        key=lambda n: (n.end_mark.line, n.end_mark.column))
             act = self.node(ast.Keep, _join(_span(key), _span(last)), terms=terms, region=region,
-                            merge_rest=merge_rest, recycle=recycle, absorb=absorb, cells=cells)
+                            merge_rest=merge_rest, recycle=recycle, absorb=absorb, cells=cells,
+                            merge_added=merge_added, merge_by=merge_by)
         elif action == "merge":
             act = self.node(ast.Merge, span, pairs=self.value(val, "quantity", "'merge'"))
         elif action == "pool":

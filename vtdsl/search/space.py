@@ -927,9 +927,9 @@ def load_space(path: str | os.PathLike, syntax: str | None = None) -> Space:
 
 _TOP_KEYS = ("policy", "model", "budget", "stages")
 _ACTIONS = ("keep", "merge", "pool", "drop")
-_STAGE_KEYS = ("at", "at?", "every", "every?", "from", "to") + _ACTIONS + ("per", "merge_rest_into", "recycle",
-                                                                          "recycle_into", "absorb", "recycle_cells",
-                                                                          "renumber")
+_STAGE_KEYS = ("at", "at?", "every", "every?", "from", "to") + _ACTIONS + ("per", "merge_rest_into", "add_rest_into",
+                                                                          "merge_by", "recycle", "recycle_into",
+                                                                          "absorb", "recycle_cells", "renumber")
 _NULL = "tag:yaml.org,2002:null"
 
 
@@ -1038,7 +1038,8 @@ def _yaml_template(text: str, filename: str) -> Frag:
             raise fail(f"a stage has one action, got {' and '.join(actions)}", m[actions[1]][0],
                        hint="write a second stage at the same site")
         action = actions[0]
-        for extra in ("per", "merge_rest_into", "recycle", "recycle_into", "absorb", "recycle_cells"):
+        for extra in ("per", "merge_rest_into", "add_rest_into", "merge_by", "recycle", "recycle_into", "absorb",
+                      "recycle_cells"):
             if extra in m and action != "keep":
                 raise fail(f"'{extra}' belongs to 'keep', not to '{action}'", m[extra][0])
         if ("recycle" in m) != ("recycle_into" in m):
@@ -1077,6 +1078,11 @@ def _yaml_template(text: str, filename: str) -> Frag:
         if "merge_rest_into" in m:
             parts += [glue(" then merge rest into ", m["merge_rest_into"][0])] + value(
                 m["merge_rest_into"][1], "'merge_rest_into'")
+        if "add_rest_into" in m:
+            parts += [glue(" then add rest into ", m["add_rest_into"][0])] + value(
+                m["add_rest_into"][1], "'add_rest_into'")
+        if "merge_by" in m:
+            parts += [glue(" by ", m["merge_by"][0])] + value(m["merge_by"][1], "'merge_by'")
         if "recycle" in m:
             parts += [glue(" then recycle ", m["recycle"][0])] + value(m["recycle"][1], "'recycle'")
             parts += [glue(" into ", m["recycle_into"][0])] + value(m["recycle_into"][1], "'recycle_into'")
