@@ -32,8 +32,9 @@ reproduces exactly and what it approximates; `docs/zoo-notes.md` has the details
   the unpruned model (the convention that equals torch's FlopCounterMode);
   *FLOPs (fastv)*: FastV's LLM-only `4nd² + 2n²d + 2ndm` convention, the one papers quote.
 - *KV*: KV-cache bytes after prefill relative to the unpruned model.
-- *≤*: the policy has an adaptive count (`top N by ...`); figures are its upper bound,
-  what the cost model charges (a real run may keep fewer tokens).
+- *≤*: a figure the cost model gives as an upper bound, because an adaptive count
+  (`top N by ...`) decides it per image (a real run may keep fewer tokens). FlowCut's
+  cuts vary only inside the ViT: its LLM figures are exact, its total FLOPs a bound.
 
 | policy | stages | tokens → LLM | mean over LLM layers | FLOPs (hf) | FLOPs (fastv) | KV |
 |---|---|---:|---:|---:|---:|---:|
@@ -81,22 +82,34 @@ def family_cells(path: Path, model: str, text_tokens: int) -> str:
         d = data["diagnostics"][0]
         reason = d["message"].replace("|", "\\|")
         return f"refused ({d['code']}, line {d['line']}): {reason} | —"
-    bound = "≤ " if _adaptive(data) else ""
-    return f"{bound}{data['visual_tokens_to_llm']} | {bound}{100 * data['flops']['ratio']:.1f}%"
+    llm = "≤ " if _llm_varies(data) else ""
+    total = "≤ " if _adaptive(data) else ""
+    return f"{llm}{data['visual_tokens_to_llm']} | {total}{100 * data['flops']['ratio']:.1f}%"
 
 
 def _adaptive(data: dict) -> bool:
+    """Some stage's count varies per image: total FLOPs are a bound."""
     return any(s["fewest_in"] != s["tokens_in"] or s["fewest_out"] != s["tokens_out"] for s in data["stages"])
+
+
+def _llm_varies(data: dict) -> bool:
+    """The LLM's token counts vary per image: the last ViT stage or an LLM stage varies."""
+    vit = [s for s in data["stages"] if s["site"].startswith("vit.")]
+    llm = [s for s in data["stages"] if s["site"].startswith("llm.")]
+    last = vit[-1] if vit else None
+    return (last is not None and last["fewest_out"] != last["tokens_out"]) or any(
+        s["fewest_in"] != s["tokens_in"] or s["fewest_out"] != s["tokens_out"] for s in llm)
 
 
 def row(path: Path, model: str, text_tokens: int) -> str:
     data = check_json(path, model, text_tokens)
     llm = data["tokens"]["llm_visual"]
     stages = stage_text(path).replace("|", "\\|")
-    b = "≤ " if _adaptive(data) else ""
+    b = "≤ " if _llm_varies(data) else ""
+    t = "≤ " if _adaptive(data) else ""
     return (
         f"| `{path.stem}` | `{stages}` | {b}{data['visual_tokens_to_llm']} | {b}{sum(llm) / len(llm):.1f} "
-        f"| {b}{100 * data['flops']['ratio']:.1f}% | {b}{100 * data['flops_fastv']['ratio']:.1f}% "
+        f"| {t}{100 * data['flops']['ratio']:.1f}% | {b}{100 * data['flops_fastv']['ratio']:.1f}% "
         f"| {b}{100 * data['kv_cache_bytes']['ratio']:.1f}% |"
     )
 

@@ -107,3 +107,9 @@ def test_a_ranged_combination_gives_its_scores_their_layers(src, message, column
         check(src, "llava-1.5-7b")
     diag = err.value.diagnostics[0]
     assert message in diag.message and diag.span.column == column
+
+
+def test_a_ranged_combination_reports_a_bad_body_once():
+    with pytest.raises(PolicyError) as err:
+        check("at vit.layer6 keep prod(cls@vit.layer3, vnorm)@vit.layer0..5 ema top 64", "llava-1.5-7b")
+    assert len(err.value.diagnostics) == 1

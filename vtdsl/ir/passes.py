@@ -136,8 +136,13 @@ def _unroll_score(probe: nx.DiGraph, spec: ModelSpec, score):
             if layers is None:
                 return None
             body = score.model_copy(update={"at": None, "to": None, "over": None})
-            copies = [_at_layer(probe, body, score.at.tower, i, score.at.span) for i in layers]
-            return None if any(c is None for c in copies) else _aggregate(score.over, copies, score.span)
+            copies = []
+            for i in layers:  # the first copy reports what is wrong with the body, once
+                copy = _at_layer(probe, body, score.at.tower, i, score.at.span)
+                if copy is None:
+                    return None
+                copies.append(copy)
+            return _aggregate(score.over, copies, score.span)
         args = [_unroll_score(probe, spec, a) for a in score.args]
         return None if any(a is None for a in args) else score.model_copy(update={"args": args})
     if score.to is None:
