@@ -19,6 +19,16 @@ def sharpen_llm(model: torch.nn.Module, factor: float = 8.0) -> torch.nn.Module:
     return model
 
 
+def peaked(spec, factor: float = 8.0) -> torch.nn.Module:
+    """The spec's random model (seed 0, eager) with every ViT and LLM query projection
+    scaled: attention sharp enough for unambiguous reference rankings."""
+    model = spec.build(device="cpu", attn_implementation="eager", seed=0).eval()
+    with torch.no_grad():
+        for layer in [*model.model.vision_tower.encoder.layers, *model.model.language_model.layers]:
+            layer.self_attn.q_proj.weight.mul_(factor)
+    return model
+
+
 def masked_generate(ref, batch_inputs: dict, pruned: list[torch.Tensor], from_layer: int, new_tokens: int):
     """Greedy `generate` of `ref` with the positions `pruned[b]` of sample b masked out of
     every attention from LLM layer `from_layer` on, positions unchanged: what a prune at

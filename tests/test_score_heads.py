@@ -12,6 +12,8 @@ from vtdsl.lang import PolicyError as LangError
 from vtdsl.lang import format_policy, from_yaml, parse, to_yaml
 from vtdsl.models import get_spec
 
+from plain_refs import peaked
+
 SPEC = get_spec("tiny-llava")
 IMG = SPEC.image_token_id
 
@@ -43,14 +45,6 @@ def test_is_part_of_the_observation_and_costs_the_same():
     assert one.policy.flops == mean.policy.flops  # the same q.k rows; reducing heads is free
 
 
-def _peaked():
-    model = SPEC.build(device="cpu", attn_implementation="eager", seed=0).eval()
-    with torch.no_grad():
-        for layer in [*model.model.vision_tower.encoder.layers, *model.model.language_model.layers]:
-            layer.self_attn.q_proj.weight.mul_(8.0)
-    return model
-
-
 def _top_with_gap(values: list[float], lo: int) -> tuple[int, list[int]]:
     order = sorted(range(len(values)), key=lambda i: -values[i])
     k = next(k for k in range(lo, len(values) - 1) if values[order[k - 1]] - values[order[k]] > 1e-6)
@@ -58,7 +52,7 @@ def _top_with_gap(values: list[float], lo: int) -> tuple[int, list[int]]:
 
 
 def test_compiled_cls_max_and_text_sum_match_eager_attention():
-    model = _peaked()
+    model = peaked(SPEC)
     ids = torch.tensor([[5, 6, 7] + [IMG] * 576 + [8, 9, 10, 11]])
     px = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():

@@ -13,7 +13,7 @@ from vtdsl.lang import PolicyError as LangError
 from vtdsl.lang import format_policy, from_yaml, parse, to_yaml
 from vtdsl.models import get_spec
 
-from plain_refs import first_error
+from plain_refs import first_error, peaked
 
 SPEC = get_spec("tiny-llava")
 IMG = SPEC.image_token_id
@@ -52,14 +52,6 @@ def test_costs_what_the_mean_costs():
     assert top.policy.flops == mean.policy.flops  # the same q.k rows; ranking heads is a sum
 
 
-def _model():
-    model = SPEC.build(device="cpu", attn_implementation="eager", seed=0).eval()
-    with torch.no_grad():
-        for layer in [*model.model.vision_tower.encoder.layers, *model.model.language_model.layers]:
-            layer.self_attn.q_proj.weight.mul_(8.0)
-    return model
-
-
 def _top_heads_reference(probs: torch.Tensor, rows: list[int], cols: list[int], h: int) -> torch.Tensor:
     """Plain loop: per head, its total attention from `rows` to `cols`; the h largest
     heads averaged, then the rows averaged. ``probs [H, N, N]`` -> ``[len(cols)]``."""
@@ -79,7 +71,7 @@ def _top_with_gap(rows: list[torch.Tensor], lo: int) -> tuple[int, list[list[int
 
 
 def test_compiled_top_heads_match_eager_attention_per_sample():
-    model = _model()
+    model = peaked(SPEC)
     ids = torch.tensor([[5, 6, 7] + [IMG] * 576 + [8, 9, 10, 11]] * 2)
     px = torch.randn(2, 3, 336, 336, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
