@@ -29,6 +29,28 @@ def peaked(spec, factor: float = 8.0) -> torch.nn.Module:
     return model
 
 
+def feature_layer(model, px: torch.Tensor, spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain vision tower's feature layer: its CLS attention over the patches (head
+    mean) ``[B, P]`` and its patch outputs ``[B, P, d]``."""
+    with torch.no_grad():
+        out = model.model.vision_tower(px, output_attentions=True, output_hidden_states=True)
+    cls = out.attentions[spec.feature_layer_index][:, :, 0, 1:].mean(1)
+    return cls, out.hidden_states[spec.feature_layer_index + 1][:, 1:]
+
+
+def generate_on_features(model, input_ids, attention_mask, image_token_id: int, features, new_tokens: int):
+    """Greedy `generate` of the plain model from its input embeddings, with the image
+    placeholders' rows replaced by `features[b]` (``[rows, d]`` per sample): what a model
+    fed exactly those visual tokens produces. Returns the new tokens only."""
+    embeds = model.get_input_embeddings()(input_ids).clone()
+    for b in range(input_ids.shape[0]):
+        embeds[b, input_ids[b] == image_token_id] = features[b]
+    with torch.no_grad():
+        out = model.generate(inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=new_tokens,
+                             do_sample=False)
+    return out[:, -new_tokens:]
+
+
 def masked_generate(ref, batch_inputs: dict, pruned: list[torch.Tensor], from_layer: int, new_tokens: int):
     """Greedy `generate` of `ref` with the positions `pruned[b]` of sample b masked out of
     every attention from LLM layer `from_layer` on, positions unchanged: what a prune at

@@ -19,13 +19,19 @@ from vtdsl.lang import PolicyError as LangError
 from vtdsl.lang import format_policy, from_yaml, parse, to_yaml
 from vtdsl.models import get_spec
 
-from plain_refs import clip_cls_scores, first_error, last_query_attention, sharpen_llm
+from plain_refs import clip_cls_scores, first_error, generate_on_features, last_query_attention, sharpen_llm
 
 SPEC = get_spec("tiny-llava")
 IMG = SPEC.image_token_id
 FLOWCUT = ("at vit.layer2 keep cls top 64 by entropy(cls) over 20 layers\n"
            "at vit.layer4 keep cls top 64 by entropy(cls) over 18 layers\n"
            "at vit.layer22 keep cls top 64 by entropy(cls) over 2 layers\n")
+
+
+def _iqr_outliers(row) -> int:
+    """PruMerge's count by numpy: scores above Q3 + 1.5 (Q3 - Q1)."""
+    q1, q3 = np.percentile(row, 25), np.percentile(row, 75)
+    return int((row > q3 + 1.5 * (q3 - q1)).sum())
 
 
 # ---------------------------------------------------------------- language
@@ -98,10 +104,7 @@ def test_misuse_is_a_located_check_error(src, spec, message, line, column):
 def test_outlier_count_is_the_iqr_rule():
     gen = torch.Generator().manual_seed(0)
     scores = torch.rand(3, 200, generator=gen) ** torch.tensor([[2.0], [8.0], [16.0]])  # right tails
-    want = []
-    for row in scores.numpy():
-        q1, q3 = np.percentile(row, 25), np.percentile(row, 75)
-        want.append(int((row > q3 + 1.5 * (q3 - q1)).sum()))
+    want = [_iqr_outliers(row) for row in scores.numpy()]
     assert len(set(want)) == 3
     assert ops.outlier_count(scores, 200) == max(want)  # the batch keeps its largest count
     assert ops.outlier_count(scores, 5) == 5
@@ -161,10 +164,7 @@ def test_outliers_at_vit_out_keep_the_iqr_count_and_run_like_the_fixed_count(pea
     with torch.no_grad():
         att = peaked.model.vision_tower(PX, output_attentions=True).attentions[SPEC.feature_layer_index]
     cls = att[:, :, 0, 1:].mean(1)  # [2, 576]
-    counts = []
-    for row in cls.numpy():
-        q1, q3 = np.percentile(row, 25), np.percentile(row, 75)
-        counts.append(int((row > q3 + 1.5 * (q3 - q1)).sum()))
+    counts = [_iqr_outliers(row) for row in cls.numpy()]
     k = max(counts)
     assert 1 < k < 144 and counts[0] != counts[1]
     logits, kept, got, gen = _run(peaked, "at vit.out keep cls top 25% by outliers then absorb 8", 145)
@@ -226,10 +226,7 @@ def test_outliers_at_an_llm_layer_read_the_last_query(peaked):
     ids = _prompt(576)
     scores = last_query_attention(peaked, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                                            "pixel_values": PX}, 1)[:, 3:579]
-    counts = []
-    for row in scores.numpy():
-        q1, q3 = np.percentile(row, 25), np.percentile(row, 75)
-        counts.append(int((row > q3 + 1.5 * (q3 - q1)).sum()))
+    counts = [_iqr_outliers(row) for row in scores.numpy()]
     k = max(counts)
     assert 1 < k < 100
     _logits, kept, got, _gen = _run(peaked, "at llm.layer2 keep text top 100 by outliers", 576)
@@ -273,10 +270,7 @@ def test_outliers_on_llava_next_give_every_crop_the_calls_count():
     with torch.no_grad():
         out = tower(px.reshape(10, 3, 56, 56), output_attentions=True, output_hidden_states=True)
     cls = out.attentions[spec.feature_layer_index][:, :, 0, 1:].mean(1)  # [10 crops, 16]
-    counts = []
-    for row in cls.numpy():
-        q1, q3 = np.percentile(row, 25), np.percentile(row, 75)
-        counts.append(int((row > q3 + 1.5 * (q3 - q1)).sum()))
+    counts = [_iqr_outliers(row) for row in cls.numpy()]
     k = min(max(counts), 4)  # the bound: 25% of 16 patches
     assert 1 < k and len(set(counts)) > 1
     feats = out.hidden_states[spec.feature_layer_index + 1][:, 1:]
@@ -291,13 +285,8 @@ def test_outliers_on_llava_next_give_every_crop_the_calls_count():
                                     image_sizes=sizes, max_new_tokens=4, do_sample=False)
         assert vc.kept_counts(compiled)["vit"]["vit.out#0"] == (16, k)
     short = vc.rewrite_inputs(ids, torch.ones_like(ids), image_token_id=img, from_count=n_img, to_count=5 * k)
-    embeds = model.get_input_embeddings()(short["input_ids"]).clone()
-    for b in range(2):
-        embeds[b, short["input_ids"][b] == img] = want[b]
-    with torch.no_grad():
-        ref = model.generate(inputs_embeds=embeds, attention_mask=short["attention_mask"], max_new_tokens=4,
-                             do_sample=False)
-    assert torch.equal(gen[:, -4:], ref[:, -4:])
+    assert torch.equal(gen[:, -4:], generate_on_features(model, short["input_ids"], short["attention_mask"], img,
+                                                         want, 4))
 
 
 def test_counted_flops_are_those_of_the_count_the_run_kept(peaked):

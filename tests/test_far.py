@@ -17,7 +17,7 @@ from vtdsl.lang import PolicyError as LangError
 from vtdsl.lang import format_policy, from_yaml, parse, to_yaml
 from vtdsl.models import get_spec
 
-from plain_refs import first_error, sharpen_llm
+from plain_refs import feature_layer, first_error, sharpen_llm
 
 SPEC = get_spec("tiny-llava")
 IMG = SPEC.image_token_id
@@ -97,15 +97,26 @@ def _dart_reference(model, ids, px, pivots_img: int, pivots_txt: int, per_pivot:
         top_txt = sorted((sorted(after, key=lambda p: -float(knorm[b, p]))
                           + sorted(before, key=lambda p: -float(knorm[b, p])))[:pivots_txt])
         free = [p for p in img if p not in top_img]
-        chosen = []
-        for pivot in top_img + top_txt:
-            sims = F.cosine_similarity(hidden[b, pivot][None], hidden[b, free], dim=-1)
-            order = sorted(range(len(free)), key=lambda i: (float(sims[i]), i))[:per_pivot]
-            picked = [free[i] for i in order]
-            chosen += picked
-            free = [p for p in free if p not in picked]
-        kept.append(sorted(top_img + chosen))
+        kept.append(sorted(top_img + _each_pivot_least_similar(hidden[b], top_img + top_txt, free, per_pivot)))
     return kept
+
+
+def _each_pivot_least_similar(x: torch.Tensor, pivots: list[int], free: list[int], per_pivot: int) -> list[int]:
+    """DART's loop: each pivot in turn takes the per_pivot free rows of x least cosine-
+    similar to it (ties: lower index); they are no longer free."""
+    chosen = []
+    for pivot in pivots:
+        sims = F.cosine_similarity(x[pivot][None], x[free], dim=-1)
+        picked = [free[i] for i in sorted(range(len(free)), key=lambda i: (float(sims[i]), i))[:per_pivot]]
+        chosen += picked
+        free = [p for p in free if p not in picked]
+    return chosen
+
+
+def _compiled_kept(model, src: str, **inputs) -> list[list[int]]:
+    with vc.apply(src, model), torch.no_grad():
+        model(**inputs)
+        return [sorted(row.tolist()) for row in vc.kept_tokens(model)["llm.layer2#0"]]
 
 
 def test_compiled_far_follows_darts_loop():
@@ -113,10 +124,7 @@ def test_compiled_far_follows_darts_loop():
     ids = torch.tensor([[5, 6] + [IMG] * 576 + [8, 9, 10, 11, 12, 13, 14]] * 2)
     px = torch.randn(2, 3, 336, 336, generator=torch.Generator().manual_seed(6))
     want = _dart_reference(model, ids, px, 4, 4, 16)
-    with vc.apply(DART, model), torch.no_grad():
-        model(input_ids=ids, pixel_values=px)
-        got = vc.kept_tokens(model)["llm.layer2#0"]
-    assert [sorted(row.tolist()) for row in got] == want
+    assert _compiled_kept(model, DART, input_ids=ids, pixel_values=px) == want
     assert want[0] != want[1]
 
 
@@ -125,10 +133,7 @@ def test_a_short_question_borrows_text_pivots_from_before_the_image():
     ids = torch.tensor([[5, 6, 7, 8, 9, 10] + [IMG] * 576 + [11, 12]])
     px = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(8))
     want = _dart_reference(model, ids, px, 4, 4, 16)
-    with vc.apply(DART, model), torch.no_grad():
-        model(input_ids=ids, pixel_values=px)
-        got = vc.kept_tokens(model)["llm.layer2#0"]
-    assert [sorted(row.tolist()) for row in got] == want
+    assert _compiled_kept(model, DART, input_ids=ids, pixel_values=px) == want
     with vc.apply(DART, model), torch.no_grad(), pytest.raises(vc.CompileError, match="only 3 text tokens"):
         model(input_ids=torch.tensor([[5] + [IMG] * 576 + [11, 12]]), pixel_values=px)
 
@@ -136,18 +141,9 @@ def test_a_short_question_borrows_text_pivots_from_before_the_image():
 def test_far_in_the_vit_takes_the_kept_tokens_as_pivots():
     model = SPEC.build(device="cpu", attn_implementation="eager", seed=0).eval()
     px = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        out = model.model.vision_tower(px, output_attentions=True, output_hidden_states=True)
-    cls = out.attentions[SPEC.feature_layer_index][0, :, 0, 1:].mean(0)
-    feats = out.hidden_states[SPEC.feature_layer_index + 1][0, 1:]
+    cls, feats = (t[0] for t in feature_layer(model, px, SPEC))
     pivots = sorted(cls.argsort(descending=True)[:3].tolist())
-    free = [p for p in range(576) if p not in pivots]
-    chosen = []
-    for pivot in pivots:
-        sims = F.cosine_similarity(feats[pivot][None], feats[free], dim=-1)
-        picked = [free[i] for i in sorted(range(len(free)), key=lambda i: (float(sims[i]), i))[:10]]
-        chosen += picked
-        free = [p for p in free if p not in picked]
+    chosen = _each_pivot_least_similar(feats, pivots, [p for p in range(576) if p not in pivots], 10)
     with vc.apply("at vit.out keep cls top 3 + far 30", model), torch.no_grad():
         model(input_ids=torch.tensor([[5] + [IMG] * 33 + [8]]), pixel_values=px)
         got = [v - 1 for v in vc.kept_tokens(model)["vit.out#0"][0].tolist()]
@@ -190,10 +186,7 @@ def test_far_norm_compares_the_final_norms_output():
     px = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(15))
     want = _dart_reference(model, ids, px, 4, 4, 16, normed=True)
     assert want != _dart_reference(model, ids, px, 4, 4, 16)
-    with vc.apply(DART.replace("far", "far(norm)"), model), torch.no_grad():
-        model(input_ids=ids, pixel_values=px)
-        got = vc.kept_tokens(model)["llm.layer2#0"]
-    assert [sorted(row.tolist()) for row in got] == want
+    assert _compiled_kept(model, DART.replace("far", "far(norm)"), input_ids=ids, pixel_values=px) == want
     diag = first_error("at vit.out keep cls top 4 + far(norm) 8", "llava-1.5-7b")
     assert "far(norm) compares hidden states after the LLM's final norm" in diag.message
 

@@ -17,8 +17,8 @@ from vtdsl.ir import check
 from vtdsl.lang.errors import PolicyError
 from vtdsl.models import get_spec
 
-from plain_refs import (clip_cls_scores, first_error, last_query_attention, masked_generate, prune_to_top,
-                        sharpened_pair, top_rows)
+from plain_refs import (clip_cls_scores, first_error, generate_on_features, last_query_attention, masked_generate,
+                        prune_to_top, sharpened_pair, top_rows)
 
 SPEC = get_spec("tiny-llava-next")
 IMG = SPEC.image_token_id
@@ -198,13 +198,8 @@ def test_vit_stage_prunes_every_crop_and_generate_follows(models):
     ref = fresh_copy(model)
     short = vc.rewrite_inputs(batch_inputs["input_ids"], batch_inputs["attention_mask"], image_token_id=IMG,
                               from_count=N_IMG, to_count=40)
-    embeds = ref.get_input_embeddings()(short["input_ids"]).clone()
-    for b in range(2):
-        embeds[b, short["input_ids"][b] == IMG] = want[b]
-    with torch.no_grad():
-        new = ref.generate(inputs_embeds=embeds, attention_mask=short["attention_mask"], max_new_tokens=5,
-                           do_sample=False)
-    assert torch.equal(gen[:, -5:], new[:, -5:])
+    new = generate_on_features(ref, short["input_ids"], short["attention_mask"], IMG, want, 5)
+    assert torch.equal(gen[:, -5:], new)
     assert int((gen[0] == IMG).sum()) == 40
 
 

@@ -14,7 +14,7 @@ from vtdsl.ir import check
 from vtdsl.lang import format_policy, from_yaml, parse, to_yaml
 from vtdsl.models import get_spec
 
-from plain_refs import first_error, last_query_attention, sharpen_llm
+from plain_refs import feature_layer, first_error, last_query_attention, sharpen_llm
 
 SPEC = get_spec("tiny-llava")
 IMG = SPEC.image_token_id
@@ -67,10 +67,7 @@ def _cells_reference(x: torch.Tensor, scores: torch.Tensor, kept: list[int], row
 def test_vit_out_cells_follow_the_plain_loop():
     model = SPEC.build(device="cpu", attn_implementation="eager", seed=0).eval()
     px = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(9))
-    with torch.no_grad():
-        out = model.model.vision_tower(px, output_attentions=True, output_hidden_states=True)
-    cls = out.attentions[SPEC.feature_layer_index][0, :, 0, 1:].mean(0)
-    feats = out.hidden_states[SPEC.feature_layer_index + 1][0, 1:]
+    cls, feats = (t[0] for t in feature_layer(model, px, SPEC))
     kept = sorted(cls.argsort(descending=True)[:64].tolist())
     cells, best = _cells_reference(feats, cls, kept, 2, 2, 24)
     with torch.no_grad():

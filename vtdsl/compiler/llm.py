@@ -181,14 +181,13 @@ class LlmRuntime:
         self.state: LlmState | None = None
         self.pending: LlmState | None = None  # started by the LLM-input hook, not yet by layer 0
         self.image_mask: Tensor | None = None
-        self.pad_mask: Tensor | None = None
+        self.attention_mask: Tensor | None = None
         self.prefill = False
 
     # ------------------------------------------------------------------ hooks
     def llava_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        am = kwargs.get("attention_mask")
-        # padding rows (2-D mask zeros): never text pivots or raters
-        self.pad_mask = (am == 0) if isinstance(am, Tensor) and am.dim() == 2 else None
+        # the 2-D mask, read at prefill for its padding rows (never text pivots or raters)
+        self.attention_mask = kwargs.get("attention_mask")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is not None:
             self.image_mask = input_ids == self.image_token_id
@@ -381,8 +380,8 @@ class LlmRuntime:
             vtok=vtok,
             stages={s.index: s for s in plan.stages},
         )
-        pad = self.pad_mask
-        st.is_pad = (pad.to(hidden.device) if pad is not None and tuple(pad.shape) == (b, n0)
+        am = self.attention_mask
+        st.is_pad = ((am == 0).to(hidden.device) if isinstance(am, Tensor) and tuple(am.shape) == (b, n0)
                      else torch.zeros(b, n0, dtype=torch.bool, device=hidden.device))
         st.captured[-1] = {"h": hidden}
         st.ctx[-1] = {"pos": st.pos, "is_img": st.is_img}
