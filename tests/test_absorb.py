@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import vtdsl.compiler as vc
 from vtdsl.cost import estimate
@@ -19,6 +18,7 @@ from vtdsl.models import get_spec
 from plain_refs import clip_cls_scores, first_error
 
 SPEC = get_spec("tiny-llava")
+from compiled_run import counted_forward
 IMG = SPEC.image_token_id
 F = SPEC.feature_layer_index  # 22
 
@@ -69,9 +69,8 @@ def test_absorb_forms_cost_and_errors(model):
     ids = torch.tensor([[5, 6] + [IMG] * 576 + [7, 8]])
     px = torch.randn(1, 3, 336, 336)
     both = "at vit.out keep cls top 100 then absorb 10%; at llm.layer2 keep text top 20 then absorb 8"
-    with vc.apply(both, model), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(input_ids=ids, pixel_values=px)
-    assert counter.get_total_flops() == estimate(check(both, SPEC), text_tokens=4, logits="all").flops
+    flops, _, _ = counted_forward(model, both, input_ids=ids, pixel_values=px)
+    assert flops == estimate(check(both, SPEC), text_tokens=4, logits="all").flops
     for bad, at, words in [
         ("at vit.out keep uniform 32 then absorb 32", "uniform", "no score"),
         ("at vit.out keep cls top 576 then absorb 32", "32", "needs dropped tokens"),

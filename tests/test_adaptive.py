@@ -22,6 +22,7 @@ from vtdsl.models import get_spec
 from plain_refs import clip_cls_scores, first_error, generate_on_features, last_query_attention, sharpen_llm
 
 SPEC = get_spec("tiny-llava")
+from compiled_run import counted_forward
 IMG = SPEC.image_token_id
 FLOWCUT = ("at vit.layer2 keep cls top 64 by entropy(cls) over 20 layers\n"
            "at vit.layer4 keep cls top 64 by entropy(cls) over 18 layers\n"
@@ -292,17 +293,14 @@ def test_outliers_on_llava_next_give_every_crop_the_calls_count():
 def test_counted_flops_are_those_of_the_count_the_run_kept(peaked):
     """FlopCounterMode on the compiled adaptive model = the cost model's figure for the
     same policy written with the count this image got: the padding costs nothing."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     ids = torch.tensor([[5, 6, 7] + [IMG] * 145 + [8, 9, 10]])
-    with vc.apply("at vit.out keep cls top 25% by outliers then absorb 8", peaked), torch.no_grad(), \
-            FlopCounterMode(display=False) as counter:
-        peaked(input_ids=ids, pixel_values=PX[:1])
-        k = vc.kept_counts(peaked)["vit"]["vit.out#0"][1] - 1
+    flops, _, counts = counted_forward(peaked, "at vit.out keep cls top 25% by outliers then absorb 8",
+                                       input_ids=ids, pixel_values=PX[:1])
+    k = counts["vit"]["vit.out#0"][1] - 1
     fixed = estimate(check(f"at vit.out keep cls top {k} then absorb 8", "tiny-llava"), text_tokens=6, logits="all")
     bound = estimate(check("at vit.out keep cls top 25% by outliers then absorb 8", "tiny-llava"), text_tokens=6,
                      logits="all")
-    assert counter.get_total_flops() == fixed.flops < bound.flops
+    assert flops == fixed.flops < bound.flops
 
 
 def test_review_fixes_bounds_percentages_and_flat_weights():

@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import vtdsl.compiler as vc
 from vtdsl import ops
@@ -23,6 +22,7 @@ from vtdsl.models import get_spec
 from plain_refs import first_error
 
 SPEC = get_spec("tiny-llava")
+from compiled_run import counted_forward
 IMG = SPEC.image_token_id
 P = 576
 
@@ -173,6 +173,5 @@ def test_llm_recycle_generate_matches_the_plain_loop(model):
 def test_recycled_stage_flops_equal_the_cost_model(model):
     ids, px = prompt()
     src = "at vit.out keep cls top 54 then recycle 30% into 10; at llm.layer3 keep text top 30 then recycle 9 into 2"
-    with vc.apply(src, model), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(input_ids=ids, pixel_values=px)
-    assert counter.get_total_flops() == estimate(check(src, SPEC), text_tokens=7, logits="all").flops
+    flops, _, _ = counted_forward(model, src, input_ids=ids, pixel_values=px)
+    assert flops == estimate(check(src, SPEC), text_tokens=7, logits="all").flops

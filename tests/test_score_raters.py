@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import vtdsl.compiler as vc
 from vtdsl import ops
@@ -20,6 +19,7 @@ from vtdsl.models import get_spec
 from plain_refs import sharpen_llm
 
 SPEC = get_spec("tiny-llava")
+from compiled_run import counted_forward
 IMG = SPEC.image_token_id
 
 
@@ -80,11 +80,9 @@ def test_compiled_stage_ranks_by_the_raters_attention_and_counts_its_flops():
     everyone = att[:, [0, 1, 2, *range(579, 587)]][:, :, 3:579].mean(0).mean(0)
     assert sorted(3 + i for i in everyone.argsort(descending=True)[:k].tolist()) != want  # raters matter
     src = f"at llm.layer3 keep text(raters) top {k}"
-    with vc.apply(src, model), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(input_ids=ids, pixel_values=px)
-        got = vc.kept_tokens(model)["llm.layer3#0"][0].tolist()
-    assert sorted(got) == want
-    assert counter.get_total_flops() == estimate(check(src, "tiny-llava"), text_tokens=11, logits="all").flops
+    flops, kept, _ = counted_forward(model, src, input_ids=ids, pixel_values=px)
+    assert sorted(kept["llm.layer3#0"][0].tolist()) == want
+    assert flops == estimate(check(src, "tiny-llava"), text_tokens=11, logits="all").flops
 
 
 def test_a_prompt_without_an_image_runs_unchanged():

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import vtdsl.compiler as vc
 from vtdsl.cost import estimate
@@ -17,6 +16,7 @@ from vtdsl.models import get_spec
 from plain_refs import first_error
 
 SPEC = get_spec("tiny-llava")
+from compiled_run import counted_forward
 IMG = SPEC.image_token_id
 HEADS, DH = SPEC.vit.heads, SPEC.vit.head_dim
 
@@ -89,9 +89,8 @@ def test_vsim_cost_equals_the_counted_matmul(model):
     ids = torch.tensor([[5, 6] + [IMG] * 64 + [7, 8]])
     px = torch.randn(1, 3, 336, 336)
     src = "at vit.layer6 keep prod(sum(cls, vsim), vnorm) top 200; at vit.out keep vsim top 64"
-    with vc.apply(src, model), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(input_ids=ids, pixel_values=px)
-    assert counter.get_total_flops() == estimate(check(src, SPEC), text_tokens=4, logits="all").flops
+    flops, _, _ = counted_forward(model, src, input_ids=ids, pixel_values=px)
+    assert flops == estimate(check(src, SPEC), text_tokens=4, logits="all").flops
 
 
 @pytest.mark.parametrize("src, words", [

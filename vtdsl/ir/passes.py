@@ -672,13 +672,13 @@ def _percent_of_varying(graph, action, varies_from: str) -> bool:
     stage): it would resolve to a different count per image. True if one was found."""
     found = []
     if isinstance(action, ast.Merge):
-        found.append((action.pairs, "merge"))
+        found.append(action.pairs)
     elif isinstance(action, ast.Keep):
-        found += [(t.qty, "term") for t in action.terms if getattr(t, "qty", None) is not None]
-        found += [(q, "rest") for q in (action.merge_rest, action.absorb) if q is not None]
+        found += [t.qty for t in action.terms if getattr(t, "qty", None) is not None]
+        found += [q for q in (action.merge_rest, action.absorb) if q is not None]
         if action.recycle is not None:
-            found.append((action.recycle.count, "recycle"))
-    for qty, _what in found:
+            found.append(action.recycle.count)
+    for qty in found:
         if qty.percent:
             _error(graph, f"'{_qty_text(qty)}' is a share of the tokens entering this stage, whose count varies per "
                    f"image after the adaptive count at {varies_from}", qty.span,
