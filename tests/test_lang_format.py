@@ -37,6 +37,18 @@ def test_number_printing():
     assert parse(format_policy(p)) == p
 
 
+@pytest.mark.parametrize("written, printed", [("1e30", "1e+30"), ("1E+29", "1e+29"), ("123.5e40", "1.235e+42"),
+                                              ("1e15", "1000000000000000")])
+def test_huge_weights_print_so_they_parse_back(written: str, printed: str):
+    # Integer digits of a float past 2**53 are noise: 1e30 printed positionally has 31 digits,
+    # more than the parser reads, so fmt | fmt failed.
+    policy = parse(f"at vit.out keep sum(cls, {written} * attn) top 5")
+    text = format_policy(policy)
+    assert text == f"at vit.out keep sum(cls, {printed} * attn) top 5\n"
+    assert parse(text) == policy and format_policy(parse(text)) == text
+    assert from_yaml(to_yaml(policy)) == policy
+
+
 def test_strings_are_escaped():
     p = A.Policy(name='a "q" \\ b\nc\t\x00 \u00e9 \U0001f600 \u2028', model="")
     text = format_policy(p)

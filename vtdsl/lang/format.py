@@ -24,6 +24,10 @@ def format_number(value: int | float) -> str:
         raise TypeError("a number, not a bool")
     if isinstance(value, int):
         return str(value)
+    if abs(value) >= 1e16:
+        # Past 2**53 a float's integer digits are noise (1e30 -> 1000...19884624838656, over
+        # the parser's digit limit); Python's shortest form '1e+30' reads back exactly.
+        return repr(value)
     if value.is_integer():
         return str(int(value))
     # Shortest round-tripping decimal, written out positionally (1e-07 -> 0.0000001).
