@@ -126,6 +126,14 @@ def test_fmt_in_place(runner, design):
     assert runner.invoke(fmt, ["--check", str(design)]).exit_code == 0
 
 
+def test_fmt_in_place_writes_through_a_symlink(runner, design, tmp_path):
+    link = tmp_path / "link.vt"
+    link.symlink_to(design)
+    assert runner.invoke(fmt, ["-i", str(link)]).exit_code == 0
+    assert link.is_symlink() and link.resolve() == design.resolve()
+    assert design.read_text() == CANONICAL
+
+
 def test_fmt_keeps_comments(runner, tmp_path):
     f = tmp_path / "c.vt"
     f.write_text("# head\nat llm.layer2   keep diverse 64 # why\n")

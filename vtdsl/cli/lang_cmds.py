@@ -125,7 +125,10 @@ def parse(file: str, as_json: bool, syntax: str | None) -> None:
 
 
 def _write_atomically(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
+    # Through a symlink to its target: replacing the link itself would leave the real file
+    # unformatted and the link turned into a copy.
+    path = os.path.realpath(path)
+    directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(prefix=".vtdsl-fmt-", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
