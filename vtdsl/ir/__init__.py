@@ -3,7 +3,8 @@
     plan = vtdsl.ir.check(policy, "llava-1.5-7b")   # raises PolicyError if invalid
     plan.stages, plan.llm_visual, plan.diagnostics    # warnings stay on the plan
 
-`lower` builds the graph, `RULES` are the passes, `to_plan` flattens the result.
+`lower` builds the graph, `PASSES` (vtdsl/ir/passes/, one module each) check and resolve it,
+`to_plan` flattens the result.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from ..lang import ast
 from ..lang.errors import PolicyError
 from ..models.spec import ModelSpec
 from .graph import lower, stream
-from .passes import (RULES, expand_repeats, has_errors, infer_tokens, resolve_quantity, resolve_sites, run_passes,
-                     validate)
+from .passes import (PASSES, RULES, expand_repeats, has_errors, infer_tokens, resolve_quantity, resolve_sites,
+                     run_passes, validate)
 from .plan import Observation, Plan, ResolvedAdaptive, ResolvedScore, ResolvedSite, ResolvedStage, ResolvedTerm
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "build_graph",
     "lower",
     "to_plan",
+    "PASSES",
     "RULES",
     "resolve_sites",
     "validate",
@@ -57,7 +59,7 @@ def build_graph(policy: ast.Policy, spec: ModelSpec) -> nx.DiGraph:
     if has_errors(graph):
         graph.graph["spec"] = spec
         return graph
-    graph = run_passes(graph, spec=spec)
+    graph = run_passes(graph, PASSES, spec=spec)
     if len(expanded.stages) != len(policy.stages) or diagnostics:
         # an unrolled schedule or range repeats one finding per layer at the same text:
         # report each once, and at most three per place
@@ -102,24 +104,13 @@ def check(
     `policy` may be an AST, a path to a `.vt`/`.yaml` file, or policy source text.
     `source`/`filename` (for an AST) let diagnostics quote the offending line.
     """
-    from .. import lang
+    from ..lang.source import load_policy
 
-    if isinstance(policy, Path) or (isinstance(policy, str) and _looks_like_path(policy)):
-        path = Path(policy)
-        source, filename = path.read_text(encoding="utf-8", errors="replace"), str(path)
-        policy = lang.parse_file(path)
-    elif isinstance(policy, str):
-        source = policy
-        policy = lang.parse(policy, filename=filename)
+    if not isinstance(policy, ast.Policy):
+        policy, source, filename = load_policy(policy, filename)
     spec = _load_spec(model)
     graph = build_graph(policy, spec)
     if has_errors(graph):
         errors = [d for d in graph.graph["diagnostics"] if d.severity == "error"]
         raise PolicyError(errors, source=source, filename=filename)
     return to_plan(graph)
-
-
-def _looks_like_path(text: str) -> bool:
-    if "\n" in text or len(text) > 4096:
-        return False
-    return text.endswith((".vt", ".yaml", ".yml")) and Path(text).exists()
