@@ -84,24 +84,15 @@ def resolve_plan(policy: Plan | ast.Policy | str | Path, model: nn.Module, spec:
     registered model (``model "llava-1.5-7b"``) with the same architecture, that spec
     (and its name) is used, so no "written for another model" warning appears.
     """
-    from .. import lang
     from ..ir import check
+    from ..lang.source import load_policy
     from ..models import get_spec
 
     model_spec = _spec_of(model, spec)
     if isinstance(policy, Plan):
         _check_fits(policy.spec, model_spec)
         return policy
-    source, filename = None, "<policy>"
-    if isinstance(policy, Path) or (isinstance(policy, str) and _is_policy_path(policy)):
-        filename = str(policy)
-        source = Path(policy).read_text(encoding="utf-8", errors="replace")
-        policy = lang.parse_file(policy)
-    elif isinstance(policy, str):
-        source = policy
-        policy = lang.parse(policy)
-    if not isinstance(policy, ast.Policy):
-        raise TypeError(f"policy must be a Plan, a Policy, a path or source text, not {type(policy).__name__}")
+    policy, source, filename = load_policy(policy)
     if spec is None and policy.model:
         try:
             named = get_spec(policy.model)
@@ -110,10 +101,6 @@ def resolve_plan(policy: Plan | ast.Policy | str | Path, model: nn.Module, spec:
         except (CompileError, ValueError, PolicyError):
             pass  # a different architecture: check against the model's own spec (and warn)
     return check(policy, model_spec, source=source, filename=filename)
-
-
-def _is_policy_path(text: str) -> bool:
-    return "\n" not in text and len(text) < 4096 and text.endswith((".vt", ".yaml", ".yml")) and Path(text).exists()
 
 
 # ---------------------------------------------------------------------- installation

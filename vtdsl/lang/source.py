@@ -92,3 +92,23 @@ def parse_file(path: str | os.PathLike, syntax: str | None = None) -> ast.Policy
     syntax = syntax or syntax_of(filename)
     text = decode(read_bytes(path), filename)
     return parse_text(text, filename, syntax)
+
+
+def looks_like_path(text: str) -> bool:
+    """A one-line string ending in a policy extension: no policy text ends that way, so it
+    names a file (which may not exist: that is an error, not policy text)."""
+    return "\n" not in text and len(text) < 4096 and text.endswith((".vt", ".yaml", ".yml"))
+
+
+def load_policy(policy: ast.Policy | str | os.PathLike, filename: str = "<policy>"
+                ) -> tuple[ast.Policy, str | None, str]:
+    """The AST, source text (None for an AST) and filename of an AST, a path or policy text."""
+    if isinstance(policy, ast.Policy):
+        return policy, None, filename
+    if isinstance(policy, os.PathLike) or looks_like_path(policy):
+        filename = str(policy)
+        text = decode(read_bytes(policy), filename)
+        return parse_text(text, filename, syntax_of(filename)), text, filename
+    if not isinstance(policy, str):
+        raise TypeError(f"policy must be a Policy, a path or source text, not {type(policy).__name__}")
+    return parse_text(policy, filename), policy, filename
