@@ -260,24 +260,8 @@ def bipartite_merge(
         out = (x, size)
         return (*out, pos[None].expand(b, -1).clone()) if return_assign else out
 
-    m = normalize(x if metric is None else metric)
-    scores = torch.matmul(m[:, 0::2], m[:, 1::2].transpose(1, 2))  # [B, |A|, |B|]
-    if protect_first:
-        scores[:, 0, :] = float("-inf")
-    best = scores.argmax(dim=2)  # [B, |A|]
-    best_sim = scores.gather(2, best[..., None]).squeeze(2)
-    edge = torch.sort(best_sim, dim=1, descending=True, stable=True).indices
-    src = edge[:, :r]  # merged A tokens (A-local)
-    dst = best.gather(1, src)  # their B tokens (B-local)
-
-    xs = x.float() * size
-    b_sum = _scatter_rows(xs[:, 1::2].clone(), dst, gather_tokens(xs[:, 0::2], src))
-    b_size = _scatter_rows(size[:, 1::2].clone(), dst, gather_tokens(size[:, 0::2], src))
-    full = x.float().clone()
-    full[:, 1::2] = b_sum / b_size
-    full_size = size.clone()
-    full_size[:, 1::2] = b_size
-
+    src, dst = _bipartite_pairs(x if metric is None else metric, r, protect_first)
+    full, full_size = _merge_into_b(x, size, src, dst)
     keep = torch.ones(b, n, dtype=torch.bool, device=device)
     keep.scatter_(1, 2 * src, False)
     keep_idx = keep.nonzero()[:, 1].view(b, n - r)
@@ -289,6 +273,33 @@ def bipartite_merge(
     assign.scatter_(1, keep_idx, pos[None, : n - r].expand(b, -1))
     assign.scatter_(1, 2 * src, assign.gather(1, 2 * dst + 1))
     return x_out, size_out, assign
+
+
+def _bipartite_pairs(metric: Tensor, r: int, protect_first: bool) -> tuple[Tensor, Tensor]:
+    """The r merges of `bipartite_merge`: A-local sources ``[B, r]`` and the B-local
+    targets they proposed ``[B, r]`` (the one counted matmul)."""
+    m = normalize(metric)
+    scores = torch.matmul(m[:, 0::2], m[:, 1::2].transpose(1, 2))  # [B, |A|, |B|]
+    if protect_first:
+        scores[:, 0, :] = float("-inf")
+    best = scores.argmax(dim=2)  # [B, |A|]
+    best_sim = scores.gather(2, best[..., None]).squeeze(2)
+    edge = torch.sort(best_sim, dim=1, descending=True, stable=True).indices
+    src = edge[:, :r]  # merged A tokens (A-local)
+    return src, best.gather(1, src)  # their B tokens (B-local)
+
+
+def _merge_into_b(x: Tensor, size: Tensor, src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
+    """All n tokens (float32) and sizes with each B token replaced by the size-weighted
+    mean of itself and the A tokens merged into it; A tokens unchanged."""
+    xs = x.float() * size
+    b_sum = _scatter_rows(xs[:, 1::2].clone(), dst, gather_tokens(xs[:, 0::2], src))
+    b_size = _scatter_rows(size[:, 1::2].clone(), dst, gather_tokens(size[:, 0::2], src))
+    full = x.float().clone()
+    full[:, 1::2] = b_sum / b_size
+    full_size = size.clone()
+    full_size[:, 1::2] = b_size
+    return full, full_size
 
 
 def pooled_grid(grid: tuple[int, int], kr: int, kc: int) -> tuple[int, int]:
