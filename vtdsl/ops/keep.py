@@ -115,99 +115,129 @@ def select_union(
     - ``buffers``: neighbours of the tokens taken *before this term*, ordered and padded
       by the first term's scores (position order when the first term has none).
     """
-    carriers = [*(t.scores for t in terms), features, positions, exclude, region_ids]
-    if batch is None:
-        b, device = _batch_size(*carriers)
-    else:
-        b = batch
-        device = next((t.device for t in carriers if t is not None), torch.device("cpu"))
+    b, device = _batch_and_device(terms, batch, features, positions, exclude, region_ids)
     if (region_ids is None) != (num_regions is None):
         raise ValueError("region_ids and num_regions go together")
     if region_ids is not None and region_ids.dim() == 1:
         region_ids = region_ids[None].expand(b, -1)
 
-    taken = torch.zeros(b, n, dtype=torch.bool, device=device)
+    stage = _Stage(b, n, device, features, positions, grid, terms[0].scores if terms else None,
+                   taken=torch.zeros(b, n, dtype=torch.bool, device=device))
     term_of = torch.full((b, n), -1, dtype=torch.long, device=device)
     blocked = exclude if exclude is not None else torch.zeros(b, n, dtype=torch.bool, device=device)
-    sim: Tensor | None = None
-    order_scores = terms[0].scores if terms else None
-
     for ti, term in enumerate(terms):
         if term.count == 0:
             continue
-        kind = term.kind
-        if kind == "top":
-            if term.scores is None:
-                raise ValueError(f"term {ti} ('top') needs scores")
-            scores = term.scores
-
-            def fn(c, allowed, tk, rows, scores=scores):
-                return sel.topk(scores[rows], c, exclude=~allowed)
-
-        elif kind in ("diverse", "diverse_sum", "unique"):
-            if features is None:
-                raise ValueError(f"term {ti} ('{kind}') needs features")
-            if sim is None:
-                sim = pairwise_cosine(features)
-            greedy = {"diverse": sel.diverse, "diverse_sum": sel.diverse_sum, "unique": sel.unique}[kind]
-
-            def fn(c, allowed, tk, rows, greedy=greedy, sim=sim):
-                return greedy(None, c, seed_mask=tk, exclude=~allowed, sim=sim[rows])
-
-        elif kind == "far":
-            feats = term.features if term.features is not None else features
-            if feats is None:
-                raise ValueError(f"term {ti} ('far') needs features")
-
-            def fn(c, allowed, tk, rows, term=term, feats=feats):
-                extra = None if term.pivots is None else term.pivots[rows]
-                return sel.far(feats[rows], tk, term.per_pivot, extra_pivots=extra, exclude=~allowed & ~tk)
-
-        elif kind == "uniform":
-
-            def fn(c, allowed, tk, rows):
-                return sel.uniform(allowed, c)
-
-        elif kind == "random":
-            keys = sel.random_keys(0 if term.seed is None else term.seed, b, n, device)
-
-            def fn(c, allowed, tk, rows, keys=keys):
-                return sel.random(allowed, c, keys=keys[rows])
-
-        elif kind == "buffers":
-            if positions is None or grid is None:
-                raise ValueError(f"term {ti} ('buffers') needs positions and grid")
-            anchors = taken.clone()
-            pos_b = positions[None].expand(b, -1) if positions.dim() == 1 else positions
-            osc = order_scores
-
-            def fn(c, allowed, tk, rows, anchors=anchors, pos_b=pos_b, osc=osc):
-                return sel.buffers(
-                    anchors[rows],
-                    pos_b[rows],
-                    grid,
-                    c,
-                    order_scores=None if osc is None else osc[rows],
-                    exclude=~allowed,
-                )
-
-        else:
-            raise ValueError(f"unknown term kind {kind!r}")
-
+        fn = _selector(ti, term, stage)
         if region_ids is None:
             rows = torch.arange(b, device=device)
-            idx = fn(term.count, ~taken & ~blocked, taken, rows)
+            idx = fn(term.count, ~stage.taken & ~blocked, stage.taken, rows)
         else:
             shares = None
             if region_weights is not None:
                 shares = sel.proportional_shares(region_weights, region_ids, num_regions, term.count)
-            idx = sel.per_region(fn, term.count, region_ids, num_regions, taken=taken, exclude=blocked,
+            idx = sel.per_region(fn, term.count, region_ids, num_regions, taken=stage.taken, exclude=blocked,
                                  shares=shares)
-        taken.scatter_(1, idx, True)
+        stage.taken.scatter_(1, idx, True)
         term_of.scatter_(1, idx, ti)
 
     total = sum(t.count for t in terms)
-    kept = taken.nonzero()[:, 1].view(b, total)
+    kept = stage.taken.nonzero()[:, 1].view(b, total)
     if return_terms:
         return kept, term_of.gather(1, kept)
     return kept
+
+
+def _batch_and_device(terms, batch: int | None, *carriers: Tensor | None) -> tuple[int, torch.device]:
+    carriers = (*(t.scores for t in terms), *carriers)
+    if batch is None:
+        return _batch_size(*carriers)
+    return batch, next((t.device for t in carriers if t is not None), torch.device("cpu"))
+
+
+@dataclass(eq=False)
+class _Stage:
+    """What the terms of one `select_union` call share: its inputs, the tokens taken so
+    far, and the cosine matrix, computed at the first term that needs it."""
+
+    b: int
+    n: int
+    device: torch.device
+    features: Tensor | None
+    positions: Tensor | None
+    grid: tuple[int, int] | None
+    order_scores: Tensor | None  # the first term's scores: buffers order by them
+    taken: Tensor
+    sim: Tensor | None = None
+
+    def similarity(self) -> Tensor:
+        if self.sim is None:
+            self.sim = pairwise_cosine(self.features)
+        return self.sim
+
+
+# Each builder checks a term's inputs and returns its selector
+# ``fn(count, allowed [B', n], taken [B', n], rows [B']) -> [B', count]`` over the batch
+# rows `rows` (all rows, or one region's share under `per_region`).
+def _top(ti: int, term: TermSpec, stage: _Stage):
+    if term.scores is None:
+        raise ValueError(f"term {ti} ('top') needs scores")
+    scores = term.scores
+    return lambda c, allowed, tk, rows: sel.topk(scores[rows], c, exclude=~allowed)
+
+
+_GREEDY = {"diverse": sel.diverse, "diverse_sum": sel.diverse_sum, "unique": sel.unique}
+
+
+def _greedy(ti: int, term: TermSpec, stage: _Stage):
+    if stage.features is None:
+        raise ValueError(f"term {ti} ('{term.kind}') needs features")
+    sim, greedy = stage.similarity(), _GREEDY[term.kind]
+    return lambda c, allowed, tk, rows: greedy(None, c, seed_mask=tk, exclude=~allowed, sim=sim[rows])
+
+
+def _far(ti: int, term: TermSpec, stage: _Stage):
+    feats = term.features if term.features is not None else stage.features
+    if feats is None:
+        raise ValueError(f"term {ti} ('far') needs features")
+
+    def fn(c, allowed, tk, rows):
+        extra = None if term.pivots is None else term.pivots[rows]
+        return sel.far(feats[rows], tk, term.per_pivot, extra_pivots=extra, exclude=~allowed & ~tk)
+
+    return fn
+
+
+def _uniform(ti: int, term: TermSpec, stage: _Stage):
+    return lambda c, allowed, tk, rows: sel.uniform(allowed, c)
+
+
+def _random(ti: int, term: TermSpec, stage: _Stage):
+    keys = sel.random_keys(0 if term.seed is None else term.seed, stage.b, stage.n, stage.device)
+    return lambda c, allowed, tk, rows: sel.random(allowed, c, keys=keys[rows])
+
+
+def _buffers(ti: int, term: TermSpec, stage: _Stage):
+    if stage.positions is None or stage.grid is None:
+        raise ValueError(f"term {ti} ('buffers') needs positions and grid")
+    anchors = stage.taken.clone()  # the tokens taken before this term, not by it
+    positions = stage.positions
+    pos_b = positions[None].expand(stage.b, -1) if positions.dim() == 1 else positions
+    osc, grid = stage.order_scores, stage.grid
+
+    def fn(c, allowed, tk, rows):
+        return sel.buffers(anchors[rows], pos_b[rows], grid, c,
+                           order_scores=None if osc is None else osc[rows], exclude=~allowed)
+
+    return fn
+
+
+_SELECTORS = {"top": _top, "diverse": _greedy, "diverse_sum": _greedy, "unique": _greedy, "far": _far,
+              "uniform": _uniform, "random": _random, "buffers": _buffers}
+
+
+def _selector(ti: int, term: TermSpec, stage: _Stage):
+    build = _SELECTORS.get(term.kind)
+    if build is None:
+        raise ValueError(f"unknown term kind {term.kind!r}")
+    return build(ti, term, stage)
