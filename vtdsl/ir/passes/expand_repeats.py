@@ -26,7 +26,7 @@ def _range_layers(probe: nx.DiGraph, spec: ModelSpec, score) -> range | None:
         return None
     if last.layer < first.layer:
         error(probe, f"the layer range runs backwards: layer {last.layer} comes before layer {first.layer}",
-               score.at.span, expected=f"a range from {score.at.text()} up", code="score-range")
+              score.at.span, expected=f"a range from {score.at.text()} up", code="score-range")
         return None
     return range(first.layer, last.layer + 1)
 
@@ -49,14 +49,14 @@ def _at_layer(probe: nx.DiGraph, score, tower: str, layer: int, span):
     if isinstance(score, ast.ScoreCombine):
         if score.to is not None:
             error(probe, "a layer range inside a ranged combination", score.at.span,
-                   expected="one range, on the outer combination", code="score-range")
+                  expected="one range, on the outer combination", code="score-range")
             return None
         args = [_at_layer(probe, a, tower, layer, span) for a in score.args]
         return None if any(a is None for a in args) else score.model_copy(update={"args": args})
     if score.at is not None:
         error(probe, f"'{score.name}@{score.at.text()}' names its own layer inside a ranged combination, which "
-               "reads every score at each layer of its range", score.at.span,
-               expected=f"'{score.name}' without @", code="score-range")
+              "reads every score at each layer of its range", score.at.span,
+              expected=f"'{score.name}' without @", code="score-range")
         return None
     return score.model_copy(update={"at": ast.Site(tower=tower, index=layer, span=span)})
 
@@ -149,35 +149,43 @@ def expand_repeats(policy: ast.Policy, spec: ModelSpec) -> tuple[ast.Policy, lis
         if stage.repeat is None:
             stages.append(stage)
             continue
-        start, end = stage.site, stage.repeat.end
-        if start.index is None or end.index is None:
-            bad = start if start.index is None else end
-            error(probe, "vit.out is one site, not a layer a schedule can step through", bad.span,
-                   expected="a schedule over vit.layerN or llm.layerN sites", code="repeat")
-            continue
-        if start.tower != end.tower:
-            error(probe, f"a schedule stays in one tower: {start.text()} is in the {TOWER_NAMES[start.tower]}, "
-                   f"{end.text()} in the {TOWER_NAMES[end.tower]}", end.span,
-                   expected=f"a {start.tower}.layerN site", code="repeat")
-            continue
-        first = resolve_site(probe, spec, start, "stage")
-        last = resolve_site(probe, spec, end, "stage")
-        if first is None or last is None:
-            continue
-        if last.layer < first.layer:
-            error(probe, f"the schedule runs backwards: {end.text()} (layer {last.layer}) comes before "
-                   f"{start.text()} (layer {first.layer})", end.span,
-                   expected=f"a site at or after {start.text()}", code="repeat")
-            continue
-        layers = range(first.layer, last.layer + 1, stage.repeat.step)
-        if isinstance(stage.action, ast.DropAll) and len(layers) > 1:
-            error(probe, "'drop all' ends the visual stream: a schedule cannot repeat it", stage.action.span,
-                   expected=f"'at {start.text()} drop all'", code="repeat")
+        layers = _schedule_layers(probe, spec, stage)
+        if layers is None:
             continue
         for layer in layers:
-            site = ast.Site(tower=start.tower, index=layer, span=start.span)
+            site = ast.Site(tower=stage.site.tower, index=layer, span=stage.site.span)
             # a copy per layer: the IR keys each score it reads by the score's node, so
             # stages sharing one node would all read the last layer's observation
             stages.append(ast.Stage(site=site, action=stage.action.model_copy(deep=True), span=stage.span,
                                     renumber=stage.renumber, renumber_span=stage.renumber_span))
     return policy.model_copy(update={"stages": stages}), probe.graph["diagnostics"]
+
+
+def _schedule_layers(probe: nx.DiGraph, spec: ModelSpec, stage: ast.Stage) -> range | None:
+    """The layers a schedule `every N layers from A to B` steps through (None: reported)."""
+    start, end = stage.site, stage.repeat.end
+    if start.index is None or end.index is None:
+        bad = start if start.index is None else end
+        error(probe, "vit.out is one site, not a layer a schedule can step through", bad.span,
+              expected="a schedule over vit.layerN or llm.layerN sites", code="repeat")
+        return None
+    if start.tower != end.tower:
+        error(probe, f"a schedule stays in one tower: {start.text()} is in the {TOWER_NAMES[start.tower]}, "
+              f"{end.text()} in the {TOWER_NAMES[end.tower]}", end.span,
+              expected=f"a {start.tower}.layerN site", code="repeat")
+        return None
+    first = resolve_site(probe, spec, start, "stage")
+    last = resolve_site(probe, spec, end, "stage")
+    if first is None or last is None:
+        return None
+    if last.layer < first.layer:
+        error(probe, f"the schedule runs backwards: {end.text()} (layer {last.layer}) comes before "
+              f"{start.text()} (layer {first.layer})", end.span,
+              expected=f"a site at or after {start.text()}", code="repeat")
+        return None
+    layers = range(first.layer, last.layer + 1, stage.repeat.step)
+    if isinstance(stage.action, ast.DropAll) and len(layers) > 1:
+        error(probe, "'drop all' ends the visual stream: a schedule cannot repeat it", stage.action.span,
+              expected=f"'at {start.text()} drop all'", code="repeat")
+        return None
+    return layers
