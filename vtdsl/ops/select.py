@@ -4,7 +4,8 @@ Conventions shared by every selector
 ------------------------------------
 - Batch-aware: inputs are ``[B, n, ...]``; every sample selects its own tokens, and every
   sample selects the same number ``k``.
-- Returned indices are ``[B, k]`` int64, **sorted ascending** (original order kept).
+- Returned indices are ``[B, k]`` int64, **sorted ascending** (original order kept); a
+  selector's docstring names its result only where it differs.
 - Deterministic: equal scores are broken by position, the lower token index wins.
   Scores are compared in float32; NaN ranks below everything.
 - ``exclude`` (``[B, n]`` bool, True = may not be chosen) is honoured exactly; asking for
@@ -18,6 +19,7 @@ a negative position marks a token that is not on the grid (CLS, newline tokens).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -122,49 +124,52 @@ def topk(scores: Tensor, k: int, *, exclude: Tensor | None = None) -> Tensor:
 
 
 # --------------------------------------------------------------------------- similarity
-def _greedy_cover(
-    sim: Tensor,
-    k: int,
-    seed_mask: Tensor | None,
-    exclude: Tensor | None,
-    first_score: Callable[[Tensor, Tensor], Tensor],
-    what: str,
-) -> Tensor:
-    """Greedy: repeatedly take the available token least similar to the kept set.
+@dataclass(frozen=True)
+class _GreedyRule:
+    """How a greedy similarity selector values the tokens, on the matrix ``m`` it reads
+    (``m[b, i, j]`` relates kept token i to candidate j).
 
-    ``maxsim[b, j]`` is token j's highest cosine similarity to the set (seeds and picks
-    so far); the next pick is ``argmin maxsim`` (= ``argmax`` of the min cosine distance
-    ``1 - maxsim``), lowest index on ties. A sample with no seed chooses its first token
-    by ``first_score`` (higher is better) instead.
+    `state` ``[B, n]`` is what the kept set (seeds, then picks) gives each token; the next
+    pick is the available token of highest `score(state)`, lowest index on ties. A sample
+    without seeds makes its first pick by `first(m, available)` instead.
     """
+
+    matrix: Callable[[Tensor], Tensor]  # cosine matrix -> m
+    seeded: Callable[[Tensor, Tensor], Tensor]  # (m, seed_mask) -> initial state
+    unseeded: float  # the initial state's value without seeds
+    score: Callable[[Tensor], Tensor]
+    first: Callable[[Tensor, Tensor], Tensor]
+    grow: Callable[[Tensor, Tensor], Tensor]  # (state, row of m of the pick) -> state
+
+
+def _greedy_select(sim: Tensor, k: int, seed_mask: Tensor | None, exclude: Tensor | None, rule: _GreedyRule,
+                   what: str) -> Tensor:
+    """Greedy selection of k tokens by `rule` (see `_GreedyRule`), ``[B, k]`` ascending."""
     b, n, _ = sim.shape
     device = sim.device
     _check_k(k, n)
     if k == 0:
         return _empty(b, device)
+    m = rule.matrix(sim)
     avail = torch.ones(b, n, dtype=torch.bool, device=device)
     if exclude is not None:
         avail &= ~exclude
     if seed_mask is not None:
         avail &= ~seed_mask
         has_seed = seed_mask.any(dim=1)
-        maxsim = sim.masked_fill(~seed_mask[:, :, None], _NEG).amax(dim=1)
+        state = rule.seeded(m, seed_mask)
     else:
         has_seed = torch.zeros(b, dtype=torch.bool, device=device)
-        maxsim = torch.full((b, n), _NEG, device=device)
+        state = torch.full((b, n), rule.unseeded, dtype=m.dtype, device=device)
     _check_available(avail, k, what)
-
+    first = rule.first(m, avail)
     picked = torch.empty(b, k, dtype=torch.long, device=device)
     for step in range(k):
-        score = -maxsim
-        if step == 0:
-            score = torch.where(has_seed[:, None], score, first_score(sim, avail))
-        score = score.masked_fill(~avail, _NEG)
-        j = score.argmax(dim=1)  # first maximum: lowest index on ties
+        score = rule.score(state) if step else torch.where(has_seed[:, None], rule.score(state), first)
+        j = score.masked_fill(~avail, _NEG).argmax(dim=1)  # first maximum: lowest index on ties
         picked[:, step] = j
         avail.scatter_(1, j[:, None], False)
-        row = sim.gather(1, j[:, None, None].expand(b, 1, n)).squeeze(1)
-        maxsim = torch.maximum(maxsim, row)
+        state = rule.grow(state, m.gather(1, j[:, None, None].expand(b, 1, n)).squeeze(1))
     return picked.sort(dim=1).values
 
 
@@ -177,33 +182,51 @@ def _similarity(x: Tensor | None, sim: Tensor | None, what: str) -> Tensor:
     return pairwise_cosine(x)
 
 
+def _other_candidates(sim: Tensor, cand: Tensor) -> Tensor:
+    """``[B, n, n]`` bool: entry (i, j) does not count for column j (i is not a candidate,
+    or i is j)."""
+    eye = torch.eye(sim.shape[1], dtype=torch.bool, device=sim.device)
+    return ~cand[:, :, None] | eye
+
+
 def _first_most_isolated(sim: Tensor, cand: Tensor) -> Tensor:
     """DivPrune's first pick: the candidate whose nearest other candidate is farthest."""
-    n = sim.shape[1]
-    eye = torch.eye(n, dtype=torch.bool, device=sim.device)
-    others = ~cand[:, :, None] | eye  # rows that do not count for column j
-    nearest = sim.masked_fill(others, _NEG).amax(dim=1)  # max similarity to another candidate
+    nearest = sim.masked_fill(_other_candidates(sim, cand), _NEG).amax(dim=1)  # max similarity to another candidate
     return -nearest  # +inf for a lone candidate
 
 
 def _first_most_central(sim: Tensor, cand: Tensor) -> Tensor:
     """`unique`'s first pick: the candidate with the highest mean similarity to the others."""
-    n = sim.shape[1]
-    eye = torch.eye(n, dtype=torch.bool, device=sim.device)
-    others = ~cand[:, :, None] | eye
+    others = _other_candidates(sim, cand)
     total = sim.masked_fill(others, 0.0).sum(dim=1)
     count = (~others).sum(dim=1).clamp(min=1)
     return total / count
 
 
-def diverse(
-    x: Tensor | None,
-    k: int,
-    *,
-    seed_mask: Tensor | None = None,
-    exclude: Tensor | None = None,
-    sim: Tensor | None = None,
-) -> Tensor:
+def _max_similarity(sim: Tensor, seed_mask: Tensor) -> Tensor:
+    return sim.masked_fill(~seed_mask[:, :, None], _NEG).amax(dim=1)
+
+
+def _summed_distance(dist: Tensor, mask: Tensor) -> Tensor:
+    return (dist * mask[:, :, None].to(dist.dtype)).sum(dim=1)
+
+
+def _max_min_rule(first: Callable[[Tensor, Tensor], Tensor]) -> _GreedyRule:
+    """Least similar to its nearest kept token first (state: the highest cosine similarity
+    to the kept set)."""
+    return _GreedyRule(matrix=lambda sim: sim, seeded=_max_similarity, unseeded=_NEG, score=torch.neg, first=first,
+                       grow=torch.maximum)
+
+
+_DIVERSE = _max_min_rule(_first_most_isolated)
+_UNIQUE = _max_min_rule(_first_most_central)
+# state: the summed cosine distance to the kept set; without seeds the first pick has the
+# largest summed distance to the other candidates
+_DIVERSE_SUM = _GreedyRule(matrix=lambda sim: 1 - sim, seeded=_summed_distance, unseeded=0.0, score=lambda t: t,
+                           first=_summed_distance, grow=torch.add)
+
+def diverse(x: Tensor | None, k: int, *, seed_mask: Tensor | None = None, exclude: Tensor | None = None,
+            sim: Tensor | None = None) -> Tensor:
     """Greedy max-min diversity on cosine distance (DivPrune; k-center).
 
     Parameters
@@ -220,11 +243,6 @@ def diverse(
     sim : Tensor, optional
         Precomputed `pairwise_cosine` ``[B, n, n]`` (shared by several terms of a stage).
 
-    Returns
-    -------
-    Tensor
-        ``[B, k]`` int64 indices, ascending.
-
     Notes
     -----
     Each step adds the available token whose cosine distance ``1 - cos`` to its nearest
@@ -235,32 +253,14 @@ def diverse(
     instead of relying on their zero self-distance. One ``2·n²·d`` matmul, then ``k``
     vectorised steps over the matrix.
     """
-    sim = _similarity(x, sim, "diverse")
-    return _greedy_cover(sim, k, seed_mask, exclude, _first_most_isolated, "diverse")
+    return _greedy_select(_similarity(x, sim, "diverse"), k, seed_mask, exclude, _DIVERSE, "diverse")
 
 
-def diverse_sum(
-    x: Tensor | None,
-    k: int,
-    *,
-    seed_mask: Tensor | None = None,
-    exclude: Tensor | None = None,
-    sim: Tensor | None = None,
-) -> Tensor:
-    """Greedy max-sum diversification on cosine distance (ToDRE).
+def diverse_sum(x: Tensor | None, k: int, *, seed_mask: Tensor | None = None, exclude: Tensor | None = None,
+                sim: Tensor | None = None) -> Tensor:
+    """Greedy max-sum diversification on cosine distance (ToDRE). Arguments and result as
+    in `diverse`.
 
-    Parameters
-    ----------
-    x, k, seed_mask, exclude, sim
-        As in `diverse`.
-
-    Returns
-    -------
-    Tensor
-        ``[B, k]`` int64 indices, ascending.
-
-    Notes
-    -----
     Each step adds the available token whose *summed* cosine distance ``sum (1 - cos)``
     to the kept set (seeds, e.g. a pivot kept by an earlier term, and earlier picks) is
     largest, lowest index on ties. Unlike max-min (`diverse`), a token close to one kept
@@ -268,59 +268,14 @@ def diverse_sum(
     is the candidate with the largest summed distance to all other candidates. One
     ``2·n²·d`` matmul, then ``k`` vectorised steps.
     """
-    sim = _similarity(x, sim, "diverse_sum")
-    b, n, _ = sim.shape
-    device = sim.device
-    _check_k(k, n)
-    if k == 0:
-        return _empty(b, device)
-    dist = 1 - sim
-    avail = torch.ones(b, n, dtype=torch.bool, device=device)
-    if exclude is not None:
-        avail &= ~exclude
-    if seed_mask is not None:
-        avail &= ~seed_mask
-        total = (dist * seed_mask[:, :, None].to(dist.dtype)).sum(dim=1)
-        has_seed = seed_mask.any(dim=1)
-    else:
-        total = torch.zeros(b, n, dtype=dist.dtype, device=device)
-        has_seed = torch.zeros(b, dtype=torch.bool, device=device)
-    _check_available(avail, k, "diverse(sum)")
-    # first pick without seeds: the largest summed distance to the other candidates
-    cand = avail.to(dist.dtype)
-    spread = (dist * cand[:, :, None]).sum(dim=1)
-    picked = torch.empty(b, k, dtype=torch.long, device=device)
-    for step in range(k):
-        score = total if step else torch.where(has_seed[:, None], total, spread)
-        j = score.masked_fill(~avail, _NEG).argmax(dim=1)  # first maximum: lowest index on ties
-        picked[:, step] = j
-        avail.scatter_(1, j[:, None], False)
-        total = total + dist.gather(1, j[:, None, None].expand(b, 1, n)).squeeze(1)
-    return picked.sort(dim=1).values
+    return _greedy_select(_similarity(x, sim, "diverse_sum"), k, seed_mask, exclude, _DIVERSE_SUM, "diverse(sum)")
 
 
-def unique(
-    x: Tensor | None,
-    k: int,
-    *,
-    seed_mask: Tensor | None = None,
-    exclude: Tensor | None = None,
-    sim: Tensor | None = None,
-) -> Tensor:
+def unique(x: Tensor | None, k: int, *, seed_mask: Tensor | None = None, exclude: Tensor | None = None,
+           sim: Tensor | None = None) -> Tensor:
     """Duplication-aware greedy selection: keep the token least similar to what is kept.
+    Arguments and result as in `diverse`.
 
-    Parameters
-    ----------
-    x, k, seed_mask, exclude, sim
-        As in `diverse`.
-
-    Returns
-    -------
-    Tensor
-        ``[B, k]`` int64 indices, ascending.
-
-    Notes
-    -----
     Each step adds the available token whose *maximum* cosine similarity to the kept set
     (seeds and earlier picks) is smallest: the least duplicated token (the redundancy
     criterion of DART, where the seeds play the role of DART's pivots). Given seeds this
@@ -329,8 +284,7 @@ def unique(
     *central* token (highest mean similarity to the other candidates, a representative
     pivot), `diverse` from the most isolated one. One ``2·n²·d`` matmul.
     """
-    sim = _similarity(x, sim, "unique")
-    return _greedy_cover(sim, k, seed_mask, exclude, _first_most_central, "unique")
+    return _greedy_select(_similarity(x, sim, "unique"), k, seed_mask, exclude, _UNIQUE, "unique")
 
 
 def far(
@@ -405,11 +359,6 @@ def uniform(candidates_mask: Tensor, k: int) -> Tensor:
         ``[B, n]`` bool, True = may be selected (``c_b`` candidates in sample b).
     k : int
         Tokens to select (``k <= c_b``).
-
-    Returns
-    -------
-    Tensor
-        ``[B, k]`` int64 indices, ascending.
 
     Notes
     -----
@@ -535,12 +484,8 @@ def buffers(
 
     Parameters
     ----------
-    kept_mask : Tensor
-        ``[B, n]`` bool: tokens already kept (the anchors).
-    positions : Tensor
-        ``[B, n]`` or ``[n]`` raster grid positions (negative = off-grid).
-    grid : (int, int)
-        ``(rows, cols)`` of the grid.
+    kept_mask, positions, grid
+        As in `neighbour_mask`; the kept tokens are the anchors.
     k : int
         Tokens to return.
     order_scores : Tensor, optional
@@ -548,11 +493,6 @@ def buffers(
         it both follow position order.
     exclude : Tensor, optional
         ``[B, n]`` bool: tokens that may not be chosen.
-
-    Returns
-    -------
-    Tensor
-        ``[B, k]`` int64 indices, ascending.
 
     Notes
     -----
@@ -700,11 +640,6 @@ def per_region(
     shares : Tensor, optional
         ``[B, G]`` int64 tokens per region, each row summing to k
         (`proportional_shares`); default the even split.
-
-    Returns
-    -------
-    Tensor
-        ``[B, k]`` int64 indices, ascending.
 
     Notes
     -----
