@@ -11,21 +11,9 @@ tiny-llava-vtbench model that gives pruning policies a real accuracy signal.
 Attributes are imported lazily (the generator needs only PIL; the harness needs torch).
 """
 
-from importlib import import_module
+from .._lazy import lazy_attributes
 
-_EXPORTS = {
-    "Example": ("vtdsl.eval.bench", "Example"),
-    "generate": ("vtdsl.eval.bench", "generate"),
-    "FAMILIES": ("vtdsl.eval.bench", "FAMILIES"),
-    "evaluate": ("vtdsl.eval.harness", "evaluate"),
-    "format_result": ("vtdsl.eval.harness", "format_result"),
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        module, attr = _EXPORTS[name]
-        return getattr(import_module(module), attr)
-    raise AttributeError(f"module 'vtdsl.eval' has no attribute {name!r}")
+__getattr__, __all__ = lazy_attributes(__name__, {
+    "vtdsl.eval.bench": ("Example", "generate", "FAMILIES"),
+    "vtdsl.eval.harness": ("evaluate", "format_result"),
+})
