@@ -128,20 +128,15 @@ def describe_char(ch: str) -> str:
     return f"{shown}U+{ord(ch):04X} ({name})"
 
 
+# how an error names a token of each value-carrying terminal ({} is the shortened text)
+_TOKEN_WORDS = {"NAME": "word '{}'", "SITE": "site '{}'", "NUMBER": "number {}", "PERCENT": "percentage {}",
+                "GRID": "grid size {}", "STRING": "string {}"}
+
+
 def describe_token(tok: Token) -> str:
     t, v = tok.type, str(tok)
-    if t == "NAME":
-        return f"word '{show(v)}'"
-    if t == "SITE":
-        return f"site '{show(v)}'"
-    if t == "NUMBER":
-        return f"number {show(v)}"
-    if t == "PERCENT":
-        return f"percentage {show(v)}"
-    if t == "GRID":
-        return f"grid size {show(v)}"
-    if t == "STRING":
-        return f"string {show(v)}"
+    if t in _TOKEN_WORDS:
+        return _TOKEN_WORDS[t].format(show(v))
     if keyword_of(t):
         return f"keyword '{v}'"
     return f"'{show(v)}'"
