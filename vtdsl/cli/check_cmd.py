@@ -58,9 +58,9 @@ def _ratio(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
-def check_payload(plan, report, verdicts, warnings) -> dict:
+def check_payload(plan, report, verdicts, warnings, latency=None) -> dict:
     cost = report.to_json()
-    return {
+    payload = {
         "policy": plan.policy.name,
         "model": plan.spec.name,
         "text_tokens": report.text_tokens,
@@ -93,6 +93,9 @@ def check_payload(plan, report, verdicts, warnings) -> dict:
         "ok": all(v["ok"] for v in verdicts),
         "diagnostics": [d.to_json() for d in warnings],
     }
+    if latency is not None:
+        payload["latency"] = latency.to_json()
+    return payload
 
 
 def token_range(fewest: int, most: int) -> str:
@@ -100,7 +103,7 @@ def token_range(fewest: int, most: int) -> str:
     return str(most) if fewest == most else f"{fewest}..{most}"
 
 
-def render_text(payload: dict, report) -> str:
+def render_text(payload: dict, report, latency=None) -> str:
     lines = [f"policy {payload['policy'] or '(unnamed)'} on {payload['model']}"]
     rows = [("stage", "site", "action", "tokens in -> out")]
     for i, stage in enumerate(payload["stages"]):
@@ -115,6 +118,8 @@ def render_text(payload: dict, report) -> str:
     lines.append(f"visual tokens into the LLM: {payload['visual_tokens_to_llm']}")
     lines.append("")
     lines.append(report.summary())
+    if latency is not None:
+        lines.append(latency.summary())
     for note in payload["notes"]:
         lines.append(f"note: {note}")
     if payload["budget"]:
@@ -129,7 +134,10 @@ def render_text(payload: dict, report) -> str:
 def _budget_value(verdict: dict) -> str:
     pct = verdict.get("percent_of_baseline")
     value = verdict["value"]
-    shown = f"{value:,.0f}" if isinstance(value, (int, float)) and value >= 1000 else f"{value}"
+    if verdict["metric"] in ("latency", "decode_latency"):
+        shown = f"{1e3 * value:.4g} ms"
+    else:
+        shown = f"{value:,.0f}" if isinstance(value, (int, float)) and value >= 1000 else f"{value}"
     return f"{shown}, {pct:.2f}% of unpruned" if pct is not None else shown
 
 
@@ -145,10 +153,17 @@ def _budget_value(verdict: dict) -> str:
 @click.option("--image", metavar="HxW", callback=parse_image_size,
               help="Image size in pixels (height x width) for models whose token count depends on it "
                    "(llava-next-7b, qwen2.5-vl-7b); default: the model's reference image.")
+@click.option("--device", metavar="NAME",
+              help="Predict prefill and decode latency on a device profile: a100, h100, h200, l40s, rtx4090, "
+                   "or cpu after `vtdsl calibrate` (or a profile JSON file).")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(1, 4096),
+              help="Prompts per batch, for --device.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Weights' dtype for --device (default: the model's).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @guarded
 def check_(policy_file: str, model: str | None, text_tokens: int, budgets: tuple[str, ...], decode_context: int,
-           image: tuple[int, int] | None, as_json: bool) -> None:
+           image: tuple[int, int] | None, device: str | None, batch: int, dtype: str | None, as_json: bool) -> None:
     """Check POLICY against a model: stages, token counts, cost and budget verdicts.
 
     Exit 0 when the policy is valid and within every budget, 1 when over budget,
@@ -159,20 +174,31 @@ def check_(policy_file: str, model: str | None, text_tokens: int, budgets: tuple
       vtdsl check policies/fastv.vt --model llava-1.5-7b
       vtdsl check policies/visionzip.vt -m llava-1.5-7b --budget "flops <= 25%" --json
       vtdsl check policies/fastv.vt -m llava-next-7b --image 600x800
+      vtdsl check policies/visionzip-64.vt -m llava-1.5-7b --device h100 --batch 8 --budget "latency <= 40%"
     """
     from ..cost import estimate, parse_budget, verdicts
+    from ..lang.errors import PolicyError
 
     plan, source, filename = load_plan(policy_file, model, image=image)
     extra = [parse_budget(text) for text in budgets]
     report = estimate(plan, text_tokens=text_tokens, decode_context=decode_context)
-    judged = verdicts(report, list(plan.policy.budgets) + extra)
-    payload = check_payload(plan, report, judged, plan.diagnostics)
+    latency = None
+    if device is not None:
+        from ..cost.devices import get_device
+        from ..cost.latency import predict
+
+        latency = predict(report, get_device(device), batch=batch, dtype=dtype)
+    try:
+        judged = verdicts(report, list(plan.policy.budgets) + extra, latency=latency)
+    except PolicyError as err:  # a latency budget without --device: quote the policy's line
+        raise PolicyError(err.diagnostics, source=source, filename=filename) from None
+    payload = check_payload(plan, report, judged, plan.diagnostics, latency)
     if as_json:
         emit_json(payload)
     else:
         for warning in plan.diagnostics:
             click.echo(warning.format(source, filename), err=True)
-        click.echo(render_text(payload, report))
+        click.echo(render_text(payload, report, latency))
     sys.exit(0 if payload["ok"] else EXIT_FAILED)
 
 

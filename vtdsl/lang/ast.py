@@ -368,7 +368,9 @@ class Stage(Node):
 class Budget(Node):
     """`budget <metric> <op> <value>`; a percent value is relative to the unpruned model."""
 
-    metric: Literal["flops", "flops_fastv", "tokens", "kv"]
+    # latency / decode_latency: predicted seconds (prefill / one decode step) on a device
+    # profile the checker is given (vtdsl.cost.latency).
+    metric: Literal["flops", "flops_fastv", "tokens", "kv", "latency", "decode_latency"]
     op: Literal["<=", "<"]
     value: float | int
     percent: bool = False

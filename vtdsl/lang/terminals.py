@@ -21,6 +21,8 @@ TERMINAL_WORDS: dict[str, str] = {
     "FLOPS_FASTV": "'flops_fastv'",
     "TOKENS": "'tokens'",
     "KV": "'kv'",
+    "LATENCY": "'latency'",
+    "DECODE_LATENCY": "'decode_latency'",
     "LE": "'<='",
     "LT": "'<'",
     "_AT": "'at'",
@@ -109,7 +111,8 @@ _FAMILIES: list[tuple[frozenset[str], str]] = [
         "a stage (at <site> ... or every N layers from <site> to <site> ...) or a header line "
         "(policy, model, budget)",
     ),
-    (frozenset({"FLOPS", "FLOPS_FASTV", "TOKENS", "KV"}), "a budget metric: flops, flops_fastv, tokens or kv"),
+    (frozenset({"FLOPS", "FLOPS_FASTV", "TOKENS", "KV", "LATENCY", "DECODE_LATENCY"}),
+     "a budget metric: flops, flops_fastv, tokens, kv, latency or decode_latency"),
     (frozenset({"LE", "LT"}), "'<=' or '<'"),
     (frozenset({"NUMBER", "PERCENT", "_LPAR"}),
      "a token count such as 64 or a percentage such as 10% (after diverse: or '(sum)')"),
