@@ -26,6 +26,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
+from .families import SIZE_ARGUMENTS, family_of
+from .handle import compiled
+
 __all__ = ["rewrite_inputs", "patch_processor", "processor_for", "count_images"]
 
 
@@ -124,8 +127,8 @@ def rewrite_inputs(
 def count_images(kwargs: dict[str, Any]) -> int | None:
     """Images a forward/generate call carries (None when it carries none)."""
     pixel_values = kwargs.get("pixel_values")
-    # anyres / dynamic resolution: one size per image, however many crops or patches each has
-    for key in ("image_sizes", "image_grid_thw"):
+    # a family's size argument has one row per image, however many crops or patches each has
+    for key in SIZE_ARGUMENTS:
         sizes = kwargs.get(key)
         if isinstance(sizes, Tensor) and pixel_values is not None:
             return int(sizes.shape[0])
@@ -183,20 +186,16 @@ def patch_processor(processor: Any, model_or_count: Any) -> Callable[[], None]:
     one knob LlavaProcessor exposes (`num_image_tokens = patches + additional − [CLS
     dropped]`). Returns a callable that undoes the change.
     """
-    from .api import image_token_count, original_image_token_count
-
     if isinstance(model_or_count, int):
         raise TypeError("patch_processor needs the compiled model (it knows both counts)")
-    from .api import compiled
-    from .layouts import varies_with_image
-
     handle = compiled(model_or_count)
-    if handle is not None and varies_with_image(handle.plan.spec):
+    if handle is not None and family_of(handle.plan.spec).sized_per_image:
         raise TypeError(
             f"{handle.plan.spec.name}'s placeholder count depends on each image's size, which one processor "
             "setting cannot follow; pass the processor's output as is (the compiled model rewrites it)"
         )
-    delta = image_token_count(model_or_count) - original_image_token_count(model_or_count)
+    # an uncompiled model expects the unpruned count: nothing to adjust
+    delta = 0 if handle is None else handle.image_tokens - handle.original_image_tokens
     if not hasattr(processor, "num_additional_image_tokens"):
         raise TypeError(
             f"{type(processor).__name__} has no num_additional_image_tokens; "

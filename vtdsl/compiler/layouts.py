@@ -2,41 +2,21 @@
 
 A plan is checked for a model's reference image (docs/language.md, "Model families").
 LLaVA-NeXT picks crops and unpads by the image's size, Qwen2.5-VL's patch grid is the
-image's; a compiled model of either family reads each call's image sizes and runs the
-policy as checked for that size: the same stages and sites, counts resolved for that many
-tokens (a percentage of the actual count, the crops that image has).
+image's; a compiled model of such a family (`Family.sized_per_image`) reads each call's
+image sizes (`Family.image_sizes`) and runs the policy as checked for that size: the same
+stages and sites, counts resolved for that many tokens (a percentage of the actual count,
+the crops that image has).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from ..ir.plan import Plan
 from ..lang.errors import PolicyError
 from ..models.spec import ModelSpec
+from .families import family_of
 from .runtime import CompileError
-
-
-def varies_with_image(spec: ModelSpec) -> bool:
-    return spec.anyres_grid is not None or spec.dynamic_resolution
-
-
-def image_sizes(spec: ModelSpec, kwargs: dict[str, Any]) -> list[tuple[int, int]] | None:
-    """(height, width) in pixels of each image of one call, from `image_sizes` (anyres) or
-    `image_grid_thw` (dynamic resolution, in patches); None when the call carries neither."""
-    sizes = kwargs.get("image_sizes")
-    grid = kwargs.get("image_grid_thw")
-    if sizes is not None and spec.anyres_grid is not None:
-        rows = torch.as_tensor(sizes).reshape(-1, 2).tolist()  # transformers also takes lists
-        return [(int(h), int(w)) for h, w in rows] or None
-    if grid is not None and spec.dynamic_resolution:
-        rows = torch.as_tensor(grid).reshape(-1, 3).tolist()
-        if any(t != 1 for t, _, _ in rows):
-            raise CompileError("vtdsl compiles image inputs only (image_grid_thw with t = 1), not video")
-        return [(h * spec.patch_size, w * spec.patch_size) for _, h, w in rows] or None
-    return None
 
 
 class PlanCache:
@@ -47,6 +27,7 @@ class PlanCache:
 
     def __init__(self, plan: Plan):
         self.plan = plan
+        self.family = family_of(plan.spec)
         self.by_layout: dict[tuple, Plan] = {}
         # the plan of the call in flight, set where the images are encoded (generate()
         # encodes them before prefill and does not pass their sizes on)
@@ -54,9 +35,9 @@ class PlanCache:
 
     def for_call(self, kwargs: dict[str, Any]) -> Plan | None:
         """The plan for the images a call carries, or None when it names no sizes."""
-        if not varies_with_image(self.plan.spec):
+        if not self.family.sized_per_image:
             return self.plan
-        sizes = image_sizes(self.plan.spec, kwargs)
+        sizes = self.family.image_sizes(self.plan.spec, kwargs)
         return None if sizes is None else self.for_sizes(sizes)
 
     def for_sizes(self, sizes: list[tuple[int, int]]) -> Plan:
@@ -66,7 +47,7 @@ class PlanCache:
                 spec = self.plan.spec.for_image(height, width)
             except ValueError as err:
                 raise CompileError(str(err)) from None
-            specs.setdefault((spec.anyres_grid, spec.anyres_map, spec.image_grid), (spec, (height, width)))
+            specs.setdefault(self.family.layout_key(spec), (spec, (height, width)))
         if len(specs) > 1:
             counts = sorted({spec.image_tokens for spec, _ in specs.values()})
             raise CompileError(f"a compiled {self.plan.spec.name} takes images of one token layout per call; these "

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ir.plan import Observation, Plan, ResolvedStage
+from .families import family_of
 from .layouts import PlanCache
 from .runtime import CompileError, ForwardLog, Scored, StageView, Tokens, _align, evaluate_score
 from .vit import VitRuntime
@@ -148,6 +149,7 @@ class LlmRuntime:
         self.plan = plan
         self.plans = plans if plans is not None else PlanCache(plan)
         self.spec = plan.spec
+        self.family = family_of(plan.spec)  # the token layout the LLM receives
         self.vit = vit
         self.log = log
         self.image_token_id = image_token_id
@@ -355,14 +357,9 @@ class LlmRuntime:
                                   else ""))
         images = total // per_image if per_image else 0
         g = b * images
-        if spec.anyres_grid is not None:
-            vtok = Tokens.anyres(g, per_image, spec, hidden.device,
-                                 intact=plan.projector_tokens == spec.projector_tokens)
-        elif self.vit is not None and self.vit.projector_tokens is not None and g:
-            vtok = self.vit.projector_tokens.expand_to(g)
-        else:
-            keeps_cls = spec.has_cls and spec.select_strategy == "full"
-            vtok = Tokens.initial(g, spec.llm_grid, hidden.device, keeps_cls)
+        vtok = self.family.llm_tokens(spec, g, per_image, hidden.device,
+                                      self.vit.projector_tokens if self.vit is not None else None,
+                                      intact=plan.projector_tokens == spec.projector_tokens)
         if cache is not None and self.stages_at:
             from transformers.cache_utils import DynamicCache
 
@@ -496,8 +493,7 @@ class LlmRuntime:
         st.pos = st.pos.gather(1, rows)
         st.is_img = st.is_img.gather(1, rows)
         st.per_image = per - blocks * surplus
-        if plan.spec.anyres_grid is not None:  # crops concatenated, now of the kept count
-            st.vtok = Tokens.anyres(b * st.images, st.per_image, plan.spec, embeds.device, intact=False)
+        st.vtok = self.family.trimmed_tokens(plan.spec, st.vtok, b * st.images, st.per_image, embeds.device)
         return ops.gather_tokens(embeds, rows)
 
     def _run_stage(self, st: LlmState, stage: ResolvedStage, hidden: Tensor) -> Tensor:

@@ -37,35 +37,10 @@ class Tokens:
     vid: Tensor  # [G, n] int64
     gpos: Tensor  # [G, n] int64
     grid: tuple[int, int]
-    # anyres (LLaVA-NeXT) in the LLM: the crop each token came from [G, n] (0 = base view),
-    # for `per crop`; None: one crop (every ViT row is one crop)
+    # crops packed for the LLM (LLaVA-NeXT, `families.llava_next`): the crop each token came
+    # from [G, n] (0 = base view), for `per crop`; None: one crop (every ViT row is one crop)
     crop: Tensor | None = None
     crops: int = 1
-
-    @staticmethod
-    def anyres(g: int, n: int, spec, device, intact: bool = True) -> "Tokens":
-        """An image's visual tokens as LLaVA-NeXT hands them to the LLM: `vid` is the index
-        in that sequence (1-based; no ViT identity survives the packing), off every grid;
-        the crop of each token from the packed layout: intact (base view, then the grid
-        crops' feature map row by row, each row ending in a newline token, which counts
-        with the row's last crop), or pruned crops concatenated with equal counts
-        (`intact=False`: a ViT stage changed the crops' counts, even when the total happens
-        to equal the intact one)."""
-        idx = torch.arange(n, device=device)
-        crops = spec.vit_crops
-        if intact and n == spec.image_tokens and spec.anyres_grid is not None:
-            side_r, side_c = spec.llm_grid
-            base = side_r * side_c
-            rows, cols, top, left = spec.crop_map  # the unpadded part of the crops' map
-            width = cols + (1 if spec.image_newline else 0)
-            r, c = (idx - base) // width + top, ((idx - base) % width).clamp(max=cols - 1) + left
-            crop = torch.where(idx < base, 0, 1 + (r // side_r) * spec.anyres_grid[1] + c // side_c)
-        elif n % crops == 0:
-            crop = idx // (n // crops)
-        else:
-            raise CompileError(f"{n} visual tokens per image cannot be split into {spec.name}'s {crops} crops")
-        return Tokens((idx + 1)[None].expand(g, -1), torch.full_like(idx, -1)[None].expand(g, -1), (0, 0),
-                      crop[None].expand(g, -1), crops)
 
     @staticmethod
     def initial(g: int, grid: tuple[int, int], device, with_cls: bool) -> "Tokens":
@@ -204,35 +179,64 @@ def execute(stage: ResolvedStage, view: StageView,
     VisionZip layout; the LLM re-sorts by position. `on_scores` receives the scores
     ``[G, n]`` of the stage's first scored term (for pictures; None on the hot path).
     """
-    x, tokens = view.x, view.tokens
-    g, n, _ = x.shape
-    device = x.device
+    _check_count(stage, view.x.shape[1])
+    whole = _WHOLE_SET.get(stage.action)
+    if whole is not None:
+        return whole(stage, view)
+    terms, needs_features = _terms(stage, view, on_scores)
+    kept = _select(stage, view, terms, needs_features)
+    return _rest(stage, view, kept, terms[0].scores if terms else None)
+
+
+def _check_count(stage: ResolvedStage, n: int) -> None:
     if not stage.fewest_in <= n <= stage.tokens_in:
         expected = (f"{stage.tokens_in}" if stage.fewest_in == stage.tokens_in
                     else f"{stage.fewest_in} to {stage.tokens_in}")
         raise CompileError(f"stage at {stage.site.text()} expected {expected} visual tokens per image, got {n}")
-    if stage.action == "drop":
-        src = torch.zeros(g, 0, dtype=torch.long, device=device)
-        return x[:, :0], src, tokens.take(src)
-    if stage.action == "pool":
-        kr, kc = stage.pool
-        rows, cols = tokens.grid
-        out = ops.pool2d(x, tokens.grid, kr, kc)
-        prow, pcol = ops.pooled_grid(tokens.grid, kr, kc)
-        r = torch.arange(prow, device=device) * min(kr, rows)
-        c = torch.arange(pcol, device=device) * min(kc, cols)
-        src = (r[:, None] * cols + c[None, :]).flatten()[None].expand(g, -1)
-        new = Tokens(
-            tokens.vid.gather(1, src),
-            torch.arange(prow * pcol, device=device)[None].expand(g, -1),
-            (prow, pcol),
-        )
-        return out, src, new
-    if stage.action == "merge":
-        out, _size, assign = ops.bipartite_merge(x, stage.merge_rest, return_assign=True)
-        src = _survivors(assign).nonzero()[:, 1].view(g, n - stage.merge_rest)
-        return out, src, tokens.take(src)
-    # keep
+
+
+# ------------------------------------------------------------- actions on the whole set
+def _drop(stage: ResolvedStage, view: StageView) -> tuple[Tensor, Tensor, Tokens]:
+    x = view.x
+    src = torch.zeros(x.shape[0], 0, dtype=torch.long, device=x.device)
+    return x[:, :0], src, view.tokens.take(src)
+
+
+def _pool(stage: ResolvedStage, view: StageView) -> tuple[Tensor, Tensor, Tokens]:
+    x, tokens = view.x, view.tokens
+    g, device = x.shape[0], x.device
+    kr, kc = stage.pool
+    rows, cols = tokens.grid
+    out = ops.pool2d(x, tokens.grid, kr, kc)
+    prow, pcol = ops.pooled_grid(tokens.grid, kr, kc)
+    r = torch.arange(prow, device=device) * min(kr, rows)
+    c = torch.arange(pcol, device=device) * min(kc, cols)
+    src = (r[:, None] * cols + c[None, :]).flatten()[None].expand(g, -1)
+    new = Tokens(
+        tokens.vid.gather(1, src),
+        torch.arange(prow * pcol, device=device)[None].expand(g, -1),
+        (prow, pcol),
+    )
+    return out, src, new
+
+
+def _tome_merge(stage: ResolvedStage, view: StageView) -> tuple[Tensor, Tensor, Tokens]:
+    x = view.x
+    g, n, _ = x.shape
+    out, _size, assign = ops.bipartite_merge(x, stage.merge_rest, return_assign=True)
+    src = _survivors(assign).nonzero()[:, 1].view(g, n - stage.merge_rest)
+    return out, src, view.tokens.take(src)
+
+
+_WHOLE_SET = {"drop": _drop, "pool": _pool, "merge": _tome_merge}
+
+
+# ------------------------------------------------------------- keep: terms and selection
+def _terms(stage: ResolvedStage, view: StageView,
+           on_scores: Callable[[Tensor], None] | None) -> tuple[list[ops.TermSpec], bool]:
+    """The stage's terms with this call's scores and counts, and whether any selection
+    compares the candidates' features."""
+    n = view.x.shape[1]
     terms = []
     needs_features = False
     taken = 0  # tokens the terms so far keep (this call's counts)
@@ -245,35 +249,49 @@ def execute(stage: ResolvedStage, view: StageView,
         kind = "diverse_sum" if term.kind == "diverse" and term.spread == "sum" else term.kind
         count = term.count if term.adaptive is None else _adaptive_count(term, scores, view, n - taken)
         taken += count
-        pivots = feats = None
-        if term.text_pivots:
-            if view.text_pivots is None:
-                raise CompileError(f"stage at {stage.site.text()} has no text tokens for 'far' to take pivots from")
-            pivots = view.text_pivots(term.pivot_score, term.text_pivots)
-        if term.normed:
-            if view.norm_weight is None:
-                raise CompileError(f"stage at {stage.site.text()}: far(norm) needs the LLM's final norm")
-            weight = view.norm_weight.to(view.x.dtype)
-            feats = view.x * weight
-            pivots = None if pivots is None else pivots * weight
+        pivots, feats = _far_inputs(stage, term, view)
         terms.append(ops.TermSpec(kind=kind, count=count, scores=scores, seed=term.seed, per_pivot=term.per_pivot,
                                   pivots=pivots, features=feats))
-    region_ids, num_regions = None, None
-    if stage.region is not None:
-        kind, rr, rc = stage.region
-        if kind == "region":
-            region_ids = ops.split_regions(tokens.gpos, tokens.grid, rr, rc)
-            num_regions = rr * rc
-        elif kind == "chunk":
-            region_ids = ops.split_chunks(n, rr, device)[None].expand(g, -1)
-            num_regions = rr
-        elif tokens.crop is not None:  # anyres tokens in the LLM: each crop its share
-            region_ids, num_regions = tokens.crop, tokens.crops
-        else:  # a ViT row is one crop (LLaVA-1.5: the image; LLaVA-NeXT: one of its crops)
-            region_ids = torch.zeros(g, n, dtype=torch.long, device=device)
-            num_regions = 1
-    first_scores = terms[0].scores if terms else None
-    kept = ops.select_union(
+    return terms, needs_features
+
+
+def _far_inputs(stage: ResolvedStage, term, view: StageView) -> tuple[Tensor | None, Tensor | None]:
+    """`far`'s text pivots and, for `far(norm)`, the features it compares."""
+    pivots = feats = None
+    if term.text_pivots:
+        if view.text_pivots is None:
+            raise CompileError(f"stage at {stage.site.text()} has no text tokens for 'far' to take pivots from")
+        pivots = view.text_pivots(term.pivot_score, term.text_pivots)
+    if term.normed:
+        if view.norm_weight is None:
+            raise CompileError(f"stage at {stage.site.text()}: far(norm) needs the LLM's final norm")
+        weight = view.norm_weight.to(view.x.dtype)
+        feats = view.x * weight
+        pivots = None if pivots is None else pivots * weight
+    return pivots, feats
+
+
+def _regions(stage: ResolvedStage, tokens: Tokens, g: int, n: int, device) -> tuple[Tensor | None, int | None]:
+    """`per region` / `per chunk` / `per crop`: the region of each candidate, and how many."""
+    if stage.region is None:
+        return None, None
+    kind, rr, rc = stage.region
+    if kind == "region":
+        return ops.split_regions(tokens.gpos, tokens.grid, rr, rc), rr * rc
+    if kind == "chunk":
+        return ops.split_chunks(n, rr, device)[None].expand(g, -1), rr
+    if tokens.crop is not None:  # crops packed for the LLM: each crop its share
+        return tokens.crop, tokens.crops
+    # a ViT row is one crop (LLaVA-1.5: the image; LLaVA-NeXT: one of its crops)
+    return torch.zeros(g, n, dtype=torch.long, device=device), 1
+
+
+def _select(stage: ResolvedStage, view: StageView, terms: list[ops.TermSpec], needs_features: bool) -> Tensor:
+    """``[G, k]``: the candidates the terms keep, ascending."""
+    x, tokens = view.x, view.tokens
+    g, n, _ = x.shape
+    region_ids, num_regions = _regions(stage, tokens, g, n, x.device)
+    return ops.select_union(
         terms,
         n=n,
         positions=tokens.gpos,
@@ -284,6 +302,14 @@ def execute(stage: ResolvedStage, view: StageView,
         region_weights=terms[0].scores if stage.region_proportional else None,
         batch=g,
     )
+
+
+# ------------------------------------------------------------- keep: what happens to the rest
+def _rest(stage: ResolvedStage, view: StageView, kept: Tensor,
+          first_scores: Tensor | None) -> tuple[Tensor, Tensor, Tokens]:
+    """The output: the kept tokens, plus what `then absorb / recycle / merge rest` makes of
+    the others."""
+    x, tokens = view.x, view.tokens
     if stage.absorb:
         out, extra = ops.absorb_neighbours(x, kept, first_scores, stage.absorb)
         src = torch.cat([kept, extra], dim=1)  # the extra token takes its best dropped token's identity
@@ -292,7 +318,7 @@ def execute(stage: ResolvedStage, view: StageView,
         rows, cols = stage.cells
         cell_ids = ops.split_regions(tokens.gpos, tokens.grid, rows, cols)
         if cell_ids.dim() == 1:
-            cell_ids = cell_ids[None].expand(g, -1)
+            cell_ids = cell_ids[None].expand(x.shape[0], -1)
         out, best = ops.recycle_cells(x, kept, first_scores, cell_ids, rows * cols)
         src = torch.cat([kept, best], dim=1)  # a cell's token takes its best dropped token's identity
         return out, src, tokens.take(src)
@@ -301,9 +327,15 @@ def execute(stage: ResolvedStage, view: StageView,
         out, centres = ops.recycle_clusters(x, kept, first_scores, m, c)
         src = torch.cat([kept, centres], dim=1)  # a cluster takes its centre's identity
         return out, src, tokens.take(src)
-    t = stage.merge_rest
-    if not t:
+    if not stage.merge_rest:
         return ops.gather_tokens(x, kept), kept, tokens.take(kept)
+    return _merge_rest(stage, view, kept)
+
+
+def _merge_rest(stage: ResolvedStage, view: StageView, kept: Tensor) -> tuple[Tensor, Tensor, Tokens]:
+    x = view.x
+    g, n, _ = x.shape
+    t = stage.merge_rest
     metric = None
     if stage.merge_keys is not None:
         if view.keys_of is None:
@@ -311,14 +343,14 @@ def execute(stage: ResolvedStage, view: StageView,
         metric = view.keys_of(stage.merge_keys)
     out, _assign = ops.merge_rest(x, kept, t, metric=metric, mode="visionzip" if stage.merge_added else "mean")
     # merge_rest's documented targets: the non-kept tokens of rank i * max(1, R // t).
-    rest = torch.ones(g, n, dtype=torch.bool, device=device)
+    rest = torch.ones(g, n, dtype=torch.bool, device=x.device)
     rest.scatter_(1, kept, False)
     r = n - kept.shape[1]
     rest_idx = rest.nonzero()[:, 1].view(g, r)
     step = max(1, r // t)
-    targets = rest_idx[:, torch.arange(0, step * t, step, device=device)]
+    targets = rest_idx[:, torch.arange(0, step * t, step, device=x.device)]
     src = torch.cat([kept, targets], dim=1)
-    return out, src, tokens.take(src)
+    return out, src, view.tokens.take(src)
 
 
 @dataclass

@@ -1,0 +1,102 @@
+"""The questions the compiler asks a model family, with the answers of the plain layout."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from ..runtime import Tokens
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ...ir.plan import Plan
+    from ...models.spec import ModelSpec
+    from ..installer import Installer
+
+
+class Family:
+    """Everything about one family of models the compiler needs beyond the towers' shapes.
+
+    A family owns where the parts of its models live (module paths), how one image becomes
+    the LLM's visual tokens (crops, newline tokens, a patch merger, position streams), which
+    forward argument carries each image's size, and the rewrites its layout needs beyond
+    the generic hooks. The compiler core asks it; it never tests spec fields that stand for
+    a family. One instance per family, chosen once by `ModelSpec.family` (`family_of`).
+
+    The defaults describe the plain layout (LLaVA-1.5): every image the same size, one
+    crop, the projector's tokens in the vision tower's raster order, 1-D positions.
+
+    Attributes
+    ----------
+    name : str
+        The `ModelSpec.family` value the registry gives this family's specs.
+    size_argument : str or None
+        The forward argument that carries each image's size when its token count depends
+        on it (``image_sizes``, ``image_grid_thw``); None: every image gives the same count.
+    layout_fields : tuple of str
+        `ModelSpec` fields, besides the towers' shapes, that a plan checked for one spec
+        must share with the model it is installed on.
+    """
+
+    name: ClassVar[str]
+    size_argument: ClassVar[str | None] = None
+    layout_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __repr__(self) -> str:
+        return f"<vtdsl family {self.name}>"
+
+    # ------------------------------------------------------------------ module paths
+    def multimodal_path(self, spec: ModelSpec) -> str:
+        """The model that encodes images and merges them into the prompt (``model``)."""
+        return spec.llm_layer_path.split(".")[0]
+
+    def language_model_path(self, spec: ModelSpec) -> str:
+        """The decoder stack whose layers `llm_layer_path` names."""
+        return spec.llm_layer_path.format(i=0).rpartition(".")[0].rpartition(".")[0]
+
+    def encoder_path(self, spec: ModelSpec) -> str:
+        """The vision encoder whose layer loop ViT stages are traced into."""
+        return spec.vit_layer_path.format(i=0).rpartition(".")[0].rpartition(".")[0]
+
+    # ------------------------------------------------------------------ image sizes
+    @property
+    def sized_per_image(self) -> bool:
+        """Whether an image's visual token count depends on its size (the compiled model
+        then re-resolves the plan for each call's images, `vtdsl.compiler.layouts`)."""
+        return self.size_argument is not None
+
+    def image_sizes(self, spec: ModelSpec, kwargs: dict[str, Any]) -> list[tuple[int, int]] | None:
+        """(height, width) in pixels of each image of one forward call, read from its
+        `size_argument`; None when the call carries none (or the family has none)."""
+        return None
+
+    def layout_key(self, spec: ModelSpec) -> tuple:
+        """What tells two per-image specs' token layouts apart (equal keys: one plan)."""
+        return ()
+
+    # ------------------------------------------------------------------ token layout
+    def llm_tokens(self, spec: ModelSpec, images: int, per_image: int, device: torch.device,
+                   vit_tokens: Tokens | None, *, intact: bool) -> Tokens:
+        """Identities of the visual tokens the LLM receives: `per_image` for each of
+        `images` images (batch x images per sample). `vit_tokens`: the vision tower's
+        bookkeeping of what it handed the projector, when ViT stages ran; `intact`: the
+        plan leaves the projector's output as the unpruned model has it."""
+        if vit_tokens is not None and images:
+            return vit_tokens.expand_to(images)
+        keeps_cls = spec.has_cls and spec.select_strategy == "full"
+        return Tokens.initial(images, spec.llm_grid, device, keeps_cls)
+
+    def trimmed_tokens(self, spec: ModelSpec, tokens: Tokens, images: int, per_image: int,
+                       device: torch.device) -> Tokens:
+        """The LLM's visual tokens `tokens` once the padding rows of an adaptive ViT count
+        are removed at its input, `per_image` left of each of `images` images."""
+        return tokens
+
+    # ------------------------------------------------------------------ installation
+    def check(self, plan: Plan, features_vary: bool) -> None:
+        """Refuse, with a `CompileError`, a plan the layout cannot run although it passed
+        the checks (`features_vary`: adaptive ViT counts change the features per call)."""
+
+    def install(self, installer: Installer, plan: Plan) -> None:
+        """The family's own rewrites between the projector and the LLM (none here); each
+        goes through `installer` so that it is listed and undone."""
