@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import networkx as nx
 
 from ...lang import ast
@@ -15,59 +17,18 @@ from .common import TOWER_NAMES, copy_graph, error, ref_text, warn
 def validate(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
     """Static checks that need resolved sites but no token counts."""
     graph = copy_graph(graph)
-    previous_key, previous_site, dropped_at, cls_kept_at = None, None, None, None
-    feature_entry = spec.feature_layer_index + 1  # the token set that becomes the features
+    seen = _Seen()
     for node in stream(graph):
         data = graph.nodes[node]
         stage: ast.Stage = data["stage"]
         site: ResolvedSite = data["site"]
-        if dropped_at is not None:
-            error(
-                graph,
-                f"no visual tokens are left at {stage.site.text()}: 'drop all' at {dropped_at} "
-                "ended the visual stream",
-                stage.span,
-                expected="no stage after 'drop all'",
-                code="after-drop",
-            )
-        if previous_key is not None and data["order"] < previous_key:
-            error(
-                graph,
-                f"stage at {stage.site.text()} runs before the previous stage at {previous_site}; "
-                "write stages in execution order (vit layers, vit.out, then llm layers)",
-                stage.site.span,
-                expected=f"a site at or after {previous_site}",
-                code="stage-order",
-            )
-        if site.tower == "vit" and site.layer is not None and site.layer > feature_entry:
-            warn(
-                graph,
-                f"{stage.site.text()} comes after the feature layer (vit.layer{spec.feature_layer_index}, "
-                f"vision_feature_layer={spec.vision_feature_layer}): it only saves compute in "
-                "layers whose output is unused and does not change the image features",
-                stage.site.span,
-                code="after-features",
-            )
-        if isinstance(stage.action, ast.Keep):
-            _validate_cls_token(graph, spec, stage, site, cls_kept_at)
-            if any(isinstance(t, ast.ClsTokenTerm) for t in stage.action.terms):
-                cls_kept_at = cls_kept_at or stage.site.text()
-        elif cls_kept_at is not None and site.tower == "vit":
-            error(graph, f"'{stage.action.kind}' at vit.out after 'cls_token' was kept at {cls_kept_at} would treat "
-                   "the CLS token as a patch", stage.span, expected="'cls_token' in the last vit.out stage",
-                   code="cls-token")
-        if stage.renumber and site.tower == "vit":
-            error(graph, f"'renumber' re-numbers the LLM's rotary positions; {stage.site.text()} is in the vision "
-                   "tower, whose position embeddings were added before its first layer",
-                   stage.renumber_span or stage.span, expected="'renumber' on an llm.layerN stage",
-                   code="renumber")
-        elif stage.renumber and spec.position_encoding == "mrope":
-            error(graph, f"{spec.name} gives visual tokens 3-D M-RoPE positions (time, row, column), which have no "
-                   "contiguous re-numbering; kept tokens keep their positions", stage.renumber_span or stage.span,
-                   expected="the stage without 'renumber'", code="renumber")
+        _validate_sequence(graph, stage, data["order"], seen)
+        _warn_after_features(graph, spec, stage, site)
+        _validate_cls_stage(graph, spec, stage, site, seen)
+        _validate_renumber(graph, spec, stage, site)
         if isinstance(stage.action, ast.DropAll):
-            dropped_at = stage.site.text()
-        previous_key, previous_site = data["order"], stage.site.text()
+            seen.dropped_at = stage.site.text()
+        seen.previous_key, seen.previous_site = data["order"], stage.site.text()
         _validate_layout(graph, spec, stage, site)
         for obs_node in observations_of(graph, data["index"]):
             obs_data = graph.nodes[obs_node]
@@ -75,6 +36,75 @@ def validate(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
                 continue
             _validate_observation(graph, spec, obs_data, data)
     return graph
+
+
+@dataclass
+class _Seen:
+    """What the stages before this one did, as far as the checks need it."""
+
+    previous_key: tuple | None = None  # the previous stage's execution-order key
+    previous_site: str | None = None
+    dropped_at: str | None = None  # the site of a 'drop all'
+    cls_kept_at: str | None = None  # the first stage that kept the CLS token
+
+
+def _validate_sequence(graph, stage: ast.Stage, order: tuple, seen: _Seen) -> None:
+    """No stage after 'drop all'; stages in execution order."""
+    if seen.dropped_at is not None:
+        error(
+            graph,
+            f"no visual tokens are left at {stage.site.text()}: 'drop all' at {seen.dropped_at} "
+            "ended the visual stream",
+            stage.span,
+            expected="no stage after 'drop all'",
+            code="after-drop",
+        )
+    if seen.previous_key is not None and order < seen.previous_key:
+        error(
+            graph,
+            f"stage at {stage.site.text()} runs before the previous stage at {seen.previous_site}; "
+            "write stages in execution order (vit layers, vit.out, then llm layers)",
+            stage.site.span,
+            expected=f"a site at or after {seen.previous_site}",
+            code="stage-order",
+        )
+
+
+def _warn_after_features(graph, spec: ModelSpec, stage: ast.Stage, site: ResolvedSite) -> None:
+    feature_entry = spec.feature_layer_index + 1  # the token set that becomes the features
+    if site.tower == "vit" and site.layer is not None and site.layer > feature_entry:
+        warn(
+            graph,
+            f"{stage.site.text()} comes after the feature layer (vit.layer{spec.feature_layer_index}, "
+            f"vision_feature_layer={spec.vision_feature_layer}): it only saves compute in "
+            "layers whose output is unused and does not change the image features",
+            stage.site.span,
+            code="after-features",
+        )
+
+
+def _validate_cls_stage(graph, spec: ModelSpec, stage: ast.Stage, site: ResolvedSite, seen: _Seen) -> None:
+    """A kept CLS token must stay the first token: nothing at vit.out may treat it as a patch."""
+    if isinstance(stage.action, ast.Keep):
+        _validate_cls_token(graph, spec, stage, site, seen.cls_kept_at)
+        if any(isinstance(t, ast.ClsTokenTerm) for t in stage.action.terms):
+            seen.cls_kept_at = seen.cls_kept_at or stage.site.text()
+    elif seen.cls_kept_at is not None and site.tower == "vit":
+        error(graph, f"'{stage.action.kind}' at vit.out after 'cls_token' was kept at {seen.cls_kept_at} would "
+              "treat the CLS token as a patch", stage.span, expected="'cls_token' in the last vit.out stage",
+              code="cls-token")
+
+
+def _validate_renumber(graph, spec: ModelSpec, stage: ast.Stage, site: ResolvedSite) -> None:
+    if stage.renumber and site.tower == "vit":
+        error(graph, f"'renumber' re-numbers the LLM's rotary positions; {stage.site.text()} is in the vision "
+              "tower, whose position embeddings were added before its first layer",
+              stage.renumber_span or stage.span, expected="'renumber' on an llm.layerN stage",
+              code="renumber")
+    elif stage.renumber and spec.position_encoding == "mrope":
+        error(graph, f"{spec.name} gives visual tokens 3-D M-RoPE positions (time, row, column), which have no "
+              "contiguous re-numbering; kept tokens keep their positions", stage.renumber_span or stage.span,
+              expected="the stage without 'renumber'", code="renumber")
 
 
 def _validate_layout(graph, spec: ModelSpec, stage: ast.Stage, site: ResolvedSite) -> None:
