@@ -30,6 +30,8 @@ class _Kept:
 
 
 def infer_keep(s: StageInput):
+    """The kept tokens are the terms' plus what the rest becomes (+ CLS); the grid
+    survives only a stage that provably keeps every token as it was."""
     action: ast.Keep = s.action
     if percent_of_varying(s, _quantities(action)):
         return None
