@@ -10,15 +10,19 @@ is instantiated and parsed (a real policy) -> checked against the model (`vtdsl.
 and costed (`vtdsl.cost.estimate`) -> if invalid or over budget the trial is *pruned*,
 with `status` and `reason` user attributes, and the model is never run -> otherwise the
 objective scores it. A candidate already scored in this study (same canonical policy)
-reuses its score (`duplicate_of`).
+reuses its score (`duplicate_of`); one that another process is scoring right now is
+waited for, then reused, so no policy is scored twice.
 
 Samplers: TPE (one objective, maximised) or NSGA-II (`pareto=True`: minimise the FLOPs
 ratio, maximise the score). `trials` is the number of *finished* trials (complete or
-pruned) the study should hold: a resumed study runs only the missing ones, and
-`workers` local processes share them (n_trials split exactly, so the total is `trials`:
-no duplicates, no losses). Storage: any optuna RDB URL; SQLite `DIR/study.db` by default.
-Trials left RUNNING by a killed search are marked FAIL when the search resumes (their
-process is gone), so a study only ever holds finished trials and failed ones.
+pruned) the study should hold, whoever runs them: every process starts a trial only
+after claiming a free slot under the study's lock (`storage.StudyLock`), so any number
+of processes (`workers` local ones, or independent `vtdsl search` runs on one storage
+URL) stop together at exactly `trials`. A process whose slots are all claimed by others
+waits for them, and takes over the slot of one that dies. Storage: SQLite `DIR/study.db`
+by default, or a URL `storage.resolve` accepts (PostgreSQL through psycopg). Trials left
+RUNNING by a killed search are marked FAIL (their process is gone), so a study only ever
+holds finished trials and failed ones.
 """
 
 from __future__ import annotations
@@ -34,11 +38,15 @@ import socket
 import sys
 import threading
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 from ..lang.errors import PolicyError
+from .storage import StudyLock, open_storage, redacted, resolve, storage_errors
+
+__all__ = ["SearchConfig", "SearchInterrupted", "SearchResult", "open_storage", "search"]
 
 DEFAULT_TRIALS = 50
 DEFAULT_OUT = os.path.join("out", "search")
@@ -89,12 +97,14 @@ class SearchResult:
     counts: dict
     files: dict
     interrupted: bool = False
-    ran: int = 0  # trials finished by this invocation
+    ran: int = 0  # trials finished by this invocation (its worker processes included)
+    others: int = 0  # trials other processes finished on the same study meanwhile
 
     def summary(self) -> dict:
         return {
             "study": self.study, "storage": self.storage, "out_dir": self.out_dir, "model": self.model,
             "objective": self.objective, "budgets": self.budgets, "counts": self.counts, "ran": self.ran,
+            "others": self.others,
             "best": self.best, "pareto": self.pareto, "references": self.references, "files": self.files,
             "interrupted": self.interrupted,
         }
@@ -147,41 +157,6 @@ def _sqlite_url(path: str) -> str:
     return "sqlite:///" + os.path.abspath(path)
 
 
-def open_storage(url: str):
-    """An optuna RDBStorage (heartbeats on; SQLite waits for locks instead of failing)."""
-    import optuna
-
-    kwargs: dict = {}
-    if url.startswith("sqlite"):
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
-        m = re.match(r"sqlite:///(.+)", url)
-        if m and m.group(1) != ":memory:":
-            Path(m.group(1)).parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        storage = optuna.storages.RDBStorage(url, heartbeat_interval=10, grace_period=60, **kwargs)
-    if url.startswith("sqlite"):
-        _sqlite_pragmas(storage.engine)
-    return storage
-
-
-def _sqlite_pragmas(engine) -> None:
-    """WAL journal, fsync at checkpoints only: a commit survives the process being
-    killed (not a power cut), and a trial's ~20 small commits stop costing seconds."""
-    from sqlalchemy import event
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection, record):  # noqa: ARG001
-        cur = dbapi_connection.cursor()
-        try:
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
-        finally:
-            cur.close()
-
-    engine.dispose()
-
-
 def _sampler(cfg: SearchConfig, seed: int):
     import optuna
 
@@ -190,7 +165,9 @@ def _sampler(cfg: SearchConfig, seed: int):
         if cfg.pareto:
             population = max(4, min(50, cfg.trials // 4))
             return optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+        # constant_liar: a trial another process is running counts as a poor result, so
+        # concurrent processes are steered away from the point it is evaluating
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
                                           n_startup_trials=max(2, min(10, cfg.trials // 4)))
 
 
@@ -366,11 +343,19 @@ _INTERRUPTS = _Interrupts()
 
 
 class _Objective:
-    """The optuna objective of one process."""
+    """The optuna objective of one process.
 
-    def __init__(self, ctx: _Context, study):
+    Called with the study lock held (the trial loop takes it to claim a slot): the trial
+    is tagged with its process and run while no other process can look at it half-made,
+    and the lock is released once the trial knows whether it scores its policy, reuses a
+    stored score, or is rejected.
+    """
+
+    def __init__(self, ctx: _Context, study, lock: StudyLock, run_id: str):
         self.ctx = ctx
         self.study = study
+        self.lock = lock
+        self.run_id = run_id
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def _lookup(self, policy: str) -> dict | None:
@@ -387,37 +372,72 @@ class _Objective:
                 return hit
         return None
 
+    def _scorer_of(self, policy: str, mine: int):
+        """The running trial (of any process) that is scoring `policy`, if one is."""
+        import optuna
+
+        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if t.number != mine and t.user_attrs.get("scoring") == policy:
+                return t
+        return None
+
+    def _reuse_or_claim(self, trial, policy: str) -> dict | None:
+        """The stored result of `policy`, or None once this trial is marked as the one
+        scoring it. While another live trial scores it, waits (lock released) for it."""
+        while True:
+            self.lock.acquire()
+            try:
+                hit = self._lookup(policy)
+                other = None if hit is not None else self._scorer_of(policy, trial.number)
+                if hit is None and other is None:
+                    trial.set_user_attr("scoring", policy)
+            finally:
+                self.lock.release()
+            if other is None:
+                return hit
+            _await_trial(self.study, self.lock, other)
+
+    def _score(self, trial, info: dict, record: dict) -> dict:
+        import optuna
+
+        from .objectives import SearchError
+
+        try:
+            with _INTERRUPTS.scoring():
+                metrics = self.ctx.score(info["plan"])
+        except SearchError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one candidate the model cannot run is recorded, not fatal
+            record.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:500])
+            trial.set_user_attr("vtdsl", _jsonable(record))
+            raise optuna.TrialPruned(str(exc)) from None
+        self.ctx.cache[info["policy"]] = {"metrics": metrics, "number": trial.number}
+        return metrics
+
     def __call__(self, trial):
         import optuna
 
-        _INTERRUPTS.check()
-        trial.set_user_attr("worker", self.worker)
-        started = time.perf_counter()
-        point = self.ctx.space.suggest(trial)
-        info = self.ctx.assess(point)
+        try:
+            trial.set_user_attr("worker", self.worker)
+            trial.set_user_attr("run", self.run_id)
+            _INTERRUPTS.check()
+            started = time.perf_counter()
+            point = self.ctx.space.suggest(trial)
+            info = self.ctx.assess(point)
+        finally:
+            self.lock.release()
         record: dict[str, Any] = {"point": self.ctx.space.index(point), "policy": info.get("policy"),
                                   "cost": info.get("cost"), "status": info["status"]}
         if info["status"] != "ok":
             record["reason"] = info["reason"]
             trial.set_user_attr("vtdsl", _jsonable(record))
             raise optuna.TrialPruned(info["reason"])
-        hit = self._lookup(info["policy"])
+        hit = self._reuse_or_claim(trial, info["policy"])
         if hit is not None:
             metrics = hit["metrics"]
             record["duplicate_of"] = hit["number"]
         else:
-            from .objectives import SearchError
-
-            try:
-                with _INTERRUPTS.scoring():
-                    metrics = self.ctx.score(info["plan"])
-            except SearchError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - one candidate the model cannot run is recorded, not fatal
-                record.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:500])
-                trial.set_user_attr("vtdsl", _jsonable(record))
-                raise optuna.TrialPruned(str(exc)) from None
-            self.ctx.cache[info["policy"]] = {"metrics": metrics, "number": trial.number}
+            metrics = self._score(trial, info, record)
         record["metrics"] = metrics
         record["eval_s"] = round(time.perf_counter() - started, 4)
         trial.set_user_attr("vtdsl", _jsonable(record))
@@ -425,6 +445,22 @@ class _Objective:
         if self.ctx.cfg.pareto:
             return info["cost"]["flops_ratio"], score
         return score
+
+
+def _await_trial(study, lock: StudyLock, other) -> None:
+    """Wait until another process's trial is no longer RUNNING: it finished, or its
+    process died and it was marked FAIL (here, when that process ran on this host)."""
+    import optuna
+
+    polls = 0
+    while study._storage.get_trial(other._trial_id).state == optuna.trial.TrialState.RUNNING:
+        _INTERRUPTS.check()
+        time.sleep(0.1)
+        polls += 1
+        if polls % 20 == 0:
+            with lock:
+                _fail_orphans(study)
+            _fail_stale(study)
 
 
 def _jsonable(x):
@@ -477,17 +513,44 @@ def _finished(study) -> int:
     return len(study.get_trials(deepcopy=False, states=(S.COMPLETE, S.PRUNED)))
 
 
+def _ran_by(study, run_id: str) -> int:
+    """Finished trials of one invocation (its worker processes included)."""
+    import optuna
+
+    S = optuna.trial.TrialState
+    return sum(t.user_attrs.get("run") == run_id for t in study.get_trials(deepcopy=False, states=(S.COMPLETE, S.PRUNED)))
+
+
+def _fail_stale(study) -> None:
+    """Fail the trials whose process, on any host, stopped its heartbeat (grace 60 s)."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optuna.storages.fail_stale_trials(study)
+
+
 def _open_study(ctx: _Context, storage_url: str, study_name: str, seed: int, create: bool):
     import optuna
 
     storage = open_storage(storage_url)
     sampler = _sampler(ctx.cfg, seed)
-    if create:
-        study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler,
-                                    directions=_directions(ctx.cfg), load_if_exists=True)
-    else:
-        study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
-    return study
+    with storage_errors(storage_url):
+        if create:  # a concurrent creation of the same study is loaded, not an error
+            return optuna.create_study(storage=storage, study_name=study_name, sampler=sampler,
+                                       directions=_directions(ctx.cfg), load_if_exists=True)
+        return optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
+
+
+def _join_study(ctx: _Context, storage_url: str, study_name: str, lock: StudyLock):
+    """Open (or create) the study; under its lock, check that it was made for this search
+    and fail the trials of processes that are gone. Returns it and its finished trials."""
+    study = _open_study(ctx, storage_url, study_name, ctx.cfg.seed, create=True)
+    with storage_errors(storage_url), lock:
+        _check_fingerprint(study, ctx, storage_url)
+        _fail_orphans(study)
+        done = _finished(study)
+    return study, done
 
 
 def _check_fingerprint(study, ctx: _Context, storage_url: str) -> None:
@@ -497,7 +560,7 @@ def _check_fingerprint(study, ctx: _Context, storage_url: str) -> None:
         if study.get_trials(deepcopy=False):
             from .objectives import SearchError
 
-            raise SearchError(f"study '{study.study_name}' in {storage_url} was not made by vtdsl search",
+            raise SearchError(f"study '{study.study_name}' in {redacted(storage_url)} was not made by vtdsl search",
                               hint="choose another --study name")
         study.set_user_attr("vtdsl", mine)
         return
@@ -515,6 +578,66 @@ def default_study_name(cfg: SearchConfig, model: str, objective: str) -> str:
     stem = Path(cfg.space).stem
     name = f"{stem}-{model}-{objective.lstrip('_')}" + ("-pareto" if cfg.pareto else "")
     return re.sub(r"[^A-Za-z0-9_.\-]+", "_", name)
+
+
+# ---------------------------------------------------------------------------------------
+# The trial loop
+
+
+def _slots(study, total: int) -> tuple[str, int]:
+    """Under the study lock: "full" when the study holds `total` finished trials, "wait"
+    when live processes are running the rest, else "free"; and the next trial's number."""
+    import optuna
+
+    S = optuna.trial.TrialState
+    trials = study.get_trials(deepcopy=False)
+    finished = sum(t.state in (S.COMPLETE, S.PRUNED) for t in trials)
+    running = sum(t.state == S.RUNNING for t in trials)
+    if finished >= total:
+        return "full", len(trials)
+    return ("wait" if finished + running >= total else "free"), len(trials)
+
+
+def _run_trials(ctx: _Context, study, lock: StudyLock, *, total: int, cap: int, run_id: str,
+                on_step: Callable | None = None) -> int:
+    """Run trials until the study holds `total` finished ones (by any process) or this
+    process has run `cap`; return how many it ran.
+
+    A slot is claimed and its trial created under the study lock, so concurrent processes
+    never start more than `total` trials between them. The sampler is reseeded from the
+    trial's number: processes that start together with one --seed explore different
+    points, and a rerun of a study replays it.
+    """
+    objective = _Objective(ctx, study, lock, run_id)
+    ran = 0
+    while ran < cap:
+        _INTERRUPTS.check()
+        lock.acquire()
+        try:
+            _fail_orphans(study)
+            state, number = _slots(study, total)
+            if state == "free":
+                study.sampler = _sampler(ctx.cfg, ctx.cfg.seed + 7919 * number)
+                study.optimize(objective, n_trials=1, catch=())  # the objective releases the lock
+                ran += 1
+        finally:
+            lock.release()
+        if state == "full":
+            break
+        if on_step is not None:
+            on_step(study)
+        if state == "wait":
+            _pause(study)
+    return ran
+
+
+def _pause(study) -> None:
+    """Every slot left is another process's running trial: give them time to finish (or
+    to be found dead, by pid here or by heartbeat elsewhere, freeing the slot)."""
+    _fail_stale(study)
+    for _ in range(5):
+        _INTERRUPTS.check()
+        time.sleep(0.1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -538,8 +661,8 @@ def _watch_parent(parent: int) -> None:
     threading.Thread(target=loop, daemon=True).start()
 
 
-def _worker_main(cfg: SearchConfig, storage_url: str, study_name: str, n_trials: int, seed: int,
-                 parent: int, threads: int) -> None:
+def _worker_main(cfg: SearchConfig, storage_url: str, study_name: str, n_trials: int, parent: int,
+                 threads: int, run_id: str) -> None:
     try:
         _watch_parent(parent)
         if threads:
@@ -551,10 +674,10 @@ def _worker_main(cfg: SearchConfig, storage_url: str, study_name: str, n_trials:
                 pass
         _quiet_optuna()
         ctx = _Context(cfg)
-        study = _open_study(ctx, storage_url, study_name, seed, create=False)
+        study = _open_study(ctx, storage_url, study_name, cfg.seed, create=False)
         with _INTERRUPTS.installed():
-            study.optimize(_Objective(ctx, study), n_trials=n_trials, catch=(),
-                           callbacks=[lambda s, t: _INTERRUPTS.check()])
+            _run_trials(ctx, study, StudyLock(storage_url, study_name), total=cfg.trials, cap=n_trials,
+                        run_id=run_id)
             _INTERRUPTS.check()
     except KeyboardInterrupt:
         sys.exit(130)
@@ -615,24 +738,14 @@ class _Progress:
 
 
 def search(cfg: SearchConfig, *, progress: bool | None = None, objective=None) -> SearchResult:
-    """Run (or resume) a search; write best.vt, trials.json, pareto.png into the output
-    directory; return the result. Raises PolicyError for bad input and SearchInterrupted
-    (after writing the outputs) on SIGINT."""
+    """Run (or resume, or join) a search; write best.vt, trials.json, pareto.png into the
+    output directory; return the result. Raises PolicyError or SearchError for bad input
+    and SearchInterrupted (after writing the outputs) on SIGINT."""
     from . import report
 
     _quiet_optuna()
-    if cfg.trials < 0:
-        from .objectives import SearchError
-
-        raise SearchError("--trials must be at least 0")
-    if objective is None and isinstance(cfg.objective, str):
-        from .objectives import OBJECTIVES, PUBLIC, SearchError
-
-        if cfg.objective not in OBJECTIVES:
-            from ..lang.errors import did_you_mean
-
-            raise SearchError(f"unknown objective '{cfg.objective}' (expected {' or '.join(PUBLIC)})",
-                              hint=did_you_mean(cfg.objective, list(PUBLIC)))
+    _check_request(cfg, objective)
+    given = resolve(cfg.storage) if cfg.storage else None  # a bad URL fails before any model is built
     ctx = _Context(cfg, objective=objective)
     made = ctx.objective  # cheap: a named objective builds its model at the first feasible candidate
     if ctx.objective_name == "accuracy":
@@ -640,43 +753,53 @@ def search(cfg: SearchConfig, *, progress: bool | None = None, objective=None) -
     study_name = cfg.study or default_study_name(cfg, ctx.spec.name, ctx.objective_name)
     out_dir = cfg.out_dir or os.path.join(DEFAULT_OUT, study_name)
     os.makedirs(out_dir, exist_ok=True)
-    storage_url = cfg.storage or _sqlite_url(os.path.join(out_dir, "study.db"))
-
-    study = _open_study(ctx, storage_url, study_name, cfg.seed, create=True)
-    _check_fingerprint(study, ctx, storage_url)
-    _fail_orphans(study)
-    done = _finished(study)
+    storage_url = given or resolve(_sqlite_url(os.path.join(out_dir, "study.db")))
+    lock = StudyLock(storage_url, study_name)
+    study, done = _join_study(ctx, storage_url, study_name, lock)
     remaining = max(0, cfg.trials - done)
     workers = max(1, min(cfg.workers, remaining)) if remaining else 0
     if progress is None:
         progress = sys.stderr.isatty()
     bar = _Progress(cfg.trials, min(done, cfg.trials), progress and remaining > 0, cfg.pareto)
+    run_id = uuid.uuid4().hex
     interrupted = False
-    seed_base = cfg.seed + 7919 * done
     try:
         if workers == 1:
             bar.start()
-            study = _open_study(ctx, storage_url, study_name, seed_base, create=False)
             with _INTERRUPTS.installed():
-                study.optimize(_Objective(ctx, study), n_trials=remaining, catch=(),
-                               callbacks=[lambda s, t: (bar.update(s), _INTERRUPTS.check())])
+                _run_trials(ctx, study, lock, total=cfg.trials, cap=remaining, run_id=run_id, on_step=bar.update)
                 _INTERRUPTS.check()
         elif workers > 1:
-            _run_workers(cfg, ctx, storage_url, study_name, remaining, workers, seed_base, bar, study)
+            _run_workers(cfg, ctx, storage_url, study_name, remaining, workers, run_id, bar, study)
     except KeyboardInterrupt:
         interrupted = True
     finally:
         bar.close()
-    _fail_orphans(study, mine=True)
-    ran = _finished(study) - done
+    with lock:
+        _fail_orphans(study, mine=True)
+    ran = _ran_by(study, run_id)
+    others = max(0, _finished(study) - done - ran)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else None
     result = report.finish(ctx, study, storage_url, out_dir, ran=ran, interrupted=interrupted, log=log)
+    result.others = others
     if result.interrupted:
         raise SearchInterrupted(result)
     return result
 
 
-def _run_workers(cfg, ctx, storage_url, study_name, remaining, workers, seed_base, bar, study) -> None:
+def _check_request(cfg: SearchConfig, objective) -> None:
+    from .objectives import OBJECTIVES, PUBLIC, SearchError
+
+    if cfg.trials < 0:
+        raise SearchError("--trials must be at least 0")
+    if objective is None and isinstance(cfg.objective, str) and cfg.objective not in OBJECTIVES:
+        from ..lang.errors import did_you_mean
+
+        raise SearchError(f"unknown objective '{cfg.objective}' (expected {' or '.join(PUBLIC)})",
+                          hint=did_you_mean(cfg.objective, list(PUBLIC)))
+
+
+def _run_workers(cfg, ctx, storage_url, study_name, remaining, workers, run_id, bar, study) -> None:
     import multiprocessing as mp
 
     # fork where it exists: a worker then starts with the parent's imports and model spec
@@ -692,7 +815,7 @@ def _run_workers(cfg, ctx, storage_url, study_name, remaining, workers, seed_bas
     procs = []
     for i, n in enumerate(shares):
         p = spawn.Process(target=_worker_main, name=f"vtdsl-search-{i}",
-                          args=(wcfg, storage_url, study_name, n, seed_base + i, os.getpid(), threads))
+                          args=(wcfg, storage_url, study_name, n, os.getpid(), threads, run_id))
         p.start()
         procs.append(p)
     bar.start()
