@@ -1,4 +1,4 @@
-"""The compiler: install a checked `Plan` on a transformers LLaVA model.
+"""The compiler: install a checked `Plan` on a transformers vision-language model.
 
     import vtdsl.compiler as vc
     model = vc.compile("at llm.layer2 keep text top 50%", model)   # in place
@@ -34,7 +34,11 @@ llava-1.5-7b):
   (`num_additional_image_tokens`); `rewrite_inputs` is the pure function behind both.
 
 Everything is a hook handle, a module swap or an instance attribute recorded with its
-undo, so `apply` restores the original module tree exactly.
+undo, so `apply` restores the original module tree exactly: `installer.Installer` makes
+every rewrite (listed, undo recorded) in named steps, and `handle.Compiled` undoes them.
+What depends on the model family (module paths, the LLM's token layout, the argument
+carrying each image's size, LLaVA-NeXT's crop packing) is asked of the family object,
+`families.family_of(spec)`, one module per family under `families/`.
 """
 
 from .api import (

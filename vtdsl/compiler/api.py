@@ -1,4 +1,4 @@
-"""`compile` / `apply`: install a checked plan on a LLaVA model, reversibly."""
+"""`compile` / `apply`: install a checked plan on a model, reversibly (`installer.Installer`)."""
 
 from __future__ import annotations
 
@@ -72,14 +72,15 @@ def resolve_plan(policy: Plan | ast.Policy | str | Path, model: nn.Module, spec:
 
 # ---------------------------------------------------------------------- public API
 def compile(policy, model: nn.Module, *, spec: ModelSpec | str | None = None) -> nn.Module:  # noqa: A001
-    """Rewrite `model` (a `LlavaForConditionalGeneration`) to run `policy`, in place.
+    """Rewrite `model` (a transformers model of a family in `vtdsl.compiler.families`) to
+    run `policy`, in place.
 
     Parameters
     ----------
     policy : Plan, Policy, path or str
         A checked `vtdsl.ir.plan.Plan`, a parsed policy, a `.vt`/`.yaml` path, or source.
-    model : LlavaForConditionalGeneration
-        Any LLaVA model (real weights or the meta device); its `ModelSpec` is inferred
+    model : LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, ...
+        Any model of those families (real weights or the meta device); its `ModelSpec` is inferred
         from its config with `vtdsl.models.spec_from_config` unless `spec` is given.
 
     Returns

@@ -1,8 +1,10 @@
 """What the passes, the cost model and the compiler need to know about a model.
 
 A `ModelSpec` is plain data derived from a transformers config. Everything family
-specific (CLS token or not, a 2x2 patch merger, anyres crops, M-RoPE) is a field here, so
-the IR passes and the cost model never branch on the model's name.
+specific (CLS token or not, a 2x2 patch merger, anyres crops, M-RoPE) is a field here, or
+a descriptive property of the fields (`packs_crops`, `position_streams`), so the IR passes
+and the cost model never branch on the model's name; the compiler asks the family object
+`vtdsl.compiler.families.family_of(spec)`, chosen by `family`.
 
 Specs are made by `vtdsl.models.spec_from_config` (the one code path: built-ins, a user's
 own config, a local model directory all go through it). Importing this module is free: it
@@ -179,11 +181,24 @@ class ModelSpec:
         return self.anyres_grid[0] * rows, self.anyres_grid[1] * cols, 0, 0
 
     @property
+    def packs_crops(self) -> bool:
+        """Whether the LLM receives each image's crops packed into one map (LLaVA-NeXT's
+        anyres: the base view, then the grid crops' feature map unpadded, its rows ended by
+        newline tokens) rather than the projector's tokens as they come, one grid per crop."""
+        return self.anyres_grid is not None
+
+    @property
+    def position_streams(self) -> int:
+        """Position ids the LLM's rotary embedding reads per token: 1 (RoPE), 3 (M-RoPE:
+        time, row, column; a visual token's are not contiguous with its neighbours')."""
+        return 3 if self.position_encoding == "mrope" else 1
+
+    @property
     def image_tokens(self) -> int:
         """Visual tokens entering the LLM per image when nothing is pruned (the prompt's
-        image placeholders): the projector's output; for anyres, the base view plus the
-        unpadded grid crops' map with one newline token ending each row."""
-        if self.anyres_grid is None:
+        image placeholders): the projector's output; for packed crops, the base view plus
+        the unpadded grid crops' map with one newline token ending each row."""
+        if not self.packs_crops:
             return self.projector_tokens
         rows, cols, _, _ = self.crop_map
         return self.projector_tokens // self.vit_crops + rows * (cols + (1 if self.image_newline else 0))
@@ -194,7 +209,7 @@ class ModelSpec:
         choice), or the patch grid (dynamic resolution). Fixed-size models: itself."""
         from dataclasses import replace
 
-        if self.anyres_grid is not None:
+        if self.packs_crops:
             from transformers.image_processing_utils import select_best_resolution
 
             best_h, best_w = select_best_resolution((height, width), [list(p) for p in self.anyres_pinpoints])
