@@ -92,8 +92,8 @@ class _Counts:
         spec = self.spec
         self.llm_visual = [spec.llm_entry_tokens(_to_projector(self.features, spec))] * spec.llm.layers
         self.llm_min = [spec.llm_entry_tokens(_to_projector(self.features_min, spec))] * spec.llm.layers
-        # the LLM's token grid: one crop's, merged (Qwen2.5-VL); none for anyres
-        if spec.anyres_grid is not None:
+        # the LLM's token grid: one crop's, merged (Qwen2.5-VL); none for packed crops (anyres)
+        if spec.packs_crops:
             self.grid = None
         elif self.grid is not None and spec.spatial_merge > 1:
             self.grid = spec.llm_grid
