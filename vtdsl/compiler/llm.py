@@ -24,8 +24,9 @@ Decode (the layer's cache is not empty): the per-prompt state is found again thr
 cache object (a weak map), and layers >= K get the mask's key columns gathered to
 ``[kept prefill positions] + [every position after the prompt]``; their caches are
 shorter, positions stay absolute, less the rows every `renumber` stage before the
-layer removed (the position ids and (cos, sin) a layer is handed are recomputed). Scores read q/k captured from `q_proj` / `k_proj`
-outputs with RoPE applied and GQA handled by `vtdsl.ops`.
+layer removed (the position ids and (cos, sin) a layer is handed are recomputed). Scores are
+their `vtdsl.ops.scorers` entry's kernel on what was captured: `q_proj` / `k_proj` outputs
+(RoPE and GQA handled by the kernel) or a layer's output.
 """
 
 from __future__ import annotations
@@ -39,30 +40,11 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ir.plan import Observation, Plan, ResolvedStage
+from ..ops.scorers import ScoreContext, by_canonical
 from .families import family_of
 from .layouts import PlanCache
 from .runtime import CompileError, ForwardLog, Scored, StageView, Tokens, _align, evaluate_score
 from .vit import VitRuntime
-
-
-def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE as Llama applies it: ``x [B, H, n, dh]``, ``cos/sin [B, n, dh]``.
-
-    Bit for bit ``x * cos + rotate_half(x) * sin`` (rotate_half(x) = ``cat(-x2, x1)``),
-    without materialising ``rotate_half(x)`` by ``cat``: the rotated product is written
-    half by half into one buffer (about half the time on the CPU).
-    """
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    half = x.shape[-1] // 2
-    if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad):
-        # out= does not support autograd: the plain formula
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-    out = x * cos
-    rot = torch.empty_like(out)
-    torch.mul(x[..., half:], sin[..., :half], out=rot[..., :half])
-    rot[..., :half].neg_()
-    torch.mul(x[..., :half], sin[..., half:], out=rot[..., half:])
-    return out.add_(rot)
 
 
 def _rows(t: Tensor, rows: Tensor) -> Tensor:
@@ -172,12 +154,13 @@ class LlmRuntime:
         # one query row suffices when every score at that layer reads the last text token
         self.input_last_only = {j: all(o.queries == "last_text" for o in obs) for j, obs in self.input_obs_at.items()}
         self.input_layers: dict[int, nn.Module] = {}  # filled by the installer
+        self.layers: dict[int, nn.Module] = {}  # every decoder layer, recorded by its pre-hook
         self.needs_raters = any(o.queries == "raters" for o in llm_obs)
         self.observations = [o for o in llm_obs if not o.on_input]
         self.observed = {o.layer for o in self.observations}
         self.attn_obs_at: dict[int, list[Observation]] = {}
         for o in self.observations:
-            if o.scorer != "norm":
+            if by_canonical(o.scorer).projections:
                 self.attn_obs_at.setdefault(o.layer, []).append(o)
         self.by_cache: "weakref.WeakKeyDictionary[Any, LlmState]" = weakref.WeakKeyDictionary()
         self.state: LlmState | None = None
@@ -213,6 +196,8 @@ class LlmRuntime:
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             return None
+        # a stage here runs before any layer's pre-hook: a score's kernel finds the layers here
+        self.layers.update(enumerate(getattr(module, "layers", ())))
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         am = kwargs.get("attention_mask")
         if am is not None and (not isinstance(am, Tensor) or am.dim() != 2):
@@ -266,6 +251,7 @@ class LlmRuntime:
 
     def layer_pre_hook(self, j: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
+            self.layers[j] = module  # a score's kernel may read the layer's modules (its input norm)
             hidden = args[0] if args else kwargs["hidden_states"]
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             prefill = cache is None or cache.get_seq_length(j) == 0
@@ -608,61 +594,26 @@ class LlmRuntime:
         if done is not None:
             return done
         slot = ("in", obs.layer) if obs.on_input else obs.layer
-        cap = st.captured.get(slot, {})
         ctx = st.ctx.get(slot)
         if ctx is None:
             raise CompileError(f"nothing was observed at llm.layer{obs.layer}")
-        if obs.scorer == "norm":
-            values = ops.token_norm(cap["h"])
-        else:
-            q = ops.split_heads(cap["q"], self.num_heads)
-            k = ops.split_heads(cap["k"], self.num_kv_heads)
-            cos, sin = ctx["pe"]
-            b, n = k.shape[0], k.shape[2]
-            cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
-            if not obs.rope:  # `no_rope`: the criterion without positions (FEATHER)
-                cos, sin = torch.ones_like(cos), torch.zeros_like(sin)
-            k = _rope(k, cos, sin)
-            if obs.scorer == "knorm":  # DART's pivots: L1 norm of the cached key, all heads
-                done = st.scored[obs] = Scored(k.float().abs().sum((1, 3)), ctx["pos"], "pos", st.n0)
-                return done
-            mask = ctx["mask"]
-            qpos = query_mask = None
-            if obs.queries == "last_text":
-                q_rows = _rope(q[:, :, -1:], cos[:, -1:], sin[:, -1:])
-                mask = mask[:, :, -1:, :] if mask is not None else None
-            elif obs.queries in ("all_text", "raters", "visual"):
-                # the text rows, or the image rows (VisionDrop's image-to-image attention)
-                pick = ctx["is_img"] if obs.queries == "visual" else ~ctx["is_img"]
-                rows = pick.nonzero()[:, 1].view(b, -1)
-                if obs.queries == "raters":  # every text row computed, the raters' averaged
-                    if st.raters is None:
-                        raise CompileError("'text(raters)' found no raters: they are chosen at the LLM's first layer")
-                    query_mask = st.raters.gather(1, ctx["pos"].gather(1, rows))
-                q_rows = _rope(q.gather(2, rows[:, None, :, None].expand(b, q.shape[1], rows.shape[1], q.shape[3])),
-                               _rows(cos, rows), _rows(sin, rows))
-                if mask is not None:
-                    mask = mask.expand(b, *mask.shape[1:])
-                    mask = mask.gather(2, rows[:, None, :, None].expand(b, mask.shape[1], rows.shape[1], n))
-                else:
-                    qpos = rows
-            elif obs.queries == "all":
-                q_rows = _rope(q, cos, sin)
-                if mask is None:
-                    qpos = torch.arange(n, device=q.device)
-            else:
-                raise CompileError(f"scorer '{obs.scorer}' ({obs.queries}) cannot be read in the LLM")
-            if obs.image_keys:  # FEATHER: the softmax over the image tokens' keys only
-                allowed = ctx["is_img"][:, None, None, :]
-                if mask is None:
-                    mask = allowed
-                elif mask.dtype == torch.bool:
-                    mask = mask & allowed
-                else:
-                    mask = mask.float().masked_fill(~allowed, float("-inf"))
-            values = ops.query_attention(q_rows, k, None, mask=mask, query_positions=qpos, scale=self.scaling,
-                                         head_reduce=obs.heads,
-                                         head_columns=None if isinstance(obs.heads, str) else ctx["is_img"],
-                                         query_mask=query_mask)
+        info = by_canonical(obs.scorer)
+        if "llm" not in info.towers or info.kernel is None:
+            raise CompileError(f"scorer '{obs.scorer}' ({obs.queries}) cannot be read in the LLM")
+        raters = None
+        if obs.queries == "raters":
+            if st.raters is None:
+                raise CompileError("'text(raters)' found no raters: they are chosen at the LLM's first layer")
+            raters = st.raters.gather(1, ctx["pos"])
+        values = info.kernel(ScoreContext(
+            obs, st.captured.get(slot, {}), self.num_heads, kv_heads=self.num_kv_heads, layer=self._layer,
+            position_embeddings=ctx.get("pe"), mask=ctx.get("mask"), is_img=ctx["is_img"], raters=raters,
+            scaling=self.scaling))
         done = st.scored[obs] = Scored(values, ctx["pos"], "pos", st.n0)
         return done
+
+    def _layer(self, i: int) -> nn.Module:
+        layer = self.layers.get(i)
+        if layer is None:
+            raise CompileError(f"llm.layer{i} has not run: a score cannot read its modules")
+        return layer

@@ -16,8 +16,9 @@ select strategy dropped CLS. A stage at ``vit.layer{f+1}`` (f = feature layer) a
 defines the features: its fx node runs after transformers captured layer f's output as a
 hidden state, so the projector hook substitutes that node's output for the features.
 
-Scores read q/k projections captured by forward hooks on ``layers.l.self_attn.q_proj`` /
-``k_proj`` (or a layer's output for `norm`).
+Scores read the projections their `vtdsl.ops.scorers` entry names, captured by forward hooks
+on ``layers.l.self_attn.{q,k,v}_proj`` (or a layer's output, for an entry that names none),
+and are computed by the entry's kernel.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ir.plan import Observation, Plan, ResolvedStage
+from ..ops.scorers import ScoreContext, by_canonical
 from .runtime import CompileError, ForwardLog, Scored, StageView, Tokens, _align
 
 
@@ -129,13 +131,15 @@ class VitRuntime:
         self.needs_cls_feature = any(s.keep_cls for s in self.out_stages)
         # layers whose keys a `merge rest ... by keys` stage matches on: kept after scoring
         self.keep_keys = {s.merge_keys for s in plan.stages if s.merge_keys is not None}
+        self.layers: nn.ModuleList | None = None  # the encoder's layers, set by `build_vit`
         self.attn_obs_at: dict[int, list[Observation]] = {}
         # projections each layer's observations read: scored once all of them are captured
         self.needs: dict[int, set[str]] = {}
         for o in plan.observations:
-            if o.tower == "vit" and o.scorer != "norm":
+            projections = by_canonical(o.scorer).projections  # () = the layer's output, read at the stage
+            if o.tower == "vit" and projections:
                 self.attn_obs_at.setdefault(o.layer, []).append(o)
-                self.needs.setdefault(o.layer, set()).update(projections_read(o.scorer))
+                self.needs.setdefault(o.layer, set()).update(projections)
         self.reset()
 
     def reset(self) -> None:
@@ -266,25 +270,18 @@ class VitRuntime:
             raise CompileError(f"nothing was captured at vit.layer{obs.layer} for '{obs.scorer}'")
         tokens: Tokens = cap["tokens"]
         lead = 1 if self.has_cls else 0
-        if obs.scorer == "norm":
-            values = ops.token_norm(cap["h"])[:, lead:]
-        elif obs.scorer == "knorm":
-            values = cap["k"].float().abs().sum(-1)[:, lead:]
-        elif obs.scorer == "vnorm":
-            values = ops.value_norm(cap["v"], self.num_heads)[:, lead:]
-        elif obs.scorer == "vsim":
-            values = ops.value_similarity(cap["v"], self.num_heads)
-        elif obs.scorer == "cls":
-            values = ops.cls_attention(cap["q"], cap["k"], self.num_heads, head_reduce=obs.heads)
-        elif obs.scorer == "attn":
-            key_index = slice(lead, None) if lead else None
-            values = ops.attention_received(cap["q"], cap["k"], self.num_heads, key_index=key_index,
-                                            head_reduce=obs.heads)
-        else:
+        info = by_canonical(obs.scorer)
+        if "vit" not in info.towers or info.kernel is None:
             raise CompileError(f"scorer '{obs.scorer}' cannot be read in the ViT")
+        values = info.kernel(ScoreContext(obs, cap, self.num_heads, lead=lead, layer=self._layer))
         ids = tokens.vid[:, lead:]
         done = self.scored[obs] = Scored(values, ids, "vid", self.ids)
         return done
+
+    def _layer(self, i: int) -> nn.Module:
+        if self.layers is None or not 0 <= i < len(self.layers):
+            raise CompileError(f"the vision tower has no layer {i}")
+        return self.layers[i]
 
     def keys_of(self, layer: int, vid: Tensor) -> Tensor:
         """``[G, n, dh]``: the attention keys of ViT `layer` (its k_proj output, head
@@ -320,15 +317,11 @@ class VitRuntime:
         return _align(self.observe(obs), vid)
 
 
-def projections_read(scorer: str) -> tuple[str, ...]:
-    """The attention projections (q, k, v) a ViT scorer reads."""
-    return {"knorm": ("k",), "vnorm": ("v",), "vsim": ("v",)}.get(scorer, ("q", "k"))
-
-
 def build_vit(model: nn.Module, plan: Plan, rt: VitRuntime, encoder_path: str) -> tuple[nn.Module, fx.GraphModule]:
     """The original encoder and its fx rewrite (not installed yet)."""
     spec = plan.spec
     encoder = model.get_submodule(encoder_path)
+    rt.layers = encoder.layers
     layer_stages = [s for s in plan.stages if s.site.tower == "vit" and s.site.layer is not None]
     graph = trace_layer_loop(encoder, spec.vit.layers)
     modules: dict[str, nn.Module] = {f"layers.{i}": encoder.layers[i] for i in range(spec.vit.layers)}

@@ -19,6 +19,7 @@ from operator import mul
 from typing import Iterable, Literal, Sequence
 
 from ..models.spec import ModelSpec
+from ..ops.scorers import ScoreSize, by_canonical
 
 Logits = Literal["last", "all"]
 PARTS = ("vit", "projector", "llm", "lm_head", "scorers")
@@ -138,35 +139,28 @@ def _side(k: _Constants, vit_tokens, projector_tokens, llm_visual, T, logits, ct
 
 
 # ------------------------------------------------------------------ scorer extras
-_ONE_QUERY = ("cls", "last_text")
-_TEXT_ROWS = ("all_text", "raters")  # raters: every text row is computed, the raters averaged
+_ONE_QUERY = ("cls", "last_text")  # the query rows an input-side score projects: one, or all
 
 
 def observation_flops(k: _Constants, obs, vit_tokens, llm_visual, T: int) -> int:
-    """`2·m·n·H·dh` of one attention observation (docs/dev/contracts.md)."""
-    q = obs.queries
-    if q == "none":
-        return 0
+    """The extra work of one observation: its scorer entry's cost (`2·m·n·H·dh` for an
+    attention score, docs/dev/contracts.md) at the layer it reads; on an LLM layer's own
+    input, plus the projections that layer's input needs."""
+    cost = by_canonical(obs.scorer).cost
     if obs.tower == "vit":
         n = vit_tokens[obs.layer]
-        if q == "cls":
-            m = 1
-        elif q == "all":
-            m = n
-        else:
-            raise ValueError(f"observation {obs.scorer} at vit.layer{obs.layer} reads text queries ({q})")
-        return k.crops * 2 * m * n * k.vit_qd
-    if obs.on_input:
-        # on the tokens entering the layer, before its stage: the layer's k projection of
-        # every token and its q projection of the query rows, then the attention rows
-        n = T + llm_visual[obs.layer - 1]
-        m = 1 if q in _ONE_QUERY else T if q in _TEXT_ROWS else llm_visual[obs.layer - 1] if q == "visual" else n
-        q_rows = 1 if q in _ONE_QUERY else n
-        spec_t = k.spec.llm
-        return 2 * n * spec_t.hidden * spec_t.kv_width + 2 * q_rows * spec_t.hidden * spec_t.q_width + 2 * m * n * k.llm_qd
-    n = T + llm_visual[obs.layer]
-    m = 1 if q in _ONE_QUERY else T if q in _TEXT_ROWS else llm_visual[obs.layer] if q == "visual" else n
-    return 2 * m * n * k.llm_qd
+        return k.crops * cost(obs, ScoreSize(n=n, visual=n - int(k.spec.has_cls), text=0, width=k.vit_qd))
+    if not obs.on_input:
+        visual = llm_visual[obs.layer]
+        return cost(obs, ScoreSize(n=T + visual, visual=visual, text=T, width=k.llm_qd))
+    # on the tokens entering the layer, before its stage: the layer's k projection of
+    # every token and its q projection of the query rows, then the score itself
+    visual = llm_visual[obs.layer - 1]
+    n = T + visual
+    score = cost(obs, ScoreSize(n=n, visual=visual, text=T, width=k.llm_qd))
+    q_rows = 1 if obs.queries in _ONE_QUERY else n
+    spec_t = k.spec.llm
+    return 2 * n * spec_t.hidden * spec_t.kv_width + 2 * q_rows * spec_t.hidden * spec_t.q_width + score
 
 
 def stage_flops(k: _Constants, stage) -> int:

@@ -745,14 +745,14 @@ class _Builder:
         toks = [c.children[0] for c in tree.children if not isinstance(c.children[0], Tree)]
         key_toks = [t for t in toks if str(t) == "image_keys"]
         toks = [t for t in toks if str(t) != "image_keys"]
-        if key_toks and info.canonical not in ("text", "attn"):
+        if key_toks and not (info.attention and "llm" in info.towers):
             raise _fail(f"'{info.name}' reads no attention softmax over LLM keys, so 'image_keys' changes nothing",
                         self.span(key_toks[0]), hint=f"write '{info.name}'", code="semantic")
         if len(key_toks) > 1:
             raise _fail("'image_keys' is written once", self.span(key_toks[1]), code="semantic")
         rope_toks = [t for t in toks if str(t) == "no_rope"]
         toks = [t for t in toks if str(t) != "no_rope"]
-        if rope_toks and info.canonical in ("norm", "vnorm", "vsim"):
+        if rope_toks and not info.rope:
             raise _fail(f"'{info.name}' reads no attention, so it has no RoPE to leave out",
                         self.span(rope_toks[0]), hint=f"write '{info.name}'", code="semantic")
         if len(rope_toks) > 1:
@@ -765,7 +765,7 @@ class _Builder:
         if aggregates:
             first, first_tree = aggregates[0][1], aggregates[0][2]
             where = self.span(first)
-            if info.canonical in ("norm", "knorm", "vnorm", "vsim"):
+            if not info.attention:
                 raise _fail(f"'{info.name}' reads no attention heads", where,
                             hint=f"write '{info.name}'", code="semantic")
             if len(aggregates) > 1:

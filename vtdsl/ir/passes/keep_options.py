@@ -10,6 +10,7 @@ ResolvedStage fields) | None` (None: reported), listed once in `REST_OPTIONS` un
 from __future__ import annotations
 
 from ...lang import ast
+from ...lang.scorers import by_canonical
 from ..graph import iter_score_refs
 from ..plan import ResolvedTerm
 from .common import error, qty_text, ref_text, resolve_quantity, resolve_score
@@ -116,7 +117,7 @@ def _merge_keys(graph, action: ast.Keep, terms: list, site) -> int | None:
         return None
     score = terms[0].score if terms else None
     obs = score.observation if score is not None and score.op == "leaf" else None
-    if obs is None or obs.tower != "vit" or obs.scorer not in ("cls", "attn", "knorm"):
+    if obs is None or obs.tower != "vit" or not by_canonical(obs.scorer).keys_match:
         error(graph, "'by keys' takes the keys of the layer the first term's score reads, so the first term must "
               "be one ViT attention score", where,
               expected="a first term such as 'cls top 161' (keys of the layer its attention comes from)",

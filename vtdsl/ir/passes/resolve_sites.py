@@ -118,7 +118,7 @@ def _written_site(graph, spec: ModelSpec, ref: ast.ScoreRef, meaning, stage_site
         return None
     layer = spec.feature_layer_index if site.layer is None else site.layer
     on_input = (stage_site is not None and site.tower == "llm" == stage_site.tower
-                and layer == stage_site.layer and meaning.canonical != "norm")
+                and layer == stage_site.layer and not meaning.reads_layer_output)
     if on_input and layer == 0:
         error(
             graph,
@@ -140,7 +140,7 @@ def _site_before_stage(graph, spec: ModelSpec, ref: ast.ScoreRef, meaning, stage
     if stage_site.layer is None:
         return ResolvedSite("vit", spec.feature_layer_index), False
     obs_site = ResolvedSite(stage_site.tower, stage_site.layer - 1)
-    if obs_site.layer < 0 and meaning.canonical != "norm":
+    if obs_site.layer < 0 and not meaning.reads_layer_output:
         error(
             graph,
             f"no {TOWER_NAMES[stage_site.tower]} layer has run before {stage_site.text()}, "

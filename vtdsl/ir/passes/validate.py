@@ -176,11 +176,12 @@ def _validate_observation(graph, spec: ModelSpec, obs_data: dict, stage_data: di
     stage_site: ResolvedSite = stage_data["site"]
     where = f"{obs.tower}.layer{obs.layer}"
     if obs.tower not in meaning.towers:
-        if ref.name == "text":
-            message = f"'text' reads attention from text tokens, which exist only inside the LLM (not at {where})"
-        else:
-            message = f"'{ref.name}' is only available at ViT layers (the LLM sees no CLS token), not at {where}"
+        message = meaning.tower_error.format(name=ref.name, where=where)
         error(graph, message, ref.span, expected="a score valid at " + where, code="scorer-site")
+        return
+    problem = meaning.check(obs, spec) if meaning.check is not None else None
+    if problem:
+        error(graph, problem, ref.span, expected="a score valid at " + where, code="scorer-site")
         return
     if obs.image_keys and obs.tower == "vit":
         error(graph, f"'image_keys' restricts an LLM attention to the image tokens' keys; at {where} every key is "
@@ -190,9 +191,9 @@ def _validate_observation(graph, spec: ModelSpec, obs_data: dict, stage_data: di
         error(graph, f"the ViT has no rotary position embeddings: 'no_rope' changes nothing at {where}", ref.span,
                expected=f"'{ref.name}' without no_rope", code="scorer-args")
         return
-    if obs.scorer == "knorm" and obs.on_input:
+    if obs.on_input and not meaning.on_input:
         error(graph, f"'{ref.name}' reads the keys a layer computed; at the stage entering {where} they do not "
-               "exist yet", ref.span, expected=f"knorm@{obs.tower}.layer{obs.layer - 1} (the layer before)",
+               "exist yet", ref.span, expected=f"{ref.name}@{obs.tower}.layer{obs.layer - 1} (the layer before)",
                code="observe-order")
         return
     if isinstance(obs.heads, int):
@@ -205,7 +206,7 @@ def _validate_observation(graph, spec: ModelSpec, obs_data: dict, stage_data: di
         error(graph, f"in the ViT every query is a visual token: 'attn(visual)' is 'attn' at {where}", ref.span,
                expected="attn", code="scorer-args")
         return
-    if obs.scorer in ("cls", "vsim") and not spec.has_cls:
+    if meaning.needs_cls and not spec.has_cls:
         error(
             graph,
             f"{spec.name}'s vision tower has no CLS token, so '{ref.name}' has nothing to read",
