@@ -128,7 +128,8 @@ def _render_result(result, cfg) -> str:
     from ..search.report import pareto_table
 
     c = result.counts
-    lines = [f"study {result.study}: {c['finished']} finished trials ({result.ran} in this run): "
+    by = f"{result.ran} in this run" + (f", {result.others} by other processes" if result.others else "")
+    lines = [f"study {result.study}: {c['finished']} finished trials ({by}): "
              f"{c['evaluated']} evaluated ({c['duplicates']} repeats), {c['over_budget']} over budget, "
              f"{c['invalid']} invalid, {c['error']} errors"
              + (f", {c['failed']} failed" if c["failed"] else "")]
@@ -181,9 +182,10 @@ def _quote(a: str) -> str:
               help="Finished trials (evaluated or rejected) the study should hold; a resumed study runs the rest.")
 @click.option("--study", default=None, help="Study name (default: SPACE-MODEL-OBJECTIVE); rerun with it to resume.")
 @click.option("--storage", default=None, metavar="URL",
-              help="optuna RDB storage URL (default: sqlite:///DIR/study.db).")
+              help="Where the study lives (default: sqlite:///DIR/study.db): sqlite:///PATH, or "
+                   "postgresql+psycopg://USER[:PASSWORD]@HOST[:PORT]/DB for a team of processes on several machines.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Local worker processes sharing the study.")
+              help="Local worker processes sharing the study (more may join from anywhere with the same --storage).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampler seed.")
 @click.option("--pareto", is_flag=True, help="NSGA-II on (FLOPs, score) instead of TPE on the score.")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default=None,
@@ -200,18 +202,21 @@ def _quote(a: str) -> str:
               help="Text tokens assumed by the cost model.")
 @click.option("--from", "syntax", type=click.Choice(["vt", "yaml"]), default=None, help="Space syntax.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal).")
+@click.option("--verbose", is_flag=True, help="Also show the libraries' own output (transformers' weight-loading bars).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @guarded
 def search_(space_file, model, budgets, objective, trials, study, storage, workers, seed, pareto, out_dir,
-            references, weights, prompts, examples, text_tokens, syntax, progress, as_json) -> None:
+            references, weights, prompts, examples, text_tokens, syntax, progress, verbose, as_json) -> None:
     """Search a policy SPACE for the best policy within a budget.
 
     Every candidate is checked and costed by the cost model first; invalid and
     over-budget ones are rejected without running the model. The rest are scored by the
     objective. The study lives in SQLite (DIR/study.db) unless --storage says otherwise:
     a killed search resumes with the same command (or --study NAME), keeping every
-    finished trial. Writes DIR/best.vt (canonical, cost and score in its header),
-    DIR/trials.json, DIR/pareto.md and DIR/pareto.png.
+    finished trial. Processes started with the same --storage and --study share the
+    study and stop together when it holds --trials finished trials. Writes DIR/best.vt
+    (canonical, cost and score in its header), DIR/trials.json, DIR/pareto.md and
+    DIR/pareto.png.
 
     Exit 0 ok, 1 when no candidate within budget was found, 2 for bad input, 130 when
     interrupted (the finished trials are kept and the outputs written).
@@ -234,7 +239,7 @@ def search_(space_file, model, budgets, objective, trials, study, storage, worke
     cfg = SearchConfig(space=space_file, model=model, budgets=list(budgets), objective=objective,
                        objective_options=options, trials=trials, study=study, storage=storage, out_dir=out_dir,
                        workers=workers, seed=seed, pareto=pareto, references=references, text_tokens=text_tokens,
-                       syntax=syntax, weights=weights)
+                       syntax=syntax, weights=weights, verbose=verbose)
     _sigterm_as_interrupt()
     try:
         result = search(cfg, progress=progress)

@@ -4,6 +4,7 @@ reference points (zoo policies, random and pooling baselines at the best policy'
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..lang.errors import PolicyError
+from .storage import redacted
 
 ZOO_DIR = Path(__file__).resolve().parents[2] / "policies"
 TRIALS_SCHEMA = 1
@@ -187,18 +189,54 @@ def matched_baselines(ctx, target_flops: float, first_site: str | None = None) -
     return out
 
 
-def references(ctx, best: dict | None) -> list[dict]:
-    """The unpruned model, the zoo policies that check on the model, and random / pooling
-    baselines at the best policy's FLOPs, all scored by the search's objective."""
-    rows = [_evaluate_reference(ctx, "unpruned", "unpruned", "")]
+def reference_jobs(ctx, best: dict | None) -> list[tuple[str, str, str, str | None]]:
+    """(name, kind, source, file) of every reference: the unpruned model, the zoo
+    policies, and random / pooling baselines at the best policy's FLOPs."""
+    jobs: list[tuple[str, str, str, str | None]] = [("unpruned", "unpruned", "", None)]
     zoo = _zoo_dir(ctx)
     for path in sorted(zoo.glob("*.vt")) if zoo.is_dir() else []:
-        rows.append(_evaluate_reference(ctx, path.stem, "zoo", path.read_text(encoding="utf-8"), str(path)))
+        jobs.append((path.stem, "zoo", path.read_text(encoding="utf-8"), str(path)))
     if best is not None:
         first = next((line.split()[1] for line in (best["policy"] or "").splitlines() if line.startswith("at ")), None)
         for name, kind, source in matched_baselines(ctx, best["cost"]["flops"], first):
-            rows.append(_evaluate_reference(ctx, name, kind, source))
+            jobs.append((name, kind, source, None))
+    return jobs
+
+
+def references(ctx, best: dict | None, step=None) -> list[dict]:
+    """Every reference of `reference_jobs`, scored by the search's objective;
+    `step(done, total, name)` is called before each (a progress display)."""
+    jobs = reference_jobs(ctx, best)
+    rows = []
+    for i, (name, kind, source, file) in enumerate(jobs):
+        if step is not None:
+            step(i, len(jobs), name)
+        rows.append(_evaluate_reference(ctx, name, kind, source, file))
+    if step is not None:
+        step(len(jobs), len(jobs), "")
     return rows
+
+
+@contextlib.contextmanager
+def _reference_bar(log):
+    """A progress bar on stderr for the reference scoring (each can take a model run);
+    yields its `step` callback, or None when progress is off."""
+    if log is None:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    log("scoring the reference policies (zoo, random and pooling baselines); --no-references skips this")
+    bar = Progress(TextColumn("references"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.description}"), console=Console(stderr=True), transient=False)
+    task = bar.add_task("", total=None)
+
+    def step(done: int, total: int, name: str) -> None:
+        bar.update(task, completed=done, total=total, description=name)
+
+    with bar:
+        yield step
 
 
 # ---------------------------------------------------------------------------------------
@@ -294,8 +332,10 @@ def plot(path: str, rows: list[dict], front: list[dict], refs: list[dict], best:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path)
+    tmp = f"{path}.{os.getpid()}.tmp.png"
+    fig.savefig(tmp)
     plt.close(fig)
+    os.replace(tmp, path)
 
 
 def _flops_budget(ctx) -> float | None:
@@ -314,10 +354,9 @@ def finish(ctx, study, storage_url: str, out_dir: str, *, ran: int, interrupted:
     front = pareto_front(rows)
     refs: list[dict] = []
     if ctx.cfg.references and not interrupted and best is not None:
-        if log:
-            log("scoring the reference policies (zoo, random and pooling baselines); --no-references skips this")
         try:
-            refs = references(ctx, best)
+            with _reference_bar(log) as step:
+                refs = references(ctx, best, step)
         except KeyboardInterrupt:
             refs, interrupted = [], True
     files: dict[str, str] = {}
@@ -328,7 +367,7 @@ def finish(ctx, study, storage_url: str, out_dir: str, *, ran: int, interrupted:
     payload = {
         "schema": TRIALS_SCHEMA,
         "study": study.study_name,
-        "storage": storage_url,
+        "storage": redacted(storage_url),
         "space": {"file": ctx.space.filename, "count": str(ctx.space.count) if ctx.space.count > 2**53 else ctx.space.count,
                   "holes": ctx.space.describe()},
         "model": ctx.spec.name,
@@ -350,7 +389,7 @@ def finish(ctx, study, storage_url: str, out_dir: str, *, ran: int, interrupted:
         files["plot"] = os.path.join(out_dir, "pareto.png")
         title = f"{study.study_name}: {ctx.objective_name} vs FLOPs on {ctx.spec.name}"
         plot(files["plot"], rows, front, refs, best, title, _flops_budget(ctx), ctx.objective_name)
-    return SearchResult(study=study.study_name, storage=storage_url, out_dir=out_dir, model=ctx.spec.name,
+    return SearchResult(study=study.study_name, storage=redacted(storage_url), out_dir=out_dir, model=ctx.spec.name,
                         objective=ctx.objective_name, budgets=payload["budgets"], trials=rows, best=best,
                         pareto=front, references=refs, counts=counts, files=files, interrupted=interrupted,
                         ran=ran)
@@ -363,7 +402,7 @@ def _budget_str(b) -> str:
 
 
 def _write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # processes sharing a study may write the same outputs at once
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
     os.replace(tmp, path)

@@ -80,6 +80,7 @@ class SearchConfig:
     text_tokens: int = 64
     syntax: str | None = None
     weights: str | None = None
+    verbose: bool = False  # show transformers' own loading bars
 
 
 @dataclasses.dataclass
@@ -120,6 +121,14 @@ def _quiet_optuna() -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message=".*heartbeat.*")
+
+
+def _quiet_model_loading() -> None:
+    """No "Loading weights" bar per model load (a search loads a model in every worker);
+    the search's own progress says what is happening."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def resolve_spec(name: str):
@@ -196,6 +205,8 @@ class _Context:
             raise SearchError(f"no model to search on: {self.space.filename} has no `model \"...\"` line",
                               hint="pass --model NAME (see `vtdsl models`)")
         self.spec = resolve_spec(model)
+        if not cfg.verbose:
+            _quiet_model_loading()
         self.budgets = _parse_budgets(cfg.budgets)
         self.objective_name = _objective_name(objective if objective is not None else cfg.objective)
         self._objective = objective

@@ -38,7 +38,8 @@ def shown(url: str) -> str:
     try:
         from sqlalchemy.engine import make_url
 
-        return repr(make_url(url).render_as_string(hide_password=True))
+        parsed = make_url(url)
+        return repr(url if parsed.password is None else parsed.render_as_string(hide_password=True))
     except Exception:  # noqa: BLE001 - unparsable: it holds no password we could find either
         return repr(url)
 
