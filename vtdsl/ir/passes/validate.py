@@ -101,7 +101,7 @@ def _validate_renumber(graph, spec: ModelSpec, stage: ast.Stage, site: ResolvedS
               "tower, whose position embeddings were added before its first layer",
               stage.renumber_span or stage.span, expected="'renumber' on an llm.layerN stage",
               code="renumber")
-    elif stage.renumber and spec.position_encoding == "mrope":
+    elif stage.renumber and spec.position_streams > 1:
         error(graph, f"{spec.name} gives visual tokens 3-D M-RoPE positions (time, row, column), which have no "
               "contiguous re-numbering; kept tokens keep their positions", stage.renumber_span or stage.span,
               expected="the stage without 'renumber'", code="renumber")
@@ -123,7 +123,7 @@ def _validate_layout(graph, spec: ModelSpec, stage: ast.Stage, site: ResolvedSit
                stage.site.span, expected="an llm.layerN site (llm.layer0 prunes the merged tokens before the LLM)",
                code="model-layout")
         return
-    if site.tower != "llm" or spec.anyres_grid is None:
+    if site.tower != "llm" or not spec.packs_crops:
         return
     action = stage.action
     why = (f"on {spec.name} the LLM's visual tokens are a base view, unpadded crops and newline tokens, "
@@ -220,7 +220,7 @@ def _validate_observation(graph, spec: ModelSpec, obs_data: dict, stage_data: di
                f"{spec.spatial_merge}x{spec.spatial_merge} before the LLM; vtdsl reads no ViT scores there",
                ref.span, expected="an LLM score such as text@llm.layer2", code="model-layout")
         return
-    if obs.tower == "vit" and stage_site.tower == "llm" and spec.anyres_grid is not None:
+    if obs.tower == "vit" and stage_site.tower == "llm" and spec.packs_crops:
         error(graph, f"'{ref_text(ref)}' scores ViT crop patches, but the stage at {stage_site.text()} chooses "
                f"among {spec.name}'s packed LLM tokens (base view, unpadded crops, newline tokens)",
                ref.span, expected="an LLM score such as text@llm.layer2, or the stage at vit.out", code="model-layout")
