@@ -51,23 +51,48 @@ def compile_(policy_file: str, model_name: str | None, out_dir: str | None, weig
     """
     from .. import compiler
     from ..cost import estimate, verdicts
-    from ..models import load_weights
     from .check_cmd import load_plan
 
     plan, text, filename = load_plan(policy_file, model_name, syntax)
+    model, timing = _build_and_compile(plan, weights)
+    report = estimate(plan, text_tokens=text_tokens)
+    budgets = verdicts(report, plan.policy.budgets)
+    listing = compiler.compiled(model).listing
+    manifest = _manifest(plan, model, listing, report, budgets, filename, text, weights, timing)
+    cost_lines = "\n".join("  " + line for line in report.summary().splitlines())
+    if out_dir:
+        _write(out_dir, manifest, listing.text() + "\ncost:\n" + cost_lines + "\n")
+    if as_json:
+        emit_json(manifest)
+    else:
+        for diagnostic in plan.diagnostics:
+            click.echo(diagnostic.format(text, filename), err=True)
+        _echo_summary(manifest, plan.spec, report, budgets, filename, weights, out_dir)
+    compiler.uncompile(model)
+    if any(not v["ok"] for v in budgets):
+        raise SystemExit(EXIT_FAILED)
+
+
+def _build_and_compile(plan, weights: str | None):
+    """The model (local weights, or the architecture on the meta device) with the plan
+    installed, and the seconds each step took."""
+    from .. import compiler
+    from ..models import load_weights
+
     spec = plan.spec
     started = time.perf_counter()
-    if weights:
-        model = load_weights(spec, weights)
-    else:
-        model = spec.build(device="meta")
+    model = load_weights(spec, weights) if weights else spec.build(device="meta")
     built = time.perf_counter()
     compiler.compile(plan, model, spec=spec)
     compiled_s = time.perf_counter() - built
-    handle = compiler.compiled(model)
-    report = estimate(plan, text_tokens=text_tokens)
-    budgets = verdicts(report, plan.policy.budgets)
-    manifest = {
+    return model, {"build": round(built - started, 3), "compile": round(compiled_s, 3)}
+
+
+def _manifest(plan, model, listing, report, budgets: list[dict], filename: str, text: str, weights: str | None,
+              timing: dict) -> dict:
+    """What `--json` prints and `-o` writes to manifest.json."""
+    spec = plan.spec
+    return {
         "policy": {"name": plan.policy.name, "file": filename, "source": text},
         "model": {
             "name": spec.name,
@@ -75,47 +100,44 @@ def compile_(policy_file: str, model_name: str | None, out_dir: str | None, weig
             "weights": os.path.abspath(weights) if weights else None,
             "device": "cpu" if weights else "meta",
         },
-        "stages": handle.listing.stages(),
+        "stages": listing.stages(),
         "visual_tokens": {
             "vit": plan.vit_tokens,
             "projector": plan.projector_tokens,
             "llm": plan.llm_visual,
             "image_placeholders": {"before": spec.image_tokens, "after": plan.image_placeholders},
         },
-        **handle.listing.to_json(),
+        **listing.to_json(),
         "cost": report.to_json(),
         "budgets": budgets,
         "warnings": [d.to_json() for d in plan.diagnostics],
-        "timing_s": {"build": round(built - started, 3), "compile": round(compiled_s, 3)},
+        "timing_s": timing,
     }
-    cost_lines = "\n".join("  " + line for line in report.summary().splitlines())
-    listing = handle.listing.text() + "\ncost:\n" + cost_lines + "\n"
+
+
+def _token_range(fewest: int, most: int):
+    return most if fewest == most else f"{fewest}..{most}"
+
+
+def _echo_summary(manifest: dict, spec, report, budgets: list[dict], filename: str, weights: str | None,
+                  out_dir: str | None) -> None:
+    """The human-readable report: one row per stage, the cost, the budget verdicts."""
+    click.echo(f"{filename}: compiled onto {spec.name} ({'weights ' + weights if weights else 'meta device'})")
+    click.echo("")
+    click.echo(f"{'site':<14} {'module':<44} {'tokens in -> out':>17}")
+    for s in manifest["stages"]:
+        per = " per crop" if spec.vit_crops > 1 and s["site"].startswith("vit.") else ""
+        counts_in = _token_range(s["fewest_in"], s["tokens_in"])
+        counts_out = _token_range(s["fewest_out"], s["tokens_out"])
+        click.echo(f"{s['site']:<14} {s['module']:<44} {counts_in:>8} -> {counts_out}{per}")
+    if not manifest["stages"]:
+        click.echo("(no stages: the model is unchanged)")
+    click.echo("")
+    click.echo(report.summary())
+    for v in budgets:
+        click.echo(f"budget {v['constraint']}: {'ok' if v['ok'] else 'EXCEEDED'}")
     if out_dir:
-        _write(out_dir, manifest, listing)
-    if as_json:
-        emit_json(manifest)
-    else:
-        for diagnostic in plan.diagnostics:
-            click.echo(diagnostic.format(text, filename), err=True)
-        click.echo(f"{filename}: compiled onto {spec.name} ({'weights ' + weights if weights else 'meta device'})")
-        click.echo("")
-        click.echo(f"{'site':<14} {'module':<44} {'tokens in -> out':>17}")
-        for s in manifest["stages"]:
-            per = " per crop" if spec.vit_crops > 1 and s["site"].startswith("vit.") else ""
-            counts_in = s["tokens_in"] if s["fewest_in"] == s["tokens_in"] else f"{s['fewest_in']}..{s['tokens_in']}"
-            counts_out = s["tokens_out"] if s["fewest_out"] == s["tokens_out"] else f"{s['fewest_out']}..{s['tokens_out']}"
-            click.echo(f"{s['site']:<14} {s['module']:<44} {counts_in:>8} -> {counts_out}{per}")
-        if not manifest["stages"]:
-            click.echo("(no stages: the model is unchanged)")
-        click.echo("")
-        click.echo(report.summary())
-        for v in budgets:
-            click.echo(f"budget {v['constraint']}: {'ok' if v['ok'] else 'EXCEEDED'}")
-        if out_dir:
-            click.echo(f"wrote {os.path.join(out_dir, 'manifest.json')} and {os.path.join(out_dir, 'listing.txt')}")
-    compiler.uncompile(model)
-    if any(not v["ok"] for v in budgets):
-        raise SystemExit(EXIT_FAILED)
+        click.echo(f"wrote {os.path.join(out_dir, 'manifest.json')} and {os.path.join(out_dir, 'listing.txt')}")
 
 
 COMMANDS = [compile_]
