@@ -313,3 +313,61 @@ def test_accuracy_objective_scores_the_shipped_model(tmp_path):
         direct = evaluate(model, bench.generate("val", 20), processor, progress=False)
     assert result.best["score"] == pytest.approx(direct["overall"])
     assert 0.5 < direct["overall"] <= 1.0  # a trained model: far above the answer prior
+
+
+@pytest.mark.slow
+def test_workers_never_score_one_policy_twice(tmp_path):
+    """Four feasible points, twelve trials, two workers: every policy is scored once; a
+    worker that draws a policy the other is scoring waits for it and reuses its score."""
+    space = tmp_path / "four.vts"
+    space.write_text("at vit.layer{4, 8} keep cls top {5%, 10%}\n")
+    out = tmp_path / "w"
+    res = subprocess.run(_cli(space, out, 12, "--workers", "2"), env=_env(0.4), cwd=ROOT, capture_output=True,
+                         text=True, timeout=180)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads((out / "trials.json").read_text())["trials"]
+    assert len(rows) == 12 and all(r["state"] == "COMPLETE" for r in rows)
+    scored = [r["policy"] for r in rows if r["duplicate_of"] is None]
+    assert len(scored) == len(set(scored)) <= 4
+    by_number = {r["number"]: r for r in rows}
+    for r in rows:
+        if r["duplicate_of"] is not None:
+            origin = by_number[r["duplicate_of"]]
+            assert origin["duplicate_of"] is None and origin["policy"] == r["policy"] and origin["score"] == r["score"]
+    assert len({r["worker"] for r in rows}) == 2
+
+
+def test_references_show_progress(space_file, tmp_path, capsys):
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    for i in (4, 8):
+        (zoo / f"z{i}.vt").write_text(f"at vit.layer{i} keep cls top 10%\n")
+    cfg = SearchConfig(space=str(space_file), model="tiny-llava", budgets=[BUDGET], trials=3, out_dir=str(tmp_path / "o"),
+                       zoo_dir=str(zoo))
+    result = search(cfg, progress=True, objective=FakeObjective())
+    n = len(result.references)
+    assert n == 1 + 2 + 2  # unpruned, the two zoo files, the random and pooling baselines
+    err = capsys.readouterr().err
+    assert "scoring the reference policies" in err
+    assert any(line.startswith("references") and f"{n}/{n}" in line for line in err.splitlines()), err
+
+
+@pytest.mark.skipif(vtbench_missing() is not None, reason="the trained tiny-llava-vtbench is not available")
+def test_model_loading_bars_only_when_verbose(tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
+    space = tmp_path / "one.vts"
+    space.write_text("at vit.layer{2} keep cls top 50%\n")
+    was = hf_logging.is_progress_bar_enabled()
+    try:
+        seen = {}
+        for verbose in (True, False):
+            hf_logging.enable_progress_bar()
+            cfg = SearchConfig(space=str(space), model="tiny-llava-vtbench", objective="accuracy", trials=1,
+                               objective_options={"examples": 4}, references=False, text_tokens=16,
+                               out_dir=str(tmp_path / f"out{verbose}"), verbose=verbose)
+            search(cfg, progress=False)
+            seen[verbose] = "Loading weights" in capfd.readouterr().err
+        assert seen == {True: True, False: False}
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
