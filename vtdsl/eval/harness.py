@@ -19,6 +19,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -122,55 +123,81 @@ def evaluate(
         image_tokens = default_image_tokens(model.config)
     was_training = model.training
     model.eval()
-    correct: dict[str, int] = defaultdict(int)
-    total: dict[str, int] = defaultdict(int)
-    predictions: list[str] = []
-    prefill_s = 0.0
-    n_batches = 0
-    done = 0
+    tally = _Tally()
     try:
         with torch.inference_mode():
             for batch in _batches(examples, batch_size):
-                inputs = encode_prompts(tok, [ex.question for ex in batch], image_tokens)
-                inputs["pixel_values"] = images_to_pixels([ex.image for ex in batch], image_processor)
-                if prepare_inputs is not None:
-                    inputs = prepare_inputs(inputs)
-                param = next(model.parameters())
-                inputs["pixel_values"] = inputs["pixel_values"].to(param.device, param.dtype)
-                inputs = {k: v.to(param.device) for k, v in inputs.items()}
-                t0 = time.perf_counter()
-                out = model(**inputs, logits_to_keep=1, use_cache=False)
-                if param.device.type == "cuda":
-                    torch.cuda.synchronize()
-                prefill_s += time.perf_counter() - t0
-                n_batches += 1
-                pred_ids = out.logits[:, -1].argmax(-1).tolist()
-                for ex, pid in zip(batch, pred_ids):
-                    pred = tok.decode([pid]).strip().lower()
-                    predictions.append(pred)
-                    total[ex.family] += 1
-                    correct[ex.family] += int(pred == ex.answer.strip().lower())
-                done += len(batch)
+                inputs = _batch_inputs(model, tok, batch, image_tokens, image_processor, prepare_inputs)
+                logits, seconds = _timed_prefill(model, inputs)
+                tally.add(batch, [tok.decode([pid]).strip().lower() for pid in logits[:, -1].argmax(-1).tolist()],
+                          seconds)
                 if progress:
-                    print(f"\r  eval {done}/{len(examples)}", end="", file=sys.stderr, flush=True)
+                    print(f"\r  eval {tally.done}/{len(examples)}", end="", file=sys.stderr, flush=True)
     finally:
         if progress:
             print(file=sys.stderr)
         model.train(was_training)
-    n = sum(total.values())
-    result: dict[str, Any] = {
-        "overall": sum(correct.values()) / max(n, 1),
-        "per_family": {f: correct[f] / total[f] for f in sorted(total)},
-        "n": n,
-        "counts": dict(sorted(total.items())),
-        "image_tokens": image_tokens,
-        "prefill_s": prefill_s,
-        "prefill_ms_per_example": 1000 * prefill_s / max(n, 1),
-        "prefill_ms_per_batch": 1000 * prefill_s / max(n_batches, 1),
-    }
-    if return_predictions:
-        result["predictions"] = predictions
-    return result
+    return tally.result(image_tokens, return_predictions)
+
+
+def _batch_inputs(model: Any, tok: Any, batch: Sequence[Example], image_tokens: int, image_processor: Any,
+                  prepare_inputs: Callable | None) -> dict[str, torch.Tensor]:
+    """One batch's prompts and pixels (rewritten by `prepare_inputs`), on the model's
+    device, pixels in its dtype."""
+    inputs = encode_prompts(tok, [ex.question for ex in batch], image_tokens)
+    inputs["pixel_values"] = images_to_pixels([ex.image for ex in batch], image_processor)
+    if prepare_inputs is not None:
+        inputs = prepare_inputs(inputs)
+    param = next(model.parameters())
+    inputs["pixel_values"] = inputs["pixel_values"].to(param.device, param.dtype)
+    return {k: v.to(param.device) for k, v in inputs.items()}
+
+
+def _timed_prefill(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """The last position's logits and the wall time of the forward alone."""
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    out = model(**inputs, logits_to_keep=1, use_cache=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out.logits, time.perf_counter() - t0
+
+
+@dataclass
+class _Tally:
+    """Answers and prefill time as batches come in; `result` is what `evaluate` returns."""
+
+    correct: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    total: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    predictions: list[str] = field(default_factory=list)
+    prefill_s: float = 0.0
+    batches: int = 0
+    done: int = 0
+
+    def add(self, batch: Sequence[Example], predicted: list[str], seconds: float) -> None:
+        self.prefill_s += seconds
+        self.batches += 1
+        for ex, pred in zip(batch, predicted):
+            self.predictions.append(pred)
+            self.total[ex.family] += 1
+            self.correct[ex.family] += int(pred == ex.answer.strip().lower())
+        self.done += len(batch)
+
+    def result(self, image_tokens: int, return_predictions: bool) -> dict[str, Any]:
+        n = sum(self.total.values())
+        result: dict[str, Any] = {
+            "overall": sum(self.correct.values()) / max(n, 1),
+            "per_family": {f: self.correct[f] / self.total[f] for f in sorted(self.total)},
+            "n": n,
+            "counts": dict(sorted(self.total.items())),
+            "image_tokens": image_tokens,
+            "prefill_s": self.prefill_s,
+            "prefill_ms_per_example": 1000 * self.prefill_s / max(n, 1),
+            "prefill_ms_per_batch": 1000 * self.prefill_s / max(self.batches, 1),
+        }
+        if return_predictions:
+            result["predictions"] = self.predictions
+        return result
 
 
 def format_result(result: dict[str, Any]) -> str:
