@@ -41,8 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Union
 
+from yaml.nodes import ScalarNode, SequenceNode
+
 from ..lang import ast
-from ..lang.errors import Diagnostic, PolicyError, did_you_mean
+from ..lang.errors import Diagnostic, PolicyError
+from ..lang.yaml_form import YamlReader, compose_yaml
+from ..lang.yaml_keys import RENUMBER, keep_options
 
 MAX_DIAGNOSTICS = 10
 MAX_DEPTH = 8  # nested holes
@@ -299,15 +303,8 @@ class _Scanner:
                                     hint="close the choice with '}' before the comment")
                 if stage:
                     break
-                end = t.find("\n", self.i)
-                end = self.n if end < 0 else end
-                if not buf:
-                    buf_start = self.i
-                buf.append(t[self.i:end])
-                self.i = end
-                continue
-            if c == '"':
-                end = self._string_end(self.i)
+            if c in '#"':  # a comment or a string is literal text: no holes inside
+                end = self._comment_end(self.i) if c == "#" else self._string_end(self.i)
                 if not buf:
                     buf_start = self.i
                 buf.append(t[self.i:end])
@@ -337,6 +334,10 @@ class _Scanner:
             self.i += 1
         flush()
         return parts
+
+    def _comment_end(self, i: int) -> int:
+        end = self.t.find("\n", i)
+        return self.n if end < 0 else end
 
     def _string_end(self, i: int) -> int:
         """End of a string literal starting at `i` (or of its line when unterminated)."""
@@ -925,237 +926,149 @@ def load_space(path: str | os.PathLike, syntax: str | None = None) -> Space:
 # The YAML form
 
 
-_TOP_KEYS = ("policy", "model", "budget", "stages")
-_ACTIONS = ("keep", "merge", "pool", "drop")
-_STAGE_KEYS = ("at", "at?", "every", "every?", "from", "to") + _ACTIONS + ("per", "merge_rest_into", "add_rest_into",
-                                                                          "merge_by", "recycle", "recycle_into",
-                                                                          "absorb", "recycle_cells", "renumber")
-_NULL = "tag:yaml.org,2002:null"
 
+class _SpaceReader(YamlReader):
+    """The YAML form with holes: each statement becomes `.vt` text, the words a key stands
+    for glued at that key and each value scanned for holes; `at?:` / `every?:` make the
+    whole stage an optional-stage hole, `renumber: "{true, false}"` a flag."""
 
-def _yaml_template(text: str, filename: str) -> Frag:
-    import yaml
-    from yaml.nodes import MappingNode, ScalarNode, SequenceNode
+    document = "a YAML space"
+    noun = "spaces"
+    variants = {"at": ("at", "at?"), "every": ("every", "every?")}
+    site_note = " (or 'at?: <site>' for an optional stage)"
+    error_type = _SpaceError
+    max_diagnostics = MAX_DIAGNOSTICS
 
-    from ..lang.yaml_form import mark_span, yaml_root
+    def __init__(self, text: str, filename: str):
+        super().__init__(text, filename)
+        self.lines = _Lines(text)
 
-    lines = _Lines(text)
+    def span(self, node) -> ast.Span:
+        start = node.start_mark.index
+        return self.lines.span(start, max(node.end_mark.index, start + 1))
 
-    def fail(message, node=None, *, expected=None, hint=None, start=None, end=None):
-        if node is not None:
-            start, end = node.start_mark.index, max(node.end_mark.index, node.start_mark.index + 1)
-        span = lines.span(start, end) if start is not None else None
-        return _SpaceError(Diagnostic(message, span, expected=expected, hint=hint, code="yaml"))
+    def show(self, name: str) -> str:
+        return _show(name)
 
-    try:
-        root = yaml_root(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        span = mark_span(exc)
-        problem = exc.problem or exc.context or "invalid YAML"
-        hint = None
-        line_text = text.split("\n")[mark.line] if mark is not None and mark.line < text.count("\n") + 1 else ""
-        if "{" in line_text:
-            hint = "quote a value that starts with '{' or holds ': ' (\"{cls, attn} top 10%\")"
-        raise PolicyError(Diagnostic(f"invalid YAML: {problem}", span, hint=hint, code="yaml"), source=text,
-                          filename=filename) from None
-    except yaml.YAMLError as exc:
-        raise PolicyError(Diagnostic(f"invalid YAML: {exc}", None, code="yaml"), filename=filename) from None
-
-    seen: set[int] = set()
-    diagnostics: list[Diagnostic] = []
-
-    def visit(node):
-        if id(node) in seen:
-            raise fail("YAML anchors and aliases are not supported in spaces", node, hint="write the value out again")
-        seen.add(id(node))
-        return node
-
-    def mapping(node, what, keys):
-        if not isinstance(node, MappingNode):
-            raise fail(f"{what} must be a mapping with keys {', '.join(keys)}", node)
-        out = {}
-        for key, value in node.value:
-            visit(key)
-            visit(value)
-            if not isinstance(key, ScalarNode):
-                raise fail(f"a key in {what} must be a plain word", key)
-            if key.value not in keys:
-                raise fail(f"unknown key '{_show(key.value)}' in {what}", key, expected=", ".join(keys),
-                           hint=did_you_mean(key.value[:64], keys))
-            if key.value in out:
-                raise fail(f"duplicate key '{key.value}' in {what} (first on line "
-                           f"{out[key.value][0].start_mark.line + 1})", key)
-            out[key.value] = (key, value)
-        return out
-
-    def glue(s, node):
+    def glue(self, s: str, node) -> Lit:
+        """Generated text that stands for `node` in the source."""
         return Lit(s, node.start_mark.index, max(node.end_mark.index, node.start_mark.index + 1))
 
-    def value(node, what, holes=True) -> list:
-        if not isinstance(node, ScalarNode) or node.tag == _NULL:
-            raise fail(f"{what} must be a single value", node)
-        v = node.value
+    def value(self, node, what: str) -> list:
+        v = self.scalar(node, what).value
         if "\n" in v:
-            raise fail(f"{what} must be one line", node)
+            raise self.fail(f"{what} must be one line", node)
         base = node.start_mark.index + (1 if node.style in ("'", '"') else 0)
-        if text[base:base + len(v)] != v:  # escapes or folding: map the whole value to its node
-            if not holes or "{" not in v:
-                return [glue(v, node)]
-        if not holes:
-            return [Lit(v, base)]
-        scanner = _Scanner(v, lines, base=base, stages=False)
+        if self.text[base:base + len(v)] != v and "{" not in v:  # escapes or folding: map it to its node
+            return [self.glue(v, node)]
         errs: list[Diagnostic] = []
-        parts = scanner.top(errs)
+        parts = _Scanner(v, self.lines, base=base, stages=False).top(errs)
         if errs:
             raise _SpaceError(errs[0])
         return parts
 
-    def budget(node):
-        return [glue("budget ", node)] + value(node, "a budget")
+    # -- the pieces ---------------------------------------------------------------------
+    def header(self, key: str, node) -> list:
+        return [self.glue(f"{key} {json.dumps(self.header_text(node, key))}", node)]
 
-    def stage(node):
-        m = mapping(node, "a stage", _STAGE_KEYS)
-        at_keys = [k for k in ("at", "at?") if k in m]
-        schedule = [k for k in ("every", "every?", "from", "to") if k in m]
-        if schedule and at_keys:
-            raise fail(f"a stage has '{at_keys[0]}' or a schedule ('every', 'from', 'to'), not both", m[at_keys[0]][0])
-        if "every" in m and "every?" in m:
-            raise fail("a schedule has 'every' or 'every?', not both", m["every?"][0])
-        if schedule:
-            for k in ("from", "to"):
-                if k not in m:
-                    raise fail(f"a schedule needs '{k}: <site>'", node, expected="from: vit.layer2, to: vit.layer22")
-        elif not at_keys:
-            raise fail("a stage needs 'at: <site>' (or 'at?: <site>' for an optional stage)", node,
-                       expected="a site such as vit.layer16")
-        if len(at_keys) > 1:
-            raise fail("a stage has 'at' or 'at?', not both", m["at?"][0])
-        actions = [k for k in _ACTIONS if k in m]
-        if not actions:
-            raise fail("a stage needs an action", node, expected="one of keep, merge, pool or drop")
-        if len(actions) > 1:
-            raise fail(f"a stage has one action, got {' and '.join(actions)}", m[actions[1]][0],
-                       hint="write a second stage at the same site")
-        action = actions[0]
-        for extra in ("per", "merge_rest_into", "add_rest_into", "merge_by", "recycle", "recycle_into", "absorb",
-                      "recycle_cells"):
-            if extra in m and action != "keep":
-                raise fail(f"'{extra}' belongs to 'keep', not to '{action}'", m[extra][0])
-        if ("recycle" in m) != ("recycle_into" in m):
-            have, missing = ("recycle", "recycle_into") if "recycle" in m else ("recycle_into", "recycle")
-            raise fail(f"'{have}' needs '{missing}' beside it", m[have][0],
-                       expected="recycle: N and recycle_into: M (`then recycle N into M`)")
-        optional = "at?" in m or "every?" in m
-        if schedule:
-            every_key = "every?" if "every?" in m else "every" if "every" in m else None
-            at_key = m[every_key][0] if every_key else m["from"][0]
-            parts = [glue("every ", at_key)]
-            if every_key and not (isinstance(m[every_key][1], ScalarNode) and m[every_key][1].tag == _NULL):
-                parts += value(m[every_key][1], f"'{every_key}'") + [glue(" layers", m[every_key][0])]
-            else:  # `every?:` with no value: an optional schedule over every layer
-                parts.append(glue("layer", at_key))
-            parts += [glue(" from ", m["from"][0])] + value(m["from"][1], "'from'")
-            parts += [glue(" to ", m["to"][0])] + value(m["to"][1], "'to'") + [glue(" ", m["to"][0])]
-        else:
-            at_key, at_val = m[at_keys[0]]
-            parts = [glue("at ", at_key)] + value(at_val, f"'{at_keys[0]}'") + [glue(" ", at_key)]
-        key, val = m[action]
-        parts.append(glue(action + " ", key))
-        if action == "keep" and isinstance(val, SequenceNode):
-            items = [visit(n) for n in val.value]
-            if not items:
-                raise fail("'keep' needs at least one term", val,
-                           expected="a term such as 'cls top 10%', 'diverse 64' or 'buffers'")
-            for i, item in enumerate(items):
-                if i:
-                    parts.append(glue(" + ", item))
-                parts += value(item, "a term")
-        else:
-            parts += value(val, f"'{action}'")
-        if "per" in m:
-            parts += [glue(" per ", m["per"][0])] + value(m["per"][1], "'per'")
-        if "merge_rest_into" in m:
-            parts += [glue(" then merge rest into ", m["merge_rest_into"][0])] + value(
-                m["merge_rest_into"][1], "'merge_rest_into'")
-        if "add_rest_into" in m:
-            parts += [glue(" then add rest into ", m["add_rest_into"][0])] + value(
-                m["add_rest_into"][1], "'add_rest_into'")
-        if "merge_by" in m:
-            parts += [glue(" by ", m["merge_by"][0])] + value(m["merge_by"][1], "'merge_by'")
-        if "recycle" in m:
-            parts += [glue(" then recycle ", m["recycle"][0])] + value(m["recycle"][1], "'recycle'")
-            parts += [glue(" into ", m["recycle_into"][0])] + value(m["recycle_into"][1], "'recycle_into'")
-        if "absorb" in m:
-            parts += [glue(" then absorb ", m["absorb"][0])] + value(m["absorb"][1], "'absorb'")
-        if "recycle_cells" in m:
-            parts += [glue(" then recycle rest into ", m["recycle_cells"][0])] + value(
-                m["recycle_cells"][1], "'recycle_cells'") + [glue(" cells", m["recycle_cells"][0])]
-        if "renumber" in m:
-            key, val = m["renumber"]
-            word = val.value if isinstance(val, ScalarNode) else None
-            if word in ("true", "false"):
-                if word == "true":
-                    parts.append(glue(" renumber", key))
-            elif isinstance(val, ScalarNode) and re.fullmatch(r"\{\s*(true\s*,\s*false|false\s*,\s*true)\s*\}",
-                                                              val.value):
-                start, end = key.start_mark.index, val.end_mark.index
-                line, col = lines.pos(val.start_mark.index + (1 if val.style in ("'", '"') else 0))
-                alt = Frag([glue(" renumber", key)], "renumber", start, end)
-                parts.append(Hole(f"{line}:{col}", "flag", [alt], True, start, end))
-            else:
-                raise fail("'renumber' takes true, false or the choice \"{true, false}\"", val)
-        if optional:
+    def budget(self, node) -> list:
+        return [self.glue("budget ", node)] + self.value(node, "a budget")
+
+    def stage(self, node) -> list:
+        m = self.stage_mapping(node)
+        schedule = self.placement(m, node)
+        action = self.action(m, node)
+        for option in keep_options():
+            self.together(m, option)
+        parts, at_key = self.schedule_text(m) if schedule else self.site_text(m)
+        parts += self.action_text(m, action) + self.options_text(m) + self.renumber_text(m)
+        if "at?" in m or "every?" in m:
             start = at_key.start_mark.index
             end = max(n.end_mark.index for _, n in m.values())
-            line, col = lines.pos(start)
-            alt = Frag(parts, text[start:end].strip(), start, end)
+            line, col = self.lines.pos(start)
+            alt = Frag(parts, self.text[start:end].strip(), start, end)
             return [Hole(f"{line}:{col}", "stage", [alt], True, start, end)]
         return parts
 
-    statements: list[list] = []
+    def site_text(self, m) -> tuple[list, object]:
+        name = "at?" if "at?" in m else "at"
+        at_key, at_val = m[name]
+        return [self.glue("at ", at_key)] + self.value(at_val, f"'{name}'") + [self.glue(" ", at_key)], at_key
 
-    def guard(fn):
-        try:
-            out = fn()
-            if out is not None:
-                statements.append(out)
-        except _SpaceError as err:
-            diagnostics.append(err.diagnostic)
+    def schedule_text(self, m) -> tuple[list, object]:
+        every_key = "every?" if "every?" in m else "every" if "every" in m else None
+        at_key = m[every_key][0] if every_key else m["from"][0]
+        parts = [self.glue("every ", at_key)]
+        if every_key and not self.is_null(m[every_key][1]):
+            parts += self.value(m[every_key][1], f"'{every_key}'") + [self.glue(" layers", m[every_key][0])]
+        else:  # `every?:` with no value: an optional schedule over every layer
+            parts.append(self.glue("layer", at_key))
+        parts += [self.glue(" from ", m["from"][0])] + self.value(m["from"][1], "'from'")
+        parts += [self.glue(" to ", m["to"][0])] + self.value(m["to"][1], "'to'") + [self.glue(" ", m["to"][0])]
+        return parts, at_key
 
-    if root is not None:
-        try:
-            visit(root)
-            top = mapping(root, "a YAML space", _TOP_KEYS)
-        except _SpaceError as err:
-            raise PolicyError([err.diagnostic], source=text, filename=filename) from None
-        for key in ("policy", "model"):
-            if key in top:
-                k, node = top[key]
+    def action_text(self, m, action: str) -> list:
+        key, val = m[action]
+        parts = [self.glue(action + " ", key)]
+        if action != "keep" or not isinstance(val, SequenceNode):
+            return parts + self.value(val, f"'{action}'")
+        for i, item in enumerate(self.keep_items(val)):
+            if i:
+                parts.append(self.glue(" + ", item))
+            parts += self.value(item, "a term")
+        return parts
 
-                def header(k=k, node=node, key=key):
-                    if not isinstance(node, ScalarNode) or node.tag == _NULL:
-                        raise fail(f"'{key}' must be a string", node, hint='quote it: "..."')
-                    return [glue(f"{key} {json.dumps(node.value)}", node)]
+    def options_text(self, m) -> list:
+        """The keep options' keys, each as the `.vt` words of the key table around its value."""
+        parts: list = []
+        for option in keep_options():
+            for k in option.keys:
+                if k.name in m:
+                    key, val = m[k.name]
+                    parts += [self.glue(k.phrase, key)] + self.value(val, k.what)
+                    if k.after:
+                        parts.append(self.glue(k.after, key))
+        return parts
 
-                guard(header)
-        if "budget" in top:
-            node = top["budget"][1]
-            items = [visit(n) for n in node.value] if isinstance(node, SequenceNode) else [node]
-            for n in items:
-                guard(lambda n=n: budget(n))
-        if "stages" in top:
-            node = top["stages"][1]
-            if not isinstance(node, SequenceNode):
-                diagnostics.append(fail("'stages' must be a list", node).diagnostic)
-            else:
-                for n in node.value:
-                    guard(lambda n=visit(n): stage(n))
-    if diagnostics:
-        raise PolicyError(diagnostics[:MAX_DIAGNOSTICS], source=text, filename=filename)
-    parts: list = []
-    for i, st in enumerate(statements):
-        if i:
-            parts.append(Lit("\n", len(text), len(text)))
-        parts += st
-    return Frag(parts, text.strip(), 0, len(text))
+    def renumber_text(self, m) -> list:
+        if RENUMBER not in m:
+            return []
+        key, val = m[RENUMBER]
+        word = val.value if isinstance(val, ScalarNode) else None
+        if word in ("true", "false"):
+            return [self.glue(" renumber", key)] if word == "true" else []
+        if isinstance(val, ScalarNode) and _FLAG_CHOICE.fullmatch(val.value):
+            start, end = key.start_mark.index, val.end_mark.index
+            line, col = self.lines.pos(val.start_mark.index + (1 if val.style in ("'", '"') else 0))
+            alt = Frag([self.glue(" renumber", key)], "renumber", start, end)
+            return [Hole(f"{line}:{col}", "flag", [alt], True, start, end)]
+        raise self.fail("'renumber' takes true, false or the choice \"{true, false}\"", val)
+
+    # -- the document -------------------------------------------------------------------
+    def empty(self) -> Frag:
+        return Frag([], self.text.strip(), 0, len(self.text))
+
+    def finish(self, root, top, headers: dict, budgets: list, stages: list) -> Frag:
+        parts: list = []
+        for i, statement in enumerate(list(headers.values()) + budgets + stages):
+            if i:
+                parts.append(Lit("\n", len(self.text), len(self.text)))
+            parts += statement
+        return Frag(parts, self.text.strip(), 0, len(self.text))
+
+
+_FLAG_CHOICE = re.compile(r"\{\s*(true\s*,\s*false|false\s*,\s*true)\s*\}")
+
+
+def _brace_hint(text: str, exc) -> str | None:
+    """A YAML syntax error on a line with '{': most likely an unquoted choice."""
+    mark = exc.problem_mark or exc.context_mark
+    line_text = text.split("\n")[mark.line] if mark is not None and mark.line < text.count("\n") + 1 else ""
+    if "{" in line_text:
+        return "quote a value that starts with '{' or holds ': ' (\"{cls, attn} top 10%\")"
+    return None
+
+
+def _yaml_template(text: str, filename: str) -> Frag:
+    root = compose_yaml(text, filename, hint=lambda exc: _brace_hint(text, exc))
+    return _SpaceReader(text, filename).read(root)
