@@ -119,9 +119,9 @@ def _validate_layout(graph, spec: ModelSpec, stage: ast.Stage, site: ResolvedSit
     if site.tower == "vit" and spec.spatial_merge > 1:
         m = spec.spatial_merge
         error(graph, f"{spec.name} merges {m}x{m} groups of ViT patches into one token after the vision tower; "
-               f"a stage at {site.text()} would have to keep whole {m}x{m} groups, which vtdsl does not do",
-               stage.site.span, expected="an llm.layerN site (llm.layer0 prunes the merged tokens before the LLM)",
-               code="model-layout")
+              f"a stage at {site.text()} would have to keep whole {m}x{m} groups, which vtdsl does not do",
+              stage.site.span, expected="an llm.layerN site (llm.layer0 prunes the merged tokens before the LLM)",
+              code="model-layout")
         return
     if site.tower != "llm" or not spec.packs_crops:
         return
@@ -131,14 +131,14 @@ def _validate_layout(graph, spec: ModelSpec, stage: ast.Stage, site: ResolvedSit
     expected = "a non-spatial selector (top, diverse, uniform, random, unique) or 'per crop'"
     if isinstance(action, ast.Pool):
         error(graph, f"'pool' at {site.text()}: {why}", action.span, expected="pool at vit.out (per crop)",
-               code="model-layout")
+              code="model-layout")
     elif isinstance(action, ast.Keep):
         for term in action.terms:
             if isinstance(term, ast.BuffersTerm):
                 error(graph, f"'buffers' at {site.text()}: {why}", term.span, expected=expected, code="model-layout")
         if action.region is not None and action.region.kind == "region":
             error(graph, f"'per region' at {site.text()}: {why}", action.region.span, expected=expected,
-                   code="model-layout")
+                  code="model-layout")
 
 
 def _validate_cls_token(graph, spec: ModelSpec, stage: ast.Stage, site: ResolvedSite, kept_at: str | None) -> None:
@@ -147,7 +147,7 @@ def _validate_cls_token(graph, spec: ModelSpec, stage: ast.Stage, site: Resolved
     if not terms:
         if kept_at is not None and site.tower == "vit":
             error(graph, f"a vit.out stage after 'cls_token' was kept at {kept_at} would treat the CLS token "
-                   "as a patch", stage.span, expected="'cls_token' in the last vit.out stage", code="cls-token")
+                  "as a patch", stage.span, expected="'cls_token' in the last vit.out stage", code="cls-token")
         return
     expected = "'cls_token' only at vit.out, once"
     if len(terms) > 1:
@@ -156,7 +156,8 @@ def _validate_cls_token(graph, spec: ModelSpec, stage: ast.Stage, site: Resolved
     if not spec.has_cls:
         message = f"model '{spec.name}' has no CLS token, so 'cls_token' cannot keep one"
     elif site.tower == "llm":
-        message = f"'cls_token' keeps the CLS token at vit.out; at {site.text()} the LLM only sees what the projector received"
+        message = (f"'cls_token' keeps the CLS token at vit.out; at {site.text()} the LLM only sees what the "
+                   "projector received")
     elif site.layer is not None:
         message = f"inside the ViT the CLS token is always kept; 'cls_token' belongs to vit.out, not {site.text()}"
     elif spec.select_strategy != "default":
@@ -170,67 +171,125 @@ def _validate_cls_token(graph, spec: ModelSpec, stage: ast.Stage, site: Resolved
 
 
 def _validate_observation(graph, spec: ModelSpec, obs_data: dict, stage_data: dict) -> None:
-    ref: ast.ScoreRef = obs_data["score"]
-    obs: Observation = obs_data["observation"]
-    meaning = SCORERS[ref.name]
-    stage_site: ResolvedSite = stage_data["site"]
-    where = f"{obs.tower}.layer{obs.layer}"
-    if obs.tower not in meaning.towers:
-        message = meaning.tower_error.format(name=ref.name, where=where)
-        error(graph, message, ref.span, expected="a score valid at " + where, code="scorer-site")
-        return
-    problem = meaning.check(obs, spec) if meaning.check is not None else None
-    if problem:
-        error(graph, problem, ref.span, expected="a score valid at " + where, code="scorer-site")
-        return
-    if obs.image_keys and obs.tower == "vit":
-        error(graph, f"'image_keys' restricts an LLM attention to the image tokens' keys; at {where} every key is "
-               "a patch", ref.span, expected=f"'{ref.name}' without image_keys", code="scorer-args")
-        return
-    if not obs.rope and obs.tower == "vit":
-        error(graph, f"the ViT has no rotary position embeddings: 'no_rope' changes nothing at {where}", ref.span,
-               expected=f"'{ref.name}' without no_rope", code="scorer-args")
-        return
-    if obs.on_input and not meaning.on_input:
-        error(graph, f"'{ref.name}' reads the keys a layer computed; at the stage entering {where} they do not "
-               "exist yet", ref.span, expected=f"{ref.name}@{obs.tower}.layer{obs.layer - 1} (the layer before)",
-               code="observe-order")
-        return
-    if isinstance(obs.heads, int):
-        tower = spec.vit if obs.tower == "vit" else spec.llm
-        if obs.heads > tower.heads:
-            error(graph, f"'top {obs.heads} heads' asks for more heads than {spec.name}'s {TOWER_NAMES[obs.tower]} has "
-                   f"({tower.heads})", ref.span, expected=f"at most {tower.heads} heads", code="scorer-args")
+    """Report the first of `OBSERVATION_CHECKS` that refuses this observation."""
+    read = _Read(obs_data["score"], obs_data["observation"], SCORERS[obs_data["score"].name], spec,
+                 stage_data["site"], obs_data["order"], stage_data["order"])
+    for check in OBSERVATION_CHECKS:
+        found = check(read)
+        if found is not None:
+            message, expected, code = found
+            error(graph, message, read.ref.span, expected=expected, code=code)
             return
-    if obs.queries == "visual" and obs.tower == "vit":
-        error(graph, f"in the ViT every query is a visual token: 'attn(visual)' is 'attn' at {where}", ref.span,
-               expected="attn", code="scorer-args")
-        return
-    if meaning.needs_cls and not spec.has_cls:
-        error(
-            graph,
-            f"{spec.name}'s vision tower has no CLS token, so '{ref.name}' has nothing to read",
-            ref.span,
-            expected="an LLM score such as text or attn" if spec.spatial_merge > 1 else "a score such as attn or norm",
-            code="no-cls",
-        )
-        return
-    if obs.tower == "vit" and spec.spatial_merge > 1:
-        error(graph, f"{spec.name}'s vision tower orders patches by attention window and merges them "
-               f"{spec.spatial_merge}x{spec.spatial_merge} before the LLM; vtdsl reads no ViT scores there",
-               ref.span, expected="an LLM score such as text@llm.layer2", code="model-layout")
-        return
-    if obs.tower == "vit" and stage_site.tower == "llm" and spec.packs_crops:
-        error(graph, f"'{ref_text(ref)}' scores ViT crop patches, but the stage at {stage_site.text()} chooses "
-               f"among {spec.name}'s packed LLM tokens (base view, unpadded crops, newline tokens)",
-               ref.span, expected="an LLM score such as text@llm.layer2, or the stage at vit.out", code="model-layout")
-        return
-    if obs_data["order"] >= stage_data["order"]:
-        error(
-            graph,
-            f"'{ref_text(ref)}' is read at {where}, which runs after the stage at "
-            f"{stage_site.text()} has already chosen its tokens",
-            ref.span,
-            expected=f"an observation before {stage_site.text()}",
-            code="observe-order",
-        )
+
+
+@dataclass(frozen=True)
+class _Read:
+    """One observation and the stage that reads it."""
+
+    ref: ast.ScoreRef
+    obs: Observation
+    meaning: object  # the scorer's SCORERS entry
+    spec: ModelSpec
+    stage_site: ResolvedSite
+    order: tuple  # when the observation is read
+    stage_order: tuple  # when the stage chooses its tokens
+
+    @property
+    def where(self) -> str:
+        return f"{self.obs.tower}.layer{self.obs.layer}"
+
+
+# Each check returns (message, expected, code) when it refuses the observation, else None.
+
+
+def _scorer_tower(r: _Read):
+    if r.obs.tower not in r.meaning.towers:
+        message = r.meaning.tower_error.format(name=r.ref.name, where=r.where)
+        return message, "a score valid at " + r.where, "scorer-site"
+    return None
+
+
+def _scorer_own_check(r: _Read):
+    problem = r.meaning.check(r.obs, r.spec) if r.meaning.check is not None else None
+    return (problem, "a score valid at " + r.where, "scorer-site") if problem else None
+
+
+def _image_keys_in_vit(r: _Read):
+    if r.obs.image_keys and r.obs.tower == "vit":
+        return (f"'image_keys' restricts an LLM attention to the image tokens' keys; at {r.where} every key is a patch",
+                f"'{r.ref.name}' without image_keys", "scorer-args")
+    return None
+
+
+def _no_rope_in_vit(r: _Read):
+    if not r.obs.rope and r.obs.tower == "vit":
+        return (f"the ViT has no rotary position embeddings: 'no_rope' changes nothing at {r.where}",
+                f"'{r.ref.name}' without no_rope", "scorer-args")
+    return None
+
+
+def _on_input(r: _Read):
+    obs, name = r.obs, r.ref.name
+    if obs.on_input and not r.meaning.on_input:
+        return (f"'{name}' reads the keys a layer computed; at the stage entering {r.where} they do not exist yet",
+                f"{name}@{obs.tower}.layer{obs.layer - 1} (the layer before)", "observe-order")
+    return None
+
+
+def _too_many_heads(r: _Read):
+    obs, spec = r.obs, r.spec
+    if not isinstance(obs.heads, int):
+        return None
+    tower = spec.vit if obs.tower == "vit" else spec.llm
+    if obs.heads > tower.heads:
+        return (f"'top {obs.heads} heads' asks for more heads than {spec.name}'s {TOWER_NAMES[obs.tower]} has "
+                f"({tower.heads})", f"at most {tower.heads} heads", "scorer-args")
+    return None
+
+
+def _visual_queries_in_vit(r: _Read):
+    if r.obs.queries == "visual" and r.obs.tower == "vit":
+        return (f"in the ViT every query is a visual token: 'attn(visual)' is 'attn' at {r.where}", "attn",
+                "scorer-args")
+    return None
+
+
+def _needs_cls(r: _Read):
+    spec = r.spec
+    if r.meaning.needs_cls and not spec.has_cls:
+        return (f"{spec.name}'s vision tower has no CLS token, so '{r.ref.name}' has nothing to read",
+                "an LLM score such as text or attn" if spec.spatial_merge > 1 else "a score such as attn or norm",
+                "no-cls")
+    return None
+
+
+def _vit_of_merged_patches(r: _Read):
+    spec = r.spec
+    if r.obs.tower == "vit" and spec.spatial_merge > 1:
+        return (f"{spec.name}'s vision tower orders patches by attention window and merges them "
+                f"{spec.spatial_merge}x{spec.spatial_merge} before the LLM; vtdsl reads no ViT scores there",
+                "an LLM score such as text@llm.layer2", "model-layout")
+    return None
+
+
+def _vit_for_packed_crops(r: _Read):
+    if r.obs.tower == "vit" and r.stage_site.tower == "llm" and r.spec.packs_crops:
+        return (f"'{ref_text(r.ref)}' scores ViT crop patches, but the stage at {r.stage_site.text()} chooses "
+                f"among {r.spec.name}'s packed LLM tokens (base view, unpadded crops, newline tokens)",
+                "an LLM score such as text@llm.layer2, or the stage at vit.out", "model-layout")
+    return None
+
+
+def _read_after_stage(r: _Read):
+    if r.order >= r.stage_order:
+        return (f"'{ref_text(r.ref)}' is read at {r.where}, which runs after the stage at "
+                f"{r.stage_site.text()} has already chosen its tokens",
+                f"an observation before {r.stage_site.text()}", "observe-order")
+    return None
+
+
+# in order: the first that refuses is reported; a new rule on what a score may read is one
+# function and one entry here
+OBSERVATION_CHECKS = (_scorer_tower, _scorer_own_check, _image_keys_in_vit, _no_rope_in_vit, _on_input,
+                      _too_many_heads, _visual_queries_in_vit, _needs_cls, _vit_of_merged_patches,
+                      _vit_for_packed_crops, _read_after_stage)
