@@ -445,85 +445,10 @@ def train(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
     model = build_model(tokenizer, cfg.seed, **cfg.model)
     n_params = sum(p.numel() for p in model.parameters())
     _log(f"model: {n_params / 1e6:.3f} M parameters; config {json.dumps(asdict(cfg))}")
-    # Three probes on each patch feature: what covers it, which of the 9 named cells it is
-    # in, and whether it holds an object's centre (one patch per object: size-free counting).
-    aux_head = torch.nn.Linear(model.config.vision_config.hidden_size, len(PATCH_CLASSES) + 9 + 2)
-    side = bench.IMAGE_SIZE // model.config.vision_config.patch_size
-    rc = torch.arange(side) * bench.GRID // side
-    cell_labels = (rc.view(-1, 1) * bench.GRID + rc.view(1, -1)).flatten()
-    opt = _optimizer(model, cfg, extra=aux_head)
-    image_tokens = model.config.image_seq_length
-    stream = TrainStream(tokenizer, cfg.batch_size, image_tokens, cfg.questions, cfg.train_pool,
-                         Path(cfg.cache_dir) if cfg.cache_dir else None)
-    val = bench.generate("val", cfg.val_n)
-    step, elapsed, cpu_done, history = 0, 0.0, 0.0, []
-    ckpt = out / "checkpoint.pt"
-    resumed = cfg.resume and ckpt.exists()
-    skip_last = _SkipLastVitLayer(model)
-    if cfg.vit_steps and not resumed:
-        t0, c0 = time.time(), time.process_time()
-        pretrain_vision(model, aux_head, cell_labels, stream, skip_last, cfg)
-        elapsed, cpu_done = time.time() - t0, time.process_time() - c0  # counted in the budget
-        opt = _optimizer(model, cfg, extra=aux_head)  # fresh moments for the full model
-    if resumed:
-        state = torch.load(ckpt, weights_only=False)  # noqa: S614 (our own checkpoint)
-        model.load_state_dict(state["model"])
-        aux_head.load_state_dict(state["aux_head"])
-        opt.load_state_dict(state["optimizer"])
-        step, elapsed, history = state["step"], state["elapsed"], state["history"]
-        cpu_done = state.get("cpu", 0.0)
-        _log(f"resumed at step {step} ({elapsed / 60:.1f} min trained)")
-    torch.manual_seed(cfg.seed + step)
-    t_start = time.time() - elapsed
-    cpu_start = time.process_time() - cpu_done
-    loss_ema = aux_ema = None
-    captured: dict[str, torch.Tensor] = {}
-    hook = model.model.multi_modal_projector.register_forward_hook(
-        lambda mod, args, out: captured.__setitem__("features", args[0]))
-    model.train()
-    while step < cfg.steps:
-        batch = stream.batch(step)
-        labels = batch.pop("labels")
-        label_index = batch.pop("label_index")
-        plabels = batch.pop("patch_labels")
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        with skip_last as feature_layer:
-            logits = model(**batch, vision_feature_layer=feature_layer, use_cache=False).logits
-        logits = logits[label_index[:, 0], label_index[:, 1]]
-        answer_loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-        loss = answer_loss
-        if cfg.aux_weight > 0:
-            aux_loss = _aux_loss(aux_head, captured.pop("features"), plabels, cell_labels)
-            loss = loss + cfg.aux_weight * aux_loss
-            aux_ema = aux_loss.item() if aux_ema is None else 0.95 * aux_ema + 0.05 * aux_loss.item()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        opt.step()
-        step += 1
-        loss_ema = answer_loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * answer_loss.item()
-        if step % 25 == 0:
-            dt = time.time() - t_start
-            _log(f"step {step}/{cfg.steps} loss {loss_ema:.4f} aux {aux_ema or 0:.4f} lr {lr_at(step - 1, cfg):.2e} "
-                 f"{dt / 60:.1f} min ({step * cfg.batch_size / dt:.1f} ex/s)")
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            res = evaluate(model, val, tokenizer, batch_size=64, progress=False)
-            history.append({"step": step, "minutes": (time.time() - t_start) / 60,
-                            "cpu_minutes": (time.process_time() - cpu_start) / 60,
-                            "loss": loss_ema, "val": res["per_family"], "val_overall": res["overall"]})
-            _log(f"val@{step}: {format_result(res)}")
-            model.train()
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "aux_head": aux_head.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                        "elapsed": time.time() - t_start, "cpu": time.process_time() - cpu_start,
-                        "history": history, "config": asdict(cfg)}, tmp)
-            os.replace(tmp, ckpt)
-    hook.remove()
-    train_minutes = (time.time() - t_start) / 60
-    cpu_minutes = (time.process_time() - cpu_start) / 60
-    _log(f"training done: {step} steps, {train_minutes:.1f} min wall, {cpu_minutes:.1f} min CPU")
+    session = _Session.create(cfg, model, tokenizer, out / "checkpoint.pt")
+    session.run()
+    train_minutes, cpu_minutes = session.minutes()
+    _log(f"training done: {session.step} steps, {train_minutes:.1f} min wall, {cpu_minutes:.1f} min CPU")
 
     model.eval()
     final = {}
@@ -532,9 +457,9 @@ def train(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
         final[split] = {k: res[k] for k in ("overall", "per_family", "n", "prefill_ms_per_example")}
         _log(f"{split} (n={cfg.final_n}): {format_result(res)}")
     record = {
-        "command": command, "train_minutes": round(train_minutes, 2), "cpu_minutes": round(cpu_minutes, 2), "steps": step,
-        "examples_seen": step * cfg.batch_size, "params": n_params, "config": asdict(cfg),
-        "torch": torch.__version__, "final": final, "history": history,
+        "command": command, "train_minutes": round(train_minutes, 2), "cpu_minutes": round(cpu_minutes, 2),
+        "steps": session.step, "examples_seen": session.step * cfg.batch_size, "params": n_params,
+        "config": asdict(cfg), "torch": torch.__version__, "final": final, "history": session.history,
     }
     export = Path(cfg.export) if cfg.export else None
     if export is None:
@@ -543,6 +468,138 @@ def train(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
     export_model(model, processor, export, record)
     _log(f"exported to {export}")
     return record
+
+
+def _patch_probes(model) -> tuple[torch.nn.Linear, torch.Tensor]:
+    """The auxiliary head and each patch's cell label. Three probes on each patch feature:
+    what covers it, which of the 9 named cells it is in, and whether it holds an object's
+    centre (one patch per object: size-free counting)."""
+    aux_head = torch.nn.Linear(model.config.vision_config.hidden_size, len(PATCH_CLASSES) + 9 + 2)
+    side = bench.IMAGE_SIZE // model.config.vision_config.patch_size
+    rc = torch.arange(side) * bench.GRID // side
+    return aux_head, (rc.view(-1, 1) * bench.GRID + rc.view(1, -1)).flatten()
+
+
+@dataclass(eq=False)
+class _Session:
+    """One training run: what its steps share, its progress (restored from a checkpoint
+    on resume) and its clocks (wall and CPU time, counted across resumes)."""
+
+    cfg: TrainConfig
+    model: Any
+    tokenizer: Any
+    aux_head: torch.nn.Linear
+    cell_labels: torch.Tensor
+    opt: Any
+    stream: TrainStream
+    val: list
+    ckpt: Path
+    skip_last: _SkipLastVitLayer | None = None
+    step: int = 0
+    history: list = field(default_factory=list)
+    t_start: float = 0.0
+    cpu_start: float = 0.0
+
+    @classmethod
+    def create(cls, cfg: TrainConfig, model, tokenizer, ckpt: Path) -> "_Session":
+        """Set up the run, then pre-train the vision tower (a fresh run) or load the
+        checkpoint (`cfg.resume`)."""
+        aux_head, cell_labels = _patch_probes(model)
+        opt = _optimizer(model, cfg, extra=aux_head)
+        stream = TrainStream(tokenizer, cfg.batch_size, model.config.image_seq_length, cfg.questions, cfg.train_pool,
+                             Path(cfg.cache_dir) if cfg.cache_dir else None)
+        session = cls(cfg, model, tokenizer, aux_head, cell_labels, opt, stream, bench.generate("val", cfg.val_n), ckpt)
+        resumed = cfg.resume and ckpt.exists()
+        session.skip_last = _SkipLastVitLayer(model)
+        elapsed = cpu_done = 0.0
+        if cfg.vit_steps and not resumed:
+            t0, c0 = time.time(), time.process_time()
+            pretrain_vision(model, aux_head, cell_labels, stream, session.skip_last, cfg)
+            elapsed, cpu_done = time.time() - t0, time.process_time() - c0  # counted in the budget
+            session.opt = _optimizer(model, cfg, extra=aux_head)  # fresh moments for the full model
+        if resumed:
+            elapsed, cpu_done = session.load()
+        torch.manual_seed(cfg.seed + session.step)
+        session.t_start = time.time() - elapsed
+        session.cpu_start = time.process_time() - cpu_done
+        return session
+
+    def load(self) -> tuple[float, float]:
+        """Restore the checkpoint; the wall and CPU seconds it had trained."""
+        state = torch.load(self.ckpt, weights_only=False)  # noqa: S614 (our own checkpoint)
+        self.model.load_state_dict(state["model"])
+        self.aux_head.load_state_dict(state["aux_head"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, elapsed, self.history = state["step"], state["elapsed"], state["history"]
+        _log(f"resumed at step {self.step} ({elapsed / 60:.1f} min trained)")
+        return elapsed, state.get("cpu", 0.0)
+
+    def minutes(self) -> tuple[float, float]:
+        return (time.time() - self.t_start) / 60, (time.process_time() - self.cpu_start) / 60
+
+    def run(self) -> None:
+        """Train to `cfg.steps`, logging, validating and checkpointing on the way."""
+        cfg = self.cfg
+        loss_ema = aux_ema = None
+        captured: dict[str, torch.Tensor] = {}
+        hook = self.model.model.multi_modal_projector.register_forward_hook(
+            lambda mod, args, out: captured.__setitem__("features", args[0]))
+        self.model.train()
+        while self.step < cfg.steps:
+            answer_loss, aux_loss = self.train_step(captured)
+            self.step += 1
+            step = self.step
+            loss_ema = answer_loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * answer_loss.item()
+            if aux_loss is not None:
+                aux_ema = aux_loss.item() if aux_ema is None else 0.95 * aux_ema + 0.05 * aux_loss.item()
+            if step % 25 == 0:
+                dt = time.time() - self.t_start
+                _log(f"step {step}/{cfg.steps} loss {loss_ema:.4f} aux {aux_ema or 0:.4f} "
+                     f"lr {lr_at(step - 1, cfg):.2e} {dt / 60:.1f} min ({step * cfg.batch_size / dt:.1f} ex/s)")
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                self.validate(loss_ema)
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                self.save()
+        hook.remove()
+
+    def train_step(self, captured: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One optimiser step on batch `step`: the answer loss and the auxiliary loss."""
+        cfg = self.cfg
+        batch = self.stream.batch(self.step)
+        labels = batch.pop("labels")
+        label_index = batch.pop("label_index")
+        plabels = batch.pop("patch_labels")
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step, cfg)
+        with self.skip_last as feature_layer:
+            logits = self.model(**batch, vision_feature_layer=feature_layer, use_cache=False).logits
+        logits = logits[label_index[:, 0], label_index[:, 1]]
+        answer_loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        loss, aux_loss = answer_loss, None
+        if cfg.aux_weight > 0:
+            aux_loss = _aux_loss(self.aux_head, captured.pop("features"), plabels, self.cell_labels)
+            loss = loss + cfg.aux_weight * aux_loss
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
+        self.opt.step()
+        return answer_loss, aux_loss
+
+    def validate(self, loss_ema: float) -> None:
+        res = evaluate(self.model, self.val, self.tokenizer, batch_size=64, progress=False)
+        wall, cpu = self.minutes()
+        self.history.append({"step": self.step, "minutes": wall, "cpu_minutes": cpu,
+                             "loss": loss_ema, "val": res["per_family"], "val_overall": res["overall"]})
+        _log(f"val@{self.step}: {format_result(res)}")
+        self.model.train()
+
+    def save(self) -> None:
+        tmp = self.ckpt.with_suffix(".tmp")
+        torch.save({"model": self.model.state_dict(), "aux_head": self.aux_head.state_dict(),
+                    "optimizer": self.opt.state_dict(), "step": self.step, "elapsed": time.time() - self.t_start,
+                    "cpu": time.process_time() - self.cpu_start, "history": self.history,
+                    "config": asdict(self.cfg)}, tmp)
+        os.replace(tmp, self.ckpt)
 
 
 def export_model(model, processor, path: Path, record: dict[str, Any]) -> None:
