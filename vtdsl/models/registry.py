@@ -166,85 +166,18 @@ def spec_from_config(
     `config` may be a `LlavaConfig`, a model that has one (`LlavaForConditionalGeneration`),
     or a `config.json` dictionary. Unsupported architectures raise `PolicyError`.
     """
-    if isinstance(config, dict):
-        data = copy.deepcopy(config)
-        config = _config_from_dict(data)
-
-        def make_config(data=data):
-            return _config_from_dict(data)
-
-    else:
-        config = getattr(config, "config", config)  # a model -> its config
-        model_type = getattr(config, "model_type", None)
-        if model_type not in _FAMILIES:
-            raise _unsupported(
-                f"unsupported model type {model_type!r}",
-                expected="a model type vtdsl knows: " + ", ".join(sorted(_FAMILIES)),
-            )
-        frozen = copy.deepcopy(config)
-
-        def make_config(frozen=frozen):
-            return copy.deepcopy(frozen)
-
+    config, make_config = _config_and_factory(config)
     fam = _FAMILIES[config.model_type]
     vc, tc = config.vision_config, config.text_config
-    if vc.model_type not in _VISION_TOWERS:
-        raise _unsupported(
-            f"unsupported vision tower {vc.model_type!r}",
-            expected="one of: " + ", ".join(sorted(_VISION_TOWERS)),
-        )
-    if tc.model_type not in _TEXT_MODELS:
-        raise _unsupported(
-            f"unsupported language model {tc.model_type!r}",
-            expected="one of: " + ", ".join(sorted(_TEXT_MODELS)),
-        )
-    tower = _VISION_TOWERS[vc.model_type]
+    tower = _supported_parts(vc, tc)
     layout = _LAYOUTS[config.model_type](config, vc) if config.model_type in _LAYOUTS else {}
-    feature_layer = layout.get("vision_feature_layer", getattr(config, "vision_feature_layer", None))
-    if not isinstance(feature_layer, int):
-        raise _unsupported(
-            f"vision_feature_layer {feature_layer!r}: multi-layer image features are not supported",
-            expected="a single layer index such as -2",
-        )
-    strategy = layout.get("select_strategy", getattr(config, "vision_feature_select_strategy", None))
-    if strategy not in ("default", "full"):
-        raise _unsupported(f"unknown vision_feature_select_strategy {strategy!r}", expected="default or full")
-
-    vheads = getattr(vc, tower["heads"])
-    vit = TowerDims(
-        layers=getattr(vc, tower["layers"]),
-        hidden=vc.hidden_size,
-        ffn=vc.intermediate_size,
-        heads=vheads,
-        kv_heads=vheads,
-        head_dim=vc.hidden_size // vheads,
-        mlp=tower["mlp"],
-    )
-    heads = tc.num_attention_heads
-    kv_heads = getattr(tc, "num_key_value_heads", None) or heads
-    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
-    llm = TowerDims(
-        layers=tc.num_hidden_layers,
-        hidden=tc.hidden_size,
-        ffn=tc.intermediate_size,
-        heads=heads,
-        kv_heads=kv_heads,
-        head_dim=head_dim,
-        mlp=_TEXT_MODELS[tc.model_type]["mlp"],
-    )
+    feature_layer, strategy = _feature_selection(config, layout)
+    vit, llm = _tower_dims(vc, tc, tower)
     if not -vit.layers - 1 <= feature_layer <= vit.layers:
         raise _unsupported(f"vision_feature_layer {feature_layer} is outside a {vit.layers}-layer vision tower")
-
     dtype = _dtype_name(getattr(config, "dtype", None)) or _dtype_name(getattr(tc, "dtype", None)) or "float32"
     if dtype not in DTYPE_BYTES:
         raise _unsupported(f"unsupported dtype {dtype!r}", expected=", ".join(DTYPE_BYTES))
-
-    tie = getattr(tc, "tie_word_embeddings", None)
-    if tie is None:
-        tie = getattr(config, "tie_word_embeddings", False)
-    image_token_id = getattr(config, "image_token_id", None)
-    if image_token_id is None:
-        image_token_id = getattr(config, "image_token_index", None)
 
     if name is None:
         name = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None) or "custom"
@@ -274,14 +207,106 @@ def spec_from_config(
         projector_path=fam["projector_path"],
         llm_layer_path=fam["llm_layer_path"],
         make_config=make_config,
-        image_token_id=image_token_id,
         model_class=fam["model_class"],
         attn_implementation="sdpa",
-        tie_word_embeddings=bool(tie),
         checkpoint_renames=fam["checkpoint_renames"],
         source=source,
+        **_token_facts(config, tc),
         **fields,
     )
+
+
+def _config_and_factory(config: Any) -> tuple[Any, Callable[[], Any]]:
+    """The transformers config of `config` (a config, a model, or a config.json dict) and
+    a factory of fresh copies, frozen now so later edits to the caller's object do not leak
+    into the spec."""
+    if isinstance(config, dict):
+        data = copy.deepcopy(config)
+
+        def make_config(data=data):
+            return _config_from_dict(data)
+
+        return _config_from_dict(data), make_config
+    config = getattr(config, "config", config)  # a model -> its config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _FAMILIES:
+        raise _unsupported(
+            f"unsupported model type {model_type!r}",
+            expected="a model type vtdsl knows: " + ", ".join(sorted(_FAMILIES)),
+        )
+    frozen = copy.deepcopy(config)
+
+    def make_config(frozen=frozen):
+        return copy.deepcopy(frozen)
+
+    return config, make_config
+
+
+def _supported_parts(vc, tc) -> dict[str, Any]:
+    """The `_VISION_TOWERS` row of the vision tower, once both towers are known ones."""
+    if vc.model_type not in _VISION_TOWERS:
+        raise _unsupported(
+            f"unsupported vision tower {vc.model_type!r}",
+            expected="one of: " + ", ".join(sorted(_VISION_TOWERS)),
+        )
+    if tc.model_type not in _TEXT_MODELS:
+        raise _unsupported(
+            f"unsupported language model {tc.model_type!r}",
+            expected="one of: " + ", ".join(sorted(_TEXT_MODELS)),
+        )
+    return _VISION_TOWERS[vc.model_type]
+
+
+def _feature_selection(config, layout: dict[str, Any]) -> tuple[int, str]:
+    """The ViT layer whose output feeds the projector, and which of its tokens do (the
+    family layout's values first, then the config's)."""
+    feature_layer = layout.get("vision_feature_layer", getattr(config, "vision_feature_layer", None))
+    if not isinstance(feature_layer, int):
+        raise _unsupported(
+            f"vision_feature_layer {feature_layer!r}: multi-layer image features are not supported",
+            expected="a single layer index such as -2",
+        )
+    strategy = layout.get("select_strategy", getattr(config, "vision_feature_select_strategy", None))
+    if strategy not in ("default", "full"):
+        raise _unsupported(f"unknown vision_feature_select_strategy {strategy!r}", expected="default or full")
+    return feature_layer, strategy
+
+
+def _tower_dims(vc, tc, tower: dict[str, Any]) -> tuple[TowerDims, TowerDims]:
+    """(ViT, LLM) dimensions; the LLM's key/value heads default to its heads (no GQA)."""
+    vheads = getattr(vc, tower["heads"])
+    vit = TowerDims(
+        layers=getattr(vc, tower["layers"]),
+        hidden=vc.hidden_size,
+        ffn=vc.intermediate_size,
+        heads=vheads,
+        kv_heads=vheads,
+        head_dim=vc.hidden_size // vheads,
+        mlp=tower["mlp"],
+    )
+    heads = tc.num_attention_heads
+    llm = TowerDims(
+        layers=tc.num_hidden_layers,
+        hidden=tc.hidden_size,
+        ffn=tc.intermediate_size,
+        heads=heads,
+        kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
+        head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
+        mlp=_TEXT_MODELS[tc.model_type]["mlp"],
+    )
+    return vit, llm
+
+
+def _token_facts(config, tc) -> dict[str, Any]:
+    """The image placeholder id and whether the LM head shares the input embeddings (the
+    text config's word first, then the top-level config's)."""
+    tie = getattr(tc, "tie_word_embeddings", None)
+    if tie is None:
+        tie = getattr(config, "tie_word_embeddings", False)
+    image_token_id = getattr(config, "image_token_id", None)
+    if image_token_id is None:
+        image_token_id = getattr(config, "image_token_index", None)
+    return {"image_token_id": image_token_id, "tie_word_embeddings": bool(tie)}
 
 
 @functools.lru_cache(maxsize=None)
