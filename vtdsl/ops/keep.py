@@ -120,29 +120,17 @@ def select_union(
         raise ValueError("region_ids and num_regions go together")
     if region_ids is not None and region_ids.dim() == 1:
         region_ids = region_ids[None].expand(b, -1)
-
     stage = _Stage(b, n, device, features, positions, grid, terms[0].scores if terms else None,
-                   taken=torch.zeros(b, n, dtype=torch.bool, device=device))
+                   taken=torch.zeros(b, n, dtype=torch.bool, device=device),
+                   blocked=exclude if exclude is not None else torch.zeros(b, n, dtype=torch.bool, device=device))
     term_of = torch.full((b, n), -1, dtype=torch.long, device=device)
-    blocked = exclude if exclude is not None else torch.zeros(b, n, dtype=torch.bool, device=device)
     for ti, term in enumerate(terms):
         if term.count == 0:
             continue
-        fn = _selector(ti, term, stage)
-        if region_ids is None:
-            rows = torch.arange(b, device=device)
-            idx = fn(term.count, ~stage.taken & ~blocked, stage.taken, rows)
-        else:
-            shares = None
-            if region_weights is not None:
-                shares = sel.proportional_shares(region_weights, region_ids, num_regions, term.count)
-            idx = sel.per_region(fn, term.count, region_ids, num_regions, taken=stage.taken, exclude=blocked,
-                                 shares=shares)
+        idx = stage.pick(_selector(ti, term, stage), term.count, region_ids, num_regions, region_weights)
         stage.taken.scatter_(1, idx, True)
         term_of.scatter_(1, idx, ti)
-
-    total = sum(t.count for t in terms)
-    kept = stage.taken.nonzero()[:, 1].view(b, total)
+    kept = stage.taken.nonzero()[:, 1].view(b, sum(t.count for t in terms))
     if return_terms:
         return kept, term_of.gather(1, kept)
     return kept
@@ -168,12 +156,26 @@ class _Stage:
     grid: tuple[int, int] | None
     order_scores: Tensor | None  # the first term's scores: buffers order by them
     taken: Tensor
+    blocked: Tensor  # `exclude`: no term may pick these
     sim: Tensor | None = None
 
     def similarity(self) -> Tensor:
         if self.sim is None:
             self.sim = pairwise_cosine(self.features)
         return self.sim
+
+    def pick(self, fn, count: int, region_ids: Tensor | None, num_regions: int | None,
+             region_weights: Tensor | None) -> Tensor:
+        """`count` tokens chosen by the selector `fn`, over the whole stage or shared
+        across the regions (evenly, or by `region_weights`)."""
+        if region_ids is None:
+            rows = torch.arange(self.b, device=self.device)
+            return fn(count, ~self.taken & ~self.blocked, self.taken, rows)
+        shares = None
+        if region_weights is not None:
+            shares = sel.proportional_shares(region_weights, region_ids, num_regions, count)
+        return sel.per_region(fn, count, region_ids, num_regions, taken=self.taken, exclude=self.blocked,
+                              shares=shares)
 
 
 # Each builder checks a term's inputs and returns its selector
