@@ -31,6 +31,7 @@ from click.testing import CliRunner
 
 from vtdsl.cli import main as cli
 from vtdsl.search.objectives import SearchError
+from vtdsl.search.run import SearchConfig, search
 from vtdsl.search.storage import resolve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -207,11 +208,12 @@ def test_three_processes_share_one_postgresql_study_then_one_is_killed_and_resum
         assert summary["counts"]["finished"] == total
     by_victim = sum(r[5] == f"{HOST}:{victim.pid}" for r in done.values())
     assert sum(json.loads(o[0])["ran"] for o in outs) + by_victim == total
-    # Resuming finds the study full: it runs nothing, fails what the victim left running.
-    res = subprocess.run(_cmd(space, tmp_path / "resume", url, total), env=_env(0), cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["ran"] == 0
+    # Resuming (here in this process) finds the study full: it runs nothing and fails the
+    # trial the victim left running.
+    resumed = search(SearchConfig(space=str(space), model="tiny-llava", budgets=[BUDGET], objective="_test-cost",
+                                  trials=total, study="team", storage=url, out_dir=str(tmp_path / "resume"),
+                                  references=False), progress=False)
+    assert resumed.ran == 0 and resumed.others == 0 and resumed.counts["finished"] == total
     final = _db_rows(pg, url)
     assert _finished(final) == done
     states = collections.Counter(r[1] for r in final)
