@@ -330,3 +330,19 @@ def test_postgresql_urls_mean_psycopg():
     assert resolve("postgresql+psycopg://me@db/vt") == "postgresql+psycopg://me@db/vt"
     with pytest.raises(SearchError, match="unknown database kind"):
         resolve("postgresq://me@db/vt")
+
+
+def test_summary_line_counts_this_process_and_the_others():
+    from vtdsl.cli.search_cmd import _render_result
+    from vtdsl.search.run import SearchResult
+
+    counts = {"total": 31, "finished": 30, "evaluated": 14, "duplicates": 4, "over_budget": 12, "invalid": 4,
+              "error": 0, "failed": 1, "running": 0}
+    result = SearchResult(study="team", storage="sqlite:///x.db", out_dir="o", model="tiny-llava", objective="agreement",
+                          budgets=[], trials=[], best=None, pareto=[], references=[], counts=counts, files={},
+                          ran=10, others=20)
+    first = _render_result(result, None).splitlines()[0]
+    assert first == ("study team: 30 finished trials (10 in this run, 20 by other processes): 14 evaluated "
+                     "(4 repeats), 12 over budget, 4 invalid, 0 errors, 1 failed")
+    result.others = 0
+    assert "(10 in this run): " in _render_result(result, None)
