@@ -28,6 +28,7 @@ from vtdsl.ir.plan import (  # noqa: E402
 )
 from vtdsl.lang.ast import Policy  # noqa: E402
 from vtdsl.models import get_spec  # noqa: E402
+from vtdsl.ops.rest.merge import Merged  # noqa: E402
 
 
 def make_plan():
@@ -42,7 +43,7 @@ def make_plan():
             tokens_in=576,
             tokens_out=64,
             terms=(ResolvedTerm("top", 54, ResolvedScore("leaf", cls_obs)),),
-            merge_rest=10,
+            rest=Merged(10),
         ),
         ResolvedStage(
             index=1,

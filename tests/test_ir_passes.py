@@ -71,8 +71,8 @@ def render(graph, pass_name: str, source: str, filename: str) -> str:
         for node in stream(graph):
             stage = graph.nodes[node]["resolved"]
             parts = [f"{t.kind} {t.count}" for t in stage.terms]
-            if stage.action == "keep" and stage.merge_rest:
-                parts.append(f"rest {stage.merge_rest}")
+            if stage.action == "keep" and stage.rest is not None and stage.rest.tokens:
+                parts.append(f"rest {stage.rest.tokens}")
             if stage.action == "merge":
                 parts.append(f"merge {stage.merge_rest}")
             if stage.action == "pool":

@@ -59,7 +59,7 @@ def test_design_example_verbatim():
     assert isinstance(top, A.TopTerm) and top.score == A.ScoreRef(name="anchors")
     assert (top.qty.value, top.qty.percent) == (10, True)
     assert isinstance(buf, A.BuffersTerm) and buf.qty is None
-    assert s1.action.region is None and s1.action.merge_rest is None
+    assert s1.action.region is None and s1.action.rest is None
     assert (s2.site.tower, s2.site.index) == ("llm", 2)
     (div,) = s2.action.terms
     assert isinstance(div, A.SelectTerm) and div.kind == "diverse" and div.seed is None

@@ -73,9 +73,11 @@ def test_language_forms_and_located_errors():
     assert format_policy(policy).strip() == src
     assert format_policy(from_yaml(to_yaml(policy))).strip() == src
     plan = check(src, SPEC)
-    assert plan.stages[0].recycle == (83, 9) and plan.stages[0].tokens_out == 309
+    rest = plan.stages[0].rest
+    assert (rest.count, rest.clusters) == (83, 9) and plan.stages[0].tokens_out == 309
     # percentages: of the dropped tokens, then of the recycled ones
-    assert check("at llm.layer3 keep text top 300 then recycle 30% into 10%", SPEC).stages[0].recycle == (83, 8)
+    rest = check("at llm.layer3 keep text top 300 then recycle 30% into 10%", SPEC).stages[0].rest
+    assert (rest.count, rest.clusters) == (83, 8)
     for bad, at, words in [
         ("at llm.layer3 keep uniform 300 then recycle 83 into 9", "uniform", "first term's score"),
         ("at llm.layer3 keep text top 300 then recycle 300 into 9", "300 into", "of the 276 tokens"),

@@ -22,7 +22,8 @@ IMG = SPEC.image_token_id
 
 def test_parses_formats_and_round_trips():
     policy = parse("at vit.out keep cls top 64  then recycle rest into 2x3 cells")
-    assert (policy.stages[0].action.cells.rows, policy.stages[0].action.cells.cols) == (2, 3)
+    cells = policy.stages[0].action.rest
+    assert (cells.kind, cells.rows, cells.cols) == ("cells", 2, 3)
     assert format_policy(policy) == "at vit.out keep cls top 64 then recycle rest into 2x3 cells\n"
     assert from_yaml(to_yaml(policy)) == policy
     assert "recycle_cells: 2x3" in to_yaml(policy)

@@ -99,16 +99,8 @@ def _action_text(stage: ResolvedStage) -> str:
         text += " per crop" if kind == "crop" else f" per region {rows}x{cols}"
         if stage.region_proportional:
             text += " proportional"
-    if stage.merge_rest:
-        text += f" then {'add' if stage.merge_added else 'merge'} rest into {stage.merge_rest}"
-        if stage.merge_keys is not None:
-            text += " by keys"
-    if stage.recycle:
-        text += f" then recycle {stage.recycle[0]} into {stage.recycle[1]}"
-    if stage.absorb:
-        text += f" then absorb {stage.absorb}"
-    if stage.cells:
-        text += f" then recycle rest into {stage.cells[0]}x{stage.cells[1]} cells"
+    if stage.rest is not None:
+        text += stage.rest.listing()
     return text
 
 

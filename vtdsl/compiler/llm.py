@@ -65,8 +65,7 @@ def _gather_mask(mask: Tensor, rows: Tensor | None, cols: Tensor) -> Tensor:
 def _copies_rows(stage: ResolvedStage) -> bool:
     """Whether the stage's output tokens are input rows unchanged (a plain keep or drop),
     so the pruned sequence is one gather of the hidden states."""
-    return (stage.action in ("keep", "drop") and not stage.merge_rest and not stage.recycle and not stage.absorb
-            and not stage.cells)
+    return stage.action in ("keep", "drop") and not (stage.rest is not None and stage.rest.merges)
 
 
 @dataclass

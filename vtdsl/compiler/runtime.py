@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..ops.rest import MissingInput
 from ..ir.plan import Observation, ResolvedScore, ResolvedStage
 
 
@@ -307,49 +308,14 @@ def _select(stage: ResolvedStage, view: StageView, terms: list[ops.TermSpec], ne
 # ------------------------------------------------------------- keep: what happens to the rest
 def _rest(stage: ResolvedStage, view: StageView, kept: Tensor,
           first_scores: Tensor | None) -> tuple[Tensor, Tensor, Tokens]:
-    """The output: the kept tokens, plus what `then absorb / recycle / merge rest` makes of
-    the others."""
-    x, tokens = view.x, view.tokens
-    if stage.absorb:
-        out, extra = ops.absorb_neighbours(x, kept, first_scores, stage.absorb)
-        src = torch.cat([kept, extra], dim=1)  # the extra token takes its best dropped token's identity
-        return out, src, tokens.take(src)
-    if stage.cells:
-        rows, cols = stage.cells
-        cell_ids = ops.split_regions(tokens.gpos, tokens.grid, rows, cols)
-        if cell_ids.dim() == 1:
-            cell_ids = cell_ids[None].expand(x.shape[0], -1)
-        out, best = ops.recycle_cells(x, kept, first_scores, cell_ids, rows * cols)
-        src = torch.cat([kept, best], dim=1)  # a cell's token takes its best dropped token's identity
-        return out, src, tokens.take(src)
-    if stage.recycle:
-        m, c = stage.recycle
-        out, centres = ops.recycle_clusters(x, kept, first_scores, m, c)
-        src = torch.cat([kept, centres], dim=1)  # a cluster takes its centre's identity
-        return out, src, tokens.take(src)
-    if not stage.merge_rest:
-        return ops.gather_tokens(x, kept), kept, tokens.take(kept)
-    return _merge_rest(stage, view, kept)
-
-
-def _merge_rest(stage: ResolvedStage, view: StageView, kept: Tensor) -> tuple[Tensor, Tensor, Tokens]:
-    x = view.x
-    g, n, _ = x.shape
-    t = stage.merge_rest
-    metric = None
-    if stage.merge_keys is not None:
-        if view.keys_of is None:
-            raise CompileError(f"stage at {stage.site.text()}: 'by keys' found no ViT keys")
-        metric = view.keys_of(stage.merge_keys)
-    out, _assign = ops.merge_rest(x, kept, t, metric=metric, mode="visionzip" if stage.merge_added else "mean")
-    # merge_rest's documented targets: the non-kept tokens of rank i * max(1, R // t).
-    rest = torch.ones(g, n, dtype=torch.bool, device=x.device)
-    rest.scatter_(1, kept, False)
-    r = n - kept.shape[1]
-    rest_idx = rest.nonzero()[:, 1].view(g, r)
-    step = max(1, r // t)
-    targets = rest_idx[:, torch.arange(0, step * t, step, device=x.device)]
-    src = torch.cat([kept, targets], dim=1)
+    """The output: the kept tokens, then what the stage's rest option (vtdsl.ops.rest)
+    makes of the others."""
+    if stage.rest is None:
+        return ops.gather_tokens(view.x, kept), kept, view.tokens.take(kept)
+    try:
+        out, src = stage.rest.run(view.x, kept, first_scores, view)
+    except MissingInput as exc:
+        raise CompileError(f"stage at {stage.site.text()}: {exc}") from None
     return out, src, view.tokens.take(src)
 
 

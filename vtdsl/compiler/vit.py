@@ -130,7 +130,7 @@ class VitRuntime:
         self.out_stages = [s for s in plan.stages if s.site.tower == "vit" and s.site.layer is None]
         self.needs_cls_feature = any(s.keep_cls for s in self.out_stages)
         # layers whose keys a `merge rest ... by keys` stage matches on: kept after scoring
-        self.keep_keys = {s.merge_keys for s in plan.stages if s.merge_keys is not None}
+        self.keep_keys = {s.rest.keys_layer for s in plan.stages if s.rest is not None and s.rest.keys_layer is not None}
         self.layers: nn.ModuleList | None = None  # the encoder's layers, set by `build_vit`
         self.attn_obs_at: dict[int, list[Observation]] = {}
         # projections each layer's observations read: scored once all of them are captured

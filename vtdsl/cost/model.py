@@ -183,18 +183,8 @@ def _stage_flops(stage, d: int, head_dim: int = 0) -> int:
         for term in stage.terms:
             if term.kind == "far":  # the pivots' cosine against every token: [P, d] x [d, n]
                 total += 2 * (term.count // term.per_pivot) * n * d
-        t = stage.merge_rest
-        if t:
-            # R: the tokens the kept terms did not take (the most, under adaptive counts)
-            rest = n - (stage.fewest_out - stage.keep_cls - t)
-            if rest > t:  # matched on the tokens (d), or on head-mean keys (`by keys`: head_dim)
-                total += 2 * (rest - t) * t * (head_dim if stage.merge_keys is not None else d)
-        if stage.absorb:
-            k = stage.tokens_out - stage.keep_cls - 1  # kept tokens, each against all n
-            total += 2 * k * n * d  # one cosine-similarity matrix [k, d] x [d, n]
-        if stage.recycle:
-            m = stage.recycle[0]
-            total += 2 * m * m * d  # DPC-kNN: the recycled tokens' pairwise distances, one m x m matrix
+        if stage.rest is not None:  # what happens to the rest: its option counts it
+            total += stage.rest.flops(stage, d, head_dim)
         return total
     if action == "merge":
         n = stage.tokens_in

@@ -30,7 +30,7 @@ def stage_status(stage, inputs: torch.Tensor, outputs: torch.Tensor, cells: int)
     merged token carries its target's vid, so its sources read as merged."""
     seen = {int(v) - 1 for v in inputs.tolist() if v > 0}
     out = {int(v) - 1 for v in outputs.tolist() if v > 0}
-    merges = stage.action in ("merge", "pool") or stage.merge_rest or stage.recycle or stage.absorb or stage.cells
+    merges = stage.action in ("merge", "pool") or (stage.rest is not None and stage.rest.merges)
     absorbed = "merged" if merges else "dropped"
     return ["gone" if c not in seen else "kept" if c in out else absorbed for c in range(cells)]
 

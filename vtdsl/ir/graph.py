@@ -72,14 +72,8 @@ def lower(policy: ast.Policy) -> nx.DiGraph:
                         obs = f"observe:{index}.{term_index}.{ref_index}"
                         graph.add_node(obs, kind="observe", score=ref, span=ref.span, stage_index=index)
                         graph.add_edge(obs, select, stream=False, term=term_index)
-            if action.merge_rest is not None:
-                chain(f"merge:{index}", kind="merge", index=index, mode="rest", span=action.merge_rest.span)
-            if action.recycle is not None:
-                chain(f"merge:{index}", kind="merge", index=index, mode="recycle", span=action.recycle.span)
-            if action.absorb is not None:
-                chain(f"merge:{index}", kind="merge", index=index, mode="absorb", span=action.absorb.span)
-            if action.cells is not None:
-                chain(f"merge:{index}", kind="merge", index=index, mode="cells", span=action.cells.span)
+            if action.rest is not None:  # what happens to the rest: mode is its option's kind
+                chain(f"merge:{index}", kind="merge", index=index, mode=action.rest.kind, span=action.rest.span)
         elif isinstance(action, ast.Merge):
             chain(f"merge:{index}", kind="merge", index=index, mode="tome", span=action.span)
         elif isinstance(action, ast.Pool):

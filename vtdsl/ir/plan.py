@@ -20,6 +20,7 @@ from typing import Literal
 from ..lang.ast import Policy, Span
 from ..lang.errors import Diagnostic
 from ..models.spec import ModelSpec
+from ..ops.rest.base import RestPlan
 
 Tower = Literal["vit", "llm"]
 # Which attention rows a score reads (queries); "none" for scores without attention.
@@ -116,26 +117,16 @@ class ResolvedStage:
     region: tuple[str, int, int] | None = None  # ("region", rows, cols) or ("crop", 0, 0)
     # `per region RxC proportional`: shares follow each region's mean of the first term's score
     region_proportional: bool = False
-    merge_rest: int = 0  # keep: contextual tokens appended; merge: pairs merged
+    merge_rest: int = 0  # merge (ToMe): pairs merged
     pool: tuple[int, int] | None = None
     # keep: the CLS token goes ahead of the kept patches (`cls_token`, vit.out only);
     # counted in tokens_out, not in the terms.
     keep_cls: bool = False
     # LLM: the rows after the stage get contiguous positions (ast.Stage.renumber)
     renumber: bool = False
-    # keep: (m, c) — the m dropped tokens the first term scores highest, clustered into
-    # c tokens kept after the selected ones (`then recycle m into c`); counted in tokens_out
-    recycle: tuple[int, int] | None = None
-    # keep: K of `then absorb K` (PruMerge): kept tokens absorb their K nearest, one token
-    # more for the dropped (counted in tokens_out); 0 = none
-    absorb: int = 0
-    # keep: (R, C) of `then recycle rest into RxC cells` (VFlowOpt): one token per cell
-    # from the dropped tokens in it, after the selected ones (counted in tokens_out)
-    cells: tuple[int, int] | None = None
-    # `then add rest into N`: contextual = target + mean of the joiners (VisionZip)
-    merge_added: bool = False
-    # `... by keys`: the ViT layer whose attention keys (head mean) the merge matches on
-    merge_keys: int | None = None
+    # keep: what happens to the tokens the terms leave (`then ...`), resolved by its
+    # option (vtdsl.ops.rest); the tokens it hands on (`rest.tokens`) count in tokens_out
+    rest: RestPlan | None = None
     span: Span | None = None
     # Adaptive counts (`top N by ...`) make token counts data-dependent: tokens_in /
     # tokens_out are then upper bounds (what the cost model charges) and these the lower

@@ -11,7 +11,7 @@ import math
 from fractions import Fraction
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
 # Limits that keep every quantity meaningful and every integer small enough to print.
 MAX_COUNT = 1_000_000
@@ -274,53 +274,40 @@ class Region(Node):
         return self
 
 
-class Recycle(Node):
-    """`then recycle N into M`: of the tokens the terms did not keep, the N the first term
-    scores highest (a percentage: of those dropped tokens) are clustered into M tokens
-    (a percentage: of the N) that are kept too; the other dropped tokens are discarded."""
+class Rest(Node):
+    """What a keep does with the tokens its terms leave (`then ...`): one subclass per
+    option, each in its module of `vtdsl.ops.rest` (`kind` names the option)."""
 
-    kind: Literal["recycle"] = "recycle"
-    count: Quantity
-    clusters: Quantity
-
-
-class Cells(Node):
-    """`then recycle rest into RxC cells` (VFlowOpt): the token grid is cut into R x C
-    cells (as `per region RxC`); the tokens the terms dropped in each cell, weighted by the
-    first term's score, become one token per cell, kept after the selected ones."""
-
-    kind: Literal["cells"] = "cells"
-    rows: int = Field(ge=1, le=64)
-    cols: int = Field(ge=1, le=64)
+    kind: str
 
 
 class Keep(Node):
-    """`keep term + term ... [per ...] [then merge rest into N | then recycle N into M |
-    then absorb K | then recycle rest into RxC cells]`."""
+    """`keep term + term ... [per ...] [then <what happens to the rest>]`."""
 
     kind: Literal["keep"] = "keep"
     terms: list[Term] = Field(min_length=1)
     region: Region | None = None
-    merge_rest: Quantity | None = None
-    recycle: Recycle | None = None
-    # `then absorb K` (PruMerge): each kept token adds its K most similar other tokens,
-    # weighted by the first term's score; the dropped ones so weighted become one more token
-    absorb: Quantity | None = None
-    cells: Cells | None = None
-    # `then add rest into N` (VisionZip): a contextual token is its target plus the mean of
-    # the tokens joining it, not the mean of the group
-    merge_added: bool = False
-    # `... by keys`: tokens join the target of most similar attention keys (head mean) of
-    # the layer the first term's score reads
-    merge_by: Literal["tokens", "keys"] = "tokens"
+    # One of the registered options (vtdsl.ops.rest), a union discriminated by `kind`.
+    rest: SerializeAsAny[Rest] | None = None
 
-    @model_validator(mode="after")
-    def _one_way_for_the_rest(self) -> "Keep":
-        if sum(x is not None for x in (self.merge_rest, self.recycle, self.absorb, self.cells)) > 1:
-            raise ValueError("a keep takes one of 'merge rest into', 'recycle', 'absorb' and 'recycle rest into'")
-        if self.merge_rest is None and (self.merge_added or self.merge_by != "tokens"):
-            raise ValueError("'add' and 'by keys' belong to 'then merge rest into N'")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _fields_before_rest(cls, data):
+        """JSON from before `rest` named each option in a field of its own."""
+        if isinstance(data, dict) and not set(data) <= set(cls.model_fields):
+            from ..ops import rest as options
+
+            return options.read_legacy(data)
+        return data
+
+    @field_validator("rest", mode="before")
+    @classmethod
+    def _one_option(cls, value):
+        if isinstance(value, dict):
+            from ..ops import rest as options
+
+            return options.validate(value)
+        return value
 
 
 class Merge(Node):

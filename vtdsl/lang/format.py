@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 from decimal import Decimal
 
+from ..ops import rest as rest_options
 from . import ast
 
 
@@ -124,18 +125,8 @@ def format_action(action) -> str:
         text = "keep " + " + ".join(format_term(t) for t in action.terms)
         if action.region is not None:
             text += " per " + format_region(action.region)
-        if action.merge_rest is not None:
-            verb = "add" if action.merge_added else "merge"
-            text += f" then {verb} rest into " + format_quantity(action.merge_rest)
-            if action.merge_by == "keys":
-                text += " by keys"
-        if action.absorb is not None:
-            text += " then absorb " + format_quantity(action.absorb)
-        if action.recycle is not None:
-            text += (f" then recycle {format_quantity(action.recycle.count)} into "
-                     f"{format_quantity(action.recycle.clusters)}")
-        if action.cells is not None:
-            text += f" then recycle rest into {action.cells.rows}x{action.cells.cols} cells"
+        if action.rest is not None:
+            text += rest_options.by_node(action.rest).text(action.rest)
         return text
     if isinstance(action, ast.Merge):
         return f"merge {format_quantity(action.pairs)}"

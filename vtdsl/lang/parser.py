@@ -30,10 +30,11 @@ from lark import Lark, Token, Tree
 from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedToken
 from pydantic import ValidationError
 
+from ..ops import rest as rest_options
 from . import ast
 from .errors import Diagnostic, PolicyError, did_you_mean
 from .scorers import COMBINERS, MAX_SCORE_DEPTH, SCORERS, SELECTORS
-from .terminals import END_OF_STATEMENT, TERMINAL_WORDS, expected_phrase, keyword_of
+from .terminals import END_OF_STATEMENT, TERMINAL_WORDS, add_rest_words, expected_phrase, keyword_of
 
 GRAMMAR_PATH = Path(__file__).with_name("grammar.lark")
 # Entry rules: `statement` for .vt files, the others for values inside the YAML form.
@@ -51,12 +52,24 @@ _HEADERS = {"policy_line": "policy", "model_line": "model", "budget_line": "budg
 @functools.lru_cache(maxsize=None)
 def grammar() -> Lark:
     return Lark(
-        GRAMMAR_PATH.read_text(encoding="utf-8"),
+        GRAMMAR_PATH.read_text(encoding="utf-8") + _rest_grammar(),
         parser="lalr",
         lexer="basic",
         propagate_positions=True,
         start=START_RULES,
     )
+
+
+def _rest_grammar() -> str:
+    """The `rest` rule of grammar.lark's `keep`: one alternative per registered option,
+    with the option's rules and keywords (their English words go to TERMINAL_WORDS)."""
+    options = list(rest_options.options().values())
+    add_rest_words(options)
+    keywords = {name: word for o in options for name, (word, _) in o.keywords.items()}
+    return ("\n// ---- what happens to the rest (vtdsl/ops/rest/, one module per option) ----\n"
+            + "?rest: " + " | ".join(o.rule for o in options) + "\n"
+            + "".join(o.grammar for o in options)
+            + "".join(f'{name}: "{word}"\n' for name, word in keywords.items()))
 
 
 # ---------------------------------------------------------------------------------------
@@ -393,8 +406,8 @@ def _unexpected(tok: Token, expected: set[str], where: _Where) -> _StatementErro
         hint = f"'per crop' takes no grid; for an even spatial split write 'per region {tok}'"
     if hint is None and tok.type == "_LAYER" and expected == {"_LAYERS"}:
         hint = "write 'every layer' or 'every N layers'"
-    if hint is None and tok.type == "_MERGE" and "_THEN" in expected:
-        hint = "after the keep terms, write 'then merge rest into N'"
+    if hint is None and "_THEN" in expected:
+        hint = next((o.hints[tok.type] for o in rest_options.options().values() if tok.type in o.hints), None)
     return _fail(f"unexpected {describe_token(tok)}", where.of_token(tok),
                  expected=expected_phrase(expected, end=where.end_words), hint=hint)
 
@@ -541,31 +554,15 @@ class _Builder:
         span = self.span(tree)
         kind = tree.data
         if kind == "keep":
-            terms = region = merge_rest = recycle = absorb = cells = None
-            merge_added, merge_by = False, "tokens"
+            terms = region = rest = None
             for child in tree.children:
                 if child.data == "terms":
                     terms = self.terms(child)
                 elif child.data == "region":
                     region = self.region(child.children[0], self.span(child))
-                elif child.data == "recycle":
-                    count, clusters = (self.quantity(c) for c in child.children)
-                    recycle = self.node(ast.Recycle, self.span(child), count=count, clusters=clusters)
-                elif child.data == "absorb":
-                    absorb = self.quantity(child.children[0])
-                elif child.data == "cells":
-                    rows, cols = self.grid(child.children[0], "cell")
-                    cells = self.node(ast.Cells, self.span(child), rows=rows, cols=cols)
-                else:  # merge_rest: [ADD] quantity [merge_by]
-                    parts = list(child.children)
-                    if isinstance(parts[0], Token):
-                        merge_added = True
-                        parts.pop(0)
-                    merge_rest = self.quantity(parts[0])
-                    if len(parts) > 1:
-                        merge_by = "keys"
-            return self.node(ast.Keep, span, terms=terms, region=region, merge_rest=merge_rest, recycle=recycle,
-                             absorb=absorb, cells=cells, merge_added=merge_added, merge_by=merge_by)
+                else:  # what happens to the rest: the option whose rule this is builds it
+                    rest = rest_options.by_rule(child.data).build(self, child)
+            return self.node(ast.Keep, span, terms=terms, region=region, rest=rest)
         if kind == "merge":
             return self.node(ast.Merge, span, pairs=self.quantity(tree.children[0]))
         if kind == "pool":

@@ -56,13 +56,9 @@ TERMINAL_WORDS: dict[str, str] = {
     "CROP": "'crop'",
     "REGION": "'region'",
     "CHUNK": "'chunk'",
-    "_THEN": "'then merge rest into N', 'then recycle N into M', 'then absorb K'",
+    # what may follow 'then' and the options' keywords come from vtdsl/ops/rest (add_rest_words)
+    "_THEN": "'then' and what happens to the rest",
     "_REST": "'rest'",
-    "_RECYCLE": "'recycle'",
-    "_ABSORB": "'absorb'",
-    "_CELLS": "'cells'",
-    "ADD": "'add'",
-    "KEYS": "'keys'",
     "_INTO": "'into'",
     "PROPORTIONAL": "'proportional'",
     "RENUMBER": "'renumber'",
@@ -149,6 +145,24 @@ def join_or(parts: list[str]) -> str:
         return parts[0]
     sep = "; " if any("," in p for p in parts) else ", "
     return sep.join(parts[:-1]) + (";" if sep == "; " else "") + " or " + parts[-1]
+
+
+def add_rest_words(options) -> None:
+    """The words of the "what happens to the rest" options (vtdsl.ops.rest, in rank order):
+    what may follow 'then', and their keywords, placed after 'rest' (messages list the
+    expected words in this table's order; the grammar has always listed the keywords its
+    trees leave out, `_X`, before the others)."""
+    words: dict[str, str] = {}
+    for option in options:
+        for name, (_, english) in option.keywords.items():
+            words.setdefault(name, english)
+    ordered = sorted(words, key=lambda name: not name.startswith("_"))
+    table = [(k, v) for k, v in TERMINAL_WORDS.items() if k not in words]
+    at = [k for k, _ in table].index("_REST") + 1
+    table[at:at] = [(name, words[name]) for name in ordered]
+    TERMINAL_WORDS.clear()
+    TERMINAL_WORDS.update(table)
+    TERMINAL_WORDS["_THEN"] = ", ".join(o.then_words for o in options if o.then_words)
 
 
 # Terminals whose text is a fixed keyword: name -> keyword (for "did you mean").

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from ..ops import rest as rest_options
 from . import ast
 from .format import format_number, format_region
 
@@ -83,7 +84,7 @@ _KEEP_OPTIONS: list[KeepOption] = []
 
 def register_keep_option(option: KeepOption) -> KeepOption:
     """Add a keep option's YAML keys (after those registered before it)."""
-    taken = set(stage_keys())
+    taken = {*PLACEMENT, *ACTIONS, RENUMBER} | {k.name for o in _KEEP_OPTIONS for k in o.keys}
     clashes = [k.name for k in option.keys if k.name in taken]
     if clashes:
         raise ValueError(f"YAML key {clashes[0]!r} of keep option {option.name!r} is already taken")
@@ -91,13 +92,23 @@ def register_keep_option(option: KeepOption) -> KeepOption:
     return option
 
 
+_rest_loaded = False
+
+
 def keep_options() -> tuple[KeepOption, ...]:
+    """The table; the rest options' entries join it (after `per`) on first use, when
+    their modules load."""
+    global _rest_loaded
+    if not _rest_loaded:
+        _rest_loaded = True
+        for option in rest_options.options().values():
+            register_keep_option(_rest_entry(option))
     return tuple(_KEEP_OPTIONS)
 
 
 def keep_keys() -> tuple[str, ...]:
     """Every key that belongs to 'keep', in table order."""
-    return tuple(k.name for option in _KEEP_OPTIONS for k in option.keys)
+    return tuple(k.name for option in keep_options() for k in option.keys)
 
 
 def stage_keys(variants: Mapping[str, tuple[str, ...]] | None = None) -> tuple[str, ...]:
@@ -110,7 +121,7 @@ def stage_keys(variants: Mapping[str, tuple[str, ...]] | None = None) -> tuple[s
 
 def key_rule(name: str) -> str | None:
     """The grammar rule of a key's value."""
-    for option in _KEEP_OPTIONS:
+    for option in keep_options():
         for key in option.keys:
             if key.name == name:
                 return key.rule
@@ -119,7 +130,7 @@ def key_rule(name: str) -> str | None:
 
 def rest_listing(option: KeepOption) -> str:
     """'a', 'b' and 'c': the first keys of the rest options up to `option`."""
-    names = [f"'{o.first}'" for o in _KEEP_OPTIONS if o.rest]
+    names = [f"'{o.first}'" for o in keep_options() if o.rest]
     names = names[: names.index(f"'{option.first}'") + 1]
     return ", ".join(names[:-1]) + " and " + names[-1]
 
@@ -144,89 +155,23 @@ def _write_per(keep: ast.Keep, item: dict) -> None:
         item["per"] = format_region(keep.region)
 
 
-def _read_rest(reader, m: Mapping, fields: dict) -> None:
-    if "merge_rest_into" in m and "add_rest_into" in m:
-        raise reader.fail("a keep either merges or adds the rest, not both", m["add_rest_into"][0],
-                          expected="one of merge_rest_into or add_rest_into")
-    merge_rest = reader.key_value(m, "merge_rest_into") if "merge_rest_into" in m else None
-    added = "add_rest_into" in m
-    if added:
-        merge_rest = reader.key_value(m, "add_rest_into")
-    by = "tokens"
-    if "merge_by" in m:
-        key, val = m["merge_by"]
-        if merge_rest is None:
-            raise reader.fail("'merge_by' belongs to merge_rest_into or add_rest_into", key,
-                              expected="merge_rest_into: N beside it")
-        if not reader.is_word(val, "keys"):
-            raise reader.fail("'merge_by' takes 'keys'", val, expected="merge_by: keys")
-        by = "keys"
-    fields.update(merge_rest=merge_rest, merge_added=added, merge_by=by)
-
-
-def _write_rest(keep: ast.Keep, item: dict) -> None:
-    if keep.merge_rest is not None:
-        item["add_rest_into" if keep.merge_added else "merge_rest_into"] = quantity_data(keep.merge_rest)
-        if keep.merge_by == "keys":
-            item["merge_by"] = "keys"
-
-
-def _read_recycle(reader, m: Mapping, fields: dict) -> None:
-    reader.together(m, RECYCLE)
-    fields["recycle"] = None
-    if "recycle" in m:
-        reader.one_rest(m, RECYCLE)
-        count, clusters = reader.key_value(m, "recycle"), reader.key_value(m, "recycle_into")
-        fields["recycle"] = reader.node(ast.Recycle, reader.join(m["recycle"][0], m["recycle_into"][1]),
-                                        count=count, clusters=clusters)
-
-
-def _write_recycle(keep: ast.Keep, item: dict) -> None:
-    if keep.recycle is not None:
-        item["recycle"] = quantity_data(keep.recycle.count)
-        item["recycle_into"] = quantity_data(keep.recycle.clusters)
-
-
-def _read_absorb(reader, m: Mapping, fields: dict) -> None:
-    fields["absorb"] = reader.key_value(m, "absorb") if "absorb" in m else None
-    if fields["absorb"] is not None:
-        reader.one_rest(m, ABSORB)
-
-
-def _write_absorb(keep: ast.Keep, item: dict) -> None:
-    if keep.absorb is not None:
-        item["absorb"] = quantity_data(keep.absorb)
-
-
-def _read_cells(reader, m: Mapping, fields: dict) -> None:
-    fields["cells"] = None
-    if "recycle_cells" in m:
-        reader.one_rest(m, CELLS)
-        rows, cols = reader.key_value(m, "recycle_cells")
-        fields["cells"] = reader.node(ast.Cells, reader.join(m["recycle_cells"][0], m["recycle_cells"][1]),
-                                      rows=rows, cols=cols)
-
-
-def _write_cells(keep: ast.Keep, item: dict) -> None:
-    if keep.cells is not None:
-        item["recycle_cells"] = f"{keep.cells.rows}x{keep.cells.cols}"
-
-
 PER = register_keep_option(KeepOption("per", (YamlKey("per", " per ", "region_body"),), _read_per, _write_per))
-REST = register_keep_option(KeepOption(
-    "merge rest",
-    (YamlKey("merge_rest_into", " then merge rest into ", "quantity"),
-     YamlKey("add_rest_into", " then add rest into ", "quantity"),
-     YamlKey("merge_by", " by ", None)),
-    _read_rest, _write_rest, rest=True))
-RECYCLE = register_keep_option(KeepOption(
-    "recycle",
-    (YamlKey("recycle", " then recycle ", "quantity"), YamlKey("recycle_into", " into ", "quantity")),
-    _read_recycle, _write_recycle, rest=True,
-    together="recycle: N and recycle_into: M (`then recycle N into M`)",
-    clash=("a keep either merges the rest or recycles some of it, not both", "one of merge_rest_into or recycle")))
-ABSORB = register_keep_option(KeepOption(
-    "absorb", (YamlKey("absorb", " then absorb ", "quantity"),), _read_absorb, _write_absorb, rest=True))
-CELLS = register_keep_option(KeepOption(
-    "recycle cells", (YamlKey("recycle_cells", " then recycle rest into ", "grid", after=" cells"),),
-    _read_cells, _write_cells, rest=True))
+
+
+def _rest_entry(option) -> KeepOption:
+    """The YAML keys of one "what happens to the rest" option (vtdsl.ops.rest): its reader
+    builds `Keep.rest`, its writer the keys."""
+
+    def read(reader, m: Mapping, fields: dict) -> None:
+        reader.together(m, entry)
+        if entry.present(m):
+            reader.one_rest(m, entry)
+            fields["rest"] = option.read_yaml(reader, m)
+
+    def write(keep: ast.Keep, item: dict) -> None:
+        if keep.rest is not None and keep.rest.kind == option.kind:
+            option.write_yaml(keep.rest, item)
+
+    entry = KeepOption(option.kind, option.yaml_keys, read, write, rest=True, together=option.yaml_together,
+                       clash=option.yaml_clash)
+    return entry

@@ -141,8 +141,7 @@ def _annotate_stream(graph: nx.DiGraph) -> None:
             tokens = stage.tokens_in
         graph.edges[before, after]["tokens"] = tokens
         if data["kind"] == "select":
-            tokens = (stage.tokens_out - stage.merge_rest - (stage.recycle[1] if stage.recycle else 0)
-                      - (1 if stage.absorb else 0) - (stage.cells[0] * stage.cells[1] if stage.cells else 0))
+            tokens = stage.tokens_out - (stage.rest.tokens if stage.rest is not None else 0)
         elif data["kind"] in ("merge", "drop"):
             tokens = stage.tokens_out
     # the sink edge carries what the last stage handed on (None: no stages)

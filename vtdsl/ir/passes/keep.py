@@ -1,14 +1,16 @@
 """The `keep` stage kind: its terms in order, then what happens to the rest
-(`keep_options.REST_OPTIONS`) and how the budget is split (`per ...`)."""
+(its option in vtdsl.ops.rest) and how the budget is split (`per ...`)."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from ...lang import ast
+from ...ops import rest as rest_options
 from ..plan import ResolvedAdaptive, ResolvedStage, ResolvedTerm
 from .common import error, qty_text, resolve_quantity, resolve_score
-from .keep_options import REST_OPTIONS, resolve_far
+from .keep_options import resolve_far
 from .stage_kinds import StageInput, percent_of_varying
 
 
@@ -38,34 +40,40 @@ def infer_keep(s: StageInput):
     picked = _resolve_terms(s)
     if not picked.ok:
         return None
-    rest, options = 0, {}
-    for name, resolve in REST_OPTIONS.items():
-        if getattr(action, name) is not None:
-            found = resolve(s, picked.terms, picked.kept)
-            if found is None:
-                return None
-            rest, options = found
+    rest = None
+    if action.rest is not None:
+        rest = rest_options.by_node(action.rest).resolve(action.rest, _rest_context(s, picked))
+        if rest is None:
+            return None
+    handed = rest.tokens if rest is not None else 0  # tokens the rest becomes, after the kept ones
     split = _resolve_region(s, picked)
     if split is None:
         return None
     region, proportional = split
     keep_cls = any(isinstance(t, ast.ClsTokenTerm) for t in action.terms)
-    out, out_min = picked.kept + rest, picked.kept_min + rest
+    out, out_min = picked.kept + handed, picked.kept_min + handed
     stage_out = ResolvedStage(
         action="keep", tokens_out=out + keep_cls, terms=tuple(picked.terms), region=region, keep_cls=keep_cls,
         region_proportional=proportional, tokens_out_min=out_min + keep_cls if (out_min != out or s.varies) else None,
-        **options, **s.common()
+        rest=rest, **s.common()
     )
     exact = out == s.tokens_in and out_min == out and not s.varies
-    return stage_out, (s.grid if exact and rest == 0 and not keep_cls else None)
+    return stage_out, (s.grid if exact and handed == 0 and not keep_cls else None)
 
 
 def _quantities(action: ast.Keep) -> list:
     found = [t.qty for t in action.terms if getattr(t, "qty", None) is not None]
-    found += [q for q in (action.merge_rest, action.absorb) if q is not None]
-    if action.recycle is not None:
-        found.append(action.recycle.count)
+    if action.rest is not None:
+        found += rest_options.by_node(action.rest).shares(action.rest)
     return found
+
+
+def _rest_context(s: StageInput, picked: "_Kept") -> rest_options.RestContext:
+    """What the rest option of the stage reads, and how it reports."""
+    return rest_options.RestContext(
+        action=s.action, terms=picked.terms, site=s.site, tokens_in=s.tokens_in, fewest=s.fewest, kept=picked.kept,
+        adaptive=picked.adaptive_seen, grid=s.grid, report=functools.partial(error, s.graph),
+        quantity=resolve_quantity, qty_text=qty_text)
 
 
 def _resolve_terms(s: StageInput) -> _Kept:
