@@ -4,10 +4,8 @@
 from __future__ import annotations
 
 from ...lang import ast
-from ...lang.scorers import by_canonical
 from ..graph import iter_score_refs
-from ..plan import ResolvedTerm
-from .common import error, qty_text, ref_text, resolve_quantity, resolve_score
+from .common import error, qty_text, ref_text, resolve_score
 from .stage_kinds import StageInput
 
 
