@@ -13,7 +13,9 @@ keys of the keep options, and `renumber`. Each keep option is one `KeepOption` e
 - `rest`: it is one way of handling the tokens a keep leaves (only one per keep).
 
 A new option adds its entry with `register_keep_option`; the stage key list, the checks
-"belongs to 'keep'", the unknown-key errors and the space glue all follow the table.
+"belongs to 'keep'", the unknown-key errors and the space glue all follow the table. The
+"what happens to the rest" options bring theirs from vtdsl/ops/rest/ (each option's
+`yaml_keys`, `read_yaml`, `write_yaml`), added after `per` on first use.
 """
 
 from __future__ import annotations
