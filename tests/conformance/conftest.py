@@ -1,0 +1,141 @@
+"""Shared plumbing for the conformance tests: the tiny LLaVA with sharpened attention
+(eager and sdpa, same weights), the seeded prompts and images, and the compiled run that
+reports which tokens each stage kept. This is the only module here that imports vtdsl;
+the references (test modules, plain.py) never do."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+
+import vtdsl.compiler as vc
+from vtdsl.models import get_spec
+
+from . import plain
+
+POLICIES = Path(__file__).resolve().parents[2] / "policies"
+SPEC = get_spec("tiny-llava")
+SEEDS = (0, 1, 2)
+ATTNS = ("eager", "sdpa")
+# the references read eager attention; the sdpa runs check that the zoo keeps the same
+# tokens without it (slow: they double the compiled runs)
+IMPLS = ("eager", pytest.param("sdpa", marks=pytest.mark.slow))
+PREFIX = [5, 6, 7]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One seeded input: a prompt with 576 image placeholders after PREFIX and a question
+    of 5 + seed random tokens, and one random image."""
+
+    seed: int
+    ids: torch.Tensor
+    px: torch.Tensor
+
+    @property
+    def image_start(self) -> int:
+        return len(PREFIX)
+
+
+def _case(seed: int) -> Case:
+    g = torch.Generator().manual_seed(1000 + seed)
+    question = torch.randint(10, 250, (5 + seed,), generator=g).tolist()
+    ids = torch.tensor([PREFIX + [SPEC.image_token_id] * 576 + question])
+    return Case(seed, ids, torch.randn(1, 3, 336, 336, generator=g))
+
+
+def _peaked(attn: str, vit_factor: float = 8.0) -> torch.nn.Module:
+    """Seed-0 weights with every query projection scaled by 8 (as plain_refs.peaked):
+    near-uniform random attention would make the authors' top-k ambiguous."""
+    model = SPEC.build(device="cpu", attn_implementation=attn, seed=0).eval()
+    with torch.no_grad():
+        for layer in model.model.vision_tower.encoder.layers:
+            layer.self_attn.q_proj.weight.mul_(vit_factor)
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny() -> dict:
+    return {"image_token_id": SPEC.image_token_id, "feature_layer": SPEC.feature_layer_index,
+            "grid": 24, "patches": 576}
+
+
+@pytest.fixture(scope="session")
+def models() -> dict:
+    return {attn: _peaked(attn) for attn in ATTNS}
+
+
+@pytest.fixture(scope="session")
+def sharpened():
+    """`sharpened(factor)`: {attn: model} with the ViT queries scaled by `factor` instead
+    of 8, for rules that only show on very peaked ViT attention (FlowCut's entropy counts
+    before the last cut, HoloV's chunk overflow)."""
+    return lru_cache(maxsize=None)(lambda factor: {attn: _peaked(attn, vit_factor=factor) for attn in ATTNS})
+
+
+@pytest.fixture(scope="session")
+def ref(models):
+    """The plain eager model the references read (the authors' code needs eager)."""
+    return models["eager"]
+
+
+@pytest.fixture(scope="session")
+def once():
+    """`once(key, fn)`: fn() the first time a key is asked for (a reference shared by the
+    eager and sdpa runs is computed once)."""
+    store: dict = {}
+
+    def get(key, fn):
+        if key not in store:
+            store[key] = fn()
+        return store[key]
+    return get
+
+
+@pytest.fixture(scope="session")
+def cases() -> list[Case]:
+    return [_case(s) for s in SEEDS]
+
+
+@pytest.fixture(scope="session")
+def vit_out(ref):
+    """Cached plain ViT run of a case (attentions, hidden states)."""
+    return lru_cache(maxsize=None)(lambda case: plain.vit(ref, case.px))
+
+
+@pytest.fixture(scope="session")
+def llm_in(ref, vit_out, tiny):
+    """Cached input embeddings of a case's plain LLM: the prompt with its 576 projected
+    feature-layer patches (``[1, N, d]``); the references run the layers from there."""
+    def run(case):
+        feats = vit_out(case).hidden_states[tiny["feature_layer"] + 1][0, 1:]
+        return plain.embeds(ref, case.ids, tiny["image_token_id"], plain.project(ref, feats))
+    return lru_cache(maxsize=None)(run)
+
+
+@pytest.fixture(scope="session")
+def compiled(models):
+    """`compiled(policy, attn, case)`: the policy (a zoo file name or source text)
+    compiled into the model of that attention implementation, one forward of the case;
+    returns each stage's kept tokens as lists (ViT stages: vid = 1 + patch index, 0 = CLS;
+    LLM stages: positions in the prompt the compiled model ran) and the projected
+    visual tokens the LLM received (``[n, d]``)."""
+    def run(policy: str, attn: str, case: Case, model=None):
+        source = POLICIES / f"{policy}.vt" if (POLICIES / f"{policy}.vt").exists() else policy
+        model = models[attn] if model is None else model
+        got = []
+        hook = model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: got.append(out))
+        try:
+            with vc.apply(source, model), torch.no_grad():
+                logits = model(input_ids=case.ids, pixel_values=case.px).logits
+                kept = {k: v[0].tolist() for k, v in vc.kept_tokens(model).items()}
+        finally:
+            hook.remove()
+        return kept, got[0][0], logits[0, -1]
+    return run
