@@ -5,12 +5,13 @@ Reference: markendo/FEATHER @ c2a09b2765967601054c7b1fd513ac3e94ee4fc9,
 prismatic-vlms/prismatic/models/backbones/llm/llama2_models.py: FastVLlamaModel.__init__
 (line 23: ratio = 1 - fastv_ratio; lines 36-39: "no_rope_s=3" is the stride and no RoPE),
 forward (lines 142-163: at the first k the top int(n * ratio) union the grid[::3, ::3]
-lattice, at the second k the top int(n' * ratio^2) of the n' survivors; lines 189-199:
-original positions kept; lines 201-208: the criterion of layer k is computed on the
+lattice, at the second k the top int(n' * ratio^2) of the n' survivors; lines 191-199:
+original positions kept; lines 207-211: the criterion of layer k is computed on the
 tokens entering layer k - 1) and calculate_attention_weight (lines 250-279: layer k - 1's
 input norm and q/k, RoPE skipped, the last token's softmax over the image keys only, head
 mean); vlm-evaluation/scripts/eval_feather.sh line 25: k [8, 16], ratio 0.7, no_rope_s=3.
-The kept sets are compared by Jaccard against the floor the header states."""
+FEATHER's attention top must be kept; the kept sets are compared by Jaccard against the
+floor the header states."""
 
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
 """PDrop (all three stages) against its authors' rule.
 
 Reference: Cooperx521/PyramidDrop @ 6444f304aee4b7edcb022839fb9e8cd07859704a,
-llava/model/modeling_llama_pdrop.py: pdrop_forward (lines 1221-1237: after layer
+llava/model/modeling_llama_pdrop.py: pdrop_forward (lines 1219-1237: after layer
 layer_idx, if layer_idx + 1 is in layer_list, rank and drop) and pdrop_rank_drop
-(lines 1291-1455): layer rank_layer's own input norm, q/k projections and RoPE at the
+(lines 1291-1468): layer rank_layer's own input norm, q/k projections and RoPE at the
 current position_ids on the tokens entering it; the last prompt token's causal softmax row
 (line 1390: prompt_total_len - 1), head mean, image columns, top
-int(576 * ratio[stage + 1]); the survivors get positions 0..n-1 (line 1447).
+int(576 * ratio[stage + 1]); the survivors get positions 0..n-1 (line 1446).
 scripts/v1_5/pdrop_eval/*.sh: layer_list [8,16,24], ratios 0.5, 0.25, 0.125."""
 
 from __future__ import annotations

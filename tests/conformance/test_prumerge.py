@@ -4,13 +4,14 @@ similarity it reads).
 Reference: 42Shawn/LLaVA-PruMerge @ 097c04116a58465e4bcb58cec44a94018a68ff1a,
 llava/model/multimodal_encoder/clip_encoder.py: outlier_dectection (lines 34-47: numpy
 25th/75th percentiles, outliers above Q3 + 1.5 IQR, their share) and
-token_prune_merge_advanced (lines 85-118: layer 23's q/k projections as one full-width
+token_prune_merge_advanced (lines 85-171: layer 23's q/k projections as one full-width
 head, scale C ** -0.5, the CLS row's softmax over the patches; keep the top
 int(N * share) patches; then one extra token from the dropped ones). The zoo reads
 layer 22's head-mean CLS attention instead: on tiny-llava, whose layers 22 and 23 are
 independent random layers, the two kept sets share no patch (Jaccard 0.0 on all seeds,
 stated in the header), so what is asserted is the part the header calls exact: PruMerge's
-count and selection rule applied to the zoo's score keeps exactly the zoo's patches."""
+count and selection rule applied to the zoo's score keeps exactly the zoo's patches, but
+for an image with no outlier (the last test)."""
 
 from __future__ import annotations
 

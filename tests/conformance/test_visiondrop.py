@@ -4,7 +4,7 @@ Reference: Ruixxxx/VisionDrop @ f7a944497d581aa79570f8f79e8ca91b5347a52f: the Vi
 is its copy of VisionZip (llava/visionzip/, dominant 42 with CLS, contextual 6;
 transcribed in test_visionzip.py); llava/model/modeling_llama_visiondrop.py,
 visiondrop_forward (lines 1225-1243: after layer layer_idx, if layer_idx + 1 is in
-layer_list) and visiondrop_rank_drop (lines 1305-1440: layer rank_layer's input norm, q/k
+layer_list) and visiondrop_rank_drop (lines 1305-1507: layer rank_layer's input norm, q/k
 and RoPE on the entering tokens; the image rows' causal softmax, head mean, image
 columns, mean over the image rows; top `dominant` in position order, then `contextual`
 targets at stride R // contextual among the rest, joined on the head-mean keys, target +
