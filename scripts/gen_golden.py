@@ -13,8 +13,10 @@ records what a user sees:
   logits checksum.
 
 Run it against the code under test (PYTHONPATH decides which `vtdsl` is imported; the
-policies are read from the same tree as that package):
+policies are read from the same tree as that package unless `--policies-from` names
+another, e.g. the current checkout after a policy file's comments changed its line numbers):
 
+    git worktree add /tmp/golden-base 324a26a
     PYTHONPATH=/tmp/golden-base .venv/bin/python scripts/gen_golden.py -o tests/fixtures/golden
 
 tests/test_golden.py recomputes the same records with the current code and compares.
@@ -215,9 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-o", "--out", type=Path, required=True, help="directory for <model>.json")
     parser.add_argument("--model", action="append", help="only these models (repeatable)")
+    parser.add_argument("--policies-from", type=Path, default=None,
+                        help="repository whose policies/ and examples/ to read (default: the one holding the imported "
+                             "vtdsl); lets the old code record goldens for edited policy files")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    root = package_root()
+    root = (args.policies_from or package_root()).resolve()
     import vtdsl
 
     print(f"vtdsl from {vtdsl.__file__}", file=sys.stderr)
