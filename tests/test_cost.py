@@ -18,6 +18,7 @@ from vtdsl.lang.ast import Budget, Policy
 from vtdsl.lang import parse_file
 from vtdsl.lang.errors import PolicyError
 from vtdsl.models import get_spec, spec_from_config
+from vtdsl.ops.rest.merge import Merged
 
 ROOT = "LlavaForConditionalGeneration"
 PART_MODULES = {
@@ -326,7 +327,7 @@ def test_scorer_extras_equal_the_counted_matmuls(llava7b):
     site_llm, site_vit = ResolvedSite("llm", 2), ResolvedSite("vit", None)
     stage_cases = [
         (ResolvedStage(0, site_llm, "keep", 144, 72, terms=(ResolvedTerm("diverse", 72),)), lambda: cosine(144, d)),
-        (ResolvedStage(0, site_vit, "keep", 576, 64, terms=(ResolvedTerm("top", 54, leaf(obs("vit", 22, "cls"))),), merge_rest=10),
+        (ResolvedStage(0, site_vit, "keep", 576, 64, terms=(ResolvedTerm("top", 54, leaf(obs("vit", 22, "cls"))),), rest=Merged(10)),
          lambda: assign(576 - 54 - 10, 10, dv)),
         (ResolvedStage(0, site_vit, "merge", 577, 477, merge_rest=100), lambda: assign(289, 288, dv)),
         (ResolvedStage(0, site_llm, "pool", 144, 36, pool=(2, 2)), lambda: None),
@@ -344,7 +345,7 @@ def visionzip_fastv_plan():
     last = obs("llm", 1, "last_text")
     stages = [
         ResolvedStage(0, ResolvedSite("vit", None), "keep", 576, 64,
-                      terms=(ResolvedTerm("top", 54, leaf(cls)),), merge_rest=10),
+                      terms=(ResolvedTerm("top", 54, leaf(cls)),), rest=Merged(10)),
         ResolvedStage(1, ResolvedSite("llm", 2), "keep", 64, 32,
                       terms=(ResolvedTerm("top", 16, leaf(last)), ResolvedTerm("top", 16, ResolvedScore("mean", args=(leaf(last), leaf(cls)))))),
     ]
