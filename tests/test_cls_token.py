@@ -80,7 +80,7 @@ def test_compiled_model_feeds_the_cls_row_first_and_generates():
             kept = vc.kept_tokens(model)["vit.out#0"][0].tolist()
     finally:
         handle.remove()
-    assert out.shape[1] == 4 + 16 + 3  # the prompt carries 16 image tokens (CLS + 15), then 3 new
+    assert out.shape[1] == ids.shape[1] + 3 and torch.equal(out[:, :-3], ids)  # the caller's prompt, then 3 new
     assert kept[0] == 0 and len(kept) == 16
     # uniform 15 over 576 patches: an independent stride computation is in test_ops_select;
     # here the CLS row is what matters

@@ -91,8 +91,9 @@ def compile(policy, model: nn.Module, *, spec: ModelSpec | str | None = None) ->
     Notes
     -----
     - Prompts keep the processor's placeholder count: the compiled forward / generate
-      shorten each image's run to the compiled count (`image_token_count`); the ids
-      `generate` returns hold the shortened prompt.
+      shorten each image's run to the compiled count (`image_token_count`); `generate`
+      still returns the caller's `input_ids` followed by the new tokens
+      (`vtdsl.compiler.generation`).
     - After an LLM stage the sequence is shorter from that layer on: `logits` cover the
       kept positions in order (`kept_tokens` says which image positions survived),
       `labels` are gathered to them automatically, and the KV cache of layers >= K is

@@ -11,8 +11,8 @@ ViT or at `vit.out` changes that number; three ways keep prompts consistent:
 2. Automatically, inside the compiled model: a forward pre-hook on the top-level model
    and an instance-level `generate` wrapper call `rewrite_inputs` whenever the prompt
    still carries the unpruned count (decided from the number of images passed), so
-   `model(**processor(...))` and `model.generate(**processor(...))` just work. The ids
-   `generate` returns then hold the shortened prompt.
+   `model(**processor(...))` and `model.generate(**processor(...))` just work;
+   `generate` returns the caller's ids followed by the new tokens (`generation.py`).
 3. `patch_processor(processor, model)`: adjusts a `LlavaProcessor`'s
    `num_additional_image_tokens` so it emits the compiled count in the first place
    (returns an undo callable; also usable as a context manager via `processor_for`).

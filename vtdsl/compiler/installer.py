@@ -20,6 +20,7 @@ from torch import nn
 from ..ir.plan import Plan, ResolvedStage
 from ..lang.scorers import by_canonical
 from .families import Family, family_of
+from .generation import PromptGenerate
 from .handle import ATTR, Compiled, compiled
 from .inputs import maybe_rewrite
 from .layouts import PlanCache
@@ -332,14 +333,11 @@ class Installer:
         if rows_change:
             self.hook("", "post", top.post_hook, "loss from labels gathered to the kept positions")
         if needs_rewrite:
-            def generate(*args, **kwargs):
-                return top.generate(*args, **kwargs)
-
-            generate.__doc__ = type(model).generate.__doc__
-            top.previous_generate = self.override(
+            generate = PromptGenerate(model, top.rewrite)
+            generate.previous = self.override(
                 "", "generate", generate, "method-wrapper",
                 f"shrink image placeholders {spec.image_tokens} -> {plan.image_placeholders} "
-                "before generation (returned ids hold the shortened prompt)")
+                "before generation (returned ids: the caller's prompt, then the new tokens)")
 
 
 def _vit_capture(rt, layer: int, key: str):
@@ -363,7 +361,8 @@ def _forward_params(model: nn.Module) -> list[str]:
 
 
 class _TopLevel:
-    """Prompt rewriting and label handling around the top-level forward / generate."""
+    """Prompt rewriting and label handling around the top-level forward (and, through
+    `generation.PromptGenerate`, generate)."""
 
     def __init__(self, model, image_token_id, plans: PlanCache, pad, llm_rt):
         self.model = model
@@ -372,20 +371,19 @@ class _TopLevel:
         self.kw = dict(image_token_id=image_token_id, pad_token_id=pad)
         self.llm_rt = llm_rt
         self.labels = None
-        self.previous_generate = None  # an instance-level generate that was there before
 
     def pre_hook(self, module, args, kwargs):
         if args:
             kwargs = {**dict(zip(self.params, args)), **kwargs}
             args = ()
-        kwargs = self._rewrite(kwargs)
+        kwargs = self.rewrite(kwargs)
         self.labels = None
         if self.llm_rt is not None and kwargs.get("labels") is not None:
             kwargs = dict(kwargs)
             self.labels = kwargs.pop("labels")
         return args, kwargs
 
-    def _rewrite(self, kwargs: dict) -> dict:
+    def rewrite(self, kwargs: dict) -> dict:
         from_count, to_count = self.plans.counts(kwargs)
         return maybe_rewrite(kwargs, from_count=from_count, to_count=to_count, **self.kw)
 
@@ -402,15 +400,3 @@ class _TopLevel:
         vocab = self.model.config.get_text_config().vocab_size
         output["loss"] = self.model.loss_function(logits=logits, labels=labels, vocab_size=vocab)
         return output
-
-    def generate(self, *args, **kwargs):
-        if args:
-            kwargs["input_ids"] = args[0]
-            args = (None, *args[1:]) if len(args) > 1 else ()
-        elif kwargs.get("inputs") is not None:
-            kwargs["input_ids"] = kwargs.pop("inputs")
-        kwargs = self._rewrite(kwargs)
-        previous = self.previous_generate
-        if previous is not None:
-            return previous(*args, **kwargs)
-        return type(self.model).generate(self.model, *args, **kwargs)
