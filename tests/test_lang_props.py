@@ -11,6 +11,10 @@ from vtdsl.lang import PolicyError, format_policy, format_source, from_yaml, par
 from vtdsl.lang import ast as A
 from vtdsl.lang.scorers import COMBINERS, SCORERS
 from vtdsl.lang.source import decode
+from vtdsl.ops.rest.absorb import Absorb
+from vtdsl.ops.rest.cells import Cells
+from vtdsl.ops.rest.merge import MergeRest
+from vtdsl.ops.rest.recycle import Recycle
 
 # Modest counts keep this file at a few seconds; VTDSL_PROPS_SCALE=20 runs a deep soak.
 _SCALE = float(os.environ.get("VTDSL_PROPS_SCALE", "1"))
@@ -66,8 +70,16 @@ regions = st.one_of(
     st.just(A.Region(kind="crop")),
     st.builds(A.Region, kind=st.just("region"), rows=st.integers(1, 64), cols=st.integers(1, 64)),
 )
+grids = st.integers(1, 64)
+rests = st.one_of(  # every "what happens to the rest" option (vtdsl/ops/rest/)
+    st.none(),
+    st.builds(MergeRest, into=quantities, added=st.booleans(), by=st.sampled_from(["tokens", "keys"])),
+    st.builds(Recycle, count=quantities, clusters=quantities),
+    st.builds(Absorb, neighbours=quantities),
+    st.builds(Cells, rows=grids, cols=grids),
+)
 actions = st.one_of(
-    st.builds(A.Keep, terms=st.lists(terms, min_size=1, max_size=4), region=regions, merge_rest=st.none() | quantities),
+    st.builds(A.Keep, terms=st.lists(terms, min_size=1, max_size=4), region=regions, rest=rests),
     st.builds(A.Merge, pairs=quantities),
     st.builds(A.Pool, rows=st.integers(1, 64), cols=st.integers(1, 64)),
     st.just(A.DropAll()),
