@@ -2,8 +2,11 @@
 
 Four micro-benchmarks, each the median of a few timed repeats after a warm-up:
 - matmul FLOP/s per dtype (a 1024^3 product; 4096^3 on a GPU, which 1024 cannot fill),
-- attention FLOP/s (sdpa over 8 heads x 640 tokens x 64, `4·N²·qd` FLOPs),
+- attention FLOP/s (sdpa over 8 heads x 640 tokens x 64, `4·N²·qd` FLOPs, with an explicit
+  causal mask as transformers passes one for a prompt with an attention mask),
 - memory bandwidth (copying a 256 MiB tensor: read + write),
+- elementwise rate (elements per second of a product of two 640 x 1024 float32 tensors: the
+  size of one layer's activations, where norms, activations and residual adds run),
 - dispatch time per transformer layer (a 1-token forward of a tiny Llama with 6 layers
   minus the same with 2, divided by 4: what a layer costs when its arithmetic is nothing).
 torch and transformers are imported here only, so the cost model stays free of them.
@@ -18,15 +21,16 @@ from typing import Callable
 from .latency import DeviceProfile
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
+def _median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], None],
+                    clock: Callable[[], float] = time.perf_counter) -> float:
     fn()  # warm-up: allocations, kernel selection
     sync()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
         sync()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
@@ -36,9 +40,13 @@ class _Probe:
 
         self.torch, self.device, self.repeats = torch, torch.device(target), repeats
         self.sync = torch.cuda.synchronize if target == "cuda" else (lambda: None)
+        # One CPU thread runs every op on the calling thread: its CPU time is the work itself
+        # and does not grow while another process holds the core (shared machines).
+        single = target == "cpu" and torch.get_num_threads() == 1
+        self.clock = time.process_time if single else time.perf_counter
 
     def time(self, fn: Callable[[], object], repeats: int | None = None) -> float:
-        return _median_seconds(fn, repeats or self.repeats, self.sync)
+        return _median_seconds(fn, repeats or self.repeats, self.sync, self.clock)
 
     def matmul_flops(self, dtype) -> float:
         n = 4096 if self.device.type == "cuda" else 1024
@@ -47,13 +55,18 @@ class _Probe:
 
     def attention_flops(self, dtype) -> float:
         q, k, v = (self.torch.randn(1, 8, 640, 64, device=self.device).to(dtype) for _ in range(3))
+        mask = self.torch.ones(640, 640, dtype=self.torch.bool, device=self.device).tril()[None, None]
         sdpa = self.torch.nn.functional.scaled_dot_product_attention
-        return 4 * 640 * 640 * 8 * 64 / self.time(lambda: sdpa(q, k, v, is_causal=True))
+        return 4 * 640 * 640 * 8 * 64 / self.time(lambda: sdpa(q, k, v, attn_mask=mask))
 
     def bandwidth(self) -> float:
         src = self.torch.ones(64 * 2**20, device=self.device)  # 256 MiB of float32
         dst = self.torch.empty_like(src)
         return 2 * src.numel() * 4 / self.time(lambda: dst.copy_(src))
+
+    def elementwise_rate(self) -> float:
+        a, b = (self.torch.randn(640, 1024, device=self.device) for _ in range(2))
+        return a.numel() / self.time(lambda: a * b, self.repeats * 4)
 
     def layer_overhead(self) -> float:
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -70,7 +83,7 @@ class _Probe:
         return max(t_deep - t_shallow, 0.0) / 4
 
 
-PROBES = ("matmul", "attention", "bandwidth", "dispatch")
+PROBES = ("matmul", "attention", "bandwidth", "elementwise", "dispatch")
 
 
 def calibrate(name: str = "cpu", target: str = "cpu", threads: int | None = None, repeats: int = 5,
@@ -94,6 +107,8 @@ def calibrate(name: str = "cpu", target: str = "cpu", threads: int | None = None
             on_probe("attention")
             bandwidth = probe.bandwidth()
             on_probe("bandwidth")
+            elementwise = probe.elementwise_rate()
+            on_probe("elementwise")
             overhead = probe.layer_overhead()
             on_probe("dispatch")
         used = torch.get_num_threads()
@@ -101,5 +116,5 @@ def calibrate(name: str = "cpu", target: str = "cpu", threads: int | None = None
         torch.set_num_threads(previous)
     where = f"{used} torch thread(s)" if target == "cpu" else torch.cuda.get_device_name()
     return DeviceProfile(name, peaks, bandwidth, fused_attention=True, attention_flops=attention,
-                         layer_overhead=overhead,
+                         layer_overhead=overhead, elementwise_rate=elementwise,
                          source=f"vtdsl calibrate, {where}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")

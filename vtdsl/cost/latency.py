@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from ..models.spec import DTYPE_BYTES
 from .model import constants
 
 
@@ -28,7 +29,9 @@ class DeviceProfile:
     `peak_flops`: dense matmul FLOP/s per dtype; `attention_flops`: FLOP/s of the
     attention kernel when it differs from the matmul peak (CPU sdpa); `bandwidth`: main
     memory bytes/s; `fused_attention`: attention as one kernel (no N x N score matrix in
-    memory); `layer_overhead`: seconds of dispatch per transformer layer call.
+    memory); `layer_overhead`: seconds of dispatch per transformer layer call;
+    `elementwise_rate`: elements per second one elementwise pass (norm step, activation,
+    residual add, RoPE term) processes, 0 = bandwidth / (3 x dtype bytes): two reads, one write.
     """
 
     name: str
@@ -37,6 +40,7 @@ class DeviceProfile:
     fused_attention: bool = True
     attention_flops: dict[str, float] = field(default_factory=dict)
     layer_overhead: float = 0.0
+    elementwise_rate: float = 0.0
     source: str = ""
 
     def peak(self, dtype: str) -> float:
@@ -52,14 +56,16 @@ class DeviceProfile:
     def to_json(self) -> dict:
         return {"name": self.name, "peak_flops": dict(self.peak_flops), "bandwidth": self.bandwidth,
                 "fused_attention": self.fused_attention, "attention_flops": dict(self.attention_flops),
-                "layer_overhead": self.layer_overhead, "source": self.source}
+                "layer_overhead": self.layer_overhead, "elementwise_rate": self.elementwise_rate,
+                "source": self.source}
 
     @classmethod
     def from_json(cls, data: dict) -> "DeviceProfile":
         return cls(name=str(data["name"]), peak_flops={str(k): float(v) for k, v in data["peak_flops"].items()},
                    bandwidth=float(data["bandwidth"]), fused_attention=bool(data.get("fused_attention", True)),
                    attention_flops={str(k): float(v) for k, v in (data.get("attention_flops") or {}).items()},
-                   layer_overhead=float(data.get("layer_overhead", 0.0)), source=str(data.get("source", "")))
+                   layer_overhead=float(data.get("layer_overhead", 0.0)),
+                   elementwise_rate=float(data.get("elementwise_rate", 0.0)), source=str(data.get("source", "")))
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,7 @@ class Op:
     flops: float
     bytes: float
     attention: bool = False
+    elements: float = 0  # elementwise passes x elements (timed at the elementwise rate, not a roof)
 
 
 @dataclass(frozen=True)
@@ -142,7 +149,8 @@ class Latency:
 
 
 # ------------------------------------------------------------------ operations
-def _layer_ops(part: str, tower, n: int, seqs: int, pairs: int, e: int, fused: bool) -> Iterator[Op]:
+def _layer_ops(part: str, tower, n: int, seqs: int, pairs: int, e: int, fused: bool,
+               rope: bool = False) -> Iterator[Op]:
     """One transformer layer on `seqs` sequences of `n` tokens (`pairs` attention pairs each)."""
     d, qd, kvd, ffn, k = tower.hidden, tower.q_width, tower.kv_width, tower.ffn, tower.mlp_matmuls
     rows = seqs * n
@@ -151,8 +159,20 @@ def _layer_ops(part: str, tower, n: int, seqs: int, pairs: int, e: int, fused: b
     yield Op(part, 4 * seqs * pairs * qd, e * rows * 2 * (qd + kvd) + scores, attention=True)
     yield Op(part, 2 * rows * qd * d, e * (qd * d + rows * (qd + d)))
     yield Op(part, 2 * rows * d * ffn * k, e * (k * d * ffn + rows * (2 * d + k * ffn)))
-    yield Op(part, 0, e * rows * 8 * d)  # two norms and two residual adds: read and write the stream
+    yield Op(part, 0, 0, elements=rows * elementwise_passes(tower, rope))
 
+
+def elementwise_passes(tower, rope: bool) -> int:
+    """Elementwise passes per token of one layer, as transformers' modules run them: two
+    norms (RMSNorm: square, mean, scale, weight = 4 passes; LayerNorm: 2), two residual
+    adds, the MLP activation (SwiGLU: silu and the product = 2 passes over ffn; CLIP's
+    quick-GELU: scale, sigmoid, product = 3), RoPE on q and k (rotate, two products, sum,
+    negation = 5), and the copies that lay q, k, v out by head."""
+    d, ffn, qkv = tower.hidden, tower.ffn, tower.q_width + 2 * tower.kv_width
+    norms = 2 * (4 if tower.mlp == "swiglu" else 2) * d
+    activation = (2 if tower.mlp == "swiglu" else 3) * ffn
+    rotary = 5 * (tower.q_width + tower.kv_width) if rope else 0
+    return norms + 2 * d + activation + rotary + qkv
 
 def prefill_ops(k, vit_tokens, projector_tokens, llm_visual, text_tokens: int, batch: int, fused: bool,
                 scorer_flops: int = 0) -> Iterator[Op]:
@@ -169,7 +189,7 @@ def prefill_ops(k, vit_tokens, projector_tokens, llm_visual, text_tokens: int, b
              e * sum(a * b + rows * (a + b) for a, b in zip(widths, widths[1:])))
     for v in llm_visual:
         n = text_tokens + v
-        yield from _layer_ops("llm", spec.llm, n, batch, n * n, e, fused)
+        yield from _layer_ops("llm", spec.llm, n, batch, n * n, e, fused, rope=True)
     yield Op("lm_head", batch * k.head, e * (spec.llm.hidden * spec.vocab_size + batch * spec.vocab_size))
     if scorer_flops:
         yield Op("scorers", batch * scorer_flops, 0)
@@ -180,18 +200,25 @@ def decode_ops(k, contexts, batch: int) -> Iterator[Op]:
     spec, e = k.spec, k.spec.dtype_bytes
     t = spec.llm
     for c in contexts:
-        for op in _layer_ops("llm", t, 1, batch, 0, e, True):
+        for op in _layer_ops("llm", t, 1, batch, 0, e, True, rope=True):
             if op.attention:  # one query against the cache: read every cached K and V once
                 op = Op("llm", 4 * batch * (c + 1) * t.q_width, e * batch * (c + 1) * 2 * t.kv_width, True)
             yield op
+        # transformers' DynamicCache appends by concatenation: the layer's whole K and V are
+        # read and written again every step
+        yield Op("llm", 0, e * batch * 2 * (2 * c + 1) * t.kv_width)
     yield Op("lm_head", batch * k.head, e * (t.hidden * spec.vocab_size + batch * spec.vocab_size))
 
 
 def roofline(ops, profile: DeviceProfile, dtype: str, layers: int) -> PhaseTime:
     """Sum of each operation's roofline time plus `layers` times the dispatch overhead."""
     peak, attn_peak, bw = profile.peak(dtype), profile.attention_peak(dtype), profile.bandwidth
+    rate = profile.elementwise_rate or bw / (3 * DTYPE_BYTES.get(dtype, 4))
     compute = memory = 0.0
     for op in ops:
+        if op.elements:
+            memory += op.elements / rate
+            continue
         t_flops = op.flops / (attn_peak if op.attention else peak)
         t_bytes = op.bytes / bw
         if t_flops >= t_bytes:

@@ -1,0 +1,153 @@
+"""Predicted vs measured speedups of the latency model on this CPU (issue 21, item 2).
+
+    .venv/bin/python benchmarks/bench_latency.py [--repeats 3] [--threads 1] [--batches 1 8] [--policies ...]
+
+The zoo runs unchanged at its paper settings, so the model here is the benchmark model's
+LLaVA-1.5 geometry at LLaVA-1.5's depth (CLIP ViT 24 layers on 577 tokens, features from
+layer -2; Llama 32 layers; 576 + 64 prompt tokens) with narrow widths (ViT 64, LLM 128) so
+that a prefill takes a fraction of a second on one core. First this CPU is calibrated
+(`vtdsl.cost.calibrate`, same thread count); then, for every zoo policy that checks on
+the model, at batch 1 and 8: prefill latency (one forward, last-position logits) and
+decode latency per token ((generate 8 - generate 1) / 7), unpruned and compiled,
+interleaved round by round; the measured speedups against those the latency model
+predicts (`vtdsl.cost.latency.predict` on the calibrated profile). Target: every
+prediction within 10 % of the measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import _common as C
+
+NEW_TOKENS = 8
+
+
+def deep_spec():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    from vtdsl.models import spec_from_config
+
+    vision = CLIPVisionConfig(image_size=336, patch_size=14, projection_dim=64, hidden_size=64,
+                              intermediate_size=256, num_attention_heads=1, num_hidden_layers=24)
+    text = LlamaConfig(vocab_size=C.VOCAB, max_position_embeddings=4096, pad_token_id=C.PAD_TOKEN, hidden_size=128,
+                       intermediate_size=344, num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=32)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=C.IMAGE_TOKEN,
+                         pad_token_id=C.PAD_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         projector_hidden_act="gelu", tie_word_embeddings=False, vocab_size=C.VOCAB)
+    config.dtype = config.text_config.dtype = "float32"
+    return spec_from_config(config, name="bench-llava-deep", description="llava-1.5 depth, ViT 64 / LLM 128 wide")
+
+
+def timed(fn) -> float:
+    """CPU seconds of fn: with one torch thread, the work itself, whatever else holds the core."""
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
+
+
+def runners(model, inputs):
+    import torch
+
+    def prefill():
+        with torch.inference_mode():
+            model(**inputs, logits_to_keep=1)
+
+    def generate(n):
+        def run():
+            with torch.inference_mode():
+                model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return run
+
+    return prefill, generate(1), generate(NEW_TOKENS)
+
+
+def measure(model, inputs, plan, repeats: int) -> dict:
+    """Medians over `repeats` rounds, unpruned and compiled taking turns within a round."""
+    import vtdsl.compiler as vc
+
+    samples = {k: [] for k in ("base_prefill", "base_decode", "pol_prefill", "pol_decode")}
+    prefill, one, many = runners(model, inputs)
+    for round_ in range(repeats + 1):  # round 0 warms both up
+        for side in ("base", "pol"):
+            ctx = vc.apply(plan, model) if side == "pol" else _Nothing()
+            with ctx:
+                p = timed(prefill)
+                d = (timed(many) - timed(one)) / (NEW_TOKENS - 1)
+            if round_:
+                samples[f"{side}_prefill"].append(p)
+                samples[f"{side}_decode"].append(d)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    return {"prefill_speedup": med["base_prefill"] / med["pol_prefill"],
+            "decode_speedup": med["base_decode"] / med["pol_decode"],
+            "base_prefill_ms": 1e3 * med["base_prefill"], "base_decode_ms": 1e3 * med["base_decode"]}
+
+
+class _Nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main() -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--policies", nargs="*", help="zoo file names (default: all)")
+    args = parser.parse_args()
+
+    import vtdsl
+    from vtdsl.cost import estimate
+    from vtdsl.cost.calibrate import calibrate
+    from vtdsl.cost.latency import predict
+    from vtdsl.lang.errors import PolicyError
+
+    C.set_threads(args.threads)
+    machine = C.header("latency model: predicted vs measured speedups")
+    profile = calibrate("cpu", threads=args.threads)
+    print(f"   profile: fp32 {profile.peak('float32') / 1e9:.1f} GFLOP/s, attention "
+          f"{profile.attention_peak('float32') / 1e9:.1f}, {profile.bandwidth / 1e9:.1f} GB/s, "
+          f"{1e6 * profile.layer_overhead:.0f} us/layer")
+    spec = deep_spec()
+    model = spec.build(device="cpu", dtype="float32", seed=0, attn_implementation="sdpa")
+    files = sorted((C.ROOT / "policies").glob("*.vt"))
+    if args.policies:
+        files = [f for f in files if f.name in args.policies]
+    rows, refused = [], {}
+    for batch in args.batches:
+        inputs = C.make_inputs(batch=batch)
+        for path in files:
+            try:
+                plan = vtdsl.check(path, spec)
+            except PolicyError as err:
+                refused[path.name] = err.diagnostics[0].message
+                continue
+            report = estimate(plan, text_tokens=C.TEXT_TOKENS, decode_context=NEW_TOKENS // 2)
+            lat = predict(report, profile, batch=batch, dtype="float32")
+            m = measure(model, inputs, plan, args.repeats)
+            row = {"policy": path.stem, "batch": batch, **m, "predicted_prefill": lat.prefill_speedup,
+                   "predicted_decode": lat.decode_speedup, "flops_ideal": 1 / report.flops_ratio}
+            row["prefill_error"] = row["predicted_prefill"] / row["prefill_speedup"] - 1
+            row["decode_error"] = row["predicted_decode"] / row["decode_speedup"] - 1
+            rows.append(row)
+            print(f"   batch {batch} {path.stem:16s} prefill {m['prefill_speedup']:.2f}x (predicted "
+                  f"{lat.prefill_speedup:.2f}x, {100 * row['prefill_error']:+.1f}%)  decode {m['decode_speedup']:.2f}x "
+                  f"(predicted {lat.decode_speedup:.2f}x, {100 * row['decode_error']:+.1f}%)", flush=True)
+    worst = max((abs(r[k]) for r in rows for k in ("prefill_error", "decode_error")), default=0.0)
+    print(f"   worst prediction error {100 * worst:.1f}% over {len(rows)} runs (target <= 10%); "
+          f"{len(refused)} policies refused on this model")
+    result = {"machine": machine, "profile": profile.to_json(), "rows": rows, "refused": refused,
+              "worst_error": worst, "new_tokens": NEW_TOKENS, "repeats": args.repeats}
+    C.save("latency", result)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
