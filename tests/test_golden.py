@@ -4,8 +4,15 @@ registered model gives what it gave before the refactor (commit 324a26a): the
 kept tokens per stage and a logits checksum.
 
 The goldens (tests/fixtures/golden/<model>.json) were written by scripts/gen_golden.py
-run against that commit; this test runs the same script's records against the current
-code. A mismatch is a behaviour change to explain, not a fixture to regenerate.
+run with that commit's code on the policy files of 009804a (their headers gained comment
+lines after 324a26a, which moves the line numbers in diagnostics):
+
+    git worktree add /tmp/golden-base 324a26a && git worktree add --detach /tmp/policies 009804a
+    PYTHONPATH=/tmp/golden-base .venv/bin/python scripts/gen_golden.py -o tests/fixtures/golden \
+        --policies-from /tmp/policies
+
+This test runs the same script's records against the current code. A mismatch is a
+behaviour change to explain, not a fixture to regenerate from the new code.
 """
 
 from __future__ import annotations
