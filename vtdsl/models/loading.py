@@ -217,3 +217,88 @@ def load_weights(spec: ModelSpec, path: str | None = None, device="cpu", dtype=N
         model.tie_weights()
     model.eval()
     return model
+
+
+# ---------------------------------------------------------------------- ready to run
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def resolve_device(name: str = "auto") -> str:
+    """`auto`: CUDA when torch sees a GPU, else Apple's MPS, else the CPU. A named device
+    that this torch cannot use is refused here, not half-way through loading."""
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = bool(mps is not None and mps.is_available())
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if name not in DEVICES:
+        raise WeightsError(f"unknown device {name!r} (expected one of {', '.join(DEVICES)})")
+    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not has_mps):
+        raise WeightsError(f"device {name!r} is not available to this torch ({torch.__version__})")
+    return name
+
+
+def resolve_dtype(name: str | None, spec: ModelSpec) -> str:
+    """`auto` (or None): the checkpoint's own `torch_dtype`, the spec's dtype."""
+    if name in (None, "auto"):
+        return spec.dtype
+    if name not in DTYPES:
+        raise WeightsError(f"unknown dtype {name!r} (expected one of {', '.join(DTYPES)})")
+    return name
+
+
+class Loaded:
+    """A model with real weights and what turns an image and a question into its inputs.
+
+    `processor` is the directory's own (AutoProcessor, local files only); `path` the
+    directory the weights came from; `device` and `dtype` what was resolved."""
+
+    def __init__(self, model, processor, spec: ModelSpec, path: str, device: str, dtype: str):
+        self.model, self.processor, self.spec = model, processor, spec
+        self.path, self.device, self.dtype = path, device, dtype
+
+    @property
+    def one_word(self) -> bool:
+        """Whether the model answers in one token (a model exported by the vtbench
+        training script, which only ever learnt the first answer token)."""
+        return os.path.isfile(os.path.join(self.path, "training.json"))
+
+
+def weights_dir(name_or_dir: str) -> tuple[ModelSpec, str]:
+    """(spec, directory) of a registered model with shipped weights (`tiny-llava-vtbench`)
+    or of a local HF model directory of a registered family."""
+    from .registry import get_spec
+
+    spec = get_spec(name_or_dir)
+    path = spec.source if spec.pretrained else os.path.expanduser(os.fspath(name_or_dir))
+    if not path or not os.path.isdir(path):
+        raise WeightsError(f"'{name_or_dir}' has no weights here: pass a local HF model directory "
+                           "(config.json, *.safetensors, processor files)")
+    return spec, os.path.abspath(path)
+
+
+def load_processor(path: str):
+    """The directory's own processor, offline; never runs code from the directory."""
+    from transformers import AutoProcessor
+
+    try:
+        with _quiet_transformers():
+            return AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(f"{path}: no usable processor (processor_config.json / preprocessor_config.json "
+                           f"and tokenizer files expected): {first}") from None
+
+
+def load_pretrained(name_or_dir: str, device: str = "auto", dtype: str | None = "auto",
+                    attn_implementation: str | None = None) -> Loaded:
+    """Load a local checkpoint (sharded safetensors with an index, any `torch_dtype`) and
+    its processor, ready for `generate`: `device` in `DEVICES`, `dtype` in `DTYPES`."""
+    spec, path = weights_dir(name_or_dir)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, spec)
+    processor = load_processor(path)
+    model = load_weights(spec, path, device=device, dtype=dtype, attn_implementation=attn_implementation)
+    return Loaded(model, processor, spec, path, device, dtype)
