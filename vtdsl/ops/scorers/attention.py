@@ -315,7 +315,8 @@ def llm_keys(ctx: ScoreContext) -> tuple[Tensor, Tensor, Tensor]:
 
     from ..attention import split_heads
 
-    k = split_heads(ctx.captured["k"], ctx.kv_heads)
+    # float32 before RoPE: a half-precision model's scores are computed in float32 too
+    k = split_heads(ctx.captured["k"].float(), ctx.kv_heads)
     cos, sin = ctx.position_embeddings
     b = k.shape[0]
     cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
@@ -361,7 +362,7 @@ def llm_attention(ctx: ScoreContext) -> Tensor:
 
     obs = ctx.obs
     k, cos, sin = llm_keys(ctx)
-    q = split_heads(ctx.captured["q"], ctx.heads)
+    q = split_heads(ctx.captured["q"].float(), ctx.heads)
     q_rows, mask, qpos, query_mask = _query_rows(ctx, q, cos, sin)
     if obs.image_keys:  # FEATHER: the softmax over the image tokens' keys only
         allowed = ctx.is_img[:, None, None, :]
