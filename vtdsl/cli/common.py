@@ -14,7 +14,7 @@ from ..lang.errors import PolicyError
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 # Command modules, in the order their commands appear in `vtdsl --help`.
-COMMAND_MODULES = ("lang_cmds", "models_cmd", "check_cmd", "compile_cmd", "eval_cmd", "search_cmd", "calibrate_cmd")
+COMMAND_MODULES = ("lang_cmds", "models_cmd", "check_cmd", "compile_cmd", "run_cmd", "eval_cmd", "search_cmd", "calibrate_cmd")
 
 
 def emit_json(payload: Any) -> None:
