@@ -2,48 +2,85 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from .common import emit_json, guarded
+from .run_cmd import weight_options
 
 
 @click.command("eval")
 @click.argument("policy_files", metavar="POLICY...", nargs=-1, required=True)
 @click.option("-m", "--model", "model_name", default="tiny-llava-vtbench", show_default=True,
               help="tiny-llava-vtbench (package data) or a directory written by examples/train_tiny_vlm.py.")
+@click.option("--data", "data_file", type=click.Path(dir_okay=False), default=None,
+              help="Your own examples instead of vtbench: a JSONL file, one {image, question, answer, tag} per line "
+                   "(image paths relative to the file; answer a string or a list).")
+@click.option("--weights", default=None,
+              help="With --data: tiny-llava-vtbench or a local HF model directory of any registered family "
+                   "(default: --model).")
 @click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True,
               help="vtbench split (never train or search on test).")
-@click.option("-n", "--n", "n", type=click.IntRange(min=1, max=100_000), default=500, show_default=True,
-              help="Examples (the first N of the split; families round-robin).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("-n", "--n", "n", type=click.IntRange(min=1, max=100_000), default=None,
+              help="Examples: the first N of the split (default 500; families round-robin) or of --data (default all).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Examples per forward (default 50 on vtbench, 16 with --data).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1, max=4096), default=None,
+              help="With --data: longest answer (default 1 for a vtbench-trained model, 32 otherwise).")
+@weight_options
 @click.option("--baselines", is_flag=True,
               help="Add a random and a pooling policy (at vit.out) keeping as many visual tokens as each "
                    "policy keeps to the end of the LLM.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @guarded
-def eval_(policy_files: tuple[str, ...], model_name: str, split: str, n: int, batch_size: int,
+def eval_(policy_files: tuple[str, ...], model_name: str, data_file: str | None, weights: str | None, split: str,
+          n: int | None, batch_size: int | None, max_new_tokens: int | None, dtype: str, device: str,
           baselines: bool, as_json: bool) -> None:
-    """Evaluate POLICY... and the unpruned model on the same vtbench examples: accuracy
-    per task family, retention (% of unpruned accuracy), visual tokens into the LLM, FLOPs
-    ratio (cost model) and measured prefill latency ratio.
+    """Evaluate POLICY... and the unpruned model on the same examples: accuracy per task
+    family (vtbench) or tag (--data), retention (% of unpruned accuracy), visual tokens
+    into the LLM, FLOPs ratio (cost model) and measured latency ratio.
+
+    With --data, answers are generated greedily and scored by exact match and by
+    containment (an accepted answer appears in the output as whole words); a bad line of
+    the file (missing image, unreadable file, no answer) is reported with its line
+    number, exit 2.
 
     \b
     Example:
       vtdsl eval policies/fastv.vt policies/visionzip-64.vt --n 500
       vtdsl eval policies/divprune.vt --baselines --split val --json
+      vtdsl eval policies/fastv.vt --weights ~/llava-1.5-7b-hf --data my.jsonl --dtype bfloat16
     """
+    if data_file is not None:
+        _eval_data(policy_files, weights or model_name, data_file, n, batch_size or 16, max_new_tokens, dtype,
+                   device, baselines, as_json)
+        return
+    from ..eval.bench import generate
+    from ..eval.compare import compare, load_vtbench_model, render_table
+
+    model, processor, spec = load_vtbench_model(weights or model_name)
+    plans = _plans(policy_files, spec, baselines)
+    result = compare(plans, model, processor, spec, generate(split, n or 500), batch_size=batch_size or 50,
+                     progress=not as_json)
+    result["split"] = split
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(render_table(result))
+
+
+def _plans(policy_files: tuple[str, ...], spec, baselines: bool) -> list:
+    """(name, plan) of every POLICY, each followed by its baselines when asked."""
+    from ..eval.compare import baseline_sources
     from ..ir import check
     from ..lang.source import parse_text
-    from ..eval.bench import generate
-    from ..eval.compare import baseline_sources, compare, load_vtbench_model, render_table
     from .check_cmd import load_plan
 
-    model, processor, spec = load_vtbench_model(model_name)
     plans, seen = [], set()
     for path in policy_files:
         plan, _, filename = load_plan(path, spec)
-        name = plan.policy.name or filename
-        plans.append((name, plan))
+        plans.append((plan.policy.name or filename, plan))
         # a policy's budget: the visual tokens it keeps to the end of the LLM
         budget = plan.llm_visual[-1] if plan.llm_visual else plan.visual_tokens_to_llm
         if baselines and 0 < budget < spec.image_tokens:
@@ -51,9 +88,21 @@ def eval_(policy_files: tuple[str, ...], model_name: str, split: str, n: int, ba
                 if base_name not in seen:
                     seen.add(base_name)
                     plans.append((base_name, check(parse_text(source, filename=base_name), spec)))
-    examples = generate(split, n)
-    result = compare(plans, model, processor, spec, examples, batch_size=batch_size, progress=not as_json)
-    result["split"] = split
+    return plans
+
+
+def _eval_data(policy_files: tuple[str, ...], weights: str, data_file: str, n: int | None, batch_size: int,
+               max_new_tokens: int | None, dtype: str, device: str, baselines: bool, as_json: bool) -> None:
+    """`eval --data`: the file is checked before the model is loaded."""
+    from ..eval.data import evaluate_data, read_jsonl, render_table
+    from ..models.loading import load_pretrained
+
+    examples = read_jsonl(data_file)[:n]
+    loaded = load_pretrained(weights, device=device, dtype=dtype)
+    plans = _plans(policy_files, loaded.spec, baselines)
+    result = evaluate_data(loaded, plans, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                           progress=not as_json)
+    result["data"] = os.path.abspath(data_file)
     if as_json:
         emit_json(result)
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -197,7 +198,10 @@ def _quote(a: str) -> str:
 @click.option("--prompts", type=click.IntRange(min=1), default=4, show_default=True,
               help="Calibration prompts for the agreement objective.")
 @click.option("--examples", type=click.IntRange(min=1), default=256, show_default=True,
-              help="vtbench validation examples for the accuracy objective.")
+              help="vtbench validation examples for the accuracy objective (with --data: the first N lines).")
+@click.option("--data", "data_file", type=click.Path(dir_okay=False), default=None,
+              help="Accuracy objective on your own JSONL examples (as `vtdsl eval --data`), with the model in "
+                   "--weights (default: the searched model's own weights).")
 @click.option("--text-tokens", type=click.IntRange(min=0), default=64, show_default=True,
               help="Text tokens assumed by the cost model.")
 @click.option("--from", "syntax", type=click.Choice(["vt", "yaml"]), default=None, help="Space syntax.")
@@ -206,7 +210,8 @@ def _quote(a: str) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @guarded
 def search_(space_file, model, budgets, objective, trials, study, storage, workers, seed, pareto, out_dir,
-            references, weights, prompts, examples, text_tokens, syntax, progress, verbose, as_json) -> None:
+            references, weights, prompts, examples, data_file, text_tokens, syntax, progress, verbose,
+            as_json) -> None:
     """Search a policy SPACE for the best policy within a budget.
 
     Every candidate is checked and costed by the cost model first; invalid and
@@ -236,6 +241,10 @@ def search_(space_file, model, budgets, objective, trials, study, storage, worke
     options = {"prompts": prompts} if objective == "agreement" else {}
     if objective == "accuracy":
         options = {"examples": examples}
+        if data_file is not None:
+            options["data"] = os.path.abspath(data_file)
+    elif data_file is not None:
+        raise click.UsageError("--data is for --objective accuracy")
     cfg = SearchConfig(space=space_file, model=model, budgets=list(budgets), objective=objective,
                        objective_options=options, trials=trials, study=study, storage=storage, out_dir=out_dir,
                        workers=workers, seed=seed, pareto=pareto, references=references, text_tokens=text_tokens,

@@ -9,7 +9,8 @@ candidates are all rejected by the cost model never builds a model.
 - `agreement`: next-token agreement with the unpruned model on calibration prompts
   (random images and fixed random prompts, seeded) - any model.
 - `accuracy`: vtbench validation accuracy of `tiny-llava-vtbench` (needs vtdsl.eval and
-  the trained model).
+  the trained model); with `data` (a JSONL file, `vtdsl.eval.data`), exact-match accuracy
+  on those examples of any model with weights (`weights`, or the spec's own).
 - `_test-cost`: scores a candidate by its cost alone (the FLOPs ratio); never runs a
   model. For tests and dry runs; `VTDSL_TEST_OBJECTIVE_SLEEP` (seconds) makes each call
   sleep, so that tests can interrupt a search mid-way.
@@ -154,6 +155,10 @@ class Accuracy:
     name = "accuracy"
     MODEL = "tiny-llava-vtbench"
 
+    def __new__(cls, spec, *, data: str | None = None, **_: Any):
+        # a user's own examples (`data`): any model with weights, scored by DataAccuracy
+        return super().__new__(DataAccuracy if data is not None and cls is Accuracy else cls)
+
     def __init__(self, spec, *, examples: int = ACCURACY_EXAMPLES, weights: str | None = None, **_: Any):
         if spec.name != self.MODEL:
             raise _unavailable(f"the accuracy objective is defined for '{self.MODEL}', not '{spec.name}'",
@@ -198,6 +203,47 @@ class Accuracy:
             result = self._evaluate(self.model, self.examples, self.processor, progress=False)
         return {"score": float(result["overall"]), "accuracy": float(result["overall"]),
                 "per_family": result.get("per_family"), "examples": result.get("n")}
+
+
+class DataAccuracy(Accuracy):
+    """Exact-match accuracy on the first `examples` lines of a JSONL data file
+    (`vtdsl.eval.data`), greedy answers of the model in `weights` (default: the spec's own
+    weights: tiny-llava-vtbench or the model directory searched)."""
+
+    def __init__(self, spec, *, examples: int = ACCURACY_EXAMPLES, weights: str | None = None,
+                 data: str | None = None, **_: Any):
+        self.spec, self.n, self.data = spec, examples, data
+        self.weights = weights or (spec.source if spec.source else spec.name)
+        self.loaded = self.examples = None
+        self.model = None
+
+    def setup(self) -> None:
+        from ..eval.data import read_jsonl
+        from ..lang.errors import PolicyError
+        from ..models.loading import load_pretrained
+
+        try:
+            self.examples = read_jsonl(self.data)[:self.n]
+        except PolicyError as err:
+            raise _unavailable(f"--data: {err.format().splitlines()[0]}") from None
+        except OSError as exc:
+            raise _unavailable(f"--data: cannot read {self.data} ({exc.strerror or exc})") from None
+        try:
+            self.loaded = load_pretrained(self.weights, device="auto")
+        except (OSError, ValueError) as exc:
+            raise _unavailable(f"no weights to score --data with ({exc})",
+                               hint="pass --weights DIR (a local HF model directory)") from None
+        self.model = self.loaded.model
+
+    def __call__(self, plan) -> dict[str, Any]:
+        from ..eval.data import evaluate_data
+
+        if self.loaded is None:
+            self.setup()
+        row = evaluate_data(self.loaded, [("candidate", plan)], self.examples, progress=False,
+                            unpruned=False)["results"][0]
+        return {"score": float(row["exact"]), "accuracy": float(row["exact"]), "contains": float(row["contains"]),
+                "per_tag": {t: v["exact"] for t, v in row["per_tag"].items()}, "examples": len(self.examples)}
 
 
 def check_accuracy_available(spec) -> None:
