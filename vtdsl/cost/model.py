@@ -19,6 +19,7 @@ from operator import mul
 from typing import Iterable, Literal, Sequence
 
 from ..models.spec import ModelSpec
+from .conventions import CONVENTIONS, llm_coefficients
 from ..ops.scorers import ScoreSize, by_canonical
 
 Logits = Literal["last", "all"]
@@ -50,12 +51,11 @@ class _Constants:
         self.crops = spec.vit_crops
         self.proj = 2 * sum(a * b for a, b in zip(spec.projector, spec.projector[1:]))
         self.llm_layers = t.layers
-        self.llm_lin = 2 * (2 * t.hidden * t.q_width + 2 * t.hidden * t.kv_width + t.mlp_matmuls * t.hidden * t.ffn)
-        self.llm_att = 4 * t.q_width
+        # the two conventions every Side reports are rows of the conventions table
+        self.llm_lin, self.llm_att = llm_coefficients(CONVENTIONS["hf"], t)
         self.llm_d, self.llm_qd = t.hidden, t.q_width
         self.head = 2 * t.hidden * spec.vocab_size
-        self.fastv_lin = 4 * t.hidden * t.hidden + 2 * t.hidden * t.ffn
-        self.fastv_att = 2 * t.hidden
+        self.fastv_lin, self.fastv_att = llm_coefficients(CONVENTIONS["fastv"], t)
         self.kv_token = 2 * t.kv_heads * t.head_dim * spec.dtype_bytes
         self.base_vit = [spec.vit_tokens] * v.layers
         self.base_llm = [spec.image_tokens] * t.layers
@@ -283,3 +283,74 @@ def estimate(plan, text_tokens: int = 64, logits: Logits = "last", decode_contex
         logits=logits,
         decode_context=decode_context,
     )
+
+
+# ------------------------------------------------------------------ adaptive plans
+def expected_counts(plan, tokens: int) -> tuple[list[int], int, list[int]]:
+    """Per-layer counts of `plan` when its adaptive stages (`top N by ...`) keep, on
+    average, `tokens` tokens (a measured mean from an eval run, or an expectation),
+    instead of their upper bound. The first adaptive stage hands on `tokens` (clamped to
+    its range); every adaptive stage sits at the same fraction of its own range; a fixed
+    count never exceeds what enters it. Without adaptive stages: the plan's counts."""
+    spec = plan.spec
+    first = next((s for s in plan.stages if s.tokens_out_min is not None), None)
+    if first is None:
+        return list(plan.vit_tokens), plan.projector_tokens, list(plan.llm_visual)
+    span = first.tokens_out - first.fewest_out
+    frac = min(max((tokens - first.fewest_out) / span, 0.0), 1.0) if span else 1.0
+    walk = _ExpectedWalk(spec)
+    for stage in plan.stages:
+        out = stage.tokens_out
+        if stage.tokens_out_min is not None:
+            out = round(stage.fewest_out + frac * (stage.tokens_out - stage.fewest_out))
+        walk.leave(stage.site, min(out, walk.entering(stage.site)))
+    return walk.result()
+
+
+class _ExpectedWalk:
+    """The stream's counts stage by stage (the rules of vtdsl.ir.passes.infer_tokens)."""
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        self.cls = 1 if spec.has_cls else 0
+        self.vit = [spec.vit_tokens] * spec.vit.layers
+        self.patches = self.features = spec.patch_tokens
+        self.llm: list[int] | None = None
+
+    def _projector(self) -> int:
+        spec = self.spec
+        keeps_cls = spec.has_cls and spec.select_strategy == "full"
+        return (self.features // spec.spatial_merge**2 + (1 if keeps_cls else 0)) * spec.vit_crops
+
+    def entering(self, site) -> int:
+        if site.tower == "vit":
+            return self.patches if site.layer is not None else self.features
+        if self.llm is None:
+            self.llm = [self.spec.llm_entry_tokens(self._projector())] * self.spec.llm.layers
+        return self.llm[site.layer]
+
+    def leave(self, site, out: int) -> None:
+        spec = self.spec
+        if site.tower == "vit" and site.layer is not None:
+            self.patches = out
+            self.vit[site.layer:] = [out + self.cls] * (spec.vit.layers - site.layer)
+            if site.layer <= spec.feature_layer_index + 1:
+                self.features = out
+        elif site.tower == "vit":
+            self.features = out
+        else:
+            self.llm[site.layer:] = [out] * (spec.llm.layers - site.layer)
+
+    def result(self) -> tuple[list[int], int, list[int]]:
+        projector = self._projector()
+        llm = self.llm or [self.spec.llm_entry_tokens(projector)] * self.spec.llm.layers
+        return self.vit, projector, llm
+
+
+def estimate_expected(plan, tokens: int, text_tokens: int = 64, logits: Logits = "last",
+                      decode_context: int | None = None):
+    """`estimate(plan)` with the adaptive stages keeping `tokens` on average
+    (`expected_counts`); scorer extras stay charged at their bound."""
+    vit, projector, llm = expected_counts(plan, tokens)
+    return estimate_counts(plan.spec, vit, projector, llm, text_tokens, observations=plan.observations,
+                           stages=plan.stages, logits=logits, decode_context=decode_context)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .conventions import CONVENTIONS, Convention, evaluate, get_convention
 from .model import PARTS, Side, constants, observation_flops, rater_flops, stage_flops
 
 
@@ -78,6 +79,23 @@ class CostReport:
             return p.kv_bytes, b.kv_bytes
         raise ValueError(f"unknown cost metric {name!r}")
 
+    # -- other counting conventions (vtdsl.cost.conventions), on demand
+    def convention(self, conv: "str | Convention", newlines: bool = True) -> dict:
+        """{baseline, policy, ratio} of this report in one convention (a name of
+        `CONVENTIONS` or a `Convention`); `newlines=False` counts LLaVA-NeXT without its
+        newline tokens."""
+        if isinstance(conv, str):
+            conv = get_convention(conv)
+        k = constants(self.spec)
+        T, logits = self.text_tokens, self.logits
+        b = evaluate(conv, self.spec, self.baseline, k.base_llm, T, logits, newlines)
+        p = evaluate(conv, self.spec, self.policy, self.llm_visual, T, logits, newlines)
+        return {"baseline": b, "policy": p, "ratio": _ratio(p, b)}
+
+    def conventions(self, newlines: bool = True) -> dict[str, dict]:
+        """Every row of `CONVENTIONS`, by name."""
+        return {name: self.convention(conv, newlines) for name, conv in CONVENTIONS.items()}
+
     # -- detail, computed on demand (not on the fast path)
     def scorer_items(self) -> list[dict]:
         """Each observation's and stage's counted extra FLOPs."""
@@ -150,6 +168,7 @@ class CostReport:
                 "ratio": _ratio(p.decode, b.decode),
             },
             "scorers": self.scorer_items(),
+            "conventions": self.conventions(),
             "notes": self.notes(),
         }
 
@@ -182,4 +201,22 @@ class CostReport:
         )
 
 
-__all__ = ["CostReport"]
+__all__ = ["CostReport", "average_conventions"]
+
+
+def average_conventions(reports, newlines: bool = True) -> dict[str, dict]:
+    """Every convention over several reports of one plan (one per prompt length): the
+    mean baseline and policy figures, and the mean of the per-report ratios (DivPrune's
+    script averages its ratios per benchmark the same way)."""
+    per = [r.conventions(newlines) for r in reports]
+    n = len(per)
+    out = {}
+    for name in CONVENTIONS:
+        rows = [p[name] for p in per]
+        ratios = [r["ratio"] for r in rows]
+        out[name] = {
+            "baseline": sum(r["baseline"] for r in rows) / n if n > 1 else rows[0]["baseline"],
+            "policy": sum(r["policy"] for r in rows) / n if n > 1 else rows[0]["policy"],
+            "ratio": None if None in ratios else sum(ratios) / n,
+        }
+    return out
