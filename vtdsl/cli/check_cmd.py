@@ -6,7 +6,10 @@ import sys
 
 import click
 
+from ..cost.conventions import CONVENTIONS as _CONVENTIONS
 from .common import EXIT_FAILED, emit_json, guarded
+
+CONVENTION_NAMES = tuple(_CONVENTIONS)
 
 
 def parse_image_size(ctx, param, value: str | None) -> tuple[int, int] | None:
@@ -17,6 +20,15 @@ def parse_image_size(ctx, param, value: str | None) -> tuple[int, int] | None:
     if not sep or not height.strip().isdigit() or not width.strip().isdigit() or int(height) < 1 or int(width) < 1:
         raise click.BadParameter(f"expected HEIGHTxWIDTH in pixels such as 600x800, not {value!r}")
     return int(height), int(width)
+
+
+def parse_text_tokens(ctx, param, value: str) -> tuple[int, ...]:
+    """`--text-tokens 64`, or a list of prompt lengths `15,23,83` the figures are averaged
+    over (one per benchmark, as DivPrune's FLOPs script does)."""
+    parts = [p.strip() for p in str(value).split(",")]
+    if not parts or not all(p.isdigit() and int(p) <= 1_000_000 for p in parts):
+        raise click.BadParameter(f"expected a token count or a comma-separated list such as 15,23,83, not {value!r}")
+    return tuple(int(p) for p in parts)
 
 
 def load_plan(policy_file: str, model: str | None, syntax: str | None = None,
@@ -58,7 +70,7 @@ def _ratio(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
-def check_payload(plan, report, verdicts, warnings, latency=None) -> dict:
+def check_payload(plan, report, verdicts, warnings, latency=None, figures=None) -> dict:
     cost = report.to_json()
     payload = {
         "policy": plan.policy.name,
@@ -88,6 +100,7 @@ def check_payload(plan, report, verdicts, warnings, latency=None) -> dict:
         "kv_cache_bytes": cost["kv_cache_bytes"],
         "decode_flops_per_token": cost["decode_flops_per_token"],
         "scorers": cost["scorers"],
+        "conventions": cost["conventions"] if figures is None else figures["conventions"],
         "notes": cost["notes"],
         "budget": verdicts,
         "ok": all(v["ok"] for v in verdicts),
@@ -95,6 +108,8 @@ def check_payload(plan, report, verdicts, warnings, latency=None) -> dict:
     }
     if latency is not None:
         payload["latency"] = latency.to_json()
+    if figures is not None:
+        payload.update({k: v for k, v in figures.items() if k != "conventions"})
     return payload
 
 
@@ -103,7 +118,7 @@ def token_range(fewest: int, most: int) -> str:
     return str(most) if fewest == most else f"{fewest}..{most}"
 
 
-def render_text(payload: dict, report, latency=None) -> str:
+def render_text(payload: dict, report, latency=None, convention: str | None = None) -> str:
     lines = [f"policy {payload['policy'] or '(unnamed)'} on {payload['model']}"]
     rows = [("stage", "site", "action", "tokens in -> out")]
     for i, stage in enumerate(payload["stages"]):
@@ -118,6 +133,7 @@ def render_text(payload: dict, report, latency=None) -> str:
     lines.append(f"visual tokens into the LLM: {payload['visual_tokens_to_llm']}")
     lines.append("")
     lines.append(report.summary())
+    lines += convention_lines(payload, convention)
     if latency is not None:
         lines.append(latency.summary())
     for note in payload["notes"]:
@@ -129,6 +145,53 @@ def render_text(payload: dict, report, latency=None) -> str:
             mark = "ok  " if v["ok"] else "OVER"
             lines.append(f"  {mark} {v['constraint']}  (policy: {_budget_value(v)})")
     return "\n".join(lines)
+
+
+def convention_figures(plan, lengths, logits, newlines, expect_tokens) -> dict:
+    """The convention figures over several prompt lengths, without LLaVA-NeXT's newline
+    tokens, and for an adaptive policy's expected token count: the payload keys they add."""
+    from ..cost import estimate
+    from ..cost.model import estimate_expected
+    from ..cost.report import average_conventions
+
+    out: dict = {"conventions": average_conventions([estimate(plan, t, logits) for t in lengths], newlines)}
+    if len(lengths) > 1:
+        out["text_tokens_list"] = list(lengths)
+    if not newlines:
+        out["newlines"] = False
+    if expect_tokens is not None:
+        reports = [estimate_expected(plan, expect_tokens, t, logits) for t in lengths]
+        first = reports[0]
+        out["expected"] = {
+            "adaptive_tokens": expect_tokens,
+            "visual_tokens_to_llm": first.policy.visual,
+            "tokens": {"vit": list(first.vit_tokens), "llm_visual": list(first.llm_visual)},
+            "conventions": average_conventions(reports, newlines),
+        }
+    return out
+
+
+def convention_lines(payload: dict, convention: str | None) -> list[str]:
+    """The --convention figure, the list of prompt lengths, and the expected figures."""
+    lines = []
+    lengths = payload.get("text_tokens_list")
+    over = f" (mean over {len(lengths)} prompt lengths)" if lengths else ""
+    if convention is not None:
+        lines.append(_convention_line(convention, payload["conventions"][convention], over))
+    expected = payload.get("expected")
+    if expected is not None:
+        lines.append(f"expected, adaptive stages keeping {expected['adaptive_tokens']} tokens "
+                     f"({expected['visual_tokens_to_llm']} visual tokens enter the LLM):")
+        for name in dict.fromkeys(["hf", "fastv", convention or "hf"]):
+            lines.append("  " + _convention_line(name, expected["conventions"][name], over))
+    return lines
+
+
+def _convention_line(name: str, row: dict, over: str) -> str:
+    from ..cost.report import _fmt_flops
+
+    pct = f" = {100 * row['ratio']:.2f}%" if row["ratio"] is not None else ""
+    return f"FLOPs ({name}) {_fmt_flops(row['policy'])} / {_fmt_flops(row['baseline'])}{pct}{over}"
 
 
 def _budget_value(verdict: dict) -> str:
@@ -144,8 +207,19 @@ def _budget_value(verdict: dict) -> str:
 @click.command("check")
 @click.argument("policy_file", metavar="POLICY")
 @click.option("--model", "-m", help="Model name (see `vtdsl models`) or a local model directory.")
-@click.option("--text-tokens", default=64, show_default=True, type=click.IntRange(0, 1_000_000),
-              help="Text tokens in the prompt, for FLOPs and KV bytes.")
+@click.option("--text-tokens", default="64", show_default=True, callback=parse_text_tokens, metavar="N[,N...]",
+              help="Text tokens in the prompt, for FLOPs and KV bytes; a comma-separated list of prompt "
+                   "lengths averages the convention figures over them (the other figures use the mean length).")
+@click.option("--logits", type=click.Choice(["last", "all"]), default="last", show_default=True,
+              help="lm_head rows counted: the last position (generate's prefill) or every position.")
+@click.option("--convention", metavar="NAME", type=click.Choice(list(CONVENTION_NAMES)),
+              help="Also print FLOPs in a paper's counting convention (docs/cost-model.md): "
+                   + ", ".join(CONVENTION_NAMES) + "; --json has them all.")
+@click.option("--newlines/--no-newlines", default=True, show_default=True,
+              help="Count LLaVA-NeXT's newline tokens in the convention figures.")
+@click.option("--expect-tokens", type=click.IntRange(0, 1_000_000), metavar="N",
+              help="Adaptive policies: also report the figures when the adaptive stages keep N tokens on "
+                   "average (e.g. the mean measured by an eval run); the plain figures are the bound.")
 @click.option("--budget", "budgets", multiple=True, metavar="EXPR",
               help='Extra budget constraint, e.g. "flops <= 25%". Repeatable.')
 @click.option("--decode-context", default=0, show_default=True, type=click.IntRange(0, 1_000_000),
@@ -162,7 +236,8 @@ def _budget_value(verdict: dict) -> str:
               help="Weights' dtype for --device (default: the model's).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @guarded
-def check_(policy_file: str, model: str | None, text_tokens: int, budgets: tuple[str, ...], decode_context: int,
+def check_(policy_file: str, model: str | None, text_tokens: tuple[int, ...], logits: str, convention: str | None,
+           newlines: bool, expect_tokens: int | None, budgets: tuple[str, ...], decode_context: int,
            image: tuple[int, int] | None, device: str | None, batch: int, dtype: str | None, as_json: bool) -> None:
     """Check POLICY against a model: stages, token counts, cost and budget verdicts.
 
@@ -175,13 +250,18 @@ def check_(policy_file: str, model: str | None, text_tokens: int, budgets: tuple
       vtdsl check policies/visionzip.vt -m llava-1.5-7b --budget "flops <= 25%" --json
       vtdsl check policies/fastv.vt -m llava-next-7b --image 600x800
       vtdsl check policies/visionzip-64.vt -m llava-1.5-7b --device h100 --batch 8 --budget "latency <= 40%"
+      vtdsl check policies/divprune.vt -m llava-1.5-7b --convention divprune --text-tokens 15,23,83
     """
     from ..cost import estimate, parse_budget, verdicts
     from ..lang.errors import PolicyError
 
     plan, source, filename = load_plan(policy_file, model, image=image)
     extra = [parse_budget(text) for text in budgets]
-    report = estimate(plan, text_tokens=text_tokens, decode_context=decode_context)
+    mean_text = text_tokens[0] if len(text_tokens) == 1 else round(sum(text_tokens) / len(text_tokens))
+    report = estimate(plan, text_tokens=mean_text, logits=logits, decode_context=decode_context)
+    figures = None
+    if len(text_tokens) > 1 or not newlines or expect_tokens is not None:
+        figures = convention_figures(plan, text_tokens, logits, newlines, expect_tokens)
     latency = None
     if device is not None:
         from ..cost.devices import get_device
@@ -192,13 +272,13 @@ def check_(policy_file: str, model: str | None, text_tokens: int, budgets: tuple
         judged = verdicts(report, list(plan.policy.budgets) + extra, latency=latency)
     except PolicyError as err:  # a latency budget without --device: quote the policy's line
         raise PolicyError(err.diagnostics, source=source, filename=filename) from None
-    payload = check_payload(plan, report, judged, plan.diagnostics, latency)
+    payload = check_payload(plan, report, judged, plan.diagnostics, latency, figures)
     if as_json:
         emit_json(payload)
     else:
         for warning in plan.diagnostics:
             click.echo(warning.format(source, filename), err=True)
-        click.echo(render_text(payload, report, latency))
+        click.echo(render_text(payload, report, latency, convention))
     sys.exit(0 if payload["ok"] else EXIT_FAILED)
 
 
