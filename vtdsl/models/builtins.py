@@ -38,6 +38,8 @@ same count as LLaVA-1.5.
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 _CLIP_L14_336 = {
     "model_type": "clip_vision_model",
@@ -271,3 +273,60 @@ ALIASES: dict[str, str] = {
 
 def builtin_config_dict(name: str) -> dict:
     return copy.deepcopy(BUILTINS[name][0])
+
+
+# ------------------------------------------------------------------ shipped specs
+# Every built-in's ModelSpec as plain data, generated from the configs above by
+# scripts/gen_builtin_specs.py (a test regenerates and compares). Reading it costs a JSON
+# parse; building the specs costs importing transformers (and torch), seconds of CPU.
+SHIPPED_SPECS = Path(__file__).resolve().parent / "data" / "builtin_specs.json"
+# Fields a spec gets at run time, not from its config.
+_RUNTIME_FIELDS = ("make_config", "source", "pretrained")
+
+
+def spec_to_json(spec) -> dict:
+    """A spec's fields as JSON values (tuples become lists)."""
+    from dataclasses import asdict, fields
+
+    return {f.name: _plain(getattr(spec, f.name)) if f.name not in ("vit", "llm") else asdict(getattr(spec, f.name))
+            for f in fields(spec) if f.name not in _RUNTIME_FIELDS}
+
+
+def _plain(value):
+    return [_plain(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def specs_text(specs: dict[str, dict]) -> str:
+    return json.dumps(specs, indent=1, sort_keys=True) + "\n"
+
+
+def shipped_spec(name: str):
+    """The built-in `name`'s ModelSpec from the shipped data, its transformers config
+    built only when asked for (`spec.config()`, `spec.build()`)."""
+    from functools import partial
+
+    from .spec import ModelSpec, TowerDims
+
+    data = _shipped()[name]
+    kwargs = {key: _tuples(value) for key, value in data.items() if key not in ("vit", "llm")}
+    return ModelSpec(vit=TowerDims(**data["vit"]), llm=TowerDims(**data["llm"]),
+                     make_config=partial(_builtin_config, name), **kwargs)
+
+
+def _builtin_config(name: str):
+    from .registry import _config_from_dict
+
+    return _config_from_dict(builtin_config_dict(name))
+
+
+_SHIPPED: dict[str, dict] = {}
+
+
+def _shipped() -> dict[str, dict]:
+    if not _SHIPPED:
+        _SHIPPED.update(json.loads(SHIPPED_SPECS.read_text(encoding="utf-8")))
+    return _SHIPPED
