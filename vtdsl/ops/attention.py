@@ -20,7 +20,7 @@ from torch import Tensor
 
 HeadReduce = Union[Literal["mean", "sum", "max"], int]
 
-__all__ = ["split_heads", "repeat_kv", "attention_probs", "reduce_heads"]
+__all__ = ["split_heads", "repeat_kv", "attention_probs", "reduce_heads", "reduce_plain", "PLAIN_REDUCTIONS"]
 
 
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
@@ -71,6 +71,21 @@ def repeat_kv(k: Tensor, n_rep: int) -> Tensor:
     return k[:, :, None].expand(b, hkv, n_rep, n, dh).reshape(b, hkv * n_rep, n, dh)
 
 
+PLAIN_REDUCTIONS = ("mean", "sum", "max")
+
+
+def reduce_plain(x: Tensor, how: str, dim: int = 1) -> Tensor:
+    """`x` reduced over `dim` by one of `PLAIN_REDUCTIONS` (heads here, query rows in the
+    attention scorers)."""
+    if how == "mean":
+        return x.mean(dim=dim)
+    if how == "sum":
+        return x.sum(dim=dim)
+    if how == "max":
+        return x.amax(dim=dim)
+    raise ValueError(f"expected one of {PLAIN_REDUCTIONS}, got {how!r}")
+
+
 def reduce_heads(probs: Tensor, how: HeadReduce = "mean", *, head_columns: Tensor | None = None) -> Tensor:
     """Reduce ``[B, H, m, n]`` attention over the head dimension (1).
 
@@ -79,12 +94,8 @@ def reduce_heads(probs: Tensor, how: HeadReduce = "mean", *, head_columns: Tenso
     summed over all query rows, is largest — chosen per sample (SparseVLM v2's head
     selection, which picks the heads per layer from their total mass on the image).
     """
-    if how == "mean":
-        return probs.mean(dim=1)
-    if how == "sum":
-        return probs.sum(dim=1)
-    if how == "max":
-        return probs.amax(dim=1)
+    if how in PLAIN_REDUCTIONS:
+        return reduce_plain(probs, how)
     if isinstance(how, int) and not isinstance(how, bool) and 1 <= how <= probs.shape[1]:
         if head_columns is None:
             mass = probs.sum(dim=(2, 3))
@@ -96,15 +107,8 @@ def reduce_heads(probs: Tensor, how: HeadReduce = "mean", *, head_columns: Tenso
     raise ValueError(f"head_reduce must be 'mean', 'sum', 'max' or a head count 1..{probs.shape[1]}, got {how!r}")
 
 
-def attention_probs(
-    q: Tensor,
-    k: Tensor,
-    *,
-    mask: Tensor | None = None,
-    head_reduce: HeadReduce | None = "mean",
-    scale: float | None = None,
-    head_columns: Tensor | None = None,
-) -> Tensor:
+def attention_probs(q: Tensor, k: Tensor, *, mask: Tensor | None = None, head_reduce: HeadReduce | None = "mean",
+                    scale: float | None = None, head_columns: Tensor | None = None) -> Tensor:
     """Softmax attention of query rows over keys, reduced over heads.
 
     Parameters

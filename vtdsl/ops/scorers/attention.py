@@ -27,13 +27,11 @@ __all__ = ["cls_attention", "attention_received", "query_attention", "text_rater
 
 
 def _reduce_queries(probs: Tensor, how: QueryReduce) -> Tensor:
-    if how == "mean":
-        return probs.mean(dim=1)
-    if how == "sum":
-        return probs.sum(dim=1)
-    if how == "max":
-        return probs.amax(dim=1)
-    raise ValueError(f"query_reduce must be 'mean', 'sum' or 'max', got {how!r}")
+    from ..attention import PLAIN_REDUCTIONS, reduce_plain
+
+    if how not in PLAIN_REDUCTIONS:
+        raise ValueError(f"query_reduce must be 'mean', 'sum' or 'max', got {how!r}")
+    return reduce_plain(probs, how)
 
 
 def _columns(scores: Tensor, key_index: Tensor | slice | None) -> Tensor:
