@@ -67,6 +67,9 @@ _ROWS = (
                "per-benchmark prompt lengths (--text-tokens a,b,c)"),
     Convention("pdrop", 1, 3, "square", "llm", "image", True, None,
                "PyramidDrop (arXiv 2410.17247) appendix: 4nd² + 2n²d + 3ndm over the image tokens"),
+    Convention("sparsevlm", 1, 3, "square", "llm", "prompt", True, None,
+               "SparseVLM's code (github Gumpest/SparseVLMs, modelling_sparse_llama.py): "
+               "4nd² + 2n²d + 3ndm per layer over the whole prompt, averaged over samples"),
     Convention("llm", 2, None, "model", "llm", "prompt", True, None,
                "the LLM layers as FlopCounterMode counts them (no ViT, projector, lm_head)"),
     Convention("fastv-per-layer", 1, 2, "square", "llm", "prompt", False, None,
