@@ -29,17 +29,11 @@ generate of the short prompt produced:
 
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
-
-try:  # a streamer must be one (transformers may check)
-    from transformers.generation.streamers import BaseStreamer
-except ImportError:  # pragma: no cover - transformers without streamers
-    BaseStreamer = object
 
 __all__ = ["PromptGenerate"]
 
@@ -66,7 +60,7 @@ class PromptGenerate:
         self.rewrite = rewrite
         self.previous = previous
         self.params = _positional_params(type(model).generate)
-        functools.update_wrapper(self, type(model).generate, assigned=("__doc__", "__name__", "__qualname__"))
+        self.__doc__ = type(model).generate.__doc__  # help(model.generate) stays transformers' own
 
     def __call__(self, *args, **kwargs):
         kwargs = self._as_keywords(args, kwargs)
@@ -129,8 +123,10 @@ def _with_caller_prompt(out: Any, caller: Tensor, short_len: int):
     return out
 
 
-class _CallerPromptStreamer(BaseStreamer):
-    """Hands the caller's prompt to a streamer where transformers hands it the short one."""
+class _CallerPromptStreamer:
+    """Hands the caller's prompt to a streamer where transformers hands it the short one.
+    (transformers only calls `put` / `end`; not a `BaseStreamer` subclass, so importing
+    the compiler does not import transformers.)"""
 
     def __init__(self, inner, caller: Tensor):
         self.inner = inner
