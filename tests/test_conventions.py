@@ -179,3 +179,12 @@ def test_expected_figures_of_an_adaptive_policy():
     assert data["expected"]["visual_tokens_to_llm"] == 32
     assert data["expected"]["conventions"]["fastv"]["policy"] == report.policy.fastv
     assert data["flops"]["policy"] > data["expected"]["conventions"]["hf"]["policy"]  # the bound is the worst case
+
+
+def test_unknown_convention_is_a_one_line_error_and_help_names_the_rows():
+    result = CliRunner().invoke(main, ["check", "policies/fastv.vt", "-m", "llava-1.5-7b", "--convention", "fastV"])
+    assert result.exit_code == 2
+    assert "unknown convention 'fastV'; expected one of: hf, fastv," in result.output
+    help_text = " ".join(CliRunner().invoke(main, ["check", "--help"]).output.split())
+    named = help_text.split("counting convention:")[1].split("...")[0]
+    assert all(name.strip() in CONVENTIONS for name in named.split(",") if name.strip())
