@@ -185,7 +185,7 @@ def convention_lines(payload: dict, convention: str | None) -> list[str]:
     lines = []
     lengths = payload.get("text_tokens_list")
     over = f" (mean over {len(lengths)} prompt lengths)" if lengths else ""
-    if convention is not None:
+    if convention is not None and (lengths or convention not in ("hf", "fastv")):  # else the summary has it
         lines.append(_convention_line(convention, payload["conventions"][convention], over))
     expected = payload.get("expected")
     if expected is not None:
