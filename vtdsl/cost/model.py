@@ -11,6 +11,8 @@ where qd = heads·head_dim and kvd = kv_heads·head_dim. The `hf` convention equ
 `torch.utils.flop_counter.FlopCounterMode` on the instantiated transformers model (sdpa on
 meta tensors; attention at full N², causal or not): ViT layers + patch conv, projector,
 LLM layers, lm_head on the last position (`logits="last"`, generate's prefill) or on all.
+Both are rows of `vtdsl.cost.conventions.CONVENTIONS`, with the other papers' ways of
+counting; `expected_counts` gives an adaptive plan's counts at a measured mean.
 """
 
 from __future__ import annotations
