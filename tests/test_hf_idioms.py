@@ -122,7 +122,7 @@ def test_generate_returns_the_callers_prompt_then_the_new_tokens(model, batch, p
         want = greedy_by_hand(model, batch, NEW)
     assert torch.equal(out[:, :length], batch["input_ids"])
     assert torch.equal(out[:, length:], want)
-    assert torch.equal(full.sequences, out)
+    assert torch.equal(full.sequences, out) and torch.equal(full["sequences"], out)
     assert len(full.scores) == len(full.logits) == out.shape[1] - length
     live = torch.cat([torch.ones_like(want[:, :1]), want[:, :-1] != EOS], dim=1).bool()  # rows not finished
     chosen = torch.stack([s.argmax(-1) for s in full.scores], dim=1)

@@ -29,6 +29,7 @@ llava-1.5-7b):
   itself (its input embeddings, 2-D mask and position ids), because the mask transformers
   builds is sized by layer 0's cache.
 - Prompt: a pre-hook on the top-level forward and an instance-level `generate` wrapper
+  (`generation.PromptGenerate`, which still returns the caller's ids, then the new tokens)
   shorten the image placeholder runs when the policy changes the visual-token count;
   `patch_processor` / `processor_for` adjust a `LlavaProcessor` instead
   (`num_additional_image_tokens`); `rewrite_inputs` is the pure function behind both.
