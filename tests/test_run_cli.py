@@ -165,3 +165,53 @@ def test_bfloat16_and_float32_keep_the_same_well_separated_tokens(source, kept):
         if ordered[kept - 1] - ordered[kept] > 2 * step:
             assert kept16 == kept32  # a cut wider than bfloat16's resolution: the same tokens
     assert separated >= len(examples) * 144 // 2  # most tokens are well separated: the check has teeth
+
+
+@pytest.fixture(scope="module")
+def llava_next_dir(tmp_path_factory):
+    """A random tiny LLaVA-NeXT directory (anyres crops) with its own LlavaNextProcessor."""
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    from vtdsl.eval.train import build_processor
+    from vtdsl.models import spec_from_config
+    from vtdsl.models.builtins import builtin_config_dict
+
+    path = tmp_path_factory.mktemp("llava-next")
+    tokenizer = build_processor().tokenizer
+    config = builtin_config_dict("tiny-llava-next")
+    config["image_token_index"] = tokenizer.convert_tokens_to_ids("<image>")
+    spec_from_config(config, name="user-next").build(device="cpu", seed=0).save_pretrained(path)
+    images = LlavaNextImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                                     image_grid_pinpoints=config["image_grid_pinpoints"])
+    LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=14, image_token="<image>",
+                       vision_feature_select_strategy="default", num_additional_image_tokens=1).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("height,width", [(96, 96), (45, 60)])
+def test_run_on_a_llava_next_directory_costs_each_image_size(llava_next_dir, tmp_path, height, width):
+    from PIL import Image
+
+    from vtdsl.cost import estimate
+    from vtdsl.models import get_spec
+
+    image = tmp_path / "scene.png"
+    Image.new("RGB", (width, height), (200, 30, 30)).save(image)
+    policy = tmp_path / "fastv.vt"
+    policy.write_text("at llm.layer2 keep text top 50%\n")
+    result = run(["run", policy, "--weights", llava_next_dir, "--image", image, "--question", "What color is it?",
+                  "--max-new-tokens", 2, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    sized = get_spec(str(llava_next_dir)).for_image(height, width)  # anyres: crops follow the image
+    assert data["kept"] == [{"site": "llm.layer2#0", "tokens_in": sized.image_tokens,
+                             "tokens_out": sized.image_tokens // 2}]
+    text = len(build_tokenizer()("USER: \nWhat color is it? ASSISTANT:")["input_ids"])
+    plan = check(parse_text("at llm.layer2 keep text top 50%\n"), sized)
+    assert data["flops_ratio"] == pytest.approx(estimate(plan, text_tokens=text).flops_ratio)
+
+
+def build_tokenizer():
+    from vtdsl.eval.train import build_processor
+
+    return build_processor().tokenizer
