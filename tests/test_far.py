@@ -91,13 +91,14 @@ def _dart_reference(model, ids, px, pivots_img: int, pivots_txt: int, per_pivot:
     for b in range(ids.shape[0]):
         img = (ids[b] == IMG).nonzero().flatten().tolist()
         after = [p for p in range(img[-1] + 1, ids.shape[1])]
-        top_img = sorted(sorted(img, key=lambda p: -float(knorm[b, p]))[:pivots_img])
+        top_img = sorted(img, key=lambda p: -float(knorm[b, p]))[:pivots_img]  # topk order
         before = [p for p in range(img[0]) if mask[b, p]]  # padding is never a pivot
         # the question's tokens first; a short question borrows the best text before the image
-        top_txt = sorted((sorted(after, key=lambda p: -float(knorm[b, p]))
-                          + sorted(before, key=lambda p: -float(knorm[b, p])))[:pivots_txt])
+        top_txt = (sorted(after, key=lambda p: -float(knorm[b, p]))
+                   + sorted(before, key=lambda p: -float(knorm[b, p])))[:pivots_txt]
+        walk = list(set(top_img + top_txt).copy())  # DART walks this set: CPython's slot order
         free = [p for p in img if p not in top_img]
-        kept.append(sorted(top_img + _each_pivot_least_similar(hidden[b], top_img + top_txt, free, per_pivot)))
+        kept.append(sorted(top_img + _each_pivot_least_similar(hidden[b], walk, free, per_pivot)))
     return kept
 
 

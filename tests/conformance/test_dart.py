@@ -1,4 +1,4 @@
-"""DART against its authors' rule (documented approximation: the pivot order).
+"""DART against its authors' rule, pivot order included.
 
 Reference: ZichenWen1/DART has no snapshot in this index beyond its README
 (@ 0c888673198b0f2784053a5686f95a519ceef209); its LLaVA code was read in a verbatim
@@ -8,9 +8,11 @@ turn, walking `list(set(image_indices + query_indices))`, keeps the TOKEN_TOPK =
 max_num_trunction // 8 free image tokens least cosine-similar to it; text pivots are not
 kept) and DART_K_norm.forward (at layer K = 2: last_layer_state = norm(output of layer
 1), K_states = layer 1's keys; original positions kept).
-With the pivots taken in the zoo's documented order (image pivots, then text pivots, each
-by position) the kept sets must be equal; in DART's own Python-set order they are
-compared by Jaccard against the floor the headers state."""
+The pivots are walked in DART's own order, a real Python set built as DART builds it
+(image pivots in topk order, then text pivots in topk order; set order depends on the
+insertion order through collisions): the kept sets must be equal. A position-order walk
+(the zoo's order before) is also run, to check that the seeds exercise the order: it
+must differ from DART's on at least one seed and setting."""
 
 from __future__ import annotations
 
@@ -22,10 +24,12 @@ from . import plain
 from .conftest import IMPLS
 
 SETTINGS = {"dart": 128, "dart-192": 192, "dart-64": 64}
-FLOORS = {"dart": 0.70, "dart-192": 0.72, "dart-64": 0.70}  # measured; stated in policies/dart*.vt
 
 
-def dart_keep(model, h: torch.Tensor, image_start: int, max_num_trunction: int, documented_order: bool,
+ORDER_MATTERS: list[bool] = []
+
+
+def dart_keep(model, h: torch.Tensor, image_start: int, max_num_trunction: int, by_position: bool,
               pivot_image_token: int = 4, pivot_text_token: int = 4) -> list[int]:
     token_topk = max_num_trunction // (pivot_image_token + pivot_text_token)
     pos = torch.arange(h.shape[1])
@@ -39,7 +43,7 @@ def dart_keep(model, h: torch.Tensor, image_start: int, max_num_trunction: int, 
     query_indices = (k_states[end:].norm(p=1, dim=-1).topk(pivot_text_token).indices + end).tolist()
     indices_set = set(image_indices + query_indices)
     tmp_set = indices_set.copy()  # DART walks this set: CPython's order for these ints
-    pivots = sorted(image_indices) + sorted(query_indices) if documented_order else list(tmp_set)
+    pivots = sorted(image_indices) + sorted(query_indices) if by_position else list(tmp_set)
     kept = set(image_indices)
     valid = [p for p in range(image_start, end) if p not in kept]
     for item in pivots:
@@ -57,8 +61,16 @@ def test_dart_keeps_what_dart_keeps(name, attn, ref, cases, llm_in, compiled, on
     for case in cases:
         kept, _, _ = compiled(name, attn, case)
         got = sorted(kept["llm.layer2#0"])
-        documented, own = once((name, case.seed), lambda: [
+        by_position, own = once((name, case.seed), lambda: [
             dart_keep(ref, llm_in(case), case.image_start, SETTINGS[name], order) for order in (True, False)])
-        assert got == documented, f"seed {case.seed}"
-        scores.append(plain.jaccard(got, own))
-    assert min(scores) >= FLOORS[name], scores
+        assert got == own, f"seed {case.seed}"
+        scores.append(plain.jaccard(got, by_position))
+    ORDER_MATTERS.append(min(scores) < 1.0)
+
+
+def test_dart_order_is_exercised():
+    # at least one (setting, seed) where walking by position keeps other tokens than
+    # DART's set order, so the equality above tests the order and not only the rule
+    if not ORDER_MATTERS:
+        pytest.skip("run with the test above")
+    assert any(ORDER_MATTERS)

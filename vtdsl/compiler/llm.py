@@ -517,13 +517,15 @@ class LlmRuntime:
             by_score = values.argsort(dim=1, descending=True, stable=True)
             rank = (text & after).gather(1, by_score).long() * 2 + text.gather(1, by_score).long()
             order = by_score.gather(1, rank.argsort(dim=1, descending=True, stable=True))
-            rows = order[:, :m].sort(dim=1).values
-            return ops.gather_tokens(hidden, rows).repeat_interleave(st.images, 0)
+            rows = order[:, :m]  # best first: DART inserts them in its set in topk order
+            feats = ops.gather_tokens(hidden, rows).repeat_interleave(st.images, 0)
+            return feats, st.pos.gather(1, rows).repeat_interleave(st.images, 0)
 
         def total_of(obs: Observation) -> Tensor | None:
             return self.vit.total_of(obs, b * st.images) if obs.tower == "vit" and self.vit is not None else None
 
-        view = StageView(x_img, st.vtok, score_of, text_pivots, total_of, self.norm_weight)
+        view = StageView(x_img, st.vtok, score_of, text_pivots, total_of, self.norm_weight,
+                         seq_pos=img_pos.view(b * st.images, k_in))
         values, src, new = self.log.run(f"{stage.site.text()}#{stage.index}", stage, view)
         order = src.argsort(dim=1)
         src = src.gather(1, order)

@@ -110,9 +110,10 @@ class StageView:
     x: Tensor  # [G, n, d]
     tokens: Tokens
     score_of: Callable[[Observation], Tensor]  # -> [G, n] aligned float32
-    # LLM stages: (score, m) -> [G, m, d] features of the m text tokens after the image
-    # that the score ranks highest (`far ... with m text pivots by score`)
-    text_pivots: Callable[[ResolvedScore, int], Tensor] | None = None
+    # LLM stages: (score, m) -> ([G, m, d] features, [G, m] prompt positions) of the m
+    # text tokens after the image that the score ranks highest, best first (`far ... with
+    # m text pivots by score`)
+    text_pivots: Callable[[ResolvedScore, int], tuple[Tensor, Tensor]] | None = None
     # ViT observations: their sum over the tokens they were read on ``[G, 1]`` (`share`
     # divides by it); None: `share` divides by the sum over the stage's candidates
     total_of: Callable[[Observation], Tensor | None] | None = None
@@ -122,6 +123,9 @@ class StageView:
     # ViT stages: a layer -> its attention keys, head mean, for the candidates ``[G, n, dh]``
     # (`then merge rest into N by keys`)
     keys_of: Callable[[int], Tensor] | None = None
+    # LLM stages: the candidates' prompt positions ``[G, n]`` (`far` walks DART's set of
+    # its pivots' positions)
+    seq_pos: Tensor | None = None
 
 
 def evaluate_score(score: ResolvedScore, view: StageView) -> Tensor:
@@ -250,26 +254,29 @@ def _terms(stage: ResolvedStage, view: StageView,
         kind = "diverse_sum" if term.kind == "diverse" and term.spread == "sum" else term.kind
         count = term.count if term.adaptive is None else _adaptive_count(term, scores, view, n - taken)
         taken += count
-        pivots, feats = _far_inputs(stage, term, view)
+        pivots, pivot_keys, feats = _far_inputs(stage, term, view)
+        keys = view.seq_pos if term.kind == "far" else None
         terms.append(ops.TermSpec(kind=kind, count=count, scores=scores, seed=term.seed, per_pivot=term.per_pivot,
-                                  pivots=pivots, features=feats))
+                                  pivots=pivots, features=feats, keys=keys, pivot_keys=pivot_keys))
     return terms, needs_features
 
 
-def _far_inputs(stage: ResolvedStage, term, view: StageView) -> tuple[Tensor | None, Tensor | None]:
-    """`far`'s text pivots and, for `far(norm)`, the features it compares."""
-    pivots = feats = None
+def _far_inputs(stage: ResolvedStage, term,
+                view: StageView) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """`far`'s text pivots, their prompt positions and, for `far(norm)`, the features it
+    compares."""
+    pivots = pivot_keys = feats = None
     if term.text_pivots:
         if view.text_pivots is None:
             raise CompileError(f"stage at {stage.site.text()} has no text tokens for 'far' to take pivots from")
-        pivots = view.text_pivots(term.pivot_score, term.text_pivots)
+        pivots, pivot_keys = view.text_pivots(term.pivot_score, term.text_pivots)
     if term.normed:
         if view.norm_weight is None:
             raise CompileError(f"stage at {stage.site.text()}: far(norm) needs the LLM's final norm")
         weight = view.norm_weight.to(view.x.dtype)
         feats = view.x * weight
         pivots = None if pivots is None else pivots * weight
-    return pivots, feats
+    return pivots, pivot_keys, feats
 
 
 def _regions(stage: ResolvedStage, tokens: Tokens, g: int, n: int, device) -> tuple[Tensor | None, int | None]:

@@ -37,6 +37,9 @@ class TermSpec:
         text pivots).
     features : Tensor, optional
         ``far``: ``[B, n, d]`` features to compare instead of the stage's `features`.
+    keys, pivot_keys : Tensor, optional
+        ``far``: ``[B, n]`` prompt positions of the candidates and ``[B, m]`` of `pivots`;
+        given, the pivots take turns in DART's set order (`vtdsl.ops.select.dart_order`).
     """
 
     kind: TermKind
@@ -46,6 +49,8 @@ class TermSpec:
     per_pivot: int = 0
     pivots: Tensor | None = None
     features: Tensor | None = None
+    keys: Tensor | None = None
+    pivot_keys: Tensor | None = None
 
 
 def _batch_size(*tensors: Tensor | None) -> tuple[int, torch.device]:
@@ -205,7 +210,11 @@ def _far(ti: int, term: TermSpec, stage: _Stage):
 
     def fn(c, allowed, tk, rows):
         extra = None if term.pivots is None else term.pivots[rows]
-        return sel.far(feats[rows], tk, term.per_pivot, extra_pivots=extra, exclude=~allowed & ~tk)
+        keys = None if term.keys is None else term.keys[rows]
+        extra_keys = None if term.pivot_keys is None else term.pivot_keys[rows]
+        order = None if stage.order_scores is None else stage.order_scores[rows]
+        return sel.far(feats[rows], tk, term.per_pivot, extra_pivots=extra, exclude=~allowed & ~tk,
+                       keys=keys, extra_keys=extra_keys, pivot_scores=order)
 
     return fn
 

@@ -294,6 +294,9 @@ def far(
     *,
     extra_pivots: Tensor | None = None,
     exclude: Tensor | None = None,
+    keys: Tensor | None = None,
+    extra_keys: Tensor | None = None,
+    pivot_scores: Tensor | None = None,
 ) -> Tensor:
     """Pivot-based duplicate removal (DART): each pivot in turn keeps the `per_pivot`
     available tokens least cosine-similar to it.
@@ -312,6 +315,14 @@ def far(
         pivots); they come after the token pivots.
     exclude : Tensor, optional
         ``[B, n]`` bool: tokens no pivot may keep.
+    keys : Tensor, optional
+        ``[B, n]`` int64 prompt positions of the tokens. Given (with `extra_keys` when
+        there are extra pivots), the pivots take turns in DART's order (Notes).
+    extra_keys : Tensor, optional
+        ``[B, m]`` int64 prompt positions of `extra_pivots`.
+    pivot_scores : Tensor, optional
+        ``[B, n]``: with `keys`, the token pivots enter DART's set by descending score
+        (its ``topk`` order; ties: the lower index); without, by position.
 
     Returns
     -------
@@ -322,13 +333,16 @@ def far(
     -----
     Pivots take turns in order: the token pivots by position, then `extra_pivots` in
     their given order; a token kept by one pivot is unavailable to the next. Ties: the
-    lower index. One matmul of the P pivots against the n tokens: ``2·P·n·d``.
+    lower index. With `keys`, the order is instead the one DART walks: the iteration
+    order of a Python ``set`` built from the pivots' positions, token pivots first (by
+    `pivot_scores`), then the extra pivots in their given order (see `dart_order`).
+    One matmul of the P pivots against the n tokens: ``2·P·n·d``.
     """
     b, n, _ = x.shape
     p_rows = pivot_mask.sum(1)
     if bool((p_rows != p_rows[0]).any()):
         raise ValueError("every row needs the same number of pivots")
-    rows = pivot_mask.nonzero()[:, 1].view(b, -1)
+    rows, turns = _pivot_turns(pivot_mask.nonzero()[:, 1].view(b, -1), keys, extra_keys, pivot_scores)
     pivots = [x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))]
     if extra_pivots is not None:
         pivots.append(extra_pivots.to(x.dtype))
@@ -336,17 +350,59 @@ def far(
     sim = torch.bmm(normalize(piv), normalize(x).transpose(1, 2))  # [B, P, n]
     available = ~pivot_mask if exclude is None else ~pivot_mask & ~exclude
     chosen = []
-    for i in range(piv.shape[1]):
+    for t in range(piv.shape[1]):
+        i = t if turns is None else turns[:, t]
         # least similar first; among equals, the lower index (stable sort on similarity)
-        s = sim[:, i].masked_fill(~available, float("inf"))
+        s = _pivot_row(sim, i).masked_fill(~available, float("inf"))
         idx = torch.sort(s, dim=1, stable=True).indices[:, :per_pivot]
         if bool((~available.gather(1, idx)).any()):
-            raise ValueError(f"pivot {i} has fewer than {per_pivot} tokens left to keep")
+            raise ValueError(f"pivot {t} has fewer than {per_pivot} tokens left to keep")
         available = available.scatter(1, idx, False)
         chosen.append(idx)
     if not chosen:
         return torch.zeros(b, 0, dtype=torch.long, device=x.device)
     return torch.cat(chosen, dim=1).sort(dim=1).values
+
+
+def _pivot_turns(rows: Tensor, keys: Tensor | None, extra_keys: Tensor | None,
+                 scores: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The token pivots' rows, in DART's insertion order when `keys` are given, and each
+    turn's pivot ``[B, P]`` (None: the pivots' own order)."""
+    if keys is None:
+        return rows, None
+    if scores is not None:
+        rows = rows.gather(1, scores.gather(1, rows).float().argsort(dim=1, descending=True, stable=True))
+    pkeys = [keys.gather(1, rows)] + ([] if extra_keys is None else [extra_keys])
+    return rows, dart_order(torch.cat(pkeys, dim=1))
+
+
+def _pivot_row(sim: Tensor, i: int | Tensor) -> Tensor:
+    """``[B, n]``: each row's similarities to its pivot `i` (one index, or one per row)."""
+    if isinstance(i, int):
+        return sim[:, i]
+    return sim.gather(1, i.view(-1, 1, 1).expand(-1, 1, sim.shape[2]))[:, 0]
+
+
+def dart_order(keys: Tensor) -> Tensor:
+    """``[B, P]`` int64: the turn of each pivot in DART's walk, per row.
+
+    DART (ZichenWen1/DART, ``get_retained_image_token``) iterates
+    ``set(image_indices + query_indices).copy()``: the pivots' prompt positions, image
+    pivots first in ``topk`` order. A set of small ints iterates in hash-table slot order
+    (hash = value; the slot depends on the table size, which grows while the set is
+    built, and on collisions, hence on insertion order), so the order is rebuilt here by
+    building the same set, in the same insertion order, with this interpreter: CPython's
+    set layout has not changed since 3.7. `keys` ``[B, P]`` are the positions in
+    insertion order; equal keys in a row would collapse in DART's set and are an error.
+    """
+    turns = []
+    for row in keys.tolist():
+        walk = list(set(row).copy())  # the set DART builds, and the copy it walks
+        if len(walk) != len(row):
+            raise ValueError("two pivots share a prompt position")
+        place = {k: i for i, k in enumerate(row)}
+        turns.append([place[k] for k in walk])
+    return torch.tensor(turns, dtype=torch.long, device=keys.device).view(keys.shape[0], -1)
 
 
 # --------------------------------------------------------------------------- score-free
