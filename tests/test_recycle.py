@@ -134,13 +134,14 @@ def recycled_reference(model, ids, px, layer: int, keep: int, m: int, c: int, ne
                         centres, members = dpc_knn_reference(h[0, rows[recycled]], c)
                         plan = (chosen, recycled, centres, members)
                     chosen, recycled, centres, members = plan
-                    h = h.clone()
-                    for ci, idx in members.items():
-                        h[0, rows[recycled[centres[ci]]]] = h[0, rows[[recycled[i] for i in idx]]].mean(0)
-                    keep_rows = ~is_img.clone()
-                    keep_rows[rows[chosen]] = True
-                    keep_rows[rows[[recycled[ci] for ci in centres]]] = True
-                    h, is_img = h[:, keep_rows], is_img[keep_rows]
+                    # v1: the kept visual rows in order, then the cluster means (in the
+                    # centres' order), then the text
+                    clusters = [h[0, rows[[recycled[i] for i in members[ci]]]].mean(0) for ci in range(len(centres))]
+                    start, end = int(rows[0]), int(rows[-1]) + 1
+                    h = torch.cat([h[:, :start], h[:, rows[chosen.sort().values]], torch.stack(clusters)[None],
+                                   h[:, end:]], dim=1)
+                    is_img = torch.cat([is_img[:start], torch.ones(len(chosen) + len(centres), dtype=torch.bool),
+                                        is_img[end:]])
                     pos = torch.arange(h.shape[1])  # renumber: contiguous again
                 n = h.shape[1]
                 mask = torch.zeros(1, 1, n, n).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(),
@@ -153,19 +154,24 @@ def recycled_reference(model, ids, px, layer: int, keep: int, m: int, c: int, ne
                 h = out[0] if isinstance(out, tuple) else out
                 if j == layer - 1:
                     weights = captured["w"][0]  # [heads, n, n]
-            tokens.append(model.lm_head(lm.norm(h))[0, -1].argmax())
-    return torch.cat([ids[0], torch.stack(tokens)]), plan
+            logits = model.lm_head(lm.norm(h))[0, -1]
+            first_logits = logits if not tokens else first_logits
+            tokens.append(logits.argmax())
+    return torch.cat([ids[0], torch.stack(tokens)]), plan, first_logits
 
 
 def test_llm_recycle_generate_matches_the_plain_loop(model):
     ids, px = prompt()
-    want, (chosen, recycled, centres, _) = recycled_reference(model, ids, px, layer=3, keep=300, m=83, c=9,
-                                                             new_tokens=5)
+    want, (chosen, recycled, centres, _), want_logits = recycled_reference(model, ids, px, layer=3, keep=300,
+                                                                          m=83, c=9, new_tokens=5)
     src = "at llm.layer3 keep text(all) top 300 then recycle 83 into 9 renumber"
     with vc.apply(src, model):
         with torch.no_grad():
             got = model.generate(input_ids=ids, pixel_values=px, max_new_tokens=5, do_sample=False)
+            # the greedy tokens rarely see where the clusters sit; the logits do
+            logits = model(input_ids=ids, pixel_values=px).logits[0, -1]
         kept = vc.kept_tokens(model)["llm.layer3#0"][0]
+    torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=1e-4)
     first = 3  # prompt rows before the image
     want_kept = sorted([first + int(i) for i in chosen] + [first + recycled[ci] for ci in centres])
     assert kept.tolist() == want_kept

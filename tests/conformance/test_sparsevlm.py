@@ -1,5 +1,4 @@
-"""SparseVLM v1 against its authors' rule (documented approximation from stage 2 on: the
-placement of the recycled cluster tokens).
+"""SparseVLM v1 against its authors' rule, every stage, cluster placement included.
 
 Reference: Gumpest/SparseVLMs @ 26a5f48813c46cd1c7364160354e7fdd3febaa67:
 llava/model/language_model/score.py (lines 9-14: layer_dict {2, 6, 15} and the token
@@ -11,10 +10,10 @@ sparse layer runs on all tokens, its output is pruned; the int(0.3 * dropped) + 
 dropped tokens are clustered into int(that / 10) + 1 tokens appended after the kept
 visual tokens; positions truncated, i.e. renumbered); llava/model/language_model/utils.py
 cluster_and_merge (lines 179-238: DPC-kNN centres = top dist x density; its 1e-6 noise
-only breaks ties and is left out). A cluster token is named by its centre's position.
-Stage 1 (entering layer 3) must be equal; stages 2 and 3 see the cluster tokens where v1
-appends them (the zoo puts them at their centres) and are compared by Jaccard against the
-floor the headers state."""
+only breaks ties, here broken by index as vtdsl does). A cluster token is named by its centre's position.
+The kept sets must be equal at all three stages. A run with the clusters at their
+centres' places instead (`at_centres`, the zoo's placement before) must differ somewhere,
+so the equality tests the placement."""
 
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ from .conftest import IMPLS
 
 SETTINGS = {"sparsevlm": (300, 200, 110), "sparsevlm-128": (303, 110, 36), "sparsevlm-64": (66, 30, 17)}
 LAYERS = (2, 6, 15)
-FLOORS = {"sparsevlm": 0.37, "sparsevlm-128": 0.09, "sparsevlm-64": 0.24}  # stages 2-3; policies/sparsevlm*.vt
+PLACEMENT_MATTERS: list[bool] = []
 
 
 def dpc_knn(x: torch.Tensor, cluster_num: int):
@@ -34,7 +33,12 @@ def dpc_knn(x: torch.Tensor, cluster_num: int):
     dist_matrix = torch.cdist(x, x) / (x.shape[-1] ** 0.5)
     dist_nearest = torch.topk(dist_matrix, k=cluster_num, dim=-1, largest=False).values
     density = (-(dist_nearest ** 2).mean(dim=-1)).exp()
-    mask = (density[:, None, :] > density[:, :, None]).float()
+    # v1 adds torch.rand * 1e-6 to the density to break ties; this reference breaks them
+    # by index instead (the lower index is denser), one of the outcomes v1's noise allows
+    # and the rule vtdsl documents
+    lower = torch.arange(x.shape[1])[None, :] < torch.arange(x.shape[1])[:, None]
+    tied = density[:, None, :] == density[:, :, None]
+    mask = ((density[:, None, :] > density[:, :, None]) | (tied & lower)).float()
     dist_max = dist_matrix.flatten(1).max(dim=-1)[0][:, None, None]
     dist = (dist_matrix * mask + dist_max * (1 - mask)).min(dim=-1).values
     index_down = torch.topk(dist * density, k=cluster_num, dim=-1).indices[0]
@@ -45,8 +49,9 @@ def dpc_knn(x: torch.Tensor, cluster_num: int):
     return index_down.tolist(), merged
 
 
-def sparsevlm_keep(model, h: torch.Tensor, image_start: int, counts) -> list[list[int]]:
-    """The kept visual tokens after each sparse layer, by original prompt position."""
+def sparsevlm_keep(model, h: torch.Tensor, image_start: int, counts, at_centres: bool = False) -> list[list[int]]:
+    """The kept visual tokens after each sparse layer, by original prompt position
+    (`at_centres`: each cluster token in its centre's place instead of after the kept)."""
     v_t, t_t = h[:, image_start:image_start + 576], h[:, image_start + 576:]
     m_v_t = (v_t @ t_t.transpose(1, 2)).softmax(2).mean(1)
     t_token_idx = torch.where(m_v_t > m_v_t.mean())[1]
@@ -67,6 +72,11 @@ def sparsevlm_keep(model, h: torch.Tensor, image_start: int, counts) -> list[lis
         centres, merged = dpc_knn(out[:, image_start + dropped[stage2]], int(stage2.shape[0] / 10) + 1)
         h = torch.cat([out[:, :image_start], out[:, image_start + top], merged[None], out[:, text_start:]], dim=1)
         ident = [ident[i] for i in top.tolist()] + [ident[int(dropped[stage2[c]])] for c in centres]
+        if at_centres:
+            place = sorted(range(len(ident)), key=lambda i: ident[i])
+            v = h[:, image_start:image_start + len(ident)][:, place]
+            h = torch.cat([h[:, :image_start], v, h[:, image_start + len(ident):]], dim=1)
+            ident = [ident[i] for i in place]
         pos = torch.arange(h.shape[1])
         stages.append(sorted(ident))
     return stages
@@ -75,12 +85,18 @@ def sparsevlm_keep(model, h: torch.Tensor, image_start: int, counts) -> list[lis
 @pytest.mark.parametrize("attn", IMPLS)
 @pytest.mark.parametrize("name", SETTINGS)
 def test_sparsevlm_keeps_what_sparsevlm_keeps(name, attn, ref, cases, llm_in, compiled, once):
-    scores = []
     for case in cases:
         want = once((name, case.seed), lambda: sparsevlm_keep(ref, llm_in(case), case.image_start, SETTINGS[name]))
         kept, _, _ = compiled(name, attn, case)
         got = [sorted(kept[f"llm.layer{k + 1}#{i}"]) for i, k in enumerate(LAYERS)]
-        assert [len(g) for g in got] == [len(w) for w in want]
-        assert got[0] == want[0], f"seed {case.seed}"
-        scores += [plain.jaccard(g, w) for g, w in zip(got[1:], want[1:])]
-    assert min(scores) >= FLOORS[name], scores
+        assert got == want, f"seed {case.seed}"
+        old = once((name, case.seed, "at centres"), lambda: sparsevlm_keep(
+            ref, llm_in(case), case.image_start, SETTINGS[name], at_centres=True))
+        PLACEMENT_MATTERS.append(old != want)
+
+
+def test_sparsevlm_placement_is_exercised():
+    # the clusters' place changes the tokens kept at stages 2-3 on some seed and setting
+    if not PLACEMENT_MATTERS:
+        pytest.skip("run with the test above")
+    assert any(PLACEMENT_MATTERS)

@@ -528,10 +528,16 @@ class LlmRuntime:
                          seq_pos=img_pos.view(b * st.images, k_in))
         values, src, new = self.log.run(f"{stage.site.text()}#{stage.index}", stage, view)
         order = src.argsort(dim=1)
-        src = src.gather(1, order)
-        new = new.take(order)
         k_out = src.shape[1]
-        chosen = img_rows.view(b * st.images, k_in).gather(1, src).view(b, st.images * k_out)
+        chosen = img_rows.view(b * st.images, k_in).gather(1, src.gather(1, order)).view(b, st.images * k_out)
+        if stage.rest is not None and stage.rest.appends:
+            # the output order is the sequence order: the image's slots (its chosen rows,
+            # ascending) take the tokens as the option returns them, identities with them
+            ident = st.pos.gather(1, img_rows.view(b * st.images, k_in).gather(1, src).view(b, -1))
+            order = torch.arange(k_out, device=src.device).expand(b * st.images, -1)
+        else:
+            ident = st.pos.gather(1, chosen)
+            new = new.take(order)
         keep = ~st.is_img
         keep = keep.scatter(1, chosen, True)
         rows = keep.nonzero()[:, 1].view(b, -1)
@@ -543,7 +549,7 @@ class LlmRuntime:
             values = ops.gather_tokens(values, order).reshape(b, -1, d).to(out.dtype)
             out.scatter_(1, slot[..., None].expand(-1, -1, d), values)
         self.log.llm[f"{stage.site.text()}#{stage.index}"] = (k_in, k_out)
-        self.log.kept[f"{stage.site.text()}#{stage.index}"] = st.pos.gather(1, chosen)
+        self.log.kept[f"{stage.site.text()}#{stage.index}"] = ident.sort(dim=1).values
         if stage.renumber or st.pid is not None:
             pid = self._positions(st).gather(1, rows)
             if stage.renumber:
@@ -551,7 +557,7 @@ class LlmRuntime:
                 pid = pid - (rows - torch.arange(rows.shape[1], device=rows.device))
                 st.shift += n - rows.shape[1]
             st.pid = pid
-        st.pos = st.pos.gather(1, rows)
+        st.pos = st.pos.gather(1, rows).scatter(1, torch.searchsorted(rows, chosen), ident)
         if st.rows is not None:
             st.rows = st.rows.gather(1, rows)
             st.pruned = True

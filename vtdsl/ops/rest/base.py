@@ -91,6 +91,12 @@ class RestPlan:
         return self.tokens > 0
 
     @property
+    def appends(self) -> bool:
+        """LLM stages: whether the option's tokens follow the kept ones in the sequence, in
+        the order `run` returns them (else each takes its identity's place)."""
+        return False
+
+    @property
     def keys_layer(self) -> int | None:
         """The ViT layer whose attention keys the op reads (the compiler captures them)."""
         return None

@@ -2,8 +2,10 @@
 
 Of the tokens the terms did not keep, the N the first term scores highest (a percentage:
 of those dropped tokens) are clustered by DPC-kNN into M tokens (a percentage: of the N),
-kept after the selected ones; the other dropped tokens are discarded. Cost: the recycled
-tokens' pairwise distances, ``2·N²·d``.
+kept after the selected ones; the other dropped tokens are discarded. In the LLM the
+cluster tokens follow the image's kept tokens, as v1 appends them: they take the image's
+last slots (with `renumber`, v1's positions); a cluster is still named by its centre.
+Cost: the recycled tokens' pairwise distances, ``2·N²·d``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ class Recycled(RestPlan):
     @property
     def tokens(self) -> int:
         return self.clusters
+
+    @property
+    def appends(self) -> bool:
+        return True  # v1 appends the cluster tokens after the kept visual tokens
 
     def flops(self, stage, d: int, head_dim: int) -> int:
         return 2 * self.count * self.count * d  # DPC-kNN: one m x m distance matrix
