@@ -68,6 +68,22 @@ def _copies_rows(stage: ResolvedStage) -> bool:
     return stage.action in ("keep", "drop") and not (stage.rest is not None and stage.rest.merges)
 
 
+def _placement(st: LlmState, stage: ResolvedStage, img_rows: Tensor, src: Tensor,
+               new: Tokens) -> tuple[Tensor, Tensor, Tensor, Tokens]:
+    """Where a stage's output tokens go: the rows they occupy ``[B, images·k]``
+    (ascending), the prompt position naming each row's token, the output token each row
+    takes ``[B·images, k]`` and the tokens' identities in row order."""
+    b = st.pos.shape[0]
+    order = src.argsort(dim=1)
+    chosen = img_rows.gather(1, src.gather(1, order)).view(b, -1)
+    if stage.rest is not None and stage.rest.appends:
+        # the output order is the sequence order: the image's slots (its chosen rows,
+        # ascending) take the tokens as the option returns them, identities with them
+        ident = st.pos.gather(1, img_rows.gather(1, src).view(b, -1))
+        return chosen, ident, torch.arange(src.shape[1], device=src.device).expand_as(src), new
+    return chosen, st.pos.gather(1, chosen), order, new.take(order)
+
+
 @dataclass
 class LlmState:
     """One prompt (batch) from prefill through its decode steps.
@@ -527,17 +543,8 @@ class LlmRuntime:
         view = StageView(x_img, st.vtok, score_of, text_pivots, total_of, self.norm_weight,
                          seq_pos=img_pos.view(b * st.images, k_in))
         values, src, new = self.log.run(f"{stage.site.text()}#{stage.index}", stage, view)
-        order = src.argsort(dim=1)
         k_out = src.shape[1]
-        chosen = img_rows.view(b * st.images, k_in).gather(1, src.gather(1, order)).view(b, st.images * k_out)
-        if stage.rest is not None and stage.rest.appends:
-            # the output order is the sequence order: the image's slots (its chosen rows,
-            # ascending) take the tokens as the option returns them, identities with them
-            ident = st.pos.gather(1, img_rows.view(b * st.images, k_in).gather(1, src).view(b, -1))
-            order = torch.arange(k_out, device=src.device).expand(b * st.images, -1)
-        else:
-            ident = st.pos.gather(1, chosen)
-            new = new.take(order)
+        chosen, ident, order, new = _placement(st, stage, img_rows.view(b * st.images, k_in), src, new)
         keep = ~st.is_img
         keep = keep.scatter(1, chosen, True)
         rows = keep.nonzero()[:, 1].view(b, -1)
