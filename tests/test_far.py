@@ -75,8 +75,8 @@ def test_count_and_cost():
 def _dart_reference(model, ids, px, pivots_img: int, pivots_txt: int, per_pivot: int, mask=None,
                     normed: bool = False) -> list[list[int]]:
     """DART at layer 2: pivots by the L1 norm of layer 1's cached keys (4 image tokens, 4
-    text tokens after the image); each pivot in turn (image pivots by position, then text
-    pivots by position) keeps the per_pivot image tokens least cosine-similar to it among
+    text tokens after the image); each pivot in turn (in DART's walk: the Python set of
+    their positions, image then text pivots inserted in score order) keeps the per_pivot image tokens least cosine-similar to it among
     those still free; text pivots are not kept."""
     mask = torch.ones_like(ids) if mask is None else mask
     with torch.no_grad():
