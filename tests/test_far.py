@@ -76,8 +76,9 @@ def _dart_reference(model, ids, px, pivots_img: int, pivots_txt: int, per_pivot:
                     normed: bool = False) -> list[list[int]]:
     """DART at layer 2: pivots by the L1 norm of layer 1's cached keys (4 image tokens, 4
     text tokens after the image); each pivot in turn (in DART's walk: the Python set of
-    their positions, image then text pivots inserted in score order) keeps the per_pivot image tokens least cosine-similar to it among
-    those still free; text pivots are not kept."""
+    their positions, image then text pivots inserted in score order) keeps the per_pivot
+    image tokens least cosine-similar to it among those still free; text pivots are not
+    kept."""
     mask = torch.ones_like(ids) if mask is None else mask
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, pixel_values=px, use_cache=True, output_hidden_states=True)
