@@ -134,10 +134,18 @@ def test_no_import_cycle_at_module_level():
     assert not cycles, f"{len(cycles)} import cycle(s) run at import time:\n" + "\n".join(cycles[:15])
 
 
+# Function-local imports that are a data type's convenience over the service that implements
+# it, allowed by name: `ModelSpec.build()` / `.param_count()` call `vtdsl.models.loading`,
+# which takes specs as arguments. Everything else in a cycle is a layering mistake.
+CONVENIENCE_EDGES = {("vtdsl.models.spec", "vtdsl.models.loading")}
+
+
 def test_no_import_cycle_through_lazy_imports():
     """A function-local import that closes a cycle only hides it: the two modules still
     need each other."""
-    cycles = _cycles(import_graph())
+    graph = import_graph()
+    graph.remove_edges_from(CONVENIENCE_EDGES)
+    cycles = _cycles(graph)
     assert not cycles, f"{len(cycles)} import cycle(s) (function-local imports included):\n" + "\n".join(cycles[:15])
 
 

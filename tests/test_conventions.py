@@ -14,7 +14,7 @@ from vtdsl.cli import main
 from vtdsl.cli.check_cmd import load_plan
 from vtdsl.cost import estimate, estimate_counts
 from vtdsl.cost.conventions import CONVENTIONS, Convention, get_convention
-from vtdsl.cost.model import estimate_expected, expected_counts
+from vtdsl.cost.estimate import estimate_expected, expected_counts
 from vtdsl.models import get_spec
 
 ROOT = Path(__file__).resolve().parent.parent

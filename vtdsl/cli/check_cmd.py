@@ -160,7 +160,7 @@ def convention_figures(plan, lengths, logits, newlines, expect_tokens) -> dict:
     """The convention figures over several prompt lengths, without LLaVA-NeXT's newline
     tokens, and for an adaptive policy's expected token count: the payload keys they add."""
     from ..cost import estimate
-    from ..cost.model import estimate_expected
+    from ..cost.estimate import estimate_expected
     from ..cost.report import average_conventions
 
     out: dict = {"conventions": average_conventions([estimate(plan, t, logits) for t in lengths], newlines)}

@@ -11,7 +11,8 @@ per-layer token counts without a Plan (search loops call it many thousand times 
 """
 
 from .budget import METRICS, budget_text, over_budget, parse_budget, verdicts
-from .model import PARTS, Side, estimate, estimate_counts
+from .estimate import estimate, estimate_counts
+from .model import PARTS, Side
 from .report import CostReport
 
 __all__ = [

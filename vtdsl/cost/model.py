@@ -12,13 +12,14 @@ where qd = heads·head_dim and kvd = kv_heads·head_dim. The `hf` convention equ
 meta tensors; attention at full N², causal or not): ViT layers + patch conv, projector,
 LLM layers, lm_head on the last position (`logits="last"`, generate's prefill) or on all.
 Both are rows of `vtdsl.cost.conventions.CONVENTIONS`, with the other papers' ways of
-counting; `expected_counts` gives an adaptive plan's counts at a measured mean.
+counting. `vtdsl.cost.estimate` sums them into reports (and gives an adaptive plan's
+counts at a measured mean).
 """
 
 from __future__ import annotations
 
 from operator import mul
-from typing import Iterable, Literal, Sequence
+from typing import Literal
 
 from ..models.spec import ModelSpec
 from .conventions import CONVENTIONS, llm_coefficients
@@ -221,138 +222,3 @@ def _baseline(k: _Constants, T: int, logits: str, ctx: int) -> Side:
             k.baselines.clear()
         k.baselines[key] = side
     return side
-
-
-def estimate_counts(
-    spec: ModelSpec,
-    vit_tokens: Sequence[int],
-    projector_tokens: int,
-    llm_visual: Sequence[int],
-    text_tokens: int = 64,
-    *,
-    observations: Iterable = (),
-    stages: Iterable = (),
-    extra_flops: int = 0,
-    logits: Logits = "last",
-    decode_context: int | None = None,
-):
-    """Cost of a prefill with the given per-layer token counts (no Plan needed).
-
-    `vit_tokens[i]`: tokens entering ViT layer i (CLS included; per crop);
-    `projector_tokens`: visual tokens entering the projector; `llm_visual[j]`: visual
-    tokens entering LLM layer j; `text_tokens`: the non-image positions of the prompt.
-    `observations` (vtdsl.ir.plan.Observation) and `stages` (ResolvedStage) add the
-    scorer extras of the contract; `extra_flops` adds any other counted work.
-    `decode_context`: tokens generated before the decode step that is costed (None = 0,
-    the first step after prefill).
-    """
-    from .report import CostReport
-
-    k = constants(spec)
-    if len(vit_tokens) != k.vit_layers:
-        raise ValueError(f"vit_tokens has {len(vit_tokens)} entries; '{spec.name}' has {k.vit_layers} ViT layers")
-    if len(llm_visual) != k.llm_layers:
-        raise ValueError(f"llm_visual has {len(llm_visual)} entries; '{spec.name}' has {k.llm_layers} LLM layers")
-    if logits != "last" and logits != "all":
-        raise ValueError(f"logits must be 'last' or 'all', not {logits!r}")
-    if text_tokens < 0:
-        raise ValueError(f"text_tokens must be >= 0, got {text_tokens}")
-    ctx = decode_context or 0
-    if ctx < 0:
-        raise ValueError(f"decode_context must be >= 0, got {decode_context}")
-    observations = tuple(observations)
-    stages = tuple(stages)
-    scorers = extra_flops
-    if observations or stages:
-        scorers += _scorer_total(k, vit_tokens, llm_visual, text_tokens, observations, stages)
-    policy = _side(k, vit_tokens, projector_tokens, llm_visual, text_tokens, logits, ctx, scorers)
-    baseline = _baseline(k, text_tokens, logits, ctx)
-    return CostReport(
-        spec, text_tokens, logits, ctx, baseline, policy, vit_tokens, llm_visual, observations, stages, extra_flops
-    )
-
-
-def estimate(plan, text_tokens: int = 64, logits: Logits = "last", decode_context: int | None = None):
-    """Cost of `plan` (a `vtdsl.ir.plan.Plan`) against the unpruned model."""
-    return estimate_counts(
-        plan.spec,
-        plan.vit_tokens,
-        plan.projector_tokens,
-        plan.llm_visual,
-        text_tokens,
-        observations=plan.observations,
-        stages=plan.stages,
-        logits=logits,
-        decode_context=decode_context,
-    )
-
-
-# ------------------------------------------------------------------ adaptive plans
-def expected_counts(plan, tokens: int) -> tuple[list[int], int, list[int]]:
-    """Per-layer counts of `plan` when its adaptive stages (`top N by ...`) keep, on
-    average, `tokens` tokens (a measured mean from an eval run, or an expectation),
-    instead of their upper bound. The first adaptive stage hands on `tokens` (clamped to
-    its range); every adaptive stage sits at the same fraction of its own range; a fixed
-    count never exceeds what enters it. Without adaptive stages: the plan's counts."""
-    spec = plan.spec
-    first = next((s for s in plan.stages if s.tokens_out_min is not None), None)
-    if first is None:
-        return list(plan.vit_tokens), plan.projector_tokens, list(plan.llm_visual)
-    span = first.tokens_out - first.fewest_out
-    frac = min(max((tokens - first.fewest_out) / span, 0.0), 1.0) if span else 1.0
-    walk = _ExpectedWalk(spec)
-    for stage in plan.stages:
-        out = stage.tokens_out
-        if stage.tokens_out_min is not None:
-            out = round(stage.fewest_out + frac * (stage.tokens_out - stage.fewest_out))
-        walk.leave(stage.site, min(out, walk.entering(stage.site)))
-    return walk.result()
-
-
-class _ExpectedWalk:
-    """The stream's counts stage by stage (the rules of vtdsl.ir.passes.infer_tokens)."""
-
-    def __init__(self, spec: ModelSpec):
-        self.spec = spec
-        self.cls = 1 if spec.has_cls else 0
-        self.vit = [spec.vit_tokens] * spec.vit.layers
-        self.patches = self.features = spec.patch_tokens
-        self.llm: list[int] | None = None
-
-    def _projector(self) -> int:
-        spec = self.spec
-        keeps_cls = spec.has_cls and spec.select_strategy == "full"
-        return (self.features // spec.spatial_merge**2 + (1 if keeps_cls else 0)) * spec.vit_crops
-
-    def entering(self, site) -> int:
-        if site.tower == "vit":
-            return self.patches if site.layer is not None else self.features
-        if self.llm is None:
-            self.llm = [self.spec.llm_entry_tokens(self._projector())] * self.spec.llm.layers
-        return self.llm[site.layer]
-
-    def leave(self, site, out: int) -> None:
-        spec = self.spec
-        if site.tower == "vit" and site.layer is not None:
-            self.patches = out
-            self.vit[site.layer:] = [out + self.cls] * (spec.vit.layers - site.layer)
-            if site.layer <= spec.feature_layer_index + 1:
-                self.features = out
-        elif site.tower == "vit":
-            self.features = out
-        else:
-            self.llm[site.layer:] = [out] * (spec.llm.layers - site.layer)
-
-    def result(self) -> tuple[list[int], int, list[int]]:
-        projector = self._projector()
-        llm = self.llm or [self.spec.llm_entry_tokens(projector)] * self.spec.llm.layers
-        return self.vit, projector, llm
-
-
-def estimate_expected(plan, tokens: int, text_tokens: int = 64, logits: Logits = "last",
-                      decode_context: int | None = None):
-    """`estimate(plan)` with the adaptive stages keeping `tokens` on average
-    (`expected_counts`); scorer extras stay charged at their bound."""
-    vit, projector, llm = expected_counts(plan, tokens)
-    return estimate_counts(plan.spec, vit, projector, llm, text_tokens, observations=plan.observations,
-                           stages=plan.stages, logits=logits, decode_context=decode_context)

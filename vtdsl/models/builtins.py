@@ -304,9 +304,10 @@ def specs_text(specs: dict[str, dict]) -> str:
     return json.dumps(specs, indent=1, sort_keys=True) + "\n"
 
 
-def shipped_spec(name: str):
+def shipped_spec(name: str, config_from_dict):
     """The built-in `name`'s ModelSpec from the shipped data, its transformers config
-    built only when asked for (`spec.config()`, `spec.build()`)."""
+    built only when asked for (`spec.config()`, `spec.build()`) by `config_from_dict` (the
+    registry's reader, passed in: the registry imports this module, not the reverse)."""
     from functools import partial
 
     from .spec import ModelSpec, TowerDims
@@ -314,13 +315,11 @@ def shipped_spec(name: str):
     data = _shipped()[name]
     kwargs = {key: _tuples(value) for key, value in data.items() if key not in ("vit", "llm")}
     return ModelSpec(vit=TowerDims(**data["vit"]), llm=TowerDims(**data["llm"]),
-                     make_config=partial(_builtin_config, name), **kwargs)
+                     make_config=partial(_builtin_config, name, config_from_dict), **kwargs)
 
 
-def _builtin_config(name: str):
-    from .registry import _config_from_dict
-
-    return _config_from_dict(builtin_config_dict(name))
+def _builtin_config(name: str, config_from_dict):
+    return config_from_dict(builtin_config_dict(name))
 
 
 _SHIPPED: dict[str, dict] = {}

@@ -313,7 +313,7 @@ def _token_facts(config, tc) -> dict[str, Any]:
 def _builtin_spec(name: str) -> ModelSpec:
     # spec_from_config's result, shipped as data (builtins.SHIPPED_SPECS; a test
     # regenerates it) so naming a built-in model does not import transformers
-    return shipped_spec(name)
+    return shipped_spec(name, _config_from_dict)
 
 
 @functools.lru_cache(maxsize=64)

@@ -25,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vtdsl.models.spec import ModelSpec, TowerDims
+from .spec import ModelSpec
 
 NAME = "tiny-llava-vtbench"
 DATA_DIR = Path(__file__).resolve().parent / "data" / NAME
@@ -73,33 +73,6 @@ def make_config(vocab_size: int, image_token_id: int, pad_token_id: int = 0,
     return config
 
 
-def spec_from_llava_config(config: Any, name: str = NAME, description: str = "") -> ModelSpec:
-    """A `ModelSpec` read off a LlavaConfig (CLIP + Llama)."""
-    v, t = config.vision_config, config.text_config
-    heads_t = t.num_attention_heads
-    return ModelSpec(
-        name=name,
-        family="llava",
-        description=description,
-        vit=TowerDims(layers=v.num_hidden_layers, hidden=v.hidden_size, ffn=v.intermediate_size,
-                      heads=v.num_attention_heads, kv_heads=v.num_attention_heads,
-                      head_dim=v.hidden_size // v.num_attention_heads, mlp="gelu"),
-        llm=TowerDims(layers=t.num_hidden_layers, hidden=t.hidden_size, ffn=t.intermediate_size,
-                      heads=heads_t, kv_heads=t.num_key_value_heads or heads_t,
-                      head_dim=getattr(t, "head_dim", None) or t.hidden_size // heads_t,
-                      mlp="swiglu"),
-        vocab_size=t.vocab_size,
-        image_size=v.image_size,
-        patch_size=v.patch_size,
-        channels=v.num_channels,
-        has_cls=True,
-        vision_feature_layer=config.vision_feature_layer,
-        select_strategy=config.vision_feature_select_strategy,
-        projector=(v.hidden_size, t.hidden_size, t.hidden_size),
-        dtype="float32",
-    )
-
-
 def load_config():
     """The shipped config (offline, from package data)."""
     from transformers import LlavaConfig
@@ -112,19 +85,11 @@ def vtbench_spec() -> ModelSpec:
     description = ("tiny LLaVA (CLIP 96px/8 + Llama) trained on vtbench; "
                    "144 visual tokens; real accuracy signal on CPU")
     config = load_config()
-    try:  # prefer the registry's reader when the models package provides one
-        from vtdsl.models import spec_from_config  # type: ignore[attr-defined]
-    except ImportError:
-        spec_from_config = None
-    if spec_from_config is not None:
-        from dataclasses import replace
-
-        spec = spec_from_config(config)
-        return replace(spec, name=NAME, description=description, make_config=load_config,
-                       source=str(DATA_DIR), pretrained=True)
     from dataclasses import replace
 
-    return replace(spec_from_llava_config(config, description=description), make_config=load_config,
+    from .registry import spec_from_config
+
+    return replace(spec_from_config(config), name=NAME, description=description, make_config=load_config,
                    source=str(DATA_DIR), pretrained=True)
 
 

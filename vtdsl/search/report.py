@@ -5,6 +5,7 @@ reference points (zoo policies, random and pooling baselines at the best policy'
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -13,6 +14,45 @@ from typing import Any
 
 from ..lang.errors import PolicyError
 from .storage import redacted
+
+
+@dataclasses.dataclass
+class SearchResult:
+    study: str
+    storage: str
+    out_dir: str
+    model: str
+    objective: str
+    budgets: list[str]
+    trials: list[dict]
+    best: dict | None
+    pareto: list[dict]
+    references: list[dict]
+    counts: dict
+    files: dict
+    interrupted: bool = False
+    ran: int = 0  # trials finished by this invocation (its worker processes included)
+    others: int = 0  # trials other processes finished on the same study meanwhile
+
+    def summary(self) -> dict:
+        return {
+            "study": self.study, "storage": self.storage, "out_dir": self.out_dir, "model": self.model,
+            "objective": self.objective, "budgets": self.budgets, "counts": self.counts, "ran": self.ran,
+            "others": self.others,
+            "best": self.best, "pareto": self.pareto, "references": self.references, "files": self.files,
+            "interrupted": self.interrupted,
+        }
+
+
+def cost_of(report) -> dict:
+    return {
+        "flops_ratio": report.flops_ratio,
+        "flops": report.flops,
+        "flops_fastv_ratio": report.fastv_ratio,
+        "kv_ratio": report.kv_ratio,
+        "visual_tokens": report.visual_tokens_to_llm,
+    }
+
 
 ZOO_DIR = Path(__file__).resolve().parents[2] / "policies"
 TRIALS_SCHEMA = 1
@@ -114,7 +154,6 @@ def _evaluate_reference(ctx, name: str, kind: str, source: str, file: str | None
     from ..cost import estimate, verdicts
     from ..ir import check
     from ..lang import format_policy, parse
-    from .run import cost_of
 
     row: dict[str, Any] = {"name": name, "kind": kind, "file": file}
     try:
@@ -346,8 +385,6 @@ def _flops_budget(ctx) -> float | None:
 def finish(ctx, study, storage_url: str, out_dir: str, *, ran: int, interrupted: bool, log=None):
     """Collect the study, evaluate the references, write every output file. An
     interrupt while the references are scored skips them (the outputs are still written)."""
-    from .run import SearchResult
-
     rows = collect(study)
     counts = counts_of(rows)
     best = best_of(rows)

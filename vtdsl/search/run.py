@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..lang.errors import PolicyError
+from .report import SearchResult, cost_of
 from .storage import StudyLock, open_storage, redacted, resolve, storage_errors
 
 __all__ = ["SearchConfig", "SearchInterrupted", "SearchResult", "open_storage", "search"]
@@ -81,34 +82,6 @@ class SearchConfig:
     syntax: str | None = None
     weights: str | None = None
     verbose: bool = False  # show transformers' own loading bars
-
-
-@dataclasses.dataclass
-class SearchResult:
-    study: str
-    storage: str
-    out_dir: str
-    model: str
-    objective: str
-    budgets: list[str]
-    trials: list[dict]
-    best: dict | None
-    pareto: list[dict]
-    references: list[dict]
-    counts: dict
-    files: dict
-    interrupted: bool = False
-    ran: int = 0  # trials finished by this invocation (its worker processes included)
-    others: int = 0  # trials other processes finished on the same study meanwhile
-
-    def summary(self) -> dict:
-        return {
-            "study": self.study, "storage": self.storage, "out_dir": self.out_dir, "model": self.model,
-            "objective": self.objective, "budgets": self.budgets, "counts": self.counts, "ran": self.ran,
-            "others": self.others,
-            "best": self.best, "pareto": self.pareto, "references": self.references, "files": self.files,
-            "interrupted": self.interrupted,
-        }
 
 
 # ---------------------------------------------------------------------------------------
@@ -281,16 +254,6 @@ class _Context:
             metrics = {"score": float(value)}
         metrics["score"] = float(metrics["score"])
         return metrics
-
-
-def cost_of(report) -> dict:
-    return {
-        "flops_ratio": report.flops_ratio,
-        "flops": report.flops,
-        "flops_fastv_ratio": report.fastv_ratio,
-        "kv_ratio": report.kv_ratio,
-        "visual_tokens": report.visual_tokens_to_llm,
-    }
 
 
 def _over_text(v: dict) -> str:
