@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
+from ..._ranked import add_ranked
+
 
 class MissingInput(ValueError):
     """A runtime op found no input it needs (the compiler names the stage)."""
@@ -181,13 +183,7 @@ _TABLE: dict[str, RestOption] = {}
 
 def register(option: RestOption) -> RestOption:
     """Add an option to the table (a kind is registered once), kept in `rank` order."""
-    if option.kind in _TABLE:
-        raise ValueError(f"rest option '{option.kind}' is registered twice")
-    _TABLE[option.kind] = option
-    ordered = sorted(_TABLE.values(), key=lambda o: o.rank)
-    _TABLE.clear()
-    _TABLE.update((o.kind, o) for o in ordered)
-    return option
+    return add_ranked(_TABLE, option.kind, option, "rest option")
 
 
 def table() -> dict[str, RestOption]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from ..._ranked import add_ranked
+
 
 @dataclass(frozen=True)
 class ScoreSize:
@@ -114,12 +116,7 @@ def register(*entries: ScorerInfo) -> None:
     """Add a family module's entries to `SCORERS` (a name is registered once), kept in
     `rank` order whatever order the family modules are imported in."""
     for info in entries:
-        if info.name in SCORERS:
-            raise ValueError(f"scorer '{info.name}' is registered twice")
-        SCORERS[info.name] = info
-    ordered = sorted(SCORERS.values(), key=lambda i: i.rank)
-    SCORERS.clear()
-    SCORERS.update((i.name, i) for i in ordered)
+        add_ranked(SCORERS, info.name, info, "scorer")
 
 
 def by_canonical(canonical: str) -> ScorerInfo:
