@@ -111,21 +111,26 @@ class Latency:
     baseline_decode: PhaseTime
     policy_decode: PhaseTime
 
+    def metric(self, name: str) -> tuple[float, float]:
+        """(policy, baseline) seconds of a budget metric: latency (prefill) or
+        decode_latency (one decode step at the report's context)."""
+        phases = {"latency": (self.policy_prefill, self.baseline_prefill),
+                  "decode_latency": (self.policy_decode, self.baseline_decode)}
+        if name not in phases:
+            raise ValueError(f"unknown latency metric {name!r}")
+        policy, baseline = phases[name]
+        return policy.seconds, baseline.seconds
+
     @property
     def prefill_speedup(self) -> float:
-        return self.baseline_prefill.seconds / self.policy_prefill.seconds
+        """Unpruned over pruned prefill time: above 1 the policy is faster."""
+        policy, baseline = self.metric("latency")
+        return baseline / policy
 
     @property
     def decode_speedup(self) -> float:
-        return self.baseline_decode.seconds / self.policy_decode.seconds
-
-    def metric(self, name: str) -> tuple[float, float]:
-        """(policy, baseline) seconds of a budget metric: latency or decode_latency."""
-        if name == "latency":
-            return self.policy_prefill.seconds, self.baseline_prefill.seconds
-        if name == "decode_latency":
-            return self.policy_decode.seconds, self.baseline_decode.seconds
-        raise ValueError(f"unknown latency metric {name!r}")
+        policy, baseline = self.metric("decode_latency")
+        return baseline / policy
 
     def to_json(self) -> dict:
         def phase(t: PhaseTime) -> dict:

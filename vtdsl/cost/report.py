@@ -52,14 +52,17 @@ class CostReport:
 
     @property
     def flops_ratio(self) -> float:
+        """Policy over unpruned prefill FLOPs (`hf` convention): below 1 the policy saves."""
         return self.policy.flops / self.baseline.flops
 
     @property
     def fastv_ratio(self) -> float:
+        """The same ratio in FastV's convention (LLM layers only)."""
         return self.policy.fastv / self.baseline.fastv
 
     @property
     def kv_ratio(self) -> float:
+        """Policy over unpruned KV-cache bytes after prefill."""
         return self.policy.kv_bytes / self.baseline.kv_bytes
 
     @property

@@ -288,15 +288,9 @@ def unique(x: Tensor | None, k: int, *, seed_mask: Tensor | None = None, exclude
 
 
 def far(
-    x: Tensor,
-    pivot_mask: Tensor,
-    per_pivot: int,
-    *,
-    extra_pivots: Tensor | None = None,
-    exclude: Tensor | None = None,
-    keys: Tensor | None = None,
-    extra_keys: Tensor | None = None,
-    pivot_scores: Tensor | None = None,
+    x: Tensor, pivot_mask: Tensor, per_pivot: int, *,
+    extra_pivots: Tensor | None = None, extra_keys: Tensor | None = None, pivot_scores: Tensor | None = None,
+    exclude: Tensor | None = None, keys: Tensor | None = None,
 ) -> Tensor:
     """Pivot-based duplicate removal (DART): each pivot in turn keeps the `per_pivot`
     available tokens least cosine-similar to it.

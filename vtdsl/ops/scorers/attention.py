@@ -62,6 +62,18 @@ def _key_mask(key_index: Tensor | slice, b: int, n: int, device: torch.device) -
     return allowed[:, None, None, :]
 
 
+def restrict_mask(mask: Tensor | None, allowed: Tensor) -> Tensor:
+    """`mask` (None, boolean, or additive float) narrowed to the `allowed` keys, in the
+    form the caller passed: a boolean stays boolean, an additive mask gets -inf."""
+    import torch
+
+    if mask is None:
+        return allowed
+    if mask.dtype == torch.bool:
+        return mask & allowed
+    return mask.float().masked_fill(~allowed, float("-inf"))
+
+
 def _query_masks(q_rows: Tensor, n: int, key_index, query_positions, softmax_over: str) -> list[Tensor]:
     """The boolean masks `query_attention` adds: causality of the query rows, and the
     selected key columns when the softmax runs over them only."""
@@ -144,12 +156,7 @@ def query_attention(
         combined = masks[0]
         for extra in masks[1:]:
             combined = combined & extra
-        if mask is None:
-            mask = combined
-        elif mask.dtype == torch.bool:
-            mask = mask & combined
-        else:
-            mask = mask.float().masked_fill(~combined, float("-inf"))
+        mask = restrict_mask(mask, combined)
 
     if query_mask is None:
         probs = attention_probs(q_rows, k, mask=mask, head_reduce=head_reduce, scale=scale, head_columns=head_columns)
@@ -363,13 +370,7 @@ def llm_attention(ctx: ScoreContext) -> Tensor:
     q = split_heads(ctx.captured["q"].float(), ctx.heads)
     q_rows, mask, qpos, query_mask = _query_rows(ctx, q, cos, sin)
     if obs.image_keys:  # FEATHER: the softmax over the image tokens' keys only
-        allowed = ctx.is_img[:, None, None, :]
-        if mask is None:
-            mask = allowed
-        elif mask.dtype == torch.bool:
-            mask = mask & allowed
-        else:
-            mask = mask.float().masked_fill(~allowed, float("-inf"))
+        mask = restrict_mask(mask, ctx.is_img[:, None, None, :])
     return query_attention(q_rows, k, None, mask=mask, query_positions=qpos, scale=ctx.scaling,
                            head_reduce=obs.heads, head_columns=None if isinstance(obs.heads, str) else ctx.is_img,
                            query_mask=query_mask)
