@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -32,13 +33,43 @@ reproduces exactly and what it approximates; `docs/zoo-notes.md` has the details
   the unpruned model (the convention that equals torch's FlopCounterMode);
   *FLOPs (fastv)*: FastV's LLM-only `4nd² + 2n²d + 2ndm` convention, the one papers quote.
 - *KV*: KV-cache bytes after prefill relative to the unpruned model.
+- *authors' code*: what `tests/conformance/` asserts against the authors' selection code
+  (the `# conformance:` comment on each file's `policy` line, checked against the tests by
+  `tests/conformance/test_coverage.py`): *exact* = equal kept sets; *≈ J≥x* = a documented
+  approximation whose kept sets overlap the authors' by at least Jaccard x on every seed;
+  *no code released*: nothing to compare with; *baseline*: no authors.
 - *≤*: a figure the cost model gives as an upper bound, because an adaptive count
   (`top N by ...`) decides it per image (a real run may keep fewer tokens). FlowCut's
   cuts vary only inside the ViT: its LLM figures are exact, its total FLOPs a bound.
 
-| policy | stages | tokens → LLM | mean over LLM layers | FLOPs (hf) | FLOPs (fastv) | KV |
-|---|---|---:|---:|---:|---:|---:|
+| policy | authors' code | stages | tokens → LLM | mean over LLM layers | FLOPs (hf) | FLOPs (fastv) | KV |
+|---|---|---|---:|---:|---:|---:|---:|
 """
+
+
+CLAIM = re.compile(r'policy "[^"]+"  # conformance: (?:(?P<exact>exact)|jaccard >= (?P<floor>[01]\.\d\d)'
+                   r"|(?P<none>no code released|baseline))(?: \((?P<test>tests/conformance/test_\w+\.py)\))?"
+                   r"(?:: (?P<note>.+))?$")
+
+
+def conformance_claim(path: Path) -> dict:
+    """The `# conformance:` comment on the file's `policy` line (there, not in the header
+    above it, so that adding it moved no line of any diagnostic): {"floor": 1.0 (exact) |
+    the Jaccard floor | None, "test": its test file or None, "kind", "note"}. Exact and
+    floor claims name their test; the others name none."""
+    lines = [ln for ln in path.read_text().splitlines() if ln.startswith("policy ")]
+    match = CLAIM.match(lines[0]) if len(lines) == 1 else None
+    if match is None or (match["none"] is None) != (match["test"] is not None):
+        raise SystemExit(f"{path.name}: expected 'policy \"NAME\"  # conformance: exact (tests/conformance/"
+                         "test_X.py)', '... jaccard >= 0.NN (tests/...)', '... no code released' or '... baseline'")
+    floor = 1.0 if match["exact"] else float(match["floor"]) if match["floor"] else None
+    return {"floor": floor, "test": match["test"], "kind": match["none"], "note": match["note"]}
+
+
+def claim_cell(path: Path) -> str:
+    claim = conformance_claim(path)
+    text = claim["kind"] or ("exact" if claim["floor"] == 1.0 else f"≈ J≥{claim['floor']:.2f}")
+    return text + (f" ({claim['note']})" if claim["note"] else "")
 
 
 def stage_text(path: Path) -> str:
@@ -108,7 +139,7 @@ def row(path: Path, model: str, text_tokens: int) -> str:
     b = "≤ " if _llm_varies(data) else ""
     t = "≤ " if _adaptive(data) else ""
     return (
-        f"| `{path.stem}` | `{stages}` | {b}{data['visual_tokens_to_llm']} | {b}{sum(llm) / len(llm):.1f} "
+        f"| `{path.stem}` | {claim_cell(path)} | `{stages}` | {b}{data['visual_tokens_to_llm']} | {b}{sum(llm) / len(llm):.1f} "
         f"| {t}{100 * data['flops']['ratio']:.1f}% | {b}{100 * data['flops_fastv']['ratio']:.1f}% "
         f"| {b}{100 * data['kv_cache_bytes']['ratio']:.1f}% |"
     )

@@ -3,11 +3,14 @@ no code was released (the baselines have no authors)."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from pathlib import Path
 
 from .conftest import POLICIES
 
 HERE = Path(__file__).parent
+ROOT = HERE.parents[1]
 BASELINES = ("random", "pool")
 
 
@@ -24,3 +27,32 @@ def test_every_method_has_a_conformance_test_or_says_it_has_no_code():
             missing.append(method)
     assert missing == []
     assert len(methods) >= 17
+
+
+def _gen_zoo_table():
+    spec = importlib.util.spec_from_file_location("gen_zoo_table", ROOT / "scripts" / "gen_zoo_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_each_files_conformance_line_is_what_its_test_asserts():
+    """docs/zoo.md's "authors' code" column comes from the `# conformance:` comments: an exact
+    (1.0) or floor claim must equal CLAIMS[policy] in the test module it names, whose
+    assertions use that number; every CLAIMS entry must be some file's claim."""
+    claim_of = _gen_zoo_table().conformance_claim
+    claimed = {}
+    for path in sorted(POLICIES.glob("*.vt")):
+        claim = claim_of(path)
+        if claim["kind"] == "baseline":
+            assert path.stem.split("-")[0] in BASELINES, path.name
+        elif claim["kind"] == "no code released":
+            assert "No official code was released" in path.read_text(), path.name
+        else:
+            module = importlib.import_module(f"{__package__}.{Path(claim['test']).stem}")
+            assert module.CLAIMS.get(path.stem) == claim["floor"], (path.name, claim)
+            claimed[path.stem] = claim["floor"]
+    for test in sorted(HERE.glob("test_*.py")):
+        module = importlib.import_module(f"{__package__}.{test.stem}")
+        for name, floor in getattr(module, "CLAIMS", {}).items():
+            assert claimed.get(name) == floor, (test.name, name)

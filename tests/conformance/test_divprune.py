@@ -13,6 +13,8 @@ import torch
 
 from .conftest import IMPLS
 
+CLAIMS = {"divprune": 1.0}  # the policy's `# conformance:` line (1.0: equal kept sets)
+
 
 def divprune_keep(visual_feature_vectors: torch.Tensor, threshold_ratio: float = 0.098) -> list[int]:
     threshold_terms = int(round(threshold_ratio * visual_feature_vectors.shape[0]))

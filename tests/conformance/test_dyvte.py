@@ -17,6 +17,8 @@ import torch
 from . import plain
 from .conftest import IMPLS
 
+CLAIMS = {"dyvte": 1.0}  # equal logits after the forced exit step
+
 
 def dyvte_logits(model, h: torch.Tensor, image_start: int, exit_layer: int = 15) -> torch.Tensor:
     pos = torch.arange(h.shape[1])

@@ -14,6 +14,8 @@ import torch
 from . import plain
 from .conftest import IMPLS
 
+CLAIMS = {"fastv": 1.0}  # the policy's `# conformance:` line (1.0: equal kept sets)
+
 
 def fastv_keep(model, h: torch.Tensor, image_start: int, agg_layer: int = 2, rank: int = 288) -> list[int]:
     pos = torch.arange(h.shape[1])

@@ -20,6 +20,7 @@ from . import plain
 from .conftest import IMPLS
 
 SETTINGS = {"flowcut": 64, "flowcut-128": 128, "flowcut-192": 192}
+CLAIMS = dict.fromkeys(SETTINGS, 1.0)  # the policies' `# conformance:` lines (1.0: equal kept sets)
 
 
 def flowcut_keep(model, h: torch.Tensor, target_num: int, select_layer: int = 22) -> dict[int, list[int]]:

@@ -21,6 +21,7 @@ from . import plain
 from .conftest import IMPLS
 
 SETTINGS = {"holov": 64, "holov-128": 128, "holov-192": 192}
+CLAIMS = dict.fromkeys(SETTINGS, 1.0)  # the policies' `# conformance:` lines (1.0: equal kept sets)
 
 
 def holov_keep(image_token: torch.Tensor, image_attention: torch.Tensor, new_image_token_num: int,

@@ -19,6 +19,7 @@ from .conftest import IMPLS
 
 SCHEDULES = {"pdrop": ((8, 16, 24), (288, 144, 72)), "pdrop-192": ((2, 8, 16), (320, 182, 101)),
              "pdrop-128": ((2, 8, 16), (240, 102, 43)), "pdrop-64": ((2, 8, 16), (112, 20, 4))}
+CLAIMS = dict.fromkeys(SCHEDULES, 1.0)  # the policies' `# conformance:` lines (1.0: equal kept sets)
 
 
 def pdrop_keep(model, h: torch.Tensor, image_start: int, layer_list, keep_lengths) -> list[list[int]]:

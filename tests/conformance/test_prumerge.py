@@ -22,6 +22,7 @@ import torch
 from . import plain
 from .conftest import IMPLS
 
+CLAIMS = {"prumerge": 0.0}  # against PruMerge's own layer-23 score (the zoo reads layer 22)
 
 
 def prumerge_cls_attention(model, out) -> torch.Tensor:
@@ -55,7 +56,7 @@ def test_prumerge_count_and_selection_rule_on_the_zoos_score(attn, ref, cases, v
         got, want, out = _zoo_and_rule(case, attn, vit_out, compiled)
         if want:  # an image with no outlier: see the next test
             assert got == want, f"seed {case.seed}"
-        assert plain.jaccard(got, prumerge_keep(prumerge_cls_attention(ref, out))) == 0.0  # as the header states
+        assert plain.jaccard(got, prumerge_keep(prumerge_cls_attention(ref, out))) == CLAIMS["prumerge"]
 
 
 def test_with_no_outlier_the_zoo_keeps_one_patch_where_prumerge_keeps_none(cases, vit_out, compiled):

@@ -19,6 +19,7 @@ from . import plain
 from .conftest import IMPLS
 
 SETTINGS = {"visionzip": (162, 30), "visionzip-128": (108, 20), "visionzip-64": (54, 10)}
+CLAIMS = dict.fromkeys(SETTINGS, 1.0)  # the policies' `# conformance:` lines (1.0: equal kept sets)
 
 
 def visionzip(model, out, feature_layer: int, dominant: int, contextual: int):

@@ -13,6 +13,8 @@ import torch
 
 from .conftest import IMPLS
 
+CLAIMS = {"vtc-cls": 1.0}  # the policy's `# conformance:` line (1.0: equal kept sets)
+
 
 def vtc_cls_keep(attentions, start_layer: int = 22, token_num: int = 64) -> list[int]:
     cls_attn_sum = torch.stack([a[0].mean(0)[0, 1:] for a in attentions[start_layer:-1]]).sum(0)
