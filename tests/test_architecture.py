@@ -4,7 +4,8 @@
   import time nor once function-local imports are added;
 - the pipeline order of docs/dev/contracts.md holds: lang imports no ir / cost / compiler
   (of ops only the torch-free catalogues vtdsl.ops.scorers and vtdsl.ops.rest), ir no cost
-  / compiler, cost no compiler, ops no compiler / cli;
+  / compiler, cost no compiler, ops no compiler / cli, models (the spec rules of the
+  families included) no compiler / cli;
 - those two catalogues import no torch at module level, neither themselves nor through
   the vtdsl modules they import at module level;
 - no function in vtdsl/ is over 80 lines unless its docstring says why (it mentions
@@ -33,6 +34,7 @@ FORBIDDEN = {
     "vtdsl.ir": ("vtdsl.cost", "vtdsl.compiler"),
     "vtdsl.cost": ("vtdsl.compiler",),
     "vtdsl.ops": ("vtdsl.compiler", "vtdsl.cli"),
+    "vtdsl.models": ("vtdsl.compiler", "vtdsl.cli"),
 }
 ALLOWED = {"vtdsl.lang": TORCH_FREE}  # exceptions to FORBIDDEN
 

@@ -149,3 +149,39 @@ def test_a_plan_fits_only_its_familys_layout():
     with pytest.raises(vc.CompileError, match=r"whose family \(llava\) differs from the model's \(qwen2.5-vl\)"):
         vc.compile(plan, llava.build(), spec=replace(llava, family="qwen2.5-vl"))
     assert vc.compiled(model) is None
+
+
+def test_families_are_discovered_modules_in_both_stages():
+    """One module per family in each stage, found by `pkgutil` (no list to edit), and the
+    two halves pair up: every spec family the registry can make has its compiler family."""
+    from vtdsl.models import families as model_families
+
+    def stems(folder):
+        return {p.stem for p in (ROOT / "vtdsl" / folder / "families").glob("*.py")} - {"__init__", "base"}
+
+    assert stems("models") == set(model_families.FAMILIES) == stems("compiler")
+    assert {f.family for f in model_families.FAMILIES.values()} == set(FAMILIES)
+    for stem, family in model_families.FAMILIES.items():
+        assert family.model_type == stem
+    assert set(model_families.VISION_TOWERS) >= {"clip_vision_model", "qwen2_5_vl_vision"}
+
+
+def test_a_new_family_module_is_picked_up_and_a_duplicate_refused(tmp_path, monkeypatch):
+    """A module dropped into a family package is found with no table edited; two modules
+    claiming one model_type are refused, naming it."""
+    from vtdsl.models.families import discover
+
+    package = tmp_path / "probe_families"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    row = ("from vtdsl.models.families.base import ModelFamily\n"
+           "FAMILY = ModelFamily(model_type={t!r}, family='probe', config_class='C', model_class='M',"
+           " vit_layer_path='v.{{i}}', projector_path='p', llm_layer_path='l.{{i}}')\n")
+    (package / "probe.py").write_text(row.format(t="probe_vl"))
+    (package / "base.py").write_text("FAMILY = None  # never read: base holds the shared types\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found = discover([str(package)], "probe_families")
+    assert list(found) == ["probe_vl"] and found["probe_vl"].family == "probe"
+    (package / "twin.py").write_text(row.format(t="probe_vl"))
+    with pytest.raises(ValueError, match="model_type 'probe_vl' is claimed by two modules of probe_families"):
+        discover([str(package)], "probe_families")

@@ -1,10 +1,13 @@
 """One rule for the extension tables (scorers, rest options, families): an entry is
 registered once under its key, and the table stays in `rank` order whatever order the
-package's modules were imported in (messages and listings read it in that order)."""
+package's modules were imported in (messages and listings read it in that order); tables
+whose entries are module attributes (families) are read off the package's modules."""
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+import importlib
+import pkgutil
+from typing import Any, Callable, TypeVar
 
 Entry = TypeVar("Entry")
 
@@ -17,3 +20,17 @@ def add_ranked(table: dict[str, Any], key: str, entry: Entry, what: str) -> Entr
     table.clear()
     table.update(ordered)
     return entry
+
+
+def discover(path, package: str, key: Callable[[Any], str], what: str, attr: str = "FAMILY") -> dict[str, Any]:
+    """`attr` of every module of `package` (found on `path`) but `base` and private ones,
+    by `key`, in module-name order: a new module is picked up with no table to edit."""
+    found: dict[str, Any] = {}
+    for info in sorted(pkgutil.iter_modules(path), key=lambda m: m.name):
+        if info.name == "base" or info.name.startswith("_"):
+            continue
+        entry = getattr(importlib.import_module(f"{package}.{info.name}"), attr)
+        if key(entry) in found:
+            raise ValueError(f"{what} '{key(entry)}' is claimed by two modules of {package}")
+        found[key(entry)] = entry
+    return found

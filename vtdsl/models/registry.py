@@ -1,7 +1,9 @@
 """Model registry: names and local directories -> `ModelSpec`, through one code path.
 
 Every spec, built-in or not, is made by `spec_from_config` from a transformers config, so
-the figures the cost model and the compiler use are the ones transformers builds.
+the figures the cost model and the compiler use are the ones transformers builds. What a
+config's `model_type` means (classes, paths, layout, towers) is its family's module in
+`vtdsl.models.families`; this module is the generic reader and names no family.
 """
 
 from __future__ import annotations
@@ -13,125 +15,12 @@ import os
 from typing import Any, Callable
 
 from ..lang.errors import Diagnostic, PolicyError, did_you_mean
-from .builtins import ALIASES, BUILTINS, builtin_config_dict, shipped_spec
+from .builtins import ALIASES, BUILTINS, shipped_spec
+from .families import FAMILIES as _FAMILIES
+from .families import TEXT_MODELS as _TEXT_MODELS
+from .families import VISION_TOWERS as _VISION_TOWERS
+from .families import unsupported
 from .spec import DTYPE_BYTES, ModelSpec, TowerDims
-
-# Hub checkpoints (llava-hf, and transformers 4.x/5.x save_pretrained) name keys
-# `language_model.model.*`, `vision_tower.vision_model.*`, ...; transformers 5 modules are
-# `model.language_model.*`, `model.vision_tower.*` (no vision_model). First match wins.
-_LLAVA_RENAMES = (
-    (r"^language_model\.lm_head\.", "lm_head."),
-    (r"^language_model\.model\.", "model.language_model."),
-    (r"^model\.vision_tower\.vision_model\.", "model.vision_tower."),
-    (r"^vision_tower\.vision_model\.", "model.vision_tower."),
-    (r"^vision_tower\.", "model.vision_tower."),
-    (r"^multi_modal_projector\.", "model.multi_modal_projector."),
-    (r"^language_model\.", "model.language_model."),
-)
-
-# Family data, keyed by the config's model_type. Adding LLaVA-NeXT or Qwen2.5-VL means
-# adding a row here (and the fields the row sets), not branching elsewhere.
-_FAMILIES: dict[str, dict[str, Any]] = {
-    "llava": {
-        "family": "llava",
-        "config_class": "LlavaConfig",
-        "model_class": "LlavaForConditionalGeneration",
-        "vit_layer_path": "model.vision_tower.encoder.layers.{i}",
-        "projector_path": "model.multi_modal_projector",
-        "llm_layer_path": "model.language_model.layers.{i}",
-        "checkpoint_renames": _LLAVA_RENAMES,
-    },
-    "llava_next": {
-        "family": "llava-next",
-        "config_class": "LlavaNextConfig",
-        "model_class": "LlavaNextForConditionalGeneration",
-        "vit_layer_path": "model.vision_tower.encoder.layers.{i}",
-        "projector_path": "model.multi_modal_projector",
-        "llm_layer_path": "model.language_model.layers.{i}",
-        # llava-hf/llava-v1.6-* checkpoints: the LLaVA-1.5 key layout plus the newline vector
-        "checkpoint_renames": ((r"^image_newline$", "model.image_newline"),) + _LLAVA_RENAMES,
-    },
-    "qwen2_5_vl": {
-        "family": "qwen2.5-vl",
-        "config_class": "Qwen2_5_VLConfig",
-        "model_class": "Qwen2_5_VLForConditionalGeneration",
-        "vit_layer_path": "model.visual.blocks.{i}",
-        "projector_path": "model.visual.merger",
-        "llm_layer_path": "model.language_model.layers.{i}",
-        # Qwen/Qwen2.5-VL-* hub checkpoints: `visual.*`, `model.*` (text), `lm_head.*`.
-        "checkpoint_renames": (
-            (r"^visual\.", "model.visual."),
-            (r"^model\.(?!visual\.|language_model\.)", "model.language_model."),
-        ),
-    },
-}
-
-
-def _anyres_layout(config, vc) -> dict[str, Any]:
-    """LLaVA-NeXT: counts are for the largest pinpoint (ties: the first listed), the most
-    tokens an image can take; each pinpoint side is a whole number of crops."""
-    side = vc.image_size
-    pinpoints = [tuple(p) for p in (getattr(config, "image_grid_pinpoints", None) or ())]
-    if not pinpoints:
-        raise _unsupported("a llava_next config without image_grid_pinpoints",
-                           expected="image_grid_pinpoints such as [[336, 672], [672, 336], [672, 672]]")
-    height, width = max(pinpoints, key=lambda p: p[0] * p[1])
-    if height % side or width % side:
-        raise _unsupported(f"pinpoint {height}x{width} is not a whole number of {side}-pixel crops")
-    grid = (height // side, width // side)
-    return {"anyres_grid": grid, "vit_crops": 1 + grid[0] * grid[1], "image_newline": True,
-            "anyres_pinpoints": tuple(pinpoints)}
-
-
-def _qwen_layout(config, vc) -> dict[str, Any]:
-    """Qwen2.5-VL: dynamic resolution, so counts are for `vtdsl_reference_image` (a key
-    vtdsl adds to the config; 672x672 when absent); features are the last block's output,
-    merged 2x2 by the merger, which is the projector here."""
-    height, width = tuple(getattr(config, "vtdsl_reference_image", None) or (672, 672))
-    merge = vc.spatial_merge_size
-    unit = vc.patch_size * merge
-    if height != width or height % unit:
-        raise _unsupported(f"reference image {height}x{width}: vtdsl needs a square side that is a multiple of "
-                           f"{unit} pixels (patch {vc.patch_size} x merge {merge})")
-    window = vc.window_size // vc.patch_size
-    if window % merge or (height // vc.patch_size) % window:
-        raise _unsupported(f"a {vc.window_size}-pixel attention window does not tile a {height}-pixel image")
-    wide = vc.hidden_size * merge * merge
-    return {
-        "image_size": height,
-        "channels": vc.in_channels,
-        "vision_feature_layer": -1,
-        "select_strategy": "default",
-        "projector": (wide, wide, vc.out_hidden_size),
-        "spatial_merge": merge,
-        "temporal_patch": vc.temporal_patch_size,
-        "vit_window": window * window,
-        "vit_full_attention": tuple(vc.fullatt_block_indexes),
-        "position_encoding": "mrope",
-        "dynamic_resolution": True,
-    }
-
-
-_LAYOUTS: dict[str, Callable[[Any, Any], dict[str, Any]]] = {"llava_next": _anyres_layout, "qwen2_5_vl": _qwen_layout}
-
-# Vision towers: whether the ViT prepends a CLS token, its MLP kind, and the config's
-# names for its depth and head count.
-_VISION_TOWERS: dict[str, dict[str, Any]] = {
-    "clip_vision_model": {"has_cls": True, "mlp": "gelu", "layers": "num_hidden_layers", "heads": "num_attention_heads"},
-    "qwen2_5_vl_vision": {"has_cls": False, "mlp": "swiglu", "layers": "depth", "heads": "num_heads"},
-}
-
-# Language models with the Llama layer layout (q/k/v/o, gate/up/down, RMSNorm).
-_TEXT_MODELS: dict[str, dict[str, Any]] = {
-    "llama": {"mlp": "swiglu"},
-    "mistral": {"mlp": "swiglu"},
-    "qwen2": {"mlp": "swiglu"},
-    "qwen2_5_vl_text": {"mlp": "swiglu"},
-}
-
-
-def _unsupported(message: str, expected: str | None = None, hint: str | None = None) -> PolicyError:
-    return PolicyError(Diagnostic(message, expected=expected, hint=hint, code="model"))
 
 
 def _dtype_name(value: Any) -> str | None:
@@ -144,14 +33,14 @@ def _dtype_name(value: Any) -> str | None:
 def _config_from_dict(data: dict):
     model_type = data.get("model_type")
     if model_type not in _FAMILIES:
-        raise _unsupported(
+        raise unsupported(
             f"unsupported model type {model_type!r}",
             expected="a model type vtdsl knows: " + ", ".join(sorted(_FAMILIES)),
             hint=did_you_mean(str(model_type), _FAMILIES),
         )
     import transformers
 
-    cls = getattr(transformers, _FAMILIES[model_type]["config_class"])
+    cls = getattr(transformers, _FAMILIES[model_type].config_class)
     return cls.from_dict(copy.deepcopy(data))
 
 
@@ -170,20 +59,20 @@ def spec_from_config(
     fam = _FAMILIES[config.model_type]
     vc, tc = config.vision_config, config.text_config
     tower = _supported_parts(vc, tc)
-    layout = _LAYOUTS[config.model_type](config, vc) if config.model_type in _LAYOUTS else {}
+    layout = fam.layout(config, vc) if fam.layout else {}
     feature_layer, strategy = _feature_selection(config, layout)
     vit, llm = _tower_dims(vc, tc, tower)
     if not -vit.layers - 1 <= feature_layer <= vit.layers:
-        raise _unsupported(f"vision_feature_layer {feature_layer} is outside a {vit.layers}-layer vision tower")
+        raise unsupported(f"vision_feature_layer {feature_layer} is outside a {vit.layers}-layer vision tower")
     dtype = _dtype_name(getattr(config, "dtype", None)) or _dtype_name(getattr(tc, "dtype", None)) or "float32"
     if dtype not in DTYPE_BYTES:
-        raise _unsupported(f"unsupported dtype {dtype!r}", expected=", ".join(DTYPE_BYTES))
+        raise unsupported(f"unsupported dtype {dtype!r}", expected=", ".join(DTYPE_BYTES))
 
     if name is None:
         name = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None) or "custom"
     if description is None:
         description = (
-            f"{fam['family']}: {vc.model_type} {vit.layers}L/{vit.hidden} + "
+            f"{fam.family}: {vc.model_type} {vit.layers}L/{vit.hidden} + "
             f"{tc.model_type} {llm.layers}L/{llm.hidden}"
         )
     fields: dict[str, Any] = dict(
@@ -195,7 +84,7 @@ def spec_from_config(
     fields.update(vision_feature_layer=feature_layer, select_strategy=strategy)
     return ModelSpec(
         name=name,
-        family=fam["family"],
+        family=fam.family,
         description=description,
         vit=vit,
         llm=llm,
@@ -203,13 +92,13 @@ def spec_from_config(
         patch_size=vc.patch_size,
         has_cls=tower["has_cls"],
         dtype=dtype,
-        vit_layer_path=fam["vit_layer_path"],
-        projector_path=fam["projector_path"],
-        llm_layer_path=fam["llm_layer_path"],
+        vit_layer_path=fam.vit_layer_path,
+        projector_path=fam.projector_path,
+        llm_layer_path=fam.llm_layer_path,
         make_config=make_config,
-        model_class=fam["model_class"],
+        model_class=fam.model_class,
         attn_implementation="sdpa",
-        checkpoint_renames=fam["checkpoint_renames"],
+        checkpoint_renames=fam.checkpoint_renames,
         source=source,
         **_token_facts(config, tc),
         **fields,
@@ -230,7 +119,7 @@ def _config_and_factory(config: Any) -> tuple[Any, Callable[[], Any]]:
     config = getattr(config, "config", config)  # a model -> its config
     model_type = getattr(config, "model_type", None)
     if model_type not in _FAMILIES:
-        raise _unsupported(
+        raise unsupported(
             f"unsupported model type {model_type!r}",
             expected="a model type vtdsl knows: " + ", ".join(sorted(_FAMILIES)),
         )
@@ -243,14 +132,14 @@ def _config_and_factory(config: Any) -> tuple[Any, Callable[[], Any]]:
 
 
 def _supported_parts(vc, tc) -> dict[str, Any]:
-    """The `_VISION_TOWERS` row of the vision tower, once both towers are known ones."""
+    """The vision tower's row (`ModelFamily.vision_towers`), once both towers are known ones."""
     if vc.model_type not in _VISION_TOWERS:
-        raise _unsupported(
+        raise unsupported(
             f"unsupported vision tower {vc.model_type!r}",
             expected="one of: " + ", ".join(sorted(_VISION_TOWERS)),
         )
     if tc.model_type not in _TEXT_MODELS:
-        raise _unsupported(
+        raise unsupported(
             f"unsupported language model {tc.model_type!r}",
             expected="one of: " + ", ".join(sorted(_TEXT_MODELS)),
         )
@@ -262,13 +151,13 @@ def _feature_selection(config, layout: dict[str, Any]) -> tuple[int, str]:
     family layout's values first, then the config's)."""
     feature_layer = layout.get("vision_feature_layer", getattr(config, "vision_feature_layer", None))
     if not isinstance(feature_layer, int):
-        raise _unsupported(
+        raise unsupported(
             f"vision_feature_layer {feature_layer!r}: multi-layer image features are not supported",
             expected="a single layer index such as -2",
         )
     strategy = layout.get("select_strategy", getattr(config, "vision_feature_select_strategy", None))
     if strategy not in ("default", "full"):
-        raise _unsupported(f"unknown vision_feature_select_strategy {strategy!r}", expected="default or full")
+        raise unsupported(f"unknown vision_feature_select_strategy {strategy!r}", expected="default or full")
     return feature_layer, strategy
 
 
@@ -323,9 +212,9 @@ def _dir_spec(path: str, mtime: float) -> ModelSpec:
         with open(config_path, encoding="utf-8") as fh:
             data = json.load(fh)
     except json.JSONDecodeError as err:
-        raise _unsupported(f"{config_path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        raise unsupported(f"{config_path}: not valid JSON ({err.msg} at line {err.lineno})") from None
     if not isinstance(data, dict):
-        raise _unsupported(f"{config_path}: expected a JSON object")
+        raise unsupported(f"{config_path}: expected a JSON object")
     name = os.path.basename(os.path.normpath(path)) or path
     return spec_from_config(data, name=name, description=f"local model directory {path}", source=path)
 
@@ -380,13 +269,13 @@ def get_spec(name_or_path: "str | os.PathLike | ModelSpec") -> ModelSpec:
     if os.path.isdir(path):
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
-            raise _unsupported(
+            raise unsupported(
                 f"model directory {text!r} has no config.json",
                 expected="a transformers model directory (config.json, *.safetensors)",
             )
         return _dir_spec(os.path.abspath(path), os.path.getmtime(config_path))
     if text.startswith((".", "~", os.sep)) or text.count("/") > 1:
-        raise _unsupported(
+        raise unsupported(
             f"no such model directory {text!r}",
             expected="a built-in model (" + ", ".join(BUILTINS) + ") or a local model directory",
         )

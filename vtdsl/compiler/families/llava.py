@@ -13,3 +13,6 @@ class Llava(Family):
     """
 
     name = "llava"
+
+
+FAMILY = Llava()

@@ -101,3 +101,6 @@ def _concatenate_crops(image_features, image_sizes=None, vision_feature_select_s
     packed = [f.reshape(-1, f.shape[-1]) for f in image_features]
     lens = torch.tensor([p.shape[0] for p in packed], dtype=torch.long, device=packed[0].device)
     return packed, lens
+
+
+FAMILY = LlavaNext()

@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ...models.spec import ModelSpec
 
 
-class Qwen2VL(Family):
+class Qwen25VL(Family):
     """Window ViT, 2x2 merger, M-RoPE; `image_grid_thw` per call."""
 
     name = "qwen2.5-vl"
@@ -39,3 +39,6 @@ class Qwen2VL(Family):
 
     def layout_key(self, spec: ModelSpec) -> tuple:
         return (spec.image_grid,)
+
+
+FAMILY = Qwen25VL()
