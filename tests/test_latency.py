@@ -78,6 +78,32 @@ def test_overhead_is_per_layer(report):
     assert lat.policy_prefill.bound == lat.policy_decode.bound == "overhead"  # nothing else takes time
 
 
+def test_vit_layers_have_their_own_overhead(report):
+    profile = DeviceProfile("test", {"float32": INF, "float16": INF}, INF, layer_overhead=1e-3,
+                            vit_layer_overhead=2e-4, elementwise_rate=INF)
+    lat = predict(report, profile, batch=1)
+    spec = report.spec
+    assert lat.baseline_prefill.overhead_s == pytest.approx(1e-3 * spec.llm.layers + 2e-4 * spec.vit.layers)
+    assert lat.baseline_decode.overhead_s == pytest.approx(1e-3 * spec.llm.layers)
+
+
+def test_causal_prefill_attention_has_its_own_rate(report):
+    # Only attention takes time: the ViT's bidirectional attention at one rate, the LLM's
+    # causal prefill at another; each counts the whole N x N square (4·N²·q_width FLOPs).
+    vit_rate, causal_rate = 1e12, 3e12
+    profile = DeviceProfile("test", {"float16": INF}, INF, attention_flops={"float16": vit_rate},
+                            causal_attention_flops={"float16": causal_rate}, elementwise_rate=INF)
+    lat = predict(report, profile, batch=1)
+    spec = report.spec
+    vit = spec.vit.layers * 4 * 577 ** 2 * spec.vit.heads * spec.vit.head_dim
+    llm = spec.llm.layers * 4 * (64 + 576) ** 2 * spec.llm.heads * spec.llm.head_dim
+    assert lat.baseline_prefill.seconds == pytest.approx(vit / vit_rate + llm / causal_rate, rel=1e-9)
+    # a decode step's single query against the cache is run without is_causal: the other rate
+    decode = sum(4 * (64 + 576 + 16 + 1) * spec.llm.heads * spec.llm.head_dim for _ in range(spec.llm.layers))
+    assert lat.baseline_decode.seconds == pytest.approx(decode / vit_rate, rel=1e-9)
+    assert DeviceProfile.from_json(profile.to_json()) == profile
+
+
 def test_unfused_attention_moves_the_score_matrix(report):
     fused = predict(report, _profile(peak=INF, bandwidth=1e12, fused=True))
     unfused = predict(report, _profile(peak=INF, bandwidth=1e12, fused=False))

@@ -1,14 +1,17 @@
 """`vtdsl calibrate`: measure this machine for the latency model (about 10 seconds).
 
-Four micro-benchmarks, each the median of a few timed repeats after a warm-up:
+Micro-benchmarks, each the median of a few timed repeats after a warm-up:
 - matmul FLOP/s per dtype (a 1024^3 product; 4096^3 on a GPU, which 1024 cannot fill),
-- attention FLOP/s (sdpa over 8 heads x 640 tokens x 64, `4·N²·qd` FLOPs, with an explicit
-  causal mask as transformers passes one for a prompt with an attention mask),
+- attention FLOP/s (sdpa over 8 heads x 640 tokens x 64, `4·N²·qd` FLOPs), twice: without
+  a mask, as a ViT runs it, and with `is_causal=True`, as transformers runs an LLM prefill
+  whose attention mask has no padding (it then drops the mask; an explicit boolean mask
+  would be slower still, about 0.7x on the CPU, and is not what runs),
 - memory bandwidth (copying a 256 MiB tensor: read + write),
 - elementwise rate (elements per second of a product of two 640 x 1024 float32 tensors: the
   size of one layer's activations, where norms, activations and residual adds run),
 - dispatch time per transformer layer (a 1-token forward of a tiny Llama with 6 layers
-  minus the same with 2, divided by 4: what a layer costs when its arithmetic is nothing).
+  minus the same with 2, divided by 4: what a layer costs when its arithmetic is nothing),
+  and the same for a vision-encoder layer (a tiny CLIP ViT, 4 patches).
 torch and transformers are imported here only, so the cost model stays free of them.
 """
 
@@ -53,11 +56,10 @@ class _Probe:
         a, b = (self.torch.randn(n, n, device=self.device).to(dtype) for _ in range(2))
         return 2 * n**3 / self.time(lambda: a @ b)
 
-    def attention_flops(self, dtype) -> float:
+    def attention_flops(self, dtype, causal: bool) -> float:
         q, k, v = (self.torch.randn(1, 8, 640, 64, device=self.device).to(dtype) for _ in range(3))
-        mask = self.torch.ones(640, 640, dtype=self.torch.bool, device=self.device).tril()[None, None]
         sdpa = self.torch.nn.functional.scaled_dot_product_attention
-        return 4 * 640 * 640 * 8 * 64 / self.time(lambda: sdpa(q, k, v, attn_mask=mask))
+        return 4 * 640 * 640 * 8 * 64 / self.time(lambda: sdpa(q, k, v, is_causal=causal))
 
     def bandwidth(self) -> float:
         src = self.torch.ones(64 * 2**20, device=self.device)  # 256 MiB of float32
@@ -77,9 +79,23 @@ class _Probe:
             return LlamaForCausalLM(cfg).eval().to(self.device)
 
         ids = self.torch.zeros(1, 1, dtype=self.torch.long, device=self.device)
-        shallow, deep = model(2), model(6)
-        t_shallow = self.time(lambda: shallow(ids, use_cache=False), self.repeats * 4)
-        t_deep = self.time(lambda: deep(ids, use_cache=False), self.repeats * 4)
+        return self._per_layer(model, lambda m: m(ids, use_cache=False))
+
+    def vit_layer_overhead(self) -> float:
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        def model(layers: int):
+            cfg = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                                   num_attention_heads=2, image_size=28, patch_size=14)
+            return CLIPVisionModel(cfg).eval().to(self.device)
+
+        pixels = self.torch.zeros(1, 3, 28, 28, device=self.device)
+        return self._per_layer(model, lambda m: m(pixel_values=pixels))
+
+    def _per_layer(self, build, call) -> float:
+        shallow, deep = build(2), build(6)
+        t_shallow = self.time(lambda: call(shallow), self.repeats * 4)
+        t_deep = self.time(lambda: call(deep), self.repeats * 4)
         return max(t_deep - t_shallow, 0.0) / 4
 
 
@@ -103,18 +119,20 @@ def calibrate(name: str = "cpu", target: str = "cpu", threads: int | None = None
             dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
             peaks = {name: probe.matmul_flops(dt) for name, dt in dtypes.items()}
             on_probe("matmul")
-            attention = {name: probe.attention_flops(dt) for name, dt in dtypes.items()}
+            attention = {name: probe.attention_flops(dt, causal=False) for name, dt in dtypes.items()}
+            causal = {name: probe.attention_flops(dt, causal=True) for name, dt in dtypes.items()}
             on_probe("attention")
             bandwidth = probe.bandwidth()
             on_probe("bandwidth")
             elementwise = probe.elementwise_rate()
             on_probe("elementwise")
-            overhead = probe.layer_overhead()
+            overhead, vit_overhead = probe.layer_overhead(), probe.vit_layer_overhead()
             on_probe("dispatch")
         used = torch.get_num_threads()
     finally:
         torch.set_num_threads(previous)
     where = f"{used} torch thread(s)" if target == "cpu" else torch.cuda.get_device_name()
     return DeviceProfile(name, peaks, bandwidth, fused_attention=True, attention_flops=attention,
-                         layer_overhead=overhead, elementwise_rate=elementwise,
+                         layer_overhead=overhead, elementwise_rate=elementwise, causal_attention_flops=causal,
+                         vit_layer_overhead=vit_overhead,
                          source=f"vtdsl calibrate, {where}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")

@@ -7,7 +7,11 @@ KV cache it reads); on a `DeviceProfile` it takes
 
     time = max(FLOPs / peak FLOP/s, bytes / bandwidth)
 
-plus, per layer, the profile's fixed dispatch time (kernel launches, Python). A phase is
+plus, per layer, the profile's fixed dispatch time (kernel launches, Python; its own figure
+for a vision-encoder layer, which launches fewer kernels than a decoder layer). Attention
+in a causal prefill (the LLM: transformers passes `is_causal=True` when the prompt has no
+padding) runs at its own rate: a causal kernel skips the blocks above the diagonal, so the
+same counted FLOPs take less time than the ViT's bidirectional attention. A phase is
 *compute-bound* when most of its time comes from operations whose FLOPs term wins.
 docs/cost-model.md ("Predicted latency") gives the formulas. Token counts are the cost
 model's (`CostReport`), so a plan's latency follows the same per-layer counts as its FLOPs.
@@ -27,9 +31,12 @@ class DeviceProfile:
     """What the roofline needs to know about one device.
 
     `peak_flops`: dense matmul FLOP/s per dtype; `attention_flops`: FLOP/s of the
-    attention kernel when it differs from the matmul peak (CPU sdpa); `bandwidth`: main
+    bidirectional attention kernel (ViT) when it differs from the matmul peak (CPU sdpa);
+    `causal_attention_flops`: the same for causal prefill attention, counting the whole
+    N x N square as the FLOPs convention does (empty = `attention_flops`); `bandwidth`: main
     memory bytes/s; `fused_attention`: attention as one kernel (no N x N score matrix in
-    memory); `layer_overhead`: seconds of dispatch per transformer layer call;
+    memory); `layer_overhead`: seconds of dispatch per LLM layer call; `vit_layer_overhead`:
+    the same for a ViT layer (None = `layer_overhead`);
     `elementwise_rate`: elements per second one elementwise pass (norm step, activation,
     residual add, RoPE term) processes, 0 = bandwidth / (3 x dtype bytes): two reads, one write.
     """
@@ -42,6 +49,8 @@ class DeviceProfile:
     layer_overhead: float = 0.0
     elementwise_rate: float = 0.0
     source: str = ""
+    causal_attention_flops: dict[str, float] = field(default_factory=dict)
+    vit_layer_overhead: float | None = None
 
     def peak(self, dtype: str) -> float:
         try:
@@ -50,14 +59,20 @@ class DeviceProfile:
             raise ValueError(f"device profile '{self.name}' has no {dtype} peak "
                              f"(it knows {', '.join(self.peak_flops)})") from None
 
-    def attention_peak(self, dtype: str) -> float:
-        return self.attention_flops.get(dtype) or self.peak(dtype)
+    def attention_peak(self, dtype: str, causal: bool = False) -> float:
+        rate = self.causal_attention_flops.get(dtype) if causal else None
+        return rate or self.attention_flops.get(dtype) or self.peak(dtype)
+
+    @property
+    def vit_overhead(self) -> float:
+        return self.layer_overhead if self.vit_layer_overhead is None else self.vit_layer_overhead
 
     def to_json(self) -> dict:
         return {"name": self.name, "peak_flops": dict(self.peak_flops), "bandwidth": self.bandwidth,
                 "fused_attention": self.fused_attention, "attention_flops": dict(self.attention_flops),
                 "layer_overhead": self.layer_overhead, "elementwise_rate": self.elementwise_rate,
-                "source": self.source}
+                "source": self.source, "causal_attention_flops": dict(self.causal_attention_flops),
+                "vit_layer_overhead": self.vit_layer_overhead}
 
     @classmethod
     def from_json(cls, data: dict) -> "DeviceProfile":
@@ -65,7 +80,11 @@ class DeviceProfile:
                    bandwidth=float(data["bandwidth"]), fused_attention=bool(data.get("fused_attention", True)),
                    attention_flops={str(k): float(v) for k, v in (data.get("attention_flops") or {}).items()},
                    layer_overhead=float(data.get("layer_overhead", 0.0)),
-                   elementwise_rate=float(data.get("elementwise_rate", 0.0)), source=str(data.get("source", "")))
+                   elementwise_rate=float(data.get("elementwise_rate", 0.0)), source=str(data.get("source", "")),
+                   causal_attention_flops={str(k): float(v)
+                                           for k, v in (data.get("causal_attention_flops") or {}).items()},
+                   vit_layer_overhead=None if data.get("vit_layer_overhead") is None
+                   else float(data["vit_layer_overhead"]))
 
 
 @dataclass(frozen=True)
@@ -77,6 +96,7 @@ class Op:
     bytes: float
     attention: bool = False
     elements: float = 0  # elementwise passes x elements (timed at the elementwise rate, not a roof)
+    causal: bool = False  # causal prefill attention (its own rate, see DeviceProfile)
 
 
 @dataclass(frozen=True)
@@ -156,12 +176,13 @@ class Latency:
 # ------------------------------------------------------------------ operations
 def _layer_ops(part: str, tower, n: int, seqs: int, pairs: int, e: int, fused: bool,
                rope: bool = False) -> Iterator[Op]:
-    """One transformer layer on `seqs` sequences of `n` tokens (`pairs` attention pairs each)."""
+    """One transformer layer on `seqs` sequences of `n` tokens (`pairs` attention pairs each);
+    `rope`: an LLM layer (rotary terms, causal attention)."""
     d, qd, kvd, ffn, k = tower.hidden, tower.q_width, tower.kv_width, tower.ffn, tower.mlp_matmuls
     rows = seqs * n
     yield Op(part, 2 * rows * d * (qd + 2 * kvd), e * (d * (qd + 2 * kvd) + rows * (d + qd + 2 * kvd)))
     scores = 0 if fused else 4 * seqs * tower.heads * pairs * e  # written, read by softmax, written, read by AV
-    yield Op(part, 4 * seqs * pairs * qd, e * rows * 2 * (qd + kvd) + scores, attention=True)
+    yield Op(part, 4 * seqs * pairs * qd, e * rows * 2 * (qd + kvd) + scores, attention=True, causal=rope)
     yield Op(part, 2 * rows * qd * d, e * (qd * d + rows * (qd + d)))
     yield Op(part, 2 * rows * d * ffn * k, e * (k * d * ffn + rows * (2 * d + k * ffn)))
     yield Op(part, 0, 0, elements=rows * elementwise_passes(tower, rope))
@@ -215,22 +236,24 @@ def decode_ops(k, contexts, batch: int) -> Iterator[Op]:
     yield Op("lm_head", batch * k.head, e * (t.hidden * spec.vocab_size + batch * spec.vocab_size))
 
 
-def roofline(ops, profile: DeviceProfile, dtype: str, layers: int) -> PhaseTime:
-    """Sum of each operation's roofline time plus `layers` times the dispatch overhead."""
-    peak, attn_peak, bw = profile.peak(dtype), profile.attention_peak(dtype), profile.bandwidth
+def roofline(ops, profile: DeviceProfile, dtype: str, layers: int, vit_layers: int = 0) -> PhaseTime:
+    """Sum of each operation's roofline time plus the dispatch overhead of `layers` LLM
+    layers and `vit_layers` ViT layers."""
+    peak, bw = profile.peak(dtype), profile.bandwidth
+    attn_peak = {False: profile.attention_peak(dtype), True: profile.attention_peak(dtype, causal=True)}
     rate = profile.elementwise_rate or bw / (3 * DTYPE_BYTES.get(dtype, 4))
     compute = memory = 0.0
     for op in ops:
         if op.elements:
             memory += op.elements / rate
             continue
-        t_flops = op.flops / (attn_peak if op.attention else peak)
+        t_flops = op.flops / (attn_peak[op.causal] if op.attention else peak)
         t_bytes = op.bytes / bw
         if t_flops >= t_bytes:
             compute += t_flops
         else:
             memory += t_bytes
-    overhead = layers * profile.layer_overhead
+    overhead = layers * profile.layer_overhead + vit_layers * profile.vit_overhead
     return PhaseTime(compute + memory + overhead, compute, memory, overhead)
 
 
@@ -250,11 +273,11 @@ def predict(report, profile: DeviceProfile, batch: int = 1, dtype: str | None = 
     ctx = (report.decode_context or 0) if decode_context is None else decode_context
     T = report.text_tokens
     fused = profile.fused_attention
-    layers = spec.vit.layers + spec.llm.layers
+    layers = (spec.llm.layers, spec.vit.layers)
     base = (k.base_vit, k.base_proj, k.base_llm)
     pol = (report.vit_tokens, _projector_tokens(report), report.llm_visual)
-    prefill_b = roofline(prefill_ops(k, *base, T, batch, fused), profile, dtype, layers)
-    prefill_p = roofline(prefill_ops(k, *pol, T, batch, fused, report.policy.scorers), profile, dtype, layers)
+    prefill_b = roofline(prefill_ops(k, *base, T, batch, fused), profile, dtype, *layers)
+    prefill_p = roofline(prefill_ops(k, *pol, T, batch, fused, report.policy.scorers), profile, dtype, *layers)
     decode_b = roofline(decode_ops(k, [T + v + ctx for v in k.base_llm], batch), profile, dtype, spec.llm.layers)
     decode_p = roofline(decode_ops(k, [T + v + ctx for v in report.llm_visual], batch), profile, dtype,
                         spec.llm.layers)
