@@ -25,11 +25,14 @@ SCHEDULES = {"tome": [17] * 16 + [16] * 7, "tome-128": [20] * 11 + [19] * 12, "t
 CLAIMS = {"tome": 0.21, "tome-128": 0.10, "tome-64": 0.04}  # measured; stated in policies/tome*.vt
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int):
-    """(merge(x, mode), unm_idx, src_idx, dst_idx) with the class token protected."""
+def bipartite_soft_matching(metric: torch.Tensor, r: int, value: torch.Tensor | None = None):
+    """(merge(x, mode), unm_idx, src_idx) with the class token protected. `value` ``[B, t]``:
+    Turbo's semantic term, subtracted from each A token's scores (its test passes it)."""
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = metric[..., ::2, :], metric[..., 1::2, :]
     scores = a @ b.transpose(-1, -2)
+    if value is not None:
+        scores = scores - value[..., ::2].unsqueeze(-1)
     scores[..., 0, :] = -float("inf")
     node_max, node_idx = scores.max(dim=-1)
     edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
@@ -43,27 +46,40 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int):
         src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
         return torch.cat([unm, dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)], dim=1)
 
-    return merge, unm_idx
+    return merge, unm_idx, src_idx
 
 
-def tome_keep(model, h: torch.Tensor, schedule: list[int]) -> list[int]:
-    """The vids (1 + patch index) of the tokens that survive to the features."""
-    names = torch.arange(577)
-    state = {"size": None, "names": names}
+def merge_keep(model, h: torch.Tensor, schedule: list[int], value_weight: float = 0.0) -> tuple[list[int], list[int]]:
+    """(the vids, 1 + patch index, of the tokens that survive to the features; the vids the
+    first block merges away). `value_weight` > 0: Turbo's block, each A token's scores
+    lowered by value_weight x the CLS attention it gets (head mean, proportional)."""
+    state = {"size": None, "names": torch.arange(577), "first": None}
 
     for layer, r in zip(model.model.vision_tower.encoder.layers, schedule):
-        def mid(x, k, r=r):
-            merge, unm_idx = bipartite_soft_matching(k.mean(1), min(r, (x.shape[1] - 1) // 2))
+        value = None
+        if value_weight:
+            probs, *_ = plain.clip_attention(layer, h, state["size"])
+            value = value_weight * probs[:, :, 0, :].mean(1)
+
+        def mid(x, k, r=r, value=value):
+            merge, unm_idx, src_idx = bipartite_soft_matching(k.mean(1), min(r, (x.shape[1] - 1) // 2), value)
             size = torch.ones_like(x[..., :1]) if state["size"] is None else state["size"]
             x = merge(x * size, mode="sum")
             size = merge(size, mode="sum")
             n = state["names"]
+            if state["first"] is None:
+                state["first"] = sorted(n[::2][src_idx[0, :, 0]].tolist())
             state["names"] = torch.cat([n[::2][unm_idx[0, :, 0]], n[1::2]])
             state["size"] = size
             return x / size, size
 
         h, *_ = plain.clip_block(layer, h, state["size"], mid)
-    return sorted(state["names"][1:].tolist())
+    return sorted(state["names"][1:].tolist()), state["first"]
+
+
+def tome_keep(model, h: torch.Tensor, schedule: list[int]) -> list[int]:
+    """The vids (1 + patch index) of the tokens that survive to the features."""
+    return merge_keep(model, h, schedule)[0]
 
 
 @pytest.mark.parametrize("attn", IMPLS)
