@@ -241,3 +241,106 @@ def test_cost_counts_partial_attention_windows(models, height, width):
     runs = lambda n: [2] * (n // 2) + [n % 2] * (n % 2)  # noqa: E731
     assert spec.vit_window_pairs == sum((a * b * 4) ** 2 for a in runs(merged_rows) for b in runs(merged_cols))
     assert counter.get_total_flops() == estimate(check(src, spec), text_tokens=8, logits="all").flops
+
+
+# ---------------------------------------------------------------------------- image sizes
+# Qwen/Qwen2.5-VL-7B-Instruct's preprocessor_config.json: the processor's pixel range
+HUB_PIXELS = {"min_pixels": 3136, "max_pixels": 12845056}
+SWEEP = [(28, 28), (1, 1), (14, 14), (56, 56), (57, 55), (224, 224), (600, 800), (673, 671), (1000, 3000),
+         (3584, 3584), (3585, 3583), (28000, 28000), (28001, 27999), (20000, 100), (28, 5600), (5600, 28),
+         (14, 2800), (4032, 3024)]
+
+
+def _processor(**kwargs):
+    from transformers import Qwen2VLImageProcessor
+
+    return Qwen2VLImageProcessor(patch_size=14, merge_size=2, temporal_patch_size=2, **kwargs)
+
+
+def _merged_tokens(processor, height, width):
+    return processor.get_number_of_image_patches(height, width, {}) // 4
+
+
+def test_visual_tokens_for_any_image_size_equal_the_processor():
+    """`for_image` counts what Qwen2VLImageProcessor makes of an image of that size:
+    tiny (raised to min_pixels), huge (brought under max_pixels), sides that are not
+    multiples of 28, extreme aspect ratios; beyond 200:1 both refuse."""
+    spec, processor = get_spec("qwen2.5-vl-7b"), _processor(**HUB_PIXELS)
+    for height, width in SWEEP:
+        assert spec.for_image(height, width).image_tokens == _merged_tokens(processor, height, width), (height, width)
+    # the issue's figures, by hand: 12845056 / 28^2 = 16384 merged tokens at most,
+    # 3136 / 28^2 = 4 at least
+    assert spec.for_image(28000, 28000).image_tokens == 16384
+    assert spec.for_image(28, 28).image_tokens == 4
+    with pytest.raises(ValueError, match="aspect ratio"):
+        _merged_tokens(processor, 10, 3000)
+    with pytest.raises(ValueError, match="aspect ratio"):
+        spec.for_image(10, 3000)
+
+
+def test_the_processor_counts_real_images_as_it_counts_sizes():
+    """The sweep's reference (`get_number_of_image_patches`) agrees with the processor run
+    on images (image_grid_thw), so the sizes test compares with what inference sees."""
+    import numpy as np
+
+    processor = _processor(**HUB_PIXELS)
+    spec = get_spec("qwen2.5-vl-7b")
+    for height, width in [(28, 28), (57, 55), (600, 800), (28, 1400), (3585, 3583)]:
+        image = np.zeros((height, width, 3), dtype=np.uint8)
+        t, rows, cols = processor(images=image, return_tensors="pt")["image_grid_thw"][0].tolist()
+        assert (t, rows * cols // 4) == (1, _merged_tokens(processor, height, width))
+        assert spec.for_image(height, width).image_grid == (rows, cols)
+
+
+def test_the_pixel_range_is_the_checkpoints_own(tmp_path):
+    """A model directory's preprocessor_config.json sets the range (saved by the processor
+    itself); without one, transformers' processor defaults (28*28*1280 at most)."""
+    import json
+
+    from vtdsl.models.builtins import builtin_config_dict
+
+    config = builtin_config_dict("qwen2.5-vl-7b")
+    del config["vtdsl_preprocessor"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    defaults = _processor()
+    bare = get_spec(str(tmp_path))
+    for height, width in [(28000, 28000), (28, 28), (1000, 3000)]:
+        assert bare.for_image(height, width).image_tokens == _merged_tokens(defaults, height, width)
+    # by hand: a square of 28*28*1280 pixels is 1001.8 px a side, floored to 980 = 35 * 28
+    assert bare.for_image(28000, 28000).image_tokens == 35 * 35
+    narrow = _processor(min_pixels=256 * 28 * 28, max_pixels=512 * 28 * 28)
+    narrow.save_pretrained(tmp_path)
+    own = get_spec(str(tmp_path))
+    assert (own.min_pixels, own.max_pixels) == (256 * 28 * 28, 512 * 28 * 28)
+    for height, width in SWEEP[:12]:
+        assert own.for_image(height, width).image_tokens == _merged_tokens(narrow, height, width), (height, width)
+
+
+def test_cli_check_refuses_an_aspect_ratio_the_processor_refuses():
+    from click.testing import CliRunner
+
+    from vtdsl.cli import main
+
+    run = CliRunner().invoke(main, ["check", "policies/fastv.vt", "-m", "qwen2.5-vl-7b", "--image", "10x3000"])
+    assert run.exit_code == 2 and "aspect ratio must be smaller than 200" in run.output
+    assert "Traceback" not in run.output
+
+
+def test_a_compiled_model_takes_the_grid_it_is_given(models):
+    """A call's image_grid_thw is the processor's output, whatever range that processor
+    was set to: the compiled model counts that grid, it does not resize it again (a spec
+    whose range stops at 56x56 pixels still runs a 16x12-patch image as 48 tokens)."""
+    from dataclasses import replace
+
+    model = models["eager"]
+    h, w = 16, 12
+    ids = torch.tensor([[5, 6, 7, START] + [IMG] * (h * w // 4) + [END, 8, 9, 10]])
+    batch_inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(h * w, 1176),
+                        image_grid_thw=torch.tensor([[1, h, w]]), mm_token_type_ids=(ids == IMG).int())
+    narrow = replace(SPEC, max_pixels=3136)
+    # what resizing again would count: 224x168 scaled by sqrt(3136 / 37632) and floored
+    # to multiples of 28 is 56x28, 2x1 merged tokens
+    assert narrow.for_image(h * 14, w * 14).image_tokens == 2
+    with vc.apply("at llm.layer2 keep text top 50%", model, spec=narrow), torch.no_grad():
+        model(**batch_inputs)
+        assert vc.kept_counts(model)["llm"]["llm.layer2#0"] == (48, 24)

@@ -44,7 +44,7 @@ class PlanCache:
         specs = {}
         for height, width in dict.fromkeys(sizes):
             try:
-                spec = self.plan.spec.for_image(height, width)
+                spec = self.family.sized_spec(self.plan.spec, height, width)
             except ValueError as err:
                 raise CompileError(str(err)) from None
             specs.setdefault(self.family.layout_key(spec), (spec, (height, width)))

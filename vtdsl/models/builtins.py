@@ -32,7 +32,9 @@ hands one token per 2x2 patches to Qwen2-7B (hidden 3584, 28 layers, 28 heads, 4
 heads, ffn 18944, vocab 152064, M-RoPE sections [16, 24, 24], rope_theta 1e6), bfloat16.
 Resolution is dynamic; `vtdsl_reference_image` (a vtdsl key, ignored by transformers)
 fixes the image the counts are for: 672x672 -> 48x48 patches -> 576 visual tokens, the
-same count as LLaVA-1.5.
+same count as LLaVA-1.5. Its preprocessor_config.json (`vtdsl_preprocessor`, another
+vtdsl key) resizes every image's area into [3136, 12845056] pixels (56x56 up to 16384
+merged tokens), where transformers' Qwen2VLImageProcessor defaults stop at 28·28·1280.
 """
 
 from __future__ import annotations
@@ -129,6 +131,9 @@ QWEN25_VL_7B = {
     "tie_word_embeddings": False,
     "torch_dtype": "bfloat16",
     "vtdsl_reference_image": [672, 672],
+    # preprocessor_config.json of the checkpoint (the processor's pixel range)
+    "vtdsl_preprocessor": {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "merge_size": 2,
+                           "temporal_patch_size": 2},
     "vision_config": {
         "depth": 32,
         "hidden_act": "silu",

@@ -21,6 +21,7 @@ from .families import TEXT_MODELS as _TEXT_MODELS
 from .families import VISION_TOWERS as _VISION_TOWERS
 from .families import unsupported
 from .spec import DTYPE_BYTES, ModelSpec, TowerDims
+from .validate import located, read_config
 
 
 def _dtype_name(value: Any) -> str | None:
@@ -205,18 +206,29 @@ def _builtin_spec(name: str) -> ModelSpec:
     return shipped_spec(name, _config_from_dict)
 
 
+def _json_object(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as err:
+        raise unsupported(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(data, dict):
+        raise unsupported(f"{path}: expected a JSON object")
+    return data
+
+
 @functools.lru_cache(maxsize=64)
 def _dir_spec(path: str, mtime: float) -> ModelSpec:
     config_path = os.path.join(path, "config.json")
-    try:
-        with open(config_path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as err:
-        raise unsupported(f"{config_path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    if not isinstance(data, dict):
-        raise unsupported(f"{config_path}: expected a JSON object")
+    data = read_config(config_path)
+    # the image processor's settings decide some counts (Qwen2-VL's pixel range); the
+    # family's layout reads them from this key (a vtdsl key, ignored by transformers)
+    processor_path = os.path.join(path, "preprocessor_config.json")
+    if os.path.isfile(processor_path):
+        data["vtdsl_preprocessor"] = _json_object(processor_path)
     name = os.path.basename(os.path.normpath(path)) or path
-    return spec_from_config(data, name=name, description=f"local model directory {path}", source=path)
+    with located(config_path, data):
+        return spec_from_config(data, name=name, description=f"local model directory {path}", source=path)
 
 
 # Models registered at run time (e.g. a trained test model shipped as package data):
@@ -273,7 +285,9 @@ def get_spec(name_or_path: "str | os.PathLike | ModelSpec") -> ModelSpec:
                 f"model directory {text!r} has no config.json",
                 expected="a transformers model directory (config.json, *.safetensors)",
             )
-        return _dir_spec(os.path.abspath(path), os.path.getmtime(config_path))
+        stamps = [os.path.getmtime(p) for p in (config_path, os.path.join(path, "preprocessor_config.json"))
+                  if os.path.isfile(p)]
+        return _dir_spec(os.path.abspath(path), max(stamps))
     if text.startswith((".", "~", os.sep)) or text.count("/") > 1:
         raise unsupported(
             f"no such model directory {text!r}",

@@ -54,7 +54,7 @@ class TowerDims:
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    family: Literal["llava", "llava-next", "qwen2.5-vl"]
+    family: str  # a `ModelFamily.family` (vtdsl.models.families)
     description: str
     vit: TowerDims
     llm: TowerDims
@@ -96,6 +96,10 @@ class ModelSpec:
     # not the square `image_size` one; `for_image` sets it.
     image_grid: tuple[int, int] | None = None
     dynamic_resolution: bool = False
+    # The processor's pixel range (dynamic resolution): `for_image` resizes an image's area
+    # into [min_pixels, max_pixels], as the model's image processor does.
+    min_pixels: int = 0
+    max_pixels: int = 0
     # Frames one patch spans (Qwen2.5-VL's Conv3d patch embedding: 2; an image is repeated).
     temporal_patch: int = 1
     # Window attention (Qwen2.5-VL): tokens per window in every ViT layer not listed in
@@ -227,16 +231,22 @@ class ModelSpec:
             return replace(self, anyres_grid=grid, vit_crops=1 + grid[0] * grid[1],
                            anyres_map=(rows, cols, top, left))
         if self.dynamic_resolution:
-            unit = self.patch_size * self.spatial_merge
-            if height % unit or width % unit:
-                # the size the processor resizes to: sides rounded to the merge unit, the
-                # area within Qwen2.5-VL's published pixel range (its preprocessor_config)
-                from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+            # the size the processor resizes to (Qwen2-VL's smart_resize): sides rounded to
+            # the merge unit, then the area brought into the processor's pixel range; the
+            # clamp applies to every size, multiples of the unit included
+            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-                height, width = smart_resize(height, width, factor=unit, min_pixels=56 * 56,
-                                             max_pixels=14 * 14 * 4 * 16384)
-            return replace(self, image_grid=(height // self.patch_size, width // self.patch_size))
+            height, width = smart_resize(height, width, factor=self.patch_size * self.spatial_merge,
+                                         min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+            return self.for_grid(height // self.patch_size, width // self.patch_size)
         return self
+
+    def for_grid(self, rows: int, cols: int) -> "ModelSpec":
+        """This spec for an image the processor already made `rows` x `cols` patches
+        (dynamic resolution: a call's `image_grid_thw`, used as it is)."""
+        from dataclasses import replace
+
+        return replace(self, image_grid=(rows, cols))
 
     def llm_entry_tokens(self, projector_tokens: int) -> int:
         """Visual tokens entering the LLM when the projector sees `projector_tokens` per

@@ -70,6 +70,11 @@ class Family:
         `size_argument`; None when the call carries none (or the family has none)."""
         return None
 
+    def sized_spec(self, spec: ModelSpec, height: int, width: int) -> ModelSpec:
+        """`spec` with the counts of one image of a call, `(height, width)` as
+        `image_sizes` gave it (here: the image as the user passed it)."""
+        return spec.for_image(height, width)
+
     def layout_key(self, spec: ModelSpec) -> tuple:
         """What tells two per-image specs' token layouts apart (equal keys: one plan)."""
         return ()

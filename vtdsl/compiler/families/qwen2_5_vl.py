@@ -37,6 +37,11 @@ class Qwen25VL(Family):
             raise CompileError("vtdsl compiles image inputs only (image_grid_thw with t = 1), not video")
         return [(h * spec.patch_size, w * spec.patch_size) for _, h, w in rows] or None
 
+    def sized_spec(self, spec: ModelSpec, height: int, width: int) -> ModelSpec:
+        # already the processor's size (image_grid_thw): resizing again into the spec's
+        # pixel range would miscount a processor set to another range
+        return spec.for_grid(height // spec.patch_size, width // spec.patch_size)
+
     def layout_key(self, spec: ModelSpec) -> tuple:
         return (spec.image_grid,)
 

@@ -7,6 +7,26 @@ from typing import Any
 from .base import ModelFamily, unsupported
 
 
+# transformers' Qwen2VLImageProcessor defaults (size shortest_edge / longest_edge), what a
+# checkpoint without a preprocessor_config.json gets
+DEFAULT_PIXELS = (56 * 56, 28 * 28 * 1280)
+
+
+def pixel_range(config) -> tuple[int, int]:
+    """(min_pixels, max_pixels) of the model's image processor: its
+    preprocessor_config.json as the registry attached it (`vtdsl_preprocessor`;
+    `min_pixels` / `max_pixels` override `size`, as in the processor), else transformers'
+    defaults."""
+    pre = getattr(config, "vtdsl_preprocessor", None) or {}
+    size = pre.get("size") or {}
+    low = pre.get("min_pixels") or size.get("shortest_edge") or size.get("min_pixels") or DEFAULT_PIXELS[0]
+    high = pre.get("max_pixels") or size.get("longest_edge") or size.get("max_pixels") or DEFAULT_PIXELS[1]
+    if not (isinstance(low, int) and isinstance(high, int) and 0 < low <= high):
+        raise unsupported(f"image processor pixel range [{low}, {high}]",
+                          expected="integers 0 < min_pixels <= max_pixels")
+    return low, high
+
+
 def qwen_layout(config, vc) -> dict[str, Any]:
     """Dynamic resolution, so counts are for `vtdsl_reference_image` (a key vtdsl adds to
     the config; 672x672 when absent); features are the last block's output, merged 2x2 by
@@ -21,7 +41,10 @@ def qwen_layout(config, vc) -> dict[str, Any]:
     if window % merge or (height // vc.patch_size) % window:
         raise unsupported(f"a {vc.window_size}-pixel attention window does not tile a {height}-pixel image")
     wide = vc.hidden_size * merge * merge
+    low, high = pixel_range(config)
     return {
+        "min_pixels": low,
+        "max_pixels": high,
         "image_size": height,
         "channels": vc.in_channels,
         "vision_feature_layer": -1,
