@@ -11,6 +11,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements-lock.t
     .venv/bin/python -m pip install --quiet --upgrade pip
     # The CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
     .venv/bin/python -m pip install --quiet "torch==2.13.0"
-    .venv/bin/python -m pip install --quiet -c requirements-lock.txt -e ".[dev]"
+    .venv/bin/python -m pip install --quiet -c requirements-lock.txt -e ".[dev,lmms]"
+    # lmms-eval without its declared dependencies: they include torchvision, which breaks this
+    # CPU torch (pyproject.toml, the lmms extra); the extra holds what it really imports.
+    .venv/bin/python -m pip install --quiet -c requirements-lock.txt --no-deps lmms-eval
     touch "$stamp"
 fi
