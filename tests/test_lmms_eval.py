@@ -11,6 +11,7 @@ lmms-eval is the optional extra vtdsl[lmms]; scripts/setup.sh installs it, so CI
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -100,9 +101,10 @@ def _instances(kind: str, docs: list[dict], args_of) -> list:
 
 
 def test_loglikelihood_scores_what_generate_scores(task):
-    """For a one-token continuation, the log-probability `loglikelihood` returns is the
-    log-softmax of the first step's logits in `generate` (a separate path: the compiled
-    generate, KV cache and all), and `is_greedy` is whether that step's argmax is it."""
+    """`loglikelihood` against the compiled `generate` left to itself (greedy, KV cache):
+    for the reference answer (one token) its log-probability is the log-softmax of the
+    first step's logits and `is_greedy` whether that step's argmax is it; for the three
+    tokens greedy decoding emits, the sum of the three steps' log-probabilities, greedy."""
     import torch
 
     from vtdsl.eval.data import encode, open_image, read_jsonl
@@ -112,28 +114,37 @@ def test_loglikelihood_scores_what_generate_scores(task):
     examples = read_jsonl(task["data"])[:6]
     docs = [{"image": ex.image_path, "question": ex.question} for ex in examples]
     model.task_dict = {"t": {"test": docs}}
+    tokenizer = model.loaded.processor.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    answer_ref, greedy_ref, answers, greedy = [], [], [], []
+    for ex in examples:
+        inputs = encode(model.loaded.processor, [open_image(ex.image_path)], [ex.question])
+        with torch.inference_mode():
+            out = model.loaded.model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
+                                              return_dict_in_generate=True, pad_token_id=pad)
+        steps = [torch.log_softmax(step[0].float(), dim=-1) for step in out.logits]
+        token = tokenizer(" " + ex.answer, add_special_tokens=False)["input_ids"][-1]
+        answer_ref.append((float(steps[0][token]), int(steps[0].argmax()) == token))
+        answers.append(" " + tokenizer.decode([token]).strip())
+        emitted = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+        greedy_ref.append(sum(float(step[t]) for step, t in zip(steps, emitted)))
+        greedy.append(" " + tokenizer.decode(emitted))
 
     def visual(doc):
         return [open_image(doc["image"])]
 
-    tokenizer = model.loaded.processor.tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    reference, asked = [], []
-    for ex in examples:
-        inputs = encode(model.loaded.processor, [open_image(ex.image_path)], [ex.question])
-        with torch.inference_mode():
-            out = model.loaded.model.generate(**inputs, max_new_tokens=1, do_sample=False, output_logits=True,
-                                              return_dict_in_generate=True, pad_token_id=pad)
-        step = torch.log_softmax(out.logits[0][0].float(), dim=-1)
-        token = tokenizer(" " + ex.answer, add_special_tokens=False)["input_ids"][-1]
-        reference.append((float(step[token]), int(step.argmax()) == token))
-        asked.append(" " + tokenizer.decode([token]).strip())
-    got = model.loglikelihood(_instances("loglikelihood", docs,
-                                         lambda i, doc: (doc["question"], asked[i], visual, i, "t", "test")))
-    assert [g for _, g in got] == [r for _, r in reference]
-    assert [v for v, _ in got] == pytest.approx([v for v, _ in reference], abs=1e-4)
+    def ask(continuations):
+        return model.loglikelihood(_instances("loglikelihood", docs, lambda i, doc: (
+            doc["question"], continuations[i], visual, i, "t", "test")))
+
+    got = ask(answers)
+    assert [g for _, g in got] == [r for _, r in answer_ref]
+    assert [v for v, _ in got] == pytest.approx([v for v, _ in answer_ref], abs=1e-4)
     assert any(g for _, g in got) and all(v < 0 for v, _ in got)
     assert model.summary["kept_llm_layer2_0"] == IMAGE_TOKENS // 2
+    got = ask(greedy)
+    assert all(g for _, g in got)
+    assert [v for v, _ in got] == pytest.approx(greedy_ref, abs=1e-4)
 
 
 def test_one_image_per_question_is_required(task):
@@ -144,6 +155,18 @@ def test_one_image_per_question_is_required(task):
     requests = _instances("generate_until", [{}], lambda i, doc: ("q", {}, lambda d: [], 0, "t", "test"))
     with pytest.raises(ValueError, match="doc 0 gives 0 visuals; vtdsl models answer about exactly one image"):
         model.generate_until(requests)
+
+
+def test_bad_model_args_say_what_is_wrong(tmp_path):
+    from vtdsl.eval.lmms import VtdslModel
+    from vtdsl.lang.errors import PolicyError
+
+    bad = tmp_path / "bad.vt"
+    bad.write_text('policy "bad"\nat llm.layer2 keep text top 500%\n')
+    with pytest.raises(PolicyError, match=re.escape(f"{bad}:2:29: error: a percentage must lie in 0..100, got 500%")):
+        VtdslModel(policy=str(bad), device="cpu")
+    with pytest.raises(ValueError, match="batch_size must be a whole number >= 1, not 'auto'"):
+        VtdslModel(batch_size="auto")
 
 
 def test_lmms_eval_finds_the_model_and_only_its_module_imports_lmms_eval():

@@ -57,10 +57,11 @@ class VtdslModel(lmms):
         from .. import compiler
         from ..models.loading import load_pretrained
 
-        self.loaded = load_pretrained(pretrained, device=device or "auto", dtype=dtype)
-        self.batch_size = int(batch_size)
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 0
         if self.batch_size < 1:
-            raise ValueError(f"vtdsl: batch_size must be >= 1, got {batch_size}")
+            raise ValueError(f"vtdsl: batch_size must be a whole number >= 1, not {batch_size!r} "
+                             "(lmms-eval's automatic sizing is not supported)")
+        self.loaded = load_pretrained(pretrained, device=device or "auto", dtype=dtype)
         self.policy_text = ""
         self.plan = None
         if policy:
