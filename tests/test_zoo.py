@@ -25,7 +25,7 @@ PREFIX, SUFFIX = [5, 6, 7], [8, 9, 10, 11]
 def test_zoo_is_complete():
     methods = {p.stem.split("-")[0] for p in ZOO}
     expected = {"fastv", "pdrop", "sparsevlm", "visionzip", "hiprune", "divprune", "feather", "visiondrop",
-                "todre", "holov", "vtc", "flowcut", "dart", "tome", "dyvte", "turbo", "random", "pool"}
+                "todre", "holov", "vtc", "flowcut", "dart", "tome", "dyvte", "turbo", "vflowopt", "random", "pool"}
     assert expected <= methods
 
 
