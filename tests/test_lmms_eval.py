@@ -68,7 +68,8 @@ def _simple_evaluate(task, model_args: str, batch_size: int) -> dict:
 
 @pytest.mark.parametrize("batch_size", [1, 2])
 def test_lmms_eval_accuracy_equals_vtdsl_eval_data(task, batch_size):
-    args = f"pretrained=tiny-llava-vtbench,policy={FASTV},device=cpu"
+    report = task["data"].parent / f"report-{batch_size}.json"
+    args = f"pretrained=tiny-llava-vtbench,policy={FASTV},device=cpu,report={report}"
     results = _simple_evaluate(task, args, batch_size)
     scores = results["results"]["vtdsl_data"]
     fastv = task["reference"]["fastv"]
@@ -83,6 +84,10 @@ def test_lmms_eval_accuracy_equals_vtdsl_eval_data(task, batch_size):
     # prompts differ by a few text tokens, so the two agree to well under 0.1 %
     assert extra["avg_vtdsl_flops_ratio"] == pytest.approx(fastv["flops_ratio"], rel=1e-3)
     assert extra["avg_vtdsl_flops_ratio"] < 0.9
+    written = json.loads(report.read_text())["generate_until"]
+    assert written["policy_text"] == FASTV.read_text() and written["policy"] == "fastv"
+    assert written["examples"] == N and written["kept_llm_layer2_0"] == IMAGE_TOKENS // 2
+    assert written["flops_ratio"] == extra["avg_vtdsl_flops_ratio"]
 
 
 def test_unpruned_without_a_policy(task):
@@ -141,7 +146,7 @@ def test_loglikelihood_scores_what_generate_scores(task):
     assert [g for _, g in got] == [r for _, r in answer_ref]
     assert [v for v, _ in got] == pytest.approx([v for v, _ in answer_ref], abs=1e-4)
     assert any(g for _, g in got) and all(v < 0 for v, _ in got)
-    assert model.summary["kept_llm_layer2_0"] == IMAGE_TOKENS // 2
+    assert model.summary["loglikelihood"]["kept_llm_layer2_0"] == IMAGE_TOKENS // 2
     got = ask(greedy)
     assert all(g for _, g in got)
     assert [v for v, _ in got] == pytest.approx(greedy_ref, abs=1e-4)

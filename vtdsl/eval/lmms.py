@@ -6,8 +6,9 @@
 `pretrained` is ``tiny-llava-vtbench`` (shipped) or a local HF model directory of a
 registered family (`vtdsl.models.loading.load_pretrained`); `policy` a ``.vt``/``.yaml`` file
 checked against that model (omitted: the unpruned model); `dtype` and `device` as in
-``vtdsl run``. lmms-eval finds the class through the ``lmms_eval.models`` entry point that
-vtdsl's package metadata declares (`manifest`), so nothing has to be set in the environment.
+``vtdsl run``; `report` a JSON file to write what the policy did (below). lmms-eval finds
+the class through the ``lmms_eval.models`` entry point that vtdsl's package metadata
+declares (`manifest`), so nothing has to be set in the environment.
 
 Prompts, batching and greedy decoding are those of ``vtdsl eval --data``
 (`vtdsl.eval.data.encode` / `generate_answers`): the task's context is the question, the
@@ -19,8 +20,9 @@ What the policy did reaches the results file the one way lmms-eval 0.7 lets a mo
 to it, `log_metrics`: numbers only, averaged over the examples, under ``throughput`` as
 ``avg_vtdsl_flops_ratio``, ``avg_vtdsl_visual_tokens_to_llm`` and
 ``avg_vtdsl_kept_<site>`` (``avg_vtdsl_kept_llm_layer2_0``: visual tokens per image after the
-stage at ``llm.layer2``). The policy itself is echoed by ``config.model_args``
-(its path); its text, with the per-stage counts, is logged and kept in `VtdslModel.summary`.
+stage at ``llm.layer2``). The policy itself is echoed by ``config.model_args`` (its path);
+its text is logged, and with ``report=FILE`` written to FILE as JSON beside the same means,
+per request type (also `VtdslModel.summary`).
 
 This module is the only one that imports lmms_eval, and nothing else in vtdsl imports it.
 """
@@ -51,7 +53,8 @@ class VtdslModel(lmms):
     image per question): `generate_until` and `loglikelihood`."""
 
     def __init__(self, pretrained: str = "tiny-llava-vtbench", policy: str | None = None, dtype: str = "auto",
-                 device: str | None = "auto", batch_size: int | str = 1, max_batch_size: int | None = None) -> None:
+                 device: str | None = "auto", batch_size: int | str = 1, max_batch_size: int | None = None,
+                 report: str | None = None) -> None:
         # max_batch_size only matters to lmms-eval's automatic batch size, which takes no effect here
         super().__init__()
         from .. import compiler
@@ -62,7 +65,7 @@ class VtdslModel(lmms):
             raise ValueError(f"vtdsl: batch_size must be a whole number >= 1, not {batch_size!r} "
                              "(lmms-eval's automatic sizing is not supported)")
         self.loaded = load_pretrained(pretrained, device=device or "auto", dtype=dtype)
-        self.policy_text = ""
+        self.policy_text, self.policy_file, self.report = "", policy, report
         self.plan = None
         if policy:
             with open(policy, encoding="utf-8") as fh:
@@ -72,7 +75,7 @@ class VtdslModel(lmms):
         self.policy_name = (self.plan.policy.name or policy) if self.plan is not None else "unpruned"
         self._records: list[dict[str, float]] = []
         self._new_tokens = 0
-        self.summary: dict[str, Any] = {}
+        self.summary: dict[str, dict[str, Any]] = {}
         eval_logger.info(f"vtdsl: {self.loaded.spec.name} from {self.loaded.path} ({self.loaded.device}, "
                          f"{self.loaded.dtype}), policy {self.policy_name}\n{self.policy_text}")
 
@@ -85,7 +88,7 @@ class VtdslModel(lmms):
         with ForwardClock(self.loaded.model) as clock:
             for batch in self._batches(requests):
                 self._generate_batch(requests, batch, answers, clock)
-        self._report(clock.total, len(requests))
+        self._report("generate_until", clock.total, len(requests))
         return answers
 
     def _batches(self, requests: Sequence[Instance]) -> list[list[int]]:
@@ -152,7 +155,7 @@ class VtdslModel(lmms):
         with ForwardClock(self.loaded.model) as clock:
             for req in requests:
                 out.append(self._loglikelihood_one(req, clock))
-        self._report(clock.total, len(requests))
+        self._report("loglikelihood", clock.total, len(requests))
         return out
 
     def _loglikelihood_one(self, request: Instance, clock) -> tuple[float, bool]:
@@ -226,14 +229,21 @@ class VtdslModel(lmms):
                 row[f"kept_{_key(site)}"] = float(n_out)
         return row
 
-    def _report(self, seconds: float, n: int) -> None:
-        """Means over the examples, into lmms-eval's results (`log_metrics`) and `summary`;
-        the time is the model's own (`ForwardClock`), the tokens those of the answers."""
+    def _report(self, kind: str, seconds: float, n: int) -> None:
+        """Means over the examples, into lmms-eval's results (`log_metrics`), `summary[kind]`
+        and the `report` file (JSON, with the policy's text); the time is the model's own
+        (`ForwardClock`), the tokens those of the answers."""
+        import json
+
         from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
         keys = list(dict.fromkeys(k for row in self._records for k in row))
         means = {k: sum(row.get(k, 0.0) for row in self._records) / max(len(self._records), 1) for k in keys}
-        self.summary = {"policy": self.policy_name, "policy_text": self.policy_text, "examples": n, **means}
+        self.summary[kind] = {"model": self.loaded.spec.name, "weights": self.loaded.path, "policy": self.policy_name,
+                              "policy_file": self.policy_file, "policy_text": self.policy_text, "examples": n, **means}
+        if self.report:
+            with open(self.report, "w", encoding="utf-8") as fh:
+                json.dump(self.summary, fh, indent=2)
         log_metrics(total_elapsed_time=seconds, total_gen_tokens=self._new_tokens,
                     avg_speed=self._new_tokens / seconds if seconds > 0 else 0.0,
                     additional_metrics={METRIC_PREFIX + k: v for k, v in means.items()})
