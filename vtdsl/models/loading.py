@@ -108,9 +108,7 @@ def safetensors_files(path: str) -> list[str]:
         raise WeightsError(f"not a model directory: {path}")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as fh:
-            weight_map = json.load(fh).get("weight_map", {})
-        files = sorted(set(weight_map.values()))
+        files = _index_shards(index)
         missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
         if missing:
             raise WeightsError(f"{index} names shard(s) that are not there: {', '.join(missing[:3])}")
@@ -127,6 +125,24 @@ def safetensors_files(path: str) -> list[str]:
             "Convert them once with a trusted tool (e.g. save_pretrained(..., safe_serialization=True))."
         )
     raise WeightsError(f"{path} has no *.safetensors weights")
+
+
+def _index_shards(index: str) -> list[str]:
+    """The shard file names an index maps tensors to: plain names of files beside it."""
+    try:
+        with open(index, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise WeightsError(f"{index}: not valid JSON ({err})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise WeightsError(f"{index}: weight_map: expected an object mapping tensor names to shard file names")
+    files = sorted(set(weight_map.values()))
+    # a name with a directory part would read a file outside the model directory
+    outside = [f for f in files if not f or os.path.basename(f) != f or f in (".", "..")]
+    if outside:
+        raise WeightsError(f"{index}: weight_map: {outside[0]!r} is not a file name in the model directory")
+    return files
 
 
 def rename_key(spec: ModelSpec, key: str) -> str:
@@ -147,10 +163,9 @@ def _check_architecture(spec: ModelSpec, path: str) -> None:
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         return
-    from .registry import spec_from_config
+    from .registry import get_spec
 
-    with open(config_path, encoding="utf-8") as fh:
-        theirs = spec_from_config(json.load(fh), name=spec.name)
+    theirs = get_spec(os.path.abspath(path))  # read and checked as `--model DIR` reads it
     fields = ("family", "vit", "llm", "vocab_size", "image_size", "patch_size", "channels", "projector")
     diffs = [f for f in fields if getattr(theirs, f) != getattr(spec, f)]
     if diffs:
@@ -168,7 +183,7 @@ def load_weights(spec: ModelSpec, path: str | None = None, device="cpu", dtype=N
     checkpoint never loads half-way. Returns the model in eval mode.
     """
     import torch
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = os.path.expanduser(os.fspath(path if path is not None else (spec.source or "")))
     if not path:
@@ -185,19 +200,23 @@ def load_weights(spec: ModelSpec, path: str | None = None, device="cpu", dtype=N
     unexpected: list[str] = []
     mismatched: list[str] = []
     for file in files:
-        with safe_open(file, framework="pt", device="cpu") as fh:
-            for key in fh.keys():
-                name = rename_key(spec, key)
-                if name not in expected:
-                    unexpected.append(key)
-                    continue
-                tensor = fh.get_tensor(key)
-                if tuple(tensor.shape) != tuple(expected[name].shape):
-                    mismatched.append(f"{key}: {tuple(tensor.shape)} vs {tuple(expected[name].shape)}")
-                    continue
-                if name in loaded:
-                    raise WeightsError(f"{path}: two tensors load into {name}")
-                loaded[name] = tensor
+        try:
+            with safe_open(file, framework="pt", device="cpu") as fh:
+                for key in fh.keys():
+                    name = rename_key(spec, key)
+                    if name not in expected:
+                        unexpected.append(key)
+                        continue
+                    tensor = fh.get_tensor(key)
+                    if tuple(tensor.shape) != tuple(expected[name].shape):
+                        mismatched.append(f"{key}: {tuple(tensor.shape)} vs {tuple(expected[name].shape)}")
+                        continue
+                    if name in loaded:
+                        raise WeightsError(f"{path}: two tensors load into {name}")
+                    loaded[name] = tensor
+        except SafetensorError as err:
+            # garbage, an empty file, a pickle under a safetensors name: refused unread
+            raise WeightsError(f"{file}: not a readable safetensors file ({_first_line(err)})") from None
     missing = sorted(set(expected) - set(loaded) - tied)
     problems = []
     if missing:
@@ -217,6 +236,11 @@ def load_weights(spec: ModelSpec, path: str | None = None, device="cpu", dtype=N
         model.tie_weights()
     model.eval()
     return model
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:160] if text else type(err).__name__
 
 
 # ---------------------------------------------------------------------- ready to run

@@ -21,6 +21,7 @@ from .families import TEXT_MODELS as _TEXT_MODELS
 from .families import VISION_TOWERS as _VISION_TOWERS
 from .families import unsupported
 from .spec import DTYPE_BYTES, ModelSpec, TowerDims
+from .validate import check_preprocessor, checked_dims, located, read_config
 
 
 def _dtype_name(value: Any) -> str | None:
@@ -218,14 +219,17 @@ def _json_object(path: str) -> dict:
 
 @functools.lru_cache(maxsize=64)
 def _dir_spec(path: str, mtime: float) -> ModelSpec:
-    data = _json_object(os.path.join(path, "config.json"))
+    config_path = os.path.join(path, "config.json")
+    data = read_config(config_path)
     # the image processor's settings decide some counts (Qwen2-VL's pixel range); the
     # family's layout reads them from this key (a vtdsl key, ignored by transformers)
     processor_path = os.path.join(path, "preprocessor_config.json")
     if os.path.isfile(processor_path):
-        data["vtdsl_preprocessor"] = _json_object(processor_path)
+        data["vtdsl_preprocessor"] = check_preprocessor(_json_object(processor_path), processor_path)
     name = os.path.basename(os.path.normpath(path)) or path
-    return spec_from_config(data, name=name, description=f"local model directory {path}", source=path)
+    with located(config_path, data):
+        spec = spec_from_config(data, name=name, description=f"local model directory {path}", source=path)
+    return checked_dims(spec, config_path)
 
 
 # Models registered at run time (e.g. a trained test model shipped as package data):

@@ -1,0 +1,235 @@
+"""Malformed checkpoints get one located refusal, never a traceback (issue 17, item 7).
+
+Hypothesis mutates config.json (any key of the top level or a sub-config deleted or set to
+junk) under `vtdsl check --model DIR`, and weight directories (junk bytes as
+model.safetensors, junk index files) under `vtdsl compile --model DIR --weights DIR`: each
+run ends in exit 0, or in exit 2 with exactly one error line that names the file. Explicit
+cases pin the message for every crash kind the issue's fuzzing found.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vtdsl.cli import main
+from vtdsl.models import spec_from_config
+from vtdsl.models.builtins import builtin_config_dict
+
+BASES = ("tiny-llava", "tiny-llava-next", "tiny-qwen2.5-vl")
+FUZZ = settings(max_examples=200, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ_WEIGHTS = settings(FUZZ, max_examples=40)
+
+junk = st.one_of(
+    st.none(), st.booleans(), st.integers(-(10**15), 10**15), st.floats(), st.text(max_size=6),
+    st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(-3, 3), max_size=2),
+)
+
+
+def small(name: str) -> dict:
+    """A built-in tiny config cut to two layers per tower, so building and loading are quick."""
+    data = builtin_config_dict(name)
+    if "depth" in data["vision_config"]:
+        data["vision_config"].update(depth=2, fullatt_block_indexes=[1])
+    else:
+        data["vision_config"]["num_hidden_layers"] = 2
+    data["text_config"]["num_hidden_layers"] = 2
+    return data
+
+
+def key_paths(data: dict) -> list[tuple[str, ...]]:
+    paths = [(k,) for k in data]
+    for part in ("vision_config", "text_config"):
+        paths += [(part, k) for k in data[part]]
+    return paths
+
+
+def mutate(data: dict, path: tuple[str, ...], value) -> dict:
+    """A copy of `data` with `path` deleted (`value` is `delete`) or set to `value`."""
+    data = copy.deepcopy(data)
+    target = data
+    for key in path[:-1]:
+        target = target[key]
+    if value == "delete":
+        target.pop(path[-1], None)
+    else:
+        target[path[-1]] = value
+    return data
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def refusal(result) -> str:
+    """The one error line of a clean refusal (exit 2); fails the test on anything else."""
+    escaped = result.exception is not None and not isinstance(result.exception, SystemExit)
+    assert not escaped, f"{type(result.exception).__name__}: {result.exception}"
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    heads = [line for line in result.output.splitlines() if line.strip() and not line.startswith(" ")]
+    assert len(heads) == 1, result.output
+    return heads[0]
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    path = tmp_path_factory.mktemp("policy") / "none.vt"
+    path.write_text('policy "none"\n')
+    return path
+
+
+@pytest.fixture(scope="module")
+def good_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("good") / "tiny"
+    spec_from_config(small("tiny-llava"), name="tiny").build(device="cpu", seed=0).save_pretrained(path)
+    return path
+
+
+_fresh = itertools.count()
+
+
+def config_dir(root, data) -> str:
+    # a new directory each time: specs are cached by directory and mtime
+    path = root / f"cfg{next(_fresh)}"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(data))
+    return path
+
+
+def weights_copy(root, good) -> str:
+    path = root / f"w{next(_fresh)}"
+    shutil.copytree(good, path)
+    return path
+
+
+# ---------------------------------------------------------------- property tests
+@FUZZ
+@given(data=st.data(), base=st.sampled_from(BASES), n=st.integers(1, 3), command=st.sampled_from(["check", "compile"]))
+def test_any_config_mutation_is_accepted_or_refused_naming_config_json(data, base, n, command, policy, tmp_path):
+    config = small(base)
+    for _ in range(n):
+        if not isinstance(config, dict) or any(not isinstance(config.get(p), dict) for p in ("vision_config",
+                                                                                              "text_config")):
+            break
+        path = data.draw(st.sampled_from(key_paths(config)))
+        config = mutate(config, path, data.draw(st.one_of(st.just("delete"), junk)))
+    result = invoke(command, policy, "--model", config_dir(tmp_path, config))
+    if result.exit_code != 0:
+        assert "config.json" in refusal(result)
+
+
+index_values = st.one_of(
+    junk,
+    st.fixed_dictionaries({"weight_map": junk}),
+    st.fixed_dictionaries({"weight_map": st.dictionaries(st.text(max_size=4), st.one_of(junk, st.text(max_size=12)),
+                                                         max_size=3)}),
+)
+
+
+@FUZZ_WEIGHTS
+@given(kind=st.sampled_from(["safetensors", "index"]), payload=st.binary(max_size=96), index=index_values)
+def test_any_weight_directory_mutation_is_refused_naming_the_directory(kind, payload, index, good_dir, tmp_path,
+                                                                       policy):
+    path = weights_copy(tmp_path, good_dir)
+    if kind == "safetensors":
+        (path / "model.safetensors").write_bytes(payload)
+    else:
+        (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    result = invoke("compile", policy, "--model", path, "--weights", path)
+    if result.exit_code != 0:
+        assert str(path) in refusal(result)
+
+
+# ---------------------------------------------------------------- the crash kinds the issue found
+CONFIG_CASES = [
+    # transformers' strict-dataclass validation, located in its sub-config
+    (("vision_config", "hidden_act"), 5,
+     "vision_config.hidden_act: Field 'hidden_act' expected str, got int (value: 5)"),
+    (("vision_feature_select_strategy",), "x",
+     "vision_feature_select_strategy: Field 'vision_feature_select_strategy' expected one of ('default', 'full'), "
+     "got x"),
+    # ZeroDivisionError in the registry on zero heads / sizes
+    (("vision_config", "num_attention_heads"), 0, "vision_config.num_attention_heads: 0 is out of range"),
+    (("vision_config", "patch_size"), 0, "vision_config.patch_size: 0 is out of range"),
+    # unhashable type: 'list' (a model_type that is not a string)
+    (("model_type",), ["llava"], 'model_type: unsupported model type ["llava"]'),
+    # 'str' object has no attribute 'items' (a sub-config that is not an object)
+    (("text_config",), "llama", "text_config: expected a JSON object, got string 'llama'"),
+    # IndexError (a pinpoint that is not a pair)
+    (("image_grid_pinpoints",), [[56]], "image_grid_pinpoints[0]: expected [height, width], got list"),
+    # widths not divisible by heads; a size that would allocate forever
+    (("text_config", "hidden_size"), 30, "text_config.hidden_size: 30 is not divisible by num_attention_heads (4)"),
+    (("text_config", "num_hidden_layers"), 10**12, "text_config.num_hidden_layers: 1000000000000 is out of range"),
+    (("torch_dtype",), "abc", "torch_dtype: unsupported dtype 'abc'"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "message"), CONFIG_CASES, ids=[".".join(c[0]) for c in CONFIG_CASES])
+def test_config_crash_kinds_are_located_refusals(path, value, message, policy, tmp_path):
+    base = "tiny-llava-next" if path == ("image_grid_pinpoints",) else "tiny-llava"
+    directory = config_dir(tmp_path, mutate(small(base), path, value))
+    for command in ("check", "compile"):
+        line = refusal(invoke(command, policy, "--model", directory))
+        assert line == f"{directory / 'config.json'}: error: {message}"
+
+
+def test_a_config_that_is_not_an_object_is_refused(policy, tmp_path):
+    directory = config_dir(tmp_path, [small("tiny-llava")])
+    assert refusal(invoke("check", policy, "--model", directory)) == \
+        f"{directory / 'config.json'}: error: expected a JSON object, got list"
+
+
+def _pickle(path):
+    torch.save({"x": torch.zeros(2)}, path / "model.safetensors")
+
+
+WEIGHT_CASES = [
+    ("garbage", lambda p: (p / "model.safetensors").write_bytes(b"\x00garbage" * 8), "model.safetensors"),
+    ("empty", lambda p: (p / "model.safetensors").write_bytes(b""), "model.safetensors"),
+    ("pickle", _pickle, "model.safetensors"),
+    ("index list", lambda p: (p / "model.safetensors.index.json").write_text("[]"), "index.json"),
+    ("index null", lambda p: (p / "model.safetensors.index.json").write_text("null"), "index.json"),
+    ("index ints", lambda p: (p / "model.safetensors.index.json").write_text('{"weight_map": {"a": 1}}'),
+     "index.json"),
+    ("index escapes", lambda p: (p / "model.safetensors.index.json").write_text('{"weight_map": {"a": "../x"}}'),
+     "index.json"),
+]
+
+
+@pytest.mark.parametrize(("spoil", "file"), [c[1:] for c in WEIGHT_CASES], ids=[c[0] for c in WEIGHT_CASES])
+def test_weight_crash_kinds_are_located_refusals(spoil, file, good_dir, policy, tmp_path):
+    path = weights_copy(tmp_path, good_dir)
+    spoil(path)
+    line = refusal(invoke("compile", policy, "--model", path, "--weights", path))
+    shown = path / ("model.safetensors.index.json" if file == "index.json" else file)
+    assert line.startswith(f"error: WeightsError: {shown}: "), line
+
+
+def test_a_pickle_named_model_safetensors_is_never_unpickled(good_dir, policy, tmp_path, monkeypatch):
+    import pickle
+
+    path = weights_copy(tmp_path, good_dir)
+    _pickle(path)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint was unpickled")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    assert "not a readable safetensors file" in refusal(invoke("compile", policy, "--model", path, "--weights", path))
+
+
+def test_the_unspoilt_directory_compiles(good_dir, policy):
+    assert invoke("compile", policy, "--model", good_dir, "--weights", good_dir).exit_code == 0
