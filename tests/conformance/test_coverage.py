@@ -3,6 +3,7 @@ no code was released (the baselines have no authors)."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
 from pathlib import Path
@@ -56,3 +57,22 @@ def test_each_files_conformance_line_is_what_its_test_asserts():
         module = importlib.import_module(f"{__package__}.{test.stem}")
         for name, floor in getattr(module, "CLAIMS", {}).items():
             assert claimed.get(name) == floor, (test.name, name)
+
+
+def _asserts(source: str) -> list[ast.Assert]:
+    return [node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Assert)]
+
+
+def test_claims_are_what_the_assertions_use():
+    """A module claiming a floor asserts against CLAIMS (so the number in the policy is the
+    number tested); one claiming exact asserts an equality."""
+    for test in sorted(HERE.glob("test_*.py")):
+        claims = getattr(importlib.import_module(f"{__package__}.{test.stem}"), "CLAIMS", {})
+        asserts = _asserts(test.read_text())
+        reads_claims = any(isinstance(n, ast.Name) and n.id == "CLAIMS" for a in asserts for n in ast.walk(a.test))
+        equality = any(isinstance(n, ast.Compare) and any(isinstance(op, ast.Eq) for op in n.ops)
+                       for a in asserts for n in ast.walk(a.test))
+        if any(floor < 1 for floor in claims.values()):
+            assert reads_claims, f"{test.name}: no assertion reads CLAIMS"
+        if any(floor == 1 for floor in claims.values()):
+            assert equality or reads_claims, f"{test.name}: claims exact but asserts no equality"
