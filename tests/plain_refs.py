@@ -127,3 +127,63 @@ def sharpened_pair(spec) -> dict:
     """The spec's random model (seed 0) with sharpened LLM attention, eager and sdpa."""
     return {attn: sharpen_llm(spec.build(device="cpu", attn_implementation=attn, seed=0).eval())
             for attn in ("eager", "sdpa")}
+
+
+def mrope_inputs(batch: int, side: int = 16, seed: int = 5, img: int = 250, start: int = 251, end: int = 252):
+    """Qwen-VL inputs: one side x side-patch image per prompt (side / 2 squared merged
+    placeholders, wrapped in vision start/end), batch 2 left-padded with id 2; random
+    patch pixels (temporal patch 2 x 14 x 14 x 3)."""
+    n_img = (side // 2) ** 2
+    rows = [[5, 6, 7, start] + [img] * n_img + [end, 8, 9, 10]]
+    if batch == 2:
+        rows.append([11, 12, 13, 14, 15, start] + [img] * n_img + [end, 18, 19])
+    n = max(len(r) for r in rows)
+    ids = torch.full((len(rows), n), 2, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, n - len(r):] = torch.tensor(r)
+        mask[i, n - len(r):] = 1
+    px = torch.randn(len(rows) * side * side, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(seed))
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=px,
+                image_grid_thw=torch.tensor([[1, side, side]] * len(rows)), mm_token_type_ids=(ids == img).int())
+
+
+def top_k_reference(ref, batch_inputs: dict, image_token_id: int, k: int, layer: int, new_tokens: int):
+    """`keep text top k` at LLM `layer` by hand: the last prompt row's head-mean attention
+    at `layer - 1`, its top k image positions kept, the rest masked from `layer` on.
+    Returns (kept positions [B, k], greedy tokens)."""
+    att = last_query_attention(ref, batch_inputs, layer - 1)
+    kept, pruned = prune_to_top(att, batch_inputs["input_ids"], image_token_id, k)
+    return kept, masked_generate(ref, batch_inputs, pruned, from_layer=layer, new_tokens=new_tokens)
+
+
+def qwen_meta_prefill_flops(model, side: int, image_token_id: int = 151655, start: int = 151652,
+                            end: int = 151653) -> tuple[int, int]:
+    """FlopCounterMode of a Qwen-VL prefill on the meta device: the vision tower called
+    directly (its rotary ids precomputed: meta tensors cannot be read), the features
+    scattered by hand, then the LLM with the model's own M-RoPE ids, last logits only.
+    Returns (FLOPs, text tokens); the image is side x side patches."""
+    import transformers.vision_utils as vu
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n_img = (side // 2) ** 2
+    grid = torch.tensor([[1, side, side]])
+    ids = torch.tensor([[9] * 20 + [start] + [image_token_id] * n_img + [end] + [9] * 42])
+    pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=(ids == image_token_id).int(), image_grid_thw=grid)
+    pixels = torch.empty(side * side, 1176, dtype=model.dtype, device="meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        vision = model.model.visual(pixels, grid_thw=grid, position_ids=vu.get_vision_position_ids(grid, 2).to("meta"))
+        embeds = model.get_input_embeddings()(ids.to("meta"))
+        embeds = embeds.masked_scatter((ids == image_token_id)[..., None].to("meta"), vision.pooler_output)
+        model(inputs_embeds=embeds, position_ids=pos.to("meta"), use_cache=False, logits_to_keep=1)
+    return counter.get_total_flops(), ids.shape[1] - n_img
+
+
+def qwen_7b_merger_llm_flops(text: int, n_img: int = 576) -> int:
+    """FLOPs by hand of what Qwen2-VL-7B and Qwen2.5-VL-7B share after the vision tower:
+    the merger (5120 -> 5120 -> 3584 per merged token), 28 Qwen2-7B layers (hidden 3584,
+    4 KV heads of 128, SwiGLU 18944) over every token, the last row's logits (152064)."""
+    merger = 2 * n_img * (5120 * 5120 + 5120 * 3584)
+    n, h, kv = n_img + text, 3584, 512
+    llm = 28 * (2 * n * (2 * h * h + 2 * h * kv + 3 * h * 18944) + 4 * n * n * h)
+    return merger + llm + 2 * h * 152064

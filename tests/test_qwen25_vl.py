@@ -16,7 +16,8 @@ from vtdsl.ir import check
 from vtdsl.lang.errors import PolicyError
 from vtdsl.models import get_spec
 
-from plain_refs import first_error, masked_generate, prune_to_top, sharpened_pair
+from plain_refs import (first_error, masked_generate, mrope_inputs, prune_to_top, qwen_7b_merger_llm_flops,
+                        qwen_meta_prefill_flops, sharpened_pair, top_k_reference)
 
 SPEC = get_spec("tiny-qwen2.5-vl")
 IMG, START, END = 250, 251, 252
@@ -32,18 +33,7 @@ def models():
 
 def inputs(batch: int):
     """One 224x224 image per prompt, wrapped in vision start/end; batch 2 is left-padded."""
-    rows = [[5, 6, 7, START] + [IMG] * N_IMG + [END, 8, 9, 10]]
-    if batch == 2:
-        rows.append([11, 12, 13, 14, 15, START] + [IMG] * N_IMG + [END, 18, 19])
-    n = max(len(r) for r in rows)
-    ids = torch.full((len(rows), n), 2, dtype=torch.long)  # pad id 2
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, n - len(r):] = torch.tensor(r)
-        mask[i, n - len(r):] = 1
-    px = torch.randn(len(rows) * SIDE * SIDE, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(5))
-    return dict(input_ids=ids, attention_mask=mask, pixel_values=px,
-                image_grid_thw=torch.tensor([[1, SIDE, SIDE]] * len(rows)), mm_token_type_ids=(ids == IMG).int())
+    return mrope_inputs(batch, SIDE)
 
 
 def fresh_copy(model, attn="eager"):
@@ -66,32 +56,16 @@ def test_spec_from_the_published_config():
 
 
 def test_cost_of_qwen25_vl_7b_equals_flop_counter_on_meta():
-    """The vision tower called directly (its rotary ids precomputed: meta tensors cannot be
-    read), the features scattered by hand, then the LLM with the model's own M-RoPE ids."""
-    import transformers.vision_utils as vu
-
+    """The prefill at 672x672 (48x48 patches), counted by FlopCounterMode
+    (`plain_refs.qwen_meta_prefill_flops`), against the architecture's FLOPs by hand."""
     spec = get_spec("qwen2.5-vl-7b")
-    model = spec.build(device="meta", attn_implementation="eager")
-    side = 48
-    grid = torch.tensor([[1, side, side]])
-    ids = torch.tensor([[9] * 20 + [151652] + [151655] * 576 + [151653] + [9] * 42])
-    text = ids.shape[1] - 576
-    pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=(ids == 151655).int(), image_grid_thw=grid)
-    pixels = torch.empty(side * side, 1176, dtype=model.dtype, device="meta")
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        vision = model.model.visual(pixels, grid_thw=grid, position_ids=vu.get_vision_position_ids(grid, 2).to("meta"))
-        embeds = model.get_input_embeddings()(ids.to("meta"))
-        embeds = embeds.masked_scatter((ids == 151655)[..., None].to("meta"), vision.pooler_output)
-        model(inputs_embeds=embeds, position_ids=pos.to("meta"), use_cache=False, logits_to_keep=1)
+    flops, text = qwen_meta_prefill_flops(spec.build(device="meta", attn_implementation="eager"), side=48)
     n, d, ffn = 2304, 1280, 3420
     linear = 2 * n * (4 * d * d + 3 * d * ffn)
     windows = 36 * 64 * 64  # 6x6 windows of 8x8 patches: attention within each
     vit = 2 * n * 1176 * d + 28 * (linear + 4 * d * windows) + 4 * (linear + 4 * d * n * n)
-    merger = 2 * 576 * (5120 * 5120 + 5120 * 3584)
-    N, h, kv = 576 + text, 3584, 512
-    llm = 28 * (2 * N * (2 * h * h + 2 * h * kv + 3 * h * 18944) + 4 * N * N * h)
-    independent = vit + merger + llm + 2 * h * 152064
-    assert counter.get_total_flops() == independent
+    independent = vit + qwen_7b_merger_llm_flops(text)
+    assert flops == independent
     assert estimate_counts(spec, [n] * 32, 576, [576] * 28, text).baseline.flops == independent
 
 
@@ -113,11 +87,7 @@ def test_compiled_flops_equal_the_cost_model(models, src):
 def test_llm_stage_generate_matches_masked_reference(models, attn, batch):
     model = models[attn]
     batch_inputs = inputs(batch)
-    ref = fresh_copy(model)
-    with torch.no_grad():
-        att = ref(**batch_inputs, output_attentions=True).attentions[1][:, :, -1, :].mean(1)
-    kept, pruned = prune_to_top(att, batch_inputs["input_ids"], IMG, N_IMG // 2)
-    want = masked_generate(ref, batch_inputs, pruned, from_layer=2, new_tokens=6)
+    kept, want = top_k_reference(fresh_copy(model), batch_inputs, IMG, N_IMG // 2, layer=2, new_tokens=6)
     with vc.apply("at llm.layer2 keep text top 50%", model):
         with torch.no_grad():
             got = model.generate(**batch_inputs, max_new_tokens=6, do_sample=False)

@@ -170,6 +170,35 @@ QWEN25_VL_7B = {
     },
 }
 
+# Qwen/Qwen2-VL-7B-Instruct: Qwen2.5-VL-7B's LLM and token layout (patch 14, temporal
+# patch 2, 2x2 merger to 3584, M-RoPE [16, 24, 24]) with the first-generation ViT: 32
+# LayerNorm blocks of width 1280 (16 heads), a QuickGELU MLP of 4 x 1280, every block
+# attending over the whole image; the merger's LayerNorm -> Linear 5120->5120, GELU,
+# Linear 5120->3584. The hub file's vision `in_chans` is transformers 5's `in_channels`;
+# its flat text keys are nested here as in QWEN25_VL_7B. Same preprocessor pixel range.
+QWEN2_VL_7B = {
+    **{k: v for k, v in QWEN25_VL_7B.items() if k not in ("vision_config", "text_config")},
+    "architectures": ["Qwen2VLForConditionalGeneration"],
+    "model_type": "qwen2_vl",
+    "vision_config": {
+        "depth": 32,
+        "embed_dim": 1280,
+        "mlp_ratio": 4,
+        "num_heads": 16,
+        "in_channels": 3,
+        "hidden_size": 3584,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        # default, stated: hidden_act quick_gelu
+    },
+    "text_config": {
+        **copy.deepcopy(QWEN25_VL_7B["text_config"]),
+        "model_type": "qwen2_vl_text",
+        "max_position_embeddings": 32768,
+    },
+}
+
 # The test model of docs/dev/contracts.md: small enough for exact CPU runs in tests.
 TINY_LLAVA = {
     "architectures": ["LlavaForConditionalGeneration"],
@@ -245,6 +274,19 @@ TINY_QWEN25_VL = {
     },
 }
 
+# Qwen2-VL's layout at tiny widths: 4 full-attention ViT blocks (width 32, MLP 64), 2x2
+# merger, 4 LLM layers with M-RoPE; a 224x224 reference image: 64 visual tokens.
+TINY_QWEN2_VL = {
+    **{k: v for k, v in TINY_QWEN25_VL.items() if k not in ("vision_config", "text_config")},
+    "architectures": ["Qwen2VLForConditionalGeneration"],
+    "model_type": "qwen2_vl",
+    "vision_config": {
+        "depth": 4, "embed_dim": 32, "mlp_ratio": 2, "num_heads": 4, "in_channels": 3, "hidden_size": 32,
+        "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+    },
+    "text_config": {**copy.deepcopy(TINY_QWEN25_VL["text_config"]), "model_type": "qwen2_vl_text"},
+}
+
 # name -> (config.json dict, description)
 BUILTINS: dict[str, tuple[dict, str]] = {
     "llava-1.5-7b": (LLAVA_15_7B, "LLaVA-1.5 7B (llava-hf/llava-1.5-7b-hf): CLIP ViT-L/14-336 + Vicuna-7B v1.5"),
@@ -253,10 +295,14 @@ BUILTINS: dict[str, tuple[dict, str]] = {
                                      "(base + up to 4 crops) + Vicuna-7B v1.5"),
     "qwen2.5-vl-7b": (QWEN25_VL_7B, "Qwen2.5-VL 7B (Qwen/Qwen2.5-VL-7B-Instruct): window-attention ViT + 2x2 merger + "
                                    "Qwen2-7B with M-RoPE; counts at 672x672 (576 visual tokens)"),
+    "qwen2-vl-7b": (QWEN2_VL_7B, "Qwen2-VL 7B (Qwen/Qwen2-VL-7B-Instruct): full-attention ViT + 2x2 merger + Qwen2-7B "
+                                "with M-RoPE; counts at 672x672 (576 visual tokens)"),
     "tiny-llava": (TINY_LLAVA, "tiny random LLaVA for tests (docs/dev/contracts.md), float32"),
     "tiny-llava-next": (TINY_LLAVA_NEXT, "tiny random LLaVA-NeXT (anyres, 56-pixel crops) for tests, float32"),
     "tiny-qwen2.5-vl": (TINY_QWEN25_VL, "tiny random Qwen2.5-VL (windows, 2x2 merger, M-RoPE; 224x224 reference) "
                                         "for tests, float32"),
+    "tiny-qwen2-vl": (TINY_QWEN2_VL, "tiny random Qwen2-VL (full-attention ViT, 2x2 merger, M-RoPE; 224x224 "
+                                     "reference) for tests, float32"),
 }
 
 # Other spellings users type for the same architectures.
@@ -273,6 +319,8 @@ ALIASES: dict[str, str] = {
     "llava-v1.6-vicuna-7b": "llava-next-7b",
     "qwen/qwen2.5-vl-7b-instruct": "qwen2.5-vl-7b",
     "qwen2.5-vl-7b-instruct": "qwen2.5-vl-7b",
+    "qwen/qwen2-vl-7b-instruct": "qwen2-vl-7b",
+    "qwen2-vl-7b-instruct": "qwen2-vl-7b",
 }
 
 

@@ -163,15 +163,21 @@ def _feature_selection(config, layout: dict[str, Any]) -> tuple[int, str]:
 
 
 def _tower_dims(vc, tc, tower: dict[str, Any]) -> tuple[TowerDims, TowerDims]:
-    """(ViT, LLM) dimensions; the LLM's key/value heads default to its heads (no GQA)."""
-    vheads = getattr(vc, tower["heads"])
+    """(ViT, LLM) dimensions; the LLM's key/value heads default to its heads (no GQA).
+    The tower row names the vision config's fields (or computes them from it)."""
+
+    def read(key: str, default: str) -> int:
+        how = tower.get(key, default)
+        return how(vc) if callable(how) else getattr(vc, how)
+
+    vheads, width = read("heads", "num_attention_heads"), read("hidden", "hidden_size")
     vit = TowerDims(
-        layers=getattr(vc, tower["layers"]),
-        hidden=vc.hidden_size,
-        ffn=vc.intermediate_size,
+        layers=read("layers", "num_hidden_layers"),
+        hidden=width,
+        ffn=read("ffn", "intermediate_size"),
         heads=vheads,
         kv_heads=vheads,
-        head_dim=vc.hidden_size // vheads,
+        head_dim=width // vheads,
         mlp=tower["mlp"],
     )
     heads = tc.num_attention_heads

@@ -1,49 +1,20 @@
 """Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): qwen2.5-vl-7b, tiny-qwen2.5-vl.
 
-Dynamic resolution: the patch grid is the image's own (`image_grid_thw`, in patches), so
-every count depends on the image. The vision tower attends in windows and orders patches
-by window; its merger (the projector here) turns each 2x2 group into one LLM token, so the
-IR refuses ViT stages and ViT scores, and LLM stages see the merged grid. The LLM gives
-visual tokens M-RoPE positions (time, row, column streams, computed by the model from the
-prompt), which the LLM hooks gather like any position ids.
+Qwen2-VL's layout (`qwen2_vl`: dynamic resolution, 2x2 merger, M-RoPE) with a vision
+tower that attends in windows and orders patches by window; the plan's window size must
+match the model's.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-import torch
-
-from ..runtime import CompileError
-from .base import Family
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ...models.spec import ModelSpec
+from .qwen2_vl import Qwen2VL
 
 
-class Qwen25VL(Family):
+class Qwen25VL(Qwen2VL):
     """Window ViT, 2x2 merger, M-RoPE; `image_grid_thw` per call."""
 
     name = "qwen2.5-vl"
-    size_argument = "image_grid_thw"
     layout_fields = ("spatial_merge", "vit_window")
-
-    def image_sizes(self, spec: ModelSpec, kwargs: dict[str, Any]) -> list[tuple[int, int]] | None:
-        grid = kwargs.get("image_grid_thw")
-        if grid is None:
-            return None
-        rows = torch.as_tensor(grid).reshape(-1, 3).tolist()
-        if any(t != 1 for t, _, _ in rows):
-            raise CompileError("vtdsl compiles image inputs only (image_grid_thw with t = 1), not video")
-        return [(h * spec.patch_size, w * spec.patch_size) for _, h, w in rows] or None
-
-    def sized_spec(self, spec: ModelSpec, height: int, width: int) -> ModelSpec:
-        # already the processor's size (image_grid_thw): resizing again into the spec's
-        # pixel range would miscount a processor set to another range
-        return spec.for_grid(height // spec.patch_size, width // spec.patch_size)
-
-    def layout_key(self, spec: ModelSpec) -> tuple:
-        return (spec.image_grid,)
 
 
 FAMILY = Qwen25VL()

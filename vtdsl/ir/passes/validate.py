@@ -110,7 +110,7 @@ def _validate_renumber(graph, spec: ModelSpec, stage: ast.Stage, site: ResolvedS
 def _validate_layout(graph, spec: ModelSpec, stage: ast.Stage, site: ResolvedSite) -> None:
     """What a model family's token layout rules out (docs/language.md, "Model families").
 
-    - A patch merger (Qwen2.5-VL) takes 2x2 groups of ViT patches in window order: a ViT
+    - A patch merger (Qwen2-VL; Qwen2.5-VL in window order) takes 2x2 groups of ViT patches: a ViT
       stage would have to keep whole groups, which no selector guarantees, so ViT stages
       are refused there (prune the merged tokens at llm.layer0 instead).
     - Anyres (LLaVA-NeXT): the LLM's visual tokens are the base view, the unpadded grid
@@ -266,7 +266,8 @@ def _needs_cls(r: _Read):
 def _vit_of_merged_patches(r: _Read):
     spec = r.spec
     if r.obs.tower == "vit" and spec.spatial_merge > 1:
-        return (f"{spec.name}'s vision tower orders patches by attention window and merges them "
+        order = "orders patches by attention window and merges them" if spec.vit_window else "merges patches"
+        return (f"{spec.name}'s vision tower {order} "
                 f"{spec.spatial_merge}x{spec.spatial_merge} before the LLM; vtdsl reads no ViT scores there",
                 "an LLM score such as text@llm.layer2", "model-layout")
     return None

@@ -35,8 +35,10 @@ class ModelFamily:
         `layout(config, vision_config) -> dict` of `ModelSpec` fields the token layout
         sets (crops, merger, reference image, ...); None: the plain layout.
     vision_towers : dict
-        Vision `model_type` -> {"has_cls", "mlp", "layers", "heads"} (whether the ViT
-        prepends a CLS token, its MLP kind, the config's names for depth and heads).
+        Vision `model_type` -> {"has_cls", "mlp", "layers", "heads"[, "hidden", "ffn"]}:
+        whether the ViT prepends a CLS token, its MLP kind, and the vision config's names
+        for depth, heads, width and MLP width (a name, or a function of the config;
+        width and MLP width default to `hidden_size` and `intermediate_size`).
     text_models : dict
         Text `model_type` -> {"mlp"}: language models with the Llama layer layout.
     """

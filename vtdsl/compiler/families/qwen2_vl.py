@@ -1,0 +1,49 @@
+"""Qwen2-VL (`Qwen2VLForConditionalGeneration`): qwen2-vl-7b, tiny-qwen2-vl.
+
+Dynamic resolution: the patch grid is the image's own (`image_grid_thw`, in patches), so
+every count depends on the image. The merger (the projector here) turns each 2x2 group of
+patches into one LLM token, so the IR refuses ViT stages and ViT scores, and LLM stages
+see the merged grid. The LLM gives visual tokens M-RoPE positions (time, row, column
+streams, computed by the model from the prompt), which the LLM hooks gather like any
+position ids. Qwen2.5-VL (`qwen2_5_vl`) is this layout with windows in the ViT.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..runtime import CompileError
+from .base import Family
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ...models.spec import ModelSpec
+
+
+class Qwen2VL(Family):
+    """Full-attention ViT, 2x2 merger, M-RoPE; `image_grid_thw` per call."""
+
+    name = "qwen2-vl"
+    size_argument = "image_grid_thw"
+    layout_fields = ("spatial_merge",)
+
+    def image_sizes(self, spec: ModelSpec, kwargs: dict[str, Any]) -> list[tuple[int, int]] | None:
+        grid = kwargs.get("image_grid_thw")
+        if grid is None:
+            return None
+        rows = torch.as_tensor(grid).reshape(-1, 3).tolist()
+        if any(t != 1 for t, _, _ in rows):
+            raise CompileError("vtdsl compiles image inputs only (image_grid_thw with t = 1), not video")
+        return [(h * spec.patch_size, w * spec.patch_size) for _, h, w in rows] or None
+
+    def sized_spec(self, spec: ModelSpec, height: int, width: int) -> ModelSpec:
+        # already the processor's size (image_grid_thw): resizing again into the spec's
+        # pixel range would miscount a processor set to another range
+        return spec.for_grid(height // spec.patch_size, width // spec.patch_size)
+
+    def layout_key(self, spec: ModelSpec) -> tuple:
+        return (spec.image_grid,)
+
+
+FAMILY = Qwen2VL()
