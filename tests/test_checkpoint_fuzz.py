@@ -233,3 +233,48 @@ def test_a_pickle_named_model_safetensors_is_never_unpickled(good_dir, policy, t
 
 def test_the_unspoilt_directory_compiles(good_dir, policy):
     assert invoke("compile", policy, "--model", good_dir, "--weights", good_dir).exit_code == 0
+
+
+# ---------------------------------------------------------------- run and eval load the same way
+@pytest.fixture(scope="module")
+def served_dir(tmp_path_factory):
+    """A random vtbench-shaped LLaVA with its processor: what `run` and `eval` need."""
+    from PIL import Image
+
+    from vtdsl.eval.train import build_model, build_processor
+
+    path = tmp_path_factory.mktemp("served") / "model"
+    processor = build_processor()
+    build_model(processor.tokenizer, seed=0).save_pretrained(path)
+    processor.save_pretrained(path)
+    image = path.parent / "red.png"
+    Image.new("RGB", (48, 48), (200, 30, 30)).save(image)
+    (path.parent / "data.jsonl").write_text(json.dumps({"image": "red.png", "question": "color?", "answer": "red"})
+                                            + "\n")
+    return path
+
+
+def _heads_zero(path):
+    config = json.loads((path / "config.json").read_text())
+    config["vision_config"]["num_attention_heads"] = 0
+    (path / "config.json").write_text(json.dumps(config))
+
+
+SERVED_CASES = [
+    ("config heads zero", _heads_zero, "config.json: error: vision_config.num_attention_heads: 0 is out of range"),
+    ("safetensors garbage", WEIGHT_CASES[0][1], "model.safetensors: not a readable safetensors file"),
+    ("index list", WEIGHT_CASES[3][1], "model.safetensors.index.json: weight_map: expected an object"),
+]
+
+
+@pytest.mark.parametrize("command", ["run", "eval", "eval --data"])
+@pytest.mark.parametrize(("spoil", "message"), [c[1:] for c in SERVED_CASES], ids=[c[0] for c in SERVED_CASES])
+def test_run_and_eval_refuse_a_malformed_weights_directory(command, spoil, message, served_dir, policy, tmp_path):
+    path = weights_copy(tmp_path, served_dir)
+    spoil(path)
+    extra = {"run": ["--image", served_dir.parent / "red.png", "--question", "color?"],
+             "eval": ["--n", 1],
+             "eval --data": ["--data", served_dir.parent / "data.jsonl"]}[command]
+    result = invoke(command.split()[0], policy, "--weights", path, *extra)
+    line = refusal(result)
+    assert str(path) in line and message in line, line

@@ -25,7 +25,7 @@ def load_vtbench_model(name_or_dir: str):
     directory holding a LLaVA trained on vtbench (config, safetensors, processor files)."""
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-    from ..models import get_spec
+    from ..models import get_spec, load_weights
     from ..models.vtbench import DATA_DIR, NAME, vtbench_spec
 
     path = DATA_DIR if name_or_dir == NAME else Path(name_or_dir)
@@ -35,9 +35,15 @@ def load_vtbench_model(name_or_dir: str):
         raise PolicyError(Diagnostic(f"no trained vtbench model at {path}", None,
                                      expected=f"{NAME} or a model directory with config.json",
                                      hint=hint, code="model"))
-    model = LlavaForConditionalGeneration.from_pretrained(path, use_safetensors=True, local_files_only=True)
+    if name_or_dir == NAME:
+        spec = vtbench_spec()
+        model = LlavaForConditionalGeneration.from_pretrained(path, use_safetensors=True, local_files_only=True)
+    else:
+        # a user's directory: its config.json checked by the registry, then safetensors
+        # only, every tensor accounted for (a malformed checkpoint is one located error)
+        spec = get_spec(str(path.resolve()))
+        model = load_weights(spec, str(path))
     processor = LlavaProcessor.from_pretrained(path, local_files_only=True)
-    spec = vtbench_spec() if name_or_dir == NAME else get_spec(str(path))
     return model.eval(), processor, spec
 
 
