@@ -165,3 +165,29 @@ def test_visual_tokens_for_image_sizes_equal_the_processor():
     for height, width in [(28, 28), (57, 55), (600, 800), (28000, 28000), (28, 5600), (3585, 3583)]:
         want = processor.get_number_of_image_patches(height, width, {}) // 4
         assert spec.for_image(height, width).image_tokens == want, (height, width)
+
+
+def test_a_hub_style_directory_gives_the_registered_spec(tmp_path):
+    """Qwen/Qwen2-VL-7B-Instruct's config.json layout (text keys at the top level, vision
+    `in_chans`, `rope_scaling` of type mrope) and its preprocessor_config.json: the same
+    architecture and pixel range as the built-in written as data."""
+    import json
+
+    hub = {
+        "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", "hidden_size": 3584,
+        "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+        "vocab_size": 152064, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "max_position_embeddings": 32768,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "torch_dtype": "bfloat16",
+        "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653, "tie_word_embeddings": False,
+        "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3,
+                          "hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(hub))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}))
+    local, builtin = get_spec(str(tmp_path)), get_spec("qwen2-vl-7b")
+    fields = ("family", "vit", "llm", "projector", "vocab_size", "image_token_id", "dtype", "image_tokens",
+              "min_pixels", "max_pixels", "position_encoding", "vit_window")
+    assert [getattr(local, f) for f in fields] == [getattr(builtin, f) for f in fields]
+    assert local.for_image(28000, 28000).image_tokens == 16384
