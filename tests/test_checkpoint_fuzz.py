@@ -26,9 +26,9 @@ from vtdsl.models import spec_from_config
 from vtdsl.models.builtins import builtin_config_dict
 
 BASES = ("tiny-llava", "tiny-llava-next", "tiny-qwen2.5-vl")
-FUZZ = settings(max_examples=200, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=300, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-FUZZ_WEIGHTS = settings(FUZZ, max_examples=40)
+FUZZ_WEIGHTS = settings(FUZZ, max_examples=90)
 
 junk = st.one_of(
     st.none(), st.booleans(), st.integers(-(10**15), 10**15), st.floats(), st.text(max_size=6),
@@ -137,13 +137,28 @@ index_values = st.one_of(
 )
 
 
+# a safetensors header (8-byte length, then JSON) that parses but describes junk tensors
+tensor_entry = st.fixed_dictionaries({"dtype": st.one_of(st.sampled_from(["F32", "F16", "I64", "XX"]), junk),
+                                      "shape": st.one_of(st.lists(st.integers(-2, 4), max_size=3), junk),
+                                      "data_offsets": st.one_of(st.lists(st.integers(-2, 64), max_size=3), junk)})
+headers = st.dictionaries(st.sampled_from(["lm_head.weight", "x", "__metadata__"]), tensor_entry, max_size=3)
+
+
+def safetensors_bytes(header: dict, body: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + body
+
+
 @FUZZ_WEIGHTS
-@given(kind=st.sampled_from(["safetensors", "index"]), payload=st.binary(max_size=96), index=index_values)
-def test_any_weight_directory_mutation_is_refused_naming_the_directory(kind, payload, index, good_dir, tmp_path,
-                                                                       policy):
+@given(kind=st.sampled_from(["safetensors", "header", "index"]), payload=st.binary(max_size=96), header=headers,
+       index=index_values)
+def test_any_weight_directory_mutation_is_refused_naming_the_directory(kind, payload, header, index, good_dir,
+                                                                       tmp_path, policy):
     path = weights_copy(tmp_path, good_dir)
     if kind == "safetensors":
         (path / "model.safetensors").write_bytes(payload)
+    elif kind == "header":
+        (path / "model.safetensors").write_bytes(safetensors_bytes(header, payload))
     else:
         (path / "model.safetensors.index.json").write_text(json.dumps(index))
     result = invoke("compile", policy, "--model", path, "--weights", path)
@@ -171,7 +186,12 @@ CONFIG_CASES = [
     # widths not divisible by heads; a size that would allocate forever
     (("text_config", "hidden_size"), 30, "text_config.hidden_size: 30 is not divisible by num_attention_heads (4)"),
     (("text_config", "num_hidden_layers"), 10**12, "text_config.num_hidden_layers: 1000000000000 is out of range"),
+    # AttributeError (no torch.abc) and IndexError (a list) from transformers' dtype parsing
     (("torch_dtype",), "abc", "torch_dtype: unsupported dtype 'abc'"),
+    (("torch_dtype",), ["float32"], 'torch_dtype: unsupported dtype ["float32"]'),
+    # AttributeError: a vision config where the language model goes
+    (("text_config", "model_type"), "siglip_vision_model",
+     "text_config.model_type: unsupported language model 'siglip_vision_model'"),
 ]
 
 
