@@ -298,3 +298,16 @@ def test_run_and_eval_refuse_a_malformed_weights_directory(command, spoil, messa
     result = invoke(command.split()[0], policy, "--weights", path, *extra)
     line = refusal(result)
     assert str(path) in line and message in line, line
+
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("config.json", b"\xff\xfe{}", "not UTF-8 text"),
+    ("config.json", b"[" * 100_000, "JSON nested too deeply"),
+    ("preprocessor_config.json", b"[1]", "expected a JSON object, got list"),
+    ("preprocessor_config.json", b'{"size": [1]}', "size: expected a JSON object, got list"),
+    ("preprocessor_config.json", b'{"min_pixels": "many"}', "min_pixels: expected an integer, got string 'many'"),
+], ids=["not utf-8", "deep", "processor list", "processor size", "processor pixels"])
+def test_unreadable_json_files_are_located_refusals(name, text, message, policy, tmp_path):
+    directory = config_dir(tmp_path, small("tiny-qwen2.5-vl"))
+    (directory / name).write_bytes(text)
+    assert refusal(invoke("check", policy, "--model", directory)) == f"{directory / name}: error: {message}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import os
 from typing import Any, Callable
 
@@ -21,7 +20,7 @@ from .families import TEXT_MODELS as _TEXT_MODELS
 from .families import VISION_TOWERS as _VISION_TOWERS
 from .families import unsupported
 from .spec import DTYPE_BYTES, ModelSpec, TowerDims
-from .validate import check_preprocessor, checked_dims, located, read_config
+from .validate import check_preprocessor, checked_dims, located, read_config, read_json_object
 
 
 def _dtype_name(value: Any) -> str | None:
@@ -212,17 +211,6 @@ def _builtin_spec(name: str) -> ModelSpec:
     return shipped_spec(name, _config_from_dict)
 
 
-def _json_object(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as err:
-        raise unsupported(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    if not isinstance(data, dict):
-        raise unsupported(f"{path}: expected a JSON object")
-    return data
-
-
 @functools.lru_cache(maxsize=64)
 def _dir_spec(path: str, mtime: float) -> ModelSpec:
     config_path = os.path.join(path, "config.json")
@@ -231,7 +219,7 @@ def _dir_spec(path: str, mtime: float) -> ModelSpec:
     # family's layout reads them from this key (a vtdsl key, ignored by transformers)
     processor_path = os.path.join(path, "preprocessor_config.json")
     if os.path.isfile(processor_path):
-        data["vtdsl_preprocessor"] = check_preprocessor(_json_object(processor_path), processor_path)
+        data["vtdsl_preprocessor"] = check_preprocessor(read_json_object(processor_path), processor_path)
     name = os.path.basename(os.path.normpath(path)) or path
     with located(config_path, data):
         spec = spec_from_config(data, name=name, description=f"local model directory {path}", source=path)

@@ -40,17 +40,25 @@ def config_error(config_path: str, key: str | None, problem: str, expected: str 
     return PolicyError(Diagnostic(message, expected=expected, hint=hint, code="model"), filename=config_path)
 
 
-def read_config(config_path: str) -> dict:
-    """config.json as a dict, once `check_config` accepts it."""
+def read_json_object(path: str) -> dict:
+    """A JSON file that must hold an object (config.json, preprocessor_config.json)."""
     try:
-        with open(config_path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
     except json.JSONDecodeError as err:
-        raise config_error(config_path, None, f"not valid JSON ({err.msg} at line {err.lineno})") from None
+        raise config_error(path, None, f"not valid JSON ({err.msg} at line {err.lineno})") from None
     except UnicodeDecodeError:
-        raise config_error(config_path, None, "not UTF-8 text") from None
+        raise config_error(path, None, "not UTF-8 text") from None
     except RecursionError:
-        raise config_error(config_path, None, "JSON nested too deeply") from None
+        raise config_error(path, None, "JSON nested too deeply") from None
+    if not isinstance(data, dict):
+        raise config_error(path, None, f"expected a JSON object, got {_kind(data)}")
+    return data
+
+
+def read_config(config_path: str) -> dict:
+    """config.json as a dict, once `check_config` accepts it."""
+    data = read_json_object(config_path)
     check_config(data, config_path)
     return data
 
