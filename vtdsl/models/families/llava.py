@@ -24,14 +24,8 @@ _CLIP = {"clip_vision_model": {"has_cls": True, "mlp": "gelu", "layers": "num_hi
 _LLAMA_LIKE = {"llama": {"mlp": "swiglu"}, "mistral": {"mlp": "swiglu"}, "qwen2": {"mlp": "swiglu"}}
 
 FAMILY = ModelFamily(
-    model_type="llava",
-    family="llava",
-    config_class="LlavaConfig",
-    model_class="LlavaForConditionalGeneration",
-    vit_layer_path="model.vision_tower.encoder.layers.{i}",
-    projector_path="model.multi_modal_projector",
+    model_type="llava", family="llava", config_class="LlavaConfig", model_class="LlavaForConditionalGeneration",
+    vit_layer_path="model.vision_tower.encoder.layers.{i}", projector_path="model.multi_modal_projector",
     llm_layer_path="model.language_model.layers.{i}",
-    checkpoint_renames=_RENAMES,
-    vision_towers=_CLIP,
-    text_models=_LLAMA_LIKE,
+    checkpoint_renames=_RENAMES, vision_towers=_CLIP, text_models=_LLAMA_LIKE,
 )
