@@ -30,6 +30,18 @@ from .runtime import CompileError, ForwardLog
 _MISSING = object()
 
 
+def _eager(fn: Callable) -> Callable:
+    """`fn` run by Python even inside `torch.compile`. Traced, a hook was specialised on its
+    closure (the layer index) and on the per-prompt state (ints, shapes, `.item()`s) and
+    recompiled for every layer until dynamo's recompile limit (tiny-llava, 2 LLM layers:
+    28 recompiles, 59 graphs, 20 s for a second generate); skipped, vtdsl's code is never
+    compiled (16 recompiles, 15 graphs, 0.1 s). What remains per layer is transformers':
+    tests/test_torch_compile.py."""
+    import torch
+
+    return torch.compiler.disable(fn, recursive=True)
+
+
 def _features_vary(plan: Plan) -> bool:
     """Whether adaptive counts make the features' token count vary per call: the last
     stage deciding the features (vit.out, or a ViT layer up to the feature layer) has a
@@ -79,8 +91,10 @@ class Installer:
 
     # ------------------------------------------------------------------ primitives
     def hook(self, module_path: str, kind: str, fn: Callable, what: str, **kw) -> None:
-        """Register a forward pre-hook (`kind` "pre") or hook ("post") on a submodule."""
+        """Register a forward pre-hook (`kind` "pre") or hook ("post") on a submodule
+        (run outside torch.compile: `_eager`)."""
         module = self.model.get_submodule(module_path)
+        fn = _eager(fn)
         if kind == "pre":
             handle = module.register_forward_pre_hook(fn, **kw)
             self.listing.add(module_path or "<model>", "forward-pre-hook", what)

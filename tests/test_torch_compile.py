@@ -1,0 +1,123 @@
+"""`torch.compile` of a FastV-compiled model (issue 21, item 4): right logits through
+prefill and decode, and what dynamo compiles, counted with its own counters.
+
+vtdsl's hooks and ViT stage nodes run outside dynamo (`installer._eager`): their
+per-layer closures and per-prompt Python state made dynamo recompile each hook once per
+layer (tiny-llava, 2 LLM layers: 28 recompiles, 59 graphs; a second generate 20 s) until
+its recompile limit. What remains per layer (xfail below): a hook is a graph break inside
+the decoder-layer loop, and dynamo does not resume inside a loop: it runs
+`LlamaModel.forward` uncompiled and compiles each layer's call as a frame of its own,
+specialised on the layer's cache index (`cache.layers[i]`), one recompile per layer in
+prefill. Hooks that trace without a break at most layers (tried: a traced fast path with
+the work at the stage layers outside dynamo) do not help while any layer of the loop
+breaks; only a loop with no break at all would.
+
+The backend is aot_eager: recompiles and graph breaks are dynamo's (the same under
+inductor), and inductor's code generation would take minutes here.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import pytest
+import torch
+
+import vtdsl.compiler as vc
+
+POLICY = "at llm.layer1 keep text top 50%"  # FastV's rule (policies/fastv.vt) at K=1, so 2 layers suffice
+NEW = 3
+
+
+def _model(llm_layers: int):
+    from transformers import LlavaConfig
+
+    from vtdsl.models import spec_from_config
+    from vtdsl.models.builtins import TINY_LLAVA
+
+    cfg = copy.deepcopy(TINY_LLAVA)
+    cfg["text_config"]["num_hidden_layers"] = llm_layers
+    cfg["vision_config"]["num_hidden_layers"] = 4
+    config = LlavaConfig(**{k: v for k, v in cfg.items() if k not in ("model_type", "architectures")})
+    spec = spec_from_config(config, name=f"tiny-llava-{llm_layers}")
+    return spec.build(device="cpu", dtype="float32", seed=0, attn_implementation="sdpa")
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.cat([torch.randint(3, 250, (1, 4), generator=g), torch.full((1, 576), 255),
+                     torch.randint(3, 250, (1, 8), generator=g)], dim=1)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "pixel_values": torch.randn(1, 3, 336, 336, generator=g)}
+
+
+def _generate(model, inputs):
+    with torch.inference_mode():
+        return model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True)
+
+
+def _compiled_run(llm_layers: int) -> dict:
+    """Eager and compiled generate of the FastV-compiled model; what dynamo did."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.utils import counters, guard_failures
+
+    model, inputs = _model(llm_layers), _inputs()
+    with vc.apply(POLICY, model):
+        eager = _generate(model, inputs)
+        torch._dynamo.reset()
+        counters.clear()
+        guard_failures.clear()
+        model.forward = torch.compile(model.forward, backend="aot_eager")
+        try:
+            first = _generate(model, inputs)
+            second = _generate(model, inputs)  # everything compiled: no new frames
+        finally:
+            del model.forward
+    recompiles = Counter()
+    for code in guard_failures:
+        recompiles[(code.co_filename, code.co_name)] += len(_debug_get_cache_entry_list(code)) - 1
+    out = {"eager": eager, "runs": (first, second), "recompiles": recompiles,
+           "graph_breaks": sum(counters["graph_break"].values()), "graphs": counters["stats"]["unique_graphs"]}
+    torch._dynamo.reset()
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return {layers: _compiled_run(layers) for layers in (2, 4)}
+
+
+def _is_layer_frame(key) -> bool:
+    return key[1] == "forward_with_checkpointing"  # a decoder layer's __call__ (transformers' modeling_layers)
+
+
+@pytest.mark.slow
+def test_compiled_logits_equal_eager_prefill_and_decode(runs):
+    for layers, r in runs.items():
+        for run in r["runs"]:
+            assert torch.equal(run.sequences, r["eager"].sequences), layers
+            assert len(run.logits) == NEW  # the prefill's last position, then each decode step
+            for got, want in zip(run.logits, r["eager"].logits):
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_vtdsl_code_is_never_compiled_and_the_rest_does_not_grow_with_depth(runs):
+    for r in runs.values():
+        assert not [key for key in r["recompiles"] if "/vtdsl/" in key[0]], r["recompiles"]
+    two, four = ({k: n for k, n in runs[L]["recompiles"].items() if not _is_layer_frame(k)} for L in (2, 4))
+    assert two == four  # transformers' wrappers, llava's forward: the same whatever the depth
+    assert sum(two.values()) <= 16  # measured 14 (torch 2.13, transformers 5.24)
+    # one graph break per hook kind and per ViT stage node, not per layer call
+    assert runs[2]["graph_breaks"] == runs[4]["graph_breaks"] <= 30  # measured 22
+    assert runs[4]["graphs"] <= runs[2]["graphs"] + 4  # measured 15 and 17 (was 59 for 2 layers before)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="each decoder layer's call is a frame of its own after the hook's graph "
+                                        "break, specialised on its cache index: one recompile per layer")
+def test_decoder_layer_frames_compile_once_for_all_layers(runs):
+    two, four = (sum(n for k, n in runs[L]["recompiles"].items() if _is_layer_frame(k)) for L in (2, 4))
+    assert four == two
