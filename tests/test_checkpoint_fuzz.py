@@ -311,3 +311,15 @@ def test_unreadable_json_files_are_located_refusals(name, text, message, policy,
     directory = config_dir(tmp_path, small("tiny-qwen2.5-vl"))
     (directory / name).write_bytes(text)
     assert refusal(invoke("check", policy, "--model", directory)) == f"{directory / name}: error: {message}"
+
+
+def test_weights_that_do_not_fit_a_huge_config_are_refused_before_allocating(good_dir, policy, tmp_path):
+    # 2**20-wide Llama layers would be terabytes on the CPU: the headers are compared with
+    # the architecture on the meta device first
+    path = weights_copy(tmp_path, good_dir)
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"]["hidden_size"] = 1 << 20
+    (path / "config.json").write_text(json.dumps(config))
+    line = refusal(invoke("compile", policy, "--model", path, "--weights", path))
+    assert line.startswith(f"error: WeightsError: weights in {path} do not fit"), line
+    assert "with the wrong shape" in line

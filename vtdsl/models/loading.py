@@ -180,44 +180,61 @@ def load_weights(spec: ModelSpec, path: str | None = None, device="cpu", dtype=N
     """Build `spec`'s model on `device` and load the safetensors weights of a local
     directory into it. Every parameter must be present in the files with its exact shape
     (a tied lm_head may be absent); extra tensors are an error too, so a wrong
-    checkpoint never loads half-way. Returns the model in eval mode.
+    checkpoint never loads half-way. The files' headers are checked against the
+    architecture on the meta device first, so a checkpoint that does not fit is refused
+    before any memory is allocated for it. Returns the model in eval mode.
     """
     import torch
-    from safetensors import SafetensorError, safe_open
 
     path = os.path.expanduser(os.fspath(path if path is not None else (spec.source or "")))
     if not path:
         raise WeightsError(f"model '{spec.name}' has no weights directory; pass one")
     files = safetensors_files(path)
     _check_architecture(spec, path)
+    sources, tied = _tensor_sources(spec, files, path)
 
     model = build_model(
         spec, device=device, dtype=dtype, attn_implementation=attn_implementation, init_weights=False
     )
-    expected = model.state_dict()
-    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     loaded: dict[str, "torch.Tensor"] = {}
+    for file in files:
+        with _opened(file) as fh:
+            loaded.update((name, fh.get_tensor(key)) for name, (f, key) in sources.items() if f == file)
+    with torch.no_grad():
+        result = model.load_state_dict(loaded, strict=False)
+    leftover = set(result.missing_keys) - tied
+    if leftover:  # pragma: no cover - guarded by _tensor_sources
+        raise WeightsError(f"weights not loaded: {sorted(leftover)[:3]}")
+    if tied and spec.tie_word_embeddings:
+        model.tie_weights()
+    model.eval()
+    return model
+
+
+def _tensor_sources(spec: ModelSpec, files: list[str], path: str) -> tuple[dict[str, tuple[str, str]], set[str]]:
+    """(parameter name -> (file, key in it), tied parameter names), from the files'
+    headers only, once every parameter has exactly one tensor of its meta-device shape."""
+    meta = build_model(spec, device="meta")
+    expected = {name: tuple(t.shape) for name, t in meta.state_dict().items()}
+    tied = set(getattr(meta, "all_tied_weights_keys", {}) or {})
+    sources: dict[str, tuple[str, str]] = {}
     unexpected: list[str] = []
     mismatched: list[str] = []
     for file in files:
-        try:
-            with safe_open(file, framework="pt", device="cpu") as fh:
-                for key in fh.keys():
-                    name = rename_key(spec, key)
-                    if name not in expected:
-                        unexpected.append(key)
-                        continue
-                    tensor = fh.get_tensor(key)
-                    if tuple(tensor.shape) != tuple(expected[name].shape):
-                        mismatched.append(f"{key}: {tuple(tensor.shape)} vs {tuple(expected[name].shape)}")
-                        continue
-                    if name in loaded:
-                        raise WeightsError(f"{path}: two tensors load into {name}")
-                    loaded[name] = tensor
-        except SafetensorError as err:
-            # garbage, an empty file, a pickle under a safetensors name: refused unread
-            raise WeightsError(f"{file}: not a readable safetensors file ({_first_line(err)})") from None
-    missing = sorted(set(expected) - set(loaded) - tied)
+        with _opened(file) as fh:
+            for key in fh.keys():
+                name = rename_key(spec, key)
+                if name not in expected:
+                    unexpected.append(key)
+                    continue
+                shape = tuple(fh.get_slice(key).get_shape())
+                if shape != expected[name]:
+                    mismatched.append(f"{key}: {shape} vs {expected[name]}")
+                    continue
+                if name in sources:
+                    raise WeightsError(f"{path}: two tensors load into {name}")
+                sources[name] = (file, key)
+    missing = sorted(set(expected) - set(sources) - tied)
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
@@ -227,15 +244,20 @@ def load_weights(spec: ModelSpec, path: str | None = None, device="cpu", dtype=N
         problems.append(f"{len(mismatched)} with the wrong shape (e.g. {'; '.join(mismatched[:2])})")
     if problems:
         raise WeightsError(f"weights in {path} do not fit '{spec.name}': " + "; ".join(problems))
-    with torch.no_grad():
-        result = model.load_state_dict(loaded, strict=False)
-    leftover = set(result.missing_keys) - tied
-    if leftover:  # pragma: no cover - guarded above
-        raise WeightsError(f"weights not loaded: {sorted(leftover)[:3]}")
-    if tied and spec.tie_word_embeddings:
-        model.tie_weights()
-    model.eval()
-    return model
+    return sources, tied
+
+
+@contextmanager
+def _opened(file: str):
+    """`safe_open` on the CPU; garbage, an empty file or a pickle under a safetensors
+    name is refused unread (safetensors parses a JSON header and never unpickles)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(file, framework="pt", device="cpu") as fh:
+            yield fh
+    except SafetensorError as err:
+        raise WeightsError(f"{file}: not a readable safetensors file ({_first_line(err)})") from None
 
 
 def _first_line(err: Exception) -> str:
