@@ -70,6 +70,14 @@ class Family:
         `size_argument`; None when the call carries none (or the family has none)."""
         return None
 
+    def size_rows(self, kwargs: dict[str, Any], width: int) -> list[list[int]] | None:
+        """The call's `size_argument` as one row of `width` integers per image (a tensor or,
+        as transformers also accepts, nested lists); None when the call carries none."""
+        value = kwargs.get(self.size_argument) if self.size_argument else None
+        if value is None:
+            return None
+        return torch.as_tensor(value).reshape(-1, width).tolist()
+
     def sized_spec(self, spec: ModelSpec, height: int, width: int) -> ModelSpec:
         """`spec` with the counts of one image of a call, `(height, width)` as
         `image_sizes` gave it (here: the image as the user passed it)."""

@@ -54,10 +54,7 @@ class LlavaNext(Family):
     layout_fields = ("anyres_grid",)
 
     def image_sizes(self, spec: ModelSpec, kwargs: dict[str, Any]) -> list[tuple[int, int]] | None:
-        sizes = kwargs.get("image_sizes")
-        if sizes is None:
-            return None
-        rows = torch.as_tensor(sizes).reshape(-1, 2).tolist()  # transformers also takes lists
+        rows = self.size_rows(kwargs, 2) or []
         return [(int(h), int(w)) for h, w in rows] or None
 
     def layout_key(self, spec: ModelSpec) -> tuple:

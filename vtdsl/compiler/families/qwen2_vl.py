@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import torch
 
 from ..runtime import CompileError
 from .base import Family
@@ -29,10 +28,9 @@ class Qwen2VL(Family):
     layout_fields = ("spatial_merge",)
 
     def image_sizes(self, spec: ModelSpec, kwargs: dict[str, Any]) -> list[tuple[int, int]] | None:
-        grid = kwargs.get("image_grid_thw")
-        if grid is None:
+        rows = self.size_rows(kwargs, 3)
+        if rows is None:
             return None
-        rows = torch.as_tensor(grid).reshape(-1, 3).tolist()
         if any(t != 1 for t, _, _ in rows):
             raise CompileError("vtdsl compiles image inputs only (image_grid_thw with t = 1), not video")
         return [(h * spec.patch_size, w * spec.patch_size) for _, h, w in rows] or None
