@@ -323,3 +323,11 @@ def test_weights_that_do_not_fit_a_huge_config_are_refused_before_allocating(goo
     line = refusal(invoke("compile", policy, "--model", path, "--weights", path))
     assert line.startswith(f"error: WeightsError: weights in {path} do not fit"), line
     assert "with the wrong shape" in line
+
+
+def test_a_deleted_head_count_whose_default_does_not_fit_is_refused(policy, tmp_path):
+    # Qwen2.5-VL's text config defaults to more heads than a 32-wide tiny model has
+    # dimensions: a head_dim of 0, which divided by zero in the cost model
+    directory = config_dir(tmp_path, mutate(small("tiny-qwen2.5-vl"), ("text_config", "num_attention_heads"), "delete"))
+    line = refusal(invoke("check", policy, "--model", directory))
+    assert line.startswith(f"{directory / 'config.json'}: error: text_config: ") and "no head dimension" in line

@@ -2,11 +2,13 @@
 
 A careless or hostile config.json must end in one located refusal (exit 2 in the CLI),
 never in a traceback from deep inside transformers or the registry (issue 17, item 7).
-Two layers: `read_config` checks what the registry and the layouts read (JSON object,
-sub-configs that are objects, sizes that are positive integers within sane bounds,
-widths divisible by heads), and `located` turns whatever transformers' own validation
-still refuses into a `PolicyError` that names the file and the key path, e.g.
-`config.json: error: vision_config.num_attention_heads: expected an integer, got str`.
+Three layers: `read_config` checks what the registry and the layouts read (a JSON object,
+known model types, sub-configs that are objects, sizes that are positive integers within
+sane bounds, a language model's head arithmetic, dtypes, pinpoints); `located` turns
+whatever transformers' own validation still refuses into a `PolicyError` that names the
+file and the key path, e.g. `config.json: error: vision_config.hidden_act: Field
+'hidden_act' expected str, got int (value: 5)`; `checked_dims` checks the spec's towers
+once transformers has filled in its defaults.
 """
 
 from __future__ import annotations
@@ -186,7 +188,7 @@ def _short(value: Any) -> str:
 
 
 def _kind(value: Any) -> str:
-    """`str 'abc'`, `list`, `null`: what a user wrote, short."""
+    """`string 'abc'`, `list`, `null`: what a user wrote, short."""
     if value is None:
         return "null"
     name = {dict: "object", list: "list", str: "string", bool: "boolean"}.get(type(value), type(value).__name__)
@@ -200,7 +202,7 @@ def checked_dims(spec, config_path: str):
     (a deleted `num_attention_heads` takes the class default, which may not divide the
     width the file still gives)."""
     for dims, part in ((spec.vit, "vision_config"), (spec.llm, "text_config")):
-        if dims.head_dim < 1:
+        if min(dims.heads, dims.kv_heads, dims.head_dim) < 1:
             raise config_error(config_path, part, f"{dims.heads} attention heads leave a {dims.hidden}-wide "
                                "tower no head dimension", expected="hidden_size a multiple of the heads")
         if dims.heads % dims.kv_heads:
