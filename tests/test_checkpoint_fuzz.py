@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vtdsl.cli import main
-from vtdsl.models import spec_from_config
+from vtdsl.models import get_spec, spec_from_config
 from vtdsl.models.builtins import builtin_config_dict
 
 BASES = ("tiny-llava", "tiny-llava-next", "tiny-qwen2.5-vl")
@@ -331,3 +331,14 @@ def test_a_deleted_head_count_whose_default_does_not_fit_is_refused(policy, tmp_
     directory = config_dir(tmp_path, mutate(small("tiny-qwen2.5-vl"), ("text_config", "num_attention_heads"), "delete"))
     line = refusal(invoke("check", policy, "--model", directory))
     assert line.startswith(f"{directory / 'config.json'}: error: text_config: ") and "no head dimension" in line
+
+
+def test_null_head_dim_and_kv_heads_mean_derived(policy, tmp_path):
+    # transformers derives both (hidden / heads, and heads: no GQA); hub configs write null
+    config = small("tiny-llava")
+    config["text_config"].update(head_dim=None, num_key_value_heads=None)
+    directory = config_dir(tmp_path, config)
+    result = invoke("check", policy, "--model", directory, "--json")
+    assert result.exit_code == 0, result.output
+    llm = get_spec(str(directory)).llm
+    assert (llm.heads, llm.kv_heads, llm.head_dim) == (4, 4, 8)

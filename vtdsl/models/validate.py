@@ -32,6 +32,8 @@ SIDE_KEYS = ("image_size", "patch_size", "window_size", "spatial_merge_size", "t
 WIDTH_KEYS = ("hidden_size", "embed_dim", "intermediate_size", "num_attention_heads", "num_heads",
               "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "num_channels", "in_channels",
               "out_hidden_size", "projection_dim")
+# null means "derive it" to transformers (from the hidden size / the attention heads)
+OPTIONAL_KEYS = ("head_dim", "num_key_value_heads")
 PARTS = ("vision_config", "text_config")
 
 
@@ -84,7 +86,7 @@ def check_config(data: Any, config_path: str) -> None:
     for prefix, scope in scopes:
         for keys, most in ((LAYER_KEYS, MAX_LAYERS), (SIDE_KEYS, MAX_SIDE), (WIDTH_KEYS, MAX_WIDTH)):
             for key in keys:
-                if key in scope and not (key == "head_dim" and scope[key] is None):
+                if key in scope and not (key in OPTIONAL_KEYS and scope[key] is None):
                     _whole(scope[key], 1, most, config_path, prefix + key)
         for key in ("torch_dtype", "dtype"):
             name = scope.get(key)
