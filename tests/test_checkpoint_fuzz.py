@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 
 from vtdsl.cli import main
 from vtdsl.models import get_spec, spec_from_config
-from vtdsl.models.builtins import builtin_config_dict
+from vtdsl.models.builtins import BUILTINS, builtin_config_dict
+from vtdsl.models.validate import check_config
 
 BASES = ("tiny-llava", "tiny-llava-next", "tiny-qwen2.5-vl")
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True,
@@ -342,3 +343,9 @@ def test_null_head_dim_and_kv_heads_mean_derived(policy, tmp_path):
     assert result.exit_code == 0, result.output
     llm = get_spec(str(directory)).llm
     assert (llm.heads, llm.kv_heads, llm.head_dim) == (4, 4, 8)
+
+
+@pytest.mark.parametrize("name", sorted(BUILTINS))
+def test_every_built_in_hub_config_passes_the_checks(name):
+    # the built-ins are the hub's config.json files: the checks must never refuse a real one
+    check_config(builtin_config_dict(name), f"{name}/config.json")
