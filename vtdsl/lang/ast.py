@@ -11,7 +11,8 @@ import math
 from fractions import Fraction
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_serializer,
+                      model_validator)
 
 # Limits that keep every quantity meaningful and every integer small enough to print.
 MAX_COUNT = 1_000_000
@@ -373,6 +374,17 @@ class Budget(Node):
         return self
 
 
+class DecodeSelect(Node):
+    """`during decode at llm.layerN attend top K`: at every generated token, layers N and
+    after attend only to the K visual KV entries (a count, or a percentage of the visual
+    entries in the cache) that the new token's query weighs most at layer N-1 (mean over
+    heads); text entries are always attended and the cache itself is kept (DyCoke's
+    dynamic pruning). Prefill is unchanged."""
+
+    site: Site
+    qty: Quantity
+
+
 class Policy(Node):
     name: str | None = None
     model: str | None = None
@@ -380,3 +392,12 @@ class Policy(Node):
     model_span: Span | None = Field(default=None, repr=False, exclude=True)
     budgets: list[Budget] = Field(default_factory=list)
     stages: list[Stage] = Field(default_factory=list)
+    decode: list[DecodeSelect] = Field(default_factory=list)
+
+    @model_serializer(mode="wrap")
+    def _without_empty_decode(self, handler):
+        """JSON of a policy without decode stages stays as it was before they existed."""
+        data = handler(self)
+        if isinstance(data, dict) and not data.get("decode"):
+            data.pop("decode", None)
+        return data

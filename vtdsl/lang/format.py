@@ -1,7 +1,7 @@
 """Canonical `.vt` text for a policy.
 
 Canonical form: header lines first (policy, model, then budgets in source order), then
-one stage per line in source order; single spaces between words; no spaces inside
+one stage per line in source order, decode stages last; single spaces between words; no spaces inside
 `name(args)`, around `@` or after `(`; `, ` between arguments; `+` with a space on each
 side; numbers without a trailing `.0` and never in exponent notation (10%, 12.5%,
 3200000000000); strings as JSON string literals.
@@ -145,6 +145,10 @@ def format_stage(stage: ast.Stage) -> str:
     return f"{head} {format_action(stage.action)}{' renumber' if stage.renumber else ''}"
 
 
+def format_decode(sel: ast.DecodeSelect) -> str:
+    return f"during decode at {sel.site.text()} attend top {format_quantity(sel.qty)}"
+
+
 def format_budget_body(budget: ast.Budget) -> str:
     return f"{budget.metric} {budget.op} {format_number(budget.value)}{'%' if budget.percent else ''}"
 
@@ -161,6 +165,7 @@ def _statement_lines(policy: ast.Policy) -> list[tuple[tuple[str, int], str]]:
         out.append((("model", 0), f"model {quote(policy.model)}"))
     out += [(("budget", i), format_budget(b)) for i, b in enumerate(policy.budgets)]
     out += [(("stage", i), format_stage(s)) for i, s in enumerate(policy.stages)]
+    out += [(("decode", i), format_decode(d)) for i, d in enumerate(policy.decode)]
     return out
 
 
@@ -207,7 +212,7 @@ def format_source(text: str, filename: str = "<policy>") -> str:
         (leading[k] if k < len(stmts) else tail).append(item)
 
     texts = dict(_statement_lines(parsed.policy))
-    rank = {"policy": 0, "model": 1, "budget": 2, "stage": 3}
+    rank = {"policy": 0, "model": 1, "budget": 2, "stage": 3, "decode": 4}
     order = sorted(range(len(stmts)), key=lambda i: (rank[stmts[i].kind], i))
 
     out: list[str] = []

@@ -183,7 +183,7 @@ def site_hint(word: str) -> str | None:
 class StatementInfo:
     """Where one statement sits in the source; the formatter re-attaches comments by it."""
 
-    kind: str  # "policy" | "model" | "budget" | "stage"
+    kind: str  # "policy" | "model" | "budget" | "stage" | "decode"
     index: int  # position in Policy.budgets / Policy.stages (0 for policy / model)
     line: int
     end_line: int
@@ -270,6 +270,7 @@ def _assemble(built, diagnostics: list[Diagnostic]):
     first: dict[str, int] = {}
     budgets: list[ast.Budget] = []
     stages: list[ast.Stage] = []
+    decode: list[ast.DecodeSelect] = []
     statements: list[StatementInfo] = []
     for kind, value, span in built:
         if kind in ("policy", "model"):
@@ -287,12 +288,16 @@ def _assemble(built, diagnostics: list[Diagnostic]):
         elif kind == "budget":
             statements.append(StatementInfo(kind, len(budgets), span.line, span.end_line))
             budgets.append(value)
+        elif kind == "decode":
+            statements.append(StatementInfo(kind, len(decode), span.line, span.end_line))
+            decode.append(value)
         else:
             statements.append(StatementInfo(kind, len(stages), span.line, span.end_line))
             stages.append(value)
     last = built[-1][2] if built else ast.Span(line=1, column=1, end_line=1, end_column=1)
     whole = ast.Span(line=1, column=1, end_line=last.end_line, end_column=last.end_column)
-    policy = ast.Policy(name=name, model=model, model_span=model_span, budgets=budgets, stages=stages, span=whole)
+    policy = ast.Policy(name=name, model=model, model_span=model_span, budgets=budgets, stages=stages, decode=decode,
+                        span=whole)
     return policy, statements
 
 
@@ -494,6 +499,9 @@ class _Builder:
             return _HEADERS[tree.data], self.string(tree.children[0]), span
         if tree.data == "budget_line":
             return "budget", self.budget(tree.children[0], span), span
+        if tree.data == "decode_stage":
+            site, qty = tree.children
+            return "decode", self.node(ast.DecodeSelect, span, site=self.site(site), qty=self.quantity(qty)), span
         return "stage", self.stage(tree), span
 
     def string(self, tok: Token) -> str:

@@ -26,6 +26,9 @@ TERMINAL_WORDS: dict[str, str] = {
     "LE": "'<='",
     "LT": "'<'",
     "_AT": "'at'",
+    "_DURING": "'during'",
+    "_DECODE": "'decode'",
+    "_ATTEND": "'attend' and top K",
     "_EVERY": "'every'",
     "_LAYER": "'layer'",
     "_LAYERS": "'layers'",
@@ -103,9 +106,9 @@ _FAMILIES: list[tuple[frozenset[str], str]] = [
     (frozenset({"NAME", "ALL"}), "an argument such as last or all"),
     (frozenset({"_KEEP", "_MERGE", "_POOL", "_DROP"}), "an action: keep, merge, pool or drop"),
     (
-        frozenset({"_AT", "_EVERY", "_POLICY", "_MODEL", "_BUDGET"}),
-        "a stage (at <site> ... or every N layers from <site> to <site> ...) or a header line "
-        "(policy, model, budget)",
+        frozenset({"_AT", "_EVERY", "_DURING", "_POLICY", "_MODEL", "_BUDGET"}),
+        "a stage (at <site> ..., every N layers from <site> to <site> ... or during decode at <site> ...) "
+        "or a header line (policy, model, budget)",
     ),
     (frozenset({"FLOPS", "FLOPS_FASTV", "TOKENS", "KV", "LATENCY", "DECODE_LATENCY"}),
      "a budget metric: flops, flops_fastv, tokens, kv, latency or decode_latency"),

@@ -51,7 +51,7 @@ from . import ast
 from .errors import Diagnostic, PolicyError, did_you_mean
 from .format import format_budget_body, format_term
 from .parser import _StatementError, _Where, check_size, has_surrogate, parse_value
-from .yaml_keys import (ACTIONS, RENUMBER, TOP_KEYS, KeepOption, key_rule, keep_keys, keep_options,
+from .yaml_keys import (ACTIONS, DECODE, DECODE_KEYS, RENUMBER, TOP_KEYS, KeepOption, key_rule, keep_keys, keep_options,
                         quantity_data, rest_listing, stage_keys)
 
 _NULL = "tag:yaml.org,2002:null"
@@ -111,6 +111,8 @@ def policy_to_data(policy: ast.Policy) -> dict:
     if policy.budgets:
         data["budget"] = [format_budget_body(b) for b in policy.budgets]
     data["stages"] = [_stage_data(stage) for stage in policy.stages]
+    if policy.decode:
+        data[DECODE] = [{"at": d.site.text(), "attend": quantity_data(d.qty)} for d in policy.decode]
     return data
 
 
@@ -157,6 +159,7 @@ class YamlReader:
     site_note = ""  # what "a stage needs 'at: <site>'" adds about those spellings
     error_type: type[Exception] = _StatementError
     max_diagnostics: int | None = None
+    top_keys: tuple[str, ...] = TOP_KEYS
 
     def __init__(self, text: str, filename: str):
         self.text = text
@@ -239,11 +242,12 @@ class YamlReader:
             return self.empty()
         try:
             self.visit(root)
-            top = self.mapping(root, self.document, TOP_KEYS)
+            top = self.mapping(root, self.document, self.top_keys)
             headers = {key: self.guard(lambda k=key: self.header(k, top[k][1]))
                        for key in ("policy", "model") if key in top}
             budgets = [self.guard(lambda n=n: self.budget(n)) for n in self._budget_nodes(top)]
             stages = [self.guard(lambda n=n: self.stage(n)) for n in self._stage_nodes(top)]
+            self.decode_selects = [self.guard(lambda n=n: self.decode_select(n)) for n in self._list_nodes(top, DECODE)]
         except self.error_type as err:
             self.diagnostics.append(err.diagnostic)
         if self.diagnostics:
@@ -257,11 +261,14 @@ class YamlReader:
         return self.items(node) if isinstance(node, SequenceNode) else [node]
 
     def _stage_nodes(self, top: Keys) -> list[Node]:
-        if "stages" not in top:
+        return self._list_nodes(top, "stages")
+
+    def _list_nodes(self, top: Keys, key: str) -> list[Node]:
+        if key not in top:
             return []
-        node = top["stages"][1]
+        node = top[key][1]
         if not isinstance(node, SequenceNode):
-            self.diagnostics.append(self.fail("'stages' must be a list", node).diagnostic)
+            self.diagnostics.append(self.fail(f"'{key}' must be a list", node).diagnostic)
             return []
         return self.items(node)
 
@@ -340,6 +347,8 @@ _VALUE_HINTS = {
 class _PolicyReader(YamlReader):
     """Each value is parsed by its grammar rule, located in the YAML file."""
 
+    top_keys = TOP_KEYS + (DECODE,)
+
     def span(self, node: Node) -> ast.Span:
         return _span(node)
 
@@ -382,6 +391,15 @@ class _PolicyReader(YamlReader):
         if has_surrogate(text):
             raise self.fail(f"'{key}' holds a lone surrogate escape, which is not a character", node)
         return text
+
+    def decode_select(self, node: Node) -> ast.DecodeSelect:
+        m = self.mapping(node, "a decode stage", tuple(DECODE_KEYS))
+        for key in DECODE_KEYS:
+            if key not in m:
+                raise self.fail(f"a decode stage needs '{key}'", node,
+                                expected="at: llm.layerN and attend: K (a count or a percentage)")
+        site, qty = (self.value(m[k][1], rule, f"'{k}'") for k, rule in DECODE_KEYS.items())
+        return self.node(ast.DecodeSelect, _span(node), site=site, qty=qty)
 
     def budget(self, node: Node) -> ast.Budget:
         b = self.value(node, "budget_body", "a budget")
@@ -454,7 +472,8 @@ class _PolicyReader(YamlReader):
         if "model" in headers:
             fields["model"] = headers["model"]
             fields["model_span"] = _span(top["model"][0])
-        return ast.Policy(**fields, budgets=budgets, stages=stages, span=_span(root))
+        decode = [d for d in getattr(self, "decode_selects", []) if d is not None]
+        return ast.Policy(**fields, budgets=budgets, stages=stages, decode=decode, span=_span(root))
 
 
 # ---------------------------------------------------------------------------------------
