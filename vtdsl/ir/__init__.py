@@ -16,10 +16,11 @@ import networkx as nx
 from ..lang import ast
 from ..lang.errors import PolicyError
 from ..models.spec import ModelSpec
+from .decode import resolve_decode
 from .graph import lower, stream
 from .passes import (PASSES, RULES, expand_repeats, has_errors, infer_tokens, resolve_quantity, resolve_sites,
                      run_passes, validate)
-from .plan import Observation, Plan, ResolvedAdaptive, ResolvedScore, ResolvedSite, ResolvedStage, ResolvedTerm
+from .plan import DecodeSelection, Observation, Plan, ResolvedAdaptive, ResolvedScore, ResolvedSite, ResolvedStage, ResolvedTerm
 
 __all__ = [
     "check",
@@ -33,6 +34,7 @@ __all__ = [
     "infer_tokens",
     "resolve_quantity",
     "Plan",
+    "DecodeSelection",
     "ResolvedAdaptive",
     "ResolvedStage",
     "ResolvedTerm",
@@ -60,6 +62,8 @@ def build_graph(policy: ast.Policy, spec: ModelSpec) -> nx.DiGraph:
         graph.graph["spec"] = spec
         return graph
     graph = run_passes(graph, PASSES, spec=spec)
+    if policy.decode and not has_errors(graph):
+        graph.graph["decode"] = resolve_decode(graph, policy, spec)
     if len(expanded.stages) != len(policy.stages) or diagnostics:
         # an unrolled schedule or range repeats one finding per layer at the same text:
         # report each once, and at most three per place
@@ -89,6 +93,7 @@ def to_plan(graph: nx.DiGraph) -> Plan:
         image_placeholders=graph.graph["image_placeholders"],
         llm_visual=list(graph.graph["llm_visual"]),
         diagnostics=[d for d in graph.graph["diagnostics"] if d.severity == "warning"],
+        decode=list(graph.graph.get("decode", ())),
     )
 
 

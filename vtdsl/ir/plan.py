@@ -144,6 +144,19 @@ class ResolvedStage:
 
 
 @dataclass
+class DecodeSelection:
+    """A checked decode stage: at every generated token, LLM layers `layer`.. attend only
+    to the `k` (of `visual`) visual KV entries that the new token's query weighs most at
+    layer `layer - 1` (mean over heads); text entries always."""
+
+    layer: int
+    k: int
+    visual: int
+    percent: bool = False
+    text: str = ""
+
+
+@dataclass
 class Plan:
     policy: Policy
     spec: ModelSpec
@@ -153,6 +166,7 @@ class Plan:
     llm_visual: list[int]
     diagnostics: list[Diagnostic] = field(default_factory=list)
     image_placeholders: int = -1  # -1: the projector's count (set by `vtdsl.ir.check`)
+    decode: list[DecodeSelection] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.image_placeholders < 0:

@@ -1,0 +1,53 @@
+"""Decode-time KV selection (`during decode at llm.layerN attend top K`), resolved and
+checked against a model after the prefill stages: the layer, the count and the visual
+entries the cache holds there. Prefill counts are untouched (the cache is kept whole)."""
+
+from __future__ import annotations
+
+import networkx as nx
+
+from ..lang import ast
+from ..models.spec import ModelSpec
+from .passes.common import error, resolve_quantity, resolve_site
+from .plan import DecodeSelection
+
+
+def resolve_decode(graph: nx.DiGraph, policy: ast.Policy, spec: ModelSpec) -> list[DecodeSelection]:
+    """One `DecodeSelection` per decode stage; located errors on the graph otherwise."""
+    out: list[DecodeSelection] = []
+    llm_stage = next((s for s in policy.stages if s.site.tower == "llm"), None)
+    for i, sel in enumerate(policy.decode):
+        if i:
+            error(graph, "a policy has at most one decode stage", sel.span,
+                  hint="one layer picks the visual entries; every later layer attends to the same ones",
+                  code="semantic")
+            continue
+        if sel.site.tower != "llm":
+            error(graph, f"a decode stage acts in the LLM's attention, not at {sel.site.text()}", sel.site.span,
+                  expected="an LLM site such as llm.layer3", code="semantic")
+            continue
+        site = resolve_site(graph, spec, sel.site, "decode stage")
+        if site is None:
+            continue
+        if site.layer == 0:
+            error(graph, "a decode stage at llm.layer0 has no earlier layer whose attention picks the entries",
+                  sel.site.span, expected="llm.layer1 or later (layer N-1's attention decides for N on)",
+                  code="semantic")
+            continue
+        if llm_stage is not None:
+            # a prefill cut leaves layers with caches of different lengths; the selection
+            # reads layer N-1's visual positions and applies them to later layers
+            error(graph, "a decode stage cannot be combined with an LLM prefill stage yet", sel.span,
+                  hint=f"the LLM stage at {llm_stage.site.text()} changes which entries each layer's cache "
+                       "holds; prune in the ViT or at vit.out instead", code="semantic")
+            continue
+        visual = graph.graph["llm_visual"][site.layer - 1]
+        k = resolve_quantity(sel.qty, visual)
+        if k > visual:
+            error(graph, f"'attend top {k}' asks for more visual entries than the {visual} the cache holds "
+                         f"at {sel.site.text()}", sel.qty.span,
+                  expected=f"a count of at most {visual}, or a percentage", code="token-count")
+            continue
+        out.append(DecodeSelection(layer=site.layer, k=k, visual=visual, percent=sel.qty.percent,
+                                   text=f"during decode at llm.layer{site.layer} attend top {k}"))
+    return out
