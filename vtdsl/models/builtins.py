@@ -35,6 +35,17 @@ fixes the image the counts are for: 672x672 -> 48x48 patches -> 576 visual token
 same count as LLaVA-1.5. Its preprocessor_config.json (`vtdsl_preprocessor`, another
 vtdsl key) resizes every image's area into [3136, 12845056] pixels (56x56 up to 16384
 merged tokens), where transformers' Qwen2VLImageProcessor defaults stop at 28·28·1280.
+
+llava-hf/llava-onevision-qwen2-7b-ov-hf (LLaVA-OneVision): SigLIP so400m/14 at 384 px (26
+layers, hidden 1152, ffn 4304, 16 heads, no CLS, no pooling head), features from its last
+layer (-1, strategy "full": all 729 patches), a 2-layer projector 1152 -> 3584 -> 3584, and
+Qwen2-7B (hidden 3584, ffn 18944, 28 layers, 28 heads, 4 KV heads, rope_theta 1e6, vocab
+152128); anyres over the 36 pinpoints 384..2304 in steps of 384 (transformers'
+LlavaOnevisionConfig defaults, written out), "anyres_max_9". The vision and top-level
+values are those transformers' LlavaOnevisionConfig documents as that checkpoint's; the
+text values are the checkpoint's Qwen2 config. The largest pinpoint (2304x2304: base + 6x6
+crops) unpads to 162x162 tokens, shrunk to 81x81 under anyres_max_9: 729 + 81·(81 + 1) =
+7371 visual tokens, the counts the cost model uses. image_token_index 151646, float16.
 """
 
 from __future__ import annotations
@@ -199,6 +210,49 @@ QWEN2_VL_7B = {
     },
 }
 
+_ONEVISION_PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
+
+LLAVA_ONEVISION_7B = {
+    "architectures": ["LlavaOnevisionForConditionalGeneration"],
+    "model_type": "llava_onevision",
+    "image_token_index": 151646,
+    "video_token_index": 151647,
+    "image_grid_pinpoints": _ONEVISION_PINPOINTS,
+    "projector_hidden_act": "gelu",
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
+    "use_image_newline_parameter": True,
+    "vision_aspect_ratio": "anyres_max_9",
+    "vision_feature_layer": -1,
+    "vision_feature_select_strategy": "full",
+    "vision_config": {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 1152,
+        "image_size": 384,
+        "intermediate_size": 4304,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 26,
+        "patch_size": 14,
+        "vision_use_head": False,
+        # SigLIP defaults, stated: num_channels 3, hidden_act gelu_pytorch_tanh
+    },
+    "text_config": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-06,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "vocab_size": 152128,
+    },
+}
+
 # The test model of docs/dev/contracts.md: small enough for exact CPU runs in tests.
 TINY_LLAVA = {
     "architectures": ["LlavaForConditionalGeneration"],
@@ -287,6 +341,28 @@ TINY_QWEN2_VL = {
     "text_config": {**copy.deepcopy(TINY_QWEN25_VL["text_config"]), "model_type": "qwen2_vl_text"},
 }
 
+# LLaVA-OneVision's layout at tiny widths: 56-pixel SigLIP crops (4x4 patches), pinpoints
+# 56..168 in steps of 56 and "anyres_max_4", so the largest (168x168: base + 3x3 crops,
+# a 12x12 map) is shrunk to 8x8: 16 + 8·9 = 88 visual tokens; 4 ViT and 4 Qwen2 layers.
+TINY_LLAVA_ONEVISION = {
+    **{k: v for k, v in LLAVA_ONEVISION_7B.items() if k not in ("vision_config", "text_config")},
+    "image_token_index": 255,
+    "video_token_index": 254,
+    "image_grid_pinpoints": [[56 * i, 56 * j] for i in range(1, 4) for j in range(1, 4)],
+    "vision_aspect_ratio": "anyres_max_4",
+    "torch_dtype": "float32",
+    "vision_config": {
+        "model_type": "siglip_vision_model", "hidden_size": 32, "image_size": 56, "intermediate_size": 64,
+        "num_attention_heads": 4, "num_hidden_layers": 4, "patch_size": 14, "vision_use_head": False,
+    },
+    "text_config": {
+        "model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-06, "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+        "tie_word_embeddings": False, "torch_dtype": "float32",
+    },
+}
+
 # name -> (config.json dict, description)
 BUILTINS: dict[str, tuple[dict, str]] = {
     "llava-1.5-7b": (LLAVA_15_7B, "LLaVA-1.5 7B (llava-hf/llava-1.5-7b-hf): CLIP ViT-L/14-336 + Vicuna-7B v1.5"),
@@ -297,10 +373,15 @@ BUILTINS: dict[str, tuple[dict, str]] = {
                                    "Qwen2-7B with M-RoPE; counts at 672x672 (576 visual tokens)"),
     "qwen2-vl-7b": (QWEN2_VL_7B, "Qwen2-VL 7B (Qwen/Qwen2-VL-7B-Instruct): full-attention ViT + 2x2 merger + Qwen2-7B "
                                 "with M-RoPE; counts at 672x672 (576 visual tokens)"),
+    "llava-onevision-qwen2-7b": (LLAVA_ONEVISION_7B, "LLaVA-OneVision 7B (llava-hf/llava-onevision-qwen2-7b-ov-hf): "
+                                                     "anyres_max_9 SigLIP-so400m/14-384 (base + up to 36 crops) + "
+                                                     "Qwen2-7B; counts at 2304x2304 (7371 visual tokens)"),
     "tiny-llava": (TINY_LLAVA, "tiny random LLaVA for tests (docs/dev/contracts.md), float32"),
     "tiny-llava-next": (TINY_LLAVA_NEXT, "tiny random LLaVA-NeXT (anyres, 56-pixel crops) for tests, float32"),
     "tiny-qwen2.5-vl": (TINY_QWEN25_VL, "tiny random Qwen2.5-VL (windows, 2x2 merger, M-RoPE; 224x224 reference) "
                                         "for tests, float32"),
+    "tiny-llava-onevision": (TINY_LLAVA_ONEVISION, "tiny random LLaVA-OneVision (anyres_max_4, 56-pixel SigLIP "
+                                                   "crops) for tests, float32"),
     "tiny-qwen2-vl": (TINY_QWEN2_VL, "tiny random Qwen2-VL (full-attention ViT, 2x2 merger, M-RoPE; 224x224 "
                                      "reference) for tests, float32"),
 }
@@ -319,6 +400,9 @@ ALIASES: dict[str, str] = {
     "llava-v1.6-vicuna-7b": "llava-next-7b",
     "qwen/qwen2.5-vl-7b-instruct": "qwen2.5-vl-7b",
     "qwen2.5-vl-7b-instruct": "qwen2.5-vl-7b",
+    "llava-hf/llava-onevision-qwen2-7b-ov-hf": "llava-onevision-qwen2-7b",
+    "llava-onevision-qwen2-7b-ov-hf": "llava-onevision-qwen2-7b",
+    "lmms-lab/llava-onevision-qwen2-7b-ov": "llava-onevision-qwen2-7b",
     "qwen/qwen2-vl-7b-instruct": "qwen2-vl-7b",
     "qwen2-vl-7b-instruct": "qwen2-vl-7b",
 }

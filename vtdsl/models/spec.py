@@ -92,6 +92,9 @@ class ModelSpec:
     # = all of it (the reference image fills its pinpoint).
     anyres_pinpoints: tuple[tuple[int, int], ...] = ()
     anyres_map: tuple[int, int, int, int] | None = None
+    # "anyres_max_N" (LLaVA-OneVision): an unpadded map of more than 1.1^2 x N crops' tokens
+    # is shrunk by bilinear interpolation to about N crops' worth; 0: never shrunk.
+    anyres_max_crops: int = 0
     # Dynamic resolution (Qwen2.5-VL): the patch grid (rows, cols) of one image when it is
     # not the square `image_size` one; `for_image` sets it.
     image_grid: tuple[int, int] | None = None
@@ -177,12 +180,24 @@ class ModelSpec:
         return sum((a * b * unit) ** 2 for a in runs(rows) for b in runs(cols))
 
     @property
-    def crop_map(self) -> tuple[int, int, int, int]:
+    def unpadded_map(self) -> tuple[int, int, int, int]:
         """Anyres: (rows, cols, top, left) of the grid crops' feature map after unpadding."""
         if self.anyres_map is not None:
             return self.anyres_map
         rows, cols = self.llm_grid
         return self.anyres_grid[0] * rows, self.anyres_grid[1] * cols, 0, 0
+
+    @property
+    def crop_map(self) -> tuple[int, int, int, int]:
+        """Anyres: (rows, cols, top, left) of the map the LLM receives: the unpadded map,
+        shrunk under `anyres_max_crops` as transformers' `pack_image_features` does (the
+        ratio's float test and the floor divisions are its own)."""
+        rows, cols, top, left = self.unpadded_map
+        if self.anyres_max_crops:
+            ratio = math.sqrt(rows * cols / (self.anyres_max_crops * self.patch_tokens))
+            if ratio > 1.1:
+                return int(rows // ratio), int(cols // ratio), top, left
+        return rows, cols, top, left
 
     @property
     def packs_crops(self) -> bool:

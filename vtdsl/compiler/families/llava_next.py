@@ -93,8 +93,9 @@ class LlavaNext(Family):
                            "instead of unpadding them into a map with newline tokens")
 
 
-def _concatenate_crops(image_features, image_sizes=None, vision_feature_select_strategy=None, image_newline=None):
-    """`pack_image_features` for pruned crops: each image's crops one after the other."""
+def _concatenate_crops(image_features, image_sizes=None, *_, **__):
+    """`pack_image_features` for pruned crops: each image's crops one after the other (the
+    other arguments, LLaVA-NeXT's newline and strategy, OneVision's aspect ratio, unused)."""
     packed = [f.reshape(-1, f.shape[-1]) for f in image_features]
     lens = torch.tensor([p.shape[0] for p in packed], dtype=torch.long, device=packed[0].device)
     return packed, lens

@@ -1,0 +1,176 @@
+"""LLaVA-OneVision (issue 19 item 5): the spec from the published config, token counts
+against transformers' own processor and packing (anyres crops, unpadding, the anyres_max
+shrink, newline tokens), the cost model against FlopCounterMode part by part, compiled
+LLM stages against a masked reference and ViT stages against a plain loop over the SigLIP
+layers. Expected numbers are computed here from the architecture, not read from vtdsl."""
+
+from __future__ import annotations
+
+import types
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import vtdsl.compiler as vc
+from vtdsl.compiler.families import family_of
+from vtdsl.cost import estimate, estimate_counts
+from vtdsl.ir import check
+from vtdsl.models import get_spec, list_specs
+
+from plain_refs import first_error, generate_on_features, last_query_attention, masked_generate, prune_to_top, \
+    sharpened_pair
+
+SPEC = get_spec("tiny-llava-onevision")
+BIG = "llava-onevision-qwen2-7b"
+IMG = SPEC.image_token_id
+CROP = 56  # pixels per crop: 4x4 patches of 14
+SIDE = 4
+BASE = SIDE * SIDE
+# 168x168 picks 3x3 crops: a 12x12 map, shrunk under anyres_max_4 (ratio sqrt(144 / 64) =
+# 1.5) to 8x8, each row ended by a newline token
+N_IMG = BASE + 8 * (8 + 1)  # 88
+SIZES = [(2304, 2304), (384, 384), (600, 800), (1080, 1920), (336, 5000), (5000, 300), (767, 1535), (1000, 1000),
+         (480, 640), (1536, 384)]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return sharpened_pair(SPEC)
+
+
+def fresh_copy(model, attn="eager"):
+    ref = SPEC.build(device="cpu", attn_implementation=attn, seed=0).eval()
+    ref.load_state_dict(model.state_dict())
+    return ref
+
+
+def inputs(batch: int, size=(3 * CROP, 3 * CROP), seed: int = 3):
+    """One image of `size` per prompt; batch 2 is left-padded."""
+    spec = SPEC.for_image(*size)
+    rows = [[5, 6, 7] + [IMG] * spec.image_tokens + [8, 9, 10]]
+    if batch == 2:
+        rows.append([11, 12, 13, 14, 15] + [IMG] * spec.image_tokens + [18, 19, 20, 21])
+    n = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), n, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, n - len(r):] = torch.tensor(r)
+        mask[i, n - len(r):] = 1
+    px = torch.randn(len(rows), spec.vit_crops, 3, CROP, CROP, generator=torch.Generator().manual_seed(seed))
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=px, image_sizes=torch.tensor([list(size)] * len(rows)))
+
+
+# ---------------------------------------------------------------------------- spec and counts
+def _onevision_7b_params() -> int:
+    """The 7B's parameters from its architecture: SigLIP (biases everywhere, 729 learned
+    positions, no pooling head), the projector, the newline vector, Qwen2-7B (q/k/v
+    biases) with an untied head."""
+    d, ffn, h, kv, mlp, vocab = 1152, 4304, 3584, 512, 18944, 152128
+    embed = 3 * 14 * 14 * d + d + 729 * d
+    block = 2 * 2 * d + 4 * (d * d + d) + (d * ffn + ffn) + (ffn * d + d)
+    vit = embed + 26 * block + 2 * d
+    projector = (d * h + h) + (h * h + h)
+    layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * mlp + 2 * h
+    return vit + projector + h + vocab * h + 28 * layer + h + vocab * h
+
+
+def test_spec_from_the_published_config():
+    s = get_spec(BIG)
+    assert get_spec("llava-hf/llava-onevision-qwen2-7b-ov-hf") is s
+    assert (s.family, s.has_cls, s.select_strategy, s.vision_feature_layer) == ("llava-onevision", False, "full", -1)
+    assert (s.vit.layers, s.vit.hidden, s.vit.ffn, s.vit.heads, s.vit.mlp) == (26, 1152, 4304, 16, "gelu")
+    assert (s.llm.layers, s.llm.hidden, s.llm.heads, s.llm.kv_heads, s.llm.ffn) == (28, 3584, 28, 4, 18944)
+    assert (s.vit_tokens, s.vit_crops, s.anyres_grid, s.anyres_max_crops) == (729, 37, (6, 6), 9)
+    # 2304x2304: a 162x162 map, ratio sqrt(162^2 / (9 * 729)) = 2 -> 81x81, plus newlines
+    assert (s.projector_tokens, s.image_tokens) == (37 * 729, 729 + 81 * 82)
+    assert s.param_count() == _onevision_7b_params()
+    assert family_of(s).name == "llava-onevision" and family_of(SPEC).sized_per_image
+    assert (SPEC.vit_crops, SPEC.image_tokens) == (10, N_IMG)
+
+
+def test_vtdsl_models_lists_both():
+    from click.testing import CliRunner
+
+    from vtdsl.cli import main
+
+    assert {BIG, "tiny-llava-onevision"} <= {spec.name for spec in list_specs()}
+    run = CliRunner().invoke(main, ["models"])
+    assert run.exit_code == 0 and BIG in run.output and "tiny-llava-onevision" in run.output
+
+
+def test_counts_equal_the_processor_over_image_sizes():
+    """transformers' LlavaOnevisionProcessor count (its `_get_number_of_features`, on a
+    processor object built here without a tokenizer) and the image processor's crops."""
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil)
+    from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
+
+    spec = get_spec(BIG)
+    pinpoints = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
+    images = LlavaOnevisionImageProcessorPil(image_grid_pinpoints=pinpoints)
+    proc = types.SimpleNamespace(image_processor=images, num_image_tokens=729, vision_aspect_ratio="anyres_max_9")
+    proc._get_unpadded_features = types.MethodType(LlavaOnevisionProcessor._get_unpadded_features, proc)
+    for height, width in SIZES:
+        sized = spec.for_image(height, width)
+        assert sized.image_tokens == LlavaOnevisionProcessor._get_number_of_features(proc, height, width, 384, 384)
+        crops = images(np.zeros((height, width, 3), dtype=np.uint8), return_tensors="pt")["pixel_values"].shape[1]
+        assert sized.vit_crops == crops, (height, width)
+
+
+def test_counts_equal_the_models_own_packing():
+    """The tiny model's `get_image_features` at sizes that unpad, shrink, or neither."""
+    model = SPEC.build(device="cpu", seed=0)
+    for size in [(168, 168), (56, 56), (45, 60), (60, 45), (100, 170), (170, 40), (1000, 3000)]:
+        spec = SPEC.for_image(*size)
+        px = torch.randn(1, spec.vit_crops, 3, CROP, CROP)
+        with torch.no_grad():
+            feats = model.model.get_image_features(pixel_values=px, image_sizes=torch.tensor([list(size)])).pooler_output
+        assert feats[0].shape[0] == spec.image_tokens, size
+    assert SPEC.for_image(100, 170).crop_map[:2] == (6, 9)  # 8x12 unpadded, shrunk by sqrt(96 / 64)
+
+
+def test_cost_of_the_7b_equals_flop_counter_on_meta_part_by_part():
+    spec = get_spec(BIG)
+    model = spec.build(device="meta", attn_implementation="eager")
+    text = 64
+    ids = torch.cat([torch.full((1, spec.image_tokens), IMG_BIG := spec.image_token_id),
+                     torch.ones(1, text, dtype=torch.long)], 1)
+    px = torch.zeros(1, 37, 3, 384, 384, device="meta", dtype=model.dtype)
+    check_off = mock.patch("transformers.models.llava_onevision.modeling_llava_onevision.torch_compilable_check",
+                           lambda *a, **k: None, create=True)
+    with check_off, torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(input_ids=ids.to("meta"), pixel_values=px, image_sizes=torch.tensor([[2304, 2304]]), logits_to_keep=1)
+    assert IMG_BIG == 151646
+    d, ffn, h, kv, mlp = 1152, 4304, 3584, 512, 18944
+    n_vit, crops, n_llm = 729, 37, 729 + 81 * 82 + text
+    vit_layer = 2 * n_vit * (4 * d * d + 2 * d * ffn) + 4 * n_vit * n_vit * d
+    llm_layer = 2 * n_llm * (2 * h * h + 2 * h * kv + 3 * h * mlp) + 4 * n_llm * n_llm * h
+    want = {"vit": crops * (2 * n_vit * 3 * 14 * 14 * d + 26 * vit_layer),
+            "projector": 2 * crops * n_vit * (d * h + h * h),
+            "llm": 28 * llm_layer,
+            "lm_head": 2 * h * 152128}
+    root = type(model).__name__
+    per_module = counter.get_flop_counts()
+    modules = {"vit": "model.vision_tower", "projector": "model.multi_modal_projector",
+               "llm": "model.language_model", "lm_head": "lm_head"}
+    got = {part: sum(per_module.get(f"{root}.{name}", {}).values()) for part, name in modules.items()}
+    assert got == want and counter.get_total_flops() == sum(want.values())
+    report = estimate_counts(spec, [n_vit] * 26, crops * n_vit, [n_llm - text] * 28, text).baseline
+    assert {part: getattr(report, part) for part in want} == want
+
+
+@pytest.mark.parametrize("src", [
+    "at llm.layer2 keep text top 50%",
+    "at vit.layer2 keep knorm@vit.layer1 top 8",
+    "at vit.out keep knorm@vit.layer3 top 8; at llm.layer1 keep text top 20 per crop",
+    "at vit.out pool 2x2",
+    "at llm.layer0 keep diverse 30",
+])
+def test_compiled_flops_equal_the_cost_model(models, src):
+    model = models["eager"]
+    with vc.apply(src, model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**inputs(1))
+    assert counter.get_total_flops() == estimate(check(src, SPEC), text_tokens=6, logits="all").flops
