@@ -19,6 +19,7 @@ from torch import nn
 
 from ..ir.plan import Plan, ResolvedStage
 from ..lang.scorers import by_canonical
+from .decode import install_decode
 from .families import Family, family_of
 from .generation import PromptGenerate
 from .handle import ATTR, Compiled, compiled
@@ -145,6 +146,7 @@ class Installer:
             plans = self._install_image_sizes()
             llm_rt = self._install_llm(vit_rt, plans, trims, image_token_id)
             self._install_prompt(plans, llm_rt, trims, image_token_id)
+            install_decode(self, image_token_id)
         except BaseException:
             self.handle.remove()
             raise

@@ -60,7 +60,7 @@ def estimate_counts(
 
 def estimate(plan, text_tokens: int = 64, logits: Logits = "last", decode_context: int | None = None):
     """Cost of `plan` (a `vtdsl.ir.plan.Plan`) against the unpruned model."""
-    return estimate_counts(
+    report = estimate_counts(
         plan.spec,
         plan.vit_tokens,
         plan.projector_tokens,
@@ -71,6 +71,8 @@ def estimate(plan, text_tokens: int = 64, logits: Logits = "last", decode_contex
         logits=logits,
         decode_context=decode_context,
     )
+    report.decode_selection = plan.decode[0] if getattr(plan, "decode", None) else None
+    return report
 
 
 # ------------------------------------------------------------------ adaptive plans

@@ -141,6 +141,15 @@ def _side(k: _Constants, vit_tokens, projector_tokens, llm_visual, T, logits, ct
     )
 
 
+def decode_selected(spec: ModelSpec, decode: int, llm_visual, T: int, ctx: int, layer: int, k: int) -> int:
+    """`decode` (one step's FLOPs) when layers `layer`.. attend to `k` of their visual
+    entries (a decode stage), plus the selection's own row of q·Kᵀ at layer `layer - 1`
+    over its whole cache (half of that layer's attention, 2·qd per key)."""
+    c = constants(spec)
+    saved = sum(c.llm_att * (llm_visual[j] - k) for j in range(layer, c.llm_layers))
+    return decode - saved + c.llm_att // 2 * (T + llm_visual[layer - 1] + ctx + 1)
+
+
 # ------------------------------------------------------------------ scorer extras
 _ONE_QUERY = ("cls", "last_text")  # the query rows an input-side score projects: one, or all
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .conventions import CONVENTIONS, Convention, evaluate, get_convention
-from .model import PARTS, Side, constants, observation_flops, rater_flops, stage_flops
+from .model import PARTS, Side, constants, decode_selected, observation_flops, rater_flops, stage_flops
 
 
 def _ratio(policy, baseline):
@@ -33,7 +33,7 @@ class CostReport:
 
     __slots__ = (
         "spec", "text_tokens", "logits", "decode_context", "baseline", "policy",
-        "vit_tokens", "llm_visual", "observations", "stages", "extra_flops",
+        "vit_tokens", "llm_visual", "observations", "stages", "extra_flops", "decode_selection",
     )
 
     def __init__(
@@ -44,6 +44,17 @@ class CostReport:
         self.baseline, self.policy = baseline, policy
         self.vit_tokens, self.llm_visual = vit_tokens, llm_visual
         self.observations, self.stages, self.extra_flops = observations, stages, extra_flops
+        self.decode_selection = None  # a plan's DecodeSelection (`vtdsl.cost.estimate` sets it)
+
+    @property
+    def decode_selected(self) -> int | None:
+        """One decode step's FLOPs under the plan's decode stage (None without one): layers
+        N.. attend to k visual entries instead of all (docs/cost-model.md)."""
+        sel = self.decode_selection
+        if sel is None:
+            return None
+        return decode_selected(self.spec, self.policy.decode, self.llm_visual, self.text_tokens,
+                               self.decode_context or 0, sel.layer, sel.k)
 
     # -- headline figures
     @property
@@ -169,11 +180,19 @@ class CostReport:
                 "baseline": b.decode,
                 "policy": p.decode,
                 "ratio": _ratio(p.decode, b.decode),
+                **self._decode_selected_json(),
             },
             "scorers": self.scorer_items(),
             "conventions": self.conventions(),
             "notes": self.notes(),
         }
+
+    def _decode_selected_json(self) -> dict:
+        selected = self.decode_selected
+        if selected is None:
+            return {}
+        return {"selected": selected, "selected_ratio": _ratio(selected, self.policy.decode),
+                "selection": self.decode_selection.text}
 
     def per_layer(self) -> dict[str, list[int]]:
         """`hf` FLOPs of every ViT and LLM layer of the policy (for plots and debugging)."""
@@ -195,6 +214,11 @@ class CostReport:
         ]
         parts = ", ".join(f"{part} {_fmt_flops(getattr(p, part))}" for part in PARTS if getattr(p, part))
         lines.append(f"by part: {parts}")
+        selected = self.decode_selected
+        if selected is not None:
+            lines.append(f"decode FLOPs/token (context +{self.decode_context or 0}) {_fmt_flops(selected)} with "
+                         f"'{self.decode_selection.text}' / {_fmt_flops(p.decode)} without = "
+                         f"{100 * selected / p.decode:.2f}%")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
