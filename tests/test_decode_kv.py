@@ -186,3 +186,25 @@ def test_decode_flops_with_and_without_the_selection():
     assert out["baseline"] == full and out["policy"] == full
     assert out["selected"] == selected
     assert out["selected_ratio"] == pytest.approx(selected / full)
+
+
+def test_check_cli_reports_both_figures(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from vtdsl.cli import main
+
+    path = tmp_path / "d.vt"
+    path.write_text("during decode at llm.layer3 attend top 10%\n")
+    runner = CliRunner()
+    out = runner.invoke(main, ["check", str(path), "--model", "tiny-llava", "--json"])
+    assert out.exit_code == 0, out.output
+    decode = json.loads(out.output)["decode_flops_per_token"]
+    assert decode["selection"] == "during decode at llm.layer3 attend top 58"  # 10% of 576, half up
+    assert decode["selected"] < decode["policy"] == decode["baseline"]
+    text = runner.invoke(main, ["check", str(path), "--model", "tiny-llava"])
+    assert "with 'during decode at llm.layer3 attend top 58' /" in text.output
+    path.write_text("during decode at llm.layer0 attend top 10%\n")
+    bad = runner.invoke(main, ["check", str(path), "--model", "tiny-llava"])
+    assert bad.exit_code == 2 and f"{path}:1:18: error: a decode stage at llm.layer0" in bad.output
