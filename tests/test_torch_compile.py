@@ -1,7 +1,7 @@
 """`torch.compile` of a FastV-compiled model (issue 21, item 4): right logits through
 prefill and decode, and what dynamo compiles, counted with its own counters.
 
-vtdsl's hooks and ViT stage nodes run outside dynamo (`installer._eager`): their
+vtdsl's LLM hooks run outside dynamo (`installer._eager`): their
 per-layer closures and per-prompt Python state made dynamo recompile each hook once per
 layer (tiny-llava, 2 LLM layers: 28 recompiles, 59 graphs; a second generate 20 s) until
 its recompile limit. What remains per layer (xfail below): a hook is a graph break inside
@@ -58,14 +58,17 @@ def _generate(model, inputs):
                               output_logits=True, return_dict_in_generate=True)
 
 
-def _compiled_run(llm_layers: int) -> dict:
-    """Eager and compiled generate of the FastV-compiled model; what dynamo did."""
+def _compiled_run(llm_layers: int, policy: str = POLICY) -> dict:
+    """Eager and compiled generate of the compiled model; what dynamo did. The compiled
+    run installs the policy afresh, so no state of the eager run can stand in for a hook
+    dynamo did not run."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from torch._dynamo.utils import counters, guard_failures
 
     model, inputs = _model(llm_layers), _inputs()
-    with vc.apply(POLICY, model):
+    with vc.apply(policy, model):
         eager = _generate(model, inputs)
+    with vc.apply(policy, model):
         torch._dynamo.reset()
         counters.clear()
         guard_failures.clear()
@@ -101,6 +104,17 @@ def test_compiled_logits_equal_eager_prefill_and_decode(runs):
             assert len(run.logits) == NEW  # the prefill's last position, then each decode step
             for got, want in zip(run.logits, r["eager"].logits):
                 torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_vit_policy_matches_eager():
+    # VisionZip reads the CLS attention of a ViT layer through capture hooks: skipped by
+    # dynamo when they (or the encoder's stage nodes) were torch.compiler.disable'd
+    r = _compiled_run(2, "policies/visionzip-64.vt")
+    for run in r["runs"]:
+        assert torch.equal(run.sequences, r["eager"].sequences)
+        for got, want in zip(run.logits, r["eager"].logits):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow

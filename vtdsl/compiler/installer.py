@@ -32,12 +32,12 @@ _MISSING = object()
 
 
 def _eager(fn: Callable) -> Callable:
-    """`fn` run by Python even inside `torch.compile`. Traced, a hook was specialised on its
-    closure (the layer index) and on the per-prompt state (ints, shapes, `.item()`s) and
-    recompiled for every layer until dynamo's recompile limit (tiny-llava, 2 LLM layers:
-    28 recompiles, 59 graphs, 20 s for a second generate); skipped, vtdsl's code is never
-    compiled (16 recompiles, 15 graphs, 0.1 s). What remains per layer is transformers':
-    tests/test_torch_compile.py."""
+    """`fn` run by Python even inside `torch.compile` (the LLM's hooks). Traced, a layer's
+    hook was specialised on its closure (the layer index) and on the per-prompt state
+    (ints, shapes, `.item()`s) and recompiled for every layer until dynamo's recompile
+    limit (tiny-llava, 2 LLM layers: 28 recompiles, 59 graphs, 20 s for a second
+    generate); skipped, none of it is compiled (16 recompiles, 15 graphs, 0.1 s). What
+    remains per layer is transformers': tests/test_torch_compile.py."""
     import torch
 
     return torch.compiler.disable(fn, recursive=True)
@@ -91,11 +91,11 @@ class Installer:
         self.handle.remove()
 
     # ------------------------------------------------------------------ primitives
-    def hook(self, module_path: str, kind: str, fn: Callable, what: str, **kw) -> None:
-        """Register a forward pre-hook (`kind` "pre") or hook ("post") on a submodule
-        (run outside torch.compile: `_eager`)."""
+    def hook(self, module_path: str, kind: str, fn: Callable, what: str, eager: bool = True, **kw) -> None:
+        """Register a forward pre-hook (`kind` "pre") or hook ("post") on a submodule,
+        run outside torch.compile (`_eager`) unless `eager` is False."""
         module = self.model.get_submodule(module_path)
-        fn = _eager(fn)
+        fn = _eager(fn) if eager else fn
         if kind == "pre":
             handle = module.register_forward_pre_hook(fn, **kw)
             self.listing.add(module_path or "<model>", "forward-pre-hook", what)
@@ -168,11 +168,13 @@ class Installer:
         if rt.needs_cls_feature:
             feature_layer = spec.feature_layer_index
             self.hook(spec.vit_layer_path.format(i=feature_layer), "post", _vit_cls_capture(rt),
-                      f"capture the CLS row of the features (vit.layer{feature_layer} output) for 'cls_token'")
+                      f"capture the CLS row of the features (vit.layer{feature_layer} output) for 'cls_token'",
+                      eager=False)  # as _hook_vit_observations
         out_what = "; ".join(f"stage {s.index} vit.out: {stage_text(s)} ({s.tokens_in} -> {s.tokens_out})"
                              for s in stages if s.site.layer is None)
         self.hook(spec.projector_path, "pre", rt.projector_pre_hook,
-                  out_what or "take the feature-layer token set (bookkeeping for later stages)")
+                  out_what or "take the feature-layer token set (bookkeeping for later stages)",
+                  eager=False)  # as _hook_vit_observations
         return rt
 
     def _swap_encoder(self, rt, stages: list[ResolvedStage]) -> None:
@@ -192,17 +194,22 @@ class Installer:
                          f"{type(gm).__name__}; inserted " + "; ".join(inserted))
 
     def _hook_vit_observations(self, rt, observations) -> None:
+        # ViT hooks stay traced (`_eager` is for the LLM's per-layer hooks): with them or
+        # the encoder's stage nodes skipped, torch 2.13's dynamo never ran these captures
+        # under torch.compile ("nothing was captured", tests/test_torch_compile.py); they sit
+        # on observed layers only, so they do not recompile per layer.
         for obs in observations:
             layer_path = self.spec.vit_layer_path.format(i=obs.layer) if obs.layer >= 0 else None
             label = f"{obs.scorer}@vit.layer{obs.layer}"
             projections = by_canonical(obs.scorer).projections
             if not projections:  # reads the layer's hidden state
                 if layer_path is not None:
-                    self.hook(layer_path, "post", _vit_capture(rt, obs.layer, "h"), f"capture output for {label}")
+                    self.hook(layer_path, "post", _vit_capture(rt, obs.layer, "h"), f"capture output for {label}",
+                              eager=False)
                 continue
             for key in projections:
                 self.hook(f"{layer_path}.self_attn.{key}_proj", "post", _vit_capture(rt, obs.layer, key),
-                          f"capture {key}_proj output for {label}")
+                          f"capture {key}_proj output for {label}", eager=False)
 
     def _install_features(self, vit_rt) -> bool:
         """Between the projector and the LLM: padding for adaptive ViT counts (the prompt
@@ -212,7 +219,8 @@ class Installer:
         self.family.check(self.plan, trims)
         if trims:
             self.hook(self.spec.projector_path, "post", vit_rt.pad_features,
-                      f"pad each image's features to the {self.plan.projector_tokens} planned (adaptive counts)")
+                      f"pad each image's features to the {self.plan.projector_tokens} planned (adaptive counts)",
+                      eager=False)
         self.family.install(self, self.plan)
         return trims
 

@@ -95,7 +95,6 @@ class _VitBegin(nn.Module):
         super().__init__()
         self.rt = rt
 
-    @torch.compiler.disable
     def forward(self, x: Tensor) -> Tensor:
         self.rt.begin(x)
         return x
@@ -107,7 +106,6 @@ class _VitStage(nn.Module):
         self.rt = rt
         self.stage = stage
 
-    @torch.compiler.disable  # as the LLM's hooks (installer._eager): data-dependent, per-stage state
     def forward(self, x: Tensor) -> Tensor:
         return self.rt.run_stage(self.stage, x)
 
