@@ -20,8 +20,8 @@ from vtdsl.cost import estimate, estimate_counts
 from vtdsl.ir import check
 from vtdsl.models import get_spec, list_specs
 
-from plain_refs import first_error, generate_on_features, last_query_attention, masked_generate, prune_to_top, \
-    sharpened_pair
+from plain_refs import (first_error, generate_on_features, last_query_attention, masked_generate, prune_to_top,
+                        sharpened_pair, top_rows)
 
 SPEC = get_spec("tiny-llava-onevision")
 BIG = "llava-onevision-qwen2-7b"
@@ -127,7 +127,8 @@ def test_counts_equal_the_models_own_packing():
         spec = SPEC.for_image(*size)
         px = torch.randn(1, spec.vit_crops, 3, CROP, CROP)
         with torch.no_grad():
-            feats = model.model.get_image_features(pixel_values=px, image_sizes=torch.tensor([list(size)])).pooler_output
+            feats = model.model.get_image_features(pixel_values=px,
+                                                   image_sizes=torch.tensor([list(size)])).pooler_output
         assert feats[0].shape[0] == spec.image_tokens, size
     assert SPEC.for_image(100, 170).crop_map[:2] == (6, 9)  # 8x12 unpadded, shrunk by sqrt(96 / 64)
 
@@ -174,3 +175,125 @@ def test_compiled_flops_equal_the_cost_model(models, src):
     with vc.apply(src, model), torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(**inputs(1))
     assert counter.get_total_flops() == estimate(check(src, SPEC), text_tokens=6, logits="all").flops
+
+
+# ---------------------------------------------------------------------------- LLM stages
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_llm_stage_generate_matches_masked_reference(models, attn, batch):
+    model = models[attn]
+    batch_inputs = inputs(batch)
+    ref = fresh_copy(model)
+    att = last_query_attention(ref, batch_inputs, layer=1)
+    kept, pruned = prune_to_top(att, batch_inputs["input_ids"], IMG, N_IMG // 2)
+    want = masked_generate(ref, batch_inputs, pruned, from_layer=2, new_tokens=6)
+    with vc.apply("at llm.layer2 keep text top 50%", model):
+        with torch.no_grad():
+            got = model.generate(**batch_inputs, max_new_tokens=6, do_sample=False)
+        assert torch.equal(vc.kept_tokens(model)["llm.layer2#0"], kept)
+    assert torch.equal(got, want)
+
+
+def crop_of_shrunk(i: int) -> int:
+    """Crop of the i-th visual token of an intact 168x168 image: the 8x8 map is the 12x12
+    one shrunk by 1.5; output row / column j samples source (j + 0.5) * 1.5 - 0.5, nearest
+    source 0, 2, 3, 5, 6, 8, 9, 11; 4 source rows per crop (newline: its row's last crop)."""
+    if i < BASE:
+        return 0
+    r, c = divmod(i - BASE, 9)
+    source = [0, 2, 3, 5, 6, 8, 9, 11]
+    return 1 + (source[r] // SIDE) * 3 + source[min(c, 7)] // SIDE
+
+
+def test_per_crop_at_an_llm_site_reads_the_shrunk_layout(models):
+    model = models["eager"]
+    batch_inputs = inputs(2)
+    ref = fresh_copy(model)
+    att = last_query_attention(ref, batch_inputs, layer=0)
+    ids = batch_inputs["input_ids"]
+    crop = torch.tensor([crop_of_shrunk(i) for i in range(N_IMG)])
+    # source rows and columns per crop: 3, 2, 3; newline tokens go to the right column
+    assert torch.bincount(crop).tolist() == [16, 9, 6, 9 + 3, 6, 4, 6 + 2, 9, 6, 9 + 3]
+    kept, pruned = [], []
+    for b in range(2):
+        rows = (ids[b] == IMG).nonzero().flatten()
+        chosen = torch.cat([top_rows(att[b], rows[crop == c], 2) for c in range(10)]).sort().values
+        kept.append(chosen)
+        pruned.append(rows[~torch.isin(rows, chosen)])
+    want = masked_generate(ref, batch_inputs, pruned, from_layer=1, new_tokens=5)
+    with vc.apply("at llm.layer1 keep text top 20 per crop", model):
+        with torch.no_grad():
+            got = model.generate(**batch_inputs, max_new_tokens=5, do_sample=False)
+        assert torch.equal(vc.kept_tokens(model)["llm.layer1#0"], torch.stack(kept))
+    assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------- ViT stages
+def crop_features_reference(model, px, prune_at: int, keep: int) -> torch.Tensor:
+    """Each crop through the SigLIP layers by hand (no CLS: every token a patch), pruned
+    before layer `prune_at` to the `keep` patches with the largest L1 key norm in layer
+    `prune_at` - 1; the last layer's output (vision_feature_layer -1, before the tower's
+    post-layernorm) through the projector; crops concatenated, base view first."""
+    vt = model.model.vision_tower
+    layers = vt.encoder.layers
+    with torch.no_grad():
+        h = vt.embeddings(px.reshape(-1, *px.shape[2:]))
+        prev = None
+        for i, layer in enumerate(layers):
+            if i == prune_at:
+                keys = layers[i - 1].self_attn.k_proj(layers[i - 1].layer_norm1(prev))
+                idx = keys.abs().sum(-1).topk(keep, dim=1).indices.sort(1).values
+                h = torch.stack([h[c, idx[c]] for c in range(h.shape[0])])
+            prev = h
+            h = layer(h, None)
+        out = model.model.multi_modal_projector(h)
+    return out.reshape(px.shape[0], -1, out.shape[-1])
+
+
+def test_vit_stage_prunes_every_crop_and_generate_follows(models):
+    model = models["eager"]
+    batch_inputs = inputs(2)
+    want = crop_features_reference(model, batch_inputs["pixel_values"], prune_at=2, keep=8)
+    with vc.apply("at vit.layer2 keep knorm@vit.layer1 top 8", model):
+        assert vc.image_token_count(model) == 10 * 8
+        with torch.no_grad():
+            got = model.model.get_image_features(pixel_values=batch_inputs["pixel_values"],
+                                                 image_sizes=batch_inputs["image_sizes"]).pooler_output
+            gen = model.generate(**batch_inputs, max_new_tokens=5, do_sample=False)
+    torch.testing.assert_close(torch.stack(list(got)), want, atol=1e-5, rtol=1e-5)
+    ref = fresh_copy(model)
+    short = vc.rewrite_inputs(batch_inputs["input_ids"], batch_inputs["attention_mask"], image_token_id=IMG,
+                              from_count=N_IMG, to_count=80)
+    new = generate_on_features(ref, short["input_ids"], short["attention_mask"], IMG, want, 5)
+    assert torch.equal(gen[:, -5:], new)
+    assert torch.equal(gen[:, :-5], batch_inputs["input_ids"])  # the caller's prompt comes back
+
+
+@pytest.mark.parametrize("src, at, words", [
+    ("at vit.layer2 keep cls top 8", "cls", "has no CLS token"),
+    ("at llm.layer2 keep cls@vit.layer2 top 20", "cls@", "has no CLS token"),
+    ("at vit.out keep cls_token + knorm@vit.layer3 top 8", "cls_token", "has no CLS token"),
+    ("at llm.layer2 pool 2x2", "pool", "not one token grid"),
+])
+def test_refusals_are_located_and_say_why(src, at, words):
+    d = first_error(src, SPEC)
+    assert (d.span.line, d.span.column) == (1, src.index(at) + 1)
+    assert words in d.message
+
+
+def test_cli_check_counts_at_the_image_size_given(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from vtdsl.cli import main
+
+    policy = tmp_path / "half.vt"
+    policy.write_text("at llm.layer2 keep text top 50%\n", encoding="utf-8")
+    run = CliRunner().invoke(main, ["check", str(policy), "-m", BIG, "--image", "600x800", "--json"])
+    assert run.exit_code == 0, run.output
+    data = json.loads(run.stdout)
+    # 600x800 picks 768x1152 (2x3 crops + base): a 54x81 map; the image (4:3) is narrower
+    # than the map (3:2): 800 * 54 / 600 = 72 columns are image, (81 - 72) // 2 = 4 cut from
+    # each side leaves 54x73, under 9 crops' worth (no shrink); 729 + 54 x (73 + newline)
+    assert (data["crops"], data["visual_tokens_to_llm"]) == (7, 729 + 54 * 74)
