@@ -9,12 +9,19 @@ import math
 import torch
 
 
+def llm_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers: `model.language_model` (LLaVA, Qwen) or `model.text_model`
+    (SmolVLM / Idefics3)."""
+    inner = model.model
+    return (inner.language_model if hasattr(inner, "language_model") else inner.text_model).layers
+
+
 def sharpen_llm(model: torch.nn.Module, factor: float = 8.0) -> torch.nn.Module:
     """Scale the LLM's q/k projections: random init gives near-uniform attention, hence
     near-tied scores; sharper attention makes the reference rankings unambiguous."""
     with torch.no_grad():
         for name, mod in model.named_modules():
-            if name.startswith("model.language_model") and name.endswith(("q_proj", "k_proj")):
+            if name.startswith(("model.language_model", "model.text_model")) and name.endswith(("q_proj", "k_proj")):
                 mod.weight.mul_(factor)
     return model
 
@@ -64,7 +71,7 @@ def masked_generate(ref, batch_inputs: dict, pruned: list[torch.Tensor], from_la
         kwargs["attention_mask"] = m
         return args, kwargs
 
-    layers = ref.model.language_model.layers
+    layers = llm_layers(ref)
     hooks = [layers[j].register_forward_pre_hook(hook, with_kwargs=True) for j in range(from_layer, len(layers))]
     try:
         with torch.no_grad():

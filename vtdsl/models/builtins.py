@@ -363,6 +363,62 @@ TINY_LLAVA_ONEVISION = {
     },
 }
 
+# HuggingFaceTB/SmolVLM-Instruct (model_type idefics3; transformers' Idefics3 classes):
+# SigLIP so400m at 384 px (27 layers, hidden 1152, ffn 4304, 16 heads, patch 14: 27x27
+# patches, no CLS), pixel shuffle 3 (729 -> 81 tokens of 1152·9 per tile), one linear
+# 10368 -> 2048 without bias, SmolLM2-1.7B (Llama layout: 24 layers, hidden 2048, ffn
+# 8192, 32 heads and KV heads, vocab 49155, rope_theta 273768), image_token_id 49153,
+# bfloat16. Its processor resizes the longest edge to 1536 and cuts 384-pixel tiles plus
+# a global view (up to 4x4 + 1 = 17 tiles, 1377 tokens). Values as published on the hub
+# (config.json / preprocessor_config.json); transformers' Idefics3Config defaults
+# describe no released checkpoint.
+SMOLVLM_2B = {
+    "architectures": ["Idefics3ForConditionalGeneration"],
+    "model_type": "idefics3",
+    "image_token_id": 49153,
+    "scale_factor": 3,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "vtdsl_preprocessor": {"do_image_splitting": True, "size": {"longest_edge": 1536},
+                           "max_image_size": {"longest_edge": 384}},
+    "vision_config": {
+        "model_type": "idefics3_vision", "hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
+        "num_attention_heads": 16, "image_size": 384, "patch_size": 14, "num_channels": 3,
+        # defaults, stated: hidden_act gelu_pytorch_tanh, layer_norm_eps 1e-6
+    },
+    "text_config": {
+        "model_type": "llama", "vocab_size": 49155, "hidden_size": 2048, "intermediate_size": 8192,
+        "num_hidden_layers": 24, "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 64,
+        "rms_norm_eps": 1e-05, "max_position_embeddings": 16384,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 273768.0}, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    },
+}
+
+# SmolVLM's layout at tiny widths (model_type smolvlm): 64-pixel tiles of 8x8 patches,
+# pixel shuffle 2 (16 tokens per tile), 4 ViT and 4 LLM layers; the processor's longest
+# edge 256 (up to 4x4 tiles + a global view).
+TINY_SMOLVLM = {
+    "architectures": ["SmolVLMForConditionalGeneration"],
+    "model_type": "smolvlm",
+    "image_token_id": 250,
+    "scale_factor": 2,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+    "vtdsl_preprocessor": {"do_image_splitting": True, "size": {"longest_edge": 256},
+                           "max_image_size": {"longest_edge": 64}},
+    "vision_config": {
+        "model_type": "smolvlm_vision", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "image_size": 64, "patch_size": 8, "num_channels": 3,
+    },
+    "text_config": {
+        "model_type": "llama", "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 2048, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2,
+        "torch_dtype": "float32",
+    },
+}
+
 # name -> (config.json dict, description)
 BUILTINS: dict[str, tuple[dict, str]] = {
     "llava-1.5-7b": (LLAVA_15_7B, "LLaVA-1.5 7B (llava-hf/llava-1.5-7b-hf): CLIP ViT-L/14-336 + Vicuna-7B v1.5"),
@@ -376,6 +432,8 @@ BUILTINS: dict[str, tuple[dict, str]] = {
     "llava-onevision-qwen2-7b": (LLAVA_ONEVISION_7B, "LLaVA-OneVision 7B (llava-hf/llava-onevision-qwen2-7b-ov-hf): "
                                                      "anyres_max_9 SigLIP-so400m/14-384 (base + up to 36 crops) + "
                                                      "Qwen2-7B; counts at 2304x2304 (7371 visual tokens)"),
+    "smolvlm-2.2b": (SMOLVLM_2B, "SmolVLM 2.2B (HuggingFaceTB/SmolVLM-Instruct, idefics3): SigLIP-384 tiles + "
+                                "pixel shuffle 3 + SmolLM2-1.7B; counts per 384-pixel tile (81 visual tokens)"),
     "tiny-llava": (TINY_LLAVA, "tiny random LLaVA for tests (docs/dev/contracts.md), float32"),
     "tiny-llava-next": (TINY_LLAVA_NEXT, "tiny random LLaVA-NeXT (anyres, 56-pixel crops) for tests, float32"),
     "tiny-qwen2.5-vl": (TINY_QWEN25_VL, "tiny random Qwen2.5-VL (windows, 2x2 merger, M-RoPE; 224x224 reference) "
@@ -384,6 +442,8 @@ BUILTINS: dict[str, tuple[dict, str]] = {
                                                    "crops) for tests, float32"),
     "tiny-qwen2-vl": (TINY_QWEN2_VL, "tiny random Qwen2-VL (full-attention ViT, 2x2 merger, M-RoPE; 224x224 "
                                      "reference) for tests, float32"),
+    "tiny-smolvlm": (TINY_SMOLVLM, "tiny random SmolVLM (64-pixel tiles, pixel shuffle 2; 16 tokens per tile) "
+                                   "for tests, float32"),
 }
 
 # Other spellings users type for the same architectures.
@@ -405,6 +465,8 @@ ALIASES: dict[str, str] = {
     "lmms-lab/llava-onevision-qwen2-7b-ov": "llava-onevision-qwen2-7b",
     "qwen/qwen2-vl-7b-instruct": "qwen2-vl-7b",
     "qwen2-vl-7b-instruct": "qwen2-vl-7b",
+    "huggingfacetb/smolvlm-instruct": "smolvlm-2.2b",
+    "smolvlm-instruct": "smolvlm-2.2b",
 }
 
 

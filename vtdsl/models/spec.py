@@ -114,6 +114,11 @@ class ModelSpec:
     spatial_merge: int = 1
     # Position encoding of the LLM: "rope" (1-D) or "mrope" (Qwen2-VL style, 3 sections).
     position_encoding: Literal["rope", "mrope"] = "rope"
+    # Image splitting (SmolVLM / Idefics3): the processor resizes an image's longest edge
+    # to this many pixels, cuts it into `image_size` tiles and adds the image resized to one
+    # tile as a global view (0: no splitting). The spec's own counts are for one tile;
+    # `for_image` sets `vit_crops` to an image's tiles.
+    split_edge: int = 0
     # Checkpoint key renames (regex, replacement), first match wins: maps older / hub
     # checkpoint layouts onto this transformers version's module tree.
     checkpoint_renames: tuple[tuple[str, str], ...] = field(default=(), repr=False)
@@ -225,7 +230,8 @@ class ModelSpec:
     def for_image(self, height: int, width: int) -> "ModelSpec":
         """This spec with every count for one image of height x width pixels: the crops
         anyres picks and the unpadded map (LLaVA-NeXT, transformers' own resolution
-        choice), or the patch grid (dynamic resolution). Fixed-size models: itself."""
+        choice), the patch grid (dynamic resolution), or the tiles image splitting cuts
+        (SmolVLM: `vit_crops`, counted together). Fixed-size models: itself."""
         from dataclasses import replace
 
         if self.packs_crops:
@@ -254,7 +260,31 @@ class ModelSpec:
             height, width = smart_resize(height, width, factor=self.patch_size * self.spatial_merge,
                                          min_pixels=self.min_pixels, max_pixels=self.max_pixels)
             return self.for_grid(height // self.patch_size, width // self.patch_size)
+        if self.split_edge:
+            return replace(self, vit_crops=self._tiles(height, width))
         return self
+
+    def _tiles(self, height: int, width: int) -> int:
+        """Crops image splitting makes of one image: rows x cols tiles and the global view,
+        or the global view alone when the resized image fits one tile. The resize is
+        transformers' SmolVLM processor's (image_processing_pil_smolvlm.py): the longest
+        edge to `split_edge`, the other side truncated then made even, then both brought
+        under 4096 pixels; each side is then rounded up to whole tiles."""
+        ratio = width / height
+        if width >= height:
+            width, height = self.split_edge, int(self.split_edge / ratio)
+            height += height % 2
+        else:
+            height, width = self.split_edge, int(self.split_edge * ratio)
+            width += width % 2
+        height, width = max(height, 1), max(width, 1)
+        if width >= height and width > 4096:
+            width, height = 4096, int(4096 / ratio)
+        elif height > width and height > 4096:
+            height, width = 4096, int(4096 * ratio)
+        height, width = max(height, 1), max(width, 1)
+        rows, cols = math.ceil(height / self.image_size), math.ceil(width / self.image_size)
+        return 1 if rows * cols == 1 else rows * cols + 1
 
     def for_grid(self, rows: int, cols: int) -> "ModelSpec":
         """This spec for an image the processor already made `rows` x `cols` patches

@@ -115,6 +115,8 @@ def _validate_layout(graph, spec: ModelSpec, stage: ast.Stage, site: ResolvedSit
       are refused there (prune the merged tokens at llm.layer0 instead).
     - Anyres (LLaVA-NeXT): the LLM's visual tokens are the base view, the unpadded grid
       crops and newline tokens, not one grid; spatial selectors there are refused.
+    - Image splitting sized for an image (SmolVLM): the LLM's visual tokens are its tiles'
+      grids one after the other between text tokens, not one grid; refused alike.
     """
     if site.tower == "vit" and spec.spatial_merge > 1:
         m = spec.spatial_merge
@@ -123,15 +125,17 @@ def _validate_layout(graph, spec: ModelSpec, stage: ast.Stage, site: ResolvedSit
               stage.site.span, expected="an llm.layerN site (llm.layer0 prunes the merged tokens before the LLM)",
               code="model-layout")
         return
-    if site.tower != "llm" or not spec.packs_crops:
+    if site.tower != "llm" or not (spec.packs_crops or spec.vit_crops > 1):
         return
     action = stage.action
     why = (f"on {spec.name} the LLM's visual tokens are a base view, unpadded crops and newline tokens, "
-           "not one token grid")
+           "not one token grid") if spec.packs_crops else (
+        f"on {spec.name} sized for one image the LLM's visual tokens are its {spec.vit_crops} tiles' grids one "
+        "after the other, not one token grid")
     expected = "a non-spatial selector (top, diverse, uniform, random, unique) or 'per crop'"
     if isinstance(action, ast.Pool):
-        error(graph, f"'pool' at {site.text()}: {why}", action.span, expected="pool at vit.out (per crop)",
-              code="model-layout")
+        where = "pool at vit.out (per crop)" if spec.packs_crops else "pool on the per-tile spec (without --image)"
+        error(graph, f"'pool' at {site.text()}: {why}", action.span, expected=where, code="model-layout")
     elif isinstance(action, ast.Keep):
         for term in action.terms:
             if isinstance(term, ast.BuffersTerm):

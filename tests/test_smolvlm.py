@@ -1,0 +1,267 @@
+"""SmolVLM / Idefics3 (issue 19 item 6): the specs from the published config, token
+counts against transformers' own image processor, the cost model against
+FlopCounterMode part by part, compiled LLM stages against a masked reference. Expected
+numbers are computed here from the architecture, not read from vtdsl."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import vtdsl.compiler as vc
+from vtdsl.compiler.families import family_of
+from vtdsl.cost import estimate, estimate_counts
+from vtdsl.ir import check
+from vtdsl.models import get_spec, list_specs
+from vtdsl.models.builtins import builtin_config_dict
+from vtdsl.models.registry import spec_from_config
+
+from plain_refs import first_error, last_query_attention, masked_generate, sharpened_pair, top_rows
+
+SPEC = get_spec("tiny-smolvlm")
+IMG, PAD, PER_TILE = 250, 2, 16  # 64-pixel tiles of 8x8 patches, pixel shuffle 2
+TILES = 5  # a 256x64 image: 4x1 tiles and the global view
+
+
+@pytest.fixture(scope="module")
+def models():
+    return sharpened_pair(SPEC)
+
+
+def inputs(batch: int, seed: int = 5) -> dict:
+    """One 256x64 image per prompt, as SmolVLM's processor lays it out: each tile's tokens
+    after `<fake_token_around_image><row_r_col_1>` (ids 3, 100 + r), a newline (7) after
+    each row, then `<fake_token_around_image><global-img>` (3, 99) and the global view's
+    tokens; batch 2 is left-padded."""
+    def prompt(text):
+        tiles = [t for r in range(4) for t in [3, 100 + r] + [IMG] * PER_TILE + [7]]
+        return text[:2] + tiles + [3, 99] + [IMG] * PER_TILE + [3] + text[2:]
+
+    rows = [prompt([5, 6, 8, 9, 10])]
+    if batch == 2:
+        rows.append(prompt([11, 12, 13, 14, 15, 16, 17]))
+    n = max(len(r) for r in rows)
+    ids = torch.full((len(rows), n), PAD, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, n - len(r):] = torch.tensor(r)
+        mask[i, n - len(r):] = 1
+    px = torch.randn(len(rows), TILES, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=px)
+
+
+def fresh_copy(model, attn="eager"):
+    ref = SPEC.build(device="cpu", attn_implementation=attn, seed=0).eval()
+    ref.load_state_dict(model.state_dict())
+    return ref
+
+
+# ---------------------------------------------------------------------------- spec
+def _smolvlm_instruct_params() -> int:
+    """HuggingFaceTB/SmolVLM-Instruct's parameters from its architecture: SigLIP (biases
+    everywhere, learned positions for 27x27 patches), a bias-free connector, SmolLM2-1.7B
+    without biases and with an untied head."""
+    d, ffn, n = 1152, 4304, 27 * 27
+    block = 2 * 2 * d + 4 * (d * d + d) + (d * ffn + ffn) + (ffn * d + d)
+    vision = (3 * 14 * 14 * d + d) + n * d + 27 * block + 2 * d
+    h, mlp, vocab = 2048, 8192, 49155
+    layer = 4 * h * h + 3 * h * mlp + 2 * h
+    return vision + 9 * d * h + vocab * h + 24 * layer + h + h * vocab
+
+
+def test_spec_from_the_published_config():
+    s = get_spec("smolvlm-2.2b")
+    assert get_spec("HuggingFaceTB/SmolVLM-Instruct") is s
+    assert (s.family, s.model_class, s.has_cls, s.spatial_merge, s.split_edge) == (
+        "idefics3", "Idefics3ForConditionalGeneration", False, 3, 1536)
+    assert (s.vit.layers, s.vit.hidden, s.vit.ffn, s.vit.heads, s.vit.mlp) == (27, 1152, 4304, 16, "gelu")
+    assert (s.llm.layers, s.llm.hidden, s.llm.heads, s.llm.kv_heads, s.llm.ffn) == (24, 2048, 32, 32, 8192)
+    # one 384-pixel tile: 27x27 patches, 9x9 tokens of 9 patches each
+    assert (s.vit_tokens, s.image_tokens, s.projector, s.image_token_id) == (729, 81, (10368, 2048), 49153)
+    assert s.param_count() == _smolvlm_instruct_params() == 2_246_272_880  # the published 2.25 B
+    assert family_of(s).name == "idefics3" and not family_of(s).sized_per_image
+    assert family_of(get_spec("tiny-smolvlm")).name == "smolvlm"
+    tiny = get_spec("tiny-smolvlm")
+    assert (tiny.model_class, tiny.image_tokens, tiny.for_image(256, 64).image_tokens) == (
+        "SmolVLMForConditionalGeneration", PER_TILE, TILES * PER_TILE)
+
+
+def test_vtdsl_models_lists_both():
+    from click.testing import CliRunner
+
+    from vtdsl.cli import main
+
+    assert {"smolvlm-2.2b", "tiny-smolvlm"} <= {spec.name for spec in list_specs()}
+    run = CliRunner().invoke(main, ["models"])
+    assert run.exit_code == 0 and "smolvlm-2.2b" in run.output and "tiny-smolvlm" in run.output
+
+
+SIZES = [(100, 100), (384, 384), (385, 200), (1000, 700), (333, 2000), (2000, 333), (5000, 40), (64, 64),
+         (257, 64)]
+
+
+@pytest.mark.parametrize("name", ["smolvlm-2.2b", "tiny-smolvlm"])
+@pytest.mark.parametrize("split", [True, False])
+def test_visual_tokens_for_image_sizes_equal_the_processor(name, split):
+    """The `<image>` placeholders SmolVLM's processor writes for one image: its image
+    processor's tiles (rows, cols) expanded by the processor's prompt function."""
+    from PIL import Image
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+    from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+
+    config = builtin_config_dict(name)
+    pre = {**config.pop("vtdsl_preprocessor"), "do_image_splitting": split}
+    spec = spec_from_config({**config, "vtdsl_preprocessor": pre}, name=name)
+    processor = SmolVLMImageProcessorPil(**pre)
+    per_tile = spec.image_tokens
+    for height, width in SIZES:
+        image = Image.fromarray(np.full((height, width, 3), 7, np.uint8))
+        out = processor(images=[[image]], return_row_col_info=True, return_tensors="np")
+        rows, cols = out["rows"][0][0], out["cols"][0][0]
+        prompt = get_image_prompt_string(rows, cols, per_tile, "<fake>", "<image>", "<global-img>")
+        sized = spec.for_image(height, width)
+        assert sized.image_tokens == prompt.count("<image>"), (name, split, height, width)
+        assert sized.vit_crops == out["pixel_values"].shape[1]  # the tiles the tower encodes
+
+
+def test_check_cli_counts_an_image(tmp_path):
+    """`vtdsl check --image`: a 1000x700 image is 4x3 tiles and the global view, 13 x 81."""
+    import json
+
+    from click.testing import CliRunner
+
+    from vtdsl.cli import main
+
+    policy = tmp_path / "p.vt"
+    policy.write_text('policy "p"\nat llm.layer2 keep text top 50%\n')
+    run = CliRunner().invoke(main, ["check", str(policy), "-m", "smolvlm-2.2b", "--image", "1000x700", "--json"])
+    assert run.exit_code == 0, run.output
+    out = json.loads(run.output)
+    assert (out["visual_tokens_to_llm"], out["crops"], out["stages"][0]["tokens_out"]) == (1053, 13, 527)
+
+
+# ---------------------------------------------------------------------------- cost
+def test_cost_of_smolvlm_2b_equals_flop_counter_on_meta_part_by_part():
+    """A 1536x1536 image (4x4 tiles + the global view, 17 x 81 tokens) and 64 text tokens,
+    each part of the meta model counted by FlopCounterMode, against the architecture's
+    FLOPs by hand. (The whole model cannot run on meta: it drops all-zero tiles by a
+    data-dependent test; an all-ones patch mask builds no mask, as on a real device.)"""
+    spec = get_spec("smolvlm-2.2b").for_image(1536, 1536)
+    model = spec.build(device="meta", attn_implementation="eager")
+    text, tiles, n, d, ffn = 64, 17, 729, 1152, 4304
+
+    def counted(fn):
+        no_mask = mock.patch("transformers.masking_utils._ignore_bidirectional_mask_sdpa", lambda *a, **k: True)
+        with no_mask, torch.no_grad(), FlopCounterMode(display=False) as counter:
+            out = fn()
+        return counter.get_total_flops(), out
+
+    px = torch.zeros(tiles, 3, 384, 384, device="meta", dtype=model.dtype)
+    vit, hidden = counted(lambda: model.model.vision_model(pixel_values=px).last_hidden_state)
+    projector, _ = counted(lambda: model.model.connector(hidden))
+    embeds = torch.zeros(1, tiles * 81 + text, 2048, device="meta", dtype=model.dtype)
+    llm, states = counted(lambda: model.model.text_model(inputs_embeds=embeds).last_hidden_state)
+    head, _ = counted(lambda: model.lm_head(states[:, -1:]))
+
+    block = 2 * n * (4 * d * d + 2 * d * ffn) + 4 * d * n * n
+    big_n = tiles * 81 + text
+    want = {"vit": tiles * (27 * block + 2 * n * 3 * 14 * 14 * d), "projector": 2 * tiles * 81 * 9 * d * 2048,
+            "llm": 24 * (2 * big_n * (4 * 2048**2 + 3 * 2048 * 8192) + 4 * 2048 * big_n**2), "lm_head": 2 * 2048 * 49155}
+    assert {"vit": vit, "projector": projector, "llm": llm, "lm_head": head} == want
+    base = estimate_counts(spec, [n] * 27, tiles * 81, [tiles * 81] * 24, text).baseline
+    assert {part: getattr(base, part) for part in want} == want
+
+
+@pytest.mark.parametrize("src", [
+    "at llm.layer2 keep text top 50%",
+    "at llm.layer0 keep uniform 20; at llm.layer2 keep text top 5",
+])
+def test_compiled_flops_equal_the_cost_model(models, src):
+    """On the spec sized for the call's 256x64 image (its five tiles counted together)."""
+    spec = SPEC.for_image(256, 64)
+    model = models["eager"]
+    batch = inputs(1)
+    text = int((batch["input_ids"] != IMG).sum())  # the row/column and global-view tokens are text
+    with vc.apply(src, model, spec=spec), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**batch)
+    assert counter.get_total_flops() == estimate(check(src, spec), text_tokens=text, logits="all").flops
+
+
+# ---------------------------------------------------------------------------- LLM stages
+def _top_reference(ref, batch_inputs: dict, layer: int, group: int, keep: int):
+    """`keep text top` by hand: the last prompt row's head-mean attention at `layer - 1`,
+    the top `keep` image positions of every `group` consecutive ones (a tile, or an image's
+    tiles) kept, the others masked from `layer` on. Returns (kept [B, ...], greedy tokens)."""
+    att = last_query_attention(ref, batch_inputs, layer - 1)
+    kept, pruned = [], []
+    for b, ids in enumerate(batch_inputs["input_ids"]):
+        rows = (ids == IMG).nonzero().flatten()
+        chosen = torch.cat([top_rows(att[b], part, keep) for part in rows.split(group)])
+        kept.append(chosen)
+        pruned.append(rows[~torch.isin(rows, chosen)])
+    return torch.stack(kept), masked_generate(ref, batch_inputs, pruned, from_layer=layer, new_tokens=6)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("sized", [False, True])
+def test_llm_stage_generate_matches_masked_reference(models, attn, sized):
+    """Batch 2, left-padded. On the per-tile spec `top 50%` keeps 8 of each tile's 16; on
+    the spec sized for the 256x64 image, 40 of its 80 (all tiles together)."""
+    model = models[attn]
+    batch_inputs = inputs(2)
+    group = TILES * PER_TILE if sized else PER_TILE
+    kept, want = _top_reference(fresh_copy(model), batch_inputs, layer=2, group=group, keep=group // 2)
+    spec = SPEC.for_image(256, 64) if sized else SPEC
+    with vc.apply("at llm.layer2 keep text top 50%", model, spec=spec):
+        with torch.no_grad():
+            got = model.generate(**batch_inputs, max_new_tokens=6, do_sample=False)
+        assert torch.equal(vc.kept_tokens(model)["llm.layer2#0"].reshape(2, -1), kept)
+    assert torch.equal(got, want)
+
+
+def test_llm_layer0_keeps_positions_between_the_tiles_text(models):
+    """Tokens dropped before the LLM leave the kept ones (and the row/column text tokens
+    between tiles) their positions: the same as masking the dropped rows everywhere."""
+    model = models["sdpa"]
+    batch_inputs = inputs(2)
+    pruned = []
+    for ids in batch_inputs["input_ids"]:
+        rows = (ids == IMG).nonzero().flatten()
+        chosen = torch.cat([part[[i * PER_TILE // 4 for i in range(4)]] for part in rows.split(PER_TILE)])
+        pruned.append(rows[~torch.isin(rows, chosen)])
+    want = masked_generate(fresh_copy(model, "sdpa"), batch_inputs, pruned, from_layer=0, new_tokens=6)
+    with vc.apply("at llm.layer0 keep uniform 4", model), torch.no_grad():
+        got = model.generate(**batch_inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------- check time
+@pytest.mark.parametrize("src, at, code, words", [
+    ("at llm.layer2 keep cls@vit.layer3 top 20", "cls@", "no-cls", "has no CLS token"),
+    ("at vit.layer2 keep random 10", "vit.layer2", "model-layout", "whole 2x2 groups"),
+])
+def test_refusals_are_located_and_say_why(src, at, code, words):
+    d = first_error(src, SPEC)
+    assert (d.span.line, d.span.column, d.code) == (1, src.index(at) + 1, code)
+    assert words in d.message + (d.expected or "")
+
+
+def test_pooling_an_image_sized_spec_is_refused_per_tile_allowed():
+    src = "at llm.layer0 pool 2x2"
+    d = first_error(src, SPEC.for_image(256, 64))
+    assert (d.span.column, d.code) == (src.index("pool") + 1, "model-layout")
+    assert "5 tiles' grids one after the other" in d.message and "per-tile spec" in d.expected
+    assert check(src, SPEC).llm_visual[0] == PER_TILE // 4  # each tile's 4x4 grid pooled to 2x2
+
+
+def test_a_config_without_splitting_counts_one_tile():
+    config = builtin_config_dict("smolvlm-2.2b")
+    config["vtdsl_preprocessor"] = {**config["vtdsl_preprocessor"], "do_image_splitting": False}
+    spec = spec_from_config(config, name="no-split")
+    assert spec.split_edge == 0 and spec.for_image(3000, 1000).image_tokens == 81
+    assert replace(spec, split_edge=1536).for_image(3000, 1000).image_tokens == (4 * 2 + 1) * 81
