@@ -29,8 +29,9 @@ from vtdsl.models import get_spec
 from test_compiler import IMG, build, inputs
 
 SPEC = get_spec("tiny-llava")
-LAYER, K, STEPS = 3, 8, 5
+LAYER, K, P, STEPS = 3, 8, 0.5, 5
 POLICY = f"during decode at llm.layer{LAYER} attend top {K}"
+POLICY_P = f"during decode at llm.layer{LAYER} attend top p {P}"
 
 
 # ------------------------------------------------------------------ language and IR
@@ -49,10 +50,25 @@ def test_text_and_yaml_round_trip():
     assert from_yaml(yaml_text) == policy
 
 
+def test_top_p_forms():
+    policy = parse("during decode at llm.layer3 attend top p 0.9")
+    (sel,) = policy.decode
+    assert sel.qty is None and sel.mass == 0.9
+    assert format_policy(policy) == "during decode at llm.layer3 attend top p 0.9\n"
+    assert "    attend: p 0.9\n" in to_yaml(policy) and from_yaml(to_yaml(policy)) == policy
+    plan = check(policy, SPEC)
+    assert (plan.decode[0].mass, plan.decode[0].k) == (0.9, 576)  # the count is per step; its bound
+    decode = estimate(plan).to_json()["decode_flops_per_token"]
+    assert decode["selected_is_bound"] and decode["selected"] > decode["policy"]  # only the selection's row
+
+
 @pytest.mark.parametrize("src, where, words", [
     ("during decode at llm.layer3 attend 64", (1, 36), "expected: 'top'"),
     ("during decode llm.layer3 attend top 64", (1, 15), "expected: 'at'"),
     ("during decode at llm.layr3 attend top 64", (1, 18), "did you mean 'llm.layer3'"),
+    ("during decode at llm.layer3 attend top q 0.9", (1, 40), "or 'p' and a share such as p 0.9"),
+    ("during decode at llm.layer3 attend top p 1.5", (1, 42), "a share of the attention in (0, 1], got 1.5"),
+    ("at vit.out keep cls top p", (1, 25), "unexpected word 'p'"),
 ])
 def test_syntax_errors_are_located(src, where, words):
     with pytest.raises(PolicyError) as exc:
@@ -107,7 +123,25 @@ def _mask_hook(pruned: list[torch.Tensor]):
     return hook
 
 
-def _reference(model, ids, mask, px, steps: int) -> list[torch.Tensor]:
+def _top_k(row: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The image rows left out under `top K`: all but the K most attended."""
+    order = torch.argsort(row[rows], descending=True)
+    assert row[rows[order[K - 1]]] - row[rows[order[K]]] > 1e-7, "near tie"
+    return rows[order[K:]]
+
+
+def _top_p(row: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The image rows left out under `top p P`: the most attended are kept until their
+    share of the image rows' attention reaches P."""
+    values = row[rows]
+    order = torch.argsort(values, descending=True)
+    shares = torch.cumsum(values[order], 0) / values.sum()
+    count = int((shares < P).sum()) + 1
+    assert shares[count - 1] - P > 1e-6 and (count == 1 or P - shares[count - 2] > 1e-6), "near tie"
+    return rows[order[count:]]
+
+
+def _reference(model, ids, mask, px, steps: int, leave_out) -> list[torch.Tensor]:
     """Greedy logits per step of the plain eager model, DyCoke's decode rule by hand."""
     image = ids == IMG
     with torch.no_grad():
@@ -118,15 +152,9 @@ def _reference(model, ids, mask, px, steps: int) -> list[torch.Tensor]:
         tok = logits[-1].argmax(-1, keepdim=True)
         mask = torch.cat([mask, torch.ones_like(tok)], 1)
         with torch.no_grad():  # layer N-1's row on a copy of the cache: layers < N are never masked
-            probe = model(input_ids=tok, attention_mask=mask, cache=copy.deepcopy(cache),
-                          output_attentions=True)
+            probe = model(input_ids=tok, attention_mask=mask, cache=copy.deepcopy(cache), output_attentions=True)
         row = probe.attentions[LAYER - 1][:, :, -1, :].mean(1)
-        pruned = []
-        for b in range(ids.shape[0]):
-            rows = image[b].nonzero().flatten()
-            order = torch.argsort(row[b, rows], descending=True)
-            assert row[b, rows[order[K - 1]]] - row[b, rows[order[K]]] > 1e-7, "near tie"
-            pruned.append(rows[order[K:]])
+        pruned = [leave_out(row[b], image[b].nonzero().flatten()) for b in range(ids.shape[0])]
         hooks = [layers[j].register_forward_pre_hook(_mask_hook(pruned), with_kwargs=True)
                  for j in range(LAYER, len(layers))]
         try:
@@ -139,22 +167,28 @@ def _reference(model, ids, mask, px, steps: int) -> list[torch.Tensor]:
     return logits
 
 
+RULES = {"top-k": (POLICY, _top_k), "top-p": (POLICY_P, _top_p)}
+
+
 @pytest.fixture(scope="module")
-def reference():
+def references():
     ids, mask, px = inputs(2)
-    return _reference(build("eager"), ids, mask, px, STEPS)
+    model = build("eager")
+    return {name: _reference(model, ids, mask, px, STEPS, rule) for name, (_, rule) in RULES.items()}
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("rule", list(RULES))
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_generate_equals_masked_reference(attn, reference):
+def test_generate_equals_masked_reference(attn, rule, references):
+    reference = references[rule]
     model = build(attn)
     ids, mask, px = inputs(2)
     kw = dict(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=STEPS, do_sample=False,
               output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
         plain = model.generate(**kw)
-        with vc.apply(POLICY, model):
+        with vc.apply(RULES[rule][0], model):
             got = model.generate(**kw)
         again = model.generate(**kw)
     want = torch.stack([r.argmax(-1) for r in reference], 1)

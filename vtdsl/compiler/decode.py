@@ -81,10 +81,23 @@ class DecodeRuntime:
         image = torch.zeros(b, n, dtype=torch.bool, device=att.device)
         rows = self.image_rows.to(att.device)
         image[:, : rows.shape[1]] = rows[:, :n]
+        allowed = ~image  # text entries always
+        if self.sel.mass is not None:
+            return allowed | self._top_p(att, image)
         k = min(self.sel.k, n)
         top = att.masked_fill(~image, float("-inf")).topk(k, dim=-1).indices
-        allowed = ~image  # text entries always; a row with fewer than k images picks some text again
-        return allowed.scatter_(1, top, True)
+        return allowed.scatter_(1, top, True)  # a row with fewer than k images picks some text again
+
+    def _top_p(self, att: Tensor, image: Tensor) -> Tensor:
+        """Per row, the fewest visual entries (highest first) whose attention reaches the
+        share `mass` of all visual entries' attention: each entry whose predecessors'
+        share is still below it."""
+        vis = att.masked_fill(~image, 0.0)
+        order = vis.argsort(dim=-1, descending=True)
+        ranked = vis.gather(1, order)
+        before = (ranked.cumsum(-1) - ranked) / ranked.sum(-1, keepdim=True).clamp_min(1e-30)
+        take = (before < self.sel.mass) & image.gather(1, order)
+        return torch.zeros_like(image).scatter_(1, order, take)
 
     def restrict_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
         """Layers N..: the step's mask with the unselected visual entries blocked."""
@@ -124,8 +137,9 @@ def install_decode(inst, image_token_id: int) -> None:
               "decode selection: record which prompt rows are image tokens (prefill)", with_kwargs=True)
     inst.hook(attn_path + ".q_proj", "post", rt.q_hook, "decode selection: capture the new token's query")
     inst.hook(attn_path, "post", rt.score_hook,
-              f"{sel.text}: the new token's head-mean attention over the cache picks {sel.k} of "
-              f"{sel.visual} visual entries (decode steps only)", with_kwargs=True)
+              f"{sel.text}: the new token's head-mean attention over the cache picks "
+              f"{'the top-p' if sel.mass is not None else sel.k} of {sel.visual} visual entries (decode steps only)",
+              with_kwargs=True)
     for j in range(sel.layer, spec.llm.layers):
         inst.hook(spec.llm_layer_path.format(i=j) + ".self_attn", "pre", rt.restrict_pre_hook,
                   "decode selection: block the unselected visual entries in the attention mask", with_kwargs=True)

@@ -191,8 +191,9 @@ class CostReport:
         selected = self.decode_selected
         if selected is None:
             return {}
+        # top-p: the count varies per step, so the figure is its bound (every visual entry)
         return {"selected": selected, "selected_ratio": _ratio(selected, self.policy.decode),
-                "selection": self.decode_selection.text}
+                "selection": self.decode_selection.text, "selected_is_bound": self.decode_selection.mass is not None}
 
     def per_layer(self) -> dict[str, list[int]]:
         """`hf` FLOPs of every ViT and LLM layer of the policy (for plots and debugging)."""

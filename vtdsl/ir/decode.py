@@ -42,6 +42,10 @@ def resolve_decode(graph: nx.DiGraph, policy: ast.Policy, spec: ModelSpec) -> li
                        "holds; prune in the ViT or at vit.out instead", code="semantic")
             continue
         visual = graph.graph["llm_visual"][site.layer - 1]
+        if sel.mass is not None:
+            out.append(DecodeSelection(layer=site.layer, k=visual, visual=visual, mass=sel.mass,
+                                       text=f"during decode at llm.layer{site.layer} attend top p {sel.mass:g}"))
+            continue
         k = resolve_quantity(sel.qty, visual)
         if k > visual:
             error(graph, f"'attend top {k}' asks for more visual entries than the {visual} the cache holds "

@@ -150,10 +150,12 @@ class DecodeSelection:
     layer `layer - 1` (mean over heads); text entries always."""
 
     layer: int
-    k: int
+    k: int  # under `mass`: its bound, every visual entry
     visual: int
     percent: bool = False
     text: str = ""
+    # top-p: the fewest entries whose attention reaches this share of the visual entries'
+    mass: float | None = None
 
 
 @dataclass

@@ -382,7 +382,18 @@ class DecodeSelect(Node):
     dynamic pruning). Prefill is unchanged."""
 
     site: Site
-    qty: Quantity
+    qty: Quantity | None = None
+    # top-p: the fewest visual entries whose attention reaches this share of the attention
+    # all visual entries get (`attend top p 0.9`), instead of a count
+    mass: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "DecodeSelect":
+        if (self.qty is None) == (self.mass is None):
+            raise ValueError("a decode stage attends to top K entries or to top p P of the attention, one of them")
+        if self.mass is not None and not 0 < self.mass <= 1:
+            raise ValueError(f"'top p' takes a share of the attention in (0, 1], got {self.mass}")
+        return self
 
 
 class Policy(Node):

@@ -145,8 +145,12 @@ def format_stage(stage: ast.Stage) -> str:
     return f"{head} {format_action(stage.action)}{' renumber' if stage.renumber else ''}"
 
 
+def format_decode_count(sel: ast.DecodeSelect) -> str:
+    return f"p {format_number(sel.mass)}" if sel.mass is not None else format_quantity(sel.qty)
+
+
 def format_decode(sel: ast.DecodeSelect) -> str:
-    return f"during decode at {sel.site.text()} attend top {format_quantity(sel.qty)}"
+    return f"during decode at {sel.site.text()} attend top {format_decode_count(sel)}"
 
 
 def format_budget_body(budget: ast.Budget) -> str:

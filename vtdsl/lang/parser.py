@@ -38,7 +38,8 @@ from .terminals import END_OF_STATEMENT, TERMINAL_WORDS, add_rest_words, expecte
 
 GRAMMAR_PATH = Path(__file__).with_name("grammar.lark")
 # Entry rules: `statement` for .vt files, the others for values inside the YAML form.
-START_RULES = ["start", "statement", "term", "terms", "quantity", "budget_body", "site", "region_body", "grid"]
+START_RULES = ["start", "statement", "term", "terms", "quantity", "budget_body", "site", "region_body", "grid",
+               "decode_count"]
 
 MAX_SOURCE_BYTES = 1 << 20  # 1 MiB: policies are a few lines; anything bigger is a mistake
 MAX_DIAGNOSTICS = 10
@@ -359,6 +360,11 @@ def _either(words) -> str:
 
 def _check_scorer_word(tok: Token, accepts: set[str], where: _Where) -> None:
     word = str(tok)
+    if accepts == {"NAME", "NUMBER", "PERCENT"}:  # `attend top p 0.9`
+        if word != "p":
+            raise _fail(f"unexpected word '{show(word)}'", where.of_token(tok),
+                        expected="a count such as 64, a percentage such as 10% or 'p' and a share such as p 0.9")
+        return
     if accepts == {"NAME", "SUM"}:  # `diverse(sum)` / `far(norm)`
         if word != "norm":
             raise _fail(f"unknown selector argument '{show(word)}'", where.of_token(tok),
@@ -500,9 +506,20 @@ class _Builder:
         if tree.data == "budget_line":
             return "budget", self.budget(tree.children[0], span), span
         if tree.data == "decode_stage":
-            site, qty = tree.children
-            return "decode", self.node(ast.DecodeSelect, span, site=self.site(site), qty=self.quantity(qty)), span
+            site, count = tree.children
+            return "decode", self.node(ast.DecodeSelect, span, site=self.site(site), **self.decode_count(count)), span
         return "stage", self.stage(tree), span
+
+    def decode_count(self, tree: Tree) -> dict:
+        """`K` / `K%` as a quantity, or `p P` as the share P of the visual entries' attention."""
+        if len(tree.children) == 1:
+            return {"qty": self.quantity(tree.children[0])}
+        _, tok = tree.children
+        mass = self.number(tok)
+        if not 0 < mass <= 1:
+            raise _fail(f"'top p' takes a share of the attention in (0, 1], got {show(str(tok))}", self.span(tok),
+                        expected="a share such as p 0.9", code="semantic")
+        return {"mass": float(mass)}
 
     def string(self, tok: Token) -> str:
         try:
@@ -868,6 +885,8 @@ def parse_value(text: str, start: str, where: _Where):
         return b.region(tree, b.span(tree))
     if start == "grid":
         return b.grid(tree, "pool")
+    if start == "decode_count":
+        return b.decode_count(tree)
     raise ValueError(start)
 
 
@@ -879,6 +898,7 @@ _START_WORDS = {
     "site": TERMINAL_WORDS["SITE"],
     "region_body": "'crop', 'region RxC' or 'chunk N'",
     "grid": TERMINAL_WORDS["GRID"],
+    "decode_count": "a count such as 64, a percentage such as 10% or a share such as p 0.9",
 }
 
 

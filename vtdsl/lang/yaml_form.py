@@ -49,7 +49,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from . import ast
 from .errors import Diagnostic, PolicyError, did_you_mean
-from .format import format_budget_body, format_term
+from .format import format_budget_body, format_decode_count, format_term
 from .parser import _StatementError, _Where, check_size, has_surrogate, parse_value
 from .yaml_keys import (ACTIONS, DECODE, DECODE_KEYS, RENUMBER, TOP_KEYS, KeepOption, key_rule, keep_keys, keep_options,
                         quantity_data, rest_listing, stage_keys)
@@ -112,7 +112,8 @@ def policy_to_data(policy: ast.Policy) -> dict:
         data["budget"] = [format_budget_body(b) for b in policy.budgets]
     data["stages"] = [_stage_data(stage) for stage in policy.stages]
     if policy.decode:
-        data[DECODE] = [{"at": d.site.text(), "attend": quantity_data(d.qty)} for d in policy.decode]
+        data[DECODE] = [{"at": d.site.text(), "attend": quantity_data(d.qty) if d.qty else format_decode_count(d)}
+                        for d in policy.decode]
     return data
 
 
@@ -341,6 +342,7 @@ _VALUE_HINTS = {
     "site": "write a site such as vit.layer16",
     "region_body": "write 'crop', 'region 2x2' or 'chunk 16'",
     "grid": "write a grid such as 2x2",
+    "decode_count": "write a count such as 64, a percentage such as 10% or a share such as p 0.9",
 }
 
 
@@ -397,9 +399,9 @@ class _PolicyReader(YamlReader):
         for key in DECODE_KEYS:
             if key not in m:
                 raise self.fail(f"a decode stage needs '{key}'", node,
-                                expected="at: llm.layerN and attend: K (a count or a percentage)")
-        site, qty = (self.value(m[k][1], rule, f"'{k}'") for k, rule in DECODE_KEYS.items())
-        return self.node(ast.DecodeSelect, _span(node), site=site, qty=qty)
+                                expected="at: llm.layerN and attend: K (a count, a percentage or p 0.9)")
+        site, count = (self.value(m[k][1], rule, f"'{k}'") for k, rule in DECODE_KEYS.items())
+        return self.node(ast.DecodeSelect, _span(node), site=site, **count)
 
     def budget(self, node: Node) -> ast.Budget:
         b = self.value(node, "budget_body", "a budget")

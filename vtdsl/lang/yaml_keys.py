@@ -34,7 +34,7 @@ RENUMBER = "renumber"
 # `decode:` (policies only): a list of `{at: llm.layerN, attend: K}`, each a
 # `during decode at llm.layerN attend top K` statement; the value of each key and its rule.
 DECODE = "decode"
-DECODE_KEYS: dict[str, str] = {"at": "site", "attend": "quantity"}
+DECODE_KEYS: dict[str, str] = {"at": "site", "attend": "decode_count"}
 
 # The grammar rule that reads the value of a placement or action key (None: a fixed word
 # the reader checks itself); keep options carry their own.
