@@ -17,8 +17,9 @@ from vtdsl.ir import check
 from vtdsl.lang.errors import PolicyError
 from vtdsl.models import get_spec
 
-from plain_refs import (clip_cls_scores, first_error, generate_on_features, last_query_attention, masked_generate,
-                        prune_to_top, sharpened_pair, top_rows)
+from family_runs import anyres_inputs, compiled_anyres_vit_run, generate_on_fewer_placeholders
+from plain_refs import (clip_cls_scores, first_error, last_query_attention, masked_generate, prune_to_top,
+                        sharpened_pair, top_rows)
 
 SPEC = get_spec("tiny-llava-next")
 IMG = SPEC.image_token_id
@@ -37,18 +38,7 @@ def models():
 
 def inputs(batch: int):
     """One 112x112 image per prompt (base + 2x2 crops); batch 2 is left-padded."""
-    rows = [[5, 6, 7] + [IMG] * N_IMG + [8, 9, 10]]
-    if batch == 2:
-        rows.append([11, 12, 13, 14, 15] + [IMG] * N_IMG + [18, 19, 20, 21])
-    n = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), n, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, n - len(r):] = torch.tensor(r)
-        mask[i, n - len(r):] = 1
-    px = torch.randn(len(rows), 5, 3, CROP, CROP, generator=torch.Generator().manual_seed(3))
-    sizes = torch.tensor([[2 * CROP, 2 * CROP]] * len(rows))
-    return dict(input_ids=ids, attention_mask=mask, pixel_values=px, image_sizes=sizes)
+    return anyres_inputs(SPEC, (2 * CROP, 2 * CROP), batch, seed=3)
 
 
 def crop_of(i: int) -> int:
@@ -186,20 +176,11 @@ def test_vit_stage_prunes_every_crop_and_generate_follows(models):
     model = models["eager"]
     batch_inputs = inputs(2)
     want = crop_features_reference(model, batch_inputs["pixel_values"], prune_at=2, keep=8)
-    with vc.apply("at vit.layer2 keep cls top 8", model):
-        assert vc.image_token_count(model) == 5 * 8
-        with torch.no_grad():
-            got = model.model.get_image_features(pixel_values=batch_inputs["pixel_values"],
-                                                 image_sizes=batch_inputs["image_sizes"]).pooler_output
-            gen = model.generate(**batch_inputs, max_new_tokens=5, do_sample=False)
-    torch.testing.assert_close(torch.stack(list(got)), want, atol=1e-5, rtol=1e-5)
+    got, gen = compiled_anyres_vit_run(model, batch_inputs, "at vit.layer2 keep cls top 8", kept=5 * 8)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     # reference generation: the plain model on a prompt with 40 placeholders whose
     # embeddings are the reference features
-    ref = fresh_copy(model)
-    short = vc.rewrite_inputs(batch_inputs["input_ids"], batch_inputs["attention_mask"], image_token_id=IMG,
-                              from_count=N_IMG, to_count=40)
-    new = generate_on_features(ref, short["input_ids"], short["attention_mask"], IMG, want, 5)
-    assert torch.equal(gen[:, -5:], new)
+    assert torch.equal(gen[:, -5:], generate_on_fewer_placeholders(fresh_copy(model), batch_inputs, IMG, want))
     assert torch.equal(gen[:, :-5], batch_inputs["input_ids"])  # the caller's prompt comes back (88 per image)
 
 
@@ -244,12 +225,7 @@ SMALL = (45, 60)  # a 3:4 image: anyres picks 1x2 crops and unpads the map to 4 
 
 
 def small_inputs():
-    spec = SPEC.for_image(*SMALL)
-    rows = [[5, 6, 7] + [IMG] * spec.image_tokens + [8, 9, 10]]
-    ids = torch.tensor(rows)
-    px = torch.randn(1, spec.vit_crops, 3, CROP, CROP, generator=torch.Generator().manual_seed(4))
-    return spec, dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=px,
-                      image_sizes=torch.tensor([list(SMALL)]))
+    return SPEC.for_image(*SMALL), anyres_inputs(SPEC, SMALL, 1, seed=4)
 
 
 def packed_crop_ids(model, size, crops: int) -> torch.Tensor:

@@ -14,14 +14,14 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import vtdsl.compiler as vc
 from vtdsl.compiler.families import family_of
 from vtdsl.cost import estimate, estimate_counts
 from vtdsl.ir import check
 from vtdsl.models import get_spec, list_specs
 
-from plain_refs import (first_error, generate_on_features, last_query_attention, masked_generate, prune_to_top,
-                        sharpened_pair, top_rows)
+from family_runs import (anyres_inputs, compiled_anyres_vit_run, compiled_generate, compiled_prefill_flops,
+                         generate_on_fewer_placeholders)
+from plain_refs import first_error, last_query_attention, masked_generate, sharpened_pair, top_k_reference, top_rows
 
 SPEC = get_spec("tiny-llava-onevision")
 BIG = "llava-onevision-qwen2-7b"
@@ -49,18 +49,7 @@ def fresh_copy(model, attn="eager"):
 
 def inputs(batch: int, size=(3 * CROP, 3 * CROP), seed: int = 3):
     """One image of `size` per prompt; batch 2 is left-padded."""
-    spec = SPEC.for_image(*size)
-    rows = [[5, 6, 7] + [IMG] * spec.image_tokens + [8, 9, 10]]
-    if batch == 2:
-        rows.append([11, 12, 13, 14, 15] + [IMG] * spec.image_tokens + [18, 19, 20, 21])
-    n = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), n, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, n - len(r):] = torch.tensor(r)
-        mask[i, n - len(r):] = 1
-    px = torch.randn(len(rows), spec.vit_crops, 3, CROP, CROP, generator=torch.Generator().manual_seed(seed))
-    return dict(input_ids=ids, attention_mask=mask, pixel_values=px, image_sizes=torch.tensor([list(size)] * len(rows)))
+    return anyres_inputs(SPEC, size, batch, seed)
 
 
 # ---------------------------------------------------------------------------- spec and counts
@@ -171,10 +160,8 @@ def test_cost_of_the_7b_equals_flop_counter_on_meta_part_by_part():
     "at llm.layer0 keep diverse 30",
 ])
 def test_compiled_flops_equal_the_cost_model(models, src):
-    model = models["eager"]
-    with vc.apply(src, model), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(**inputs(1))
-    assert counter.get_total_flops() == estimate(check(src, SPEC), text_tokens=6, logits="all").flops
+    flops = compiled_prefill_flops(models["eager"], src, inputs(1))
+    assert flops == estimate(check(src, SPEC), text_tokens=6, logits="all").flops
 
 
 # ---------------------------------------------------------------------------- LLM stages
@@ -183,15 +170,9 @@ def test_compiled_flops_equal_the_cost_model(models, src):
 def test_llm_stage_generate_matches_masked_reference(models, attn, batch):
     model = models[attn]
     batch_inputs = inputs(batch)
-    ref = fresh_copy(model)
-    att = last_query_attention(ref, batch_inputs, layer=1)
-    kept, pruned = prune_to_top(att, batch_inputs["input_ids"], IMG, N_IMG // 2)
-    want = masked_generate(ref, batch_inputs, pruned, from_layer=2, new_tokens=6)
-    with vc.apply("at llm.layer2 keep text top 50%", model):
-        with torch.no_grad():
-            got = model.generate(**batch_inputs, max_new_tokens=6, do_sample=False)
-        assert torch.equal(vc.kept_tokens(model)["llm.layer2#0"], kept)
-    assert torch.equal(got, want)
+    kept, want = top_k_reference(fresh_copy(model), batch_inputs, IMG, N_IMG // 2, layer=2, new_tokens=6)
+    got, kept_got = compiled_generate(model, "at llm.layer2 keep text top 50%", batch_inputs, "llm.layer2#0", 6)
+    assert torch.equal(kept_got, kept) and torch.equal(got, want)
 
 
 def crop_of_shrunk(i: int) -> int:
@@ -221,11 +202,8 @@ def test_per_crop_at_an_llm_site_reads_the_shrunk_layout(models):
         kept.append(chosen)
         pruned.append(rows[~torch.isin(rows, chosen)])
     want = masked_generate(ref, batch_inputs, pruned, from_layer=1, new_tokens=5)
-    with vc.apply("at llm.layer1 keep text top 20 per crop", model):
-        with torch.no_grad():
-            got = model.generate(**batch_inputs, max_new_tokens=5, do_sample=False)
-        assert torch.equal(vc.kept_tokens(model)["llm.layer1#0"], torch.stack(kept))
-    assert torch.equal(got, want)
+    got, kept_got = compiled_generate(model, "at llm.layer1 keep text top 20 per crop", batch_inputs, "llm.layer1#0", 5)
+    assert torch.equal(kept_got, torch.stack(kept)) and torch.equal(got, want)
 
 
 # ---------------------------------------------------------------------------- ViT stages
@@ -254,18 +232,9 @@ def test_vit_stage_prunes_every_crop_and_generate_follows(models):
     model = models["eager"]
     batch_inputs = inputs(2)
     want = crop_features_reference(model, batch_inputs["pixel_values"], prune_at=2, keep=8)
-    with vc.apply("at vit.layer2 keep knorm@vit.layer1 top 8", model):
-        assert vc.image_token_count(model) == 10 * 8
-        with torch.no_grad():
-            got = model.model.get_image_features(pixel_values=batch_inputs["pixel_values"],
-                                                 image_sizes=batch_inputs["image_sizes"]).pooler_output
-            gen = model.generate(**batch_inputs, max_new_tokens=5, do_sample=False)
-    torch.testing.assert_close(torch.stack(list(got)), want, atol=1e-5, rtol=1e-5)
-    ref = fresh_copy(model)
-    short = vc.rewrite_inputs(batch_inputs["input_ids"], batch_inputs["attention_mask"], image_token_id=IMG,
-                              from_count=N_IMG, to_count=80)
-    new = generate_on_features(ref, short["input_ids"], short["attention_mask"], IMG, want, 5)
-    assert torch.equal(gen[:, -5:], new)
+    got, gen = compiled_anyres_vit_run(model, batch_inputs, "at vit.layer2 keep knorm@vit.layer1 top 8", kept=10 * 8)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(gen[:, -5:], generate_on_fewer_placeholders(fresh_copy(model), batch_inputs, IMG, want))
     assert torch.equal(gen[:, :-5], batch_inputs["input_ids"])  # the caller's prompt comes back
 
 

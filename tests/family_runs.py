@@ -1,0 +1,70 @@
+"""The compiled side of the model-family tests: a policy's prefill FLOPs and greedy
+generation under `vtdsl.compiler.apply`, the anyres families' inputs (LLaVA-NeXT,
+LLaVA-OneVision) and their ViT-stage runs next to the plain model fed the reference
+features. Unlike `plain_refs`, this module uses the compiler."""
+
+from __future__ import annotations
+
+import torch
+
+import vtdsl.compiler as vc
+
+from torch.utils.flop_counter import FlopCounterMode
+
+from plain_refs import generate_on_features
+
+
+def compiled_prefill_flops(model, src: str, batch_inputs: dict) -> int:
+    """FlopCounterMode's total for one forward of `model` compiled with `src`."""
+    with vc.apply(src, model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**batch_inputs)
+    return counter.get_total_flops()
+
+
+def compiled_generate(model, src: str, batch_inputs: dict, stage: str, new_tokens: int):
+    """Greedy tokens of `model` compiled with `src`, and the positions `stage` kept."""
+    with vc.apply(src, model):
+        with torch.no_grad():
+            got = model.generate(**batch_inputs, max_new_tokens=new_tokens, do_sample=False)
+        return got, vc.kept_tokens(model)[stage]
+
+
+def anyres_inputs(spec, size: tuple[int, int], batch: int, seed: int):
+    """Anyres inputs (LLaVA-NeXT, LLaVA-OneVision): one image of `size` per prompt, as many
+    placeholders as `spec.for_image(size)` counts, random crops; batch 2 is left-padded."""
+    sized = spec.for_image(*size)
+    rows = [[5, 6, 7] + [spec.image_token_id] * sized.image_tokens + [8, 9, 10]]
+    if batch == 2:
+        rows.append([11, 12, 13, 14, 15] + [spec.image_token_id] * sized.image_tokens + [18, 19, 20, 21])
+    n = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), n, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, n - len(r):] = torch.tensor(r)
+        mask[i, n - len(r):] = 1
+    px = torch.randn(len(rows), sized.vit_crops, 3, spec.image_size, spec.image_size,
+                     generator=torch.Generator().manual_seed(seed))
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=px, image_sizes=torch.tensor([list(size)] * len(rows)))
+
+
+def compiled_anyres_vit_run(model, batch_inputs: dict, src: str, kept: int, new_tokens: int = 5):
+    """Under the compiled `src` (a ViT stage keeping `kept` tokens per image): the image
+    features ``[B, kept, d]`` and the greedy tokens of `generate` (prompt included)."""
+    with vc.apply(src, model):
+        assert vc.image_token_count(model) == kept
+        with torch.no_grad():
+            got = model.model.get_image_features(pixel_values=batch_inputs["pixel_values"],
+                                                 image_sizes=batch_inputs["image_sizes"]).pooler_output
+            gen = model.generate(**batch_inputs, max_new_tokens=new_tokens, do_sample=False)
+    return torch.stack(list(got)), gen
+
+
+def generate_on_fewer_placeholders(ref, batch_inputs: dict, image_token_id: int, features, new_tokens: int = 5):
+    """The plain model on the prompt with its placeholders cut to `features`' count per
+    image (vtdsl's own input rewrite, whose count the caller checks) and their embeddings
+    replaced by `features`: the new tokens."""
+    ids = batch_inputs["input_ids"]
+    short = vc.rewrite_inputs(ids, batch_inputs["attention_mask"], image_token_id=image_token_id,
+                              from_count=int((ids[0] == image_token_id).sum()), to_count=features.shape[1])
+    return generate_on_features(ref, short["input_ids"], short["attention_mask"], image_token_id, features,
+                                new_tokens)
