@@ -265,3 +265,44 @@ def test_a_config_without_splitting_counts_one_tile():
     spec = spec_from_config(config, name="no-split")
     assert spec.split_edge == 0 and spec.for_image(3000, 1000).image_tokens == 81
     assert replace(spec, split_edge=1536).for_image(3000, 1000).image_tokens == (4 * 2 + 1) * 81
+
+
+def test_a_hub_style_directory_gives_the_registered_spec(tmp_path):
+    """HuggingFaceTB/SmolVLM-Instruct's config.json layout (its vision config still named
+    `idefics3`, as transformers 4.46 saved it; `rope_theta` flat in the text config) and
+    its preprocessor_config.json: the built-in's architecture and tiles."""
+    import json
+
+    hub = {
+        "architectures": ["Idefics3ForConditionalGeneration"], "model_type": "idefics3", "image_token_id": 49153,
+        "scale_factor": 3, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "text_config": {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
+                        "num_hidden_layers": 24, "num_attention_heads": 32, "num_key_value_heads": 32,
+                        "head_dim": 64, "rms_norm_eps": 1e-05, "rope_theta": 273768.0, "vocab_size": 49155,
+                        "max_position_embeddings": 16384, "tie_word_embeddings": False},
+        "vision_config": {"model_type": "idefics3", "hidden_size": 1152, "intermediate_size": 4304,
+                          "num_hidden_layers": 27, "num_attention_heads": 16, "patch_size": 14, "image_size": 384},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(hub))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "Idefics3ImageProcessor", "do_image_splitting": True,
+         "size": {"longest_edge": 1536}, "max_image_size": {"longest_edge": 384}}))
+    local, builtin = get_spec(str(tmp_path)), get_spec("smolvlm-2.2b")
+    fields = ("family", "vit", "llm", "projector", "vocab_size", "image_token_id", "dtype", "image_tokens",
+              "spatial_merge", "split_edge", "has_cls")
+    assert [getattr(local, f) for f in fields] == [getattr(builtin, f) for f in fields]
+    assert local.for_image(1000, 700).image_tokens == 13 * 81
+    assert local.param_count() == builtin.param_count()
+
+
+def test_a_preprocessor_with_other_tiles_is_refused(tmp_path):
+    import json
+
+    config = builtin_config_dict("tiny-smolvlm")
+    config.pop("vtdsl_preprocessor")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"max_image_size": {"longest_edge": 32}}))
+    from vtdsl.lang.errors import PolicyError
+
+    with pytest.raises(PolicyError, match="max_image_size 32 differs from the vision tower's image_size 64"):
+        get_spec(str(tmp_path))

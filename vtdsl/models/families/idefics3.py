@@ -13,5 +13,7 @@ FAMILY = replace(
     family="idefics3",
     config_class="Idefics3Config",
     model_class="Idefics3ForConditionalGeneration",
-    vision_towers={"idefics3_vision": SMOLVLM.vision_towers["smolvlm_vision"]},
+    # hub files saved before transformers renamed the vision config (SmolVLM-Instruct's)
+    # name the tower `idefics3`
+    vision_towers={name: SMOLVLM.vision_towers["smolvlm_vision"] for name in ("idefics3_vision", "idefics3")},
 )
