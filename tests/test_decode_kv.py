@@ -102,8 +102,12 @@ def test_ir_counts_after_prefill_stages():
     (sel,) = plan.decode
     assert (sel.layer, sel.visual, sel.k) == (31, 100, 10)
     assert plan.llm_visual == [100] * 32  # prefill counts untouched
-    with pytest.raises(PolicyError, match="cannot be combined with an LLM prefill stage"):
-        check(parse("at llm.layer2 keep text top 50%\n" + POLICY), SPEC)
+    with pytest.raises(PolicyError, match="needs every LLM prefill stage before that layer"):
+        check(parse("at llm.layer3 keep text top 50%\n" + POLICY), SPEC)
+    with pytest.raises(PolicyError, match="the stage at llm.layer4 changes"):
+        check(parse("every 2 layers from llm.layer2 to llm.layer8 keep text top 90%\n" + POLICY), SPEC)
+    (sel,) = check(parse("at llm.layer2 keep text top 50%\n" + POLICY), SPEC).decode
+    assert (sel.visual, sel.k) == (288, K)
     with pytest.raises(PolicyError, match="at most one decode stage"):
         check(parse(POLICY + "\n" + POLICY), SPEC)
 
@@ -141,28 +145,40 @@ def _top_p(row: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return rows[order[count:]]
 
 
-def _reference(model, ids, mask, px, steps: int, leave_out) -> list[torch.Tensor]:
-    """Greedy logits per step of the plain eager model, DyCoke's decode rule by hand."""
-    image = ids == IMG
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, pixel_values=px, use_cache=True)
-    cache, logits = out.past_key_values, [out.logits[:, -1]]
+def _run(model, masks: list[tuple[int, list[torch.Tensor]]], **kw):
+    """One forward of the plain model with `cols[b]` masked from LLM layer `start` on, for
+    each (start, cols) of `masks`."""
     layers = model.model.language_model.layers
+    hooks = [layers[j].register_forward_pre_hook(_mask_hook(cols), with_kwargs=True)
+             for start, cols in masks for j in range(start, len(layers))]
+    try:
+        with torch.no_grad():
+            return model(**kw)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _reference(model, ids, mask, px, steps: int, leave_out, prefill_cut=None) -> list[torch.Tensor]:
+    """Greedy logits per step of the plain eager model, DyCoke's decode rule by hand.
+    `prefill_cut`: (layer, image rows pruned per sample) of a prefill LLM stage, masked
+    from that layer on at every step, its rows no candidates for the decode rule."""
+    cut = [prefill_cut] if prefill_cut else []
+    image = ids == IMG
+    for _, cols in cut:
+        for b, c in enumerate(cols):
+            image[b, c] = False
+    out = _run(model, cut, input_ids=ids, attention_mask=mask, pixel_values=px, use_cache=True)
+    cache, logits = out.past_key_values, [out.logits[:, -1]]
     for _ in range(steps - 1):
         tok = logits[-1].argmax(-1, keepdim=True)
         mask = torch.cat([mask, torch.ones_like(tok)], 1)
-        with torch.no_grad():  # layer N-1's row on a copy of the cache: layers < N are never masked
-            probe = model(input_ids=tok, attention_mask=mask, cache=copy.deepcopy(cache), output_attentions=True)
+        # layer N-1's row on a copy of the cache: the decode rule masks nothing before layer N
+        probe = _run(model, cut, input_ids=tok, attention_mask=mask, cache=copy.deepcopy(cache),
+                     output_attentions=True)
         row = probe.attentions[LAYER - 1][:, :, -1, :].mean(1)
         pruned = [leave_out(row[b], image[b].nonzero().flatten()) for b in range(ids.shape[0])]
-        hooks = [layers[j].register_forward_pre_hook(_mask_hook(pruned), with_kwargs=True)
-                 for j in range(LAYER, len(layers))]
-        try:
-            with torch.no_grad():
-                step = model(input_ids=tok, attention_mask=mask, cache=cache)
-        finally:
-            for h in hooks:
-                h.remove()
+        step = _run(model, cut + [(LAYER, pruned)], input_ids=tok, attention_mask=mask, cache=cache)
         logits.append(step.logits[:, -1])
     return logits
 
@@ -201,6 +217,25 @@ def test_generate_equals_masked_reference(attn, rule, references):
     # uncompiled: the plain model's logits again
     for a, b in zip(again.scores, plain.scores):
         assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_after_an_llm_prefill_stage():
+    """FastV at llm.layer2 (its 288 kept image rows by hand, plain_refs) then the decode
+    rule at llm.layer3 over those rows only; the cache at layers 2.. holds only them."""
+    from plain_refs import last_query_attention, prune_to_top
+
+    ids, mask, px = inputs(2)
+    model = build("eager")
+    batch = dict(input_ids=ids, attention_mask=mask, pixel_values=px)
+    _, fastv_pruned = prune_to_top(last_query_attention(model, batch, 1), ids, IMG, 288)
+    want = _reference(model, ids, mask, px, STEPS, _top_k, prefill_cut=(2, fastv_pruned))
+    kw = dict(batch, max_new_tokens=STEPS, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad(), vc.apply("at llm.layer2 keep text top 50%\n" + POLICY, model):
+        got = model.generate(**kw)
+    assert torch.equal(got.sequences[:, ids.shape[1]:], torch.stack([r.argmax(-1) for r in want], 1))
+    for step, (a, b) in enumerate(zip(got.scores, want)):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), step
 
 
 # ------------------------------------------------------------------ cost

@@ -27,8 +27,9 @@ def _cache_of(kwargs: dict):
 
 class DecodeRuntime:
     def __init__(self, sel: DecodeSelection, image_token_id: int, num_heads: int, num_kv_heads: int,
-                 scaling: float):
+                 scaling: float, llm_rt=None):
         self.sel = sel
+        self.llm_rt = llm_rt  # prefill LLM stages (all before layer N): which cache rows are images
         self.image_token_id = image_token_id
         self.num_heads, self.num_kv_heads, self.scaling = num_heads, num_kv_heads, scaling
         self.image_rows: Tensor | None = None  # [B, prompt length]: image rows of the prompt
@@ -64,6 +65,12 @@ class DecodeRuntime:
         self.allowed = self._select(module, q, cache, n, kwargs)
         return None
 
+    def _image_rows(self, cache) -> Tensor:
+        """[B, rows] image flags of the cache's prompt rows at layer N-1: the prompt's, or
+        what the LLM prefill stages (all before layer N) left."""
+        st = self.llm_rt.by_cache.get(cache) if self.llm_rt is not None else None
+        return self.image_rows if st is None else st.is_img
+
     def _select(self, module: nn.Module, q: Tensor, cache, n: int, kwargs: dict) -> Tensor:
         b, h = q.shape[0], self.num_heads
         q = q.view(b, 1, h, -1).transpose(1, 2)
@@ -79,7 +86,7 @@ class DecodeRuntime:
             logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
         att = logits.softmax(-1).mean(1)[:, 0]  # [B, n]
         image = torch.zeros(b, n, dtype=torch.bool, device=att.device)
-        rows = self.image_rows.to(att.device)
+        rows = self._image_rows(cache).to(att.device)
         image[:, : rows.shape[1]] = rows[:, :n]
         allowed = ~image  # text entries always
         if self.sel.mass is not None:
@@ -122,7 +129,7 @@ class DecodeRuntime:
         return args, kwargs
 
 
-def install_decode(inst, image_token_id: int) -> None:
+def install_decode(inst, image_token_id: int, llm_rt=None) -> None:
     """Install the plan's decode selection (at most one) with `inst`'s undoable hooks."""
     if not inst.plan.decode:
         return
@@ -131,7 +138,7 @@ def install_decode(inst, image_token_id: int) -> None:
     attn_path = spec.llm_layer_path.format(i=sel.layer - 1) + ".self_attn"
     attn = model.get_submodule(attn_path)
     rt = DecodeRuntime(sel, image_token_id, spec.llm.heads, spec.llm.kv_heads,
-                       getattr(attn, "scaling", spec.llm.head_dim**-0.5))
+                       getattr(attn, "scaling", spec.llm.head_dim**-0.5), llm_rt)
     inst.listing.mechanism["decode"] = "hooks"
     inst.hook(inst.family.multimodal_path(spec), "pre", rt.multimodal_pre_hook,
               "decode selection: record which prompt rows are image tokens (prefill)", with_kwargs=True)

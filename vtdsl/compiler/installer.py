@@ -146,7 +146,7 @@ class Installer:
             plans = self._install_image_sizes()
             llm_rt = self._install_llm(vit_rt, plans, trims, image_token_id)
             self._install_prompt(plans, llm_rt, trims, image_token_id)
-            install_decode(self, image_token_id)
+            install_decode(self, image_token_id, llm_rt)
         except BaseException:
             self.handle.remove()
             raise

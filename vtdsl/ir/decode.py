@@ -15,7 +15,7 @@ from .plan import DecodeSelection
 def resolve_decode(graph: nx.DiGraph, policy: ast.Policy, spec: ModelSpec) -> list[DecodeSelection]:
     """One `DecodeSelection` per decode stage; located errors on the graph otherwise."""
     out: list[DecodeSelection] = []
-    llm_stage = next((s for s in policy.stages if s.site.tower == "llm"), None)
+    layers = spec.llm.layers
     for i, sel in enumerate(policy.decode):
         if i:
             error(graph, "a policy has at most one decode stage", sel.span,
@@ -34,12 +34,16 @@ def resolve_decode(graph: nx.DiGraph, policy: ast.Policy, spec: ModelSpec) -> li
                   sel.site.span, expected="llm.layer1 or later (layer N-1's attention decides for N on)",
                   code="semantic")
             continue
-        if llm_stage is not None:
-            # a prefill cut leaves layers with caches of different lengths; the selection
-            # reads layer N-1's visual positions and applies them to later layers
-            error(graph, "a decode stage cannot be combined with an LLM prefill stage yet", sel.span,
-                  hint=f"the LLM stage at {llm_stage.site.text()} changes which entries each layer's cache "
-                       "holds; prune in the ViT or at vit.out instead", code="semantic")
+        stages = graph.graph["policy"].stages  # schedules unrolled
+        later = next((s for s in stages if s.site.tower == "llm"
+                      and (s.site.index + layers if s.site.index < 0 else s.site.index) >= site.layer), None)
+        if later is not None:
+            # the selection ranks layer N-1's cache rows and masks the same rows in layers
+            # N..; a cut from layer N on would leave those layers other rows
+            error(graph, f"a decode stage at {sel.site.text()} needs every LLM prefill stage before that layer",
+                  sel.span, hint=f"the stage at {later.site.text()} changes which entries the later layers' "
+                                 f"caches hold; move it before {sel.site.text()} or the decode stage after it",
+                  code="semantic")
             continue
         visual = graph.graph["llm_visual"][site.layer - 1]
         if sel.mass is not None:
