@@ -397,27 +397,20 @@ SMOLVLM_2B = {
 
 # SmolVLM's layout at tiny widths (model_type smolvlm): 64-pixel tiles of 8x8 patches,
 # pixel shuffle 2 (16 tokens per tile), 4 ViT and 4 LLM layers; the processor's longest
-# edge 256 (up to 4x4 tiles + a global view).
+# edge 256 (up to 4x4 tiles + a global view); the rest (RoPE theta, norms) is smolvlm-2.2b's.
 TINY_SMOLVLM = {
-    "architectures": ["SmolVLMForConditionalGeneration"],
-    "model_type": "smolvlm",
-    "image_token_id": 250,
-    "scale_factor": 2,
-    "tie_word_embeddings": False,
-    "torch_dtype": "float32",
+    **copy.deepcopy(SMOLVLM_2B),
+    "architectures": ["SmolVLMForConditionalGeneration"], "model_type": "smolvlm", "image_token_id": 250,
+    "scale_factor": 2, "torch_dtype": "float32",
     "vtdsl_preprocessor": {"do_image_splitting": True, "size": {"longest_edge": 256},
                            "max_image_size": {"longest_edge": 64}},
-    "vision_config": {
-        "model_type": "smolvlm_vision", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
-        "num_attention_heads": 4, "image_size": 64, "patch_size": 8, "num_channels": 3,
-    },
-    "text_config": {
-        "model_type": "llama", "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64,
-        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "max_position_embeddings": 2048, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2,
-        "torch_dtype": "float32",
-    },
 }
+TINY_SMOLVLM["vision_config"].update(model_type="smolvlm_vision", hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=4, num_attention_heads=4, image_size=64, patch_size=8)
+TINY_SMOLVLM["text_config"].update(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                   max_position_embeddings=2048, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+                                   torch_dtype="float32")
 
 # name -> (config.json dict, description)
 BUILTINS: dict[str, tuple[dict, str]] = {
