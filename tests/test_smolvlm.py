@@ -222,6 +222,23 @@ def test_llm_stage_generate_matches_masked_reference(models, attn, sized):
     assert torch.equal(got, want)
 
 
+def test_per_crop_on_the_sized_spec_is_per_tile(models):
+    """On the spec sized for the image, `per crop` splits a count over its five tiles (the
+    tokens' crops read from the tiles' order): `top 40 per crop` keeps, and generates,
+    what `top 50%` keeps of each tile on the per-tile spec, which the masked reference
+    above checks."""
+    model = models["eager"]
+    batch_inputs = inputs(2)
+    kept, runs = {}, {}
+    for name, src, spec in [("sized", "at llm.layer2 keep text top 40 per crop", SPEC.for_image(256, 64)),
+                            ("tile", "at llm.layer2 keep text top 50%", SPEC)]:
+        with vc.apply(src, model, spec=spec), torch.no_grad():
+            runs[name] = model.generate(**batch_inputs, max_new_tokens=6, do_sample=False)
+            kept[name] = vc.kept_tokens(model)["llm.layer2#0"].reshape(2, -1)
+    assert kept["sized"].shape == (2, TILES * PER_TILE // 2)
+    assert torch.equal(kept["sized"], kept["tile"]) and torch.equal(runs["sized"], runs["tile"])
+
+
 def test_llm_layer0_keeps_positions_between_the_tiles_text(models):
     """Tokens dropped before the LLM leave the kept ones (and the row/column text tokens
     between tiles) their positions: the same as masking the dropped rows everywhere."""
