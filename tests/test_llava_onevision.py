@@ -92,7 +92,8 @@ def test_vtdsl_models_lists_both():
 
 def test_counts_equal_the_processor_over_image_sizes():
     """transformers' LlavaOnevisionProcessor count (its `_get_number_of_features`, on a
-    processor object built here without a tokenizer) and the image processor's crops."""
+    stand-in object: the processor itself cannot be built here, its argument check looks up
+    the video processor, which needs torchvision) and the image processor's crops."""
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
         LlavaOnevisionImageProcessorPil)
     from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
