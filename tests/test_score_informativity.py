@@ -68,10 +68,10 @@ def test_vit_stage_drops_turbos_merge_sources():
 
 
 def test_informativity_is_costed_and_vit_only():
-    """The CLS row (2·n·width) and the A x B similarities at the key width (2·(n//2)²·width),
-    n = 577 tokens entering layer 4."""
+    """The CLS row (2·n·width) and the A x B cosines of head-mean keys (2·|A|·|B|·head
+    width), n = 577 tokens entering layer 4: A = places 2, 4, ..., 576, B = 1, 3, ..., 575."""
     width = SPEC.vit.heads * SPEC.vit.head_dim
     flops = estimate(check("at vit.layer5 keep informativity top 536", SPEC)).policy.scorers
-    assert flops == 2 * 577 * width + 2 * 288 * 288 * width
+    assert flops == 2 * 577 * width + 2 * len(range(2, 577, 2)) * len(range(1, 577, 2)) * SPEC.vit.head_dim
     d = first_error("at llm.layer2 keep informativity top 64", SPEC)
     assert d.code == "scorer-site" and "informativity" in d.message

@@ -161,7 +161,8 @@ def observation_flops(k: _Constants, obs, vit_tokens, llm_visual, T: int) -> int
     cost = by_canonical(obs.scorer).cost
     if obs.tower == "vit":
         n = vit_tokens[obs.layer]
-        return k.crops * cost(obs, ScoreSize(n=n, visual=n - int(k.spec.has_cls), text=0, width=k.vit_qd))
+        return k.crops * cost(obs, ScoreSize(n=n, visual=n - int(k.spec.has_cls), text=0, width=k.vit_qd,
+                                             head_width=k.spec.vit.head_dim))
     if not obs.on_input:
         visual = llm_visual[obs.layer]
         return cost(obs, ScoreSize(n=T + visual, visual=visual, text=T, width=k.llm_qd))

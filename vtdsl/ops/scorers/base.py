@@ -24,6 +24,7 @@ class ScoreSize:
     visual: int  # visual tokens among them
     text: int  # text (non-image) positions; 0 in the ViT
     width: int  # heads · head width of the tower
+    head_width: int = 0  # one head's width (a head-mean key is this wide)
 
 
 @dataclass

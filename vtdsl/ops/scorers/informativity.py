@@ -58,10 +58,10 @@ def _informativity(ctx: ScoreContext) -> Tensor:
 
 
 def _cost(obs: Any, size: ScoreSize) -> int:
-    """The CLS row, ``2·n·width``, and the A x B key similarities, ``2·(n/2)²·width``
-    (charged at the full key width: the head mean makes it H times less)."""
-    half = size.n // 2
-    return 2 * size.n * size.width + 2 * half * half * size.width
+    """The CLS row, ``2·n·width``, and the A x B cosines of head-mean keys, one head wide:
+    ``2·|A|·|B|·head_width`` with A the patches at even places after CLS and B the odd ones."""
+    a, b = (size.n - 1) // 2, size.n // 2
+    return 2 * size.n * size.width + 2 * a * b * size.head_width
 
 
 register(ScorerInfo(
