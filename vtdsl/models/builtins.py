@@ -54,6 +54,14 @@ import copy
 import json
 from pathlib import Path
 
+# name -> (config.json dict, description), filled by `_builtin` beside each config
+_TABLE: dict[str, tuple[dict, str]] = {}
+
+
+def _builtin(name: str, config: dict, description: str) -> None:
+    _TABLE[name] = (config, description)
+
+
 _CLIP_L14_336 = {
     "model_type": "clip_vision_model",
     "hidden_size": 1024,
@@ -99,6 +107,7 @@ LLAVA_15_7B = {
         "vocab_size": 32064,
     },
 }
+_builtin("llava-1.5-7b", LLAVA_15_7B, "LLaVA-1.5 7B (llava-hf/llava-1.5-7b-hf): CLIP ViT-L/14-336 + Vicuna-7B v1.5")
 
 LLAVA_15_13B = {
     **_LLAVA_15_COMMON,
@@ -118,6 +127,8 @@ LLAVA_15_13B = {
         "vocab_size": 32064,
     },
 }
+_builtin("llava-1.5-13b", LLAVA_15_13B,
+         "LLaVA-1.5 13B (llava-hf/llava-1.5-13b-hf): CLIP ViT-L/14-336 + Vicuna-13B v1.5")
 
 LLAVA_NEXT_7B = {
     **_LLAVA_15_COMMON,
@@ -128,6 +139,9 @@ LLAVA_NEXT_7B = {
     "vision_config": _CLIP_L14_336,
     "text_config": copy.deepcopy(LLAVA_15_7B["text_config"]),
 }
+_builtin("llava-next-7b", LLAVA_NEXT_7B,
+         "LLaVA-NeXT 7B (llava-hf/llava-v1.6-vicuna-7b-hf): anyres CLIP ViT-L/14-336 (base + up to 4 crops) + "
+         "Vicuna-7B v1.5")
 
 QWEN25_VL_7B = {
     "architectures": ["Qwen2_5_VLForConditionalGeneration"],
@@ -180,6 +194,9 @@ QWEN25_VL_7B = {
         "torch_dtype": "bfloat16",
     },
 }
+_builtin("qwen2.5-vl-7b", QWEN25_VL_7B,
+         "Qwen2.5-VL 7B (Qwen/Qwen2.5-VL-7B-Instruct): window-attention ViT + 2x2 merger + Qwen2-7B with M-RoPE; "
+         "counts at 672x672 (576 visual tokens)")
 
 # Qwen/Qwen2-VL-7B-Instruct: Qwen2.5-VL-7B's LLM and token layout (patch 14, temporal
 # patch 2, 2x2 merger to 3584, M-RoPE [16, 24, 24]) with the first-generation ViT: 32
@@ -209,6 +226,9 @@ QWEN2_VL_7B = {
         "max_position_embeddings": 32768,
     },
 }
+_builtin("qwen2-vl-7b", QWEN2_VL_7B,
+         "Qwen2-VL 7B (Qwen/Qwen2-VL-7B-Instruct): full-attention ViT + 2x2 merger + Qwen2-7B with M-RoPE; counts at "
+         "672x672 (576 visual tokens)")
 
 _ONEVISION_PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
 
@@ -252,6 +272,9 @@ LLAVA_ONEVISION_7B = {
         "vocab_size": 152128,
     },
 }
+_builtin("llava-onevision-qwen2-7b", LLAVA_ONEVISION_7B,
+         "LLaVA-OneVision 7B (llava-hf/llava-onevision-qwen2-7b-ov-hf): anyres_max_9 SigLIP-so400m/14-384 (base + up "
+         "to 36 crops) + Qwen2-7B; counts at 2304x2304 (7371 visual tokens)")
 
 # The test model of docs/dev/contracts.md: small enough for exact CPU runs in tests.
 TINY_LLAVA = {
@@ -286,6 +309,7 @@ TINY_LLAVA = {
         "torch_dtype": "float32",
     },
 }
+_builtin("tiny-llava", TINY_LLAVA, "tiny random LLaVA for tests (docs/dev/contracts.md), float32")
 
 # tiny-llava's towers with LLaVA-NeXT's anyres layout at a 56-pixel crop (4x4 patches of
 # 14): pinpoints scaled from llava-v1.6 (largest 112x112: base + 2x2 crops, 16 + 8·9 = 88
@@ -299,6 +323,7 @@ TINY_LLAVA_NEXT = {
 }
 TINY_LLAVA_NEXT["vision_config"].update(image_size=56, num_hidden_layers=4)
 TINY_LLAVA_NEXT["text_config"].update(num_hidden_layers=4)
+_builtin("tiny-llava-next", TINY_LLAVA_NEXT, "tiny random LLaVA-NeXT (anyres, 56-pixel crops) for tests, float32")
 
 # Qwen2.5-VL's layout at tiny widths: 4 ViT blocks (1 and 3 full attention, the others in
 # 56-pixel windows of 4x4 patches), 2x2 merger, 4 LLM layers with M-RoPE; a 224x224
@@ -327,6 +352,8 @@ TINY_QWEN25_VL = {
         "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2, "torch_dtype": "float32",
     },
 }
+_builtin("tiny-qwen2.5-vl", TINY_QWEN25_VL,
+         "tiny random Qwen2.5-VL (windows, 2x2 merger, M-RoPE; 224x224 reference) for tests, float32")
 
 # Qwen2-VL's layout at tiny widths: 4 full-attention ViT blocks (width 32, MLP 64), 2x2
 # merger, 4 LLM layers with M-RoPE; a 224x224 reference image: 64 visual tokens.
@@ -340,6 +367,8 @@ TINY_QWEN2_VL = {
     },
     "text_config": {**copy.deepcopy(TINY_QWEN25_VL["text_config"]), "model_type": "qwen2_vl_text"},
 }
+_builtin("tiny-qwen2-vl", TINY_QWEN2_VL,
+         "tiny random Qwen2-VL (full-attention ViT, 2x2 merger, M-RoPE; 224x224 reference) for tests, float32")
 
 # LLaVA-OneVision's layout at tiny widths: 56-pixel SigLIP crops (4x4 patches), pinpoints
 # 56..168 in steps of 56 and "anyres_max_4", so the largest (168x168: base + 3x3 crops,
@@ -362,6 +391,8 @@ TINY_LLAVA_ONEVISION = {
         "tie_word_embeddings": False, "torch_dtype": "float32",
     },
 }
+_builtin("tiny-llava-onevision", TINY_LLAVA_ONEVISION,
+         "tiny random LLaVA-OneVision (anyres_max_4, 56-pixel SigLIP crops) for tests, float32")
 
 # HuggingFaceTB/SmolVLM-Instruct (model_type idefics3; transformers' Idefics3 classes):
 # SigLIP so400m at 384 px (27 layers, hidden 1152, ffn 4304, 16 heads, patch 14: 27x27
@@ -394,6 +425,9 @@ SMOLVLM_2B = {
         "torch_dtype": "bfloat16",
     },
 }
+_builtin("smolvlm-2.2b", SMOLVLM_2B,
+         "SmolVLM 2.2B (HuggingFaceTB/SmolVLM-Instruct, idefics3): SigLIP-384 tiles + pixel shuffle 3 + SmolLM2-1.7B; "
+         "counts per 384-pixel tile (81 visual tokens)")
 
 # SmolVLM's layout at tiny widths (model_type smolvlm): 64-pixel tiles of 8x8 patches,
 # pixel shuffle 2 (16 tokens per tile), 4 ViT and 4 LLM layers; the processor's longest
@@ -411,33 +445,18 @@ TINY_SMOLVLM["text_config"].update(vocab_size=256, hidden_size=32, intermediate_
                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                    max_position_embeddings=2048, bos_token_id=0, eos_token_id=1, pad_token_id=2,
                                    torch_dtype="float32")
+_builtin("tiny-smolvlm", TINY_SMOLVLM,
+         "tiny random SmolVLM (64-pixel tiles, pixel shuffle 2; 16 tokens per tile) for tests, float32")
 
-# name -> (config.json dict, description)
-BUILTINS: dict[str, tuple[dict, str]] = {
-    "llava-1.5-7b": (LLAVA_15_7B, "LLaVA-1.5 7B (llava-hf/llava-1.5-7b-hf): CLIP ViT-L/14-336 + Vicuna-7B v1.5"),
-    "llava-1.5-13b": (LLAVA_15_13B, "LLaVA-1.5 13B (llava-hf/llava-1.5-13b-hf): CLIP ViT-L/14-336 + Vicuna-13B v1.5"),
-    "llava-next-7b": (LLAVA_NEXT_7B, "LLaVA-NeXT 7B (llava-hf/llava-v1.6-vicuna-7b-hf): anyres CLIP ViT-L/14-336 "
-                                     "(base + up to 4 crops) + Vicuna-7B v1.5"),
-    "qwen2.5-vl-7b": (QWEN25_VL_7B, "Qwen2.5-VL 7B (Qwen/Qwen2.5-VL-7B-Instruct): window-attention ViT + 2x2 merger + "
-                                   "Qwen2-7B with M-RoPE; counts at 672x672 (576 visual tokens)"),
-    "qwen2-vl-7b": (QWEN2_VL_7B, "Qwen2-VL 7B (Qwen/Qwen2-VL-7B-Instruct): full-attention ViT + 2x2 merger + Qwen2-7B "
-                                "with M-RoPE; counts at 672x672 (576 visual tokens)"),
-    "llava-onevision-qwen2-7b": (LLAVA_ONEVISION_7B, "LLaVA-OneVision 7B (llava-hf/llava-onevision-qwen2-7b-ov-hf): "
-                                                     "anyres_max_9 SigLIP-so400m/14-384 (base + up to 36 crops) + "
-                                                     "Qwen2-7B; counts at 2304x2304 (7371 visual tokens)"),
-    "smolvlm-2.2b": (SMOLVLM_2B, "SmolVLM 2.2B (HuggingFaceTB/SmolVLM-Instruct, idefics3): SigLIP-384 tiles + "
-                                "pixel shuffle 3 + SmolLM2-1.7B; counts per 384-pixel tile (81 visual tokens)"),
-    "tiny-llava": (TINY_LLAVA, "tiny random LLaVA for tests (docs/dev/contracts.md), float32"),
-    "tiny-llava-next": (TINY_LLAVA_NEXT, "tiny random LLaVA-NeXT (anyres, 56-pixel crops) for tests, float32"),
-    "tiny-qwen2.5-vl": (TINY_QWEN25_VL, "tiny random Qwen2.5-VL (windows, 2x2 merger, M-RoPE; 224x224 reference) "
-                                        "for tests, float32"),
-    "tiny-llava-onevision": (TINY_LLAVA_ONEVISION, "tiny random LLaVA-OneVision (anyres_max_4, 56-pixel SigLIP "
-                                                   "crops) for tests, float32"),
-    "tiny-qwen2-vl": (TINY_QWEN2_VL, "tiny random Qwen2-VL (full-attention ViT, 2x2 merger, M-RoPE; 224x224 "
-                                     "reference) for tests, float32"),
-    "tiny-smolvlm": (TINY_SMOLVLM, "tiny random SmolVLM (64-pixel tiles, pixel shuffle 2; 16 tokens per tile) "
-                                   "for tests, float32"),
-}
+
+# in the order `vtdsl models` lists them: full-size checkpoints, then the tiny test variants
+BUILTINS: dict[str, tuple[dict, str]] = {name: _TABLE[name] for name in (
+    "llava-1.5-7b", "llava-1.5-13b", "llava-next-7b",
+    "qwen2.5-vl-7b", "qwen2-vl-7b", "llava-onevision-qwen2-7b",
+    "smolvlm-2.2b", "tiny-llava", "tiny-llava-next",
+    "tiny-qwen2.5-vl", "tiny-llava-onevision", "tiny-qwen2-vl",
+    "tiny-smolvlm",
+)}
 
 # Other spellings users type for the same architectures.
 ALIASES: dict[str, str] = {

@@ -68,15 +68,11 @@ def qwen2_vl_layout(config, vc) -> dict[str, Any]:
 
 
 FAMILY = ModelFamily(
-    model_type="qwen2_vl",
-    family="qwen2-vl",
-    config_class="Qwen2VLConfig",
-    model_class="Qwen2VLForConditionalGeneration",
-    vit_layer_path="model.visual.blocks.{i}",
-    projector_path="model.visual.merger",
+    model_type="qwen2_vl", family="qwen2-vl",
+    config_class="Qwen2VLConfig", model_class="Qwen2VLForConditionalGeneration",
+    vit_layer_path="model.visual.blocks.{i}", projector_path="model.visual.merger",
     llm_layer_path="model.language_model.layers.{i}",
-    checkpoint_renames=QWEN_RENAMES,
-    layout=qwen2_vl_layout,
+    checkpoint_renames=QWEN_RENAMES, layout=qwen2_vl_layout,
     # LayerNorm blocks with a fc1 / QuickGELU / fc2 MLP of embed_dim * mlp_ratio
     vision_towers={"qwen2_vl_vision": {"has_cls": False, "mlp": "gelu", "layers": "depth", "heads": "num_heads",
                                        "hidden": "embed_dim", "ffn": lambda vc: vc.embed_dim * vc.mlp_ratio}},
