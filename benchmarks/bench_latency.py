@@ -7,11 +7,12 @@ LLaVA-1.5 geometry at LLaVA-1.5's depth (CLIP ViT 24 layers on 577 tokens, featu
 layer -2; Llama 32 layers; 576 + 64 prompt tokens) with narrow widths (ViT 64, LLM 128) so
 that a prefill takes a fraction of a second on one core. First this CPU is calibrated
 (`vtdsl.cost.calibrate`, same thread count); then, for every zoo policy that checks on
-the model, at batch 1 and 8: prefill latency (one forward, last-position logits) and
-decode latency per token (the CPU time between consecutive calls generate makes to a
-logits processor, one per new token: 15 decode steps per generate of 16 tokens, no
-prefill in the figure; the median step over all rounds, so a step another process
-disturbed does not move it), unpruned and compiled, interleaved round by round; the
+the model, at batch 1 and 8: prefill latency (one forward, last-position logits, as
+generate's prefill runs it) and decode latency per token (one `generate` of 16 tokens,
+timed by a logits processor generate calls once per new token: the CPU time between
+consecutive calls, 15 decode steps, the median step over all rounds, so a step another
+process disturbed does not move it; no prefill in the figure), unpruned and compiled,
+interleaved round by round; results are saved after every row; the
 measured speedups against those the latency model predicts (`vtdsl.cost.latency.predict`
 on the calibrated profile, at the mean context of the timed steps). Target: every
 prediction within 10 % of the measurement.
@@ -20,6 +21,7 @@ prediction within 10 % of the measurement.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -46,20 +48,9 @@ def deep_spec():
     return spec_from_config(config, name="bench-llava-deep", description="llava-1.5 depth, ViT 64 / LLM 128 wide")
 
 
-def timed(fn) -> float:
-    """CPU seconds of fn: with one torch thread, the work itself, whatever else holds the core."""
-    start = time.process_time()
-    fn()
-    return time.process_time() - start
-
-
-def runners(model, inputs):
+def runner(model, inputs):
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
-
-    def prefill():
-        with torch.inference_mode():
-            model(**inputs, logits_to_keep=1)
 
     class Clock(LogitsProcessor):
         """generate calls it once per new token, after that token's forward: the gaps
@@ -72,16 +63,21 @@ def runners(model, inputs):
             self.stamps.append(time.process_time())
             return scores
 
-    def decode() -> list[float]:
+    def run() -> tuple[float, list[float]]:
+        """(prefill seconds, [decode step seconds])"""
+        start = time.process_time()
+        with torch.inference_mode():
+            model(**inputs, logits_to_keep=1)
+        prefill = time.process_time() - start
         clock = Clock()
         with torch.inference_mode():
             model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
                            logits_processor=LogitsProcessorList([clock]))
         steps = clock.stamps
         assert len(steps) == NEW_TOKENS, len(steps)
-        return [b - a for a, b in zip(steps, steps[1:])]
+        return prefill, [b - a for a, b in zip(steps, steps[1:])]
 
-    return prefill, decode
+    return run
 
 
 def measure(model, inputs, plan, repeats: int) -> dict:
@@ -89,13 +85,12 @@ def measure(model, inputs, plan, repeats: int) -> dict:
     import vtdsl.compiler as vc
 
     samples = {k: [] for k in ("base_prefill", "base_decode", "pol_prefill", "pol_decode")}
-    prefill, decode = runners(model, inputs)
+    run = runner(model, inputs)
     for round_ in range(repeats + 1):  # round 0 warms both up
         for side in ("base", "pol"):
             ctx = vc.apply(plan, model) if side == "pol" else _Nothing()
             with ctx:
-                p = timed(prefill)
-                d = decode()
+                p, d = run()
             if round_:
                 samples[f"{side}_prefill"].append(p)
                 samples[f"{side}_decode"].extend(d)
@@ -103,6 +98,30 @@ def measure(model, inputs, plan, repeats: int) -> dict:
     return {"prefill_speedup": med["base_prefill"] / med["pol_prefill"],
             "decode_speedup": med["base_decode"] / med["pol_decode"],
             **{f"{k}_ms": 1e3 * v for k, v in med.items()}}
+
+
+def _report(plan, model, inputs):
+    """The cost report of what runs: an adaptive stage (`top N by outliers`, `by
+    entropy`) is charged at its upper bound by `estimate`, so for those the counts are
+    the ones a forward of this very prompt kept (`kept_counts`; on random weights
+    prumerge keeps 5 of its bound of 145)."""
+    import torch
+
+    import vtdsl.compiler as vc
+    from vtdsl.cost import estimate
+    from vtdsl.cost.estimate import _ExpectedWalk, estimate_counts
+
+    kw = {"text_tokens": C.TEXT_TOKENS, "decode_context": NEW_TOKENS // 2}
+    if all(s.tokens_out_min is None for s in plan.stages):
+        return estimate(plan, **kw)
+    with vc.apply(plan, model), torch.inference_mode():
+        model(**inputs, logits_to_keep=1)
+        kept = {**vc.kept_counts(model)["vit"], **vc.kept_counts(model)["llm"]}
+    walk = _ExpectedWalk(plan.spec)
+    for stage in plan.stages:
+        out = kept.get(f"{stage.site.text()}#{stage.index}", (0, stage.tokens_out))[1]
+        walk.leave(stage.site, min(out, walk.entering(stage.site)))
+    return estimate_counts(plan.spec, *walk.result(), observations=plan.observations, stages=plan.stages, **kw)
 
 
 class _Nothing:
@@ -119,10 +138,10 @@ def main() -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--policies", nargs="*", help="zoo file names (default: all)")
+    parser.add_argument("--out", default="latency", help="results/NAME.json (default: latency)")
     args = parser.parse_args()
 
     import vtdsl
-    from vtdsl.cost import estimate
     from vtdsl.cost.calibrate import calibrate
     from vtdsl.cost.latency import predict
     from vtdsl.lang.errors import PolicyError
@@ -130,8 +149,9 @@ def main() -> dict:
     C.set_threads(args.threads)
     machine = C.header("latency model: predicted vs measured speedups")
     profile = calibrate("cpu", threads=args.threads)
+    causal = profile.attention_peak("float32", causal=True)
     print(f"   profile: fp32 {profile.peak('float32') / 1e9:.1f} GFLOP/s, attention "
-          f"{profile.attention_peak('float32') / 1e9:.1f} (causal {profile.attention_peak('float32', True) / 1e9:.1f}), "
+          f"{profile.attention_peak('float32') / 1e9:.1f} (causal {causal / 1e9:.1f}), "
           f"{profile.bandwidth / 1e9:.1f} GB/s, {1e6 * profile.layer_overhead:.0f} us/LLM layer, "
           f"{1e6 * profile.vit_overhead:.0f} us/ViT layer")
     spec = deep_spec()
@@ -149,25 +169,37 @@ def main() -> dict:
                 refused[path.name] = err.diagnostics[0].message
                 continue
             # the timed steps generate tokens 2..16: their mean cached context is 8.5 + prompt
-            report = estimate(plan, text_tokens=C.TEXT_TOKENS, decode_context=NEW_TOKENS // 2)
+            report = _report(plan, model, inputs)
             lat = predict(report, profile, batch=batch, dtype="float32")
             m = measure(model, inputs, plan, args.repeats)
             row = {"policy": path.stem, "batch": batch, **m, "predicted_prefill": lat.prefill_speedup,
-                   "predicted_decode": lat.decode_speedup, "flops_ideal": 1 / report.flops_ratio}
+                   "predicted_decode": lat.decode_speedup, "flops_ideal": 1 / report.flops_ratio,
+                   "visual_tokens": report.policy.visual}
             row["prefill_error"] = row["predicted_prefill"] / row["prefill_speedup"] - 1
             row["decode_error"] = row["predicted_decode"] / row["decode_speedup"] - 1
             rows.append(row)
+            _save(args.out, machine, profile, rows, refused, args.repeats, quiet=True)  # a stopped run keeps its rows
             print(f"   batch {batch} {path.stem:16s} prefill {m['prefill_speedup']:.2f}x (predicted "
                   f"{lat.prefill_speedup:.2f}x, {100 * row['prefill_error']:+.1f}%)  decode {m['decode_speedup']:.2f}x "
                   f"(predicted {lat.decode_speedup:.2f}x, {100 * row['decode_error']:+.1f}%)", flush=True)
-    worst = max((abs(r[k]) for r in rows for k in ("prefill_error", "decode_error")), default=0.0)
-    print(f"   worst prediction error {100 * worst:.1f}% over {len(rows)} runs (target <= 10%); "
+    result = _save(args.out, machine, profile, rows, refused, args.repeats)
+    print(f"   worst prediction error {100 * result['worst_error']:.1f}% over {len(rows)} runs (target <= 10%); "
           f"{len(refused)} policies refused on this model")
+    return result
+
+
+def _save(name: str, machine: dict, profile, rows: list[dict], refused: dict, repeats: int,
+          quiet: bool = False) -> dict:
+    worst = max((abs(r[k]) for r in rows for k in ("prefill_error", "decode_error")), default=0.0)
     shared = ("the machine's cores were shared with other people's jobs while this ran (see load_average): "
               "times are the process CPU time of one torch thread, medians of interleaved rounds")
     result = {"machine": machine, "note": shared, "profile": profile.to_json(), "rows": rows, "refused": refused,
-              "worst_error": worst, "new_tokens": NEW_TOKENS, "repeats": args.repeats}
-    C.save("latency", result)
+              "worst_error": worst, "new_tokens": NEW_TOKENS, "repeats": repeats}
+    if quiet:
+        C.RESULTS.mkdir(parents=True, exist_ok=True)
+        (C.RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    else:
+        C.save(name, result)
     return result
 
 
