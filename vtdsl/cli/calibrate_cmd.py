@@ -46,9 +46,12 @@ def calibrate_(name: str | None, target: str, threads: int | None, repeats: int,
         return
     click.echo(f"saved {path}")
     for dtype, peak in profile.peak_flops.items():
-        attn = profile.attention_flops.get(dtype)
-        click.echo(f"  {dtype:9s} matmul {peak / 1e9:8.1f} GFLOP/s" + (f", attention {attn / 1e9:8.1f} GFLOP/s" if attn else ""))
-    click.echo(f"  bandwidth {profile.bandwidth / 1e9:.1f} GB/s, dispatch {1e6 * profile.layer_overhead:.0f} us per layer")
+        attn, causal = profile.attention_flops.get(dtype), profile.causal_attention_flops.get(dtype)
+        click.echo(f"  {dtype:9s} matmul {peak / 1e9:8.1f} GFLOP/s"
+                   + (f", attention {attn / 1e9:8.1f} GFLOP/s" if attn else "")
+                   + (f", causal prefill attention {causal / 1e9:8.1f} GFLOP/s" if causal else ""))
+    click.echo(f"  bandwidth {profile.bandwidth / 1e9:.1f} GB/s, dispatch {1e6 * profile.layer_overhead:.0f} us per "
+               f"LLM layer, {1e6 * profile.vit_overhead:.0f} us per ViT layer")
 
 
 COMMANDS = [calibrate_]

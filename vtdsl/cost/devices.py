@@ -25,10 +25,14 @@ def _gpu(name: str, half: float, fp32: float, bandwidth: float, source: str) -> 
 
 
 BUILTIN: dict[str, DeviceProfile] = {p.name: p for p in (
-    _gpu("a100", 312e12, 19.5e12, 2.039e12, "NVIDIA A100 80GB SXM data sheet: 312 TFLOPS BF16/FP16, 19.5 FP32, 2,039 GB/s"),
-    _gpu("h100", 989.4e12, 66.9e12, 3.35e12, "NVIDIA H100 SXM data sheet: 989 TFLOPS BF16/FP16 dense, 67 FP32, 3.35 TB/s"),
-    _gpu("h200", 989.4e12, 66.9e12, 4.8e12, "NVIDIA H200 SXM data sheet: 989 TFLOPS BF16/FP16 dense, 67 FP32, 4.8 TB/s"),
-    _gpu("l40s", 362.05e12, 91.6e12, 0.864e12, "NVIDIA L40S data sheet: 362 TFLOPS BF16/FP16 dense, 91.6 FP32, 864 GB/s"),
+    _gpu("a100", 312e12, 19.5e12, 2.039e12,
+         "NVIDIA A100 80GB SXM data sheet: 312 TFLOPS BF16/FP16, 19.5 FP32, 2,039 GB/s"),
+    _gpu("h100", 989.4e12, 66.9e12, 3.35e12,
+         "NVIDIA H100 SXM data sheet: 989 TFLOPS BF16/FP16 dense, 67 FP32, 3.35 TB/s"),
+    _gpu("h200", 989.4e12, 66.9e12, 4.8e12,
+         "NVIDIA H200 SXM data sheet: 989 TFLOPS BF16/FP16 dense, 67 FP32, 4.8 TB/s"),
+    _gpu("l40s", 362.05e12, 91.6e12, 0.864e12,
+         "NVIDIA L40S data sheet: 362 TFLOPS BF16/FP16 dense, 91.6 FP32, 864 GB/s"),
     _gpu("rtx4090", 165.2e12, 82.6e12, 1.008e12,
          "NVIDIA Ada whitepaper, RTX 4090: 165 TFLOPS FP16/BF16 (FP32 accumulate) dense, 82.6 FP32, 1,008 GB/s"),
 )}
