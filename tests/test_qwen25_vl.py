@@ -314,3 +314,45 @@ def test_a_compiled_model_takes_the_grid_it_is_given(models):
     with vc.apply("at llm.layer2 keep text top 50%", model, spec=narrow), torch.no_grad():
         model(**batch_inputs)
         assert vc.kept_counts(model)["llm"]["llm.layer2#0"] == (48, 24)
+
+
+# ---------------------------------------------------------------------------- video
+VIDEO_SWEEP = [(1, 448, 448), (2, 448, 448), (3, 448, 448), (16, 448, 448), (17, 600, 800), (8, 28, 28),
+               (4, 1080, 1920), (5, 3000, 1000), (32, 57, 55), (7, 224, 224)]
+
+
+def _video_tokens_reference(frames, height, width):
+    """What Qwen2VLVideoProcessor makes of a video, by its rules: each frame resized like
+    an image but in the video processor's pixel range (size shortest_edge 128·28², longest_edge
+    768·28²), the frames padded by repeating the last to a multiple of the temporal patch 2.
+    The image processor does the per-frame resize; returns (temporal groups, merged tokens)."""
+    per_frame = _processor(min_pixels=128 * 28 * 28, max_pixels=768 * 28 * 28)
+    groups = (frames + 1) // 2
+    return groups, groups * _merged_tokens(per_frame, height, width)
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-vl-7b", "qwen2-vl-7b"])
+def test_visual_tokens_for_any_video_equal_the_video_processor(name):
+    """`for_video` counts what the video processor makes: frames in pairs (an odd count
+    padded), each pair one crop of the resized frame's grid."""
+    spec = get_spec(name)
+    for frames, height, width in VIDEO_SWEEP:
+        groups, tokens = _video_tokens_reference(frames, height, width)
+        video = spec.for_video(frames, height, width)
+        assert (video.vit_crops, video.image_tokens) == (groups, tokens), (frames, height, width)
+        assert video.vit_tokens * video.vit_crops == tokens * 4  # every patch of every group in the ViT
+    # by hand: 448x448 is 32x32 patches, 16x16 merged tokens; 16 frames are 8 pairs
+    assert get_spec(name).for_video(16, 448, 448).image_tokens == 8 * 16 * 16
+    with pytest.raises(ValueError, match="at least 1 frame"):
+        spec.for_video(0, 448, 448)
+
+
+def test_video_token_counts_equal_the_torchvision_video_processor():
+    """Where torchvision is installed, transformers' Qwen2VLVideoProcessor itself."""
+    pytest.importorskip("torchvision")
+    from transformers import Qwen2VLVideoProcessor
+
+    processor, spec = Qwen2VLVideoProcessor(), get_spec("qwen2.5-vl-7b")
+    for frames, height, width in VIDEO_SWEEP:
+        assert spec.for_video(frames, height, width).image_tokens == processor.get_num_of_video_patches(
+            frames, height, width, {}) // 4

@@ -103,6 +103,13 @@ class ModelSpec:
     # into [min_pixels, max_pixels], as the model's image processor does.
     min_pixels: int = 0
     max_pixels: int = 0
+    # Video (dynamic resolution): the video processor's per-frame pixel range, and, once
+    # `for_video` sized the spec, the frames of the video (0: an image). A video's frames
+    # are grouped `temporal_patch` at a time; each group is one crop (`vit_crops`): the
+    # ViT attends within a group only, and the LLM gets the groups' grids one after another.
+    video_min_pixels: int = 0
+    video_max_pixels: int = 0
+    video_frames: int = 0
     # Frames one patch spans (Qwen2.5-VL's Conv3d patch embedding: 2; an image is repeated).
     temporal_patch: int = 1
     # Window attention (Qwen2.5-VL): tokens per window in every ViT layer not listed in
@@ -292,6 +299,24 @@ class ModelSpec:
         from dataclasses import replace
 
         return replace(self, image_grid=(rows, cols))
+
+    def for_video(self, frames: int, height: int, width: int) -> "ModelSpec":
+        """This spec for a video of `frames` frames of height x width pixels (dynamic
+        resolution): every frame resized as the video processor does (its own pixel range),
+        the frames padded with copies of the last to a whole number of temporal patches,
+        each group of `temporal_patch` frames one crop of the resized grid."""
+        from dataclasses import replace
+
+        if not self.video_max_pixels or frames < 1:
+            raise ValueError(f"{self.name} takes no video input" if not self.video_max_pixels
+                             else f"a video of {frames} frames: expected at least 1 frame")
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        height, width = smart_resize(height, width, factor=self.patch_size * self.spatial_merge,
+                                     min_pixels=self.video_min_pixels, max_pixels=self.video_max_pixels)
+        groups = -(-frames // self.temporal_patch)
+        return replace(self, image_grid=(height // self.patch_size, width // self.patch_size), vit_crops=groups,
+                       video_frames=frames)
 
     def llm_entry_tokens(self, projector_tokens: int) -> int:
         """Visual tokens entering the LLM when the projector sees `projector_tokens` per

@@ -10,6 +10,10 @@ from .base import ModelFamily, unsupported
 # transformers' Qwen2VLImageProcessor defaults (size shortest_edge / longest_edge), what a
 # checkpoint without a preprocessor_config.json gets
 DEFAULT_PIXELS = (56 * 56, 28 * 28 * 1280)
+# transformers' Qwen2VLVideoProcessor defaults (size shortest_edge / longest_edge): videos
+# get their own, smaller, per-frame range (no total-video cap: its `cap_pixels_per_frame`
+# is off unless asked for)
+DEFAULT_VIDEO_PIXELS = (128 * 28 * 28, 28 * 28 * 768)
 
 # Qwen/Qwen2-VL-* and Qwen/Qwen2.5-VL-* hub checkpoints: `visual.*`, `model.*` (text),
 # `lm_head.*`; transformers 5 nests both under `model.`.
@@ -58,6 +62,8 @@ def merged_layout(config, vc, width: int, out: int) -> dict[str, Any]:
         "dynamic_resolution": True,
         "min_pixels": low,
         "max_pixels": high,
+        "video_min_pixels": DEFAULT_VIDEO_PIXELS[0],
+        "video_max_pixels": DEFAULT_VIDEO_PIXELS[1],
     }
 
 
