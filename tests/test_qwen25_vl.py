@@ -356,3 +356,83 @@ def test_video_token_counts_equal_the_torchvision_video_processor():
     for frames, height, width in VIDEO_SWEEP:
         assert spec.for_video(frames, height, width).image_tokens == processor.get_num_of_video_patches(
             frames, height, width, {}) // 4
+
+
+def _meta_video_prefill_parts(model, groups: int, side: int, video_id: int = 151656) -> tuple[dict, int]:
+    """FlopCounterMode of a Qwen-VL prefill on a video prompt, on the meta device, split by
+    module: the vision tower (patch embedding and blocks), its merger, the LLM, lm_head.
+    The video is `groups` temporal groups of side x side patches; the vision tower is
+    called directly as in `plain_refs.qwen_meta_prefill_flops`, the LLM gets the model's
+    own M-RoPE ids for a video (token type 2, video_grid_thw)."""
+    import transformers.vision_utils as vu
+
+    n_vid = groups * (side // 2) ** 2
+    grid = torch.tensor([[groups, side, side]])
+    ids = torch.tensor([[9] * 20 + [151652] + [video_id] * n_vid + [151653] + [9] * 42])
+    pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=(ids == video_id).int() * 2, video_grid_thw=grid)
+    pixels = torch.empty(groups * side * side, 1176, dtype=model.dtype, device="meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        vision = model.model.visual(pixels, grid_thw=grid, position_ids=vu.get_vision_position_ids(grid, 2).to("meta"))
+        embeds = model.get_input_embeddings()(ids.to("meta"))
+        embeds = embeds.masked_scatter((ids == video_id)[..., None].to("meta"), vision.pooler_output)
+        model(inputs_embeds=embeds, position_ids=pos.to("meta"), use_cache=False, logits_to_keep=1)
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    tower, top = type(model.model.visual).__name__, type(model).__name__
+    parts = {"vit": counts[tower] - counts[f"{tower}.merger"], "projector": counts[f"{tower}.merger"],
+             "llm": counts[f"{top}.model.language_model"], "lm_head": counts[f"{top}.lm_head"]}
+    assert sum(parts.values()) == counter.get_total_flops()
+    return parts, ids.shape[1] - n_vid
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qwen2.5-vl-7b", "qwen2-vl-7b"])
+def test_video_cost_equals_flop_counter_on_meta_part_by_part(name):
+    """5 frames of 448x448: 3 temporal groups (the odd frame padded) of 32x32 patches, each
+    attended on its own (windows per group on Qwen2.5-VL); the cost model's baseline parts
+    equal FlopCounterMode's, and an LLM-only policy sees the video's 768 tokens."""
+    spec = get_spec(name).for_video(5, 448, 448)
+    assert (spec.vit_crops, spec.grid, spec.image_tokens) == (3, (32, 32), 3 * 16 * 16)
+    parts, text = _meta_video_prefill_parts(spec.build(device="meta", attn_implementation="eager"), 3, 32)
+    report = estimate(check("at llm.layer2 keep text top 50%", spec), text_tokens=text, logits="last")
+    assert report.baseline.by_part() == {**parts, "scorers": 0}
+    assert report.policy.llm < report.baseline.llm and report.llm_visual[:2] == [768, 768]
+    assert report.llm_visual[2:] == [384] * 26
+
+
+def test_cli_check_counts_a_video():
+    import json
+
+    from click.testing import CliRunner
+
+    from vtdsl.cli import main
+
+    run = CliRunner().invoke(main, ["check", "policies/fastv.vt", "-m", "qwen2.5-vl-7b", "--video", "16x448x448",
+                                    "--json"])
+    assert run.exit_code == 0, run.output
+    payload = json.loads(run.stdout)
+    assert (payload["visual_tokens_to_llm"], payload["crops"], payload["video_frames"]) == (8 * 16 * 16, 8, 16)
+    for bad, words in [("16x448", "FRAMESxHEIGHTxWIDTH"), ("0x448x448", "FRAMESxHEIGHTxWIDTH"),
+                       ("16x10x3000", "aspect ratio")]:
+        run = CliRunner().invoke(main, ["check", "policies/fastv.vt", "-m", "qwen2.5-vl-7b", "--video", bad])
+        assert run.exit_code == 2 and words in run.output, (bad, run.output)
+    run = CliRunner().invoke(main, ["check", "policies/fastv.vt", "-m", "llava-1.5-7b", "--video", "16x448x448"])
+    assert run.exit_code == 2 and "takes no video input" in run.output
+    run = CliRunner().invoke(main, ["check", "policies/fastv.vt", "-m", "qwen2.5-vl-7b", "--video", "16x448x448",
+                                    "--image", "448x448"])
+    assert run.exit_code == 2 and "exclusive" in run.output
+
+
+def test_vit_stages_on_a_video_are_refused_as_on_an_image():
+    src = "at vit.layer4 keep top 50% by attn_cls"
+    with pytest.raises(PolicyError) as image_err:
+        check(src, get_spec("qwen2.5-vl-7b"))
+    with pytest.raises(PolicyError) as video_err:
+        check(src, get_spec("qwen2.5-vl-7b").for_video(16, 448, 448))
+    assert str(video_err.value) == str(image_err.value)
+
+
+def test_spatial_llm_stages_on_a_video_are_refused_with_its_layout():
+    """A video's LLM tokens are one grid per temporal group, one after another: a 2x2 pool
+    across them would mix frames, so it is refused naming the groups."""
+    with pytest.raises(PolicyError, match="8 temporal groups' grids"):
+        check("at llm.layer2 pool 2x2", get_spec("qwen2.5-vl-7b").for_video(16, 448, 448))

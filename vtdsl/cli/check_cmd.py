@@ -19,6 +19,18 @@ def parse_image_size(ctx, param, value: str | None) -> tuple[int, int] | None:
     return int(height), int(width)
 
 
+def parse_video_size(ctx, param, value: str | None) -> tuple[int, int, int] | None:
+    """`--video FRAMESxHxW` (frames, then pixels, height first) -> (frames, height, width)."""
+    if value is None:
+        return None
+    parts = [p.strip() for p in value.lower().split("x")]
+    if len(parts) != 3 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise click.BadParameter(f"expected FRAMESxHEIGHTxWIDTH such as 16x448x448 (frames, then pixels), "
+                                 f"not {value!r}")
+    frames, height, width = map(int, parts)
+    return frames, height, width
+
+
 def parse_text_tokens(ctx, param, value: str) -> tuple[int, ...]:
     """`--text-tokens 64`, or a list of prompt lengths `15,23,83` the figures are averaged
     over (one per benchmark, as DivPrune's FLOPs script does)."""
@@ -41,10 +53,11 @@ def parse_convention(ctx, param, value: str | None) -> str | None:
 
 
 def load_plan(policy_file: str, model: str | None, syntax: str | None = None,
-              image: tuple[int, int] | None = None):
+              image: tuple[int, int] | None = None, video: tuple[int, int, int] | None = None):
     """Parse POLICY (path or '-') and check it against MODEL (default: the policy's hint),
     for an image of `image` = (height, width) pixels when given (anyres and
-    dynamic-resolution models count tokens by image size)."""
+    dynamic-resolution models count tokens by image size), or a video of `video` =
+    (frames, height, width)."""
     from ..ir import check
     from ..lang.errors import Diagnostic, PolicyError
     from ..models import get_spec
@@ -65,12 +78,14 @@ def load_plan(policy_file: str, model: str | None, syntax: str | None = None,
             source=text,
             filename=filename,
         )
-    if image is not None:
+    if image is not None or video is not None:
         spec = get_spec(model)
         try:
-            model = spec.for_image(*image)
+            model = spec.for_image(*image) if video is None else spec.for_video(*video)
         except ValueError as err:
-            raise PolicyError(Diagnostic(str(err), expected="--image with sides the model accepts", code="model"),
+            expected = "--image with sides the model accepts" if video is None else \
+                "--video on a model that takes video (qwen2-vl, qwen2.5-vl), sides it accepts"
+            raise PolicyError(Diagnostic(str(err), expected=expected, code="model"),
                               source=text, filename=filename) from None
     return check(policy, model, source=text, filename=filename), text, filename
 
@@ -99,6 +114,8 @@ def check_payload(plan, report, verdicts, warnings, latency=None, figures=None) 
         ],
         "visual_tokens_to_llm": plan.visual_tokens_to_llm,
         "crops": plan.spec.vit_crops,  # ViT token counts are per crop
+        # a video's frames (0: an image); its crops are the temporal groups of frames
+        "video_frames": plan.spec.video_frames,
         "tokens": {
             "vit": plan.vit_tokens,
             "projector": plan.projector_tokens,
@@ -139,6 +156,9 @@ def render_text(payload: dict, report, latency=None, convention: str | None = No
         rows.append(("-", "-", "(no stages: the unpruned model)", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    if payload.get("video_frames"):
+        lines.append(f"video: {payload['video_frames']} frames in {payload['crops']} temporal groups, "
+                     f"ViT counts per group")
     lines.append(f"visual tokens into the LLM: {payload['visual_tokens_to_llm']}")
     lines.append("")
     lines.append(report.summary())
@@ -236,6 +256,9 @@ def _budget_value(verdict: dict) -> str:
 @click.option("--image", metavar="HxW", callback=parse_image_size,
               help="Image size in pixels (height x width) for models whose token count depends on it "
                    "(llava-next-7b, qwen2.5-vl-7b); default: the model's reference image.")
+@click.option("--video", metavar="FRAMESxHxW", callback=parse_video_size,
+              help="A video prompt instead of an image (qwen2-vl-7b, qwen2.5-vl-7b): frames, then each frame's "
+                   "height x width in pixels; exclusive with --image.")
 @click.option("--device", metavar="NAME",
               help="Predict prefill and decode latency on a device profile: a100, h100, h200, l40s, rtx4090, "
                    "or cpu after `vtdsl calibrate` (or a profile JSON file).")
@@ -247,7 +270,8 @@ def _budget_value(verdict: dict) -> str:
 @guarded
 def check_(policy_file: str, model: str | None, text_tokens: tuple[int, ...], logits: str, convention: str | None,
            newlines: bool, expect_tokens: int | None, budgets: tuple[str, ...], decode_context: int,
-           image: tuple[int, int] | None, device: str | None, batch: int, dtype: str | None, as_json: bool) -> None:
+           image: tuple[int, int] | None, video: tuple[int, int, int] | None, device: str | None, batch: int,
+           dtype: str | None, as_json: bool) -> None:
     """Check POLICY against a model: stages, token counts, cost and budget verdicts.
 
     Exit 0 when the policy is valid and within every budget, 1 when over budget,
@@ -258,13 +282,16 @@ def check_(policy_file: str, model: str | None, text_tokens: tuple[int, ...], lo
       vtdsl check policies/fastv.vt --model llava-1.5-7b
       vtdsl check policies/visionzip.vt -m llava-1.5-7b --budget "flops <= 25%" --json
       vtdsl check policies/fastv.vt -m llava-next-7b --image 600x800
+      vtdsl check policies/fastv.vt -m qwen2.5-vl-7b --video 16x448x448
       vtdsl check policies/visionzip-64.vt -m llava-1.5-7b --device h100 --batch 8 --budget "latency <= 40%"
       vtdsl check policies/divprune.vt -m llava-1.5-7b --convention divprune --text-tokens 15,23,83
     """
     from ..cost import estimate, parse_budget, verdicts
     from ..lang.errors import PolicyError
 
-    plan, source, filename = load_plan(policy_file, model, image=image)
+    if image is not None and video is not None:
+        raise click.UsageError("--image and --video are exclusive: a prompt is one image or one video")
+    plan, source, filename = load_plan(policy_file, model, image=image, video=video)
     extra = [parse_budget(text) for text in budgets]
     mean_text = text_tokens[0] if len(text_tokens) == 1 else round(sum(text_tokens) / len(text_tokens))
     report = estimate(plan, text_tokens=mean_text, logits=logits, decode_context=decode_context)

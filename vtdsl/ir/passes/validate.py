@@ -130,11 +130,14 @@ def _validate_layout(graph, spec: ModelSpec, stage: ast.Stage, site: ResolvedSit
     action = stage.action
     why = (f"on {spec.name} the LLM's visual tokens are a base view, unpadded crops and newline tokens, "
            "not one token grid") if spec.packs_crops else (
+        f"on {spec.name} sized for a video the LLM's visual tokens are its {spec.vit_crops} temporal groups' "
+        "grids one after the other, not one token grid") if spec.video_frames else (
         f"on {spec.name} sized for one image the LLM's visual tokens are its {spec.vit_crops} tiles' grids one "
         "after the other, not one token grid")
     expected = "a non-spatial selector (top, diverse, uniform, random, unique) or 'per crop'"
     if isinstance(action, ast.Pool):
-        where = "pool at vit.out (per crop)" if spec.packs_crops else "pool on the per-tile spec (without --image)"
+        where = "pool at vit.out (per crop)" if spec.packs_crops else "pool on an image (without --video)" \
+            if spec.video_frames else "pool on the per-tile spec (without --image)"
         error(graph, f"'pool' at {site.text()}: {why}", action.span, expected=where, code="model-layout")
     elif isinstance(action, ast.Keep):
         for term in action.terms:
