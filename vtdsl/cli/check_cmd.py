@@ -114,8 +114,6 @@ def check_payload(plan, report, verdicts, warnings, latency=None, figures=None) 
         ],
         "visual_tokens_to_llm": plan.visual_tokens_to_llm,
         "crops": plan.spec.vit_crops,  # ViT token counts are per crop
-        # a video's frames (0: an image); its crops are the temporal groups of frames
-        "video_frames": plan.spec.video_frames,
         "tokens": {
             "vit": plan.vit_tokens,
             "projector": plan.projector_tokens,
@@ -132,6 +130,8 @@ def check_payload(plan, report, verdicts, warnings, latency=None, figures=None) 
         "ok": all(v["ok"] for v in verdicts),
         "diagnostics": [d.to_json() for d in warnings],
     }
+    if plan.spec.video_frames:  # a video's frames; its crops are the temporal groups of frames
+        payload["video_frames"] = plan.spec.video_frames
     if latency is not None:
         payload["latency"] = latency.to_json()
     if figures is not None:

@@ -10,13 +10,16 @@ position ids. Qwen2.5-VL (`qwen2_5_vl`) is this layout with windows in the ViT.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 from ..runtime import CompileError
 from .base import Family
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ...ir.plan import Plan
     from ...models.spec import ModelSpec
+    from ..installer import Installer
 
 
 class Qwen2VL(Family):
@@ -41,6 +44,25 @@ class Qwen2VL(Family):
 
     def layout_key(self, spec: ModelSpec) -> tuple:
         return (spec.image_grid,)
+
+    def install(self, installer: Installer, plan: Plan) -> None:
+        """Refuse video calls: the LLM stages find visual tokens by the image placeholder, so
+        a video's (`video_token_id`) would pass through as text, unpruned and unscored.
+        `vtdsl check --video` costs videos; compiling them is not done yet."""
+        if not plan.stages and not plan.observations:
+            return
+        owner_path = self.multimodal_path(plan.spec)
+        original = getattr(installer.model.get_submodule(owner_path), "get_video_features", None)
+        if original is None:
+            return
+
+        @functools.wraps(original)  # generate() reads its signature to pick the encoder's inputs
+        def get_video_features(*_, **__):
+            raise CompileError("vtdsl compiles image inputs only: a compiled Qwen-VL model refuses "
+                               "pixel_values_videos (its LLM stages would not see the video's tokens)")
+
+        installer.override(owner_path, "get_video_features", get_video_features, "method-override",
+                           "refuse video inputs: the LLM stages prune image placeholders only")
 
 
 FAMILY = Qwen2VL()
