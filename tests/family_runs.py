@@ -11,7 +11,7 @@ import vtdsl.compiler as vc
 
 from torch.utils.flop_counter import FlopCounterMode
 
-from plain_refs import generate_on_features
+from plain_refs import generate_on_features, top_k_reference
 
 
 def compiled_prefill_flops(model, src: str, batch_inputs: dict) -> int:
@@ -27,6 +27,18 @@ def compiled_generate(model, src: str, batch_inputs: dict, stage: str, new_token
         with torch.no_grad():
             got = model.generate(**batch_inputs, max_new_tokens=new_tokens, do_sample=False)
         return got, vc.kept_tokens(model)[stage]
+
+
+def assert_fastv_matches_masked_reference(model, reference, batch_inputs: dict, image_token_id: int,
+                                          image_tokens: int, new_tokens: int = 6) -> None:
+    """`keep text top 50%` at llm.layer2 keeps the positions and greedy tokens of the plain
+    masked reference run on `reference` (an uncompiled copy of `model`)."""
+    kept, want = top_k_reference(reference, batch_inputs, image_token_id, image_tokens // 2, layer=2,
+                                 new_tokens=new_tokens)
+    got, kept_got = compiled_generate(model, "at llm.layer2 keep text top 50%", batch_inputs, "llm.layer2#0",
+                                      new_tokens)
+    assert torch.equal(kept_got, kept), (kept_got, kept)
+    assert torch.equal(got, want), (got, want)
 
 
 def anyres_inputs(spec, size: tuple[int, int], batch: int, seed: int):

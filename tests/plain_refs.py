@@ -136,6 +136,14 @@ def sharpened_pair(spec) -> dict:
             for attn in ("eager", "sdpa")}
 
 
+def plain_copy(spec, model, attn: str = "eager"):
+    """A fresh uncompiled model of `spec` with `model`'s weights: the reference side of a
+    compiled-vs-plain comparison (the compiled model's hooks never touch it)."""
+    ref = spec.build(device="cpu", attn_implementation=attn, seed=0).eval()
+    ref.load_state_dict(model.state_dict())
+    return ref
+
+
 def mrope_inputs(batch: int, side: int = 16, seed: int = 5, img: int = 250, start: int = 251, end: int = 252):
     """Qwen-VL inputs: one side x side-patch image per prompt (side / 2 squared merged
     placeholders, wrapped in vision start/end), batch 2 left-padded with id 2; random

@@ -18,7 +18,7 @@ from vtdsl.lang.errors import PolicyError
 from vtdsl.models import get_spec
 
 from family_runs import anyres_inputs, compiled_anyres_vit_run, generate_on_fewer_placeholders
-from plain_refs import (clip_cls_scores, first_error, last_query_attention, masked_generate, prune_to_top,
+from plain_refs import (plain_copy, clip_cls_scores, first_error, last_query_attention, masked_generate, prune_to_top,
                         sharpened_pair, top_rows)
 
 SPEC = get_spec("tiny-llava-next")
@@ -50,9 +50,7 @@ def crop_of(i: int) -> int:
 
 
 def fresh_copy(model, attn="eager"):
-    ref = SPEC.build(device="cpu", attn_implementation=attn, seed=0).eval()
-    ref.load_state_dict(model.state_dict())
-    return ref
+    return plain_copy(SPEC, model, attn)
 
 
 # ---------------------------------------------------------------------------- spec and cost

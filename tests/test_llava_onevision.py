@@ -19,9 +19,9 @@ from vtdsl.cost import estimate, estimate_counts
 from vtdsl.ir import check
 from vtdsl.models import get_spec, list_specs
 
-from family_runs import (anyres_inputs, compiled_anyres_vit_run, compiled_generate, compiled_prefill_flops,
-                         generate_on_fewer_placeholders)
-from plain_refs import first_error, last_query_attention, masked_generate, sharpened_pair, top_k_reference, top_rows
+from family_runs import (anyres_inputs, assert_fastv_matches_masked_reference, compiled_anyres_vit_run,
+                         compiled_generate, compiled_prefill_flops, generate_on_fewer_placeholders)
+from plain_refs import plain_copy, first_error, last_query_attention, masked_generate, sharpened_pair, top_rows
 
 SPEC = get_spec("tiny-llava-onevision")
 BIG = "llava-onevision-qwen2-7b"
@@ -42,9 +42,7 @@ def models():
 
 
 def fresh_copy(model, attn="eager"):
-    ref = SPEC.build(device="cpu", attn_implementation=attn, seed=0).eval()
-    ref.load_state_dict(model.state_dict())
-    return ref
+    return plain_copy(SPEC, model, attn)
 
 
 def inputs(batch: int, size=(3 * CROP, 3 * CROP), seed: int = 3):
@@ -170,10 +168,7 @@ def test_compiled_flops_equal_the_cost_model(models, src):
 @pytest.mark.parametrize("batch", [1, 2])
 def test_llm_stage_generate_matches_masked_reference(models, attn, batch):
     model = models[attn]
-    batch_inputs = inputs(batch)
-    kept, want = top_k_reference(fresh_copy(model), batch_inputs, IMG, N_IMG // 2, layer=2, new_tokens=6)
-    got, kept_got = compiled_generate(model, "at llm.layer2 keep text top 50%", batch_inputs, "llm.layer2#0", 6)
-    assert torch.equal(kept_got, kept) and torch.equal(got, want)
+    assert_fastv_matches_masked_reference(model, fresh_copy(model), inputs(batch), IMG, N_IMG)
 
 
 def crop_of_shrunk(i: int) -> int:

@@ -16,8 +16,10 @@ from vtdsl.ir import check
 from vtdsl.lang.errors import PolicyError
 from vtdsl.models import get_spec
 
-from plain_refs import (first_error, masked_generate, mrope_inputs, prune_to_top, qwen_7b_merger_llm_flops,
-                        qwen_meta_prefill_flops, sharpened_pair, top_k_reference)
+from plain_refs import (plain_copy, first_error, masked_generate, mrope_inputs, prune_to_top, qwen_7b_merger_llm_flops,
+                        qwen_meta_prefill_flops, sharpened_pair)
+
+from family_runs import assert_fastv_matches_masked_reference, compiled_prefill_flops
 
 SPEC = get_spec("tiny-qwen2.5-vl")
 IMG, START, END = 250, 251, 252
@@ -37,9 +39,7 @@ def inputs(batch: int):
 
 
 def fresh_copy(model, attn="eager"):
-    ref = SPEC.build(device="cpu", attn_implementation=attn, seed=0).eval()
-    ref.load_state_dict(model.state_dict())
-    return ref
+    return plain_copy(SPEC, model, attn)
 
 
 # ---------------------------------------------------------------------------- spec and cost
@@ -75,10 +75,8 @@ def test_cost_of_qwen25_vl_7b_equals_flop_counter_on_meta():
     "at llm.layer1 keep text top 16 per region 2x2",
 ])
 def test_compiled_flops_equal_the_cost_model(models, src):
-    model = models["eager"]
-    with vc.apply(src, model), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(**inputs(1))
-    assert counter.get_total_flops() == estimate(check(src, SPEC), text_tokens=8, logits="all").flops
+    flops = compiled_prefill_flops(models["eager"], src, inputs(1))
+    assert flops == estimate(check(src, SPEC), text_tokens=8, logits="all").flops
 
 
 # ---------------------------------------------------------------------------- LLM stages
@@ -86,13 +84,7 @@ def test_compiled_flops_equal_the_cost_model(models, src):
 @pytest.mark.parametrize("batch", [1, 2])
 def test_llm_stage_generate_matches_masked_reference(models, attn, batch):
     model = models[attn]
-    batch_inputs = inputs(batch)
-    kept, want = top_k_reference(fresh_copy(model), batch_inputs, IMG, N_IMG // 2, layer=2, new_tokens=6)
-    with vc.apply("at llm.layer2 keep text top 50%", model):
-        with torch.no_grad():
-            got = model.generate(**batch_inputs, max_new_tokens=6, do_sample=False)
-        assert torch.equal(vc.kept_tokens(model)["llm.layer2#0"], kept)
-    assert torch.equal(got, want)
+    assert_fastv_matches_masked_reference(model, fresh_copy(model), inputs(batch), IMG, N_IMG)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -345,17 +337,6 @@ def test_visual_tokens_for_any_video_equal_the_video_processor(name):
     assert get_spec(name).for_video(16, 448, 448).image_tokens == 8 * 16 * 16
     with pytest.raises(ValueError, match="at least 1 frame"):
         spec.for_video(0, 448, 448)
-
-
-def test_video_token_counts_equal_the_torchvision_video_processor():
-    """Where torchvision is installed, transformers' Qwen2VLVideoProcessor itself."""
-    pytest.importorskip("torchvision")
-    from transformers import Qwen2VLVideoProcessor
-
-    processor, spec = Qwen2VLVideoProcessor(), get_spec("qwen2.5-vl-7b")
-    for frames, height, width in VIDEO_SWEEP:
-        assert spec.for_video(frames, height, width).image_tokens == processor.get_num_of_video_patches(
-            frames, height, width, {}) // 4
 
 
 def _meta_video_prefill_parts(model, groups: int, side: int, video_id: int = 151656) -> tuple[dict, int]:

@@ -15,8 +15,10 @@ from vtdsl.cost import estimate, estimate_counts
 from vtdsl.ir import check
 from vtdsl.models import get_spec, list_specs
 
-from plain_refs import (first_error, masked_generate, mrope_inputs, qwen_7b_merger_llm_flops,
-                        qwen_meta_prefill_flops, sharpened_pair, top_k_reference)
+from plain_refs import (plain_copy, first_error, masked_generate, mrope_inputs, qwen_7b_merger_llm_flops,
+                        qwen_meta_prefill_flops, sharpened_pair)
+
+from family_runs import assert_fastv_matches_masked_reference, compiled_prefill_flops
 
 SPEC = get_spec("tiny-qwen2-vl")
 IMG, START, END = 250, 251, 252
@@ -35,9 +37,7 @@ def inputs(batch: int, side: int = SIDE, seed: int = 5):
 
 
 def fresh_copy(model, attn="eager"):
-    ref = SPEC.build(device="cpu", attn_implementation=attn, seed=0).eval()
-    ref.load_state_dict(model.state_dict())
-    return ref
+    return plain_copy(SPEC, model, attn)
 
 
 # ---------------------------------------------------------------------------- spec and cost
@@ -95,10 +95,8 @@ def test_cost_of_qwen2_vl_7b_equals_flop_counter_on_meta():
     "at llm.layer0 pool 2x2; at llm.layer2 keep text top 5",
 ])
 def test_compiled_flops_equal_the_cost_model(models, src):
-    model = models["eager"]
-    with vc.apply(src, model), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(**inputs(1))
-    assert counter.get_total_flops() == estimate(check(src, SPEC), text_tokens=8, logits="all").flops
+    flops = compiled_prefill_flops(models["eager"], src, inputs(1))
+    assert flops == estimate(check(src, SPEC), text_tokens=8, logits="all").flops
 
 
 # ---------------------------------------------------------------------------- LLM stages
@@ -106,13 +104,7 @@ def test_compiled_flops_equal_the_cost_model(models, src):
 @pytest.mark.parametrize("batch", [1, 2])
 def test_llm_stage_generate_matches_masked_reference(models, attn, batch):
     model = models[attn]
-    batch_inputs = inputs(batch)
-    kept, want = top_k_reference(fresh_copy(model), batch_inputs, IMG, N_IMG // 2, layer=2, new_tokens=6)
-    with vc.apply("at llm.layer2 keep text top 50%", model):
-        with torch.no_grad():
-            got = model.generate(**batch_inputs, max_new_tokens=6, do_sample=False)
-        assert torch.equal(vc.kept_tokens(model)["llm.layer2#0"], kept)
-    assert torch.equal(got, want)
+    assert_fastv_matches_masked_reference(model, fresh_copy(model), inputs(batch), IMG, N_IMG)
 
 
 def test_llm_layer0_keeps_the_three_position_streams(models):

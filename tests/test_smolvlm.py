@@ -22,7 +22,7 @@ from vtdsl.models import get_spec, list_specs
 from vtdsl.models.builtins import builtin_config_dict
 from vtdsl.models.registry import spec_from_config
 
-from plain_refs import first_error, last_query_attention, masked_generate, sharpened_pair, top_rows
+from plain_refs import plain_copy, first_error, last_query_attention, masked_generate, sharpened_pair, top_rows
 
 SPEC = get_spec("tiny-smolvlm")
 IMG, PAD, PER_TILE = 250, 2, 16  # 64-pixel tiles of 8x8 patches, pixel shuffle 2
@@ -54,9 +54,7 @@ def inputs(batch: int, seed: int = 5) -> dict:
 
 
 def fresh_copy(model, attn="eager"):
-    ref = SPEC.build(device="cpu", attn_implementation=attn, seed=0).eval()
-    ref.load_state_dict(model.state_dict())
-    return ref
+    return plain_copy(SPEC, model, attn)
 
 
 # ---------------------------------------------------------------------------- spec
