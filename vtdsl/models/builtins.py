@@ -448,6 +448,58 @@ TINY_SMOLVLM["text_config"].update(vocab_size=256, hidden_size=32, intermediate_
 _builtin("tiny-smolvlm", TINY_SMOLVLM,
          "tiny random SmolVLM (64-pixel tiles, pixel shuffle 2; 16 tokens per tile) for tests, float32")
 
+# vtbench v2 (issue 22, docs/vtbench.md): LLaVA-1.5's geometry and cost structure at tiny
+# widths. 192-pixel images on 8-pixel patches: 24x24 = 576 patches + CLS, features from
+# layer -2 (the 4th ViT layer runs but feeds nothing, as in LLaVA-1.5), strategy "default".
+# The tower is 5.6 % of the unpruned prefill FLOPs at vtbench2's mean prompt (LLaVA-1.5-7B:
+# about 4 %; tests/test_vtbench2_model.py checks it with FlopCounterMode), and 16 LLM layers
+# give the zoo's layer choices the relative depth they have on a 32-layer LLaVA. Vocab 256
+# (the word-level vtbench2 tokenizer fits; special ids as vtbench v1: pad 0, <s> 2, </s> 3,
+# <image> 4). 3.4 M parameters, 13.6 MB in float32. Random weights until trained.
+TINY_LLAVA_VTBENCH2 = {
+    "architectures": ["LlavaForConditionalGeneration"],
+    "model_type": "llava",
+    "image_token_index": 4,
+    "image_seq_length": 576,
+    "pad_token_id": 0,
+    "projector_hidden_act": "gelu",
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+    "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default",
+    "vision_config": {
+        "model_type": "clip_vision_model",
+        "hidden_size": 48,
+        "image_size": 192,
+        "intermediate_size": 192,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 4,
+        "patch_size": 8,
+        "num_channels": 3,
+        "projection_dim": 48,
+        "hidden_act": "quick_gelu",
+    },
+    "text_config": {
+        "model_type": "llama",
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "hidden_act": "silu",
+        "vocab_size": 256,
+        "max_position_embeddings": 1024,
+        "tie_word_embeddings": False,
+        "pad_token_id": 0,
+        "bos_token_id": 2,
+        "eos_token_id": 3,
+        "torch_dtype": "float32",
+    },
+}
+_builtin("tiny-llava-vtbench2", TINY_LLAVA_VTBENCH2,
+         "vtbench v2 model (LLaVA-1.5 geometry: CLIP 192px/8, 576 visual tokens, 16-layer Llama; tower 5.6 % of "
+         "prefill FLOPs); random weights until trained, float32")
+
 
 # in the order `vtdsl models` lists them: full-size checkpoints, then the tiny test variants
 BUILTINS: dict[str, tuple[dict, str]] = {name: _TABLE[name] for name in (
@@ -455,7 +507,7 @@ BUILTINS: dict[str, tuple[dict, str]] = {name: _TABLE[name] for name in (
     "qwen2.5-vl-7b", "qwen2-vl-7b", "llava-onevision-qwen2-7b",
     "smolvlm-2.2b", "tiny-llava", "tiny-llava-next",
     "tiny-qwen2.5-vl", "tiny-llava-onevision", "tiny-qwen2-vl",
-    "tiny-smolvlm",
+    "tiny-smolvlm", "tiny-llava-vtbench2",
 )}
 
 # Other spellings users type for the same architectures.
