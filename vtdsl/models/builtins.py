@@ -501,13 +501,71 @@ _builtin("tiny-llava-vtbench2", TINY_LLAVA_VTBENCH2,
          "prefill FLOPs); random weights until trained, float32")
 
 
+# OpenGVLab/InternVL3-8B-hf (model_type internvl): InternViT-300M-448px-V2_5 (24 layers,
+# hidden 1024, ffn 4096, 16 heads, patch 14 at 448 px: 32x32 patches + CLS, q/k/v biases,
+# LayerNorm, no QK norm, layer scale), pixel shuffle 0.5 (1024 -> 256 tokens of 4096 per
+# tile), a LayerNorm + 4096 -> 3584 -> 3584 GELU projector, Qwen2.5-7B (28 layers, hidden
+# 3584, ffn 18944, 28 heads, 4 KV heads, vocab 151674, rope_theta 1e6, untied head),
+# image_token_id 151667 (<IMG_CONTEXT>), bfloat16. Its processor (GotOcr2 image processor,
+# crop_to_patches forced on) cuts 1 to 12 tiles of 448 px plus a thumbnail. Written from
+# memory of the hub's config.json / preprocessor_config.json (no network here): not
+# verified offline are vocab_size 151674, max_position_embeddings 32768, the hub's
+# rope_scaling entry (left out: it changes no count), image_token_id and max_patches 12;
+# the widths and depths are the published InternViT-300M and Qwen2.5-7B ones.
+INTERNVL3_8B = {
+    "architectures": ["InternVLForConditionalGeneration"],
+    "model_type": "internvl",
+    "downsample_ratio": 0.5,
+    "image_seq_length": 256,
+    "image_token_id": 151667,
+    "projector_hidden_act": "gelu",
+    "vision_feature_layer": -1,
+    "vision_feature_select_strategy": "default",
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "vtdsl_preprocessor": {"crop_to_patches": True, "min_patches": 1, "max_patches": 12,
+                           "size": {"height": 448, "width": 448}},
+    "vision_config": {
+        "model_type": "internvl_vision", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+        "num_attention_heads": 16, "image_size": 448, "patch_size": 14, "num_channels": 3, "attention_bias": True,
+        "use_qk_norm": False, "norm_type": "layer_norm", "layer_norm_eps": 1e-06, "hidden_act": "gelu",
+        "layer_scale_init_value": 0.1, "use_absolute_position_embeddings": True, "use_mean_pooling": True,
+    },
+    "text_config": {
+        "model_type": "qwen2", "vocab_size": 151674, "hidden_size": 3584, "intermediate_size": 18944,
+        "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
+        "max_position_embeddings": 32768, "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+        "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16",
+    },
+}
+_builtin("internvl3-8b", INTERNVL3_8B,
+         "InternVL3 8B (OpenGVLab/InternVL3-8B-hf): InternViT-300M 448-px tiles + pixel shuffle 0.5 + Qwen2.5-7B; "
+         "counts per tile (256 visual tokens)")
+
+# InternVL3's layout at tiny widths: 64-pixel tiles of 8x8 patches + CLS, pixel shuffle 0.5
+# (16 tokens per tile), 1 to 6 tiles + a thumbnail, 4 ViT and 4 LLM layers; the rest is
+# internvl3-8b's.
+TINY_INTERNVL3 = {
+    **copy.deepcopy(INTERNVL3_8B),
+    "image_token_id": 250, "image_seq_length": 16, "torch_dtype": "float32",
+    "vtdsl_preprocessor": {"crop_to_patches": True, "min_patches": 1, "max_patches": 6,
+                           "size": {"height": 64, "width": 64}},
+}
+TINY_INTERNVL3["vision_config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                       num_attention_heads=4, image_size=64, patch_size=8)
+TINY_INTERNVL3["text_config"].update(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                                     bos_token_id=0, eos_token_id=1, pad_token_id=2, torch_dtype="float32")
+_builtin("tiny-internvl3", TINY_INTERNVL3,
+         "tiny random InternVL3 (64-pixel tiles + CLS, pixel shuffle 0.5; 16 tokens per tile) for tests, float32")
+
 # in the order `vtdsl models` lists them: full-size checkpoints, then the tiny test variants
 BUILTINS: dict[str, tuple[dict, str]] = {name: _TABLE[name] for name in (
     "llava-1.5-7b", "llava-1.5-13b", "llava-next-7b",
     "qwen2.5-vl-7b", "qwen2-vl-7b", "llava-onevision-qwen2-7b",
-    "smolvlm-2.2b", "tiny-llava", "tiny-llava-next",
+    "smolvlm-2.2b", "internvl3-8b", "tiny-llava", "tiny-llava-next",
     "tiny-qwen2.5-vl", "tiny-llava-onevision", "tiny-qwen2-vl",
-    "tiny-smolvlm", "tiny-llava-vtbench2",
+    "tiny-smolvlm", "tiny-llava-vtbench2", "tiny-internvl3",
 )}
 
 # Other spellings users type for the same architectures.
@@ -531,6 +589,8 @@ ALIASES: dict[str, str] = {
     "qwen2-vl-7b-instruct": "qwen2-vl-7b",
     "huggingfacetb/smolvlm-instruct": "smolvlm-2.2b",
     "smolvlm-instruct": "smolvlm-2.2b",
+    "opengvlab/internvl3-8b-hf": "internvl3-8b",
+    "internvl3-8b-hf": "internvl3-8b",
 }
 
 

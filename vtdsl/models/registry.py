@@ -77,6 +77,7 @@ def spec_from_config(
         )
     fields: dict[str, Any] = dict(
         image_size=getattr(vc, "image_size", None),
+        patch_size=vc.patch_size,
         channels=getattr(vc, "num_channels", 3),
         projector=(vit.hidden, llm.hidden, llm.hidden),
     )
@@ -89,7 +90,6 @@ def spec_from_config(
         vit=vit,
         llm=llm,
         vocab_size=tc.vocab_size,
-        patch_size=vc.patch_size,
         has_cls=tower["has_cls"],
         dtype=dtype,
         vit_layer_path=fam.vit_layer_path,

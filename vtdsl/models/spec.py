@@ -126,6 +126,11 @@ class ModelSpec:
     # tile as a global view (0: no splitting). The spec's own counts are for one tile;
     # `for_image` sets `vit_crops` to an image's tiles.
     split_edge: int = 0
+    # Tiles matched to the aspect ratio (InternVL): the processor picks the rows x cols grid
+    # of `image_size` tiles, with min <= rows·cols <= max, whose ratio is closest to the
+    # image's, and adds a thumbnail tile when it cut more than one; (0, 0): no tiling. The
+    # spec's own counts are for one tile; `for_image` sets `vit_crops` to an image's tiles.
+    tile_range: tuple[int, int] = (0, 0)
     # Checkpoint key renames (regex, replacement), first match wins: maps older / hub
     # checkpoint layouts onto this transformers version's module tree.
     checkpoint_renames: tuple[tuple[str, str], ...] = field(default=(), repr=False)
@@ -269,7 +274,28 @@ class ModelSpec:
             return self.for_grid(height // self.patch_size, width // self.patch_size)
         if self.split_edge:
             return replace(self, vit_crops=self._tiles(height, width))
+        if self.tile_range[1] > 1:
+            rows, cols = self.matched_tiles(height, width)
+            return replace(self, vit_crops=1 if rows * cols == 1 else rows * cols + 1)
         return self
+
+    def matched_tiles(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, cols) of the tile grid for an image, as transformers' GotOcr2 image
+        processor (InternVL's) chooses it in `get_optimal_tiled_canvas`: among grids of
+        `tile_range` tiles ordered by tile count, the first whose width/height ratio is
+        closest to the image's; an equally close later grid wins while the image's area
+        exceeds half of that grid's pixels."""
+        low, high = self.tile_range
+        grids = sorted(((c, r) for c in range(1, high + 1) for r in range(1, high + 1) if low <= c * r <= high),
+                       key=lambda g: g[0] * g[1])
+        ratio, area, best, best_diff = width / height, width * height, (1, 1), float("inf")
+        for cols, rows in grids:
+            diff = abs(ratio - cols / rows)
+            if diff < best_diff:
+                best, best_diff = (cols, rows), diff
+            elif diff == best_diff and area > 0.5 * self.image_size * self.image_size * cols * rows:
+                best = (cols, rows)
+        return best[1], best[0]
 
     def _tiles(self, height: int, width: int) -> int:
         """Crops image splitting makes of one image: rows x cols tiles and the global view,
