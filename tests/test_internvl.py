@@ -1,0 +1,248 @@
+"""InternVL3 (issue 19 item 3): the specs from the published config, tile counts against
+transformers' own InternVL image processor, the cost model against FlopCounterMode part by
+part, compiled LLM stages against a masked reference, and the ViT sites. Expected numbers
+are computed here from the architecture or the processor, not read from vtdsl."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.flop_counter import FlopCounterMode
+
+import vtdsl.compiler as vc
+from vtdsl.compiler.families import family_of
+from vtdsl.cost import estimate, estimate_counts
+from vtdsl.ir import check
+from vtdsl.models import get_spec, list_specs
+from vtdsl.models.builtins import builtin_config_dict
+from vtdsl.models.registry import spec_from_config
+
+from plain_refs import first_error, last_query_attention, masked_generate, plain_copy, sharpened_pair, top_rows
+
+SPEC = get_spec("tiny-internvl3")
+IMG, PAD, START, END, PER_TILE = 250, 2, 3, 4, 16  # 64-pixel tiles of 8x8 patches, shuffled 2x2
+SIZE, TILES = (64, 128), 3  # a 64x128 image: 1x2 tiles and the thumbnail
+
+
+@pytest.fixture(scope="module")
+def models():
+    return sharpened_pair(SPEC)
+
+
+def inputs(batch: int, seed: int = 5) -> dict:
+    """One 64x128 image per prompt as InternVL's processor lays it out: `<img>` (3), every
+    tile's tokens back to back, `</img>` (4); the tiles of all prompts stacked in
+    `pixel_values` ([B·tiles, 3, 64, 64]); batch 2 is left-padded."""
+    def prompt(text):
+        return text[:2] + [START] + [IMG] * (TILES * PER_TILE) + [END] + text[2:]
+
+    rows = [torch.tensor(prompt([5, 6, 8, 9, 10]))]
+    if batch == 2:
+        rows.append(torch.tensor(prompt([11, 12, 13, 14, 15, 16, 17])))
+    ids = pad_sequence(rows, batch_first=True, padding_value=PAD, padding_side="left")
+    mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_value=0, padding_side="left")
+    px = torch.randn(len(rows) * TILES, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=px)
+
+
+# ---------------------------------------------------------------------------- spec
+def _internvl3_8b_params() -> int:
+    """InternVL3-8B's parameters from its architecture: InternViT-300M (patch conv with
+    bias, CLS, learned positions for 32x32 patches + CLS, q/k/v/projection with biases,
+    two LayerNorms and two layer-scale vectors per block, no final norm under mean
+    pooling), the LayerNorm + 2-linear projector, Qwen2.5-7B (q/k/v biases, GQA 28/4,
+    untied head)."""
+    d, ffn, n = 1024, 4096, 32 * 32 + 1
+    block = 2 * 2 * d + 4 * (d * d + d) + 2 * d + (d * ffn + ffn) + (ffn * d + d)
+    vision = (3 * 14 * 14 * d + d) + d + n * d + 24 * block
+    h, mlp, vocab, kv = 3584, 18944, 151674, 4 * 128
+    projector = 2 * 4 * d + (4 * d * h + h) + (h * h + h)
+    layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * mlp + 2 * h
+    return vision + projector + vocab * h + 28 * layer + h + h * vocab
+
+
+def test_spec_from_the_published_config():
+    s = get_spec("internvl3-8b")
+    assert get_spec("OpenGVLab/InternVL3-8B-hf") is s
+    assert (s.family, s.model_class, s.has_cls, s.spatial_merge, s.tile_range, s.select_strategy) == (
+        "internvl", "InternVLForConditionalGeneration", True, 2, (1, 12), "default")
+    assert (s.vit.layers, s.vit.hidden, s.vit.ffn, s.vit.heads, s.vit.mlp) == (24, 1024, 4096, 16, "gelu")
+    assert (s.llm.layers, s.llm.hidden, s.llm.heads, s.llm.kv_heads, s.llm.ffn) == (28, 3584, 28, 4, 18944)
+    # one 448-pixel tile: CLS + 32x32 patches in the tower, 16x16 shuffled tokens of 4 patches
+    assert (s.vit_tokens, s.image_tokens, s.llm_grid, s.projector, s.image_token_id) == (
+        1025, 256, (16, 16), (4096, 3584, 3584), 151667)
+    assert s.param_count() == _internvl3_8b_params() == 7_944_373_760  # the hub's 7.94 B
+    assert family_of(s).name == "internvl" and not family_of(s).sized_per_image
+    assert (SPEC.image_tokens, SPEC.vit_tokens, SPEC.for_image(*SIZE).image_tokens) == (
+        PER_TILE, 65, TILES * PER_TILE)
+
+
+def test_vtdsl_models_lists_both():
+    from click.testing import CliRunner
+
+    from vtdsl.cli import main
+
+    assert {"internvl3-8b", "tiny-internvl3"} <= {spec.name for spec in list_specs()}
+    run = CliRunner().invoke(main, ["models"])
+    assert run.exit_code == 0 and "internvl3-8b" in run.output and "tiny-internvl3" in run.output
+
+
+# hand-worked with the processor's rule (closest ratio; on a tie the larger grid while the
+# image covers more than half of it): (height, width) -> tiles the tower encodes
+HAND = {(448, 448): 1,  # 1x1: no thumbnail
+        (448, 896): 3,  # 2 wide (4x2 ties, but the image covers only a quarter of it) + thumbnail
+        (896, 896): 5,  # 1x1, 2x2, 3x3 tie; 2x2 is covered more than half, 3x3 is not
+        (1000, 700): 7,  # ratio 0.7: 2 wide x 3 high (0.667) + thumbnail
+        (100, 4000): 13}  # ratio 40: 12 wide x 1 high, the closest of all + thumbnail
+
+SIZES = [(100, 100), (448, 448), (449, 300), (1000, 700), (333, 2000), (2000, 333), (5000, 40), (64, 64),
+         (64, 128), (896, 896), (448, 896), (1344, 896), (720, 1280), (1080, 1920), (3000, 3000), (50, 60)]
+
+
+@pytest.mark.parametrize("name", ["internvl3-8b", "tiny-internvl3"])
+def test_tiles_for_image_sizes_equal_the_image_processor(name):
+    """The tiles transformers' InternVL image processor (GotOcr2, PIL backend, with the
+    processor's `crop_to_patches` on) cuts from an image, counted both by its
+    `get_number_of_image_patches` and by the tiles its preprocessing returns; the
+    placeholders are 256 (16 on the tiny model) per tile, as InternVLProcessor writes them."""
+    from PIL import Image
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    config = builtin_config_dict(name)
+    pre = config["vtdsl_preprocessor"]
+    spec = spec_from_config(config, name=name)
+    processor = GotOcr2ImageProcessorPil(**pre)
+    seq = config["image_seq_length"]
+    for height, width in SIZES:
+        sized = spec.for_image(height, width)
+        tiles = processor.get_number_of_image_patches(height, width, {})
+        assert sized.vit_crops == tiles, (name, height, width)
+        assert sized.image_tokens == seq * tiles
+        if max(height, width) <= 2000:  # the pixels themselves, where cheap
+            out = processor(images=[Image.fromarray(np.full((height, width, 3), 7, np.uint8))], return_tensors="np")
+            assert out["num_patches"][0] == tiles == out["pixel_values"].shape[0]
+    if name == "internvl3-8b":
+        assert {size: spec.for_image(*size).vit_crops for size in HAND} == HAND
+
+
+def test_one_tile_when_the_processor_cuts_none():
+    config = builtin_config_dict("internvl3-8b")
+    config["vtdsl_preprocessor"] = {**config["vtdsl_preprocessor"], "max_patches": 1}
+    spec = spec_from_config(config, name="one-tile")
+    assert spec.tile_range == (1, 1) and spec.for_image(3000, 1000).image_tokens == 256
+
+
+def test_check_cli_counts_an_image(tmp_path):
+    """`vtdsl check --image`: a 1000x700 image is 3x2 tiles and the thumbnail, 7 x 256."""
+    import json
+
+    from click.testing import CliRunner
+
+    from vtdsl.cli import main
+
+    policy = tmp_path / "p.vt"
+    policy.write_text('policy "p"\nat llm.layer2 keep text top 50%\n')
+    run = CliRunner().invoke(main, ["check", str(policy), "-m", "internvl3-8b", "--image", "1000x700", "--json"])
+    assert run.exit_code == 0, run.output
+    out = json.loads(run.output)
+    assert (out["visual_tokens_to_llm"], out["crops"], out["stages"][0]["tokens_out"]) == (1792, 7, 896)
+
+
+# ---------------------------------------------------------------------------- cost
+def test_cost_of_internvl3_8b_equals_flop_counter_on_meta_part_by_part():
+    """A 896x896 image (2x2 tiles + the thumbnail, 5 x 256 tokens) and 64 text tokens, each
+    part of the meta model counted by FlopCounterMode (the tower on the tiles, the
+    projector on the shuffled features, the LLM, the head on the last row), against the
+    architecture's FLOPs by hand."""
+    spec = get_spec("internvl3-8b").for_image(896, 896)
+    model = spec.build(device="meta", attn_implementation="eager")
+    text, tiles, n, d, ffn = 64, 5, 1025, 1024, 4096
+    h, mlp, kv = 3584, 18944, 512
+
+    def counted(fn):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            out = fn()
+        return counter.get_total_flops(), out
+
+    px = torch.zeros(tiles, 3, 448, 448, device="meta", dtype=model.dtype)
+    vit, _ = counted(lambda: model.model.vision_tower(pixel_values=px).last_hidden_state)
+    shuffled = torch.zeros(tiles, 256, 4 * d, device="meta", dtype=model.dtype)
+    projector, _ = counted(lambda: model.model.multi_modal_projector(shuffled))
+    big_n = tiles * 256 + text
+    embeds = torch.zeros(1, big_n, h, device="meta", dtype=model.dtype)
+    llm, states = counted(lambda: model.model.language_model(inputs_embeds=embeds).last_hidden_state)
+    head, _ = counted(lambda: model.lm_head(states[:, -1:]))
+
+    block = 2 * n * (4 * d * d + 2 * d * ffn) + 4 * d * n * n
+    want = {"vit": tiles * (24 * block + 2 * 1024 * 3 * 14 * 14 * d),
+            "projector": 2 * tiles * 256 * (4 * d * h + h * h),
+            "llm": 28 * (2 * big_n * (2 * h * h + 2 * h * kv + 3 * h * mlp) + 4 * h * big_n**2),
+            "lm_head": 2 * h * 151674}
+    assert {"vit": vit, "projector": projector, "llm": llm, "lm_head": head} == want
+    base = estimate_counts(spec, [n] * 24, tiles * 256, [tiles * 256] * 28, text).baseline
+    assert {part: getattr(base, part) for part in want} == want
+
+
+@pytest.mark.parametrize("src", [
+    "at llm.layer2 keep text top 50%",
+    "at llm.layer0 keep uniform 20; at llm.layer2 keep text top 5",
+])
+def test_compiled_flops_equal_the_cost_model(models, src):
+    """On the spec sized for the call's 64x128 image (its three tiles counted together)."""
+    spec = SPEC.for_image(*SIZE)
+    model = models["eager"]
+    batch = inputs(1)
+    text = int((batch["input_ids"] != IMG).sum())  # <img> and </img> are text
+    with vc.apply(src, model, spec=spec), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**batch)
+    assert counter.get_total_flops() == estimate(check(src, spec), text_tokens=text, logits="all").flops
+
+
+# ---------------------------------------------------------------------------- LLM stages
+def _top_reference(ref, batch_inputs: dict, layer: int, group: int, keep: int):
+    """`keep text top` by hand: the last prompt row's head-mean attention at `layer - 1`,
+    the top `keep` image positions of every `group` consecutive ones (a tile, or an image's
+    tiles) kept, the others masked from `layer` on. Returns (kept [B, ...], greedy tokens)."""
+    att = last_query_attention(ref, batch_inputs, layer - 1)
+    kept, pruned = [], []
+    for b, ids in enumerate(batch_inputs["input_ids"]):
+        rows = (ids == IMG).nonzero().flatten()
+        chosen = torch.cat([top_rows(att[b], part, keep) for part in rows.split(group)])
+        kept.append(chosen)
+        pruned.append(rows[~torch.isin(rows, chosen)])
+    return torch.stack(kept), masked_generate(ref, batch_inputs, pruned, from_layer=layer, new_tokens=6)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("sized", [False, True])
+def test_llm_stage_generate_matches_masked_reference(models, attn, sized):
+    """Batch 2, left-padded. On the per-tile spec `top 50%` keeps 8 of each tile's 16; on
+    the spec sized for the 64x128 image, 24 of its 48 (all tiles together)."""
+    model = models[attn]
+    batch_inputs = inputs(2)
+    group = TILES * PER_TILE if sized else PER_TILE
+    kept, want = _top_reference(plain_copy(SPEC, model), batch_inputs, layer=2, group=group, keep=group // 2)
+    spec = SPEC.for_image(*SIZE) if sized else SPEC
+    with vc.apply("at llm.layer2 keep text top 50%", model, spec=spec):
+        with torch.no_grad():
+            got = model.generate(**batch_inputs, max_new_tokens=6, do_sample=False)
+        assert torch.equal(vc.kept_tokens(model)["llm.layer2#0"].reshape(2, -1), kept)
+    assert torch.equal(got, want)
+
+
+def test_llm_layer0_keeps_positions(models):
+    """Tokens dropped before the LLM leave the kept ones (and `</img>` and the text after
+    it) their positions: the same as masking the dropped rows everywhere."""
+    model = models["sdpa"]
+    batch_inputs = inputs(2)
+    pruned = []
+    for ids in batch_inputs["input_ids"]:
+        rows = (ids == IMG).nonzero().flatten()
+        chosen = torch.cat([part[[i * PER_TILE // 4 for i in range(4)]] for part in rows.split(PER_TILE)])
+        pruned.append(rows[~torch.isin(rows, chosen)])
+    want = masked_generate(plain_copy(SPEC, model, "sdpa"), batch_inputs, pruned, from_layer=0, new_tokens=6)
+    with vc.apply("at llm.layer0 keep uniform 4", model), torch.no_grad():
+        got = model.generate(**batch_inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want)
