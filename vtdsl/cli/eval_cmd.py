@@ -32,11 +32,15 @@ from .run_cmd import weight_options
 @click.option("--baselines", is_flag=True,
               help="Add a random and a pooling policy (at vit.out) keeping as many visual tokens as each "
                    "policy keeps to the end of the LLM.")
+@click.option("--rescale", is_flag=True,
+              help="Run a policy written for another model (its `model` line) with its counts scaled by the "
+                   "visual-token ratio and its layers by relative depth (docs/language.md); without it such a "
+                   "policy is refused.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @guarded
 def eval_(policy_files: tuple[str, ...], model_name: str, data_file: str | None, weights: str | None, split: str,
           n: int | None, batch_size: int | None, max_new_tokens: int | None, dtype: str, device: str,
-          baselines: bool, as_json: bool) -> None:
+          baselines: bool, rescale: bool, as_json: bool) -> None:
     """Evaluate POLICY... and the unpruned model on the same examples: accuracy per task
     family (vtbench) or tag (--data), retention (% of unpruned accuracy), visual tokens
     into the LLM, FLOPs ratio (cost model) and measured latency ratio.
@@ -54,33 +58,55 @@ def eval_(policy_files: tuple[str, ...], model_name: str, data_file: str | None,
     """
     if data_file is not None:
         _eval_data(policy_files, weights or model_name, data_file, n, batch_size or 16, max_new_tokens, dtype,
-                   device, baselines, as_json)
+                   device, baselines, rescale, as_json)
         return
     from ..eval.bench import generate
     from ..eval.compare import compare, load_vtbench_model, render_table
 
     model, processor, spec = load_vtbench_model(weights or model_name)
-    plans = _plans(policy_files, spec, baselines)
+    plans, rescaled = _plans(policy_files, spec, baselines, rescale)
     result = compare(plans, model, processor, spec, generate(split, n or 500), batch_size=batch_size or 50,
                      progress=not as_json)
     result["split"] = split
+    _emit(result, rescaled, render_table, as_json)
+
+
+def _emit(result: dict, rescaled: dict, render, as_json: bool) -> None:
+    """Print the result; a rescaled policy's row carries the mapping and the policy it ran."""
+    for row in result["results"]:
+        if row["policy"] in rescaled:
+            row["rescaled"] = rescaled[row["policy"]]
     if as_json:
         emit_json(result)
-    else:
-        click.echo(render_table(result))
+        return
+    click.echo(render(result))
+    for name, info in rescaled.items():
+        click.echo(f"{name}: {info['summary']}")
+        for line in info["policy"].splitlines():
+            if line.startswith(("at ", "every ", "budget ", "during ")):
+                click.echo("  " + (line if len(line) <= 150 else line[:147] + "..."))
 
 
-def _plans(policy_files: tuple[str, ...], spec, baselines: bool) -> list:
-    """(name, plan) of every POLICY, each followed by its baselines when asked."""
+def _plans(policy_files: tuple[str, ...], spec, baselines: bool, rescale: bool = False) -> tuple[list, dict]:
+    """(name, plan) of every POLICY, each followed by its baselines when asked, and what
+    was rescaled (by name): a policy written for another model is refused without
+    `rescale`."""
     from ..eval.compare import baseline_sources
     from ..ir import check
+    from ..ir.rescale import portable
+    from ..lang import format_policy
     from ..lang.source import parse_text
-    from .check_cmd import load_plan
+    from .lang_cmds import read_policy_source
 
-    plans, seen = [], set()
+    plans, seen, rescaled = [], set(), {}
     for path in policy_files:
-        plan, _, filename = load_plan(path, spec)
+        text, filename, syntax = read_policy_source(path, None)
+        policy, info = portable(parse_text(text, filename=filename, syntax=syntax), spec, rescale, text=text,
+                                filename=filename)
+        plan = check(policy, spec, source=text, filename=filename)
         plans.append((plan.policy.name or filename, plan))
+        if info is not None:
+            rescaled[plans[-1][0]] = {**info.to_json(), "summary": info.summary(), "policy": format_policy(policy)}
         # a policy's budget: the visual tokens it keeps to the end of the LLM
         budget = plan.llm_visual[-1] if plan.llm_visual else plan.visual_tokens_to_llm
         if baselines and 0 < budget < spec.image_tokens:
@@ -88,25 +114,23 @@ def _plans(policy_files: tuple[str, ...], spec, baselines: bool) -> list:
                 if base_name not in seen:
                     seen.add(base_name)
                     plans.append((base_name, check(parse_text(source, filename=base_name), spec)))
-    return plans
+    return plans, rescaled
 
 
 def _eval_data(policy_files: tuple[str, ...], weights: str, data_file: str, n: int | None, batch_size: int,
-               max_new_tokens: int | None, dtype: str, device: str, baselines: bool, as_json: bool) -> None:
+               max_new_tokens: int | None, dtype: str, device: str, baselines: bool, rescale: bool,
+               as_json: bool) -> None:
     """`eval --data`: the file is checked before the model is loaded."""
     from ..eval.data import evaluate_data, read_jsonl, render_table
     from ..models.loading import load_pretrained
 
     examples = read_jsonl(data_file)[:n]
     loaded = load_pretrained(weights, device=device, dtype=dtype)
-    plans = _plans(policy_files, loaded.spec, baselines)
+    plans, rescaled = _plans(policy_files, loaded.spec, baselines, rescale)
     result = evaluate_data(loaded, plans, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
                            progress=not as_json)
     result["data"] = os.path.abspath(data_file)
-    if as_json:
-        emit_json(result)
-    else:
-        click.echo(render_table(result))
+    _emit(result, rescaled, render_table, as_json)
 
 
 @click.command("show")

@@ -193,6 +193,10 @@ def _quote(a: str) -> str:
               help="Output directory (default: out/search/STUDY).")
 @click.option("--references/--no-references", default=True, show_default=True,
               help="Also score the zoo policies and random / pooling baselines at the best policy's FLOPs.")
+@click.option("--rescale", is_flag=True,
+              help="Score zoo policies written for another model with their counts scaled by the visual-token "
+                   "ratio and their layers by relative depth (docs/language.md); without it they are listed as "
+                   "refused.")
 @click.option("--weights", type=click.Path(exists=True, file_okay=False), default=None,
               help="Local model directory with safetensors weights (default: random weights, seed 0).")
 @click.option("--prompts", type=click.IntRange(min=1), default=4, show_default=True,
@@ -210,7 +214,7 @@ def _quote(a: str) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @guarded
 def search_(space_file, model, budgets, objective, trials, study, storage, workers, seed, pareto, out_dir,
-            references, weights, prompts, examples, data_file, text_tokens, syntax, progress, verbose,
+            references, rescale, weights, prompts, examples, data_file, text_tokens, syntax, progress, verbose,
             as_json) -> None:
     """Search a policy SPACE for the best policy within a budget.
 
@@ -247,7 +251,8 @@ def search_(space_file, model, budgets, objective, trials, study, storage, worke
         raise click.UsageError("--data is for --objective accuracy")
     cfg = SearchConfig(space=space_file, model=model, budgets=list(budgets), objective=objective,
                        objective_options=options, trials=trials, study=study, storage=storage, out_dir=out_dir,
-                       workers=workers, seed=seed, pareto=pareto, references=references, text_tokens=text_tokens,
+                       workers=workers, seed=seed, pareto=pareto, references=references, rescale=rescale,
+                       text_tokens=text_tokens,
                        syntax=syntax, weights=weights, verbose=verbose)
     _sigterm_as_interrupt()
     try:

@@ -155,13 +155,20 @@ def _evaluate_reference(ctx, name: str, kind: str, source: str, file: str | None
     from ..ir import check
     from ..lang import format_policy, parse
 
+    from ..ir.rescale import portable
+
     row: dict[str, Any] = {"name": name, "kind": kind, "file": file}
     try:
         policy = parse(source, file or name)
+        # a zoo file written for another model is refused (a row saying so) or, with
+        # --rescale, run with its counts and layers mapped onto the searched model
+        policy, rescaled = portable(policy, ctx.spec, ctx.cfg.rescale, text=source, filename=file or name)
         plan = check(policy, ctx.spec, source=source, filename=file or name)
     except PolicyError as err:
         row.update(status="invalid", reason=err.message)
         return row
+    if rescaled is not None:
+        row["rescaled"] = rescaled.to_json()
     report = estimate(plan, text_tokens=ctx.cfg.text_tokens)
     row["policy"] = format_policy(policy.model_copy(update={"name": None, "model": None, "budgets": []}))
     row["cost"] = cost_of(report)
@@ -328,7 +335,9 @@ def pareto_table(front: list[dict], refs: list[dict] | None = None) -> str:
         if ok:
             lines += ["", "| reference | FLOPs | score | tokens | within budget |", "|---|---:|---:|---:|:---:|"]
             for r in sorted(ok, key=lambda r: r["cost"]["flops_ratio"]):
-                lines.append(f"| {r['name']} | {100 * r['cost']['flops_ratio']:.2f}% | {r['score']:.4f} | "
+                scaled = r.get("rescaled")
+                name = r["name"] + (f" (rescaled from {scaled['from']})" if scaled else "")
+                lines.append(f"| {name} | {100 * r['cost']['flops_ratio']:.2f}% | {r['score']:.4f} | "
                              f"{r['cost']['visual_tokens']} | {'yes' if r['within_budget'] else 'no'} |")
     return "\n".join(lines) + "\n"
 

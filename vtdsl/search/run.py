@@ -78,6 +78,8 @@ class SearchConfig:
     pareto: bool = False
     references: bool = True
     zoo_dir: str | None = None
+    # zoo references written for another model: rescaled (vtdsl.ir.rescale) instead of refused
+    rescale: bool = False
     text_tokens: int = 64
     syntax: str | None = None
     weights: str | None = None
