@@ -52,6 +52,11 @@ def _features_vary(plan: Plan) -> bool:
     return bool(deciding) and deciding[-1].fewest_out != deciding[-1].tokens_out
 
 
+def _video_token_id(config) -> int | None:
+    video_token_id = getattr(config, "video_token_id", None)
+    return getattr(config, "video_token_index", None) if video_token_id is None else video_token_id
+
+
 def _image_token_id(config) -> int:
     image_token_id = getattr(config, "image_token_id", None)
     if image_token_id is None:
@@ -145,7 +150,6 @@ class Installer:
             trims = self._install_features(vit_rt)
             plans = self._install_image_sizes()
             llm_rt = self._install_llm(vit_rt, plans, trims, image_token_id)
-            self.family.install_llm(self, self.plan, llm_rt)
             self._install_prompt(plans, llm_rt, trims, image_token_id)
             install_decode(self, image_token_id, llm_rt)
         except BaseException:
@@ -243,7 +247,28 @@ class Installer:
 
         self.override(owner_path, "get_image_features", get_image_features, "method-wrapper",
                       "record the image size: LLM stages and placeholders follow the plan checked for it")
+        self._record_video_sizes(plans, owner_path)
         return plans
+
+    def _record_video_sizes(self, plans: PlanCache, owner_path: str) -> None:
+        """On families that take video, record each call's video layout (temporal groups
+        and grid) where the video is encoded: LLM stages then prune the video's tokens
+        under the plan checked for it. A family refusing video overrode the method first."""
+        owner = self.model.get_submodule(owner_path)
+        if self.family.video_argument is None or "get_video_features" in owner.__dict__:
+            return
+        original = getattr(owner, "get_video_features", None)
+        if original is None:
+            return
+        names = ("pixel_values_videos", self.family.video_argument)
+
+        @functools.wraps(original)  # generate() reads its signature to pick the encoder's inputs
+        def get_video_features(*args, **kwargs):
+            plans.video = plans.for_video({**dict(zip(names, args)), **kwargs})
+            return original(*args, **kwargs)
+
+        self.override(owner_path, "get_video_features", get_video_features, "method-wrapper",
+                      "record the video layout: LLM stages prune its placeholders under the plan checked for it")
 
     def _install_llm(self, vit_rt, plans: PlanCache, trims: bool, image_token_id: int):
         """LLM stages and scores: hooks on the multimodal model, the language model's
@@ -282,7 +307,9 @@ class Installer:
             except AttributeError:
                 raise CompileError(f"far(norm) needs the final norm {lm_path}.norm, which "
                                    f"{type(model).__name__} does not have") from None
-        return LlmRuntime(self.plan, vit_rt, self.log, image_token_id=image_token_id, num_heads=spec.llm.heads,
+        return LlmRuntime(self.plan, vit_rt, self.log, image_token_id=image_token_id,
+                          video_token_id=_video_token_id(model.config) if self.family.video_argument else None,
+                          num_heads=spec.llm.heads,
                           num_kv_heads=spec.llm.kv_heads, scaling=getattr(attn, "scaling", spec.llm.head_dim**-0.5),
                           rotary=rotary, plans=plans, norm_weight=norm_weight)
 
@@ -333,15 +360,9 @@ class Installer:
                               f"capture output (prefill) for {label}")
                 continue
             base = spec.llm_layer_path.format(i=obs.layer) + ".self_attn"
-            # per-head q/k norms (Qwen3) act before RoPE: the scores read their outputs
-            normed = hasattr(self.model.get_submodule(base), "q_norm")
             for key in ("q", "k"):
-                if normed:
-                    self.hook(f"{base}.{key}_norm", "post", _heads_joined(rt.proj_hook(obs.layer, key)),
-                              f"capture {key}_norm output (per-head norm of {key}_proj; prefill) for {label}")
-                else:
-                    self.hook(f"{base}.{key}_proj", "post", rt.proj_hook(obs.layer, key),
-                              f"capture {key}_proj output (prefill) for {label}")
+                self.hook(f"{base}.{key}_proj", "post", rt.proj_hook(obs.layer, key),
+                          f"capture {key}_proj output (prefill) for {label}")
 
     def _install_prompt(self, plans: PlanCache, llm_rt, trims: bool, image_token_id: int) -> None:
         """The prompt: shorten each image's placeholder run (forward and `generate`), and
@@ -369,14 +390,6 @@ class Installer:
                 "", "generate", generate, "method-wrapper",
                 f"shrink image placeholders {spec.image_tokens} -> {plan.image_placeholders} "
                 "before generation (returned ids: the caller's prompt, then the new tokens)")
-
-
-def _heads_joined(hook: Callable) -> Callable:
-    """`hook` handed a per-head ``[B, n, H, dh]`` output as the ``[B, n, H·dh]`` of a projection."""
-    def joined(module, args, output):
-        return hook(module, args, output.flatten(-2))
-
-    return joined
 
 
 def _vit_capture(rt, layer: int, key: str):

@@ -32,6 +32,9 @@ class PlanCache:
         # the plan of the call in flight, set where the images are encoded (generate()
         # encodes them before prefill and does not pass their sizes on)
         self.current: Plan | None = None
+        # the plan of the call's video (`Family.video_argument`), set where it is encoded;
+        # the LLM runs it on a prompt whose visual placeholders are the video's
+        self.video: Plan | None = None
 
     def for_call(self, kwargs: dict[str, Any]) -> Plan | None:
         """The plan for the images a call carries, or None when it names no sizes."""
@@ -61,12 +64,28 @@ class PlanCache:
             plan = self.by_layout[key] = self._check(spec, size)
         return plan
 
+    def for_video(self, kwargs: dict[str, Any]) -> Plan | None:
+        """The plan for the video a call carries (its frames' token layout), or None."""
+        try:
+            spec = self.family.video_spec(self.plan.spec, kwargs)
+        except ValueError as err:
+            raise CompileError(str(err)) from None
+        if spec is None:
+            return None
+        key = ("video", spec.vit_crops, *self.family.layout_key(spec))
+        plan = self.by_layout.get(key)
+        if plan is None:
+            if len(self.by_layout) >= self.MAX_LAYOUTS:
+                self.by_layout.clear()
+            plan = self.by_layout[key] = self._check(spec, None)
+        return plan
+
     def counts(self, kwargs: dict[str, Any]) -> tuple[int, int]:
         """(unpruned, compiled) image placeholders per image for one call."""
         plan = self.for_call(kwargs) or self.current or self.plan
         return plan.spec.image_tokens, plan.image_placeholders
 
-    def _check(self, spec: ModelSpec, size: tuple[int, int]) -> Plan:
+    def _check(self, spec: ModelSpec, size: tuple[int, int] | None) -> Plan:
         from ..ir import check
 
         if spec == self.plan.spec:
@@ -75,6 +94,12 @@ class PlanCache:
             return check(self.plan.policy, spec)
         except PolicyError as err:
             first = err.diagnostics[0]
+            if size is None:
+                rows, cols = spec.grid
+                groups = f"{spec.vit_crops} temporal group{'s' if spec.vit_crops > 1 else ''}"
+                raise CompileError(f"the policy does not fit a video of {groups} of "
+                                   f"{rows}x{cols} patches on {spec.name} ({spec.image_tokens} visual tokens): "
+                                   f"{first.message}") from None
             height, width = size
             raise CompileError(f"the policy does not fit a {height}x{width} image on {spec.name} "
                                f"({spec.image_tokens} visual tokens): {first.message}") from None

@@ -62,6 +62,12 @@ def _gather_mask(mask: Tensor, rows: Tensor | None, cols: Tensor) -> Tensor:
     return mask.gather(3, cols[:, None, None, :].expand(b, h, mask.shape[2], cols.shape[1]))
 
 
+def _copies_rows(stage: ResolvedStage) -> bool:
+    """Whether the stage's output tokens are input rows unchanged (a plain keep or drop),
+    so the pruned sequence is one gather of the hidden states."""
+    return stage.action in ("keep", "drop") and not (stage.rest is not None and stage.rest.merges)
+
+
 def _placement(st: LlmState, stage: ResolvedStage, img_rows: Tensor, src: Tensor,
                new: Tokens) -> tuple[Tensor, Tensor, Tensor, Tokens]:
     """Where a stage's output tokens go: the rows they occupy ``[B, images·k]``
@@ -130,6 +136,7 @@ class LlmRuntime:
         log: ForwardLog,
         *,
         image_token_id: int,
+        video_token_id: int | None = None,
         num_heads: int,
         num_kv_heads: int,
         scaling: float,
@@ -144,6 +151,7 @@ class LlmRuntime:
         self.vit = vit
         self.log = log
         self.image_token_id = image_token_id
+        self.video_token_id = video_token_id  # a video's placeholder (families that take video)
         self.num_heads, self.num_kv_heads, self.scaling = num_heads, num_kv_heads, scaling
         self.rotary = rotary  # the LLM's rotary embedding: (cos, sin) of re-numbered positions
         self.norm_weight = norm_weight  # the LLM's final norm weight (far(norm))
@@ -175,6 +183,7 @@ class LlmRuntime:
         self.state: LlmState | None = None
         self.pending: LlmState | None = None  # started by the LLM-input hook, not yet by layer 0
         self.image_mask: Tensor | None = None
+        self.video_mask: Tensor | None = None
         self.attention_mask: Tensor | None = None
         self.prefill = False
 
@@ -183,16 +192,36 @@ class LlmRuntime:
         # the 2-D mask, read at prefill for its padding rows (never text pivots or raters)
         self.attention_mask = kwargs.get("attention_mask")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if input_ids is not None:
-            self.image_mask = input_ids == self.image_token_id
-            return None
         embeds = kwargs.get("inputs_embeds")
-        if embeds is None:
-            self.image_mask = None
-            return None
-        token = torch.full((), self.image_token_id, dtype=torch.long, device=embeds.device)
-        self.image_mask = (embeds == module.get_input_embeddings()(token)).all(-1)
+
+        def rows_of(token_id: int | None) -> Tensor | None:
+            if token_id is None or (input_ids is None and embeds is None):
+                return None
+            if input_ids is not None:
+                return input_ids == token_id
+            token = torch.full((), token_id, dtype=torch.long, device=embeds.device)
+            return (embeds == module.get_input_embeddings()(token)).all(-1)
+
+        self.image_mask, self.video_mask = rows_of(self.image_token_id), rows_of(self.video_token_id)
         return None
+
+    def _visual_rows(self, b: int, n0: int, device) -> tuple[Tensor, Plan]:
+        """``[B, n0]`` the prompt's visual placeholders and the plan they run under: the
+        image's (`image_token_id`) or, on a prompt holding a video's, the video's."""
+        img = self.image_mask
+        if img is None or tuple(img.shape) != (b, n0):
+            img = torch.zeros(b, n0, dtype=torch.bool, device=device)
+        plan = self.plans.current or self.plan  # counts for this call's images
+        vid = self.video_mask
+        if vid is not None and tuple(vid.shape) == (b, n0) and bool(vid.any()):
+            if bool(img.any()):
+                raise CompileError("LLM stages take one kind of visual input per call; this prompt holds image "
+                                   "and video placeholders: pass them in separate calls")
+            if self.plans.video is None:
+                raise CompileError("the prompt holds video placeholders but no video was encoded in this call "
+                                   "(pass pixel_values_videos and video_grid_thw)")
+            img, plan = vid, self.plans.video
+        return img.to(device), plan
 
     def llm_input_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
         """`llm.layer0` stages, on the language model's input (before it builds its mask).
@@ -330,24 +359,11 @@ class LlmRuntime:
         slot.pop("q", None)
         slot.pop("k", None)
 
-    def prompt_rows(self, hidden: Tensor) -> tuple[Tensor, Tensor] | None:
-        """During prefill, for hidden states `hidden` between two layers: the prompt
-        position ``[B, n]`` each of its rows holds and whether the row is a visual token,
-        once stages removed rows; None while the rows are still the prompt's own."""
-        st = self.state
-        if not self.prefill or st is None or st.pos.shape[1] == st.n0 or hidden.shape[1] != st.pos.shape[1]:
-            return None
-        return st.pos, st.is_img
-
     # ------------------------------------------------------------------ prefill
     def _start(self, hidden: Tensor, cache) -> LlmState:
         b, n0 = hidden.shape[:2]
-        img = self.image_mask
-        if img is None or tuple(img.shape) != (b, n0):
-            img = torch.zeros(b, n0, dtype=torch.bool, device=hidden.device)
-        img = img.to(hidden.device)
+        img, plan = self._visual_rows(b, n0, hidden.device)
         counts = img.sum(1)
-        plan = self.plans.current or self.plan  # counts for this call's images
         spec = plan.spec
         per_image = plan.image_placeholders
         total = int(counts[0]) if b else 0
@@ -552,7 +568,7 @@ class LlmRuntime:
         keep = keep.scatter(1, chosen, True)
         rows = keep.nonzero()[:, 1].view(b, -1)
         out = ops.gather_tokens(hidden, rows)
-        if not stage.copies_rows:
+        if not _copies_rows(stage):
             # merged / pooled vectors replace the rows whose identity they take; `rows` and
             # `chosen` are both ascending, so each chosen row's slot is a sorted search
             slot = torch.searchsorted(rows, chosen)
@@ -599,12 +615,7 @@ class LlmRuntime:
         attn = layer.self_attn
         x = layer.input_layernorm(hidden)
         key = ("in", j)
-        q, k = attn.q_proj(x[:, -1:] if self.input_last_only[j] else x), attn.k_proj(x)
-        if hasattr(attn, "q_norm"):  # per-head q/k norms before RoPE (Qwen3)
-            dh = q.shape[-1] // self.num_heads
-            q = attn.q_norm(q.unflatten(-1, (-1, dh))).flatten(-2)
-            k = attn.k_norm(k.unflatten(-1, (-1, dh))).flatten(-2)
-        st.captured[key] = {"q": q, "k": k}
+        st.captured[key] = {"q": attn.q_proj(x[:, -1:] if self.input_last_only[j] else x), "k": attn.k_proj(x)}
         st.ctx[key] = {"pe": current.get("position_embeddings"), "mask": current.get("attention_mask"),
                        "pos": st.pos, "is_img": st.is_img}
         for obs in self.input_obs_at[j]:

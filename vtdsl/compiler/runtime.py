@@ -54,6 +54,16 @@ class Tokens:
             vid, gpos = patches + 1, patches
         return Tokens(vid[None].expand(g, -1), gpos[None].expand(g, -1), grid)
 
+    @staticmethod
+    def video(g: int, groups: int, grid: tuple[int, int], device) -> "Tokens":
+        """A video's LLM tokens: its `groups` temporal groups one after another, each a
+        `grid` in raster order; `crop` is each token's group (its frame), `gpos` its
+        position in the frame, so `per frame` and temporal scores pair tokens across frames."""
+        cells = grid[0] * grid[1]
+        idx = torch.arange(groups * cells, device=device)
+        return Tokens((idx + 1)[None].expand(g, -1), (idx % cells)[None].expand(g, -1), grid,
+                      (idx // cells)[None].expand(g, -1), groups)
+
     @property
     def count(self) -> int:
         return self.vid.shape[1]

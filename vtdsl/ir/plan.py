@@ -139,12 +139,6 @@ class ResolvedStage:
         return self.tokens_in if self.tokens_in_min is None else self.tokens_in_min
 
     @property
-    def copies_rows(self) -> bool:
-        """Whether the stage's output tokens are input rows unchanged (a plain keep or drop),
-        so the pruned sequence is one gather of the hidden states."""
-        return self.action in ("keep", "drop") and not (self.rest is not None and self.rest.merges)
-
-    @property
     def fewest_out(self) -> int:
         return self.tokens_out if self.tokens_out_min is None else self.tokens_out_min
 

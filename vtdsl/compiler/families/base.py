@@ -12,7 +12,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from ...ir.plan import Plan
     from ...models.spec import ModelSpec
     from ..installer import Installer
-    from ..llm import LlmRuntime
 
 
 class Family:
@@ -34,6 +33,9 @@ class Family:
     size_argument : str or None
         The forward argument that carries each image's size when its token count depends
         on it (``image_sizes``, ``image_grid_thw``); None: every image gives the same count.
+    video_argument : str or None
+        The forward argument that carries each video's size (``video_grid_thw``); None:
+        the family's compiled models take no video.
     layout_fields : tuple of str
         `ModelSpec` fields, besides the towers' shapes, that a plan checked for one spec
         must share with the model it is installed on.
@@ -41,6 +43,7 @@ class Family:
 
     name: ClassVar[str]
     size_argument: ClassVar[str | None] = None
+    video_argument: ClassVar[str | None] = None
     layout_fields: ClassVar[tuple[str, ...]] = ()
 
     def __repr__(self) -> str:
@@ -79,6 +82,11 @@ class Family:
             return None
         return torch.as_tensor(value).reshape(-1, width).tolist()
 
+    def video_spec(self, spec: ModelSpec, kwargs: dict[str, Any]) -> ModelSpec | None:
+        """`spec` with the counts of the video a call's `video_argument` sizes (one video
+        layout per call), or None when the call carries none (or the family takes none)."""
+        return None
+
     def sized_spec(self, spec: ModelSpec, height: int, width: int) -> ModelSpec:
         """`spec` with the counts of one image of a call, `(height, width)` as
         `image_sizes` gave it (here: the image as the user passed it)."""
@@ -97,6 +105,8 @@ class Family:
         plan leaves the projector's output as the unpruned model has it."""
         if vit_tokens is not None and images:
             return vit_tokens.expand_to(images)
+        if spec.video_frames and per_image == spec.image_tokens:
+            return Tokens.video(images, spec.vit_crops, spec.llm_grid, device)
         keeps_cls = spec.has_cls and spec.select_strategy == "full"
         return Tokens.initial(images, spec.llm_grid, device, keeps_cls)
 
@@ -114,9 +124,3 @@ class Family:
     def install(self, installer: Installer, plan: Plan) -> None:
         """The family's own rewrites between the projector and the LLM (none here); each
         goes through `installer` so that it is listed and undone."""
-
-    def install_llm(self, installer: Installer, plan: Plan, runtime: LlmRuntime | None) -> None:
-        """The family's own rewrites inside the language model that must follow the rows
-        LLM stages keep (none here), e.g. features the model adds to the visual tokens
-        between layers; `runtime` (None without LLM hooks) says which prompt positions the
-        rows hold (`LlmRuntime.prompt_rows`)."""

@@ -6,12 +6,20 @@ patches into one LLM token, so the IR refuses ViT stages and ViT scores, and LLM
 see the merged grid. The LLM gives visual tokens M-RoPE positions (time, row, column
 streams, computed by the model from the prompt), which the LLM hooks gather like any
 position ids. Qwen2.5-VL (`qwen2_5_vl`) is this layout with windows in the ViT.
+
+Video (`pixel_values_videos`, `video_grid_thw`): the frames come in temporal groups of
+`temporal_patch`, each group one merged grid, the groups one after another under
+`video_token_id` placeholders. LLM stages run the plan checked for the call's video
+(`video_spec`: crops = the groups), and its tokens know their frame (`Tokens.video`).
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from ..runtime import CompileError
 from .base import Family
@@ -27,6 +35,7 @@ class Qwen2VL(Family):
 
     name = "qwen2-vl"
     size_argument = "image_grid_thw"
+    video_argument = "video_grid_thw"
     layout_fields = ("spatial_merge",)
 
     def image_sizes(self, spec: ModelSpec, kwargs: dict[str, Any]) -> list[tuple[int, int]] | None:
@@ -34,7 +43,8 @@ class Qwen2VL(Family):
         if rows is None:
             return None
         if any(t != 1 for t, _, _ in rows):
-            raise CompileError("vtdsl compiles image inputs only (image_grid_thw with t = 1), not video")
+            raise CompileError("image_grid_thw carries image inputs only (t = 1); pass a video as "
+                               "pixel_values_videos and video_grid_thw")
         return [(h * spec.patch_size, w * spec.patch_size) for _, h, w in rows] or None
 
     def sized_spec(self, spec: ModelSpec, height: int, width: int) -> ModelSpec:
@@ -45,11 +55,25 @@ class Qwen2VL(Family):
     def layout_key(self, spec: ModelSpec) -> tuple:
         return (spec.image_grid,)
 
+    def video_spec(self, spec: ModelSpec, kwargs: dict[str, Any]) -> ModelSpec | None:
+        value = kwargs.get(self.video_argument)
+        if value is None:
+            return None
+        rows = {tuple(r) for r in torch.as_tensor(value).reshape(-1, 3).tolist()}
+        if len(rows) > 1:
+            raise CompileError(f"a compiled {spec.name} takes videos of one token layout per call; video_grid_thw "
+                               f"gives {len(rows)}: {sorted(rows)}; pass them in separate calls")
+        (groups, h, w), = rows
+        # the processor's grid as it is (as `sized_spec` for images); its frames are the
+        # groups' (the processor pads a clip to whole temporal patches)
+        return replace(spec, image_grid=(h, w), vit_crops=groups, video_frames=groups * spec.temporal_patch)
+
     def install(self, installer: Installer, plan: Plan) -> None:
-        """Refuse video calls: the LLM stages find visual tokens by the image placeholder, so
-        a video's (`video_token_id`) would pass through as text, unpruned and unscored.
-        `vtdsl check --video` costs videos; compiling them is not done yet."""
-        if not plan.stages and not plan.observations:
+        """Refuse video calls under ViT stages or scores: they are planned for an image's
+        patches (one temporal group), and the video's would run through them unplanned.
+        LLM stages take videos (the installer records each call's `video_grid_thw`)."""
+        if not any(s.site.tower == "vit" for s in plan.stages) and not any(
+                o.tower == "vit" for o in plan.observations):
             return
         owner_path = self.multimodal_path(plan.spec)
         original = getattr(installer.model.get_submodule(owner_path), "get_video_features", None)
@@ -58,11 +82,11 @@ class Qwen2VL(Family):
 
         @functools.wraps(original)  # generate() reads its signature to pick the encoder's inputs
         def get_video_features(*_, **__):
-            raise CompileError("vtdsl compiles image inputs only: a compiled Qwen-VL model refuses "
-                               "pixel_values_videos (its LLM stages would not see the video's tokens)")
+            raise CompileError("a compiled Qwen-VL model with ViT stages or scores refuses pixel_values_videos: "
+                               "they are planned for an image's patches; prune a video at LLM sites")
 
         installer.override(owner_path, "get_video_features", get_video_features, "method-override",
-                           "refuse video inputs: the LLM stages prune image placeholders only")
+                           "refuse video inputs: ViT stages are planned for images")
 
 
 FAMILY = Qwen2VL()
