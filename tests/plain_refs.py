@@ -144,10 +144,11 @@ def plain_copy(spec, model, attn: str = "eager"):
     return ref
 
 
-def mrope_inputs(batch: int, side: int = 16, seed: int = 5, img: int = 250, start: int = 251, end: int = 252):
+def mrope_inputs(batch: int, side: int = 16, seed: int = 5, img: int = 250, start: int = 251, end: int = 252,
+                 patch: int = 14):
     """Qwen-VL inputs: one side x side-patch image per prompt (side / 2 squared merged
     placeholders, wrapped in vision start/end), batch 2 left-padded with id 2; random
-    patch pixels (temporal patch 2 x 14 x 14 x 3)."""
+    patch pixels (temporal patch 2 x patch x patch x 3; Qwen3-VL's patch is 16)."""
     n_img = (side // 2) ** 2
     rows = [[5, 6, 7, start] + [img] * n_img + [end, 8, 9, 10]]
     if batch == 2:
@@ -158,7 +159,7 @@ def mrope_inputs(batch: int, side: int = 16, seed: int = 5, img: int = 250, star
     for i, r in enumerate(rows):
         ids[i, n - len(r):] = torch.tensor(r)
         mask[i, n - len(r):] = 1
-    px = torch.randn(len(rows) * side * side, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(seed))
+    px = torch.randn(len(rows) * side * side, 3 * 2 * patch * patch, generator=torch.Generator().manual_seed(seed))
     return dict(input_ids=ids, attention_mask=mask, pixel_values=px,
                 image_grid_thw=torch.tensor([[1, side, side]] * len(rows)), mm_token_type_ids=(ids == img).int())
 

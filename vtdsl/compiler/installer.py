@@ -150,6 +150,7 @@ class Installer:
             trims = self._install_features(vit_rt)
             plans = self._install_image_sizes()
             llm_rt = self._install_llm(vit_rt, plans, trims, image_token_id)
+            self.family.install_llm(self, self.plan, llm_rt)
             self._install_prompt(plans, llm_rt, trims, image_token_id)
             install_decode(self, image_token_id, llm_rt)
         except BaseException:
@@ -360,9 +361,15 @@ class Installer:
                               f"capture output (prefill) for {label}")
                 continue
             base = spec.llm_layer_path.format(i=obs.layer) + ".self_attn"
+            # per-head q/k norms (Qwen3) act before RoPE: the scores read their outputs
+            normed = hasattr(self.model.get_submodule(base), "q_norm")
             for key in ("q", "k"):
-                self.hook(f"{base}.{key}_proj", "post", rt.proj_hook(obs.layer, key),
-                          f"capture {key}_proj output (prefill) for {label}")
+                if normed:
+                    self.hook(f"{base}.{key}_norm", "post", _heads_joined(rt.proj_hook(obs.layer, key)),
+                              f"capture {key}_norm output (per-head norm of {key}_proj; prefill) for {label}")
+                else:
+                    self.hook(f"{base}.{key}_proj", "post", rt.proj_hook(obs.layer, key),
+                              f"capture {key}_proj output (prefill) for {label}")
 
     def _install_prompt(self, plans: PlanCache, llm_rt, trims: bool, image_token_id: int) -> None:
         """The prompt: shorten each image's placeholder run (forward and `generate`), and
@@ -390,6 +397,14 @@ class Installer:
                 "", "generate", generate, "method-wrapper",
                 f"shrink image placeholders {spec.image_tokens} -> {plan.image_placeholders} "
                 "before generation (returned ids: the caller's prompt, then the new tokens)")
+
+
+def _heads_joined(hook: Callable) -> Callable:
+    """`hook` handed a per-head ``[B, n, H, dh]`` output as the ``[B, n, H·dh]`` of a projection."""
+    def joined(module, args, output):
+        return hook(module, args, output.flatten(-2))
+
+    return joined
 
 
 def _vit_capture(rt, layer: int, key: str):

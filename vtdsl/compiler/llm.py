@@ -62,12 +62,6 @@ def _gather_mask(mask: Tensor, rows: Tensor | None, cols: Tensor) -> Tensor:
     return mask.gather(3, cols[:, None, None, :].expand(b, h, mask.shape[2], cols.shape[1]))
 
 
-def _copies_rows(stage: ResolvedStage) -> bool:
-    """Whether the stage's output tokens are input rows unchanged (a plain keep or drop),
-    so the pruned sequence is one gather of the hidden states."""
-    return stage.action in ("keep", "drop") and not (stage.rest is not None and stage.rest.merges)
-
-
 def _placement(st: LlmState, stage: ResolvedStage, img_rows: Tensor, src: Tensor,
                new: Tokens) -> tuple[Tensor, Tensor, Tensor, Tokens]:
     """Where a stage's output tokens go: the rows they occupy ``[B, images·k]``
@@ -359,6 +353,15 @@ class LlmRuntime:
         slot.pop("q", None)
         slot.pop("k", None)
 
+    def prompt_rows(self, hidden: Tensor) -> tuple[Tensor, Tensor] | None:
+        """During prefill, for hidden states `hidden` between two layers: the prompt
+        position ``[B, n]`` each of its rows holds and whether the row is a visual token,
+        once stages removed rows; None while the rows are still the prompt's own."""
+        st = self.state
+        if not self.prefill or st is None or st.pos.shape[1] == st.n0 or hidden.shape[1] != st.pos.shape[1]:
+            return None
+        return st.pos, st.is_img
+
     # ------------------------------------------------------------------ prefill
     def _start(self, hidden: Tensor, cache) -> LlmState:
         b, n0 = hidden.shape[:2]
@@ -568,7 +571,7 @@ class LlmRuntime:
         keep = keep.scatter(1, chosen, True)
         rows = keep.nonzero()[:, 1].view(b, -1)
         out = ops.gather_tokens(hidden, rows)
-        if not _copies_rows(stage):
+        if not stage.copies_rows:
             # merged / pooled vectors replace the rows whose identity they take; `rows` and
             # `chosen` are both ascending, so each chosen row's slot is a sorted search
             slot = torch.searchsorted(rows, chosen)
@@ -615,7 +618,12 @@ class LlmRuntime:
         attn = layer.self_attn
         x = layer.input_layernorm(hidden)
         key = ("in", j)
-        st.captured[key] = {"q": attn.q_proj(x[:, -1:] if self.input_last_only[j] else x), "k": attn.k_proj(x)}
+        q, k = attn.q_proj(x[:, -1:] if self.input_last_only[j] else x), attn.k_proj(x)
+        if hasattr(attn, "q_norm"):  # per-head q/k norms before RoPE (Qwen3)
+            dh = q.shape[-1] // self.num_heads
+            q = attn.q_norm(q.unflatten(-1, (-1, dh))).flatten(-2)
+            k = attn.k_norm(k.unflatten(-1, (-1, dh))).flatten(-2)
+        st.captured[key] = {"q": q, "k": k}
         st.ctx[key] = {"pe": current.get("position_embeddings"), "mask": current.get("attention_mask"),
                        "pos": st.pos, "is_img": st.is_img}
         for obs in self.input_obs_at[j]:

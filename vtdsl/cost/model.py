@@ -34,6 +34,7 @@ class _Constants:
 
     __slots__ = (
         "spec", "vit_layers", "vit_window", "vit_window_pairs", "vit_lin", "vit_att", "vit_d", "vit_qd", "patch", "crops", "proj",
+        "deepstack",
         "llm_layers", "llm_lin", "llm_att", "llm_d", "llm_qd", "head", "fastv_lin", "fastv_att",
         "kv_token", "base_vit", "base_llm", "base_proj", "baselines",
     )
@@ -53,6 +54,8 @@ class _Constants:
         self.vit_window_pairs = spec.vit_window_pairs if spec.vit_window else 0
         self.crops = spec.vit_crops
         self.proj = 2 * sum(a * b for a, b in zip(spec.projector, spec.projector[1:]))
+        # DeepStack: a merger of the projector's widths on each listed ViT layer's output
+        self.deepstack = spec.deepstack_layers
         self.llm_layers = t.layers
         # the two conventions every Side reports are rows of the conventions table
         self.llm_lin, self.llm_att = llm_coefficients(CONVENTIONS["hf"], t)
@@ -118,7 +121,7 @@ def _side(k: _Constants, vit_tokens, projector_tokens, llm_visual, T, logits, ct
     sv1 = sum(vit_tokens)
     # attention pairs per layer: N² over the whole crop, Σ_w n_w² in windows
     sv2 = sum(k.vit_pairs(i, n) for i, n in enumerate(vit_tokens))
-    vit = k.crops * (k.patch + k.vit_lin * sv1 + k.vit_att * sv2)
+    vit = k.crops * (k.patch + k.vit_lin * sv1 + k.vit_att * sv2 + deepstack_flops(k, vit_tokens))
     L = k.llm_layers
     sl1 = sum(llm_visual)
     sl2 = sum(map(mul, llm_visual, llm_visual))
@@ -139,6 +142,13 @@ def _side(k: _Constants, vit_tokens, projector_tokens, llm_visual, T, logits, ct
         decode,
         llm_visual[0] if llm_visual else projector_tokens,
     )
+
+
+def deepstack_flops(k: _Constants, vit_tokens) -> int:
+    """DeepStack's mergers on one crop: each listed ViT layer's output tokens, merged
+    `spatial_merge`² at a time, through a merger as wide as the projector."""
+    unit = k.spec.spatial_merge ** 2
+    return sum(k.proj * (vit_tokens[i] // unit) for i in k.deepstack)
 
 
 def decode_selected(spec: ModelSpec, decode: int, llm_visual, T: int, ctx: int, layer: int, k: int) -> int:

@@ -79,17 +79,14 @@ class ResolvedScore:
 
 @dataclass(frozen=True)
 class ResolvedAdaptive:
-    """A count decided per image (`top N by outliers`, `top N by entropy(s) over L layers`,
-    `top N by lof(K[, rest])`).
+    """A count decided per image (`top N by outliers`, `top N by entropy(s) over L layers`).
 
-    `bound`: outliers and lof, the most tokens kept; entropy, the fewest (the N written)."""
+    `bound`: outliers, the most tokens kept; entropy, the fewest (the N written)."""
 
-    kind: Literal["outliers", "entropy", "lof"]
+    kind: Literal["outliers", "entropy"]
     bound: int
     steps: int = 1
     score: ResolvedScore | None = None  # entropy: whose entropy slows the cut
-    neighbours: int = 0  # lof: K
-    of_rest: bool = False  # lof: the share among the tokens left, of the tokens kept
 
 
 @dataclass(frozen=True)
@@ -140,6 +137,12 @@ class ResolvedStage:
     @property
     def fewest_in(self) -> int:
         return self.tokens_in if self.tokens_in_min is None else self.tokens_in_min
+
+    @property
+    def copies_rows(self) -> bool:
+        """Whether the stage's output tokens are input rows unchanged (a plain keep or drop),
+        so the pruned sequence is one gather of the hidden states."""
+        return self.action in ("keep", "drop") and not (self.rest is not None and self.rest.merges)
 
     @property
     def fewest_out(self) -> int:

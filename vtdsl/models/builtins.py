@@ -370,6 +370,74 @@ TINY_QWEN2_VL = {
 _builtin("tiny-qwen2-vl", TINY_QWEN2_VL,
          "tiny random Qwen2-VL (full-attention ViT, 2x2 merger, M-RoPE; 224x224 reference) for tests, float32")
 
+# Qwen/Qwen3-VL-8B-Instruct, as remembered from its config.json and preprocessor_config.json
+# (no network here: not checked against the hub files; the architecture matches transformers
+# 5's Qwen3VL classes and defaults where they coincide): a 27-block LayerNorm ViT (hidden
+# 1152, 16 heads, GELU-tanh MLP 4304, patch 16, temporal patch 2, 2304 learned positions
+# interpolated to each grid), a merger (LayerNorm, 2x2 patches -> Linear 4608->4608, GELU,
+# Linear 4608->4096) and three DeepStack mergers of the same widths on blocks 8, 16 and 24,
+# whose features are added to the visual tokens after LLM layers 0, 1 and 2; Qwen3-8B
+# (hidden 4096, 36 layers, 32 heads, 8 KV heads of 128, q/k RMSNorm, SwiGLU 12288, vocab
+# 151936, untied), interleaved M-RoPE sections [24, 20, 20], rope_theta 5e6, bfloat16. The
+# processor resizes every image's area into [65536, 16777216] pixels in 32-pixel units. At a
+# 768x768 reference: 48x48 patches -> 576 visual tokens, the LLaVA-1.5 count.
+QWEN3_VL_8B = {
+    "architectures": ["Qwen3VLForConditionalGeneration"],
+    "model_type": "qwen3_vl",
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "vtdsl_reference_image": [768, 768],
+    "vtdsl_preprocessor": {"size": {"shortest_edge": 65536, "longest_edge": 16777216}, "patch_size": 16,
+                           "merge_size": 2, "temporal_patch_size": 2},
+    "vision_config": {
+        "model_type": "qwen3_vl_vision", "depth": 27, "hidden_size": 1152, "hidden_act": "gelu_pytorch_tanh",
+        "intermediate_size": 4304, "num_heads": 16, "in_channels": 3, "patch_size": 16, "spatial_merge_size": 2,
+        "temporal_patch_size": 2, "out_hidden_size": 4096, "num_position_embeddings": 2304,
+        "deepstack_visual_indexes": [8, 16, 24],
+    },
+    "text_config": {
+        "model_type": "qwen3_vl_text", "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288,
+        "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+        "hidden_act": "silu", "max_position_embeddings": 262144, "rms_norm_eps": 1e-06, "attention_bias": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                            "mrope_interleaved": True},
+        "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16",
+    },
+}
+_builtin("qwen3-vl-8b", QWEN3_VL_8B,
+         "Qwen3-VL 8B (Qwen/Qwen3-VL-8B-Instruct; config values from memory, not checked against the hub offline): "
+         "full-attention ViT + 2x2 merger + DeepStack (blocks 8/16/24 into LLM layers 0-2) + Qwen3-8B with "
+         "interleaved M-RoPE; counts at 768x768 (576 visual tokens)")
+
+# Qwen3-VL's layout at tiny widths: 4 ViT blocks (width 32, MLP 64, patch 16), DeepStack on
+# blocks 0, 1, 2 (added after LLM layers 0, 1, 2), 2x2 merger, 4 Qwen3 layers (head_dim 8,
+# q/k norms) with interleaved M-RoPE; a 256x256 reference image: 16x16 patches -> 64 visual tokens.
+TINY_QWEN3_VL = {
+    **{k: v for k, v in QWEN3_VL_8B.items() if k not in ("vision_config", "text_config")},
+    "image_token_id": 250, "vision_start_token_id": 251, "vision_end_token_id": 252, "video_token_id": 254,
+    "torch_dtype": "float32",
+    "vtdsl_reference_image": [256, 256],
+    "vision_config": {
+        **QWEN3_VL_8B["vision_config"], "depth": 4, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
+        "out_hidden_size": 32, "num_position_embeddings": 64, "deepstack_visual_indexes": [0, 1, 2],
+    },
+    "text_config": {
+        **QWEN3_VL_8B["text_config"], "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+        "max_position_embeddings": 2048,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [2, 1, 1],
+                            "mrope_interleaved": True},
+        "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2, "torch_dtype": "float32",
+    },
+}
+_builtin("tiny-qwen3-vl", TINY_QWEN3_VL,
+         "tiny random Qwen3-VL (2x2 merger, DeepStack into LLM layers 0-2, M-RoPE; 256x256 reference) for tests, "
+         "float32")
+
 # LLaVA-OneVision's layout at tiny widths: 56-pixel SigLIP crops (4x4 patches), pinpoints
 # 56..168 in steps of 56 and "anyres_max_4", so the largest (168x168: base + 3x3 crops,
 # a 12x12 map) is shrunk to 8x8: 16 + 8·9 = 88 visual tokens; 4 ViT and 4 Qwen2 layers.
@@ -566,6 +634,7 @@ BUILTINS: dict[str, tuple[dict, str]] = {name: _TABLE[name] for name in (
     "smolvlm-2.2b", "internvl3-8b", "tiny-llava", "tiny-llava-next",
     "tiny-qwen2.5-vl", "tiny-llava-onevision", "tiny-qwen2-vl",
     "tiny-smolvlm", "tiny-llava-vtbench2", "tiny-internvl3",
+    "qwen3-vl-8b", "tiny-qwen3-vl",
 )}
 
 # Other spellings users type for the same architectures.
@@ -587,6 +656,8 @@ ALIASES: dict[str, str] = {
     "lmms-lab/llava-onevision-qwen2-7b-ov": "llava-onevision-qwen2-7b",
     "qwen/qwen2-vl-7b-instruct": "qwen2-vl-7b",
     "qwen2-vl-7b-instruct": "qwen2-vl-7b",
+    "qwen/qwen3-vl-8b-instruct": "qwen3-vl-8b",
+    "qwen3-vl-8b-instruct": "qwen3-vl-8b",
     "huggingfacetb/smolvlm-instruct": "smolvlm-2.2b",
     "smolvlm-instruct": "smolvlm-2.2b",
     "opengvlab/internvl3-8b-hf": "internvl3-8b",

@@ -119,6 +119,10 @@ class ModelSpec:
     # Side of the patch merge unit between ViT and projector (Qwen2.5-VL: 2 -> 2x2 patches
     # become one token; `projector[0]` is then vit.hidden * 4).
     spatial_merge: int = 1
+    # DeepStack (Qwen3-VL): ViT layers whose outputs pass through their own merger (the
+    # projector's widths) and are added to the visual tokens' hidden states after LLM layers
+    # 0, 1, ... in this order (`deepstack_llm_layers`); (): none.
+    deepstack_layers: tuple[int, ...] = ()
     # Position encoding of the LLM: "rope" (1-D) or "mrope" (Qwen2-VL style, 3 sections).
     position_encoding: Literal["rope", "mrope"] = "rope"
     # Image splitting (SmolVLM / Idefics3): the processor resizes an image's longest edge
@@ -228,6 +232,12 @@ class ModelSpec:
         """Position ids the LLM's rotary embedding reads per token: 1 (RoPE), 3 (M-RoPE:
         time, row, column; a visual token's are not contiguous with its neighbours')."""
         return 3 if self.position_encoding == "mrope" else 1
+
+    @property
+    def deepstack_llm_layers(self) -> tuple[int, ...]:
+        """LLM layers after whose output DeepStack adds a ViT layer's merged features to the
+        visual tokens (the first `len(deepstack_layers)` layers)."""
+        return tuple(range(len(self.deepstack_layers)))
 
     @property
     def image_tokens(self) -> int:

@@ -12,6 +12,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ...ir.plan import Plan
     from ...models.spec import ModelSpec
     from ..installer import Installer
+    from ..llm import LlmRuntime
 
 
 class Family:
@@ -124,3 +125,9 @@ class Family:
     def install(self, installer: Installer, plan: Plan) -> None:
         """The family's own rewrites between the projector and the LLM (none here); each
         goes through `installer` so that it is listed and undone."""
+
+    def install_llm(self, installer: Installer, plan: Plan, runtime: LlmRuntime | None) -> None:
+        """The family's own rewrites inside the language model that must follow the rows
+        LLM stages keep (none here), e.g. features the model adds to the visual tokens
+        between layers; `runtime` (None without LLM hooks) says which prompt positions the
+        rows hold (`LlmRuntime.prompt_rows`)."""

@@ -1,0 +1,95 @@
+"""Qwen3-VL (`Qwen3VLForConditionalGeneration`): qwen3-vl-8b, tiny-qwen3-vl.
+
+Qwen2-VL's layout (`qwen2_vl`: dynamic resolution, 2x2 merger, M-RoPE, `image_grid_thw`
+per call; ViT stages refused by the IR) plus DeepStack: the text model adds one merged
+ViT feature per visual token to the hidden states after each of its first layers
+(`Qwen3VLTextModel._deepstack_process`, rows chosen by `visual_pos_masks`, a mask over the
+prompt). Once an LLM stage removed rows, that mask and the features no longer match the
+hidden states; the family replaces `_deepstack_process` so that each kept row gets the
+feature of the prompt position it holds.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+from ..runtime import CompileError
+from .qwen2_vl import Qwen2VL
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ...ir.plan import Plan
+    from ..installer import Installer
+    from ..llm import LlmRuntime
+
+
+class Qwen3VL(Qwen2VL):
+    """Full-attention ViT, 2x2 merger, interleaved M-RoPE, DeepStack injections."""
+
+    name = "qwen3-vl"
+    video_argument = None  # videos are not counted (`qwen3_layout`): a compiled model refuses them
+
+    def install(self, installer: Installer, plan: Plan) -> None:
+        """Refuse video calls under any stage or score: the LLM stages find visual tokens by
+        the image placeholder, so a video's would pass through as text, unpruned."""
+        if not plan.stages and not plan.observations:
+            return
+        path = self.multimodal_path(plan.spec)
+        original = installer.model.get_submodule(path).get_video_features
+
+        @functools.wraps(original)  # generate() reads its signature to pick the encoder's inputs
+        def get_video_features(*_, **__):
+            raise CompileError(f"a compiled {plan.spec.name} takes image inputs only: its video token counts "
+                               "are not modelled, so LLM stages would not see a video's tokens")
+
+        installer.override(path, "get_video_features", get_video_features, "method-override",
+                           "refuse video inputs: LLM stages prune image placeholders only")
+
+    def check(self, plan: Plan, features_vary: bool) -> None:
+        """Refuse a stage whose output tokens are not input rows (merge, pool, recycle)
+        before the last DeepStack injection: such a token has no one ViT feature to take."""
+        injected = plan.spec.deepstack_llm_layers
+        for stage in plan.stages:
+            if stage.site.tower == "llm" and injected and stage.site.layer <= injected[-1] and not stage.copies_rows:
+                raise CompileError(
+                    f"stage {stage.index} at {stage.site.text()}: Qwen3-VL adds DeepStack features to the "
+                    f"visual tokens after llm.layer{injected[-1]}, and a merged or pooled token has no single "
+                    f"feature to receive; place the stage at llm.layer{injected[-1] + 1} or later, or keep/drop "
+                    "tokens without merging")
+
+    def install_llm(self, installer: Installer, plan: Plan, runtime: LlmRuntime | None) -> None:
+        if runtime is None or not plan.spec.deepstack_layers:
+            return
+        injected = plan.spec.deepstack_llm_layers
+        if not any(s.site.tower == "llm" and s.site.layer <= injected[-1] for s in plan.stages):
+            return  # every injection happens before the first stage: the rows are the prompt's
+        path = self.language_model_path(plan.spec)
+        original = installer.model.get_submodule(path)._deepstack_process
+
+        def deepstack_process(hidden_states, visual_pos_masks, visual_embeds):
+            rows = runtime.prompt_rows(hidden_states)
+            if rows is None:
+                return original(hidden_states, visual_pos_masks, visual_embeds)
+            pos, is_img = rows
+            return _add_at_kept_rows(hidden_states, visual_pos_masks, visual_embeds, pos, is_img)
+
+        installer.override(path, "_deepstack_process", deepstack_process, "method-override",
+                           "DeepStack: add each kept visual token the ViT feature of its own prompt position "
+                           f"(injections after llm.layer0..{injected[-1]}; stages before them removed rows)")
+
+
+def _add_at_kept_rows(hidden, mask, embeds, pos, is_img):
+    """`hidden [B, n, d]` plus, at its visual rows, the DeepStack feature of the prompt
+    position each row holds (`pos [B, n]`); `embeds` lists the features of the prompt's
+    visual positions (`mask [B, n0]`) in row-major order, as transformers passes them."""
+    b, n0 = mask.shape
+    mask = mask.to(hidden.device)
+    full = hidden.new_zeros(b, n0, hidden.shape[-1])
+    full[mask] = embeds.to(hidden.device, hidden.dtype)
+    feats = full.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))
+    out = hidden.clone()
+    out[is_img] = hidden[is_img] + feats[is_img]
+    return out
+
+
+FAMILY = Qwen3VL()
