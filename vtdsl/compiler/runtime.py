@@ -162,11 +162,14 @@ def evaluate_score(score: ResolvedScore, view: StageView) -> Tensor:
     return parts.amax(0)
 
 
-def _adaptive_count(term, scores: Tensor, view: StageView, available: int) -> int:
-    """This call's count of a `top N by ...` term (one for the whole batch: `ops.counts`)."""
+def _adaptive_count(term, scores: Tensor, view: StageView, available: int, kept: Tensor | None) -> int:
+    """This call's count of a `top N by ...` term (one for the whole batch: `ops.counts`);
+    `kept`: ``[G, n]`` the tokens the earlier (`top`) terms keep, for `by lof`."""
     rule = term.adaptive
     if rule.kind == "outliers":
         return ops.outlier_count(scores, min(rule.bound, available))
+    if rule.kind == "lof":
+        return ops.lof_count(scores, kept, rule.neighbours, rule.of_rest, rule.bound)
     return ops.entropy_count(evaluate_score(rule.score, view), available, rule.bound, rule.steps)
 
 
@@ -255,6 +258,9 @@ def _terms(stage: ResolvedStage, view: StageView,
     terms = []
     needs_features = False
     taken = 0  # tokens the terms so far keep (this call's counts)
+    # `by lof` reads which tokens the earlier terms keep (the IR allows only `top` terms there)
+    kept = torch.zeros(view.x.shape[:2], dtype=torch.bool, device=view.x.device) if any(
+        t.adaptive is not None and t.adaptive.kind == "lof" for t in stage.terms) else None
     for term in stage.terms:
         scores = evaluate_score(term.score, view) if term.score is not None else None
         if on_scores is not None and scores is not None:
@@ -262,8 +268,10 @@ def _terms(stage: ResolvedStage, view: StageView,
             on_scores = None
         needs_features |= term.kind in ("diverse", "unique", "far")  # diverse(sum) too
         kind = "diverse_sum" if term.kind == "diverse" and term.spread == "sum" else term.kind
-        count = term.count if term.adaptive is None else _adaptive_count(term, scores, view, n - taken)
+        count = term.count if term.adaptive is None else _adaptive_count(term, scores, view, n - taken, kept)
         taken += count
+        if kept is not None and term.kind == "top":
+            kept = kept.scatter(1, ops.topk(scores, count, exclude=kept), True)
         pivots, pivot_keys, feats = _far_inputs(stage, term, view)
         keys = view.seq_pos if term.kind == "far" else None
         terms.append(ops.TermSpec(kind=kind, count=count, scores=scores, seed=term.seed, per_pivot=term.per_pivot,
