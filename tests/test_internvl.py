@@ -246,3 +246,96 @@ def test_llm_layer0_keeps_positions(models):
     with vc.apply("at llm.layer0 keep uniform 4", model), torch.no_grad():
         got = model.generate(**batch_inputs, max_new_tokens=6, do_sample=False)
     assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------- ViT stages
+def _plain_tile_scores(model, px: torch.Tensor, layer: int) -> torch.Tensor:
+    """`cls@vit.layer{layer}` by hand, per tile: the plain tower's layers run one by one,
+    layer `layer`'s CLS query row against every key (pre-norm input, its own q/k
+    projections, softmax over all tokens, head mean), read at the patch columns and summed
+    over each 2x2 group of patches, in raster order on the tile's 4x4 shuffled grid
+    ``[tiles, 16]``."""
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        h = tower.embeddings(px)
+        for block in tower.encoder.layer[:layer]:
+            h = block(h)
+        block = tower.encoder.layer[layer]
+        x = block.layernorm_before(h)
+        heads = tower.config.num_attention_heads
+        q = block.attention.q_proj(x).unflatten(-1, (heads, -1)).transpose(1, 2)
+        k = block.attention.k_proj(x).unflatten(-1, (heads, -1)).transpose(1, 2)
+        probs = torch.softmax(q[:, :, :1] @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1).mean(1)[:, 0, 1:]
+    side = SPEC.image_size // SPEC.patch_size
+    return probs.reshape(-1, side // 2, 2, side // 2, 2).sum((2, 4)).reshape(-1, (side // 2) ** 2)
+
+
+def _plain_features(model, px: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """The plain model's image features of the kept shuffled tokens: the tower's last
+    layer, CLS dropped, the model's own pixel shuffle, the kept rows, the projector."""
+    with torch.no_grad():
+        feats = model.model.vision_tower(pixel_values=px).last_hidden_state[:, 1:]
+        side = int(feats.shape[1] ** 0.5)
+        shuffled = model.model.pixel_shuffle(feats.reshape(feats.shape[0], side, side, -1), scale_factor=0.5)
+        shuffled = shuffled.reshape(feats.shape[0], -1, shuffled.shape[-1])
+        return model.model.multi_modal_projector(shuffled.gather(1, kept[..., None].expand(-1, -1,
+                                                                                           shuffled.shape[-1])))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("sized", [False, True])
+def test_vit_out_stage_equals_a_plain_loop_per_tile(models, attn, sized):
+    """`at vit.out keep cls@vit.layer3 top 6` keeps, in every tile (the thumbnail too),
+    the 6 shuffled tokens whose 2x2 groups the CLS attends to most; the LLM then sees the
+    kept tokens tile by tile. Batch 2, left-padded: greedy tokens equal the plain model
+    fed those features in a prompt with 6 placeholders per tile."""
+    from family_runs import generate_on_fewer_placeholders
+
+    model, keep = models[attn], 6
+    batch_inputs = inputs(2)
+    ref = plain_copy(SPEC, model, attn)
+    px = batch_inputs["pixel_values"]
+    scores = _plain_tile_scores(ref, px, layer=3)
+    order = scores.argsort(dim=1, descending=True)
+    gaps = scores.gather(1, order[:, keep - 1:keep]) - scores.gather(1, order[:, keep:keep + 1])
+    assert bool((gaps > 1e-6).all()), "near-tied scores: the reference would be ambiguous"
+    kept = order[:, :keep].sort(dim=1).values
+    features = _plain_features(ref, px, kept).reshape(2, TILES * keep, -1)
+    want = generate_on_fewer_placeholders(ref, batch_inputs, IMG, features, new_tokens=5)
+    spec = SPEC.for_image(*SIZE) if sized else SPEC
+    with vc.apply(f"at vit.out keep cls@vit.layer3 top {keep}", model, spec=spec):
+        assert vc.image_token_count(model) == keep * (TILES if sized else 1)
+        with torch.no_grad():
+            got = model.generate(**batch_inputs, max_new_tokens=5, do_sample=False)
+        assert torch.equal(vc.kept_tokens(model)["vit.out#0"], kept + 1)  # vids count from 1
+    assert torch.equal(got[:, -5:], want)
+
+
+@pytest.mark.parametrize("src", [
+    "at vit.out keep cls@vit.layer3 top 6",
+    "at vit.out keep cls@vit.layer2 top 4 + diverse 2 then merge rest into 2 by keys",
+    "at vit.out keep cls@vit.layer3 top 6; at llm.layer2 keep text top 50%",
+])
+def test_compiled_vit_out_flops_equal_the_cost_model(models, src):
+    """The vit.out stage works on the shuffled tokens, 4 patches wide (diverse's cosines,
+    the merge's): counted per tile, on the spec sized for the call's image."""
+    spec = SPEC.for_image(*SIZE)
+    model = models["eager"]
+    batch = inputs(1)
+    text = int((batch["input_ids"] != IMG).sum())
+    with vc.apply(src, model, spec=spec), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**batch)
+    assert counter.get_total_flops() == estimate(check(src, spec), text_tokens=text, logits="all").flops
+
+
+def test_vit_sites_and_cls_token_are_refused_where_they_point():
+    cases = {"at vit.layer2 keep cls@vit.layer1 top 10": ("vit.layer2", "model-layout", "whole 8x8 patch grid"),
+             "at vit.out keep cls_token + cls top 10": ("cls_token", "cls-token", "never reaches it"),
+             "at llm.layer2 keep cls@vit.layer3 top 10": ("cls@", "model-layout", "summed over each shuffled"),
+             "at vit.out pool 8x8": ("pool", "pool", "")}
+    for src, (at, code, words) in list(cases.items())[:3]:
+        d = first_error(src, SPEC)
+        assert (d.span.line, d.span.column, d.code, words in d.message) == (1, src.index(at) + 1, code, True), src
+    # a token at vit.out is one shuffled group: the tile's grid is 4x4
+    assert check("at vit.out keep cls@vit.layer3 top 50%", SPEC).stages[0].tokens_in == PER_TILE
+    assert check("at vit.out pool 2x2", SPEC).stages[0].tokens_out == PER_TILE // 4

@@ -124,8 +124,9 @@ def rewrite_inputs(
     return {"input_ids": new_ids, "attention_mask": new_mask, "labels": new_labels, "position_ids": new_pos}
 
 
-def count_images(kwargs: dict[str, Any]) -> int | None:
-    """Images a forward/generate call carries (None when it carries none)."""
+def count_images(kwargs: dict[str, Any], crops: int = 1) -> int | None:
+    """Images a forward/generate call carries (None when it carries none). `crops`: rows
+    of a 4-D `pixel_values` per image (InternVL stacks every image's tiles there)."""
     pixel_values = kwargs.get("pixel_values")
     # a family's size argument has one row per image, however many crops or patches each has
     for key in SIZE_ARGUMENTS:
@@ -134,7 +135,7 @@ def count_images(kwargs: dict[str, Any]) -> int | None:
             return int(sizes.shape[0])
     if isinstance(pixel_values, Tensor):
         if pixel_values.dim() == 4:
-            return int(pixel_values.shape[0])
+            return int(pixel_values.shape[0]) // crops
         return int(pixel_values.shape[0] * pixel_values.shape[1])
     mm = kwargs.get("mm_encoder_outputs")
     if isinstance(mm, dict) and mm.get("image") is not None:
@@ -147,7 +148,7 @@ def count_images(kwargs: dict[str, Any]) -> int | None:
 
 
 def maybe_rewrite(
-    kwargs: dict[str, Any], *, image_token_id: int, from_count: int, to_count: int, pad_token_id: int
+    kwargs: dict[str, Any], *, image_token_id: int, from_count: int, to_count: int, pad_token_id: int, crops: int = 1
 ) -> dict[str, Any]:
     """Rewrite the prompt in a forward/generate call's kwargs when it has the old count.
 
@@ -156,7 +157,7 @@ def maybe_rewrite(
     to report (its "Image features and image tokens do not match").
     """
     input_ids = kwargs.get("input_ids")
-    images = count_images(kwargs)
+    images = count_images(kwargs, crops)
     if from_count == to_count or not isinstance(input_ids, Tensor) or images is None:
         return kwargs
     total = int((input_ids == image_token_id).sum())

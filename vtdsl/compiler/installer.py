@@ -213,8 +213,9 @@ class Installer:
                     self.hook(layer_path, "post", _vit_capture(rt, obs.layer, "h"), f"capture output for {label}",
                               eager=False)
                 continue
+            attention = f"{layer_path}.{self.family.vit_attention}"
             for key in projections:
-                self.hook(f"{layer_path}.self_attn.{key}_proj", "post", _vit_capture(rt, obs.layer, key),
+                self.hook(f"{attention}.{key}_proj", "post", _vit_capture(rt, obs.layer, key),
                           f"capture {key}_proj output for {label}", eager=False)
 
     def _install_features(self, vit_rt) -> bool:
@@ -452,7 +453,8 @@ class _TopLevel:
 
     def rewrite(self, kwargs: dict) -> dict:
         from_count, to_count = self.plans.counts(kwargs)
-        return maybe_rewrite(kwargs, from_count=from_count, to_count=to_count, **self.kw)
+        return maybe_rewrite(kwargs, from_count=from_count, to_count=to_count, crops=self.plans.plan.spec.vit_crops,
+                             **self.kw)
 
     def post_hook(self, module, args, output):
         labels, self.labels = self.labels, None

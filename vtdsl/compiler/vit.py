@@ -12,7 +12,9 @@ and swaps the encoder module for the resulting `GraphModule`, whose submodule pa
 (``layers.i``) and therefore state-dict keys are the original ones.
 
 `vit.out` stages run in a forward pre-hook on the projector, on the features after the
-select strategy dropped CLS. A stage at ``vit.layer{f+1}`` (f = feature layer) also
+select strategy dropped CLS (on merged features, InternVL's, the pixel-shuffled tokens,
+ViT scores summed over each token's group of patches). A stage at ``vit.layer{f+1}``
+(f = feature layer) also
 defines the features: its fx node runs after transformers captured layer f's output as a
 hidden state, so the projector hook substitutes that node's output for the features.
 
@@ -61,13 +63,15 @@ class _TraceRoot(nn.Module):
         self.encoder = encoder
 
     def forward(self, inputs_embeds):
-        return self.encoder(inputs_embeds=inputs_embeds).last_hidden_state
+        # positional: CLIP / SigLIP name it `inputs_embeds`, InternViT `hidden_states`
+        return self.encoder(inputs_embeds).last_hidden_state
 
 
-def trace_layer_loop(encoder: nn.Module, num_layers: int) -> fx.Graph:
-    """The encoder's layer loop as an fx graph whose call_module targets are ``layers.i``."""
+def trace_layer_loop(encoder: nn.Module, num_layers: int, layers: str = "layers") -> fx.Graph:
+    """The encoder's layer loop as an fx graph whose call_module targets are ``<layers>.i``
+    (`layers`: the encoder's name for its layer list, ``layers`` or InternViT's ``layer``)."""
     try:
-        graph = _LayerLoopTracer("encoder.layers.").trace(_TraceRoot(encoder))
+        graph = _LayerLoopTracer(f"encoder.{layers}.").trace(_TraceRoot(encoder))
     except Exception as exc:  # noqa: BLE001 - report any tracing failure as a compile error
         raise CompileError(f"torch.fx could not trace {type(encoder).__name__}: {exc}") from exc
     layer_nodes = []
@@ -79,7 +83,7 @@ def trace_layer_loop(encoder: nn.Module, num_layers: int) -> fx.Graph:
                 node._rename(node.target.replace(".", "_"))
             except AttributeError:  # pragma: no cover - private fx API
                 pass
-    expected = [f"layers.{i}" for i in range(num_layers)]
+    expected = [f"{layers}.{i}" for i in range(num_layers)]
     if [n.target for n in layer_nodes] != expected:
         raise CompileError(
             f"traced {type(encoder).__name__} calls {[n.target for n in layer_nodes]}, expected {expected}"
@@ -151,6 +155,7 @@ class VitRuntime:
         self.cls_feature: Tensor | None = None  # [G, 1, d]: CLS at the feature layer (`cls_token`)
         self.captured: dict[int, dict[str, Any]] = {}
         self.scored: dict[Observation, Scored] = {}
+        self.merged: dict[Observation, Scored] = {}
 
     # -------------------------------------------------------------- graph nodes
     def begin(self, x: Tensor) -> None:
@@ -206,6 +211,8 @@ class VitRuntime:
         if self.feature_override is not None:
             x = self.feature_override[:, 1:] if self.drop_cls else self.feature_override
         tokens = self.feature_tokens.drop_first() if self.drop_cls else self.feature_tokens
+        if self.spec.merged_features:  # the shuffle's tokens, one per group of the whole grid
+            tokens = Tokens.initial(x.shape[0], self.spec.llm_grid, x.device, False)
         if tokens.count != x.shape[1] or tokens.vid.shape[0] != x.shape[0]:
             raise CompileError(
                 f"projector input has {tuple(x.shape[:2])} tokens, bookkeeping expects "
@@ -283,15 +290,39 @@ class VitRuntime:
             raise CompileError(f"the vision tower has no layer {i}")
         return self.layers[i]
 
+    def observe_merged(self, obs: Observation) -> Scored:
+        """A ViT observation's scores summed over each group of patches the features merge
+        (`ModelSpec.merged_features`), one per merged token in raster order (vid = index + 1):
+        the group's attention mass, or its summed norm. The tower had no stage, so the
+        scores cover the whole patch grid."""
+        done = self.merged.get(obs)
+        if done is not None:
+            return done
+        values = self.observe(obs).values.float()
+        g, m, (rows, cols) = values.shape[0], self.spec.spatial_merge, self.spec.grid
+        if values.shape[1] != rows * cols:
+            raise CompileError(f"'{obs.scorer}' at vit.layer{obs.layer} covers {values.shape[1]} patches, "
+                               f"not the whole {rows}x{cols} grid the shuffle merges")
+        merged = values.view(g, rows // m, m, cols // m, m).sum((2, 4)).reshape(g, -1)
+        ids = torch.arange(1, merged.shape[1] + 1, device=merged.device)[None].expand(g, -1)
+        done = self.merged[obs] = Scored(merged, ids, "vid", merged.shape[1] + 1)
+        return done
+
     def keys_of(self, layer: int, vid: Tensor) -> Tensor:
         """``[G, n, dh]``: the attention keys of ViT `layer` (its k_proj output, head
-        mean) of the tokens `vid`, which must have been present at that layer."""
+        mean) of the tokens `vid`, which must have been present at that layer; on merged
+        features, a merged token's key is the mean of its group's."""
         cap = self.captured.get(layer, {})
         if "k" not in cap:
             raise CompileError(f"'by keys' found no keys captured at vit.layer{layer}")
         k, tokens = cap["k"], cap["tokens"]
         g, n_l = k.shape[:2]
         keys = k.view(g, n_l, self.num_heads, -1).mean(2)
+        if self.spec.merged_features:
+            m, (rows, cols) = self.spec.spatial_merge, self.spec.grid
+            lead = 1 if self.has_cls else 0
+            grid = keys[:, lead:].reshape(g, rows // m, m, cols // m, m, -1)
+            return ops.gather_tokens(grid.mean((2, 4)).reshape(g, -1, keys.shape[-1]), vid - 1)
         where = torch.full((g, self.ids), -1, dtype=torch.long, device=k.device)
         where.scatter_(1, tokens.vid, torch.arange(n_l, device=k.device)[None].expand(g, -1))
         idx = where.gather(1, vid)
@@ -314,25 +345,26 @@ class VitRuntime:
     def _aligned(self, obs: Observation, vid: Tensor) -> Tensor:
         if obs.tower != "vit":
             raise CompileError(f"a ViT stage cannot read the LLM observation at llm.layer{obs.layer}")
-        return _align(self.observe(obs), vid)
+        return _align(self.observe_merged(obs) if self.spec.merged_features else self.observe(obs), vid)
 
 
 def build_vit(model: nn.Module, plan: Plan, rt: VitRuntime, encoder_path: str) -> tuple[nn.Module, fx.GraphModule]:
     """The original encoder and its fx rewrite (not installed yet)."""
     spec = plan.spec
     encoder = model.get_submodule(encoder_path)
-    rt.layers = encoder.layers
+    listed = spec.vit_layer_path.format(i=0).rpartition(".")[0].rpartition(".")[2]  # "layers" (CLIP), "layer"
+    rt.layers = getattr(encoder, listed)
     layer_stages = [s for s in plan.stages if s.site.tower == "vit" and s.site.layer is not None]
-    graph = trace_layer_loop(encoder, spec.vit.layers)
-    modules: dict[str, nn.Module] = {f"layers.{i}": encoder.layers[i] for i in range(spec.vit.layers)}
+    graph = trace_layer_loop(encoder, spec.vit.layers, listed)
+    modules: dict[str, nn.Module] = {f"{listed}.{i}": rt.layers[i] for i in range(spec.vit.layers)}
     placeholder = next(n for n in graph.nodes if n.op == "placeholder")
     with graph.inserting_after(placeholder):
         begin = graph.call_module("vtdsl_vit_begin", (placeholder,))
     placeholder.replace_all_uses_with(begin, delete_user_cb=lambda user: user is not begin)
     modules["vtdsl_vit_begin"] = _VitBegin(rt)
-    layer_nodes = {n.target: n for n in graph.nodes if n.op == "call_module" and n.target.startswith("layers.")}
+    layer_nodes = {n.target: n for n in graph.nodes if n.op == "call_module" and n.target.startswith(f"{listed}.")}
     for stage in layer_stages:
-        node = layer_nodes[f"layers.{stage.site.layer}"]
+        node = layer_nodes[f"{listed}.{stage.site.layer}"]
         name = f"vtdsl_vit_stage{stage.index}"
         with graph.inserting_before(node):
             new = graph.call_module(name, (node.args[0],))

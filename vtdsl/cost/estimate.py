@@ -105,12 +105,18 @@ class _ExpectedWalk:
         self.cls = 1 if spec.has_cls else 0
         self.vit = [spec.vit_tokens] * spec.vit.layers
         self.patches = self.features = spec.patch_tokens
+        if spec.merged_features:  # vit.out sees the merged tokens (no stage inside the tower)
+            self.features = spec.llm_grid[0] * spec.llm_grid[1]
+        self.units = spec.vit_units  # merge-unit towers count merge units at ViT sites
+        if self.units > 1:
+            self.patches = self.features = self.merged = spec.llm_grid[0] * spec.llm_grid[1]
         self.llm: list[int] | None = None
 
     def _projector(self) -> int:
         spec = self.spec
         keeps_cls = spec.has_cls and spec.select_strategy == "full"
-        return (self.features // spec.spatial_merge**2 + (1 if keeps_cls else 0)) * spec.vit_crops
+        merged = self.features if spec.merged_features or self.units > 1 else self.features // spec.spatial_merge**2
+        return (merged + (1 if keeps_cls else 0)) * spec.vit_crops
 
     def entering(self, site) -> int:
         if site.tower == "vit":
@@ -123,9 +129,9 @@ class _ExpectedWalk:
         spec = self.spec
         if site.tower == "vit" and site.layer is not None:
             self.patches = out
-            self.vit[site.layer:] = [out + self.cls] * (spec.vit.layers - site.layer)
+            self.vit[site.layer:] = [out * self.units + self.cls] * (spec.vit.layers - site.layer)
             if site.layer <= spec.feature_layer_index + 1:
-                self.features = out
+                self.features = self.merged = out
         elif site.tower == "vit":
             self.features = out
         else:
@@ -134,6 +140,8 @@ class _ExpectedWalk:
     def result(self) -> tuple[list[int], int, list[int]]:
         projector = self._projector()
         llm = self.llm or [self.spec.llm_entry_tokens(projector)] * self.spec.llm.layers
+        if self.units > 1:  # the merger runs before vit.out: on the units the blocks hand on
+            projector = self.merged * self.spec.vit_crops
         return self.vit, projector, llm
 
 

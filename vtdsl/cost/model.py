@@ -190,7 +190,9 @@ def stage_flops(k: _Constants, stage) -> int:
     """Matmul work of a stage's selectors and merges (docs/dev/contracts.md); a ViT stage
     runs once per crop."""
     if stage.site.tower == "vit":
-        return k.crops * _stage_flops(stage, k.vit_d, k.spec.vit.head_dim)
+        # vit.out works on the projector's input, merged tokens wider than a patch on some models
+        d = k.spec.projector[0] if stage.site.layer is None and k.spec.merged_features else k.vit_d
+        return k.crops * _stage_flops(stage, d, k.spec.vit.head_dim)
     return _stage_flops(stage, k.llm_d)
 
 

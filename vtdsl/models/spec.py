@@ -135,6 +135,11 @@ class ModelSpec:
     # image's, and adds a thumbnail tile when it cut more than one; (0, 0): no tiling. The
     # spec's own counts are for one tile; `for_image` sets `vit_crops` to an image's tiles.
     tile_range: tuple[int, int] = (0, 0)
+    # The projector's input is already merged (InternVL's pixel shuffle runs before its
+    # projector): a `vit.out` stage chooses among the merged tokens (`llm_grid`, each of
+    # spatial_merge² patches), ViT scores summed over each token's patches; stages inside
+    # the tower are refused, the shuffle needs every patch.
+    merged_features: bool = False
     # Checkpoint key renames (regex, replacement), first match wins: maps older / hub
     # checkpoint layouts onto this transformers version's module tree.
     checkpoint_renames: tuple[tuple[str, str], ...] = field(default=(), repr=False)

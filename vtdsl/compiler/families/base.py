@@ -40,12 +40,16 @@ class Family:
     layout_fields : tuple of str
         `ModelSpec` fields, besides the towers' shapes, that a plan checked for one spec
         must share with the model it is installed on.
+    vit_attention : str
+        The attention module of a ViT layer, whose ``q_proj`` / ``k_proj`` / ``v_proj``
+        ViT scores capture (``self_attn``; InternViT: ``attention``).
     """
 
     name: ClassVar[str]
     size_argument: ClassVar[str | None] = None
     video_argument: ClassVar[str | None] = None
     layout_fields: ClassVar[tuple[str, ...]] = ()
+    vit_attention: ClassVar[str] = "self_attn"
 
     def __repr__(self) -> str:
         return f"<vtdsl family {self.name}>"

@@ -12,14 +12,39 @@ was sized for an image (`for_image`: crops = the image's tiles, counted together
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from ...ops.scorers import by_canonical
+from ..runtime import CompileError
 from .smolvlm import SmolVLM
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ...ir.plan import Plan
+    from ..installer import Installer
 
 
 class InternVL(SmolVLM):
-    """Aspect-matched tiles plus a thumbnail, pixel shuffle before the projector, 1-D RoPE."""
+    """Aspect-matched tiles plus a thumbnail, pixel shuffle before the projector, 1-D RoPE.
+
+    ViT stages sit at `vit.out` only (the IR refuses `vit.layerN`: the shuffle needs every
+    patch): they run in the projector's pre-hook on a tile's 16x16 shuffled tokens, one
+    tile per row of the tower's batch, with ViT scores summed over each token's 2x2 group."""
 
     name = "internvl"
-    layout_fields = ("spatial_merge", "tile_range")
+    layout_fields = ("spatial_merge", "tile_range", "merged_features")
+    vit_attention = "attention"
+
+    def install(self, installer: Installer, plan: Plan) -> None:
+        # scores are computed from the captured q/k projections; InternViT-6B normalises
+        # them after the projection (use_qk_norm), which those captures would miss
+        vision = installer.model.config.vision_config
+        reads = [o for o in plan.observations
+                 if o.tower == "vit" and {"q", "k"} & set(by_canonical(o.scorer).projections)]
+        if reads and getattr(vision, "use_qk_norm", False):
+            raise CompileError(f"'{reads[0].scorer}' at vit.layer{reads[0].layer} reads InternViT's q/k projections, "
+                               "which this checkpoint normalises afterwards (use_qk_norm); vtdsl does not "
+                               "capture the normalised ones")
+        super().install(installer, plan)
 
 
 FAMILY = InternVL()

@@ -74,6 +74,10 @@ class _Counts:
     @classmethod
     def start(cls, spec: ModelSpec) -> _Counts:
         patches = spec.patch_tokens
+        if spec.merged_features:  # what reaches vit.out is merged already (no stage inside the tower)
+            rows, cols = spec.llm_grid
+            return cls(spec, [spec.vit_tokens] * spec.vit.layers, patches, patches, rows * cols, rows * cols,
+                       spec.llm_grid)
         return cls(spec, [spec.vit_tokens] * spec.vit.layers, patches, patches, patches, patches, spec.grid)
 
     def entering(self, site: ResolvedSite) -> tuple[int, int]:
@@ -127,7 +131,8 @@ def _to_projector(features: int, spec: ModelSpec) -> int:
     (Qwen2.5-VL), CLS added back under the "full" strategy, times the crops (LLaVA-NeXT).
     With nothing pruned this is `spec.projector_tokens`."""
     keeps_cls = spec.has_cls and spec.select_strategy == "full"
-    return (features // spec.spatial_merge**2 + (1 if keeps_cls else 0)) * spec.vit_crops
+    merged = features if spec.merged_features else features // spec.spatial_merge**2
+    return (merged + (1 if keeps_cls else 0)) * spec.vit_crops
 
 
 def _annotate_stream(graph: nx.DiGraph) -> None:

@@ -117,7 +117,19 @@ def _validate_layout(graph, spec: ModelSpec, stage: ast.Stage, site: ResolvedSit
       crops and newline tokens, not one grid; spatial selectors there are refused.
     - Image splitting sized for an image (SmolVLM): the LLM's visual tokens are its tiles'
       grids one after the other between text tokens, not one grid; refused alike.
+    - Merged features (InternVL's pixel shuffle before the projector): vit.out chooses among
+      the merged tokens; a stage inside the tower would break the groups the shuffle reads.
     """
+    if site.tower == "vit" and spec.merged_features:
+        if site.layer is not None:
+            m = spec.spatial_merge
+            rows, cols = spec.grid
+            error(graph, f"{spec.name} pixel-shuffles each {m}x{m} group of ViT patches into one token before "
+                  f"the projector, which needs every crop's whole {rows}x{cols} patch grid; a stage at "
+                  f"{site.text()} would leave it incomplete", stage.site.span,
+                  expected=f"vit.out (a token there is one shuffled {m}x{m} group) or an llm.layerN site",
+                  code="model-layout")
+        return
     if site.tower == "vit" and spec.spatial_merge > 1:
         m = spec.spatial_merge
         error(graph, f"{spec.name} merges {m}x{m} groups of ViT patches into one token after the vision tower; "
@@ -162,6 +174,10 @@ def _validate_cls_token(graph, spec: ModelSpec, stage: ast.Stage, site: Resolved
     term = terms[0]
     if not spec.has_cls:
         message = f"model '{spec.name}' has no CLS token, so 'cls_token' cannot keep one"
+    elif spec.merged_features:
+        m = spec.spatial_merge
+        message = (f"on '{spec.name}' the projector reads pixel-shuffled tokens {m * m} patches wide; the CLS "
+                   "token is one patch wide and never reaches it, so 'cls_token' cannot keep it")
     elif site.tower == "llm":
         message = (f"'cls_token' keeps the CLS token at vit.out; at {site.text()} the LLM only sees what the "
                    "projector received")
@@ -272,7 +288,12 @@ def _needs_cls(r: _Read):
 
 def _vit_of_merged_patches(r: _Read):
     spec = r.spec
-    if r.obs.tower == "vit" and spec.spatial_merge > 1:
+    if r.obs.tower == "vit" and spec.merged_features and r.stage_site.tower == "llm":
+        return (f"on {spec.name} ViT scores are summed over each shuffled {spec.spatial_merge}x"
+                f"{spec.spatial_merge} group for a vit.out stage; '{ref_text(r.ref)}' read by the stage at "
+                f"{r.stage_site.text()} is not", "the stage at vit.out, or an LLM score such as text@llm.layer2",
+                "model-layout")
+    if r.obs.tower == "vit" and spec.spatial_merge > 1 and not spec.merged_features:
         order = "orders patches by attention window and merges them" if spec.vit_window else "merges patches"
         return (f"{spec.name}'s vision tower {order} "
                 f"{spec.spatial_merge}x{spec.spatial_merge} before the LLM; vtdsl reads no ViT scores there",

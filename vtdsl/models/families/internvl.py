@@ -58,6 +58,7 @@ def shuffle_layout(config, vc) -> dict[str, Any]:
         "projector": (vc.hidden_size * merge * merge, out, out),
         "spatial_merge": merge,
         "tile_range": tile_range(config, side),
+        "merged_features": True,
     }
 
 
