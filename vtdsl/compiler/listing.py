@@ -66,6 +66,15 @@ def stage_text(stage: ResolvedStage) -> str:
     return _action_text(stage) + (" renumber" if stage.renumber else "")
 
 
+def _rule_text(rule) -> str:
+    """An adaptive count's rule as the policy writes it."""
+    if rule.kind == "outliers":
+        return "outliers"
+    if rule.kind == "lof":
+        return f"lof({rule.neighbours}, rest)" if rule.of_rest else f"lof({rule.neighbours})"
+    return f"entropy({score_text(rule.score)}) over {rule.steps} layer{'s' if rule.steps != 1 else ''}"
+
+
 def _action_text(stage: ResolvedStage) -> str:
     if stage.action == "drop":
         return "drop all"
@@ -77,9 +86,7 @@ def _action_text(stage: ResolvedStage) -> str:
     for term in stage.terms:
         if term.kind == "top" and term.adaptive is not None:
             rule = term.adaptive
-            parts.append(f"{score_text(term.score)} top {rule.bound} by outliers" if rule.kind == "outliers" else
-                         f"{score_text(term.score)} top {rule.bound} by entropy({score_text(rule.score)}) "
-                         f"over {rule.steps} layer{'s' if rule.steps != 1 else ''}")
+            parts.append(f"{score_text(term.score)} top {rule.bound} by {_rule_text(rule)}")
         elif term.kind == "top":
             parts.append(f"{score_text(term.score)} top {term.count}")
         elif term.kind == "far":

@@ -79,14 +79,17 @@ class ResolvedScore:
 
 @dataclass(frozen=True)
 class ResolvedAdaptive:
-    """A count decided per image (`top N by outliers`, `top N by entropy(s) over L layers`).
+    """A count decided per image (`top N by outliers`, `top N by entropy(s) over L layers`,
+    `top N by lof(K[, rest])`).
 
-    `bound`: outliers, the most tokens kept; entropy, the fewest (the N written)."""
+    `bound`: outliers and lof, the most tokens kept; entropy, the fewest (the N written)."""
 
-    kind: Literal["outliers", "entropy"]
+    kind: Literal["outliers", "entropy", "lof"]
     bound: int
     steps: int = 1
     score: ResolvedScore | None = None  # entropy: whose entropy slows the cut
+    neighbours: int = 0  # lof: K
+    of_rest: bool = False  # lof: the share among the tokens left, of the tokens kept
 
 
 @dataclass(frozen=True)

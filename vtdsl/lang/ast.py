@@ -17,6 +17,7 @@ from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, field_valida
 # Limits that keep every quantity meaningful and every integer small enough to print.
 MAX_COUNT = 1_000_000
 MAX_LAYER = 10_000
+MAX_LOF_NEIGHBOURS = 4096  # LOF compares every pair of a stage's tokens: more neighbours than that is a typo
 MAX_BUDGET = 10**24  # absolute budgets (FLOPs, tokens, KV entries)
 
 
@@ -182,16 +183,23 @@ class Adaptive(Node):
     `outliers`: the tokens whose score exceeds Q3 + 1.5 IQR of the stage's scores, at
     least 1 and at most N (PruMerge). `entropy`: of the a tokens available to the term,
     ``round((a - N)(1 - H^2) / sqrt(steps))`` are removed, never leaving fewer than N,
-    H = the normalised entropy of `score` over the candidates (FlowCut)."""
+    H = the normalised entropy of `score` over the candidates (FlowCut). `lof`: the share of
+    the scores that a `neighbours`-neighbour Local Outlier Factor calls outliers, of the
+    tokens available (`of_rest`: the share among the tokens left, of the tokens kept so far),
+    at most N (Recoverable Compression)."""
 
-    kind: Literal["outliers", "entropy"]
+    kind: Literal["outliers", "entropy", "lof"]
     score: Score | None = None
     steps: int | None = Field(default=None, ge=1, le=MAX_LAYER)
+    neighbours: int | None = Field(default=None, ge=1, le=MAX_LOF_NEIGHBOURS)
+    of_rest: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "Adaptive":
         if (self.kind == "entropy") != (self.score is not None and self.steps is not None):
             raise ValueError("'by entropy(score) over N layers' names a score and a layer count; 'by outliers' neither")
+        if (self.kind == "lof") != (self.neighbours is not None) or (self.of_rest and self.kind != "lof"):
+            raise ValueError("'by lof(K)' / 'by lof(K, rest)' names a neighbour count; no other rule does")
         return self
 
 

@@ -89,6 +89,8 @@ def format_score(score) -> str:
 def format_adaptive(adaptive) -> str:
     if adaptive.kind == "outliers":
         return " by outliers"
+    if adaptive.kind == "lof":
+        return f" by lof({adaptive.neighbours}, rest)" if adaptive.of_rest else f" by lof({adaptive.neighbours})"
     layers = "layer" if adaptive.steps == 1 else "layers"
     return f" by entropy({format_score(adaptive.score)}) over {adaptive.steps} {layers}"
 

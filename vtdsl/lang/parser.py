@@ -658,6 +658,8 @@ class _Builder:
         span = self.span(tree)
         if len(tree.children) == 1:
             return self.node(ast.Adaptive, span, kind="outliers")
+        if isinstance(tree.children[0], Token) and tree.children[0].type == "LOF":
+            return self.lof(tree, span)
         score_tree, steps_tok = tree.children
         steps = self.number(steps_tok)
         if not isinstance(steps, int) or not 1 <= steps <= ast.MAX_LAYER:
@@ -665,6 +667,15 @@ class _Builder:
                         self.span(steps_tok), expected="a layer count such as 'over 20 layers'",
                         hint="the last cut of a schedule (no layers left) is a plain 'top N'", code="semantic")
         return self.node(ast.Adaptive, span, kind="entropy", score=self.score(score_tree), steps=steps)
+
+    def lof(self, tree: Tree, span) -> ast.Adaptive:
+        """`by lof(K)` / `by lof(K, rest)`."""
+        _, k_tok, *rest = tree.children
+        k = self.number(k_tok)
+        if not isinstance(k, int) or not 1 <= k <= ast.MAX_LOF_NEIGHBOURS:
+            raise _fail(f"'lof({show(str(k_tok))})' needs a whole number of neighbours, 1 to {ast.MAX_LOF_NEIGHBOURS}",
+                        self.span(k_tok), expected="a neighbour count such as 'lof(20)'", code="semantic")
+        return self.node(ast.Adaptive, span, kind="lof", neighbours=k, of_rest=bool(rest))
 
     def seed(self, tok: Token) -> int:
         value = self.number(tok)

@@ -5,7 +5,7 @@
   received, query attention, norms, values), each with its entries and kernels.
 - `similarity`: the cosine matrix shared by similarity selectors.
 - `select`: selectors (top-k, diverse, unique, uniform, random, buffers, regions).
-- `counts`: adaptive counts (IQR outliers, FlowCut's entropy rule).
+- `counts`: adaptive counts (IQR outliers, FlowCut's entropy rule, RC's LOF share).
 - `keep`: a union of selection terms (`keep a + b + ...`).
 - `merge`: gather, contextual merge, ToMe merge, pooling, drop.
 
@@ -25,7 +25,7 @@ __getattr__, __all__ = lazy_attributes(__name__, {
     "vtdsl.ops.similarity": ("pairwise_cosine",),
     "vtdsl.ops.select": ("topk", "diverse", "diverse_sum", "far", "unique", "uniform", "random", "buffers",
                          "split_chunks", "split_regions", "per_region", "proportional_shares"),
-    "vtdsl.ops.counts": ("outlier_count", "entropy_count", "normalised_entropy"),
+    "vtdsl.ops.counts": ("outlier_count", "entropy_count", "normalised_entropy", "lof_outliers", "lof_count"),
     "vtdsl.ops.keep": ("TermSpec", "select_union"),
     "vtdsl.ops.merge": ("gather_tokens", "merge_rest", "absorb_neighbours", "recycle_clusters", "recycle_cells",
                         "contextual_targets", "bipartite_merge", "pool2d", "pooled_grid", "drop_all"),

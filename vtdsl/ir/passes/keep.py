@@ -96,10 +96,12 @@ def _resolve_term(s: StageInput, term, picked: _Kept) -> ResolvedTerm | None:
         return None
     count, far = asked
     adaptive = term.adaptive if isinstance(term, ast.TopTerm) else None
+    if adaptive is not None and adaptive.kind == "lof" and not _lof_fits(s, term, picked):
+        return None
     sure = count
-    if adaptive is not None and adaptive.kind == "outliers":
+    if adaptive is not None and adaptive.kind in ("outliers", "lof"):
         count = min(count, s.tokens_in - picked.kept_min)  # at run time: at most what is there
-        sure = min(count, 1)  # only its one sure token must fit
+        sure = min(count, 1) if adaptive.kind == "outliers" else 0  # only its sure tokens must fit
     if sure > available:
         qty_span = term.qty.span if term.qty is not None else term.span
         earlier = f" after the earlier terms kept {picked.kept}" if picked.kept else ""
@@ -113,6 +115,21 @@ def _resolve_term(s: StageInput, term, picked: _Kept) -> ResolvedTerm | None:
         )
         return None
     return _term(s, term, count, far, picked)
+
+
+def _lof_fits(s: StageInput, term, picked: _Kept) -> bool:
+    """`by lof` reads which tokens the earlier terms kept (its share masks or leaves them
+    out), which the run time knows for `top` terms only; `lof(K, rest)` takes its share of
+    the tokens kept before it, so it cannot come first."""
+    if any(t.kind != "top" for t in picked.terms):
+        error(s.graph, "'by lof' reads the tokens the earlier terms kept, which only 'top' terms tell before it",
+              term.adaptive.span, expected="only '<score> top ...' terms before a 'by lof' term", code="adaptive")
+        return False
+    if term.adaptive.of_rest and not picked.terms:
+        error(s.graph, "'by lof(K, rest)' takes its share of the tokens kept before it, and none are",
+              term.adaptive.span, expected="an earlier term, or 'by lof(K)'", code="adaptive")
+        return False
+    return True
 
 
 def _asked(s: StageInput, term, picked: _Kept, available: int) -> tuple[int, dict] | None:
@@ -143,9 +160,12 @@ def _term(s: StageInput, term, count: int, far: dict, picked: _Kept) -> Resolved
     if adaptive is not None:
         picked.adaptive_seen = True
         counted = resolve_score(s.graph, adaptive.score, s.obs_by_ref) if adaptive.score is not None else None
-        resolved_adaptive = ResolvedAdaptive(adaptive.kind, count, adaptive.steps or 1, counted)
+        resolved_adaptive = ResolvedAdaptive(adaptive.kind, count, adaptive.steps or 1, counted,
+                                             adaptive.neighbours or 0, adaptive.of_rest)
         if adaptive.kind == "outliers":
             least = min(1, count)  # at least one token (the best), at most N
+        elif adaptive.kind == "lof":
+            least = 0  # RC keeps int(share * base) tokens, none when LOF finds no outlier
         else:  # entropy: never below N, at most every token still available
             least, count = count, s.tokens_in - picked.kept_min
     return ResolvedTerm(kind=term.kind, count=count, score=score, seed=seed, spread=spread, span=term.span,
