@@ -77,7 +77,13 @@ def stage_text(path: Path) -> str:
     return "; ".join(ln for ln in lines if ln.startswith(("at ", "every ")))
 
 
-FAMILIES = ("llava-next-7b", "qwen2.5-vl-7b", "llava-onevision-qwen2-7b", "smolvlm-2.2b")
+FAMILIES = (
+    "llava-next-7b",
+    "qwen2.5-vl-7b",
+    "llava-onevision-qwen2-7b",
+    "smolvlm-2.2b",
+    "qwen3-vl-8b",
+)
 
 FAMILY_HEADER = """
 ## Other model families
@@ -91,6 +97,9 @@ models, so a `vit.out keep 64` hands LLaVA-NeXT's LLM 5 x 64 tokens and LLaVA-On
 37 x 64 (pruned crops are concatenated, without OneVision's shrink of the intact map: a
 light ViT-side prune can give it more tokens than the intact image). A refused file shows
 the first check-time diagnostic (docs/language.md, "Model families", gives the rules).
+Qwen3-VL is counted at 768x768 (576 merged tokens of 16-pixel patches); its ViT-side stages
+are refused (DeepStack mergers read inner blocks), and merging or pooling LLM stages before
+`llm.layer3` compile-time refused (a merged token has no one DeepStack feature).
 
 """
 
