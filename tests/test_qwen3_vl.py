@@ -15,6 +15,7 @@ from vtdsl.compiler.families import family_of
 from vtdsl.cost import estimate
 from vtdsl.ir import check
 from vtdsl.models import get_spec, list_specs
+from vtdsl.models.builtins import BUILTINS
 
 from plain_refs import (first_error, last_query_attention, llm_layers, masked_generate, mrope_inputs, plain_copy,
                         prune_to_top, sharpened_pair, top_k_reference)
@@ -93,6 +94,31 @@ def test_visual_tokens_for_image_sizes_equal_the_processor():
         assert spec.for_image(height, width).image_tokens == want, (height, width)
     # by hand: 768x768 is 24x24 merge units; 32x32 is brought up to 65536 pixels: 8x8
     assert (spec.for_image(768, 768).image_tokens, spec.for_image(32, 32).image_tokens) == (576, 64)
+
+
+def test_a_hub_style_directory_gives_the_registered_spec(tmp_path):
+    """Qwen/Qwen3-VL-8B-Instruct's config.json layout (vision `model_type` "qwen3_vl", which
+    transformers renames; `rope_scaling` and `rope_theta` in the text config) and its
+    preprocessor_config.json: the architecture and pixel range of the built-in."""
+    import json
+
+    vision = {**{k: v for k, v in BUILTINS["qwen3-vl-8b"][0]["vision_config"].items()}, "model_type": "qwen3_vl"}
+    text = {k: v for k, v in BUILTINS["qwen3-vl-8b"][0]["text_config"].items() if k != "rope_parameters"}
+    text.update(rope_theta=5000000, rope_scaling={"mrope_interleaved": True, "mrope_section": [24, 20, 20],
+                                                  "rope_type": "default"}, dtype="bfloat16")
+    hub = {"architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl", "image_token_id": 151655,
+           "video_token_id": 151656, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+           "tie_word_embeddings": False, "vision_config": vision, "text_config": text}
+    (tmp_path / "config.json").write_text(json.dumps(hub))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16, "merge_size": 2,
+         "temporal_patch_size": 2}))
+    local, builtin = get_spec(str(tmp_path)), get_spec("qwen3-vl-8b")
+    fields = ("family", "vit", "llm", "projector", "vocab_size", "image_token_id", "dtype", "min_pixels",
+              "max_pixels", "position_encoding", "deepstack_layers", "patch_size")
+    assert [getattr(local, f) for f in fields] == [getattr(builtin, f) for f in fields]
+    # no vtdsl_reference_image there: counts at 672x672, 21x21 merge units of 32 pixels
+    assert local.image_tokens == 441 and local.for_image(768, 768).image_tokens == builtin.image_tokens == 576
 
 
 def test_videos_are_not_counted():

@@ -38,7 +38,9 @@ FAMILY = replace(
     config_class="Qwen3VLConfig",
     model_class="Qwen3VLForConditionalGeneration",
     layout=qwen3_layout,
-    # LayerNorm blocks with a fused qkv and a linear_fc1 / GELU (tanh) / linear_fc2 MLP
-    vision_towers={"qwen3_vl_vision": {"has_cls": False, "mlp": "gelu", "layers": "depth", "heads": "num_heads"}},
+    # LayerNorm blocks with a fused qkv and a linear_fc1 / GELU (tanh) / linear_fc2 MLP; the
+    # hub's config.json names the vision config "qwen3_vl", which transformers renames
+    vision_towers={name: {"has_cls": False, "mlp": "gelu", "layers": "depth", "heads": "num_heads"}
+                   for name in ("qwen3_vl_vision", "qwen3_vl")},
     text_models={"qwen3_vl_text": {"mlp": "swiglu"}},
 )
