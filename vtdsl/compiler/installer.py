@@ -168,6 +168,10 @@ class Installer:
         if not stages and not observations:
             return None
         rt = VitRuntime(self.plan, self.spec.vit.heads, self.log)
+        if self.spec.vit_units > 1:  # the tower's merger reads whole units: its own block loop
+            from . import merge_units
+
+            return merge_units.install(self, self.plan, self.log)
         self._swap_encoder(rt, stages)
         self._hook_vit_observations(rt, observations)
         spec = self.spec
@@ -222,7 +226,9 @@ class Installer:
         """Between the projector and the LLM: padding for adaptive ViT counts (the prompt
         keeps room for the bound, trimmed again at the LLM input) and the family's own
         rewrites. Returns whether the features' count varies per call."""
-        trims = _features_vary(self.plan)
+        # a merge-unit tower hands the unpruned layout on (dropped rows removed at the LLM
+        # input, whatever the count), so nothing is padded
+        trims = _features_vary(self.plan) and self.spec.vit_units == 1
         self.family.check(self.plan, trims)
         if trims:
             self.hook(self.spec.projector_path, "post", vit_rt.pad_features,
@@ -276,13 +282,13 @@ class Installer:
         """LLM stages and scores: hooks on the multimodal model, the language model's
         input, every decoder layer, and the projections scores read."""
         self.listing.mechanism["llm"] = "none"
-        if not (self.stages["llm"] or self.observations["llm"] or trims):
+        if not (self.stages["llm"] or self.observations["llm"] or trims or _drops_units(vit_rt)):
             return None
         self.listing.mechanism["llm"] = "hooks"
         rt = self._llm_runtime(vit_rt, plans, image_token_id)
         self.hook(self.family.multimodal_path(self.spec), "pre", rt.llava_pre_hook,
                   "record which prompt rows are image tokens", with_kwargs=True)
-        self._hook_llm_input(rt, trims)
+        self._hook_llm_input(rt, trims or _drops_units(vit_rt))
         self._hook_llm_layers(rt)
         for j in rt.input_obs_at:
             rt.input_layers[j] = self.model.get_submodule(self.spec.llm_layer_path.format(i=j))
@@ -322,7 +328,9 @@ class Installer:
         if not layer0 and not trims:
             return
         what = [f"stage {s.index}: {stage_text(s)} ({s.tokens_in} -> {s.tokens_out} per image)" for s in layer0]
-        if trims:
+        if trims and rt.vit is not None and getattr(rt.vit, "kept_units", False) is not False:
+            what.insert(0, "remove the rows of the merge units ViT stages dropped (positions kept)")
+        elif trims:
             what.insert(0, "remove the padding rows of adaptive ViT counts (positions contiguous)")
         what.append("gather inputs_embeds, 2-D mask, position_ids to kept positions; decode: mask columns")
         self.hook(self.family.language_model_path(self.spec), "pre", rt.llm_input_pre_hook, "; ".join(what),
@@ -377,7 +385,8 @@ class Installer:
         gather the labels to the rows the LLM keeps."""
         spec, plan, model = self.spec, self.plan, self.model
         needs_rewrite = plan.image_placeholders != spec.image_tokens
-        rows_change = bool(self.stages["llm"]) or trims  # the LLM sees fewer rows than the prompt: labels follow
+        # the LLM sees fewer rows than the prompt: labels follow
+        rows_change = bool(self.stages["llm"]) or trims or _drops_units(llm_rt.vit if llm_rt is not None else None)
         if not needs_rewrite and not rows_change:
             return
         config = model.config
@@ -400,8 +409,16 @@ class Installer:
                 "before generation (returned ids: the caller's prompt, then the new tokens)")
 
 
-def _heads_joined(hook: Callable) -> Callable:
-    """`hook` handed a per-head ``[B, n, H, dh]`` output as the ``[B, n, H·dh]`` of a projection."""
+def _drops_units(vit_rt) -> bool:
+    """Whether ViT stages drop merge units whose rows the LLM input must remove
+    (`vtdsl.compiler.merge_units`)."""
+    return vit_rt is not None and getattr(vit_rt, "kept_units", False) is not False and any(
+        s.site.tower == "vit" for s in vit_rt.plan.stages)
+
+
+def _heads_joined(hook: Callable, heads_first: bool = False) -> Callable:
+    """`hook` handed a per-head ``[B, n, H, dh]`` output (``[B, H, n, dh]`` when
+    `heads_first`) as the ``[B, n, H·dh]`` of a projection."""
     def joined(module, args, output):
         return hook(module, args, output.flatten(-2))
 

@@ -192,6 +192,8 @@ def stage_flops(k: _Constants, stage) -> int:
     if stage.site.tower == "vit":
         # vit.out works on the projector's input, merged tokens wider than a patch on some models
         d = k.spec.projector[0] if stage.site.layer is None and k.spec.merged_features else k.vit_d
+        if k.spec.vit_units > 1:  # merge units: m² patch rows in the tower, the merger's output at vit.out
+            d = k.spec.projector[-1] if stage.site.layer is None else k.spec.projector[0]
         return k.crops * _stage_flops(stage, d, k.spec.vit.head_dim)
     return _stage_flops(stage, k.llm_d)
 

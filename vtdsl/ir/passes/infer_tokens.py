@@ -44,10 +44,15 @@ def infer_tokens(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
     llm_visual = counts.llm_visual
     if llm_visual is None:
         llm_visual = [spec.llm_entry_tokens(projector_tokens)] * spec.llm.layers
+    if spec.vit_units > 1:  # the merger runs before vit.out there: on the units the blocks hand on
+        projector_tokens = _to_projector(counts.feature_patches, spec)
     _annotate_stream(graph)
     graph.graph["vit_tokens"] = counts.vit_tokens
     graph.graph["projector_tokens"] = projector_tokens
-    graph.graph["image_placeholders"] = spec.llm_entry_tokens(projector_tokens)
+    # merge-unit towers keep the processor's placeholders (and M-RoPE positions): the
+    # compiled model removes the dropped units' rows at the LLM input
+    graph.graph["image_placeholders"] = (spec.image_tokens if spec.vit_units > 1
+                                         else spec.llm_entry_tokens(projector_tokens))
     graph.graph["llm_visual"] = llm_visual
     return graph
 
@@ -78,6 +83,10 @@ class _Counts:
             rows, cols = spec.llm_grid
             return cls(spec, [spec.vit_tokens] * spec.vit.layers, patches, patches, rows * cols, rows * cols,
                        spec.llm_grid)
+        if spec.vit_units > 1:  # ViT stages choose whole merge units: counts in units (LLM tokens)
+            rows, cols = spec.llm_grid
+            units = rows * cols
+            return cls(spec, [spec.vit_tokens] * spec.vit.layers, units, units, units, units, spec.llm_grid)
         return cls(spec, [spec.vit_tokens] * spec.vit.layers, patches, patches, patches, patches, spec.grid)
 
     def entering(self, site: ResolvedSite) -> tuple[int, int]:
@@ -111,7 +120,7 @@ class _Counts:
         if site.tower == "vit" and site.layer is not None:
             cls = 1 if spec.has_cls else 0
             self.patches, self.patches_min = out, out_min
-            self.vit_tokens[site.layer :] = [out + cls] * (spec.vit.layers - site.layer)
+            self.vit_tokens[site.layer :] = [out * spec.vit_units + cls] * (spec.vit.layers - site.layer)
             if site.layer <= spec.feature_layer_index + 1:  # the token set that becomes the features
                 self.feature_patches, self.feature_patches_min = out, out_min
         elif site.tower == "vit":
@@ -131,7 +140,7 @@ def _to_projector(features: int, spec: ModelSpec) -> int:
     (Qwen2.5-VL), CLS added back under the "full" strategy, times the crops (LLaVA-NeXT).
     With nothing pruned this is `spec.projector_tokens`."""
     keeps_cls = spec.has_cls and spec.select_strategy == "full"
-    merged = features if spec.merged_features else features // spec.spatial_merge**2
+    merged = features if spec.merged_features or spec.vit_units > 1 else features // spec.spatial_merge**2
     return (merged + (1 if keeps_cls else 0)) * spec.vit_crops
 
 

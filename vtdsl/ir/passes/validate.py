@@ -110,9 +110,9 @@ def _validate_renumber(graph, spec: ModelSpec, stage: ast.Stage, site: ResolvedS
 def _validate_layout(graph, spec: ModelSpec, stage: ast.Stage, site: ResolvedSite) -> None:
     """What a model family's token layout rules out (docs/language.md, "Model families").
 
-    - A patch merger (Qwen2-VL; Qwen2.5-VL in window order) takes 2x2 groups of ViT patches: a ViT
-      stage would have to keep whole groups, which no selector guarantees, so ViT stages
-      are refused there (prune the merged tokens at llm.layer0 instead).
+    - A patch merger reading whole merge units in the tower's own order (Qwen2-VL; Qwen2.5-VL
+      in window order, `spec.vit_units`): ViT stages choose whole units, allowed; other
+      patch mergers (pooling, shuffles) would need every patch: ViT stages refused.
     - Anyres (LLaVA-NeXT): the LLM's visual tokens are the base view, the unpadded grid
       crops and newline tokens, not one grid; spatial selectors there are refused.
     - Image splitting sized for an image (SmolVLM): the LLM's visual tokens are its tiles'
@@ -130,7 +130,12 @@ def _validate_layout(graph, spec: ModelSpec, stage: ast.Stage, site: ResolvedSit
                   expected=f"vit.out (a token there is one shuffled {m}x{m} group) or an llm.layerN site",
                   code="model-layout")
         return
-    if site.tower == "vit" and spec.spatial_merge > 1:
+    if site.tower == "vit" and spec.vit_units > 1 and spec.video_frames:
+        error(graph, f"ViT stages on {spec.name} choose merge units of one image; on a video of "
+              f"{spec.vit_crops} temporal groups vtdsl does not run them", stage.site.span,
+              expected="an llm.layerN site for a video", code="model-layout")
+        return
+    if site.tower == "vit" and spec.spatial_merge > 1 and spec.vit_units == 1:
         m = spec.spatial_merge
         error(graph, f"{spec.name} merges {m}x{m} groups of ViT patches into one token after the vision tower; "
               f"a stage at {site.text()} would have to keep whole {m}x{m} groups, which vtdsl does not do",
@@ -281,7 +286,8 @@ def _needs_cls(r: _Read):
     spec = r.spec
     if r.meaning.needs_cls and not spec.has_cls:
         return (f"{spec.name}'s vision tower has no CLS token, so '{r.ref.name}' has nothing to read",
-                "an LLM score such as text or attn" if spec.spatial_merge > 1 else "a score such as attn or norm",
+                "an LLM score such as text or attn" if spec.spatial_merge > 1 and spec.vit_units == 1
+                else "a score such as attn or norm",
                 "no-cls")
     return None
 
@@ -293,7 +299,7 @@ def _vit_of_merged_patches(r: _Read):
                 f"{spec.spatial_merge} group for a vit.out stage; '{ref_text(r.ref)}' read by the stage at "
                 f"{r.stage_site.text()} is not", "the stage at vit.out, or an LLM score such as text@llm.layer2",
                 "model-layout")
-    if r.obs.tower == "vit" and spec.spatial_merge > 1 and not spec.merged_features:
+    if r.obs.tower == "vit" and spec.spatial_merge > 1 and not spec.merged_features and spec.vit_units == 1:
         order = "orders patches by attention window and merges them" if spec.vit_window else "merges patches"
         return (f"{spec.name}'s vision tower {order} "
                 f"{spec.spatial_merge}x{spec.spatial_merge} before the LLM; vtdsl reads no ViT scores there",
