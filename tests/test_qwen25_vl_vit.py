@@ -247,3 +247,36 @@ def test_compiled_flops_against_the_cost_model_part_by_part(family, src, exact):
         assert got["vit"] == report["vit"] + scorers
     else:
         assert got["vit"] <= report["vit"] + scorers
+
+
+@pytest.mark.parametrize("score", ["norm", "gnorm", "vnorm", "global_attn", "anchors"])
+def test_cls_free_scores_choose_whole_units_of_each_image(family, score):
+    """Each CLS-free ViT score drives a stage on merge units: every image keeps its own 10
+    distinct units of the 48 of a 16x12-patch image, and vit.out's `diverse 8` 8 of them."""
+    spec, models = family
+    model = models["eager"]
+    with vc.apply(f"at vit.layer2 keep {score}@vit.layer1 top 10; at vit.out keep diverse 8", model), torch.no_grad():
+        model(**grid_inputs(2, 16, 12))
+        kept, counts = vc.kept_tokens(model), vc.kept_counts(model)["vit"]
+    assert counts == {"vit.layer2#0": (48, 10), "vit.out#1": (10, 8)}
+    for layer, out in ((kept["vit.layer2#0"], 10), (kept["vit.out#1"], 8)):
+        assert layer.shape == (2, out) and all(len(set(row.tolist())) == out for row in layer)
+        assert int(layer.min()) >= 1 and int(layer.max()) <= 48
+    assert all(set(b.tolist()) <= set(a.tolist()) for a, b in zip(kept["vit.layer2#0"], kept["vit.out#1"]))
+
+
+def test_vit_stages_on_a_video_spec_are_refused_naming_its_groups():
+    spec = get_spec("qwen2.5-vl-7b").for_video(16, 448, 448)
+    with pytest.raises(Exception) as err:
+        check("at vit.layer4 keep attn@vit.layer3 top 50%", spec)
+    assert "8 temporal groups" in str(err.value) and "merge units of one image" in str(err.value)
+
+
+def test_a_vit_out_count_is_in_merged_tokens_and_placeholders_stay():
+    """On qwen2.5-vl-7b at 672x672 a ViT site has the 576 merge units (the LLM's tokens), the
+    tower 2304 patches; a stage at vit.layer8 keeping 144 units leaves 576 patches in blocks
+    8.., the merger 144 tokens, and the prompt its 576 placeholders."""
+    plan = check("at vit.layer8 keep attn@vit.layer7 top 25%", get_spec("qwen2.5-vl-7b"))
+    assert (plan.stages[0].tokens_in, plan.stages[0].tokens_out) == (576, 144)
+    assert plan.vit_tokens == [2304] * 8 + [576] * 24
+    assert (plan.projector_tokens, plan.image_placeholders, plan.llm_visual[0]) == (144, 576, 144)
