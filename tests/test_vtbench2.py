@@ -152,6 +152,6 @@ def test_vocabulary_covers_every_prompt_and_answer(examples):
 
     vocab = set(b2.vocabulary())
     for e in examples:
-        words = re.findall(r"\w+|[^\w\s]", f"USER: {e.question} ASSISTANT: {e.answer}".lower())
+        words = re.findall(r"[\w-]+|[^\w\s-]", f"USER: {e.question} ASSISTANT: {e.answer}".lower())
         assert set(words) <= vocab, set(words) - vocab
     assert {c.lower() for c in CHARS} <= vocab

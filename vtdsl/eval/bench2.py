@@ -34,6 +34,7 @@ the family's answer set first and the scene built around it (balanced answers).
 from __future__ import annotations
 
 import random
+from collections import Counter
 from typing import Any, Iterator
 
 import numpy as np
@@ -58,6 +59,8 @@ YES_NO = ("yes", "no")
 RELATION_GAP = 24
 REGION_MARGIN = 8
 SIGN = PATCH  # a sign is one patch: an 8x8 white plate, the 5x7 glyph inset by (1, 0)
+# The part of every prompt before the question (`bench.PROMPT_TEMPLATE`, as v1).
+IMAGE_PROMPT_PREFIX = "USER: <image>\n"
 
 
 def answers_for(family: str, meta: dict[str, Any] | None = None) -> tuple[str, ...]:
@@ -341,12 +344,61 @@ def generate(split: str, n: int, start: int = 0) -> list[Example]:
 
 
 def vocabulary() -> list[str]:
-    """Every word (lower case, punctuation split off) that v2 prompts and answers use."""
+    """Every word (lower case, punctuation split off, hyphenated words whole: `top-left`
+    is one answer token) that v2 prompts and answers use."""
     words: set[str] = {"user", "assistant", ":", "?", "-", "\n"}
     texts = ["is there a what color size is the how many shapes are there written on sign where pattern "
              "background which most common of", " ".join(SHAPES), " ".join(PLURALS.values()), " ".join(COLOR_NAMES),
-             " ".join(SIZES), " ".join(PATTERNS), " ".join(REGIONS).replace("-", " "), " ".join(RELATIONS),
+             " ".join(SIZES), " ".join(PATTERNS), " ".join(REGIONS), " ".join(RELATIONS),
              " ".join(COUNT_WORDS), " ".join(YES_NO), " ".join(c.lower() for c in CHARS)]
     for t in texts:
         words.update(t.split())
     return sorted(words)
+
+
+def _centre(obj: dict[str, Any]) -> tuple[float, float]:
+    x0, y0, x1, y1 = obj["box"]
+    return (x0 + x1) / 2, (y0 + y1) / 2
+
+
+def _inside_region(cx: float, cy: float) -> bool:
+    """Whether a centre lies `REGION_MARGIN` inside its region (no borderline answers)."""
+    third = IMAGE_SIZE / 3
+    return all(REGION_MARGIN <= v % third <= third - REGION_MARGIN for v in (cx, cy))
+
+
+def scene_questions(meta: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(family, question, answer) of questions the templates can ask about a scene, each
+    answer derived from its metadata alone (extra training questions per image)."""
+    shapes = [o for o in meta["objects"] if o["type"] == "shape"]
+    pairs = Counter((o["color"], o["shape"]) for o in shapes)
+    kinds = Counter(o["shape"] for o in shapes)
+    out: list[tuple[str, str, str]] = [("scene", "What pattern is the background?", meta["pattern"])]
+    for color in COLOR_NAMES:
+        for shape in SHAPES:
+            out.append(("exists", f"Is there a {color} {shape}?", "yes" if pairs[(color, shape)] else "no"))
+    unique = [o for o in shapes if pairs[(o["color"], o["shape"])] == 1]
+    for o in unique:
+        out.append(("attribute", f"What size is the {o['color']} {o['shape']}?", o["size"]))
+        if _inside_region(*_centre(o)):
+            out.append(("locate", f"Where is the {o['color']} {o['shape']}?", region_of(*_centre(o))))
+    out += [("attribute", f"What color is the {o['shape']}?", o["color"]) for o in shapes if kinds[o["shape"]] == 1]
+    for a in unique:
+        for b in unique:
+            (ax, ay), (bx, by) = _centre(a), _centre(b)
+            if abs(ax - bx) >= RELATION_GAP and abs(ay - by) >= RELATION_GAP:
+                relation = random.Random(f"{meta['seed']}-{ax}-{bx}").choice(RELATIONS)
+                truth = {"left of": ax < bx, "right of": ax > bx, "above": ay < by, "below": ay > by}[relation]
+                out.append(("relation", f"Is the {a['color']} {a['shape']} {relation} the {b['color']} {b['shape']}?",
+                            "yes" if truth else "no"))
+    colors = Counter(o["color"] for o in shapes)
+    for name, n in list(colors.items()) + list(kinds.items()):
+        if 1 <= n <= len(COUNT_WORDS):
+            what = f"{name} shapes" if name in COLORS else PLURALS[name]
+            out.append(("count", f"How many {what} are there?", COUNT_WORDS[n - 1]))
+    top = colors.most_common(2)
+    if top and (len(top) == 1 or top[0][1] >= top[1][1] + 2):
+        out.append(("scene", "Which color is most common?", top[0][0]))
+    out += [("text", f"What is written on the {o['color']} sign?", o["char"].lower())
+            for o in meta["objects"] if o["type"] == "sign"]
+    return out

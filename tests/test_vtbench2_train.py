@@ -1,0 +1,85 @@
+"""The vtbench v2 training recipe (vtdsl/eval/train2.py) on a shrunken model: the loss
+falls, token dropping keeps or renumbers positions as planned, and a resumed run
+continues exactly as the uninterrupted one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vtdsl.eval import bench2
+from vtdsl.eval import train2 as t2
+
+TINY = {"text_hidden_size": 32, "text_intermediate_size": 64, "text_num_hidden_layers": 2,
+        "text_num_attention_heads": 4, "text_num_key_value_heads": 2, "vision_hidden_size": 16,
+        "vision_intermediate_size": 32, "vision_num_hidden_layers": 2, "vision_num_attention_heads": 2}
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(vit_steps=2, steps=6, batch_size=2, questions=3, vit_batch_size=4, lr=3e-3, warmup=1, threads=1,
+                eval_every=10**6, val_n=2, chunk=8, pool=2, ckpt_every=4, out=str(tmp_path / "run"), model=TINY)
+    return t2.TrainConfig(**{**base, **kw})
+
+
+def test_tokenizer_and_processor_match_the_registered_model():
+    from vtdsl.models import get_spec
+
+    tok = t2.build_tokenizer()
+    spec = get_spec("tiny-llava-vtbench2")
+    assert len(tok) <= spec.config().text_config.vocab_size
+    assert tok.convert_tokens_to_ids("<image>") == spec.image_token_id
+    ex = bench2.make_example("val", 5)  # a locate question: a hyphenated answer is one token
+    assert tok.convert_ids_to_tokens(tok("top-left", add_special_tokens=False)["input_ids"]) == ["top-left"]
+    proc = t2.build_processor(tok)
+    ids = proc(images=[ex.image], text=[f"USER: <image>\n{ex.question} ASSISTANT:"], return_tensors="pt")
+    assert int((ids["input_ids"] == spec.image_token_id).sum()) == 576
+    assert tuple(ids["pixel_values"].shape) == (1, 3, 192, 192)
+
+
+def test_token_plan_and_positions():
+    cfg = t2.TrainConfig(drop_prob=1.0, min_keep=0.25, renumber_prob=0.0)
+    idx, renumber = t2.token_plan(cfg, 7, 2, 576)
+    again, _ = t2.token_plan(cfg, 7, 2, 576)
+    assert torch.equal(idx, again) and not renumber  # a pure function of (seed, step)
+    k = idx.shape[1]
+    assert 144 <= k <= 576 and all(torch.equal(row, row.sort().values) for row in idx)
+    tok = t2.build_tokenizer()
+    qa = [[("Is there a red circle?", "yes")], [("Where is the red circle?", "top")]]
+    kept = t2.packed_inputs(tok, qa, idx, False, 576)
+    s = kept["image_start"]
+    assert torch.equal(kept["position_ids"][0, s:s + k], s + idx[0])  # original positions
+    assert kept["position_ids"][0, s + k].item() == s + 576  # the newline follows the whole grid
+    renum = t2.packed_inputs(tok, qa, idx, True, 576)
+    assert torch.equal(renum["position_ids"][0, s:s + k], torch.arange(s, s + k))
+    assert renum["position_ids"][0, s + k].item() == s + k
+    assert tok.convert_ids_to_tokens(kept["labels"].tolist()) == ["yes", "top"]
+    assert not t2.token_plan(t2.TrainConfig(drop_prob=0.0), 7, 2, 576)[1]
+
+
+@pytest.mark.slow  # ~30 s: a few steps at 576 visual tokens, twice
+def test_loss_falls_and_resume_continues_identically(tmp_path):
+    torch.set_num_threads(1)
+    straight = t2.Session(_cfg(tmp_path / "a", drop_prob=0.0, steps=12, lr=1e-2))
+    losses = []
+    straight.model.train()
+    while straight.step < straight.total:
+        step = straight.vision_step() if straight.step < 2 else straight.full_step()
+        straight.step += 1
+        if "answer" in step:
+            losses.append(step["answer"])
+    assert losses[-1] < 0.7 * losses[0], losses  # one batch seen again and again: it is learnt
+
+    cfg = _cfg(tmp_path / "b", drop_prob=0.9, renumber_prob=0.5)
+    # after the checkpoint at step 4: kept subsets with renumbered and with own positions
+    plans = [t2.token_plan(cfg, s, 2, 576) for s in range(4, 8)]
+    assert {r for _, r in plans} == {True, False} and min(i.shape[1] for i, _ in plans) < 576
+    whole = t2.Session(cfg)
+    whole.run()
+    part = t2.Session(_cfg(tmp_path / "c", drop_prob=0.9, renumber_prob=0.5))
+    part.run(stop_after=4)  # a checkpoint at step 4, then "interrupted"
+    resumed = t2.Session(_cfg(tmp_path / "c", drop_prob=0.9, renumber_prob=0.5, resume=True))
+    assert resumed.step == 4
+    resumed.run()
+    assert resumed.step == whole.step == cfg.vit_steps + cfg.steps
+    for (name, a), (_, b) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -1,0 +1,474 @@
+"""Train `tiny-llava-vtbench2` on vtbench v2 (issue 22 items 2, 3, 5); v1 stays in `train`.
+
+One command runs the whole recipe (``python examples/train_tiny_vlm2.py``), resumable
+with ``--resume`` from the checkpoint written every ``--ckpt-every`` steps. Every step is a
+pure function of (seed, step) — its batch, its token dropping — so a resumed run continues
+exactly as the uninterrupted one would (`tests/test_vtbench2_train.py`).
+
+1. **Vision phase** (``--vit-steps``): the tower without its unused last layer, trained
+   like CLIP's with a CLS objective (multi-label classification of the scene from the
+   CLS token of the feature layer: which colour x shape pairs, colours, shapes and sign
+   characters are present, and the background pattern) plus v1's patch probes (what
+   covers each patch, its region, whether it holds an object's centre). No LLM: about
+   15x cheaper per image than a full step.
+2. **Full phase** (``--steps``): answer cross-entropy on ``--questions`` questions per
+   image, packed as branches behind one image prefix (`train.pack`), with the CLS and
+   patch losses alongside. With probability ``--drop-prob`` a batch keeps a random subset
+   of the 576 visual tokens (keep ratio uniform in [``--min-keep``, 1]), and of those
+   batches a share ``--renumber-prob`` gives the kept tokens contiguous positions
+   (renumbered) instead of their own: position alone stops carrying location, as after
+   the zoo's renumbering cuts.
+3. At the end: val and test accuracy per family and the export (safetensors, tokenizer,
+   processor, ``training.json``), as v1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vtdsl.eval import bench2
+from vtdsl.eval.harness import evaluate, format_result, normalize_uint8
+from vtdsl.eval.train import SPECIAL_TOKENS, _optimizer, _SkipLastVitLayer, pack
+
+NAME = "tiny-llava-vtbench2"
+CHUNK = 512
+VIT_OFFSET = 5_000_000  # the vision phase reads train examples from here (the full phase from 0)
+PATCH_CLASSES = (["background"] + [f"{c} {s}" for s in bench2.SHAPES for c in bench2.COLOR_NAMES]
+                 + [f"sign {c}" for c in bench2.CHARS])
+# CLS targets: present colour x shape pairs, colours, shapes, sign characters (multi-label)
+# and the background pattern (one of four).
+SCENE_LABELS = ([f"{c} {s}" for s in bench2.SHAPES for c in bench2.COLOR_NAMES] + list(bench2.COLOR_NAMES)
+                + list(bench2.SHAPES) + [f"sign {c}" for c in bench2.CHARS])
+
+
+def build_tokenizer():
+    """Word-level tokenizer over `bench2.vocabulary()`; hyphenated words stay whole."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + bench2.vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
+        pre_tokenizers.Split(Regex(r"\n|[^\w\s-]"), behavior="isolated"),
+    ])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        padding_side="left", model_max_length=1024, extra_special_tokens={"image_token": "<image>"})
+
+
+def build_processor(tokenizer=None):
+    from transformers import LlavaProcessor
+
+    from vtdsl.models.vtbench import IMAGE_MEAN, IMAGE_STD
+
+    try:
+        from transformers import CLIPImageProcessorPil as Cls
+    except ImportError:  # pragma: no cover - older transformers
+        from transformers import CLIPImageProcessor as Cls
+    side = bench2.IMAGE_SIZE
+    images = Cls(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                 image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD), do_convert_rgb=True)
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer or build_tokenizer(), patch_size=bench2.PATCH,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+def build_model(seed: int = 0, **text_overrides: int):
+    """The registered config (`models.builtins.TINY_LLAVA_VTBENCH2`), random weights."""
+    from transformers import LlavaForConditionalGeneration
+
+    from vtdsl.models.builtins import builtin_config_dict
+    from vtdsl.models.registry import _config_from_dict
+
+    data = builtin_config_dict(NAME)
+    for key, value in text_overrides.items():  # tests shrink the model
+        tower, _, name = key.partition("_")
+        data[{"text": "text_config", "vision": "vision_config"}[tower]][name] = value
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(_config_from_dict(data))
+
+
+# --------------------------------------------------------------------------- labels and data
+
+
+def patch_labels(meta: dict[str, Any]) -> torch.Tensor:
+    """(3, 576): what covers each patch centre, its region (0..8), 1 on each object's
+    centre patch."""
+    side, p = bench2.IMAGE_SIZE // bench2.PATCH, bench2.PATCH
+    centre = torch.arange(side) * p + p / 2
+    cy, cx = centre.view(-1, 1), centre.view(1, -1)
+    labels = torch.zeros(3, side, side, dtype=torch.long)
+    for o in meta["objects"]:
+        x0, y0, x1, y1 = o["box"]
+        name = f"sign {o['char']}" if o["type"] == "sign" else f"{o['color']} {o['shape']}"
+        labels[0][(cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)] = PATCH_CLASSES.index(name)
+        labels[2, min(side - 1, int((y0 + y1) / 2 // p)), min(side - 1, int((x0 + x1) / 2 // p))] = 1
+    labels[1] = (torch.arange(side) * 3 // side).view(-1, 1) * 3 + (torch.arange(side) * 3 // side).view(1, -1)
+    return labels.flatten(1)
+
+
+def scene_labels(meta: dict[str, Any]) -> torch.Tensor:
+    """Multi-hot over `SCENE_LABELS` followed by the pattern's index."""
+    hot = torch.zeros(len(SCENE_LABELS) + 1)
+    for o in meta["objects"]:
+        names = ([f"sign {o['char']}"] if o["type"] == "sign"
+                 else [f"{o['color']} {o['shape']}", o["color"], o["shape"]])
+        for n in names:
+            hot[SCENE_LABELS.index(n)] = 1
+    hot[-1] = bench2.PATTERNS.index(meta["pattern"])
+    return hot
+
+
+def questions_for(ex, k: int, seed: int) -> list[tuple[str, str]]:
+    """The example's question, then up to `k - 1` about the same scene: family uniform,
+    yes/no balanced, seeded by the example."""
+    import random
+
+    rng = random.Random(f"q2-{seed}-{ex.meta['split']}-{ex.meta['index']}")
+    pool = [q for q in bench2.scene_questions(ex.meta) if q[1] != ex.question]
+    out = [(ex.question, ex.answer)]
+    while len(out) < k and pool:
+        fam = rng.choice(sorted({f for f, _, _ in pool}))
+        cands = [q for q in pool if q[0] == fam]
+        want = rng.choice(sorted({a for _, _, a in cands})) if fam in ("exists", "relation") else None
+        pick = rng.choice([q for q in cands if want is None or q[2] == want])
+        pool.remove(pick)
+        out.append((pick[1], pick[2]))
+    return out
+
+
+class Stream:
+    """Train examples by index, rendered a chunk at a time (cached on disk if asked)."""
+
+    def __init__(self, tokenizer, questions: int, seed: int, cache_dir: Path | None = None, size: int = CHUNK,
+                 pool: int = 0):
+        self.tok, self.questions, self.seed, self.cache_dir = tokenizer, questions, seed, cache_dir
+        self.size, self.pool = size, pool
+        self.chunk: tuple[int, dict] | None = None
+
+    def _render(self, start: int) -> dict:
+        name = f"v2_{start:09d}_{self.size}_q{self.questions}_s{self.seed}.pt"
+        path = self.cache_dir / name if self.cache_dir else None
+        if path is not None and path.exists():
+            return torch.load(path)
+        exs = bench2.generate("train", self.size, start)
+        data = {
+            "pixels": torch.from_numpy(np.stack([np.asarray(e.image) for e in exs])).permute(0, 3, 1, 2).contiguous(),
+            "qa": [questions_for(e, self.questions, self.seed) for e in exs],
+            "patch": torch.stack([patch_labels(e.meta) for e in exs]),
+            "scene": torch.stack([scene_labels(e.meta) for e in exs]),
+        }
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(data, path.with_suffix(".tmp"))
+            os.replace(path.with_suffix(".tmp"), path)
+        return data
+
+    def items(self, first: int, n: int) -> dict:
+        out: dict[str, list] = {"pixels": [], "qa": [], "patch": [], "scene": []}
+        for i in range(first, first + n):
+            if self.pool:
+                i = i % VIT_OFFSET % self.pool + (VIT_OFFSET if i >= VIT_OFFSET else 0)
+            start = i // self.size * self.size
+            if self.chunk is None or self.chunk[0] != start:
+                self.chunk = (start, self._render(start))
+            for key in out:
+                out[key].append(self.chunk[1][key][i - start])
+        return {k: v if k == "qa" else torch.stack(v) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # full-phase steps
+    batch_size: int = 8
+    questions: int = 8
+    lr: float = 1e-3
+    warmup: int = 50
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.05
+    clip: float = 1.0
+    vit_steps: int = 600
+    vit_batch_size: int = 32
+    vit_lr: float = 2e-3
+    cls_weight: float = 0.5  # the CLS objective (alongside VQA too)
+    aux_weight: float = 0.5  # the patch probes
+    drop_prob: float = 0.5  # share of full-phase batches that drop tokens
+    min_keep: float = 0.1  # their keep ratio is uniform in [min_keep, 1]
+    renumber_prob: float = 0.5  # share of dropping batches whose kept tokens are renumbered
+    seed: int = 0
+    threads: int = 2
+    eval_every: int = 250
+    val_n: int = 200
+    final_n: int = 1000
+    ckpt_every: int = 50
+    chunk: int = CHUNK  # examples rendered at a time
+    pool: int = 0  # > 0: cycle over this many train examples (tests)
+    out: str = "out/train-tiny-vlm2"
+    cache_dir: str | None = None
+    export: str | None = None
+    resume: bool = False
+    model: dict[str, Any] = field(default_factory=dict)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Warm-up then cosine, per phase (the vision phase first, then the full one)."""
+    if step < cfg.vit_steps:
+        warm = max(1, cfg.vit_steps // 10)
+        return cfg.vit_lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / cfg.vit_steps))
+    s = step - cfg.vit_steps
+    if s < cfg.warmup:
+        return cfg.lr * (s + 1) / cfg.warmup
+    t = min(1.0, (s - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def token_plan(cfg: TrainConfig, step: int, batch: int, n: int) -> tuple[torch.Tensor, bool]:
+    """(batch, K) sorted indices of the visual tokens a full step keeps, and whether they
+    are renumbered; a pure function of (seed, step)."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    if torch.rand((), generator=g).item() >= cfg.drop_prob:
+        return torch.arange(n).expand(batch, n), False
+    k = max(1, round(n * (cfg.min_keep + (1 - cfg.min_keep) * torch.rand((), generator=g).item())))
+    idx = torch.stack([torch.randperm(n, generator=g)[:k].sort().values for _ in range(batch)])
+    return idx, torch.rand((), generator=g).item() < cfg.renumber_prob
+
+
+class Heads(torch.nn.Module):
+    """Training-only heads (not shipped): the CLS objective and the patch probes."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.cls = torch.nn.Linear(width, len(SCENE_LABELS) + len(bench2.PATTERNS))
+        self.patch = torch.nn.Linear(width, len(PATCH_CLASSES) + 9 + 2)
+
+    def cls_loss(self, cls_token: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        out, k = self.cls(cls_token), len(SCENE_LABELS)
+        return (torch.nn.functional.binary_cross_entropy_with_logits(out[:, :k], target[:, :k])
+                + torch.nn.functional.cross_entropy(out[:, k:], target[:, k].long()))
+
+    def patch_loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        out, k, ce = self.patch(feats), len(PATCH_CLASSES), torch.nn.functional.cross_entropy
+        return (ce(out[..., :k].flatten(0, 1), labels[:, 0].flatten())
+                + ce(out[..., k:k + 9].flatten(0, 1), labels[:, 1].flatten())
+                + ce(out[..., k + 9:].flatten(0, 1), labels[:, 2].flatten()))
+
+
+def packed_inputs(tokenizer, qa: list, idx: torch.Tensor, renumber: bool, n_image: int) -> dict[str, torch.Tensor]:
+    """Rows of question branches behind ``<s> USER: <image>xK \\n`` (K = idx.shape[1]);
+    the image slots carry the positions of the tokens they hold unless `renumber`."""
+    k = idx.shape[1]
+    prefix = tokenizer(bench2.IMAGE_PROMPT_PREFIX.replace("<image>", "<image>" * k))["input_ids"]
+    start = prefix.index(tokenizer.convert_tokens_to_ids("<image>"))
+    branches = [[tokenizer(f"{q} ASSISTANT:", add_special_tokens=False)["input_ids"] for q, _ in row] for row in qa]
+    width = len(prefix) + max(sum(map(len, b)) for b in branches)
+    rows, index, labels = [], [], []
+    for r, (row_qa, row_br) in enumerate(zip(qa, branches)):
+        ids, pos, mask, last = pack(prefix, row_br, width, tokenizer.pad_token_id)
+        if not renumber:  # the kept tokens keep their own positions; the text continues after all of them
+            pos = torch.where(pos >= start + k, pos + (n_image - k), pos)
+            pos[start:start + k] = start + idx[r]
+        rows.append((ids, pos, mask))
+        index += [(r, p) for p in last]
+        labels += tokenizer.convert_tokens_to_ids([a for _, a in row_qa])
+    return {"input_ids": torch.stack([x[0] for x in rows]), "position_ids": torch.stack([x[1] for x in rows]),
+            "attention_mask": torch.stack([x[2] for x in rows])[:, None], "image_start": start,
+            "label_index": torch.tensor(index), "labels": torch.tensor(labels)}
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Session:
+    """One run: model, heads, optimiser, data, clocks; `step` counts both phases."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.tokenizer = build_tokenizer()
+        self.processor = build_processor(self.tokenizer)
+        self.model = build_model(cfg.seed, **cfg.model)
+        self.heads = Heads(self.model.config.vision_config.hidden_size)
+        self.opt = _optimizer(self.model, _Decay(cfg.weight_decay, cfg.lr), extra=self.heads)
+        self.stream = Stream(self.tokenizer, cfg.questions, cfg.seed, Path(cfg.cache_dir) if cfg.cache_dir else None,
+                             cfg.chunk, cfg.pool)
+        self.skip_last = _SkipLastVitLayer(self.model)
+        self.ckpt = Path(cfg.out) / "checkpoint.pt"
+        self.step, self.history, self.elapsed, self.cpu = 0, [], 0.0, 0.0
+        if cfg.resume and self.ckpt.exists():
+            self.load()
+
+    @property
+    def total(self) -> int:
+        return self.cfg.vit_steps + self.cfg.steps
+
+    def tower(self, pixels: torch.Tensor) -> torch.Tensor:
+        with self.skip_last as feature_layer:
+            return self.model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[feature_layer]
+
+    def vision_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        items = self.stream.items(VIT_OFFSET + self.step * cfg.vit_batch_size, cfg.vit_batch_size)
+        hidden = self.tower(normalize_uint8(items["pixels"]))
+        cls = self.heads.cls_loss(hidden[:, 0], items["scene"])
+        aux = self.heads.patch_loss(hidden[:, 1:], items["patch"])
+        self._update(cls + aux)
+        return {"cls": cls.item(), "aux": aux.item()}
+
+    def full_step(self) -> dict[str, float]:
+        cfg, model = self.cfg, self.model
+        full = self.step - cfg.vit_steps
+        items = self.stream.items(full * cfg.batch_size, cfg.batch_size)
+        hidden = self.tower(normalize_uint8(items["pixels"]))
+        n = hidden.shape[1] - 1
+        idx, renumber = token_plan(cfg, self.step, cfg.batch_size, n)
+        feats = model.model.multi_modal_projector(torch.gather(
+            hidden[:, 1:], 1, idx[..., None].expand(-1, -1, hidden.shape[-1])))
+        batch = packed_inputs(self.tokenizer, items["qa"], idx, renumber, n)
+        embeds = model.model.language_model.embed_tokens(batch["input_ids"])
+        start = batch["image_start"]
+        embeds = torch.cat([embeds[:, :start], feats.to(embeds.dtype), embeds[:, start + idx.shape[1]:]], dim=1)
+        out = model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                         position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+        li = batch["label_index"]
+        logits = model.lm_head(out[li[:, 0], li[:, 1]])
+        answer = torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+        cls = self.heads.cls_loss(hidden[:, 0], items["scene"])
+        aux = self.heads.patch_loss(hidden[:, 1:], items["patch"])
+        self._update(answer + cfg.cls_weight * cls + cfg.aux_weight * aux)
+        return {"answer": answer.item(), "cls": cls.item(), "aux": aux.item(), "kept": idx.shape[1],
+                "renumber": float(renumber)}
+
+    def _update(self, loss: torch.Tensor) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step, self.cfg)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(self.model.parameters()) + list(self.heads.parameters()), self.cfg.clip)
+        self.opt.step()
+
+    def run(self, stop_after: int | None = None) -> None:
+        """Train to the end (or `stop_after` more steps), checkpointing on the way."""
+        cfg = self.cfg
+        t0, c0, ema = time.time() - self.elapsed, time.process_time() - self.cpu, {}
+        self.model.train()
+        end = self.total if stop_after is None else min(self.total, self.step + stop_after)
+        while self.step < end:
+            losses = self.vision_step() if self.step < cfg.vit_steps else self.full_step()
+            self.step += 1
+            ema = {k: v if k not in ema else 0.9 * ema[k] + 0.1 * v for k, v in losses.items()}
+            self.elapsed, self.cpu = time.time() - t0, time.process_time() - c0
+            if self.step % 25 == 0:
+                _log(f"step {self.step}/{self.total} " + " ".join(f"{k} {v:.3f}" for k, v in ema.items())
+                     + f" {self.elapsed / 60:.1f} min")
+            full = self.step - cfg.vit_steps
+            if full > 0 and (full % cfg.eval_every == 0 or self.step == self.total):
+                self.validate()
+            if self.step % cfg.ckpt_every == 0 or self.step in (cfg.vit_steps, self.total):
+                self.save()
+
+    def validate(self) -> None:
+        res = evaluate(self.model, bench2.generate("val", self.cfg.val_n), self.processor, batch_size=25,
+                       progress=False)
+        self.history.append({"step": self.step, "minutes": self.elapsed / 60, "val": res["per_family"],
+                             "val_overall": res["overall"]})
+        _log(f"val@{self.step}: {format_result(res)}")
+        self.model.train()
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "heads": self.heads.state_dict(), "optimizer": self.opt.state_dict(),
+                "step": self.step, "elapsed": self.elapsed, "cpu": self.cpu, "history": self.history,
+                "config": asdict(self.cfg)}
+
+    def save(self) -> None:
+        self.ckpt.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.ckpt.with_suffix(".tmp")
+        torch.save(self.state(), tmp)
+        os.replace(tmp, self.ckpt)
+
+    def load(self) -> None:
+        state = torch.load(self.ckpt, weights_only=False)  # noqa: S614 (our own checkpoint)
+        self.model.load_state_dict(state["model"])
+        self.heads.load_state_dict(state["heads"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.elapsed, self.cpu = state["step"], state["elapsed"], state["cpu"]
+        self.history = state["history"]
+        _log(f"resumed at step {self.step} ({self.elapsed / 60:.1f} min trained)")
+
+
+@dataclass
+class _Decay:
+    """What `train._optimizer` reads of a config."""
+
+    weight_decay: float
+    lr: float
+
+
+def train(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
+    """The whole recipe: both phases (resumable), the final report, the export."""
+    torch.set_num_threads(cfg.threads)
+    session = Session(cfg)
+    n_params = sum(p.numel() for p in session.model.parameters())
+    _log(f"model: {n_params / 1e6:.3f} M parameters; config {json.dumps(asdict(cfg))}")
+    session.run()
+    model = session.model.eval()
+    final = {}
+    for split in ("val", "test"):
+        res = evaluate(model, bench2.generate(split, cfg.final_n), session.processor, batch_size=25, progress=False)
+        final[split] = {k: res[k] for k in ("overall", "per_family", "n", "prefill_ms_per_example")}
+        _log(f"{split} (n={cfg.final_n}): {format_result(res)}")
+    record = {"command": command, "train_minutes": round(session.elapsed / 60, 2),
+              "cpu_minutes": round(session.cpu / 60, 2), "steps": session.step, "params": n_params,
+              "config": asdict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "device": "cpu", "final": final, "history": session.history}
+    export = Path(cfg.export or Path(cfg.out) / "export")
+    export.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(export, safe_serialization=True)
+    session.processor.save_pretrained(export)
+    (export / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    _log(f"exported to {export}")
+    return record
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(description="Train tiny-llava-vtbench2 on vtbench v2 (CPU), resumable.")
+    for name, f in TrainConfig.__dataclass_fields__.items():
+        if name in ("resume", "model"):
+            continue
+        default = getattr(d, name)
+        kind = type(default) if default is not None else str
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=default)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--model", action="append", default=[], metavar="KEY=INT",
+                   help="architecture override, e.g. text_num_hidden_layers=2 (repeatable; for tests)")
+    a = vars(p.parse_args(argv))
+    model = {}
+    for kv in a.pop("model"):
+        k, v = kv.split("=", 1)
+        model[k] = int(v)
+    return TrainConfig(**a, model=model)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    train(parse_args(argv), command="python examples/train_tiny_vlm2.py " + shlex.join(argv))
+    return 0
