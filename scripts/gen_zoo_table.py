@@ -102,7 +102,7 @@ light ViT-side prune can give it more tokens than the intact image). A refused f
 the first check-time diagnostic (docs/language.md, "Model families", gives the rules).
 Qwen3-VL is counted at 768x768 (576 merged tokens of 16-pixel patches); its ViT-side stages
 are refused (DeepStack mergers read inner blocks), and merging or pooling LLM stages before
-`llm.layer3` compile-time refused (a merged token has no one DeepStack feature).
+`llm.layer3` refused (a merged token has no one DeepStack feature).
 
 """
 

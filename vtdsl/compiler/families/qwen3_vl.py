@@ -6,7 +6,8 @@ ViT feature per visual token to the hidden states after each of its first layers
 (`Qwen3VLTextModel._deepstack_process`, rows chosen by `visual_pos_masks`, a mask over the
 prompt). Once an LLM stage removed rows, that mask and the features no longer match the
 hidden states; the family replaces `_deepstack_process` so that each kept row gets the
-feature of the prompt position it holds.
+feature of the prompt position it holds (merging or pooling stages there are refused at
+check time: `vtdsl.ir.passes.infer_tokens`).
 """
 
 from __future__ import annotations
@@ -44,18 +45,6 @@ class Qwen3VL(Qwen2VL):
 
         installer.override(path, "get_video_features", get_video_features, "method-override",
                            "refuse video inputs: LLM stages prune image placeholders only")
-
-    def check(self, plan: Plan, features_vary: bool) -> None:
-        """Refuse a stage whose output tokens are not input rows (merge, pool, recycle)
-        before the last DeepStack injection: such a token has no one ViT feature to take."""
-        injected = plan.spec.deepstack_llm_layers
-        for stage in plan.stages:
-            if stage.site.tower == "llm" and injected and stage.site.layer <= injected[-1] and not stage.copies_rows:
-                raise CompileError(
-                    f"stage {stage.index} at {stage.site.text()}: Qwen3-VL adds DeepStack features to the "
-                    f"visual tokens after llm.layer{injected[-1]}, and a merged or pooled token has no single "
-                    f"feature to receive; place the stage at llm.layer{injected[-1] + 1} or later, or keep/drop "
-                    "tokens without merging")
 
     def install_llm(self, installer: Installer, plan: Plan, runtime: LlmRuntime | None) -> None:
         if runtime is None or not plan.spec.deepstack_layers:

@@ -14,7 +14,7 @@ from ...lang import ast
 from ...models.spec import ModelSpec
 from ..graph import stage_node, stream, stream_nodes
 from ..plan import ResolvedSite, ResolvedStage
-from .common import copy_graph
+from .common import copy_graph, error
 from .keep import infer_keep
 from .stage_kinds import StageInput, infer_drop, infer_merge, infer_pool
 
@@ -39,6 +39,7 @@ def infer_tokens(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
         if resolved is None:
             return graph
         data["resolved"], counts.grid = resolved
+        _check_deepstack(graph, spec, data)
         counts.leave(site, data["resolved"])
     projector_tokens = _to_projector(counts.features_out(), spec)
     llm_visual = counts.llm_visual
@@ -55,6 +56,21 @@ def infer_tokens(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
                                          else spec.llm_entry_tokens(projector_tokens))
     graph.graph["llm_visual"] = llm_visual
     return graph
+
+
+def _check_deepstack(graph: nx.DiGraph, spec: ModelSpec, data: dict) -> None:
+    """DeepStack (Qwen3-VL) adds one ViT feature per visual token after its first LLM
+    layers: an LLM stage before the last of them may drop rows (each kept token keeps its
+    own feature), but a merged or pooled token has no single feature to receive."""
+    stage: ResolvedStage = data["resolved"]
+    injected = spec.deepstack_llm_layers
+    if stage.site.tower != "llm" or not injected or stage.site.layer > injected[-1] or stage.copies_rows:
+        return
+    last = injected[-1]
+    error(graph, f"{spec.name} adds DeepStack features to the visual tokens after llm.layer0 to llm.layer{last}; the "
+          f"{stage.action} at {stage.site.text()} hands on merged tokens, which have no single feature to receive",
+          data["stage"].action.span, expected=f"the stage at llm.layer{last + 1} or later, or a keep without "
+          "merging the rest", code="model-layout")
 
 
 @dataclass
