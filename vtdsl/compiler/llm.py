@@ -248,6 +248,8 @@ class LlmRuntime:
                 surplus = self.vit.surplus if self.vit is not None else 0
                 if surplus:
                     embeds = self._trim(st, embeds, surplus)
+                if getattr(self.vit, "kept_units", None) is not None:
+                    embeds = self._keep_units(st, embeds)
                 for stage in self.stages_at.get(0, ()):
                     embeds = self._run_stage(st, stage, embeds)
             keep = st.pos
@@ -285,8 +287,6 @@ class LlmRuntime:
         def hook(module: nn.Module, args: tuple, kwargs: dict):
             self.layers[j] = module  # a score's kernel may read the layer's modules (its input norm)
             hidden = args[0] if args else kwargs["hidden_states"]
-                if getattr(self.vit, "kept_units", None) is not None:
-                    embeds = self._keep_units(st, embeds)
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             prefill = cache is None or cache.get_seq_length(j) == 0
             if prefill:
@@ -521,6 +521,25 @@ class LlmRuntime:
         st.vtok = self.family.trimmed_tokens(plan.spec, st.vtok, b * st.images, st.per_image, embeds.device)
         return ops.gather_tokens(embeds, rows)
 
+    def _keep_units(self, st: LlmState, embeds: Tensor) -> Tensor:
+        """Keep the rows of the merge units the tower kept (`vtdsl.compiler.merge_units`:
+        it hands on one row per unit of the image), at their own positions, as an
+        llm.layer0 stage keeps rows."""
+        kept = self.vit.kept_units
+        b, per = embeds.shape[0], st.per_image
+        if kept.shape[0] != b * st.images:
+            kept = kept.repeat_interleave(b * st.images // max(kept.shape[0], 1), 0)
+        img_rows = st.is_img.nonzero()[:, 1].view(b * st.images, per)
+        chosen = img_rows.gather(1, kept).view(b, -1)
+        rows = (~st.is_img).scatter(1, chosen, True).nonzero()[:, 1].view(b, -1)
+        if st.pid is not None:
+            st.pid = st.pid.gather(1, rows)
+        st.pos = st.pos.gather(1, rows)
+        st.is_img = st.is_img.gather(1, rows)
+        st.per_image = kept.shape[1]
+        st.vtok = self.vit.projector_tokens.expand_to(b * st.images)
+        return ops.gather_tokens(embeds, rows)
+
     def _run_stage(self, st: LlmState, stage: ResolvedStage, hidden: Tensor) -> Tensor:
         stage = st.stages.get(stage.index, stage)
         b, n, d = hidden.shape
@@ -595,25 +614,6 @@ class LlmRuntime:
         st.is_img = st.is_img.gather(1, rows)
         st.per_image = k_out
         st.vtok = new
-    def _keep_units(self, st: LlmState, embeds: Tensor) -> Tensor:
-        """Keep the rows of the merge units the tower kept (`vtdsl.compiler.merge_units`:
-        it hands on one row per unit of the image), at their own positions, as an
-        llm.layer0 stage keeps rows."""
-        kept = self.vit.kept_units
-        b, per = embeds.shape[0], st.per_image
-        if kept.shape[0] != b * st.images:
-            kept = kept.repeat_interleave(b * st.images // max(kept.shape[0], 1), 0)
-        img_rows = st.is_img.nonzero()[:, 1].view(b * st.images, per)
-        chosen = img_rows.gather(1, kept).view(b, -1)
-        rows = (~st.is_img).scatter(1, chosen, True).nonzero()[:, 1].view(b, -1)
-        if st.pid is not None:
-            st.pid = st.pid.gather(1, rows)
-        st.pos = st.pos.gather(1, rows)
-        st.is_img = st.is_img.gather(1, rows)
-        st.per_image = kept.shape[1]
-        st.vtok = self.vit.projector_tokens.expand_to(b * st.images)
-        return ops.gather_tokens(embeds, rows)
-
         return out
 
     # ------------------------------------------------------------------ scores

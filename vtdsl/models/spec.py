@@ -184,11 +184,6 @@ class ModelSpec:
         return rows // self.spatial_merge, cols // self.spatial_merge
 
     @property
-    def projector_tokens(self) -> int:
-        """Visual tokens entering the projector per image when nothing is pruned (merged
-        units for a patch merger: Qwen2.5-VL's projector widths are 4 patches wide)."""
-        keeps_cls = self.has_cls and self.select_strategy == "full"
-    @property
     def vit_units(self) -> int:
         """Patches a ViT-side stage keeps or drops together: `spatial_merge`² where the tower
         hands its merger whole merge units in its own sequence (Qwen2-VL, Qwen2.5-VL: dynamic
@@ -197,6 +192,11 @@ class ModelSpec:
         merged_inside = self.merged_features or self.deepstack_layers
         return self.spatial_merge**2 if self.spatial_merge > 1 and self.dynamic_resolution and not merged_inside else 1
 
+    @property
+    def projector_tokens(self) -> int:
+        """Visual tokens entering the projector per image when nothing is pruned (merged
+        units for a patch merger: Qwen2.5-VL's projector widths are 4 patches wide)."""
+        keeps_cls = self.has_cls and self.select_strategy == "full"
         rows, cols = self.llm_grid
         return (rows * cols + (1 if keeps_cls else 0)) * self.vit_crops
 
