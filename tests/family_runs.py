@@ -8,10 +8,12 @@ from __future__ import annotations
 import torch
 
 import vtdsl.compiler as vc
+from vtdsl.cost import estimate
+from vtdsl.ir import check
 
 from torch.utils.flop_counter import FlopCounterMode
 
-from plain_refs import generate_on_features, top_k_reference
+from plain_refs import generate_on_features, last_query_attention, masked_generate, top_k_reference, top_rows
 
 
 def compiled_prefill_flops(model, src: str, batch_inputs: dict) -> int:
@@ -80,3 +82,74 @@ def generate_on_fewer_placeholders(ref, batch_inputs: dict, image_token_id: int,
                               from_count=int((ids[0] == image_token_id).sum()), to_count=features.shape[1])
     return generate_on_features(ref, short["input_ids"], short["attention_mask"], image_token_id, features,
                                 new_tokens)
+
+
+def assert_flops_equal_the_cost_model(model, spec, src: str, batch_inputs: dict, image_token_id: int) -> None:
+    """FlopCounterMode of one forward of `model` compiled with `src` for `spec` equals the
+    cost model's total for that check (every prompt token but the image's is text, full
+    logits)."""
+    text = int((batch_inputs["input_ids"] != image_token_id).sum())
+    with vc.apply(src, model, spec=spec), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**batch_inputs)
+    assert counter.get_total_flops() == estimate(check(src, spec), text_tokens=text, logits="all").flops
+
+
+def grouped_top_reference(ref, batch_inputs: dict, image_token_id: int, layer: int, group: int, keep: int,
+                          new_tokens: int = 6):
+    """`keep text top` by hand on tiled images: the last prompt row's head-mean attention at
+    `layer - 1`, the top `keep` image positions of every `group` consecutive ones (a tile,
+    or an image's tiles) kept, the others masked from `layer` on. Returns (kept [B, ...],
+    greedy tokens)."""
+    att = last_query_attention(ref, batch_inputs, layer - 1)
+    kept, pruned = [], []
+    for b, ids in enumerate(batch_inputs["input_ids"]):
+        rows = (ids == image_token_id).nonzero().flatten()
+        chosen = torch.cat([top_rows(att[b], part, keep) for part in rows.split(group)])
+        kept.append(chosen)
+        pruned.append(rows[~torch.isin(rows, chosen)])
+    return torch.stack(kept), masked_generate(ref, batch_inputs, pruned, from_layer=layer, new_tokens=new_tokens)
+
+
+def assert_grouped_fastv_matches(model, ref, spec, batch_inputs: dict, image_token_id: int, group: int) -> None:
+    """`at llm.layer2 keep text top 50%` compiled for `spec` keeps half of every `group`
+    consecutive image positions, the ones `grouped_top_reference` keeps on `ref`, and
+    generates its tokens."""
+    kept, want = grouped_top_reference(ref, batch_inputs, image_token_id, layer=2, group=group, keep=group // 2)
+    with vc.apply("at llm.layer2 keep text top 50%", model, spec=spec):
+        with torch.no_grad():
+            got = model.generate(**batch_inputs, max_new_tokens=6, do_sample=False)
+        assert torch.equal(vc.kept_tokens(model)["llm.layer2#0"].reshape(len(kept), -1), kept)
+    assert torch.equal(got, want)
+
+
+def assert_layer0_uniform_keeps_positions(model, ref, batch_inputs: dict, image_token_id: int, group: int,
+                                          keep: int = 4) -> None:
+    """`at llm.layer0 keep uniform {keep}` on every `group` consecutive image positions
+    generates what `ref` does with the other positions masked from layer 0 on: the kept
+    tokens (and the text between and after the tiles) keep their positions."""
+    pruned = []
+    for ids in batch_inputs["input_ids"]:
+        rows = (ids == image_token_id).nonzero().flatten()
+        chosen = torch.cat([part[[i * group // keep for i in range(keep)]] for part in rows.split(group)])
+        pruned.append(rows[~torch.isin(rows, chosen)])
+    want = masked_generate(ref, batch_inputs, pruned, from_layer=0, new_tokens=6)
+    with vc.apply(f"at llm.layer0 keep uniform {keep}", model), torch.no_grad():
+        got = model.generate(**batch_inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want)
+
+
+def check_image_counts(tmp_path, model: str, image: str, src: str = "at llm.layer2 keep text top 50%") -> tuple:
+    """`vtdsl check --image IMAGE --json` of `src` on `model`, run by the CLI: (visual tokens
+    into the LLM, crops, the first stage's tokens out)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from vtdsl.cli import main
+
+    policy = tmp_path / "p.vt"
+    policy.write_text(f'policy "p"\n{src}\n')
+    run = CliRunner().invoke(main, ["check", str(policy), "-m", model, "--image", image, "--json"])
+    assert run.exit_code == 0, run.output
+    out = json.loads(run.output)
+    return out["visual_tokens_to_llm"], out["crops"], out["stages"][0]["tokens_out"]

@@ -13,13 +13,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import vtdsl.compiler as vc
 from vtdsl.compiler.families import family_of
-from vtdsl.cost import estimate, estimate_counts
+from vtdsl.cost import estimate_counts
 from vtdsl.ir import check
 from vtdsl.models import get_spec, list_specs
 from vtdsl.models.builtins import builtin_config_dict
 from vtdsl.models.registry import spec_from_config
 
-from plain_refs import first_error, last_query_attention, masked_generate, plain_copy, sharpened_pair, top_rows
+from family_runs import (assert_flops_equal_the_cost_model, assert_grouped_fastv_matches, check_image_counts,
+                         assert_layer0_uniform_keeps_positions, generate_on_fewer_placeholders)
+from plain_refs import first_error, plain_copy, sharpened_pair
 
 SPEC = get_spec("tiny-internvl3")
 IMG, PAD, START, END, PER_TILE = 250, 2, 3, 4, 16  # 64-pixel tiles of 8x8 patches, shuffled 2x2
@@ -136,18 +138,7 @@ def test_one_tile_when_the_processor_cuts_none():
 
 def test_check_cli_counts_an_image(tmp_path):
     """`vtdsl check --image`: a 1000x700 image is 3x2 tiles and the thumbnail, 7 x 256."""
-    import json
-
-    from click.testing import CliRunner
-
-    from vtdsl.cli import main
-
-    policy = tmp_path / "p.vt"
-    policy.write_text('policy "p"\nat llm.layer2 keep text top 50%\n')
-    run = CliRunner().invoke(main, ["check", str(policy), "-m", "internvl3-8b", "--image", "1000x700", "--json"])
-    assert run.exit_code == 0, run.output
-    out = json.loads(run.output)
-    assert (out["visual_tokens_to_llm"], out["crops"], out["stages"][0]["tokens_out"]) == (1792, 7, 896)
+    assert check_image_counts(tmp_path, "internvl3-8b", "1000x700") == (1792, 7, 896)
 
 
 # ---------------------------------------------------------------------------- cost
@@ -180,72 +171,41 @@ def test_cost_of_internvl3_8b_equals_flop_counter_on_meta_part_by_part():
             "projector": 2 * tiles * 256 * (4 * d * h + h * h),
             "llm": 28 * (2 * big_n * (2 * h * h + 2 * h * kv + 3 * h * mlp) + 4 * h * big_n**2),
             "lm_head": 2 * h * 151674}
-    assert {"vit": vit, "projector": projector, "llm": llm, "lm_head": head} == want
-    base = estimate_counts(spec, [n] * 24, tiles * 256, [tiles * 256] * 28, text).baseline
-    assert {part: getattr(base, part) for part in want} == want
+    cost = estimate_counts(spec, [n] * 24, tiles * 256, [tiles * 256] * 28, text).baseline
+    assert dict(vit=vit, projector=projector, llm=llm, lm_head=head) == want == {p: getattr(cost, p) for p in want}
 
 
-@pytest.mark.parametrize("src", [
-    "at llm.layer2 keep text top 50%",
-    "at llm.layer0 keep uniform 20; at llm.layer2 keep text top 5",
-])
+# LLM stages, vit.out stages (select, diverse + merge by keys) and both
+COMPILED = ["at llm.layer2 keep text top 50%", "at llm.layer0 keep uniform 20; at llm.layer2 keep text top 5",
+            "at vit.out keep cls@vit.layer3 top 6",
+            "at vit.out keep cls@vit.layer2 top 4 + diverse 2 then merge rest into 2 by keys",
+            "at vit.out keep cls@vit.layer3 top 6; at llm.layer2 keep text top 50%"]
+
+
+@pytest.mark.parametrize("src", COMPILED)
 def test_compiled_flops_equal_the_cost_model(models, src):
-    """On the spec sized for the call's 64x128 image (its three tiles counted together)."""
-    spec = SPEC.for_image(*SIZE)
-    model = models["eager"]
-    batch = inputs(1)
-    text = int((batch["input_ids"] != IMG).sum())  # <img> and </img> are text
-    with vc.apply(src, model, spec=spec), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(**batch)
-    assert counter.get_total_flops() == estimate(check(src, spec), text_tokens=text, logits="all").flops
+    """On the spec sized for the call's 64x128 image (its three tiles counted together;
+    `<img>` and `</img>` are text). A vit.out stage works per tile on the shuffled tokens,
+    4 patches wide (diverse's cosines, the merge's)."""
+    assert_flops_equal_the_cost_model(models["eager"], SPEC.for_image(*SIZE), src, inputs(1), IMG)
 
 
 # ---------------------------------------------------------------------------- LLM stages
-def _top_reference(ref, batch_inputs: dict, layer: int, group: int, keep: int):
-    """`keep text top` by hand: the last prompt row's head-mean attention at `layer - 1`,
-    the top `keep` image positions of every `group` consecutive ones (a tile, or an image's
-    tiles) kept, the others masked from `layer` on. Returns (kept [B, ...], greedy tokens)."""
-    att = last_query_attention(ref, batch_inputs, layer - 1)
-    kept, pruned = [], []
-    for b, ids in enumerate(batch_inputs["input_ids"]):
-        rows = (ids == IMG).nonzero().flatten()
-        chosen = torch.cat([top_rows(att[b], part, keep) for part in rows.split(group)])
-        kept.append(chosen)
-        pruned.append(rows[~torch.isin(rows, chosen)])
-    return torch.stack(kept), masked_generate(ref, batch_inputs, pruned, from_layer=layer, new_tokens=6)
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("sized", [False, True])
 def test_llm_stage_generate_matches_masked_reference(models, attn, sized):
     """Batch 2, left-padded. On the per-tile spec `top 50%` keeps 8 of each tile's 16; on
     the spec sized for the 64x128 image, 24 of its 48 (all tiles together)."""
     model = models[attn]
-    batch_inputs = inputs(2)
-    group = TILES * PER_TILE if sized else PER_TILE
-    kept, want = _top_reference(plain_copy(SPEC, model), batch_inputs, layer=2, group=group, keep=group // 2)
-    spec = SPEC.for_image(*SIZE) if sized else SPEC
-    with vc.apply("at llm.layer2 keep text top 50%", model, spec=spec):
-        with torch.no_grad():
-            got = model.generate(**batch_inputs, max_new_tokens=6, do_sample=False)
-        assert torch.equal(vc.kept_tokens(model)["llm.layer2#0"].reshape(2, -1), kept)
-    assert torch.equal(got, want)
+    assert_grouped_fastv_matches(model, plain_copy(SPEC, model), SPEC.for_image(*SIZE) if sized else SPEC, inputs(2),
+                                 IMG, group=TILES * PER_TILE if sized else PER_TILE)
 
 
 def test_llm_layer0_keeps_positions(models):
     """Tokens dropped before the LLM leave the kept ones (and `</img>` and the text after
     it) their positions: the same as masking the dropped rows everywhere."""
     model = models["sdpa"]
-    batch_inputs = inputs(2)
-    pruned = []
-    for ids in batch_inputs["input_ids"]:
-        rows = (ids == IMG).nonzero().flatten()
-        chosen = torch.cat([part[[i * PER_TILE // 4 for i in range(4)]] for part in rows.split(PER_TILE)])
-        pruned.append(rows[~torch.isin(rows, chosen)])
-    want = masked_generate(plain_copy(SPEC, model, "sdpa"), batch_inputs, pruned, from_layer=0, new_tokens=6)
-    with vc.apply("at llm.layer0 keep uniform 4", model), torch.no_grad():
-        got = model.generate(**batch_inputs, max_new_tokens=6, do_sample=False)
-    assert torch.equal(got, want)
+    assert_layer0_uniform_keeps_positions(model, plain_copy(SPEC, model, "sdpa"), inputs(2), IMG, PER_TILE)
 
 
 # ---------------------------------------------------------------------------- ViT stages
@@ -289,8 +249,6 @@ def test_vit_out_stage_equals_a_plain_loop_per_tile(models, attn, sized):
     the 6 shuffled tokens whose 2x2 groups the CLS attends to most; the LLM then sees the
     kept tokens tile by tile. Batch 2, left-padded: greedy tokens equal the plain model
     fed those features in a prompt with 6 placeholders per tile."""
-    from family_runs import generate_on_fewer_placeholders
-
     model, keep = models[attn], 6
     batch_inputs = inputs(2)
     ref = plain_copy(SPEC, model, attn)
@@ -309,23 +267,6 @@ def test_vit_out_stage_equals_a_plain_loop_per_tile(models, attn, sized):
             got = model.generate(**batch_inputs, max_new_tokens=5, do_sample=False)
         assert torch.equal(vc.kept_tokens(model)["vit.out#0"], kept + 1)  # vids count from 1
     assert torch.equal(got[:, -5:], want)
-
-
-@pytest.mark.parametrize("src", [
-    "at vit.out keep cls@vit.layer3 top 6",
-    "at vit.out keep cls@vit.layer2 top 4 + diverse 2 then merge rest into 2 by keys",
-    "at vit.out keep cls@vit.layer3 top 6; at llm.layer2 keep text top 50%",
-])
-def test_compiled_vit_out_flops_equal_the_cost_model(models, src):
-    """The vit.out stage works on the shuffled tokens, 4 patches wide (diverse's cosines,
-    the merge's): counted per tile, on the spec sized for the call's image."""
-    spec = SPEC.for_image(*SIZE)
-    model = models["eager"]
-    batch = inputs(1)
-    text = int((batch["input_ids"] != IMG).sum())
-    with vc.apply(src, model, spec=spec), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(**batch)
-    assert counter.get_total_flops() == estimate(check(src, spec), text_tokens=text, logits="all").flops
 
 
 def test_vit_sites_and_cls_token_are_refused_where_they_point():

@@ -16,13 +16,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import vtdsl.compiler as vc
 from vtdsl.compiler.families import family_of
-from vtdsl.cost import estimate, estimate_counts
+from vtdsl.cost import estimate_counts
 from vtdsl.ir import check
 from vtdsl.models import get_spec, list_specs
 from vtdsl.models.builtins import builtin_config_dict
 from vtdsl.models.registry import spec_from_config
 
-from plain_refs import plain_copy, first_error, last_query_attention, masked_generate, sharpened_pair, top_rows
+from family_runs import (assert_flops_equal_the_cost_model, assert_grouped_fastv_matches, check_image_counts,
+                         assert_layer0_uniform_keeps_positions)
+from plain_refs import plain_copy, first_error, sharpened_pair
 
 SPEC = get_spec("tiny-smolvlm")
 IMG, PAD, PER_TILE = 250, 2, 16  # 64-pixel tiles of 8x8 patches, pixel shuffle 2
@@ -127,18 +129,7 @@ def test_visual_tokens_for_image_sizes_equal_the_processor(name, split):
 
 def test_check_cli_counts_an_image(tmp_path):
     """`vtdsl check --image`: a 1000x700 image is 4x3 tiles and the global view, 13 x 81."""
-    import json
-
-    from click.testing import CliRunner
-
-    from vtdsl.cli import main
-
-    policy = tmp_path / "p.vt"
-    policy.write_text('policy "p"\nat llm.layer2 keep text top 50%\n')
-    run = CliRunner().invoke(main, ["check", str(policy), "-m", "smolvlm-2.2b", "--image", "1000x700", "--json"])
-    assert run.exit_code == 0, run.output
-    out = json.loads(run.output)
-    assert (out["visual_tokens_to_llm"], out["crops"], out["stages"][0]["tokens_out"]) == (1053, 13, 527)
+    assert check_image_counts(tmp_path, "smolvlm-2.2b", "1000x700") == (1053, 13, 527)
 
 
 # ---------------------------------------------------------------------------- cost
@@ -178,46 +169,20 @@ def test_cost_of_smolvlm_2b_equals_flop_counter_on_meta_part_by_part():
     "at llm.layer0 keep uniform 20; at llm.layer2 keep text top 5",
 ])
 def test_compiled_flops_equal_the_cost_model(models, src):
-    """On the spec sized for the call's 256x64 image (its five tiles counted together)."""
-    spec = SPEC.for_image(256, 64)
-    model = models["eager"]
-    batch = inputs(1)
-    text = int((batch["input_ids"] != IMG).sum())  # the row/column and global-view tokens are text
-    with vc.apply(src, model, spec=spec), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(**batch)
-    assert counter.get_total_flops() == estimate(check(src, spec), text_tokens=text, logits="all").flops
+    """On the spec sized for the call's 256x64 image (its five tiles counted together; the
+    row/column and global-view tokens are text)."""
+    assert_flops_equal_the_cost_model(models["eager"], SPEC.for_image(256, 64), src, inputs(1), IMG)
 
 
 # ---------------------------------------------------------------------------- LLM stages
-def _top_reference(ref, batch_inputs: dict, layer: int, group: int, keep: int):
-    """`keep text top` by hand: the last prompt row's head-mean attention at `layer - 1`,
-    the top `keep` image positions of every `group` consecutive ones (a tile, or an image's
-    tiles) kept, the others masked from `layer` on. Returns (kept [B, ...], greedy tokens)."""
-    att = last_query_attention(ref, batch_inputs, layer - 1)
-    kept, pruned = [], []
-    for b, ids in enumerate(batch_inputs["input_ids"]):
-        rows = (ids == IMG).nonzero().flatten()
-        chosen = torch.cat([top_rows(att[b], part, keep) for part in rows.split(group)])
-        kept.append(chosen)
-        pruned.append(rows[~torch.isin(rows, chosen)])
-    return torch.stack(kept), masked_generate(ref, batch_inputs, pruned, from_layer=layer, new_tokens=6)
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("sized", [False, True])
 def test_llm_stage_generate_matches_masked_reference(models, attn, sized):
     """Batch 2, left-padded. On the per-tile spec `top 50%` keeps 8 of each tile's 16; on
     the spec sized for the 256x64 image, 40 of its 80 (all tiles together)."""
     model = models[attn]
-    batch_inputs = inputs(2)
-    group = TILES * PER_TILE if sized else PER_TILE
-    kept, want = _top_reference(fresh_copy(model), batch_inputs, layer=2, group=group, keep=group // 2)
-    spec = SPEC.for_image(256, 64) if sized else SPEC
-    with vc.apply("at llm.layer2 keep text top 50%", model, spec=spec):
-        with torch.no_grad():
-            got = model.generate(**batch_inputs, max_new_tokens=6, do_sample=False)
-        assert torch.equal(vc.kept_tokens(model)["llm.layer2#0"].reshape(2, -1), kept)
-    assert torch.equal(got, want)
+    assert_grouped_fastv_matches(model, fresh_copy(model), SPEC.for_image(256, 64) if sized else SPEC, inputs(2), IMG,
+                                 group=TILES * PER_TILE if sized else PER_TILE)
 
 
 def test_per_crop_on_the_sized_spec_is_per_tile(models):
@@ -241,16 +206,7 @@ def test_llm_layer0_keeps_positions_between_the_tiles_text(models):
     """Tokens dropped before the LLM leave the kept ones (and the row/column text tokens
     between tiles) their positions: the same as masking the dropped rows everywhere."""
     model = models["sdpa"]
-    batch_inputs = inputs(2)
-    pruned = []
-    for ids in batch_inputs["input_ids"]:
-        rows = (ids == IMG).nonzero().flatten()
-        chosen = torch.cat([part[[i * PER_TILE // 4 for i in range(4)]] for part in rows.split(PER_TILE)])
-        pruned.append(rows[~torch.isin(rows, chosen)])
-    want = masked_generate(fresh_copy(model, "sdpa"), batch_inputs, pruned, from_layer=0, new_tokens=6)
-    with vc.apply("at llm.layer0 keep uniform 4", model), torch.no_grad():
-        got = model.generate(**batch_inputs, max_new_tokens=6, do_sample=False)
-    assert torch.equal(got, want)
+    assert_layer0_uniform_keeps_positions(model, fresh_copy(model, "sdpa"), inputs(2), IMG, PER_TILE)
 
 
 # ---------------------------------------------------------------------------- check time
