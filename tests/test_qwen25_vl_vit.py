@@ -280,3 +280,17 @@ def test_a_vit_out_count_is_in_merged_tokens_and_placeholders_stay():
     assert (plan.stages[0].tokens_in, plan.stages[0].tokens_out) == (576, 144)
     assert plan.vit_tokens == [2304] * 8 + [576] * 24
     assert (plan.projector_tokens, plan.image_placeholders, plan.llm_visual[0]) == (144, 576, 144)
+
+
+@pytest.mark.parametrize("src, at, code, words", [
+    ("at vit.out keep cls@vit.layer3 top 10", "cls@", "no-cls", "vision tower has no CLS token"),
+    ("at vit.layer2 keep informativity@vit.layer1 top 10", "informativity@", "no-cls", "has no CLS token"),
+    ("at vit.out keep attn(no_rope)@vit.layer3 top 10", "attn(", "scorer-args", "2-D RoPE"),
+])
+def test_what_reads_a_cls_token_or_unrotated_keys_is_refused_where_written(src, at, code, words):
+    from plain_refs import first_error
+
+    for name in ("tiny-qwen2.5-vl", "tiny-qwen2-vl"):
+        d = first_error(src, get_spec(name))
+        assert (d.span.line, d.span.column, d.code) == (1, src.index(at) + 1, code)
+        assert words in d.message and name in d.message

@@ -258,6 +258,9 @@ def _image_keys_in_vit(r: _Read):
 
 
 def _no_rope_in_vit(r: _Read):
+    if not r.obs.rope and r.obs.tower == "vit" and r.spec.vit_units > 1:
+        return (f"{r.spec.name}'s ViT scores read q and k as its blocks rotate them (2-D RoPE); vtdsl does not "
+                f"read them unrotated at {r.where}", f"'{r.ref.name}' without no_rope", "scorer-args")
     if not r.obs.rope and r.obs.tower == "vit":
         return (f"the ViT has no rotary position embeddings: 'no_rope' changes nothing at {r.where}",
                 f"'{r.ref.name}' without no_rope", "scorer-args")
