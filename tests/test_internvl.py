@@ -280,3 +280,41 @@ def test_vit_sites_and_cls_token_are_refused_where_they_point():
     # a token at vit.out is one shuffled group: the tile's grid is 4x4
     assert check("at vit.out keep cls@vit.layer3 top 50%", SPEC).stages[0].tokens_in == PER_TILE
     assert check("at vit.out pool 2x2", SPEC).stages[0].tokens_out == PER_TILE // 4
+
+
+# ---------------------------------------------------------------------------- model directories
+def _hub_directory(tmp_path, **vision) -> str:
+    """OpenGVLab/InternVL3-8B-hf's file layout: sides as [height, width] pairs, the text
+    config's flat `rope_theta` and its `rope_scaling`, and a preprocessor_config.json that
+    leaves `crop_to_patches` off (InternVLProcessor turns it on for every call)."""
+    import json
+
+    config = builtin_config_dict("internvl3-8b")
+    config.pop("vtdsl_preprocessor")
+    config["vision_config"].update({"image_size": [448, 448], "patch_size": [14, 14], **vision})
+    text = config["text_config"]
+    text.pop("rope_parameters")
+    text.update(rope_theta=1000000.0, rope_scaling={"factor": 2.0, "rope_type": "dynamic", "type": "dynamic"})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "GotOcr2ImageProcessorFast", "crop_to_patches": False, "min_patches": 1,
+         "max_patches": 12, "size": {"height": 448, "width": 448}}))
+    return str(tmp_path)
+
+
+def test_a_hub_style_directory_gives_the_registered_spec(tmp_path):
+    local, builtin = get_spec(_hub_directory(tmp_path)), get_spec("internvl3-8b")
+    fields = ("family", "vit", "llm", "projector", "vocab_size", "image_token_id", "dtype", "image_tokens",
+              "spatial_merge", "tile_range", "merged_features", "has_cls", "image_size", "patch_size")
+    assert [getattr(local, f) for f in fields] == [getattr(builtin, f) for f in fields]
+    assert local.for_image(1000, 700).image_tokens == 7 * 256
+    assert local.param_count() == builtin.param_count()
+
+
+def test_a_non_square_tower_is_refused_naming_the_key(tmp_path):
+    from vtdsl.lang.errors import PolicyError
+
+    with pytest.raises(PolicyError, match=r"(?s)vision_config.image_size \[448, 336\].*expected: a square \[n, n\]"):
+        get_spec(_hub_directory(tmp_path, image_size=[448, 336]))
+    with pytest.raises(PolicyError, match=r"vision_config.patch_size: expected \[height, width\]"):
+        get_spec(_hub_directory(tmp_path, patch_size=[14, 14, 14]))

@@ -86,7 +86,9 @@ def check_config(data: Any, config_path: str) -> None:
     for prefix, scope in scopes:
         for keys, most in ((LAYER_KEYS, MAX_LAYERS), (SIDE_KEYS, MAX_SIDE), (WIDTH_KEYS, MAX_WIDTH)):
             for key in keys:
-                if key in scope and not (key in OPTIONAL_KEYS and scope[key] is None):
+                if key in SIDE_KEYS and isinstance(scope.get(key), list):  # [height, width] (InternVL)
+                    _pair(scope[key], config_path, prefix + key)
+                elif key in scope and not (key in OPTIONAL_KEYS and scope[key] is None):
                     _whole(scope[key], 1, most, config_path, prefix + key)
         for key in ("torch_dtype", "dtype"):
             name = scope.get(key)
