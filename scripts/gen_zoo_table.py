@@ -83,6 +83,7 @@ FAMILIES = (
     "llava-onevision-qwen2-7b",
     "smolvlm-2.2b",
     "internvl3-8b",
+    "gemma-3-4b",
     "qwen3-vl-8b",
 )
 
@@ -93,9 +94,10 @@ The same files, unchanged, checked against LLaVA-NeXT (anyres, counted at 672x67
 view + 2x2 crops, 2928 visual tokens), Qwen2.5-VL (counted at 672x672: 576 merged
 tokens), LLaVA-OneVision (anyres_max_9, counted at 2304x2304: base view + 6x6 crops,
 7371 visual tokens), SmolVLM (counted per 384-pixel tile: 81 tokens after the 3x3 pixel
-shuffle; an image is up to 17 tiles, each pruned alike) and InternVL3 (counted per 448-pixel
+shuffle; an image is up to 17 tiles, each pruned alike), InternVL3 (counted per 448-pixel
 tile: 256 tokens after the 2x2 pixel shuffle; ViT-side stages at `vit.out` only, per tile; an
-image is up to 12 tiles and a thumbnail), {text} text tokens. ViT-side counts are per crop on the anyres
+image is up to 12 tiles and a thumbnail) and Gemma 3 (one 896-pixel view: 256 tokens after the
+4x4 average pool; pan-and-scan off, as the checkpoint ships), {text} text tokens. ViT-side counts are per crop on the anyres
 models, so a `vit.out keep 64` hands LLaVA-NeXT's LLM 5 x 64 tokens and LLaVA-OneVision's
 37 x 64 (pruned crops are concatenated, without OneVision's shrink of the intact map: a
 light ViT-side prune can give it more tokens than the intact image). A refused file shows

@@ -203,3 +203,14 @@ def qwen_7b_merger_llm_flops(text: int, n_img: int = 576) -> int:
     n, h, kv = n_img + text, 3584, 512
     llm = 28 * (2 * n * (2 * h * h + 2 * h * kv + 3 * h * 18944) + 4 * n * n * h)
     return merger + llm + 2 * h * 152064
+
+
+def flops_per_part(model, counter) -> dict[str, int]:
+    """What FlopCounterMode (`counter`, after a forward of `model`) counted in each part of a
+    model laid out as `model.vision_tower`, `model.multi_modal_projector`,
+    `model.language_model` and `lm_head`."""
+    root = type(model).__name__
+    per_module = counter.get_flop_counts()
+    modules = {"vit": "model.vision_tower", "projector": "model.multi_modal_projector",
+               "llm": "model.language_model", "lm_head": "lm_head"}
+    return {part: sum(per_module.get(f"{root}.{name}", {}).values()) for part, name in modules.items()}

@@ -35,7 +35,8 @@ def test_every_registered_model_has_its_family():
                 "llava-onevision-qwen2-7b": "llava-onevision", "tiny-llava-onevision": "llava-onevision",
                 "smolvlm-2.2b": "idefics3", "tiny-smolvlm": "smolvlm",
                 "internvl3-8b": "internvl", "tiny-internvl3": "internvl",
-                "qwen3-vl-8b": "qwen3-vl", "tiny-qwen3-vl": "qwen3-vl"}
+                "qwen3-vl-8b": "qwen3-vl", "tiny-qwen3-vl": "qwen3-vl",
+                "gemma-3-4b": "gemma3", "tiny-gemma3": "gemma3"}
     for name, family in expected.items():
         assert family_of(get_spec(name)) is FAMILIES[family]
     for spec in list_specs():  # the vtbench model too, when shipped
@@ -43,10 +44,10 @@ def test_every_registered_model_has_its_family():
 
 
 def test_an_unknown_family_is_refused_with_the_known_ones():
-    spec = replace(get_spec("tiny-llava"), family="gemma3")
-    with pytest.raises(vc.CompileError, match="'gemma3' model, which vtdsl cannot compile; known families: "
-                                              "idefics3, internvl, llava, llava-next, llava-onevision, qwen2.5-vl, "
-                                              "qwen2-vl, qwen3-vl, smolvlm"):
+    spec = replace(get_spec("tiny-llava"), family="paligemma")
+    with pytest.raises(vc.CompileError, match="'paligemma' model, which vtdsl cannot compile; known families: "
+                                              "gemma3, idefics3, internvl, llava, llava-next, llava-onevision, "
+                                              "qwen2.5-vl, qwen2-vl, qwen3-vl, smolvlm"):
         family_of(spec)
 
 

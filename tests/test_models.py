@@ -31,7 +31,7 @@ def test_registry_lists_the_builtins():
                                              "internvl3-8b", "tiny-llava", "tiny-llava-next", "tiny-qwen2.5-vl",
                                              "tiny-llava-onevision", "tiny-qwen2-vl", "tiny-smolvlm",
                                              "tiny-llava-vtbench2", "tiny-internvl3", "qwen3-vl-8b", "tiny-qwen3-vl",
-                                             "tiny-llava-vtbench"]
+                                             "gemma-3-4b", "tiny-gemma3", "tiny-llava-vtbench"]
 
 
 def test_llava_15_7b_spec():
@@ -288,7 +288,7 @@ def test_cli_models_json():
                           "llava-onevision-qwen2-7b", "smolvlm-2.2b", "internvl3-8b", "tiny-llava", "tiny-llava-next",
                           "tiny-qwen2.5-vl", "tiny-llava-onevision", "tiny-qwen2-vl", "tiny-smolvlm",
                           "tiny-llava-vtbench2", "tiny-internvl3", "qwen3-vl-8b", "tiny-qwen3-vl",
-                          "tiny-llava-vtbench"]
+                          "gemma-3-4b", "tiny-gemma3", "tiny-llava-vtbench"]
     assert rows["llava-1.5-7b"]["params"] == 7_063_427_072
     assert rows["llava-1.5-7b"]["visual_tokens"] == 576
     assert (rows["tiny-llava"]["vit_layers"], rows["tiny-llava"]["llm_layers"]) == (24, 32)

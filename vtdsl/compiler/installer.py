@@ -374,7 +374,8 @@ class Installer:
             normed = hasattr(self.model.get_submodule(base), "q_norm")
             for key in ("q", "k"):
                 if normed:
-                    self.hook(f"{base}.{key}_norm", "post", _heads_joined(rt.proj_hook(obs.layer, key)),
+                    joined = _heads_joined(rt.proj_hook(obs.layer, key), self.family.norms_heads_first)
+                    self.hook(f"{base}.{key}_norm", "post", joined,
                               f"capture {key}_norm output (per-head norm of {key}_proj; prefill) for {label}")
                 else:
                     self.hook(f"{base}.{key}_proj", "post", rt.proj_hook(obs.layer, key),
@@ -420,7 +421,7 @@ def _heads_joined(hook: Callable, heads_first: bool = False) -> Callable:
     """`hook` handed a per-head ``[B, n, H, dh]`` output (``[B, H, n, dh]`` when
     `heads_first`) as the ``[B, n, H·dh]`` of a projection."""
     def joined(module, args, output):
-        return hook(module, args, output.flatten(-2))
+        return hook(module, args, (output.transpose(1, 2) if heads_first else output).flatten(-2))
 
     return joined
 

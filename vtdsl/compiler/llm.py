@@ -52,6 +52,23 @@ def _rows(t: Tensor, rows: Tensor) -> Tensor:
     return ops.gather_tokens(t.expand(rows.shape[0], *t.shape[1:]), rows)
 
 
+def _prompt_mask(am: Any) -> bool:
+    """Whether an LLM input mask is one `llm.layer0` stages can gather: 2-D padding, or the
+    4-D masks per layer kind a multimodal model built before its LLM (bidirectional image
+    blocks), None where a kind needs none."""
+    if isinstance(am, dict):
+        return all(m is None or isinstance(m, Tensor) and m.dim() == 4 for m in am.values())
+    return isinstance(am, Tensor) and am.dim() == 2
+
+
+def _keep_columns(am: Tensor | dict, keep: Tensor, *, rows: bool) -> Tensor | dict:
+    """A 2-D mask's columns `keep` ``[B, n]``, or each 4-D mask of a dict gathered to those
+    key columns (and query rows at prefill, `rows`); None entries (no mask) stay None."""
+    if isinstance(am, dict):
+        return {kind: None if m is None else _gather_mask(m, keep if rows else None, keep) for kind, m in am.items()}
+    return am.gather(1, keep)
+
+
 def _gather_mask(mask: Tensor, rows: Tensor | None, cols: Tensor) -> Tensor:
     """Gather a ``[B or 1, h, q, kv]`` mask to query rows and key columns (per sample)."""
     b = cols.shape[0]
@@ -96,9 +113,7 @@ class LlmState:
     nb: int = 0  # length of the sequence handed to the layers
     rows: Tensor | None = None  # [B, n] index of each current row in that sequence
     base_pos: Tensor | None = None  # [B, nb] prompt positions kept by llm.layer0 stages
-    full_pe: tuple[Tensor, Tensor] | None = None
     full_pid: Tensor | None = None
-    full_mask: Tensor | None = None
     pruned: bool = False  # rows != arange(nb)
     # `renumber`: the position ids of the current rows once a stage re-numbered them
     # (None: the positions of the sequence handed to the layers, gathered at `rows`);
@@ -110,7 +125,8 @@ class LlmState:
     shift: int = 0
     input_shift: int = 0
     layer_shift: dict[int, int] = field(default_factory=dict)
-    gathered: dict[str, Any] | None = None
+    # the layers' inputs gathered to `rows`, per (mask, rotary) pair handed to them
+    gathered: dict[tuple[int, int], dict[str, Any]] | None = None
     layer_rows: dict[int, Tensor] = field(default_factory=dict)
     ctx: dict[int, dict[str, Any]] = field(default_factory=dict)
     captured: dict[int, dict[str, Tensor]] = field(default_factory=dict)
@@ -232,8 +248,8 @@ class LlmRuntime:
         self.layers.update(enumerate(getattr(module, "layers", ())))
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         am = kwargs.get("attention_mask")
-        if am is not None and (not isinstance(am, Tensor) or am.dim() != 2):
-            raise CompileError("llm.layer0 stages need a 2-D attention mask (or none)")
+        if am is not None and not _prompt_mask(am):
+            raise CompileError("llm.layer0 stages need a 2-D attention mask, none, or a dict of full-length 4-D masks")
         kwargs = dict(kwargs)
         b, q = embeds.shape[:2]
         if cache is None or cache.get_seq_length(0) == 0:
@@ -257,7 +273,7 @@ class LlmRuntime:
             self.pending = st
             kwargs["inputs_embeds"] = embeds
             if am is not None:
-                kwargs["attention_mask"] = am.gather(1, keep)
+                kwargs["attention_mask"] = _keep_columns(am, keep, rows=True)
             else:
                 # without a mask (and a cache) transformers reads gaps in the position ids as
                 # packed sequences and blocks attention across them: say "one sequence"
@@ -274,9 +290,12 @@ class LlmRuntime:
         if st is None or st.base_pos is None:
             return None
         past = cache.get_seq_length(0) - st.base_pos.shape[1]  # tokens decoded so far
-        if am is not None:
-            tail = torch.arange(st.n0, am.shape[1], device=am.device)[None].expand(b, -1)
-            kwargs["attention_mask"] = am.gather(1, torch.cat([st.base_pos, tail], dim=1))
+        widths = ([m.shape[-1] for m in am.values() if m is not None] if isinstance(am, dict)
+                  else [am.shape[1]] if am is not None else [])
+        if widths:
+            width = widths[0]
+            tail = torch.arange(st.n0, width, device=st.base_pos.device)[None].expand(b, -1)
+            kwargs["attention_mask"] = _keep_columns(am, torch.cat([st.base_pos, tail], dim=1), rows=False)
         if kwargs.get("position_ids") is None:
             kwargs["position_ids"] = (st.n0 + past + torch.arange(q, device=embeds.device))[None].expand(b, -1)
         if st.input_shift:
@@ -293,8 +312,10 @@ class LlmRuntime:
                 return self._prefill(j, hidden, args, kwargs, cache)
             self.prefill = False
             st = self.by_cache.get(cache)
-            if st is None or j not in st.layer_rows:
+            if st is None:
                 return None
+            if j not in st.layer_rows:
+                return self._windowed(j, args, kwargs, cache, hidden.shape[1])
             kwargs = dict(kwargs)
             shift = st.layer_shift.get(j, 0)
             if shift:
@@ -303,7 +324,7 @@ class LlmRuntime:
                     raise CompileError(f"layer {j}: 'renumber' needs the position ids the layers are handed")
                 pid = pid - shift
                 kwargs["position_ids"] = pid
-                kwargs["position_embeddings"] = self._rope_at(kwargs.get("position_embeddings"), pid)
+                kwargs["position_embeddings"] = self._rope_at(kwargs.get("position_embeddings"), pid, j)
             mask = kwargs.get("attention_mask")
             if mask is None:
                 return args, kwargs
@@ -318,10 +339,24 @@ class LlmRuntime:
                     f"layer {j}: cache holds {cache.get_seq_length(j)} tokens but the pruned mask "
                     f"expects {cols.shape[1] - q}"
                 )
-            kwargs["attention_mask"] = _gather_mask(mask, None, cols)
+            # a sliding-window layer's cache holds only its last rows: the mask's last columns
+            # (a window over original positions, which the full-length mask carries)
+            kv = cache.get_mask_sizes(q, j)[0]
+            kwargs["attention_mask"] = _gather_mask(mask, None, cols[:, -kv:] if kv < cols.shape[1] else cols)
             return args, kwargs
 
         return hook
+
+    @staticmethod
+    def _windowed(j: int, args: tuple, kwargs: dict, cache, q: int):
+        """Decoding after an llm.layer0 stage, at a layer no later stage pruned: the mask the
+        LLM input hook gathered (prompt rows kept, full length), cut to the last columns a
+        sliding-window layer's cache still holds; other layers keep it as it is."""
+        mask = kwargs.get("attention_mask")
+        kv = cache.get_mask_sizes(q, j)[0]
+        if not isinstance(mask, Tensor) or mask.dim() != 4 or mask.shape[-1] <= kv:
+            return None
+        return args, {**kwargs, "attention_mask": mask[..., -kv:]}
 
     def layer_post_hook(self, j: int):
         def hook(module: nn.Module, args: tuple, output):
@@ -420,9 +455,7 @@ class LlmRuntime:
                 self.by_cache[cache] = st
             st.nb = hidden.shape[1]
             st.rows = torch.arange(st.nb, device=hidden.device)[None].expand(hidden.shape[0], -1)
-            st.full_pe = kwargs.get("position_embeddings")
             st.full_pid = kwargs.get("position_ids")
-            st.full_mask = kwargs.get("attention_mask")
             if self.needs_raters and st.images:
                 self._raters(st, hidden)
         else:
@@ -431,16 +464,16 @@ class LlmRuntime:
             return None
         changed = False
         if st.images and j in self.input_obs_at:
-            self._observe_input(st, j, hidden, st.gathered if st.pruned and st.gathered is not None else kwargs)
+            self._observe_input(st, j, hidden, self._gathered_for(st, kwargs, j) if st.pruned else kwargs)
         if st.images and j > 0:
             for stage in self.stages_at.get(j, ()):
                 hidden = self._run_stage(st, stage, hidden)
                 changed = True
         if st.pruned:
-            if changed or st.gathered is None:
-                st.gathered = self._gathered(st)
+            if changed:
+                st.gathered = None
             kwargs = dict(kwargs)
-            kwargs.update(st.gathered)
+            kwargs.update(self._gathered_for(st, kwargs, j))
             st.layer_rows[j] = st.rows
             st.layer_shift[j] = st.shift - st.input_shift
         if j in self.observed:
@@ -462,31 +495,49 @@ class LlmRuntime:
             kwargs["hidden_states"] = hidden
         return args, kwargs
 
-    def _gathered(self, st: LlmState) -> dict[str, Any]:
+    def _gathered_for(self, st: LlmState, kwargs: dict, j: int) -> dict[str, Any]:
+        """The layer's own position embeddings and mask gathered to the kept rows, once per
+        pair of objects: layers may be handed different ones (sliding-window and global
+        layers with their own masks and rotary bases)."""
+        mask, pe = kwargs.get("attention_mask"), kwargs.get("position_embeddings")
+        key = (id(mask), id(pe[0]) if isinstance(pe, tuple) else id(pe))
+        if st.gathered is None:
+            st.gathered = {}
+        if key not in st.gathered:
+            st.gathered[key] = self._gathered(st, mask, pe, j)
+        return st.gathered[key]
+
+    def _gathered(self, st: LlmState, mask: Any, pe: tuple[Tensor, Tensor] | None, j: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if st.pid is not None and st.shift > st.input_shift:
             # re-numbered rows: positions no row had in the sequence the LLM handed over
             out["position_ids"] = st.pid
-            out["position_embeddings"] = self._rope_at(st.full_pe, st.pid)
+            out["position_embeddings"] = self._rope_at(pe, st.pid, j)
         else:
-            if st.full_pe is not None:
-                cos, sin = st.full_pe
+            if pe is not None:
+                cos, sin = pe
                 out["position_embeddings"] = (_rows(cos, st.rows), _rows(sin, st.rows))
             if st.full_pid is not None:
                 out["position_ids"] = _rows(st.full_pid, st.rows)
-        mask = st.full_mask
         if mask is not None:
             if not isinstance(mask, Tensor) or mask.dim() != 4:
                 raise CompileError(f"LLM stages need a 4-D tensor attention mask, got {type(mask).__name__}")
             out["attention_mask"] = _gather_mask(mask, st.rows, st.rows)
         return out
 
-    def _rope_at(self, like: tuple[Tensor, Tensor] | None, pid: Tensor) -> tuple[Tensor, Tensor]:
-        """(cos, sin) of the LLM's rotary embedding at position ids `pid` ``[B, n]``, in
-        the dtype and device of the (cos, sin) the layers were handed (`like`)."""
+    def _rope_at(self, like: tuple[Tensor, Tensor] | None, pid: Tensor, j: int) -> tuple[Tensor, Tensor]:
+        """(cos, sin) of the LLM's rotary embedding at position ids `pid` ``[B, n]`` for
+        layer j, in the dtype and device of the (cos, sin) the layers were handed (`like`).
+        A rotary embedding with one base per layer kind (sliding-window, global) is asked
+        for layer j's kind, its attention's `layer_type`."""
         if like is None:
             raise CompileError("'renumber' needs the position embeddings the layers are handed")
-        return self.rotary(like[0], pid.to(like[0].device))
+        import inspect
+
+        args = (like[0], pid.to(like[0].device))
+        if "layer_type" in inspect.signature(self.rotary.forward).parameters:
+            args += (self.layers[j].self_attn.layer_type,)
+        return self.rotary(*args)
 
     def _positions(self, st: LlmState) -> Tensor:
         """Position ids ``[B, n]`` of the current rows."""

@@ -627,6 +627,58 @@ TINY_INTERNVL3["text_config"].update(vocab_size=256, hidden_size=32, intermediat
 _builtin("tiny-internvl3", TINY_INTERNVL3,
          "tiny random InternVL3 (64-pixel tiles + CLS, pixel shuffle 0.5; 16 tokens per tile) for tests, float32")
 
+# google/gemma-3-4b-it (model_type gemma3): SigLIP so400m at 896 px (27 layers, hidden
+# 1152, ffn 4304, 16 heads, patch 14: 64x64 patches, no CLS, no pooling head), the
+# projector's 4x4 average pool to mm_tokens_per_image 256, RMSNorm and one 1152 -> 2560
+# matrix; Gemma 3 text: 34 layers, hidden 2560, ffn 10240 (gated tanh-GELU), 8 heads and 4
+# KV heads of 256, query_pre_attn_scalar 256, every 6th layer global (RoPE theta 1e6, linear
+# scaling 8) and the others sliding over 1024 tokens (theta 1e4), vocab 262208 with tied
+# embeddings, image token 262144 (boi 255999, eoi 256000), bfloat16. Could not be checked
+# offline against the hub's config.json: the widths, depth and window (from the Gemma 3
+# report and transformers' docs; third-party configs agree), the rope scaling and token
+# ids (from memory); the rest are Gemma3TextConfig / SiglipVisionConfig defaults.
+# preprocessor_config.json leaves pan-and-scan null: the processor's default, off.
+GEMMA3_4B = {
+    "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "mm_tokens_per_image": 256,
+    "boi_token_index": 255999, "eoi_token_index": 256000, "image_token_index": 262144,
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "vtdsl_preprocessor": {"do_pan_and_scan": None, "pan_and_scan_min_crop_size": None,
+                           "pan_and_scan_max_num_crops": None, "pan_and_scan_min_ratio_to_activate": None},
+    "vision_config": {
+        "model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
+        "num_attention_heads": 16, "image_size": 896, "patch_size": 14, "vision_use_head": False,
+        # defaults, stated: num_channels 3, hidden_act gelu_pytorch_tanh, layer_norm_eps 1e-6
+    },
+    "text_config": {
+        "model_type": "gemma3_text", "vocab_size": 262208, "hidden_size": 2560, "intermediate_size": 10240,
+        "num_hidden_layers": 34, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+        "query_pre_attn_scalar": 256, "sliding_window": 1024, "rms_norm_eps": 1e-06, "max_position_embeddings": 131072,
+        "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    },
+}
+_builtin("gemma-3-4b", GEMMA3_4B,
+         "Gemma 3 4B (google/gemma-3-4b-it): SigLIP-896 pooled 4x4 to 256 tokens + Gemma 3 text (sliding-window "
+         "and global layers, bidirectional image blocks); pan-and-scan off")
+
+# Gemma 3's layout at tiny widths: 128-pixel images of 16x16 patches pooled 4x4 to 16
+# tokens, 2 ViT layers, 4 LLM layers alternating sliding (window 16, shorter than the
+# tests' prompts) and global; the rest (RoPE, norms, tied embeddings) is gemma-3-4b's.
+TINY_GEMMA3 = {
+    **copy.deepcopy(GEMMA3_4B), "mm_tokens_per_image": 16, "boi_token_index": 251, "eoi_token_index": 252,
+    "image_token_index": 250, "torch_dtype": "float32",
+}
+TINY_GEMMA3["vision_config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    image_size=128, patch_size=8)
+TINY_GEMMA3["text_config"].update(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                                  sliding_window=16, max_position_embeddings=2048, bos_token_id=2, eos_token_id=1,
+                                  pad_token_id=0, torch_dtype="float32",
+                                  layer_types=["sliding_attention", "full_attention"] * 2)
+_builtin("tiny-gemma3", TINY_GEMMA3,
+         "tiny random Gemma 3 (128-pixel images pooled to 16 tokens, sliding window 16) for tests, float32")
+
 # in the order `vtdsl models` lists them: full-size checkpoints, then the tiny test variants
 BUILTINS: dict[str, tuple[dict, str]] = {name: _TABLE[name] for name in (
     "llava-1.5-7b", "llava-1.5-13b", "llava-next-7b",
@@ -634,7 +686,7 @@ BUILTINS: dict[str, tuple[dict, str]] = {name: _TABLE[name] for name in (
     "smolvlm-2.2b", "internvl3-8b", "tiny-llava", "tiny-llava-next",
     "tiny-qwen2.5-vl", "tiny-llava-onevision", "tiny-qwen2-vl",
     "tiny-smolvlm", "tiny-llava-vtbench2", "tiny-internvl3",
-    "qwen3-vl-8b", "tiny-qwen3-vl",
+    "qwen3-vl-8b", "tiny-qwen3-vl", "gemma-3-4b", "tiny-gemma3",
 )}
 
 # Other spellings users type for the same architectures.

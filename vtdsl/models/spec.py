@@ -140,6 +140,11 @@ class ModelSpec:
     # spatial_merge² patches), ViT scores summed over each token's patches; stages inside
     # the tower are refused, the shuffle needs every patch.
     merged_features: bool = False
+    # Pan-and-scan (Gemma 3) when the processor turns it on: (min crop side, max crops, min
+    # aspect ratio); an image more elongated than the ratio is also cut into 2..max crops
+    # along its long side, each encoded as one more view. None: off (the default). The
+    # spec's own counts are for one view; `for_image` sets `vit_crops` to the views.
+    pan_and_scan: tuple[int, int, float] | None = None
     # Checkpoint key renames (regex, replacement), first match wins: maps older / hub
     # checkpoint layouts onto this transformers version's module tree.
     checkpoint_renames: tuple[tuple[str, str], ...] = field(default=(), repr=False)
@@ -298,6 +303,8 @@ class ModelSpec:
             return self.for_grid(height // self.patch_size, width // self.patch_size)
         if self.split_edge:
             return replace(self, vit_crops=self._tiles(height, width))
+        if self.pan_and_scan:
+            return replace(self, vit_crops=1 + self.pan_and_scan_crops(height, width))
         if self.tile_range[1] > 1:
             rows, cols = self.matched_tiles(height, width)
             return replace(self, vit_crops=1 if rows * cols == 1 else rows * cols + 1)
@@ -320,6 +327,18 @@ class ModelSpec:
             elif diff == best_diff and area > 0.5 * self.image_size * self.image_size * cols * rows:
                 best = (cols, rows)
         return best[1], best[0]
+
+    def pan_and_scan_crops(self, height: int, width: int) -> int:
+        """Crops pan-and-scan cuts from an image of height x width pixels, as transformers'
+        Gemma 3 image processor does (`pan_and_scan`): none below the aspect ratio; else the
+        ratio rounded half up, at most one per min crop side, 2 to max; none when a crop's
+        short side would fall under the min crop side."""
+        low, most, min_ratio = self.pan_and_scan
+        long_side, short_side = max(height, width), min(height, width)
+        if long_side / short_side < min_ratio:
+            return 0
+        crops = min(most, max(2, min(int(math.floor(long_side / short_side + 0.5)), long_side // low)))
+        return 0 if min(math.ceil(long_side / crops), short_side) < low else crops
 
     def _tiles(self, height: int, width: int) -> int:
         """Crops image splitting makes of one image: rows x cols tiles and the global view,

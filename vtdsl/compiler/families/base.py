@@ -43,12 +43,17 @@ class Family:
     vit_attention : str
         The attention module of a ViT layer, whose ``q_proj`` / ``k_proj`` / ``v_proj``
         ViT scores capture (``self_attn``; InternViT: ``attention``).
+    norms_heads_first : bool
+        Whether the LLM's per-head q/k norms (when it has them) are applied to
+        ``[B, heads, n, dh]`` (after the heads are moved ahead of the tokens) rather than
+        ``[B, n, heads, dh]``: how a score's hook on their output joins the heads again.
     """
 
     name: ClassVar[str]
     size_argument: ClassVar[str | None] = None
     video_argument: ClassVar[str | None] = None
     layout_fields: ClassVar[tuple[str, ...]] = ()
+    norms_heads_first: ClassVar[bool] = False
     vit_attention: ClassVar[str] = "self_attn"
 
     def __repr__(self) -> str:

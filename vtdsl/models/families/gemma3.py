@@ -1,0 +1,63 @@
+"""Gemma 3 (`gemma3`): a SigLIP tower (no CLS token) at 896 pixels, its 64x64 patch map
+average-pooled 4x4 to 256 tokens (`Gemma3MultiModalProjector`: pool, RMSNorm, one linear
+map without bias), a Gemma 3 LLM (sliding-window and global layers, bidirectional
+attention among one image's tokens) and optional pan-and-scan crops."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .base import ModelFamily, unsupported
+
+# The processor's pan-and-scan settings when preprocessor_config.json leaves them null
+# (transformers' Gemma3Processor.images_kwargs): off, 256-pixel crops at least, 4 at most,
+# cut only beyond an aspect ratio of 1.2.
+PAN_AND_SCAN_DEFAULTS = {"do_pan_and_scan": False, "pan_and_scan_min_crop_size": 256,
+                         "pan_and_scan_max_num_crops": 4, "pan_and_scan_min_ratio_to_activate": 1.2}
+
+
+def pan_and_scan(config) -> tuple[int, int, float] | None:
+    """(min crop side, max crops, min aspect ratio) when the preprocessor_config.json the
+    registry attached (`vtdsl_preprocessor`) turns pan-and-scan on; None when it is off."""
+    given = {k: v for k, v in (getattr(config, "vtdsl_preprocessor", None) or {}).items() if v is not None}
+    pre = {**PAN_AND_SCAN_DEFAULTS, **given}
+    if not pre["do_pan_and_scan"]:
+        return None
+    low, most, ratio = (pre[k] for k in list(PAN_AND_SCAN_DEFAULTS)[1:])
+    if not (isinstance(low, int) and isinstance(most, int) and low >= 1 and most >= 2 and ratio >= 1):
+        raise unsupported(f"pan-and-scan settings min_crop_size={low!r}, max_num_crops={most!r}, "
+                          f"min_ratio_to_activate={ratio!r}", expected="integers >= 1 and >= 2, a ratio >= 1")
+    return low, most, float(ratio)
+
+
+def pooled_layout(config, vc) -> dict[str, Any]:
+    """One image is one 896-pixel view (plus its pan-and-scan crops, `for_image`): the
+    tower's last layer, every patch, pooled `side / sqrt(mm_tokens_per_image)` per side
+    (`spatial_merge`), then one (vision width -> LLM width) matrix per pooled token."""
+    side, tokens = vc.image_size // vc.patch_size, config.mm_tokens_per_image
+    per_side = math.isqrt(tokens)
+    if per_side * per_side != tokens or side % per_side:
+        raise unsupported(f"mm_tokens_per_image {tokens} does not pool the {side}x{side} patch map evenly",
+                          expected="a square whose side divides the patch map's")
+    return {
+        "vision_feature_layer": -1,
+        "select_strategy": "default",
+        "projector": (vc.hidden_size, config.text_config.hidden_size),
+        "spatial_merge": side // per_side,
+        "pan_and_scan": pan_and_scan(config),
+    }
+
+
+# google/gemma-3-*-it checkpoints' keys already follow transformers 5's tree
+# (model.vision_tower.vision_model.*, model.multi_modal_projector.*, model.language_model.*)
+FAMILY = ModelFamily(
+    model_type="gemma3", family="gemma3", config_class="Gemma3Config", model_class="Gemma3ForConditionalGeneration",
+    vit_layer_path="model.vision_tower.vision_model.encoder.layers.{i}", projector_path="model.multi_modal_projector",
+    llm_layer_path="model.language_model.layers.{i}", layout=pooled_layout,
+    # SigLIP blocks: LayerNorm, q/k/v/out with biases, a fc1 / tanh-GELU / fc2 MLP
+    vision_towers={"siglip_vision_model": {"has_cls": False, "mlp": "gelu", "layers": "num_hidden_layers",
+                                           "heads": "num_attention_heads"}},
+    # gated tanh-GELU MLP: three matmuls, as SwiGLU
+    text_models={"gemma3_text": {"mlp": "swiglu"}},
+)
