@@ -318,3 +318,23 @@ def test_a_non_square_tower_is_refused_naming_the_key(tmp_path):
         get_spec(_hub_directory(tmp_path, image_size=[448, 336]))
     with pytest.raises(PolicyError, match=r"vision_config.patch_size: expected \[height, width\]"):
         get_spec(_hub_directory(tmp_path, patch_size=[14, 14, 14]))
+
+
+def test_vit_out_gnorm_sums_the_groups_of_a_plain_loop(models):
+    """`gnorm@vit.layer2` by hand per tile: layer 2's output through layer 3's input norm
+    (InternViT's `layernorm_before`), each patch's L2 norm summed over its 2x2 group; the
+    stage keeps the 6 largest groups of every tile."""
+    model, keep = models["eager"], 6
+    batch_inputs = inputs(2)
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        h = tower.embeddings(batch_inputs["pixel_values"])
+        for block in tower.encoder.layer[:3]:
+            h = block(h)
+        norms = tower.encoder.layer[3].layernorm_before(h)[:, 1:].norm(dim=-1)
+    side = SPEC.image_size // SPEC.patch_size
+    groups = norms.reshape(-1, side // 2, 2, side // 2, 2).sum((2, 4)).reshape(norms.shape[0], -1)
+    want = groups.argsort(dim=1, descending=True)[:, :keep].sort(dim=1).values + 1
+    with vc.apply(f"at vit.out keep gnorm@vit.layer2 top {keep}", model), torch.no_grad():
+        model(**batch_inputs)
+        assert torch.equal(vc.kept_tokens(model)["vit.out#0"], want)

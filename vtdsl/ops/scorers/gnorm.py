@@ -1,5 +1,6 @@
 """`gnorm`: the L2 norm of a token as the next layer's attention reads it, i.e. after that
-layer's input norm (LLM `input_layernorm`, CLIP `layer_norm1`, Qwen-VL vision blocks `norm1`).
+layer's input norm (LLM `input_layernorm`, CLIP `layer_norm1`, Qwen-VL vision blocks `norm1`,
+InternViT `layernorm_before`).
 
 A score read at layer ℓ (`gnorm@llm.layerℓ`, or `gnorm` in a stage at layer ℓ+1) takes
 layer ℓ's output hidden state, the tensor `norm` reads, and applies the input norm of
@@ -21,8 +22,8 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 # Where a layer keeps its input norm: LLaMA-style decoders, CLIP encoder layers, Qwen-VL
-# vision blocks (RMSNorm / LayerNorm before their attention).
-_INPUT_NORMS = ("input_layernorm", "layer_norm1", "norm1")
+# vision blocks, InternViT layers (RMSNorm / LayerNorm before their attention).
+_INPUT_NORMS = ("input_layernorm", "layer_norm1", "norm1", "layernorm_before")
 
 
 def _input_norm(layer):
