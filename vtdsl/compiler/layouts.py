@@ -94,12 +94,13 @@ class PlanCache:
             return check(self.plan.policy, spec)
         except PolicyError as err:
             first = err.diagnostics[0]
+            where = f" (policy line {first.span.line}, column {first.span.column})" if first.span else ""
             if size is None:
                 rows, cols = spec.grid
                 groups = f"{spec.vit_crops} temporal group{'s' if spec.vit_crops > 1 else ''}"
                 raise CompileError(f"the policy does not fit a video of {groups} of "
                                    f"{rows}x{cols} patches on {spec.name} ({spec.image_tokens} visual tokens): "
-                                   f"{first.message}") from None
+                                   f"{first.message}{where}") from None
             height, width = size
             raise CompileError(f"the policy does not fit a {height}x{width} image on {spec.name} "
-                               f"({spec.image_tokens} visual tokens): {first.message}") from None
+                               f"({spec.image_tokens} visual tokens): {first.message}{where}") from None

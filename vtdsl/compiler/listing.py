@@ -103,7 +103,7 @@ def _action_text(stage: ResolvedStage) -> str:
     text = "keep " + " + ".join(parts)
     if stage.region is not None:
         kind, rows, cols = stage.region
-        text += " per crop" if kind == "crop" else f" per region {rows}x{cols}"
+        text += {"crop": " per crop", "frame": f" per frame ({rows} frames)"}.get(kind, f" per region {rows}x{cols}")
         if stage.region_proportional:
             text += " proportional"
     if stage.rest is not None:

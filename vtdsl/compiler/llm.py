@@ -95,6 +95,25 @@ def _placement(st: LlmState, stage: ResolvedStage, img_rows: Tensor, src: Tensor
     return chosen, st.pos.gather(1, chosen), order, new.take(order)
 
 
+def _frame_layout(img: Tensor, vtok: Tokens, b: int, groups: int) -> tuple[Tensor, Tensor]:
+    """``[B, n0]`` frame and in-frame position of each prompt position from the videos'
+    token layout (`vtok`: crop = temporal group, gpos = position in it); a sample's second
+    video continues the frame count; -1 on text."""
+    crop = vtok.crop.reshape(b, -1)
+    per_video = vtok.crop.shape[1]
+    video = torch.arange(crop.shape[1], device=crop.device) // per_video
+    frame = torch.full(img.shape, -1, dtype=torch.long, device=img.device)
+    pos = torch.full(img.shape, -1, dtype=torch.long, device=img.device)
+    return (frame.masked_scatter(img, crop + video * groups), pos.masked_scatter(img, vtok.gpos.reshape(b, -1)))
+
+
+def _frames_at(st: LlmState, pos: Tensor) -> dict[str, Tensor]:
+    """`ScoreContext`'s frame fields for the rows at prompt positions `pos` ``[B, n]``."""
+    if st.frames is None:
+        return {}
+    return {"frame": st.frames[0].gather(1, pos), "frame_pos": st.frames[1].gather(1, pos)}
+
+
 @dataclass
 class LlmState:
     """One prompt (batch) from prefill through its decode steps.
@@ -136,6 +155,8 @@ class LlmState:
     # `text(raters)`: [B, n0] the prompt positions of SparseVLM's raters
     raters: Tensor | None = None
     is_pad: Tensor | None = None  # [B, n0] padding positions of the prompt (2-D mask zeros)
+    # a video's layout: [B, n0] frame and in-frame position of each prompt position (-1: text)
+    frames: tuple[Tensor, Tensor] | None = None
 
 
 class LlmRuntime:
@@ -438,6 +459,8 @@ class LlmRuntime:
             stages={s.index: s for s in plan.stages},
         )
         am = self.attention_mask
+        if spec.video_frames and images:
+            st.frames = _frame_layout(img, vtok, b, spec.vit_crops)
         st.is_pad = ((am == 0).to(hidden.device) if isinstance(am, Tensor) and tuple(am.shape) == (b, n0)
                      else torch.zeros(b, n0, dtype=torch.bool, device=hidden.device))
         st.captured[-1] = {"h": hidden}
@@ -721,7 +744,7 @@ class LlmRuntime:
         values = info.kernel(ScoreContext(
             obs, st.captured.get(slot, {}), self.num_heads, kv_heads=self.num_kv_heads, layer=self._layer,
             position_embeddings=ctx.get("pe"), mask=ctx.get("mask"), is_img=ctx["is_img"], raters=raters,
-            scaling=self.scaling))
+            scaling=self.scaling, **_frames_at(st, ctx["pos"])))
         done = st.scored[obs] = Scored(values, ctx["pos"], "pos", st.n0)
         return done
 

@@ -306,7 +306,9 @@ def _regions(stage: ResolvedStage, tokens: Tokens, g: int, n: int, device) -> tu
         return ops.split_regions(tokens.gpos, tokens.grid, rr, rc), rr * rc
     if kind == "chunk":
         return ops.split_chunks(n, rr, device)[None].expand(g, -1), rr
-    if tokens.crop is not None:  # crops packed for the LLM: each crop its share
+    if kind == "frame" and tokens.crop is None:
+        raise CompileError(f"stage at {stage.site.text()}: 'per frame' on visual tokens without frames (an image)")
+    if tokens.crop is not None:  # crops packed for the LLM (a video's: its temporal groups): each its share
         return tokens.crop, tokens.crops
     # a ViT row is one crop (LLaVA-1.5: the image; LLaVA-NeXT: one of its crops)
     return torch.zeros(g, n, dtype=torch.long, device=device), 1

@@ -260,11 +260,12 @@ Term = Annotated[Union[TopTerm, SelectTerm, BuffersTerm, ClsTokenTerm], Field(di
 
 
 class Region(Node):
-    """`per crop` (each anyres crop), `per region RxC` (a spatial split) or `per chunk N`
-    (N contiguous runs of the tokens in order); the budget is shared evenly, or with
-    `proportional` in proportion to each region's mean score."""
+    """`per crop` (each anyres crop), `per frame` (each temporal group of a video), `per
+    region RxC` (a spatial split) or `per chunk N` (N contiguous runs of the tokens in
+    order); the budget is shared evenly, or with `proportional` in proportion to each
+    region's mean score."""
 
-    kind: Literal["crop", "region", "chunk"]
+    kind: Literal["crop", "frame", "region", "chunk"]
     rows: int | None = None
     cols: int | None = None
     chunks: int | None = None
@@ -278,6 +279,8 @@ class Region(Node):
             raise ValueError("'per crop' takes no RxC split and no 'proportional'")
         if self.kind == "chunk" and (not self.chunks or self.chunks < 1 or self.rows is not None):
             raise ValueError("'per chunk' needs a positive number of chunks such as 16")
+        if self.kind == "frame" and (self.rows is not None or self.cols is not None):
+            raise ValueError("'per frame' takes no RxC split")
         if self.kind != "chunk" and self.chunks is not None:
             raise ValueError("only 'per chunk' takes a chunk count")
         return self

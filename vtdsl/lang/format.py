@@ -117,6 +117,8 @@ def format_term(term) -> str:
 def format_region(region: ast.Region) -> str:
     if region.kind == "crop":
         return "crop"
+    if region.kind == "frame":
+        return "frame" + (" proportional" if region.proportional else "")
     if region.kind == "chunk":
         return f"chunk {region.chunks}" + (" proportional" if region.proportional else "")
     return f"region {region.rows}x{region.cols}" + (" proportional" if region.proportional else "")

@@ -691,6 +691,8 @@ class _Builder:
         kind = str(tree.children[0])
         if kind == "crop":
             return self.node(ast.Region, span, kind="crop")
+        if kind == "frame":
+            return self.node(ast.Region, span, kind="frame", proportional=len(tree.children) > 1)
         if kind == "chunk":
             tok = tree.children[1]
             value = self.number(tok)
@@ -907,7 +909,7 @@ _START_WORDS = {
     "quantity": "a token count such as 64 or a percentage such as 10%",
     "budget_body": "a budget such as 'flops <= 25%'",
     "site": TERMINAL_WORDS["SITE"],
-    "region_body": "'crop', 'region RxC' or 'chunk N'",
+    "region_body": "'crop', 'frame', 'region RxC' or 'chunk N'",
     "grid": TERMINAL_WORDS["GRID"],
     "decode_count": "a count such as 64, a percentage such as 10% or a share such as p 0.9",
 }

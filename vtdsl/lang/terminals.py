@@ -56,10 +56,11 @@ TERMINAL_WORDS: dict[str, str] = {
     "_SEED": "'seed'",
     "_BUFFERS": "'buffers'",
     "CLS_TOKEN": "'cls_token'",
-    "_PER": "'per' (crop, region RxC or chunk N)",
+    "_PER": "'per' (crop, frame, region RxC or chunk N)",
     "CROP": "'crop'",
     "REGION": "'region'",
     "CHUNK": "'chunk'",
+    "FRAME": "'frame'",
     # what may follow 'then' and the options' keywords come from vtdsl/ops/rest (add_rest_words)
     "_THEN": "'then' and what happens to the rest",
     "_REST": "'rest'",
@@ -117,7 +118,7 @@ _FAMILIES: list[tuple[frozenset[str], str]] = [
     (frozenset({"NUMBER", "PERCENT", "_LPAR"}),
      "a token count such as 64 or a percentage such as 10% (after diverse: or '(sum)')"),
     (frozenset({"NUMBER", "PERCENT"}), "a token count such as 64 or a percentage such as 10%"),
-    (frozenset({"CROP", "REGION", "CHUNK"}), "'crop', 'region RxC' or 'chunk N'"),
+    (frozenset({"CROP", "FRAME", "REGION", "CHUNK"}), "'crop', 'frame', 'region RxC' or 'chunk N'"),
     (frozenset({"_COMMA", "_RPAR"}), "',' or ')'"),
     (frozenset({"SUM", "NAME"}), "'sum' (diverse(sum)) or 'norm' (far(norm))"),
 ]

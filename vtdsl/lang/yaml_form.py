@@ -340,7 +340,7 @@ _VALUE_HINTS = {
     "quantity": "write a count such as 64 or a percentage such as 10%",
     "budget_body": "write a budget such as 'flops <= 25%'",
     "site": "write a site such as vit.layer16",
-    "region_body": "write 'crop', 'region 2x2' or 'chunk 16'",
+    "region_body": "write 'crop', 'frame', 'region 2x2' or 'chunk 16'",
     "grid": "write a grid such as 2x2",
     "decode_count": "write a count such as 64, a percentage such as 10% or a share such as p 0.9",
 }

@@ -387,6 +387,19 @@ class ModelSpec:
         return replace(self, image_grid=(height // self.patch_size, width // self.patch_size), vit_crops=groups,
                        video_frames=frames)
 
+    def frames_refusal(self) -> str | None:
+        """Why a policy may not name frames (`per frame`, temporal scores) on this spec, or
+        None: a video's spec has frames; the unsized spec of a model that takes video is a
+        plan for its videos (a compiled model re-checks each call for its layout, so an
+        image call is refused then); an image, or a model without video, has none."""
+        if self.video_frames:
+            return None
+        if not self.video_max_pixels:
+            return f"{self.name} takes no video input, so its visual tokens have no frames"
+        if self.image_grid is not None:
+            return f"{self.name} is sized for an image here, which has no frames"
+        return None
+
     def llm_entry_tokens(self, projector_tokens: int) -> int:
         """Visual tokens entering the LLM when the projector sees `projector_tokens` per
         image. Newline tokens belong to the intact anyres layout: once crops are pruned

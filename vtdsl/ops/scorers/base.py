@@ -49,6 +49,12 @@ class ScoreContext:
     is_img: Any = None  # ``[B, n]`` bool
     raters: Any = None  # ``[B, n]`` bool: SparseVLM's raters among the rows (`text(raters)`)
     scaling: float | None = None  # the attention's logit scale
+    # ``[B, n]`` int64 frame (temporal group) and in-frame position of each visual row from
+    # the input's token layout (-1 on text rows; a frame-less image is frame 0); None: unknown
+    frame: Any = None
+    frame_pos: Any = None
+    # what the user installed beside the checkpoint: `clip_text`'s auxiliary CLIP encoder
+    aux: Any = None
 
 
 def no_cost(obs: Any, size: ScoreSize) -> int:
