@@ -14,6 +14,8 @@ import vtdsl.compiler as vc
 from vtdsl.cost import estimate
 from vtdsl.models import get_spec
 
+from tiny_clip import text_encoder_kwargs
+
 ZOO = sorted((Path(__file__).resolve().parents[1] / "policies").glob("*.vt"))
 IMG = 255
 
@@ -35,7 +37,7 @@ def test_zoo_policy_runs_and_matches_its_plan(models, path):
     mask = (ids != 0).long()
     px = torch.randn(2, 3, 336, 336, generator=torch.Generator().manual_seed(0))
     model = models["sdpa"]
-    with vc.apply(path, model):
+    with vc.apply(path, model, **text_encoder_kwargs(path)):
         plan = vc.compiled(model).plan
         with torch.no_grad():
             out = model(input_ids=ids, attention_mask=mask, pixel_values=px, use_cache=True)
@@ -52,7 +54,7 @@ def test_zoo_policy_runs_and_matches_its_plan(models, path):
 
     # counted FLOPs of a batch-1 prefill (eager: the CPU sdpa kernel is not counted) = cost model
     model = models["eager"]
-    with vc.apply(path, model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with vc.apply(path, model, **text_encoder_kwargs(path)), torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(input_ids=ids[:1], pixel_values=px[:1])
     if plan.adaptive:
         assert counter.get_total_flops() <= estimate(plan, text_tokens=text, logits="all").flops

@@ -23,6 +23,8 @@ import torch
 import vtdsl.compiler as vc
 from vtdsl.models import get_spec
 
+from tiny_clip import text_encoder_kwargs
+
 ZOO = sorted((Path(__file__).resolve().parents[1] / "policies").glob("*.vt"))
 SPEC = get_spec("tiny-llava")
 IMG, EOS = 255, 2  # tiny-llava's image token; its generation config's eos (also the padding of finished rows)
@@ -114,7 +116,7 @@ def greedy_by_hand(model, inputs: dict, steps: int, *, placeholders: int = 576) 
 @pytest.mark.parametrize("path", ZOO, ids=[p.stem for p in ZOO])
 def test_generate_returns_the_callers_prompt_then_the_new_tokens(model, batch, path):
     length = batch["input_ids"].shape[1]
-    with vc.apply(path, model), torch.no_grad():
+    with vc.apply(path, model, **text_encoder_kwargs(path)), torch.no_grad():
         shortens = vc.image_token_count(model) != vc.original_image_token_count(model)
         out = model.generate(**batch, max_new_tokens=NEW, do_sample=False)
         full = model.generate(**batch, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True,
@@ -137,7 +139,7 @@ def test_pipeline_text_equals_the_idiom(model, processor, images, path):
 
     one = dict(processor(images=images[:1], text=TEXTS[:1], return_tensors="pt"))
     kwargs = dict(max_new_tokens=NEW, do_sample=False)
-    with vc.apply(path, model), torch.no_grad():
+    with vc.apply(path, model, **text_encoder_kwargs(path)), torch.no_grad():
         out = model.generate(**one, **kwargs)
         pipe = pipeline("image-text-to-text", model=model, processor=processor)
         text = pipe(images=images[0], text=TEXTS[0], return_full_text=False, generate_kwargs=kwargs)

@@ -1,7 +1,7 @@
 """`by lof(K)` / `by lof(K, rest)`: Recoverable Compression's adaptive count.
 
-The reference is a plain-Python transcription of the Local Outlier Factor as
-scikit-learn defines it (Breunig et al. 2000; sklearn/neighbors/_lof.py: k-distance,
+The reference is the conformance tests' plain-Python transcription of the Local Outlier
+Factor as scikit-learn defines it (`conformance.plain.lof_outliers`: k-distance,
 reachability distance, local reachability density with its 1e-10, LOF the mean lrd ratio,
 contamination "auto" = outlier when LOF > 1.5), written from the definition, not from
 vtdsl.ops. When scikit-learn is importable the op is compared with it as well.
@@ -20,23 +20,9 @@ from vtdsl.ir import check
 from vtdsl.lang import PolicyError, parse
 from vtdsl.lang.format import format_policy
 
+from conformance.plain import lof_outliers as plain_lof_outliers
+
 HEAD = 'policy "x"\nmodel "tiny-llava"\n'
-
-
-def plain_lof_outliers(values: list[float], k: int) -> int:
-    n = len(values)
-    k = min(k, n - 1)
-    neighbours, kdist = [], []
-    for i, x in enumerate(values):
-        others = sorted((abs(x - y), j) for j, y in enumerate(values) if j != i)[:k]
-        neighbours.append([j for _, j in others])
-        kdist.append(others[-1][0])
-    lrd = []
-    for i, x in enumerate(values):
-        reach = [max(kdist[j], abs(x - values[j])) for j in neighbours[i]]
-        lrd.append(1.0 / (sum(reach) / k + 1e-10))
-    lof = [sum(lrd[j] for j in neighbours[i]) / k / lrd[i] for i in range(n)]
-    return sum(1 for f in lof if f > 1.5)
 
 
 def _samples():

@@ -123,16 +123,24 @@ def llm_in(ref, vit_out, tiny):
 def compiled(models):
     """`compiled(policy, attn, case)`: the policy (a zoo file name or source text)
     compiled into the model of that attention implementation, one forward of the case;
+    `clip` / `question`: a CLIP directory for `clip_text` and the question it encodes;
     returns each stage's kept tokens as lists (ViT stages: vid = 1 + patch index, 0 = CLS;
     LLM stages: positions in the prompt the compiled model ran) and the projected
     visual tokens the LLM received (``[n, d]``)."""
-    def run(policy: str, attn: str, case: Case, model=None):
-        source = POLICIES / f"{policy}.vt" if (POLICIES / f"{policy}.vt").exists() else policy
+    def run(policy: str, attn: str, case: Case, model=None, clip=None, question=None):
+        named = "\n" not in policy and (POLICIES / f"{policy}.vt").exists()  # a zoo name, or source text
+        source = POLICIES / f"{policy}.vt" if named else policy
         model = models[attn] if model is None else model
         got = []
+        encoder = None
+        if clip is not None:  # `clip_text`: the auxiliary CLIP directory and the question to ask it
+            from vtdsl.compiler.text_encoder import TextEncoder
+
+            encoder = TextEncoder.load(clip)
+            encoder.ask(question)
         hook = model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: got.append(out))
         try:
-            with vc.apply(source, model), torch.no_grad():
+            with vc.apply(source, model, text_encoder=encoder), torch.no_grad():
                 logits = model(input_ids=case.ids, pixel_values=case.px).logits
                 kept = {k: v[0].tolist() for k, v in vc.kept_tokens(model).items()}
         finally:

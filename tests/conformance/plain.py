@@ -106,3 +106,24 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, causal_
 def jaccard(a, b) -> float:
     a, b = set(a), set(b)
     return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def lof_outliers(values: list[float], k: int) -> int:
+    """How many of `values` (1-D samples) scikit-learn's ``LocalOutlierFactor(
+    n_neighbors=k, contamination="auto")`` calls outliers, from the definition (Breunig et
+    al. 2000, as sklearn/neighbors/_lof.py computes it): each sample's k nearest others
+    (k = min(k, n - 1)), reach(p, o) = max(k-distance(o), |p - o|), lrd(p) = 1 / (mean
+    reach + 1e-10), LOF(p) = mean of lrd(o) / lrd(p); an outlier when LOF > 1.5."""
+    n = len(values)
+    k = min(k, n - 1)
+    neighbours, kdist = [], []
+    for i, x in enumerate(values):
+        others = sorted((abs(x - y), j) for j, y in enumerate(values) if j != i)[:k]
+        neighbours.append([j for _, j in others])
+        kdist.append(others[-1][0])
+    lrd = []
+    for i, x in enumerate(values):
+        reach = [max(kdist[j], abs(x - values[j])) for j in neighbours[i]]
+        lrd.append(1.0 / (sum(reach) / k + 1e-10))
+    lof = [sum(lrd[j] for j in neighbours[i]) / k / lrd[i] for i in range(n)]
+    return sum(1 for f in lof if f > 1.5)

@@ -32,11 +32,14 @@ def weight_options(fn):
               help="Longest answer in tokens (default: 1 for a vtbench-trained model, which answers in one word; "
                    "32 otherwise).")
 @weight_options
+@click.option("--text-encoder", "text_encoder", type=click.Path(file_okay=False), default=None,
+              help="A local CLIP model directory (text tower, tokenizer, visual_projection) for policies that "
+                   "score with 'clip_text' (Recoverable Compression); it encodes --question.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the answer, the visual tokens each stage kept, the FLOPs ratio and the prefill time.")
 @guarded
 def run_(policy_file: str, weights: str, image_file: str, question: str, max_new_tokens: int | None, dtype: str,
-         device: str, as_json: bool) -> None:
+         device: str, text_encoder: str | None, as_json: bool) -> None:
     """Answer QUESTION about IMAGE with POLICY compiled onto the model in --weights.
 
     Exit 0 with the answer on stdout; 2 for bad input (policy, image, weights).
@@ -59,8 +62,9 @@ def run_(policy_file: str, weights: str, image_file: str, question: str, max_new
     except OSError as exc:
         raise PolicyError(Diagnostic(f"cannot read image {image_file}: {exc}", None, code="image")) from None
     loaded = load_pretrained(weights, device=device, dtype=dtype)
-    plan, _, filename = load_plan(policy_file, loaded.spec)
-    result = answer(loaded, plan, image, question, max_new_tokens)
+    plan, source, filename = load_plan(policy_file, loaded.spec)
+    encoder = _text_encoder(plan, text_encoder, source, filename)
+    result = answer(loaded, plan, image, question, max_new_tokens, text_encoder=encoder)
     result["policy"] = plan.policy.name or filename
     result["wall_s"] = round(time.perf_counter() - started, 3)
     if as_json:
@@ -69,9 +73,26 @@ def run_(policy_file: str, weights: str, image_file: str, question: str, max_new
         click.echo(result["answer"])
 
 
-def answer(loaded, plan, image, question: str, max_new_tokens: int | None = None) -> dict:
+def _text_encoder(plan, directory: str | None, source: str, filename: str):
+    """The `clip_text` encoder from --text-encoder; a policy that reads `clip_text`
+    without one is refused at that score, and an encoder a policy does not read is not loaded."""
+    from ..compiler.text_encoder import NEEDS_ENCODER, TextEncoder, clip_text_term
+    from ..lang.errors import Diagnostic, PolicyError
+
+    term = clip_text_term(plan)
+    if term is None:
+        return None
+    if directory is None:
+        raise PolicyError(Diagnostic(NEEDS_ENCODER.format(model=plan.spec.name), term.span, code="text-encoder",
+                                     expected="--text-encoder DIR, a local CLIP model directory"),
+                          source=source, filename=filename)
+    return TextEncoder.load(directory)
+
+
+def answer(loaded, plan, image, question: str, max_new_tokens: int | None = None, text_encoder=None) -> dict:
     """One greedy answer under `plan` and what it cost: kept tokens per stage during the
-    prefill, the FLOPs ratio for this image and prompt, the prefill time."""
+    prefill, the FLOPs ratio for this image and prompt, the prefill time. `text_encoder`
+    (`clip_text`'s) is asked the question first."""
     from .. import compiler
     from ..cost import estimate
     from ..eval.data import ForwardClock, encode, generate_answers, max_new_tokens_for, text_tokens
@@ -79,7 +100,10 @@ def answer(loaded, plan, image, question: str, max_new_tokens: int | None = None
 
     inputs = encode(loaded.processor, [image], [question])
     new_tokens = max_new_tokens_for(loaded, max_new_tokens)
-    with ForwardClock(loaded.model) as clock, compiler.apply(plan, loaded.model, spec=plan.spec):
+    if text_encoder is not None:
+        text_encoder.ask(question)
+    with ForwardClock(loaded.model) as clock, compiler.apply(plan, loaded.model, spec=plan.spec,
+                                                             text_encoder=text_encoder):
         text = generate_answers(loaded, inputs, new_tokens, clock)[0]
     # the cost for this image's own token counts (crops, dynamic resolution); fixed-size models: the plan's
     sized = loaded.spec.for_image(image.height, image.width)

@@ -71,7 +71,8 @@ def resolve_plan(policy: Plan | ast.Policy | str | Path, model: nn.Module, spec:
 
 
 # ---------------------------------------------------------------------- public API
-def compile(policy, model: nn.Module, *, spec: ModelSpec | str | None = None) -> nn.Module:  # noqa: A001
+def compile(policy, model: nn.Module, *, spec: ModelSpec | str | None = None,  # noqa: A001
+            text_encoder=None) -> nn.Module:
     """Rewrite `model` (a transformers model of a family in `vtdsl.compiler.families`) to
     run `policy`, in place.
 
@@ -82,6 +83,10 @@ def compile(policy, model: nn.Module, *, spec: ModelSpec | str | None = None) ->
     model : LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, ...
         Any model of those families (real weights or the meta device); its `ModelSpec` is inferred
         from its config with `vtdsl.models.spec_from_config` unless `spec` is given.
+    text_encoder : TextEncoder or path, optional
+        The auxiliary CLIP text tower (and visual projection) a `clip_text` score needs
+        (`vtdsl.compiler.text_encoder`); a directory path is loaded. A policy with
+        `clip_text` is refused without one; ``text_encoder.ask(question)`` before a call.
 
     Returns
     -------
@@ -102,17 +107,31 @@ def compile(policy, model: nn.Module, *, spec: ModelSpec | str | None = None) ->
       bookkeeping); compile the copy instead.
     """
     plan = resolve_plan(policy, model, spec)
-    Installer(plan, model).install()
+    Installer(plan, model, text_encoder=_text_encoder_for(plan, text_encoder)).install()
     return model
 
 
 @contextlib.contextmanager
-def apply(policy, model: nn.Module, *, spec: ModelSpec | str | None = None) -> Iterator[nn.Module]:
+def apply(policy, model: nn.Module, *, spec: ModelSpec | str | None = None,
+          text_encoder=None) -> Iterator[nn.Module]:
     """`with apply(policy, model):` runs `policy` inside the block and restores the
     original module tree on exit (hooks removed, swapped modules put back)."""
     plan = resolve_plan(policy, model, spec)
-    with Installer(plan, model):
+    with Installer(plan, model, text_encoder=_text_encoder_for(plan, text_encoder)):
         yield model
+
+
+def _text_encoder_for(plan: Plan, text_encoder):
+    """The text encoder a `clip_text` score reads (loaded from a path), or the located
+    refusal of the first such score when none is given."""
+    from .text_encoder import NEEDS_ENCODER, as_text_encoder, clip_text_term
+
+    term = clip_text_term(plan)
+    if term is not None and text_encoder is None:
+        where = f"line {term.span.line}, column {term.span.column}: " if term.span is not None else ""
+        raise CompileError(f"{where}{NEEDS_ENCODER.format(model=plan.spec.name)}; expected: a text encoder "
+                           "(compile(..., text_encoder=DIR), vtdsl run --text-encoder DIR)")
+    return as_text_encoder(text_encoder)
 
 
 def uncompile(model: nn.Module) -> nn.Module:

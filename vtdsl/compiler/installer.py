@@ -77,8 +77,9 @@ class Installer:
         The transformers model of the plan's family, not compiled yet.
     """
 
-    def __init__(self, plan: Plan, model: nn.Module):
+    def __init__(self, plan: Plan, model: nn.Module, text_encoder=None):
         self.plan = plan
+        self.text_encoder = text_encoder  # `clip_text`'s auxiliary CLIP (vtdsl.compiler.text_encoder)
         self.model = model
         self.spec = plan.spec
         self.family: Family = family_of(plan.spec)
@@ -167,11 +168,12 @@ class Installer:
         self.listing.mechanism["vit"] = "none"
         if not stages and not observations:
             return None
-        rt = VitRuntime(self.plan, self.spec.vit.heads, self.log)
         if self.spec.vit_units > 1:  # the tower's merger reads whole units: its own block loop
             from . import merge_units
 
             return merge_units.install(self, self.plan, self.log)
+        rt = VitRuntime(self.plan, self.spec.vit.heads, self.log)
+        rt.aux = self.text_encoder
         self._swap_encoder(rt, stages)
         self._hook_vit_observations(rt, observations)
         spec = self.spec

@@ -136,6 +136,7 @@ class VitRuntime:
         # layers whose keys a `merge rest ... by keys` stage matches on: kept after scoring
         self.keep_keys = {s.rest.keys_layer for s in plan.stages if s.rest is not None and s.rest.keys_layer is not None}
         self.layers: nn.ModuleList | None = None  # the encoder's layers, set by `build_vit`
+        self.aux = None  # `clip_text`'s text encoder (ScoreContext.aux), set by the installer
         self.attn_obs_at: dict[int, list[Observation]] = {}
         # projections each layer's observations read: scored once all of them are captured
         self.needs: dict[int, set[str]] = {}
@@ -280,7 +281,8 @@ class VitRuntime:
         info = by_canonical(obs.scorer)
         if "vit" not in info.towers or info.kernel is None:
             raise CompileError(f"scorer '{obs.scorer}' cannot be read in the ViT")
-        values = info.kernel(ScoreContext(obs, cap, self.num_heads, lead=lead, layer=self._layer))
+        values = info.kernel(ScoreContext(obs, cap, self.num_heads, lead=lead, layer=self._layer,
+                                          aux=self.aux))
         ids = tokens.vid[:, lead:]
         done = self.scored[obs] = Scored(values, ids, "vid", self.ids)
         return done
