@@ -83,3 +83,23 @@ def test_loss_falls_and_resume_continues_identically(tmp_path):
     assert resumed.step == whole.step == cfg.vit_steps + cfg.steps
     for (name, a), (_, b) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.slow  # ~15 s: the one command end to end on the shrunken model
+def test_one_command_trains_evaluates_and_exports(tmp_path):
+    import json
+
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    out, export = tmp_path / "run", tmp_path / "export"
+    args = ["--vit-steps", "1", "--steps", "2", "--batch-size", "2", "--questions", "2", "--vit-batch-size", "2",
+            "--val-n", "2", "--final-n", "3", "--chunk", "8", "--pool", "2", "--threads", "1", "--out", str(out),
+            "--export", str(export)] + [a for k, v in TINY.items() for a in ("--model", f"{k}={v}")]
+    assert t2.main(args) == 0
+    record = json.loads((export / "training.json").read_text())
+    assert record["steps"] == 3 and record["device"] == "cpu" and record["final"]["test"]["n"] == 3
+    assert record["command"].startswith("python examples/train_tiny_vlm2.py --vit-steps 1")
+    model = LlavaForConditionalGeneration.from_pretrained(export, local_files_only=True)
+    assert model.config.text_config.num_hidden_layers == 2 and model.config.image_seq_length == 576
+    assert LlavaProcessor.from_pretrained(export).tokenizer.convert_tokens_to_ids("<image>") == 4
+    assert (out / "checkpoint.pt").is_file()

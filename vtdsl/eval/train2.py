@@ -198,7 +198,9 @@ class Stream:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000  # full-phase steps
+    # The defaults fit 100 minutes on 2 idle CPU cores by the measurement in docs/vtbench.md
+    # (vision phase ~1.8 s a step, full phase ~9.5 s); a GPU (`--device cuda`) affords more.
+    steps: int = 440  # full-phase steps
     batch_size: int = 8
     questions: int = 8
     lr: float = 1e-3
@@ -216,9 +218,10 @@ class TrainConfig:
     renumber_prob: float = 0.5  # share of dropping batches whose kept tokens are renumbered
     seed: int = 0
     threads: int = 2
-    eval_every: int = 250
+    device: str = "cpu"
+    eval_every: int = 110
     val_n: int = 200
-    final_n: int = 1000
+    final_n: int = 500
     ckpt_every: int = 50
     chunk: int = CHUNK  # examples rendered at a time
     pool: int = 0  # > 0: cycle over this many train examples (tests)
@@ -305,8 +308,9 @@ class Session:
         self.cfg = cfg
         self.tokenizer = build_tokenizer()
         self.processor = build_processor(self.tokenizer)
-        self.model = build_model(cfg.seed, **cfg.model)
-        self.heads = Heads(self.model.config.vision_config.hidden_size)
+        self.device = torch.device(cfg.device)
+        self.model = build_model(cfg.seed, **cfg.model).to(self.device)
+        self.heads = Heads(self.model.config.vision_config.hidden_size).to(self.device)
         self.opt = _optimizer(self.model, _Decay(cfg.weight_decay, cfg.lr), extra=self.heads)
         self.stream = Stream(self.tokenizer, cfg.questions, cfg.seed, Path(cfg.cache_dir) if cfg.cache_dir else None,
                              cfg.chunk, cfg.pool)
@@ -326,8 +330,8 @@ class Session:
 
     def vision_step(self) -> dict[str, float]:
         cfg = self.cfg
-        items = self.stream.items(VIT_OFFSET + self.step * cfg.vit_batch_size, cfg.vit_batch_size)
-        hidden = self.tower(normalize_uint8(items["pixels"]))
+        items = self._on_device(self.stream.items(VIT_OFFSET + self.step * cfg.vit_batch_size, cfg.vit_batch_size))
+        hidden = self.tower(items["pixels"])
         cls = self.heads.cls_loss(hidden[:, 0], items["scene"])
         aux = self.heads.patch_loss(hidden[:, 1:], items["patch"])
         self._update(cls + aux)
@@ -336,13 +340,14 @@ class Session:
     def full_step(self) -> dict[str, float]:
         cfg, model = self.cfg, self.model
         full = self.step - cfg.vit_steps
-        items = self.stream.items(full * cfg.batch_size, cfg.batch_size)
-        hidden = self.tower(normalize_uint8(items["pixels"]))
+        items = self._on_device(self.stream.items(full * cfg.batch_size, cfg.batch_size))
+        hidden = self.tower(items["pixels"])
         n = hidden.shape[1] - 1
         idx, renumber = token_plan(cfg, self.step, cfg.batch_size, n)
+        batch = self._on_device(packed_inputs(self.tokenizer, items["qa"], idx, renumber, n))
+        idx = idx.to(self.device)
         feats = model.model.multi_modal_projector(torch.gather(
             hidden[:, 1:], 1, idx[..., None].expand(-1, -1, hidden.shape[-1])))
-        batch = packed_inputs(self.tokenizer, items["qa"], idx, renumber, n)
         embeds = model.model.language_model.embed_tokens(batch["input_ids"])
         start = batch["image_start"]
         embeds = torch.cat([embeds[:, :start], feats.to(embeds.dtype), embeds[:, start + idx.shape[1]:]], dim=1)
@@ -356,6 +361,12 @@ class Session:
         self._update(answer + cfg.cls_weight * cls + cfg.aux_weight * aux)
         return {"answer": answer.item(), "cls": cls.item(), "aux": aux.item(), "kept": idx.shape[1],
                 "renumber": float(renumber)}
+
+    def _on_device(self, data: dict) -> dict:
+        """A batch on the training device, pixels normalised (uint8 -> CLIP float)."""
+        if "pixels" in data:
+            data = {**data, "pixels": normalize_uint8(data["pixels"])}
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in data.items()}
 
     def _update(self, loss: torch.Tensor) -> None:
         for group in self.opt.param_groups:
@@ -405,7 +416,7 @@ class Session:
         os.replace(tmp, self.ckpt)
 
     def load(self) -> None:
-        state = torch.load(self.ckpt, weights_only=False)  # noqa: S614 (our own checkpoint)
+        state = torch.load(self.ckpt, weights_only=False, map_location=self.device)  # noqa: S614 (our own checkpoint)
         self.model.load_state_dict(state["model"])
         self.heads.load_state_dict(state["heads"])
         self.opt.load_state_dict(state["optimizer"])
@@ -438,7 +449,7 @@ def train(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
     record = {"command": command, "train_minutes": round(session.elapsed / 60, 2),
               "cpu_minutes": round(session.cpu / 60, 2), "steps": session.step, "params": n_params,
               "config": asdict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "device": "cpu", "final": final, "history": session.history}
+              "device": cfg.device, "final": final, "history": session.history}
     export = Path(cfg.export or Path(cfg.out) / "export")
     export.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(export, safe_serialization=True)
