@@ -64,8 +64,28 @@ def window_lengths(units: Tensor, cols: int, window: int) -> list[int]:
     return [b - a for a, b in zip(starts, starts[1:])]
 
 
+class TowerExtras:
+    """What a merge-unit tower computes besides its patch embedding, blocks and merger: a
+    family's answer (`Family.unit_tower_extras`), this base adds nothing. Qwen3-VL adds
+    learned position embeddings before the blocks and DeepStack features after them."""
+
+    def embed(self, x: Tensor, grid_thw: Tensor) -> Tensor:
+        """The patch embeddings `x` (``[N, d]``, the processor's patch order) before block 0."""
+        return x
+
+    def after_block(self, i: int, x: Tensor, tokens: Tokens) -> None:
+        """Block `i`'s output ``[G, k, m², d]`` over the units `tokens` present there."""
+
+    def output(self, out: Any, tokens: Tokens, units: int) -> Any:
+        """The tower's output `out`, given the units `tokens` its merger read (of `units`
+        per image)."""
+        return out
+
+
 class UnitVitRuntime(VitRuntime):
     """Bookkeeping and the block loop of a merge-unit tower for one compiled model."""
+
+    extras = TowerExtras()
 
     def __init__(self, plan: Plan, num_heads: int, log: ForwardLog, visual: nn.Module, window: int):
         super().__init__(plan, num_heads, log)
@@ -78,6 +98,8 @@ class UnitVitRuntime(VitRuntime):
         self.kept_units: Tensor | None = None  # [G, k] raster unit index of each kept unit, for the LLM
         self.rope: tuple[Tensor, Tensor] | None = None  # cos / sin of the current patches [G, k, m², dh]
         self.cols = self.units = 0  # this call's merge-unit grid: columns, units per image
+        self.static_windows: list[int] = []  # units per window of the unpruned image
+        self.pruned = False
         # layers whose output a score reads (no projection)
         self.output_read = {o.layer for o in plan.observations
                             if o.tower == "vit" and not by_canonical(o.scorer).projections}
@@ -96,14 +118,19 @@ class UnitVitRuntime(VitRuntime):
         g, (_, h, w) = len(rows), rows[0]
         urows, self.cols = h // m, w // m
         self.units = urows * self.cols
-        order = unit_order(urows, self.cols, self.window).to(hidden_states.device)
-        x = self.visual.patch_embed(hidden_states)
+        cpu_order = unit_order(urows, self.cols, self.window)
+        # the unpruned windows, known without reading a tensor (a meta model runs too)
+        self.static_windows = window_lengths(cpu_order, self.cols, self.window) if self.window else []
+        order = cpu_order.to(hidden_states.device)
+        x = self.extras.embed(self.visual.patch_embed(hidden_states), grid_thw)
         from transformers.vision_utils import get_vision_position_ids
 
-        cos, sin = self.visual.rotary_pos_emb(x, get_vision_position_ids(torch.as_tensor(grid_thw), m))
+        ids = get_vision_position_ids(torch.as_tensor(grid_thw).cpu(), m).to(x.device)
+        cos, sin = self.visual.rotary_pos_emb(x, ids)
         x, cos, sin = (t.reshape(g, urows * self.cols, self.unit, -1)[:, order] for t in (x, cos, sin))
         self.reset()
         self.kept_units = None
+        self.pruned = False  # no stage inside the tower yet this call
         self.tokens = Tokens(order[None].expand(g, -1) + 1, order[None].expand(g, -1), (urows, self.cols))
         self.feature_tokens = self.tokens
         self.rope = (cos, sin)
@@ -111,19 +138,23 @@ class UnitVitRuntime(VitRuntime):
             for stage in (s for s in stages.values() if s.site.layer == i):
                 x = self._layer_stage(stage, x)
             x = self._block(i, block, x)
-        return BaseModelOutputWithPooling(last_hidden_state=x.flatten(0, 2),
-                                          pooler_output=self._features(x, stages, urows * self.cols))
+            self.extras.after_block(i, x, self.tokens)
+        out = BaseModelOutputWithPooling(last_hidden_state=x.flatten(0, 2),
+                                         pooler_output=self._features(x, stages, urows * self.cols))
+        return self.extras.output(out, self.tokens, self.units)
 
     def _block(self, i: int, block: nn.Module, x: Tensor) -> Tensor:
         g, k, unit, d = x.shape
         if i in self.full:
             lengths = [k * unit] * g
+        elif not self.pruned:
+            lengths = [n * unit for n in self.static_windows] * g  # no stage yet: the image's own windows
         else:
             # each image kept its own units: its own windows
             lengths = [n * unit for units in self.tokens.vid - 1 for n in window_lengths(units, self.cols, self.window)]
-        cu = torch.tensor([0] + lengths, device=x.device).cumsum(0).to(torch.int32)
+        # on a meta model the segment lengths stay readable on the CPU, as the tower's own are
+        cu = torch.tensor([0] + lengths, device="cpu" if x.is_meta else x.device).cumsum(0).to(torch.int32)
         cos, sin = (t.flatten(0, 2) for t in self.rope)
-        self.block_index = i
         out = block(x.flatten(0, 2), cu_seqlens=cu, max_seqlen=max(lengths),
                     position_embeddings=(cos, sin))
         out = out.view(g, k, unit, d)
@@ -139,6 +170,7 @@ class UnitVitRuntime(VitRuntime):
         self.rope = tuple(ops.gather_tokens(t.flatten(2), src).view(g, -1, unit, t.shape[-1]) for t in self.rope)
         self.tokens = new
         self.feature_tokens = new
+        self.pruned = True
         self.log.vit[key] = (k, values.shape[1])
         self.log.kept[key] = new.vid.sort(dim=1).values  # raster order, as the LLM's are logged
         return values.reshape(g, -1, unit, d)
@@ -234,6 +266,7 @@ def install(installer: Installer, plan: Plan, log: ForwardLog) -> UnitVitRuntime
     if spec.vit_window:
         window = int(spec.vit_window ** 0.5) // spec.spatial_merge
     rt = UnitVitRuntime(plan, spec.vit.heads, log, visual, window)
+    rt.extras = installer.family.unit_tower_extras(plan, visual) or rt.extras
     inserted = [f"{s.site.text()}: keep or drop whole {spec.spatial_merge}x{spec.spatial_merge} units "
                 f"({s.tokens_in} -> {s.tokens_out})" for s in plan.stages if s.site.tower == "vit"]
     installer.override(encoder_path, "forward", rt.forward, "method-override",
