@@ -294,3 +294,30 @@ def test_what_reads_a_cls_token_or_unrotated_keys_is_refused_where_written(src, 
         d = first_error(src, get_spec(name))
         assert (d.span.line, d.span.column, d.code) == (1, src.index(at) + 1, code)
         assert words in d.message and name in d.message
+
+
+def test_vit_scores_read_by_an_llm_stage_align_with_the_merged_tokens(family):
+    """`attn@vit.layer1` read by `llm.layer2` (no ViT stage): the tower hands on every unit
+    and the LLM stage keeps the 16 tokens whose units received the most attention at
+    block 1 (per patch, over the whole image, summed per unit), by hand."""
+    spec, models = family
+    model = models["eager"]
+    batch_inputs = grid_inputs(1, 16, 16)
+    ref = plain_copy(spec, model)
+    visual = ref.model.visual
+    side = int(spec.vit_window ** 0.5) // 2 if spec.vit_window else 0
+    order = window_order(8, 8, side)
+    with torch.no_grad():
+        x = visual.patch_embed(batch_inputs["pixel_values"]).view(-1, 4, spec.vit.hidden)[order]
+        cos, sin = (t[order] for t in rotary_rows(visual, 16, 16))
+        cu = torch.tensor([0] + segments(order, 8, side, 0 in set(spec.vit_full_attention) or not side)).cumsum(0)
+        x = visual.blocks[0](x.flatten(0, 1), cu_seqlens=cu.to(torch.int32), max_seqlen=int(cu.diff().max()),
+                             position_embeddings=(cos.flatten(0, 1), sin.flatten(0, 1)))
+        att = received_attention(visual.blocks[1], x, cos.flatten(0, 1), sin.flatten(0, 1), spec.vit.heads)
+    per_unit = dict(zip(order, att.view(-1, 4).sum(1).tolist()))
+    want = sorted(sorted(per_unit, key=lambda u: -per_unit[u])[:16])
+    with vc.apply("at llm.layer2 keep attn@vit.layer1 top 16", model), torch.no_grad():
+        model(**batch_inputs)
+        kept = vc.kept_tokens(model)["llm.layer2#0"]
+    rows = (batch_inputs["input_ids"][0] == IMG).nonzero().flatten()
+    assert kept[0].tolist() == rows[want].tolist()

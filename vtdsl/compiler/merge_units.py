@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..ir.plan import Observation, Plan, ResolvedStage
 from ..ops.scorers import ScoreContext, by_canonical
+from .families.base import TowerExtras
 from .layouts import PlanCache
 from .runtime import CompileError, ForwardLog, Scored, StageView, Tokens
 from .vit import VitRuntime
@@ -62,24 +63,6 @@ def window_lengths(units: Tensor, cols: int, window: int) -> list[int]:
     change[1:] = wid[1:] != wid[:-1]
     starts = change.nonzero().flatten().tolist() + [units.numel()]
     return [b - a for a, b in zip(starts, starts[1:])]
-
-
-class TowerExtras:
-    """What a merge-unit tower computes besides its patch embedding, blocks and merger: a
-    family's answer (`Family.unit_tower_extras`), this base adds nothing. Qwen3-VL adds
-    learned position embeddings before the blocks and DeepStack features after them."""
-
-    def embed(self, x: Tensor, grid_thw: Tensor) -> Tensor:
-        """The patch embeddings `x` (``[N, d]``, the processor's patch order) before block 0."""
-        return x
-
-    def after_block(self, i: int, x: Tensor, tokens: Tokens) -> None:
-        """Block `i`'s output ``[G, k, m², d]`` over the units `tokens` present there."""
-
-    def output(self, out: Any, tokens: Tokens, units: int) -> Any:
-        """The tower's output `out`, given the units `tokens` its merger read (of `units`
-        per image)."""
-        return out
 
 
 class UnitVitRuntime(VitRuntime):
@@ -189,7 +172,10 @@ class UnitVitRuntime(VitRuntime):
             self.log.vit[key] = (n_in, merged.shape[1])
             self.log.kept[key] = tokens.vid
         self.projector_tokens = tokens
-        self.kept_units = tokens.vid - 1
+        # scores only (no ViT stage): every unit reaches the LLM, nothing to remove there
+        self.kept_units = tokens.vid - 1 if stages else None
+        if self.kept_units is None:
+            return merged.flatten(0, 1)
         full = merged.new_zeros(g, units, merged.shape[-1])
         full.scatter_(1, self.kept_units[..., None].expand(-1, -1, merged.shape[-1]), merged)
         return full.flatten(0, 1)
