@@ -223,6 +223,8 @@ def test_generate_after_vit_stages_decodes_from_the_kept_rows(family):
     ("at vit.out keep norm@vit.layer3 top 16", True),
     ("at vit.layer3 keep attn@vit.layer2 top 20", True),  # block 3 attends per image on both
     ("at vit.layer1 keep attn@vit.layer0 top 20", False),  # window block 2 after it (Qwen2.5-VL)
+    ("at vit.out keep diverse 16", True),  # the selection's cosines at the merger's width
+    ("at vit.layer3 keep diverse 20", True),  # ... at a unit's width, 4 patch rows
 ])
 def test_compiled_flops_against_the_cost_model_part_by_part(family, src, exact):
     """FlopCounterMode of the compiled prefill, by part (tower, merger, LLM, lm_head), equals
