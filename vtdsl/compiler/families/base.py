@@ -15,6 +15,25 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..llm import LlmRuntime
 
 
+class TowerExtras:
+    """What a merge-unit tower computes besides its patch embedding, blocks and merger
+    (`vtdsl.compiler.merge_units`): a family's answer (`Family.unit_tower_extras`); this
+    base adds nothing. Qwen3-VL adds learned position embeddings before the blocks and
+    DeepStack features after them."""
+
+    def embed(self, x: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """The patch embeddings `x` (``[N, d]``, the processor's patch order) before block 0."""
+        return x
+
+    def after_block(self, i: int, x: torch.Tensor, tokens: Tokens) -> None:
+        """Block `i`'s output ``[G, k, m², d]`` over the units `tokens` present there."""
+
+    def output(self, out: Any, tokens: Tokens, units: int) -> Any:
+        """The tower's output `out`, given the units `tokens` its merger read (of `units`
+        per image)."""
+        return out
+
+
 class Family:
     """Everything about one family of models the compiler needs beyond the towers' shapes.
 
@@ -140,3 +159,9 @@ class Family:
         LLM stages keep (none here), e.g. features the model adds to the visual tokens
         between layers; `runtime` (None without LLM hooks) says which prompt positions the
         rows hold (`LlmRuntime.prompt_rows`)."""
+
+    def unit_tower_extras(self, plan: Plan, visual: torch.nn.Module) -> TowerExtras | None:
+        """What the family's merge-unit tower `visual` computes besides patch embedding,
+        blocks and merger when ViT stages replace its forward (`vtdsl.compiler.merge_units`);
+        None: nothing."""
+        return None
