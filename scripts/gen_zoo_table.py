@@ -114,14 +114,14 @@ def family_table_head() -> str:
     return f"| policy | {cells} |\n|---|" + "---:|---:|" * len(FAMILIES) + "\n"
 
 
-def check_json(path: Path, model: str, text_tokens: int, refused_ok: bool = False) -> dict:
+def check_json(path: Path, model: str, text_tokens: int, refused_ok: bool = False, extra: list[str] = ()) -> dict:
     """What `vtdsl check PATH --model MODEL --text-tokens N --json` prints, in-process
     (one torch import for the whole zoo instead of one per file). `refused_ok`: a policy
     the model cannot run (exit 2) is an answer, not a failure."""
     from vtdsl.cli import main
 
     out = CliRunner().invoke(
-        main, ["check", str(path), "--model", model, "--text-tokens", str(text_tokens), "--json"]
+        main, ["check", str(path), "--model", model, "--text-tokens", str(text_tokens), "--json", *extra]
     )
     if out.exit_code not in (0, 1) and not (refused_ok and out.exit_code == 2):
         raise SystemExit(f"{path.name}: vtdsl check failed:\n{out.output}")
@@ -153,8 +153,8 @@ def _llm_varies(data: dict) -> bool:
         s["fewest_in"] != s["tokens_in"] or s["fewest_out"] != s["tokens_out"] for s in llm)
 
 
-def row(path: Path, model: str, text_tokens: int) -> str:
-    data = check_json(path, model, text_tokens)
+def row(path: Path, model: str, text_tokens: int, extra: list[str] = ()) -> str:
+    data = check_json(path, model, text_tokens, extra=extra)
     llm = data["tokens"]["llm_visual"]
     stages = stage_text(path).replace("|", "\\|")
     b = "≤ " if _llm_varies(data) else ""
@@ -166,13 +166,51 @@ def row(path: Path, model: str, text_tokens: int) -> str:
     )
 
 
+VIDEO = "16x448x448"
+VIDEO_HEADER = """
+## Video methods
+
+Methods that name frames (`per frame`, `temporal`) run on video inputs only, so they are
+costed on their paper's model with a {video} clip (`vtdsl check --video {video}`: 16
+frames of 448x448 pixels, resized into the video processor's range) and {text} text
+tokens, in the columns of the table above.
+
+| policy | model | authors' code | stages | tokens → LLM | mean over LLM layers | FLOPs (hf) | FLOPs (fastv) | KV |
+|---|---|---|---|---:|---:|---:|---:|---:|
+"""
+
+
+def is_video_method(path: Path) -> bool:
+    """A policy whose paper's model is checked on a video: it names frames, which
+    `vtdsl check` refuses on an image of that model (`--image 448x448`)."""
+    from vtdsl.cli import main
+    from vtdsl.lang import parse_file
+
+    model = parse_file(path).model
+    out = CliRunner().invoke(main, ["check", str(path), "--model", model, "--image", "448x448", "--json"])
+    return out.exit_code == 2 and any(d.get("code") in ("frames", "scorer-site")
+                                      and "frame" in d["message"] for d in json.loads(out.stdout)["diagnostics"])
+
+
+def video_row(path: Path, text_tokens: int) -> str:
+    from vtdsl.lang import parse_file
+
+    model = parse_file(path).model
+    cells = row(path, model, text_tokens, ["--video", VIDEO]).split(" | ", 1)[1]
+    return f"| `{path.stem}` | {model} | {cells}"
+
+
 def render(model: str, text_tokens: int) -> str:
     paths = sorted(POLICIES.glob("*.vt"))
-    rows = [row(p, model, text_tokens) for p in paths]
+    video = [p for p in paths if is_video_method(p)]
+    image = [p for p in paths if p not in video]
+    rows = [row(p, model, text_tokens) for p in image]
     families = [f"| `{p.stem}` | " + " | ".join(family_cells(p, m, text_tokens) for m in FAMILIES) + " |"
-                for p in paths]
+                for p in image]
+    videos = [video_row(p, text_tokens) for p in video]
     return (HEADER.format(model=model, text=text_tokens) + "\n".join(rows) + "\n"
-            + FAMILY_HEADER.format(text=text_tokens) + family_table_head() + "\n".join(families) + "\n")
+            + FAMILY_HEADER.format(text=text_tokens) + family_table_head() + "\n".join(families) + "\n"
+            + (VIDEO_HEADER.format(video=VIDEO, text=text_tokens) + "\n".join(videos) + "\n" if videos else ""))
 
 
 def main() -> None:
