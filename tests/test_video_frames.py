@@ -162,3 +162,25 @@ def test_compiled_flops_equal_the_cost_model(models, src):
     flops = compiled_prefill_flops(models["eager"], src, batch_inputs)
     video = family_of(SPEC).video_spec(SPEC, batch_inputs)
     assert flops == estimate(check(src, video), text_tokens=8, logits="all").flops
+
+
+def test_per_frame_proportional_shares_by_each_groups_mean_score(models):
+    """`top 25% per frame proportional`: group g gets floor(16·m_g/Σm) of the 16 tokens
+    (m_g its mean score), the tokens the floors leave over one each to the groups of
+    highest mean, then its own top tokens: a plain loop over the plain model's attention."""
+    model, batch_inputs = models["eager"], clip()
+    att = last_query_attention(plain_copy(SPEC, model), batch_inputs, 1)
+    k = GROUPS * CELLS // 4
+    want = []
+    for b in range(2):
+        rows = (batch_inputs["input_ids"][b] == VID).nonzero().flatten()
+        groups = [rows[g * CELLS:(g + 1) * CELLS] for g in range(GROUPS)]
+        means = [float(att[b, g].clamp(min=0).mean()) for g in groups]
+        shares = [int(k * m / sum(means)) for m in means]
+        for g in sorted(range(GROUPS), key=lambda g: (-means[g], g))[:k - sum(shares)]:
+            shares[g] += 1
+        assert shares != [k // GROUPS] * GROUPS  # not the even split: the shares follow the means
+        want.append(torch.cat([top_rows(att[b], g, s) if s else g[:0] for g, s in zip(groups, shares)]).sort().values)
+    with vc.apply("at llm.layer2 keep text top 25% per frame proportional", model), torch.no_grad():
+        model(**batch_inputs)
+        assert torch.equal(vc.kept_tokens(model)["llm.layer2#0"], torch.stack(want))
