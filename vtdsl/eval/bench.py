@@ -280,13 +280,18 @@ def _build(family: str, answer: str, rng: random.Random) -> tuple[str, dict[str,
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 
-def make_example(split: str, index: int) -> Example:
-    """Example number `index` of `split`; a pure function of its arguments."""
+def seed_of(split: str, index: int) -> int:
+    """The seed of example `index` of `split` (disjoint ranges per split)."""
     if split not in SPLIT_SEEDS:
         raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLIT_SEEDS)}")
     if not 0 <= index < SPLIT_STRIDE:
         raise ValueError(f"index {index} out of range [0, {SPLIT_STRIDE})")
-    seed = SPLIT_SEEDS[split] + index
+    return SPLIT_SEEDS[split] + index
+
+
+def make_example(split: str, index: int) -> Example:
+    """Example number `index` of `split`; a pure function of its arguments."""
+    seed = seed_of(split, index)
     rng = random.Random(seed)
     family = FAMILIES[index % len(FAMILIES)]
     answer = rng.choice(answers_for(family))

@@ -35,12 +35,12 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .bench import CHARS, COLOR_NAMES, COLORS, GLYPHS, SPLIT_SEEDS, SPLIT_STRIDE, Example
+from .bench import CHARS, COLOR_NAMES, COLORS, GLYPHS, Example, _draw_object, seed_of
 
 IMAGE_SIZE = 192
 PATCH = 8
@@ -99,23 +99,13 @@ def _texture(meta: dict[str, Any]) -> np.ndarray:
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, obj: dict[str, Any]) -> None:
+    """v1's shapes as v1 draws them, and the diamond."""
+    if obj["shape"] != "diamond":
+        _draw_object(draw, obj)
+        return
     x0, y0, x1, y1 = obj["box"]
-    fill = tuple(obj["rgb"])
-    kind, s = obj["shape"], x1 - x0
-    if kind == "circle":
-        draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=fill)
-    elif kind == "square":
-        draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=fill)
-    elif kind == "triangle":
-        draw.polygon([((x0 + x1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
-    elif kind == "diamond":
-        draw.polygon([((x0 + x1) / 2, y0), (x1 - 1, (y0 + y1) / 2), ((x0 + x1) / 2, y1 - 1), (x0, (y0 + y1) / 2)],
-                     fill=fill)
-    else:  # cross
-        t = max(3, s // 3)
-        a, b = x0 + (s - t) // 2, y0 + (s - t) // 2
-        draw.rectangle([a, y0, a + t - 1, y1 - 1], fill=fill)
-        draw.rectangle([x0, b, x1 - 1, b + t - 1], fill=fill)
+    draw.polygon([((x0 + x1) / 2, y0), (x1 - 1, (y0 + y1) / 2), ((x0 + x1) / 2, y1 - 1), (x0, (y0 + y1) / 2)],
+                 fill=tuple(obj["rgb"]))
 
 
 def _draw_sign(draw: ImageDraw.ImageDraw, obj: dict[str, Any]) -> None:
@@ -310,11 +300,7 @@ def _scene(s: _Scene, answer: str, kind: str, n: int) -> tuple[str, dict]:
 
 def make_example(split: str, index: int) -> Example:
     """Example number `index` of `split`; a pure function of its arguments."""
-    if split not in SPLIT_SEEDS:
-        raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLIT_SEEDS)}")
-    if not 0 <= index < SPLIT_STRIDE:
-        raise ValueError(f"index {index} out of range [0, {SPLIT_STRIDE})")
-    seed = SPLIT_SEEDS[split] + index
+    seed = seed_of(split, index)
     rng = random.Random(f"vtbench2-{seed}")
     family = FAMILIES[index % len(FAMILIES)]
     kind = {"attribute": rng.choice(("color", "size")), "scene": rng.choice(("pattern", "color"))}.get(family)
@@ -333,14 +319,9 @@ def make_example(split: str, index: int) -> Example:
     return Example(render(meta), question, answer, family, meta)
 
 
-def iter_examples(split: str, n: int, start: int = 0) -> Iterator[Example]:
-    for i in range(start, start + n):
-        yield make_example(split, i)
-
-
 def generate(split: str, n: int, start: int = 0) -> list[Example]:
     """Examples ``start .. start+n-1`` of `split` (deterministic)."""
-    return list(iter_examples(split, n, start))
+    return [make_example(split, i) for i in range(start, start + n)]
 
 
 def vocabulary() -> list[str]:

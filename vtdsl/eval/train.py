@@ -56,51 +56,52 @@ SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 # --------------------------------------------------------------------------- tokenizer
 
 
-def build_tokenizer():
-    """A word-level `PreTrainedTokenizerFast` over the vtbench vocabulary.
+def build_tokenizer(words: list[str] | None = None, isolate: str = r"\n|[^\w\s]", max_length: int = 256):
+    """A word-level `PreTrainedTokenizerFast` over the vtbench vocabulary (or `words`).
 
-    Lower-cases, splits on spaces, isolates newlines and punctuation (``top-left`` ->
-    ``top - left``), prepends ``<s>``; ``<image>`` is a special token; left padding.
+    Lower-cases, splits on spaces, isolates newlines and punctuation (`isolate`; v1:
+    ``top-left`` -> ``top - left``), prepends ``<s>``; ``<image>`` is a special token;
+    left padding.
     """
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + bench.vocabulary())}
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + (bench.vocabulary() if words is None else words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
-        pre_tokenizers.Split(Regex(r"\n|[^\w\s]"), behavior="isolated"),
+        pre_tokenizers.Split(Regex(isolate), behavior="isolated"),
     ])
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
     tok.add_special_tokens(SPECIAL_TOKENS)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>", padding_side="left", model_max_length=256,
+        pad_token="<pad>", padding_side="left", model_max_length=max_length,
         extra_special_tokens={"image_token": "<image>"})
 
 
-def build_image_processor():
-    """CLIP preprocessing for 96-pixel images (resize/crop are no-ops on vtbench)."""
+def build_image_processor(side: int | None = None):
+    """CLIP preprocessing for 96-pixel images, or `side` (resize/crop are no-ops on vtbench)."""
     from vtdsl.models import vtbench as vtm
 
     try:  # the PIL backend needs no torchvision
         from transformers import CLIPImageProcessorPil as Cls
     except ImportError:  # pragma: no cover - older transformers
         from transformers import CLIPImageProcessor as Cls
-    return Cls(size={"shortest_edge": vtm.IMAGE_SIZE},
-               crop_size={"height": vtm.IMAGE_SIZE, "width": vtm.IMAGE_SIZE},
+    side = side or vtm.IMAGE_SIZE
+    return Cls(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
                image_mean=list(vtm.IMAGE_MEAN), image_std=list(vtm.IMAGE_STD), do_convert_rgb=True)
 
 
-def build_processor(tokenizer=None):
+def build_processor(tokenizer=None, side: int | None = None, patch: int | None = None):
     from transformers import LlavaProcessor
 
     from vtdsl.models import vtbench as vtm
 
-    return LlavaProcessor(image_processor=build_image_processor(), tokenizer=tokenizer or build_tokenizer(),
-                          patch_size=vtm.PATCH_SIZE, vision_feature_select_strategy="default",
+    return LlavaProcessor(image_processor=build_image_processor(side), tokenizer=tokenizer or build_tokenizer(),
+                          patch_size=patch or vtm.PATCH_SIZE, vision_feature_select_strategy="default",
                           num_additional_image_tokens=1)
 
 

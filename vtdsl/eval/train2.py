@@ -39,8 +39,9 @@ import numpy as np
 import torch
 
 from vtdsl.eval import bench2
+from vtdsl.eval import train as v1
 from vtdsl.eval.harness import evaluate, format_result, normalize_uint8
-from vtdsl.eval.train import SPECIAL_TOKENS, _optimizer, _SkipLastVitLayer, pack
+from vtdsl.eval.train import _optimizer, _SkipLastVitLayer, pack
 
 NAME = "tiny-llava-vtbench2"
 CHUNK = 512
@@ -55,38 +56,11 @@ SCENE_LABELS = ([f"{c} {s}" for s in bench2.SHAPES for c in bench2.COLOR_NAMES] 
 
 def build_tokenizer():
     """Word-level tokenizer over `bench2.vocabulary()`; hyphenated words stay whole."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + bench2.vocabulary())}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
-        pre_tokenizers.Split(Regex(r"\n|[^\w\s-]"), behavior="isolated"),
-    ])
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
-    tok.add_special_tokens(SPECIAL_TOKENS)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        padding_side="left", model_max_length=1024, extra_special_tokens={"image_token": "<image>"})
+    return v1.build_tokenizer(bench2.vocabulary(), isolate=r"\n|[^\w\s-]", max_length=1024)
 
 
 def build_processor(tokenizer=None):
-    from transformers import LlavaProcessor
-
-    from vtdsl.models.vtbench import IMAGE_MEAN, IMAGE_STD
-
-    try:
-        from transformers import CLIPImageProcessorPil as Cls
-    except ImportError:  # pragma: no cover - older transformers
-        from transformers import CLIPImageProcessor as Cls
-    side = bench2.IMAGE_SIZE
-    images = Cls(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
-                 image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD), do_convert_rgb=True)
-    return LlavaProcessor(image_processor=images, tokenizer=tokenizer or build_tokenizer(), patch_size=bench2.PATCH,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return v1.build_processor(tokenizer or build_tokenizer(), side=bench2.IMAGE_SIZE, patch=bench2.PATCH)
 
 
 def build_model(seed: int = 0, **text_overrides: int):
