@@ -60,12 +60,13 @@ def models():
     return {attn: _model(attn) for attn in ("eager", "sdpa")}
 
 
-def inputs(batch: int, views: int = 1, seed: int = 5) -> dict:
+def inputs(batch: int, views: int = 1, seed: int = 5, per_view: int = PER_VIEW) -> dict:
     """One image per prompt as Gemma 3's processor lays it out: each view's 16 tokens
     between `<start_of_image>` and `<end_of_image>`, text between views (pan-and-scan's
-    "and here are some crops"); `token_type_ids` 1 on image tokens; batch 2 left-padded."""
+    "and here are some crops"); `token_type_ids` 1 on image tokens; batch 2 left-padded.
+    `per_view`: placeholders per view (fewer: the prompt of a model pruned at vit.out)."""
     def prompt(text):
-        body = [t for v in range(views) for t in ([30 + v] if v else []) + [BOI] + [IMG] * PER_VIEW + [EOI]]
+        body = [t for v in range(views) for t in ([30 + v] if v else []) + [BOI] + [IMG] * per_view + [EOI]]
         return [2] + text[:2] + body + text[2:]
 
     rows = [torch.tensor(prompt([5, 6, 8, 9, 10]))]
@@ -199,6 +200,7 @@ def test_cost_of_gemma3_4b_equals_flop_counter_on_meta_part_by_part():
 @pytest.mark.parametrize("src", [
     "at llm.layer2 keep text top 50%",
     "at llm.layer0 keep uniform 4; at llm.layer3 keep text top 2",
+    "at vit.out keep knorm@vit.layer1 top 6; at llm.layer2 keep text top 3",
 ])
 def test_compiled_flops_equal_the_cost_model(models, src):
     batch = inputs(1)
@@ -395,12 +397,53 @@ def test_renumber_inside_the_llm_uses_each_layer_kinds_rotary_base(models, attn)
     assert not torch.equal(want, kept_positions)  # the re-numbered positions change the tokens
 
 
+# ---------------------------------------------------------------------------- ViT stages
+def _plain_pooled_norms(model, px: torch.Tensor, layer: int) -> torch.Tensor:
+    """`norm@vit.layer{layer}` summed over each pooled group, by hand: the plain tower's
+    hidden states after layer `layer`, each patch's L2 norm, summed over the 4x4 patches
+    the projector's pool averages, in raster order on the 4x4 pooled grid ``[B, 16]``."""
+    with torch.no_grad():
+        h = model.model.vision_tower(pixel_values=px, output_hidden_states=True).hidden_states[layer + 1]
+    side = SPEC.image_size // SPEC.patch_size
+    return h.norm(dim=-1).reshape(-1, side // 4, 4, side // 4, 4).sum((2, 4)).reshape(-1, (side // 4) ** 2)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_vit_out_stage_keeps_pooled_tokens_as_a_plain_loop(models, attn):
+    """`at vit.out keep norm@vit.layer1 top 6` keeps the 6 pooled tokens whose 4x4 patches
+    have the largest summed hidden-state norms; the LLM then sees 6 image tokens, still
+    one bidirectional block (`token_type_ids` remade for the shortened prompt). Batch 2,
+    left-padded: the greedy tokens equal the hand-masked reference on a 6-placeholder
+    prompt whose projector output is replaced by the plain model's kept features."""
+    model, keep, batch = models[attn], 6, inputs(2)
+    ref = plain_copy(SPEC, model, attn)
+    px = batch["pixel_values"]
+    scores = _plain_pooled_norms(ref, px, layer=1)
+    kept = torch.stack([top_rows(row, torch.arange(row.shape[0]), keep) for row in scores])
+    with torch.no_grad():
+        pooled = ref.model.multi_modal_projector(ref.model.vision_tower(pixel_values=px).last_hidden_state)
+    features = pooled.gather(1, kept[..., None].expand(-1, -1, pooled.shape[-1]))
+    short = {**inputs(2, per_view=keep), "pixel_values": px}
+    hook = ref.model.multi_modal_projector.register_forward_hook(lambda m, a, out: features)
+    try:
+        want, _ = reference_generate(ref, short, {}, new_tokens=6)
+    finally:
+        hook.remove()
+    with vc.apply(f"at vit.out keep norm@vit.layer1 top {keep}", model):
+        with torch.no_grad():
+            got = model.generate(**batch, max_new_tokens=6, do_sample=False)
+        assert torch.equal(vc.kept_tokens(model)["vit.out#0"], kept + 1)  # identities count from 1
+    # generate hands back the caller's prompt (16 placeholders), then the new tokens
+    assert torch.equal(got[:, :batch["input_ids"].shape[1]], batch["input_ids"])
+    assert torch.equal(got[:, -6:], want[:, -6:])
+
+
 # ---------------------------------------------------------------------------- check time
 @pytest.mark.parametrize("src, at, code, words", [
     ("at llm.layer2 keep cls@vit.layer1 top 8", "cls@", "no-cls", "has no CLS token"),
-    ("at vit.layer1 keep random 64", "vit.layer1", "model-layout", "whole 4x4 groups"),
-    ("at vit.out keep random 64", "vit.out", "model-layout", "merges 4x4 groups of ViT patches"),
-    ("at llm.layer2 keep knorm@vit.layer1 top 8", "knorm@", "model-layout", "vtdsl reads no ViT scores there"),
+    ("at vit.layer1 keep random 8", "vit.layer1", "model-layout", "merges each 4x4 group of ViT patches"),
+    ("at vit.out keep cls_token + random 8", "cls_token", "cls-token", "has no CLS token"),
+    ("at llm.layer2 keep knorm@vit.layer1 top 8", "knorm@", "model-layout", "summed over each shuffled or pooled 4x4 group"),
 ])
 def test_vit_side_refusals_are_located_and_say_why(src, at, code, words):
     d = first_error(src, SPEC)

@@ -7,6 +7,10 @@ them, are more such views, each its own block between text. In the LLM an image 
 tokens attend to each other both ways (`token_type_ids`), the rest causally; layers are
 sliding-window (a local rotary base) or global (their own base), each kind with its mask.
 
+`vit.out` sits after the pool, at the projector's norm: a stage there chooses among a
+view's 256 pooled tokens, ViT scores summed over each token's 4x4 patches; stages inside
+the tower are refused (the pool needs every patch).
+
 `Gemma3Model` builds those masks before its LLM, from the prompt's full length. At
 prefill that is what the LLM hooks gather (each layer its own kind's mask, rows and
 columns to the kept positions, so kept image tokens still attend both ways). While
@@ -67,23 +71,33 @@ class Gemma3(Family):
         return anyres_tokens(images, per_image, spec, device, intact=False)
 
     def install(self, installer: Installer, plan: Plan) -> None:
-        if not any(stage.site.tower == "llm" for stage in plan.stages):
+        """While decoding past pruned LLM rows: full-length masks. When ViT stages change the
+        placeholder count, the top-level rewrite shortens the prompt but not
+        `token_type_ids` (generate even slices them from the end): they are remade from the
+        prompt, 1 exactly at the image tokens, as the processor makes them."""
+        decode = any(stage.site.tower == "llm" for stage in plan.stages)
+        retype = plan.projector_tokens != plan.spec.projector_tokens
+        if not (decode or retype):
             return
-        model = installer.model
+        model, image_token_id = installer.model, installer.model.config.image_token_id
 
-        def decode_masks(module: nn.Module, args: tuple, kwargs: dict):
-            cache, am = kwargs.get("cache", kwargs.get("past_key_values")), kwargs.get("attention_mask")
-            if cache is None or not isinstance(am, torch.Tensor) or am.dim() != 2 or cache.get_seq_length() == 0:
-                return None
-            rows = kwargs.get("input_ids")
-            q = (rows if rows is not None else kwargs["inputs_embeds"]).shape[1]
-            if not _pruned(cache, am.shape[1] - q):
-                return None
-            return args, {**kwargs, "attention_mask": full_length_masks(model, am, q)}
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict):
+            ids, am = kwargs.get("input_ids"), kwargs.get("attention_mask")
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            out = dict(kwargs)
+            if retype and ids is not None and kwargs.get("token_type_ids") is not None:
+                out["token_type_ids"] = (ids == image_token_id).long()
+            decoding = cache is not None and cache.get_seq_length() > 0
+            if decode and decoding and isinstance(am, torch.Tensor) and am.dim() == 2:
+                q = (ids if ids is not None else kwargs["inputs_embeds"]).shape[1]
+                if _pruned(cache, am.shape[1] - q):
+                    out["attention_mask"] = full_length_masks(model, am, q)
+            return args, out
 
-        installer.hook(self.multimodal_path(plan.spec), "pre", decode_masks,
-                       "decode: full-length masks per layer kind (the LLM hooks gather their kept columns)",
-                       with_kwargs=True)
+        what = ("decode: full-length masks per layer kind (the LLM hooks gather their kept columns)" if decode
+                else "") + ("; " if decode and retype else "") + (
+                "token_type_ids remade from the shortened prompt" if retype else "")
+        installer.hook(self.multimodal_path(plan.spec), "pre", pre_hook, what, with_kwargs=True)
 
 
 FAMILY = Gemma3()

@@ -124,10 +124,10 @@ def _validate_layout(graph, spec: ModelSpec, stage: ast.Stage, site: ResolvedSit
         if site.layer is not None:
             m = spec.spatial_merge
             rows, cols = spec.grid
-            error(graph, f"{spec.name} pixel-shuffles each {m}x{m} group of ViT patches into one token before "
-                  f"the projector, which needs every crop's whole {rows}x{cols} patch grid; a stage at "
+            error(graph, f"{spec.name} merges each {m}x{m} group of ViT patches into one token (a pixel shuffle or "
+                  f"a pool) before the projector, which needs every crop's whole {rows}x{cols} patch grid; a stage at "
                   f"{site.text()} would leave it incomplete", stage.site.span,
-                  expected=f"vit.out (a token there is one shuffled {m}x{m} group) or an llm.layerN site",
+                  expected=f"vit.out (a token there is one merged {m}x{m} group) or an llm.layerN site",
                   code="model-layout")
         return
     if site.tower == "vit" and spec.vit_units > 1 and spec.video_frames:
@@ -189,7 +189,7 @@ def _validate_cls_token(graph, spec: ModelSpec, stage: ast.Stage, site: Resolved
         message = f"model '{spec.name}' has no CLS token, so 'cls_token' cannot keep one"
     elif spec.merged_features:
         m = spec.spatial_merge
-        message = (f"on '{spec.name}' the projector reads pixel-shuffled tokens {m * m} patches wide; the CLS "
+        message = (f"on '{spec.name}' the projector reads merged tokens of {m * m} patches each; the CLS "
                    "token is one patch wide and never reaches it, so 'cls_token' cannot keep it")
     elif site.tower == "llm":
         message = (f"'cls_token' keeps the CLS token at vit.out; at {site.text()} the LLM only sees what the "
@@ -306,7 +306,7 @@ def _needs_cls(r: _Read):
 def _vit_of_merged_patches(r: _Read):
     spec = r.spec
     if r.obs.tower == "vit" and spec.merged_features and r.stage_site.tower == "llm":
-        return (f"on {spec.name} ViT scores are summed over each shuffled {spec.spatial_merge}x"
+        return (f"on {spec.name} ViT scores are summed over each shuffled or pooled {spec.spatial_merge}x"
                 f"{spec.spatial_merge} group for a vit.out stage; '{ref_text(r.ref)}' read by the stage at "
                 f"{r.stage_site.text()} is not", "the stage at vit.out, or an LLM score such as text@llm.layer2",
                 "model-layout")

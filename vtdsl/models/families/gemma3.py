@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 from .base import ModelFamily, unsupported
+from .llava import _RENAMES as LLAVA_RENAMES
 
 # The processor's pan-and-scan settings when preprocessor_config.json leaves them null
 # (transformers' Gemma3Processor.images_kwargs): off, 256-pixel crops at least, 4 at most,
@@ -34,7 +35,9 @@ def pan_and_scan(config) -> tuple[int, int, float] | None:
 def pooled_layout(config, vc) -> dict[str, Any]:
     """One image is one 896-pixel view (plus its pan-and-scan crops, `for_image`): the
     tower's last layer, every patch, pooled `side / sqrt(mm_tokens_per_image)` per side
-    (`spatial_merge`), then one (vision width -> LLM width) matrix per pooled token."""
+    (`spatial_merge`), then one (vision width -> LLM width) matrix per pooled token. The
+    projector's norm reads the pooled tokens: `vit.out` stages choose among them there
+    (`merged_features`, the projector path), ViT scores summed over each pooled group."""
     side, tokens = vc.image_size // vc.patch_size, config.mm_tokens_per_image
     per_side = math.isqrt(tokens)
     if per_side * per_side != tokens or side % per_side:
@@ -45,15 +48,19 @@ def pooled_layout(config, vc) -> dict[str, Any]:
         "select_strategy": "default",
         "projector": (vc.hidden_size, config.text_config.hidden_size),
         "spatial_merge": side // per_side,
+        "merged_features": True,
         "pan_and_scan": pan_and_scan(config),
     }
 
 
-# google/gemma-3-*-it checkpoints' keys already follow transformers 5's tree
-# (model.vision_tower.vision_model.*, model.multi_modal_projector.*, model.language_model.*)
+# google/gemma-3-*-it checkpoints name keys as llava-hf ones do (language_model.model.*,
+# vision_tower.vision_model.*, multi_modal_projector.*): transformers maps Gemma 3 with
+# LLaVA's renames, and so does vtdsl. The "projector" vtdsl hooks is the projector's
+# RMSNorm, the first step after the pool.
 FAMILY = ModelFamily(
     model_type="gemma3", family="gemma3", config_class="Gemma3Config", model_class="Gemma3ForConditionalGeneration",
-    vit_layer_path="model.vision_tower.vision_model.encoder.layers.{i}", projector_path="model.multi_modal_projector",
+    vit_layer_path="model.vision_tower.encoder.layers.{i}", checkpoint_renames=LLAVA_RENAMES,
+    projector_path="model.multi_modal_projector.mm_soft_emb_norm",
     llm_layer_path="model.language_model.layers.{i}", layout=pooled_layout,
     # SigLIP blocks: LayerNorm, q/k/v/out with biases, a fc1 / tanh-GELU / fc2 MLP
     vision_towers={"siglip_vision_model": {"has_cls": False, "mlp": "gelu", "layers": "num_hidden_layers",
