@@ -1,5 +1,4 @@
-"""Recoverable Compression against its authors' rule (documented approximation: the
-visual score's head aggregation).
+"""Recoverable Compression against its authors' rule: the kept patches are equal.
 
 Reference: banjiuyufen/Recoverable-Compression @ d927594467a0eff8bdf35e9c933f1423a4b1b760,
 llava/model/multimodal_encoder/clip_encoder.py:
@@ -16,11 +15,9 @@ llava/model/multimodal_encoder/clip_encoder.py:
   attention, its LOF(10) share times the count kept so far (N is reassigned there).
 The kept patches are the union of the three. The merge that follows (lines 361-432)
 changes the centres' values, not which patches are kept, and is not asserted here.
-
-The zoo reads `cls@vit.layer23`, the head mean; so what is asserted exactly is RC's count
-and selection rule applied to the zoo's visual score (the part the header calls exact),
-and against RC's own full-width score the measured Jaccard floor.
-Tiny random CLIP: a 2-layer text tower and a visual projection of tiny-llava's ViT width.
+Tiny random CLIP (tests/tiny_clip.py): a 2-layer text tower and a visual projection of
+tiny-llava's ViT width. Before `cls(whole)` the zoo read the head mean (`cls`): Jaccard
+0.56 / 0.87 / 0.93 against this rule on the three seeds.
 """
 
 from __future__ import annotations
@@ -35,7 +32,7 @@ from .conftest import IMPLS, POLICIES
 
 POLICY = POLICIES / "recoverable.vt"
 
-CLAIMS = {"recoverable": 0.56}  # against RC's full-width layer-23 head (the zoo: head mean)
+CLAIMS = {"recoverable": 1.0}
 QUESTIONS = ("What is written on the sign?", "How many cars are there in the picture?",
              "Is the person on the left holding an umbrella?")
 
@@ -100,19 +97,15 @@ def _run(case, attn, vit_out, compiled, clip_dir, ref):
     out = vit_out(case)
     kept, _, _ = compiled("recoverable", attn, case, clip=path, question=question)
     got = sorted(v - 1 for v in kept["vit.out#0"][:-1])  # the last token is `absorb`'s, made of the rest
-    sim = text_score(clip, out, question)
-    zoo_rule = rc_keep(out.attentions[23][:, :, 0, 1:].mean(1), sim)
-    own = rc_keep(full_width_cls(ref, out), sim)
-    return got, zoo_rule, own
+    return got, rc_keep(full_width_cls(ref, out), text_score(clip, out, question))
 
 
 @pytest.mark.parametrize("attn", IMPLS)
-def test_rc_counts_and_selection_on_the_zoos_visual_score(attn, ref, cases, vit_out, compiled, clip_dir):
+def test_rc_keeps_the_patches_the_authors_rule_keeps(attn, ref, cases, vit_out, compiled, clip_dir):
     for case in cases:
-        got, (tops, centres), own = _run(case, attn, vit_out, compiled, clip_dir, ref)
-        assert tops, f"seed {case.seed}: the check needs a recovered patch"
-        assert got == sorted(tops + centres), f"seed {case.seed}"
-        assert plain.jaccard(got, own[0] + own[1]) >= CLAIMS["recoverable"]
+        got, own = _run(case, attn, vit_out, compiled, clip_dir, ref)
+        assert own[0], f"seed {case.seed}: the check needs a recovered patch"
+        assert plain.jaccard(got, own[0] + own[1]) >= CLAIMS["recoverable"], f"seed {case.seed}"
 
 
 def test_the_text_round_recovers_other_patches_than_the_visual_one(ref, cases, vit_out, clip_dir):
@@ -120,7 +113,7 @@ def test_the_text_round_recovers_other_patches_than_the_visual_one(ref, cases, v
     an implementation that ignored `clip_text` would fail it."""
     for case in cases:
         out = vit_out(case)
-        cls_attn = out.attentions[23][:, :, 0, 1:].mean(1)
+        cls_attn = full_width_cls(ref, out)
         with_text = rc_keep(cls_attn, text_score(clip_dir[1], out, QUESTIONS[case.seed % len(QUESTIONS)]))
         without = rc_keep(cls_attn, cls_attn)
         assert set(with_text[0]) != set(without[0]), f"seed {case.seed}"
@@ -137,6 +130,6 @@ def test_the_cluster_round_rule(ref, cases, vit_out, compiled, clip_dir):
         question = QUESTIONS[case.seed % len(QUESTIONS)]
         out = vit_out(case)
         kept, _, _ = compiled(source, "eager", case, clip=path, question=question)
-        tops, centres = rc_keep(out.attentions[23][:, :, 0, 1:].mean(1), text_score(clip, out, question), k_rest=2)
+        tops, centres = rc_keep(full_width_cls(ref, out), text_score(clip, out, question), k_rest=2)
         assert centres, f"seed {case.seed}"
         assert sorted(v - 1 for v in kept["vit.out#0"][:-1]) == sorted(tops + centres), f"seed {case.seed}"

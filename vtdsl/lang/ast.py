@@ -129,7 +129,8 @@ class ScoreRef(Node):
     # How attention is reduced over heads (`cls(max)`); None = the mean. An int H: the
     # mean over the H heads that give the visual tokens the most attention in total
     # (`text(all, top 14 heads)`, SparseVLM v2), chosen per attention map.
-    heads: Literal["mean", "sum", "max"] | Annotated[int, Field(ge=1, le=MAX_LAYER)] | None = None
+    # "whole": q and k as one head of the full width (`cls(whole)`).
+    heads: Literal["mean", "sum", "max", "whole"] | Annotated[int, Field(ge=1, le=MAX_LAYER)] | None = None
     # The attention criterion computed without rotary position embeddings (FEATHER).
     no_rope: bool = False
     # The attention softmax taken over the image tokens' keys only (FEATHER; LLM).

@@ -36,6 +36,10 @@ from .errors import Diagnostic, PolicyError, did_you_mean
 from .scorers import COMBINERS, MAX_SCORE_DEPTH, SCORERS, SELECTORS
 from .terminals import END_OF_STATEMENT, TERMINAL_WORDS, add_rest_words, expected_phrase, keyword_of
 
+# `cls(whole)`: the CLS row of one head as wide as the layer (q·k over all the heads' channels,
+# scale 1/sqrt(width)), as PruMerge and Recoverable Compression read CLIP's last layer
+WHOLE_HEAD = "whole"
+
 GRAMMAR_PATH = Path(__file__).with_name("grammar.lark")
 # Entry rules: `statement` for .vt files, the others for values inside the YAML form.
 START_RULES = ["start", "statement", "term", "terms", "quantity", "budget_body", "site", "region_body", "grid",
@@ -773,8 +777,8 @@ class _Builder:
         return self.node(ast.Site, span, tower=m.group(1), index=int(m.group(2))), int(m.group(3))
 
     def score_args(self, info, tree: Tree) -> tuple[list[str], str | int | None, bool, bool]:
-        """The query arguments, the head aggregate (`mean`, `sum`, `max` or `top H heads`
-        as the int H, at most one), `no_rope` and `image_keys`, the last three for
+        """The query arguments, the head aggregate (`mean`, `sum`, `max`, `whole` or `top H
+        heads` as the int H, at most one), `no_rope` and `image_keys`, the last three for
         attention scores only."""
         top_heads = [c.children[0] for c in tree.children if isinstance(c.children[0], Tree)]
         toks = [c.children[0] for c in tree.children if not isinstance(c.children[0], Tree)]
@@ -792,8 +796,12 @@ class _Builder:
                         self.span(rope_toks[0]), hint=f"write '{info.name}'", code="semantic")
         if len(rope_toks) > 1:
             raise _fail("'no_rope' is written once", self.span(rope_toks[1]), code="semantic")
-        head_toks = [t for t in toks if str(t) in COMBINERS]
-        toks = [t for t in toks if str(t) not in COMBINERS]
+        head_toks = [t for t in toks if str(t) in COMBINERS or str(t) == WHOLE_HEAD]
+        toks = [t for t in toks if str(t) not in COMBINERS and str(t) != WHOLE_HEAD]
+        whole = [t for t in head_toks if str(t) == WHOLE_HEAD]
+        if whole and info.canonical != "cls":
+            raise _fail(f"'{WHOLE_HEAD}' (the layer's q and k as one head of the full width) is read by 'cls' only",
+                        self.span(whole[0]), expected="cls(whole)", code="semantic")
         heads: str | int | None = None
         aggregates = sorted([(t.start_pos, t, None) for t in head_toks]
                             + [(h.meta.start_pos, h, h) for h in top_heads], key=lambda e: e[0])
@@ -805,7 +813,7 @@ class _Builder:
                             hint=f"write '{info.name}'", code="semantic")
             if len(aggregates) > 1:
                 raise _fail("one head aggregate per score", self.span(aggregates[1][1]),
-                            expected="one of mean, sum, max or top H heads", code="semantic")
+                            expected="one of mean, sum, max, whole or top H heads", code="semantic")
             if first_tree is None:
                 heads = str(first)
             else:

@@ -379,6 +379,8 @@ def llm_attention(ctx: ScoreContext) -> Tensor:
 # ---------------------------------------------------------------- kernels and cost
 def _cls(ctx: ScoreContext) -> Tensor:
     cap = ctx.captured
+    if ctx.obs.heads == "whole":  # one head of the full width: scale 1/sqrt(H·dh), same q·k FLOPs
+        return cls_attention(cap["q"], cap["k"], 1)
     return cls_attention(cap["q"], cap["k"], ctx.heads, head_reduce=ctx.obs.heads)
 
 
