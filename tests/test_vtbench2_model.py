@@ -76,6 +76,8 @@ def test_tower_share_at_the_mean_prompt(spec, mean_prompt):
 def test_zoo_counts_run_unchanged_and_layers_map_by_depth(spec):
     unchanged, out_of_range = [], []
     for path in sorted((ROOT / "policies").glob("*.vt")):
+        if 'model "llava-1.5-7b"' not in path.read_text(encoding="utf-8"):
+            continue  # the image zoo, written for LLaVA-1.5's 576 tokens (video policies name a video model)
         try:
             plan = check(path, spec)
         except PolicyError as err:

@@ -186,10 +186,15 @@ def rescale(policy: ast.Policy, source: ModelSpec, target: ModelSpec, *, text: s
                     (source.llm.layers, target.llm.layers), list(dict.fromkeys(m.changes)))
 
 
+def _shape(spec: ModelSpec) -> tuple[int, int, int]:
+    return spec.image_tokens, spec.vit.layers, spec.llm.layers
+
+
 def portable(policy: ast.Policy, target: ModelSpec, rescale_it: bool, *, text: str | None = None,
              filename: str = "<policy>") -> tuple[ast.Policy, Rescaled | None]:
-    """The policy to run on `target`: itself when its `model` line names `target` (or it
-    has none), its rescaled copy with `rescale_it`, else the located refusal."""
+    """The policy to run on `target`: itself when its `model` line names `target` or a
+    model of the same visual tokens and layer counts (or it has none), its rescaled copy
+    with `rescale_it`, else the located refusal."""
     if not policy.model:
         return policy, None
     from ..models import get_spec
@@ -200,7 +205,9 @@ def portable(policy: ast.Policy, target: ModelSpec, rescale_it: bool, *, text: s
         d = err.diagnostics[0]
         raise PolicyError(Diagnostic(d.message, policy.model_span or policy.span, expected=d.expected, hint=d.hint,
                                      code="model"), source=text, filename=filename) from None
-    if source.name == target.name:
+    if source.name == target.name or _shape(source) == _shape(target):
+        # the same counts and depths (a local copy of the checkpoint, a tiny twin): the
+        # policy means there what it means on its own model
         return policy, None
     if not rescale_it:
         raise refusal(policy, target, text, filename)
