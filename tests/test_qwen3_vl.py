@@ -295,8 +295,6 @@ def test_an_image_of_another_size_runs_the_plan_checked_for_it(models):
 # ---------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("src, at, code, words", [
     ("at llm.layer2 keep cls@vit.layer3 top 20", "cls@", "no-cls", "has no CLS token"),
-    ("at vit.layer2 keep random 100", "vit.layer2", "model-layout", "DeepStack mergers read the outputs of ViT blocks"),
-    ("at vit.out keep random 100", "vit.out", "model-layout", "DeepStack mergers"),
     ("at llm.layer1 pool 2x2", "pool", "model-layout", "the pool at llm.layer1 hands on merged tokens"),
     ("at llm.layer1 keep text top 20 then merge rest into 4", "keep", "model-layout", "llm.layer3 or later"),
     ("at llm.layer2 keep text top 20 renumber", "renumber", "renumber", "M-RoPE"),

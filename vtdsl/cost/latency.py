@@ -210,8 +210,8 @@ def prefill_ops(k, vit_tokens, projector_tokens, llm_visual, text_tokens: int, b
     for i, n in enumerate(vit_tokens):
         yield from _layer_ops("vit", spec.vit, n, crops, k.vit_pairs(i, n), e, fused)
     widths = spec.projector
-    for i in spec.deepstack_layers:  # DeepStack's mergers, as wide as the projector
-        rows = crops * (vit_tokens[i] // spec.spatial_merge ** 2)
+    for _ in spec.deepstack_layers:  # DeepStack's mergers, as wide as the projector, on its input
+        rows = batch * projector_tokens
         yield Op("vit", k.proj * rows, e * sum(a * b + rows * (a + b) for a, b in zip(widths, widths[1:])))
     rows = batch * projector_tokens
     yield Op("projector", batch * k.proj * projector_tokens,

@@ -121,7 +121,7 @@ def _side(k: _Constants, vit_tokens, projector_tokens, llm_visual, T, logits, ct
     sv1 = sum(vit_tokens)
     # attention pairs per layer: N² over the whole crop, Σ_w n_w² in windows
     sv2 = sum(k.vit_pairs(i, n) for i, n in enumerate(vit_tokens))
-    vit = k.crops * (k.patch + k.vit_lin * sv1 + k.vit_att * sv2 + deepstack_flops(k, vit_tokens))
+    vit = k.crops * (k.patch + k.vit_lin * sv1 + k.vit_att * sv2) + deepstack_flops(k, projector_tokens)
     L = k.llm_layers
     sl1 = sum(llm_visual)
     sl2 = sum(map(mul, llm_visual, llm_visual))
@@ -144,11 +144,11 @@ def _side(k: _Constants, vit_tokens, projector_tokens, llm_visual, T, logits, ct
     )
 
 
-def deepstack_flops(k: _Constants, vit_tokens) -> int:
-    """DeepStack's mergers on one crop: each listed ViT layer's output tokens, merged
-    `spatial_merge`² at a time, through a merger as wide as the projector."""
-    unit = k.spec.spatial_merge ** 2
-    return sum(k.proj * (vit_tokens[i] // unit) for i in k.deepstack)
+def deepstack_flops(k: _Constants, projector_tokens: int) -> int:
+    """DeepStack's mergers, each as wide as the projector: the compiled tower runs them on
+    the merge units its merger reads (`vtdsl.compiler.merge_units`), the unpruned one on
+    all of them, so on the projector's input either way."""
+    return len(k.deepstack) * k.proj * projector_tokens
 
 
 def decode_selected(spec: ModelSpec, decode: int, llm_visual, T: int, ctx: int, layer: int, k: int) -> int:

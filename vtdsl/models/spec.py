@@ -191,11 +191,12 @@ class ModelSpec:
     @property
     def vit_units(self) -> int:
         """Patches a ViT-side stage keeps or drops together: `spatial_merge`² where the tower
-        hands its merger whole merge units in its own sequence (Qwen2-VL, Qwen2.5-VL: dynamic
-        resolution, no pixel shuffle before the projector, no DeepStack mergers on inner
-        layers), so ViT stages choose among units (vtdsl.compiler.merge_units); else 1."""
-        merged_inside = self.merged_features or self.deepstack_layers
-        return self.spatial_merge**2 if self.spatial_merge > 1 and self.dynamic_resolution and not merged_inside else 1
+        hands its merger whole merge units in its own sequence (Qwen2-VL, Qwen2.5-VL,
+        Qwen3-VL: dynamic resolution, no pixel shuffle before the projector; DeepStack's
+        mergers read the same units of inner blocks), so ViT stages choose among units
+        (vtdsl.compiler.merge_units); else 1."""
+        units = self.spatial_merge > 1 and self.dynamic_resolution and not self.merged_features
+        return self.spatial_merge**2 if units else 1
 
     @property
     def projector_tokens(self) -> int:

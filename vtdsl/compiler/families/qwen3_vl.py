@@ -1,13 +1,22 @@
 """Qwen3-VL (`Qwen3VLForConditionalGeneration`): qwen3-vl-8b, tiny-qwen3-vl.
 
 Qwen2-VL's layout (`qwen2_vl`: dynamic resolution, 2x2 merger, M-RoPE, `image_grid_thw`
-per call; ViT stages refused by the IR) plus DeepStack: the text model adds one merged
+per call) plus DeepStack: the text model adds one merged
 ViT feature per visual token to the hidden states after each of its first layers
 (`Qwen3VLTextModel._deepstack_process`, rows chosen by `visual_pos_masks`, a mask over the
 prompt). Once an LLM stage removed rows, that mask and the features no longer match the
 hidden states; the family replaces `_deepstack_process` so that each kept row gets the
 feature of the prompt position it holds (merging or pooling stages there are refused at
 check time: `vtdsl.ir.passes.infer_tokens`).
+
+ViT stages run on merge units (`vtdsl.compiler.merge_units`), with two additions of this
+tower (`DeepStackTower`): the learned position embeddings, interpolated to the image's
+grid, are added before block 0 (the rotary positions follow the kept patches as on
+Qwen2-VL), and the DeepStack mergers read, for the units the merger reads, each listed
+block's output: blocks after a stage saw only the kept units, blocks before it all of them
+(their rows gathered to the kept ones). Each feature goes back to its unit's row of the
+unpruned layout, so the LLM input keeps the kept units' rows and `_deepstack_process`
+adds each its own features.
 """
 
 from __future__ import annotations
@@ -15,7 +24,12 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
-from ..runtime import CompileError
+import torch
+from torch import Tensor, nn
+
+from ... import ops
+from ..runtime import CompileError, Tokens
+from .base import TowerExtras
 from .qwen2_vl import Qwen2VL
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,7 +64,7 @@ class Qwen3VL(Qwen2VL):
         if runtime is None or not plan.spec.deepstack_layers:
             return
         injected = plan.spec.deepstack_llm_layers
-        if not any(s.site.tower == "llm" and s.site.layer <= injected[-1] for s in plan.stages):
+        if not any(s.site.tower == "vit" or s.site.layer <= injected[-1] for s in plan.stages):
             return  # every injection happens before the first stage: the rows are the prompt's
         path = self.language_model_path(plan.spec)
         original = installer.model.get_submodule(path)._deepstack_process
@@ -65,6 +79,51 @@ class Qwen3VL(Qwen2VL):
         installer.override(path, "_deepstack_process", deepstack_process, "method-override",
                            "DeepStack: add each kept visual token the ViT feature of its own prompt position "
                            f"(injections after llm.layer0..{injected[-1]}; stages before them removed rows)")
+
+    def unit_tower_extras(self, plan: Plan, visual: nn.Module) -> TowerExtras | None:
+        return DeepStackTower(visual, plan.spec.spatial_merge, plan.spec.deepstack_layers)
+
+
+class DeepStackTower(TowerExtras):
+    """Qwen3-VL's tower beyond Qwen2-VL's under ViT stages (module docstring)."""
+
+    def __init__(self, visual: nn.Module, merge: int, layers: tuple[int, ...]):
+        self.visual, self.merge, self.layers = visual, merge, layers
+        self.seen: dict[int, tuple[Tensor, Tensor]] = {}  # block -> (output [G, k, m², d], raster unit ids [G, k])
+
+    def embed(self, x: Tensor, grid_thw: Tensor) -> Tensor:
+        from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+
+        self.seen = {}
+        vis = self.visual
+        # index arithmetic on the host: a meta model's grid cannot be read
+        taps, weights = get_vision_interpolation_indices_and_weights(
+            torch.as_tensor(grid_thw).cpu(), num_grid_per_side=vis.num_grid_per_side, mode=vis.interpolation_mode,
+            align_corners=vis.interpolation_align_corners, spatial_merge_size=self.merge)
+        taps, weights = taps.to(x.device), weights.to(x.device)
+        return x + (vis.pos_embed(taps) * weights[:, :, None]).sum(1).to(x.dtype)
+
+    def after_block(self, i: int, x: Tensor, tokens: Tokens) -> None:
+        if i in self.layers:
+            self.seen[i] = (x, tokens.vid - 1)
+
+    def output(self, out, tokens: Tokens, units: int):
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+        kept = tokens.vid - 1
+        g, k = kept.shape
+        features = []
+        for j, i in enumerate(self.layers):
+            hidden, present = self.seen.pop(i)
+            where = torch.zeros(g, units, dtype=torch.long, device=kept.device)
+            where.scatter_(1, present, torch.arange(present.shape[1], device=kept.device).expand(g, -1))
+            rows = ops.gather_tokens(hidden.flatten(2), where.gather(1, kept))  # the merger's units, [G, k, m²·d]
+            merged = self.visual.deepstack_merger_list[j](rows.flatten(0, 1)).view(g, k, -1)
+            full = merged.new_zeros(g, units, merged.shape[-1])
+            full.scatter_(1, kept[..., None].expand(-1, -1, merged.shape[-1]), merged)
+            features.append(full.flatten(0, 1))
+        return BaseModelOutputWithDeepstackFeatures(last_hidden_state=out.last_hidden_state,
+                                                    pooler_output=out.pooler_output, deepstack_features=features)
 
 
 def _add_at_kept_rows(hidden, mask, embeds, pos, is_img):

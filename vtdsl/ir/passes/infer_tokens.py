@@ -60,13 +60,24 @@ def infer_tokens(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
 
 def _check_deepstack(graph: nx.DiGraph, spec: ModelSpec, data: dict) -> None:
     """DeepStack (Qwen3-VL) adds one ViT feature per visual token after its first LLM
-    layers: an LLM stage before the last of them may drop rows (each kept token keeps its
-    own feature), but a merged or pooled token has no single feature to receive."""
+    layers: a stage in the tower or before the last of them may drop merge units or rows
+    (each kept unit keeps its own features), but a merged or pooled token has no single
+    feature to receive."""
     stage: ResolvedStage = data["resolved"]
     injected = spec.deepstack_llm_layers
-    if stage.site.tower != "llm" or not injected or stage.site.layer > injected[-1] or stage.copies_rows:
+    if not injected or stage.copies_rows:
         return
     last = injected[-1]
+    if stage.site.tower == "vit":
+        inner = ", ".join(str(i) for i in spec.deepstack_layers)
+        error(graph, f"{spec.name}'s DeepStack mergers turn each merge unit's output of ViT blocks {inner} into "
+              f"features added to its LLM token after llm.layer0 to llm.layer{last}; the {stage.action} at "
+              f"{stage.site.text()} hands on merged tokens, which have none", data["stage"].action.span,
+              expected="a keep or drop of whole units at a ViT site, or a merge at "
+              f"llm.layer{last + 1} or later", code="model-layout")
+        return
+    if stage.site.layer > injected[-1]:
+        return
     error(graph, f"{spec.name} adds DeepStack features to the visual tokens after llm.layer0 to llm.layer{last}; the "
           f"{stage.action} at {stage.site.text()} hands on merged tokens, which have no single feature to receive",
           data["stage"].action.span, expected=f"the stage at llm.layer{last + 1} or later, or a keep without "

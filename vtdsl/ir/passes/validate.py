@@ -135,14 +135,6 @@ def _validate_layout(graph, spec: ModelSpec, stage: ast.Stage, site: ResolvedSit
               f"{spec.vit_crops} temporal groups vtdsl does not run them", stage.site.span,
               expected="an llm.layerN site for a video", code="model-layout")
         return
-    if site.tower == "vit" and spec.deepstack_layers:
-        inner = ", ".join(str(i) for i in spec.deepstack_layers)
-        error(graph, f"{spec.name}'s DeepStack mergers read the outputs of ViT blocks {inner} besides the last one, "
-              f"and add them to the LLM's visual tokens; a stage at {site.text()} would leave them out of step "
-              "with the merged tokens, which vtdsl does not do", stage.site.span,
-              expected="an llm.layerN site (llm.layer0 prunes the merged tokens and their features)",
-              code="model-layout")
-        return
     if site.tower == "vit" and spec.spatial_merge > 1 and spec.vit_units == 1:
         m = spec.spatial_merge
         error(graph, f"{spec.name} merges {m}x{m} groups of ViT patches into one token after the vision tower; "
