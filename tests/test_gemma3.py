@@ -92,6 +92,7 @@ def _gemma3_4b_params() -> int:
     return vision + d + d * h + vocab * h + 34 * layer + h
 
 
+@pytest.mark.slow
 def test_spec_from_the_published_config():
     s = get_spec("gemma-3-4b")
     assert (s.family, s.model_class, s.has_cls, s.spatial_merge, s.pan_and_scan) == (
@@ -107,6 +108,7 @@ def test_spec_from_the_published_config():
     assert (SPEC.image_tokens, PAS_SPEC.vit_crops, PAS_SPEC.image_tokens) == (PER_VIEW, VIEWS, VIEWS * PER_VIEW)
 
 
+@pytest.mark.slow
 def test_vtdsl_models_lists_both():
     from click.testing import CliRunner
 
@@ -121,6 +123,7 @@ SIZES = [(100, 100), (896, 896), (500, 1000), (300, 1000), (1000, 300), (2000, 3
          (256, 700), (700, 256), (255, 1000), (1000, 1300), (1000, 1250), (512, 2400)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gemma-3-4b", "tiny-gemma3"])
 @pytest.mark.parametrize("pan_and_scan", [False, True])
 def test_visual_tokens_for_image_sizes_equal_the_processor(name, pan_and_scan):
@@ -170,6 +173,7 @@ def test_check_cli_counts_pan_and_scan_crops(tmp_path):
 
 
 # ---------------------------------------------------------------------------- cost
+@pytest.mark.slow
 def test_cost_of_gemma3_4b_equals_flop_counter_on_meta_part_by_part():
     """One 896-pixel image and 64 text tokens through the whole meta model, each part
     counted by FlopCounterMode, against the architecture's FLOPs by hand: FlopCounterMode
