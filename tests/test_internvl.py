@@ -338,3 +338,19 @@ def test_vit_out_gnorm_sums_the_groups_of_a_plain_loop(models):
     with vc.apply(f"at vit.out keep gnorm@vit.layer2 top {keep}", model), torch.no_grad():
         model(**batch_inputs)
         assert torch.equal(vc.kept_tokens(model)["vit.out#0"], want)
+
+
+def test_the_tower_is_traced_once_per_encoder(models):
+    """Compiling again onto the same InternViT encoder reuses its traced layer loop (the
+    trace is most of a ViT-stage compile) and lists the same fx code."""
+    from unittest import mock
+
+    import vtdsl.compiler.vit as vit
+
+    model, codes = models["sdpa"], []
+    vit._TRACED.pop(model.model.vision_tower.encoder, None)
+    with mock.patch.object(vit, "_trace_layer_loop", wraps=vit._trace_layer_loop) as trace:
+        for src in ("at vit.out keep cls@vit.layer3 top 6", "at vit.out keep attn@vit.layer2 top 4"):
+            with vc.apply(src, model):
+                codes.append(vc.compiled(model).listing.fx_code["model.vision_tower.encoder"])
+    assert trace.call_count == 1 and codes[0] == codes[1]

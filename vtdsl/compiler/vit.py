@@ -25,6 +25,7 @@ and are computed by the entry's kernel.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -67,9 +68,25 @@ class _TraceRoot(nn.Module):
         return self.encoder(inputs_embeds).last_hidden_state
 
 
+# encoder -> its traced layer loop: the graph holds no weights (layers are leaves), so one
+# trace serves every policy compiled onto that encoder; tracing is most of a ViT compile
+_TRACED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
 def trace_layer_loop(encoder: nn.Module, num_layers: int, layers: str = "layers") -> fx.Graph:
     """The encoder's layer loop as an fx graph whose call_module targets are ``<layers>.i``
-    (`layers`: the encoder's name for its layer list, ``layers`` or InternViT's ``layer``)."""
+    (`layers`: the encoder's name for its layer list, ``layers`` or InternViT's ``layer``);
+    a fresh copy of the encoder's cached trace."""
+    traced = _TRACED.setdefault(encoder, {})
+    key = (num_layers, layers)
+    if key not in traced:
+        traced[key] = _trace_layer_loop(encoder, num_layers, layers)
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(traced[key], {}))
+    return graph
+
+
+def _trace_layer_loop(encoder: nn.Module, num_layers: int, layers: str) -> fx.Graph:
     try:
         graph = _LayerLoopTracer(f"encoder.{layers}.").trace(_TraceRoot(encoder))
     except Exception as exc:  # noqa: BLE001 - report any tracing failure as a compile error
