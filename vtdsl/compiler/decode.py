@@ -26,11 +26,12 @@ def _cache_of(kwargs: dict):
 
 
 class DecodeRuntime:
-    def __init__(self, sel: DecodeSelection, image_token_id: int, num_heads: int, num_kv_heads: int,
-                 scaling: float, llm_rt=None):
+    def __init__(self, sel: DecodeSelection, image_token_id: int | tuple[int, ...], num_heads: int,
+                 num_kv_heads: int, scaling: float, llm_rt=None):
         self.sel = sel
         self.llm_rt = llm_rt  # prefill LLM stages (all before layer N): which cache rows are images
-        self.image_token_id = image_token_id
+        # the visual placeholders: the image's, and a video's on families that take video
+        self.token_ids = (image_token_id,) if isinstance(image_token_id, int) else tuple(image_token_id)
         self.num_heads, self.num_kv_heads, self.scaling = num_heads, num_kv_heads, scaling
         self.image_rows: Tensor | None = None  # [B, prompt length]: image rows of the prompt
         self.q: Tensor | None = None
@@ -43,11 +44,12 @@ class DecodeRuntime:
         self.allowed = None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is not None:
-            self.image_rows = input_ids == self.image_token_id
+            self.image_rows = torch.isin(input_ids, torch.tensor(self.token_ids, device=input_ids.device))
             return None
         embeds = kwargs.get("inputs_embeds")
-        token = torch.full((), self.image_token_id, dtype=torch.long, device=embeds.device)
-        self.image_rows = (embeds == module.get_input_embeddings()(token)).all(-1)
+        tokens = torch.tensor(self.token_ids, dtype=torch.long, device=embeds.device)
+        table = module.get_input_embeddings()(tokens)  # [ids, d]
+        self.image_rows = (embeds[:, :, None] == table).all(-1).any(-1)
         return None
 
     def q_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -129,7 +131,7 @@ class DecodeRuntime:
         return args, kwargs
 
 
-def install_decode(inst, image_token_id: int, llm_rt=None) -> None:
+def install_decode(inst, image_token_id: int | tuple[int, ...], llm_rt=None) -> None:
     """Install the plan's decode selection (at most one) with `inst`'s undoable hooks."""
     if not inst.plan.decode:
         return

@@ -153,7 +153,9 @@ class Installer:
             llm_rt = self._install_llm(vit_rt, plans, trims, image_token_id)
             self.family.install_llm(self, self.plan, llm_rt)
             self._install_prompt(plans, llm_rt, trims, image_token_id)
-            install_decode(self, image_token_id, llm_rt)
+            video_token_id = _video_token_id(self.model.config) if self.family.video_argument else None
+            install_decode(self, (image_token_id,) if video_token_id is None else (image_token_id, video_token_id),
+                           llm_rt)
         except BaseException:
             self.handle.remove()
             raise
