@@ -172,6 +172,40 @@ def test_check_cli_counts_pan_and_scan_crops(tmp_path):
     assert (out["visual_tokens_to_llm"], out["crops"], out["stages"][0]["tokens_out"]) == (1024, 4, 512)
 
 
+@pytest.mark.slow
+def test_a_hub_style_directory_gives_the_registered_spec(tmp_path):
+    """google/gemma-3-4b-it's config.json layout as transformers 4.50 saved it (the text
+    config names only what differs from Gemma3TextConfig's defaults, the global layers'
+    scaling as `rope_scaling`) and its preprocessor_config.json (pan-and-scan null): the
+    built-in's architecture and counts."""
+    import json
+
+    hub = {
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "mm_tokens_per_image": 256,
+        "boi_token_index": 255999, "eoi_token_index": 256000, "image_token_index": 262144, "eos_token_id": [1, 106],
+        "torch_dtype": "bfloat16",
+        "text_config": {"model_type": "gemma3_text", "hidden_size": 2560, "intermediate_size": 10240,
+                        "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                        "sliding_window": 1024},
+        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 1152, "image_size": 896,
+                          "intermediate_size": 4304, "num_attention_heads": 16, "num_hidden_layers": 27,
+                          "patch_size": 14, "vision_use_head": False},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(hub))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "Gemma3ImageProcessor", "do_pan_and_scan": None, "image_seq_length": 256,
+         "size": {"height": 896, "width": 896}}))
+    local, builtin = get_spec(str(tmp_path)), get_spec("gemma-3-4b")
+    fields = ("family", "vit", "llm", "projector", "vocab_size", "image_token_id", "dtype", "image_tokens",
+              "spatial_merge", "merged_features", "pan_and_scan", "has_cls", "tie_word_embeddings",
+              "vit_layer_path", "projector_path", "llm_layer_path")
+    assert [getattr(local, f) for f in fields] == [getattr(builtin, f) for f in fields]
+    text = local.config().text_config
+    assert (text.layer_types.count("full_attention"), text.sliding_window) == (5, 1024)  # layers 5, 11, ..., 29
+    assert text.rope_parameters["full_attention"]["factor"] == 8.0
+    assert local.for_image(300, 1000).image_tokens == 256
+
+
 # ---------------------------------------------------------------------------- cost
 @pytest.mark.slow
 def test_cost_of_gemma3_4b_equals_flop_counter_on_meta_part_by_part():
