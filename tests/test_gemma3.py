@@ -172,7 +172,6 @@ def test_check_cli_counts_pan_and_scan_crops(tmp_path):
     assert (out["visual_tokens_to_llm"], out["crops"], out["stages"][0]["tokens_out"]) == (1024, 4, 512)
 
 
-@pytest.mark.slow
 def test_a_hub_style_directory_gives_the_registered_spec(tmp_path):
     """google/gemma-3-4b-it's config.json layout as transformers 4.50 saved it (the text
     config names only what differs from Gemma3TextConfig's defaults, the global layers'
