@@ -434,6 +434,14 @@ def test_renumber_inside_the_llm_uses_each_layer_kinds_rotary_base(models, attn)
     assert not torch.equal(want, kept_positions)  # the re-numbered positions change the tokens
 
 
+def test_decode_time_selection_is_refused_for_the_sliding_caches(models):
+    """`during decode ... attend top K` picks cache rows by prompt index; a sliding-window
+    layer's cache drops its oldest rows, so the family refuses it, saying so."""
+    with pytest.raises(vc.CompileError, match="sliding-window layers keep only their last 16 cache rows"):
+        vc.compile("during decode at llm.layer2 attend top 8", models["eager"])
+    assert vc.compiled(models["eager"]) is None
+
+
 # ---------------------------------------------------------------------------- ViT stages
 def _plain_pooled_norms(model, px: torch.Tensor, layer: int) -> torch.Tensor:
     """`norm@vit.layer{layer}` summed over each pooled group, by hand: the plain tower's

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..runtime import Tokens
+from ..runtime import CompileError, Tokens
 from .base import Family
 from .llava_next import anyres_tokens
 
@@ -69,6 +69,16 @@ class Gemma3(Family):
             return super().llm_tokens(spec, images, per_image, device, vit_tokens, intact=intact)
         # the original view's block, then each crop's: no shared grid
         return anyres_tokens(images, per_image, spec, device, intact=False)
+
+    def check(self, plan: Plan, features_vary: bool) -> None:
+        # decode-time selection indexes every layer's cache by the prompt's rows; a
+        # sliding-window layer's cache drops its oldest rows once the window is full
+        if plan.decode:
+            window = plan.spec.make_config().text_config.sliding_window if plan.spec.make_config else None
+            raise CompileError(f"'during decode at llm.layer{plan.decode[0].layer}': {plan.spec.name}'s "
+                               f"sliding-window layers keep only their last {window} cache rows, so the "
+                               "selection's row indices would not line up with what they hold; vtdsl does not "
+                               "run decode-time selection on Gemma 3 (prune at prefill instead)")
 
     def install(self, installer: Installer, plan: Plan) -> None:
         """While decoding past pruned LLM rows: full-length masks. When ViT stages change the
