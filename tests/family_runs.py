@@ -23,6 +23,18 @@ def compiled_prefill_flops(model, src: str, batch_inputs: dict) -> int:
     return counter.get_total_flops()
 
 
+def qwen_prefill_parts(model, src: str, batch_inputs: dict) -> dict:
+    """FlopCounterMode of a Qwen-VL model's compiled prefill by part: the vision tower less
+    its merger (scores and DeepStack mergers included), the merger, the LLM, lm_head."""
+    with vc.apply(src, model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**batch_inputs)
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    top = type(model).__name__
+    tower = f"{top}.model.visual"
+    return {"vit": counts[tower] - counts[f"{tower}.merger"], "projector": counts[f"{tower}.merger"],
+            "llm": counts[f"{top}.model.language_model"], "lm_head": counts[f"{top}.lm_head"]}
+
+
 def compiled_generate(model, src: str, batch_inputs: dict, stage: str, new_tokens: int):
     """Greedy tokens of `model` compiled with `src`, and the positions `stage` kept."""
     with vc.apply(src, model):

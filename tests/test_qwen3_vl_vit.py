@@ -17,6 +17,7 @@ from vtdsl.cost import estimate
 from vtdsl.ir import check
 from vtdsl.models import get_spec
 
+from family_runs import qwen_prefill_parts
 from plain_refs import first_error, mrope_inputs, plain_copy, sharpened_pair
 from test_qwen25_vl_vit import received_attention, rotary_rows
 
@@ -203,14 +204,7 @@ def test_generate_after_a_vit_stage_runs_on_the_kept_rows(models):
 def test_compiled_flops_equal_the_cost_model_part_by_part(models, src):
     """The tiny model's compiled prefill by module: the tower with its DeepStack mergers
     (on the units the merger reads) and scores, the merger, the LLM, lm_head."""
-    model = models["eager"]
-    with vc.apply(src, model), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(**grid_inputs(1))
-    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
-    top_name = type(model).__name__
-    tower = f"{top_name}.model.visual"
-    got = {"vit": counts[tower] - counts[f"{tower}.merger"], "projector": counts[f"{tower}.merger"],
-           "llm": counts[f"{top_name}.model.language_model"], "lm_head": counts[f"{top_name}.lm_head"]}
+    got = qwen_prefill_parts(models["eager"], src, grid_inputs(1))
     want = estimate(check(src, SPEC), text_tokens=8, logits="all").policy.by_part()
     assert got == {"vit": want["vit"] + want["scorers"], **{p: want[p] for p in ("projector", "llm", "lm_head")}}
 
