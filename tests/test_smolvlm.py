@@ -24,7 +24,7 @@ from vtdsl.models.registry import spec_from_config
 
 from family_runs import (assert_flops_equal_the_cost_model, assert_grouped_fastv_matches, check_image_counts,
                          assert_layer0_uniform_keeps_positions)
-from plain_refs import plain_copy, first_error, sharpened_pair
+from plain_refs import first_error, generate_on_features, plain_copy, sharpened_pair
 
 SPEC = get_spec("tiny-smolvlm")
 IMG, PAD, PER_TILE = 250, 2, 16  # 64-pixel tiles of 8x8 patches, pixel shuffle 2
@@ -209,14 +209,160 @@ def test_llm_layer0_keeps_positions_between_the_tiles_text(models):
     assert_layer0_uniform_keeps_positions(model, fresh_copy(model, "sdpa"), inputs(2), IMG, PER_TILE)
 
 
+# ---------------------------------------------------------------------------- ViT stages
+@pytest.fixture(scope="module")
+def vit_models():
+    """`models` with the tower's attention sharpened too (q projections x 128) and random
+    input-norm gains: the random tower attends almost uniformly and its freshly built
+    LayerNorms give every patch the same norm, which would leave ranks to rounding."""
+    pair, gen = sharpened_pair(SPEC), torch.Generator().manual_seed(3)
+    gains = [torch.rand(SPEC.vit.hidden, generator=gen) + 0.5 for _ in range(SPEC.vit.layers)]
+    with torch.no_grad():
+        for model in pair.values():
+            for block, gain in zip(model.model.vision_model.encoder.layers, gains):
+                block.self_attn.q_proj.weight.mul_(128)
+                block.self_attn.q_proj.bias.mul_(128)
+                block.layer_norm1.weight.copy_(gain)
+    return pair
+
+
+def _tower_input(px: torch.Tensor) -> torch.Tensor:
+    return px.flatten(0, 1)  # [B, tiles, 3, H, W] -> one tile per row, as get_image_features does
+
+
+def _plain_hidden(model, px: torch.Tensor, layers: int) -> torch.Tensor:
+    """The plain tower's hidden states after its first `layers` blocks, run one by one (a
+    full tile: no patch mask, as the processor's squared tiles have none)."""
+    tower = model.model.vision_model
+    with torch.no_grad():
+        h = tower.embeddings(pixel_values=px, patch_attention_mask=torch.ones(
+            px.shape[0], px.shape[2] // SPEC.patch_size, px.shape[3] // SPEC.patch_size, dtype=torch.bool))
+        for block in tower.encoder.layers[:layers]:
+            h = block(h, None)
+    return h
+
+
+def _grouped(values: torch.Tensor) -> torch.Tensor:
+    """``[tiles, 64]`` per-patch values summed over each 2x2 group of the 8x8 grid, in the
+    raster order of Idefics3Connector.pixel_shuffle's output (row-major on the 4x4 grid)."""
+    side = SPEC.image_size // SPEC.patch_size
+    return values.reshape(-1, side // 2, 2, side // 2, 2).sum((2, 4)).reshape(values.shape[0], -1)
+
+
+def _plain_attn_scores(model, px: torch.Tensor, layer: int) -> torch.Tensor:
+    """`attn@vit.layer{layer}` by hand: block `layer`'s own layer_norm1 and q/k projections
+    on the previous blocks' output, softmax over the tile's patches, the attention each
+    patch receives averaged over heads and queries, summed per shuffled group."""
+    h = _plain_hidden(model, px, layer)
+    block, heads = model.model.vision_model.encoder.layers[layer], SPEC.vit.heads
+    with torch.no_grad():
+        x = block.layer_norm1(h)
+        q = block.self_attn.q_proj(x).unflatten(-1, (heads, -1)).transpose(1, 2)
+        k = block.self_attn.k_proj(x).unflatten(-1, (heads, -1)).transpose(1, 2)
+        probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    return _grouped(probs.mean((1, 2)))
+
+
+def _plain_features(model, px: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """The plain model's features of the kept shuffled tokens: the whole tower (post
+    layernorm), the connector's own pixel shuffle, the kept rows, its linear layer."""
+    conn = model.model.connector
+    with torch.no_grad():
+        feats = model.model.vision_model(pixel_values=px).last_hidden_state
+        shuffled = conn.pixel_shuffle(feats, conn.scale_factor)
+        return conn.modality_projection(shuffled.gather(1, kept[..., None].expand(-1, -1, shuffled.shape[-1])))
+
+
+def _top(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    order = scores.argsort(dim=1, descending=True)
+    gaps = scores.gather(1, order[:, keep - 1:keep]) - scores.gather(1, order[:, keep:keep + 1])
+    assert bool((gaps > 1e-5).all()), "near-tied scores: the reference would be ambiguous"
+    return order[:, :keep].sort(dim=1).values
+
+
+def _one_tile_inputs(batch_inputs: dict) -> dict:
+    """The same prompts as a processor without image splitting writes them: one tile per
+    image (here the global view), `<fake_token_around_image><global-img>` and its tokens."""
+    ids, mask = [], []
+    for row, m in zip(batch_inputs["input_ids"], batch_inputs["attention_mask"]):
+        row = row[m.bool()].tolist()
+        first, last = row.index(IMG), len(row) - row[::-1].index(IMG)
+        ids.append(torch.tensor(row[:first - 2] + [3, 99] + [IMG] * PER_TILE + row[last:]))
+    ids_t = pad_sequence(ids, batch_first=True, padding_value=PAD, padding_side="left")
+    mask_t = pad_sequence([torch.ones_like(r) for r in ids], batch_first=True, padding_value=0, padding_side="left")
+    return dict(input_ids=ids_t, attention_mask=mask_t, pixel_values=batch_inputs["pixel_values"][:, -1:])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("layout", ["tile", "sized", "no-split"])
+def test_vit_out_stage_equals_a_plain_loop_per_tile(vit_models, attn, layout):
+    """`at vit.out keep attn@vit.layer3 top 6` keeps, in every tile (the global view too),
+    the 6 shuffled tokens whose 3x3 (here 2x2) groups receive the most attention at block
+    3; the LLM then sees the kept tokens tile by tile. Batch 2, left-padded, on the
+    per-tile spec, on the spec sized for the 256x64 image (5 tiles) and without image
+    splitting (one tile per image): greedy tokens equal the plain model fed those features
+    in the prompt with 6 placeholders per tile."""
+    model, keep = vit_models[attn], 6
+    batch_inputs = inputs(2) if layout != "no-split" else _one_tile_inputs(inputs(2))
+    tiles = batch_inputs["pixel_values"].shape[1]
+    ref = fresh_copy(model, attn)
+    px = _tower_input(batch_inputs["pixel_values"])
+    kept = _top(_plain_attn_scores(ref, px, layer=3), keep)
+    features = _plain_features(ref, px, kept).reshape(2, tiles * keep, -1)
+    short = vc.rewrite_inputs(batch_inputs["input_ids"], batch_inputs["attention_mask"], image_token_id=IMG,
+                              from_count=PER_TILE, to_count=keep)
+    want = generate_on_features(ref, short["input_ids"], short["attention_mask"], IMG, features, 5)
+    spec = {"tile": SPEC, "sized": SPEC.for_image(256, 64), "no-split": replace(SPEC, split_edge=0).for_image(256, 64)}
+    with vc.apply(f"at vit.out keep attn@vit.layer3 top {keep}", model, spec=spec[layout]):
+        assert vc.image_token_count(model) == keep * (TILES if layout == "sized" else 1)
+        with torch.no_grad():
+            got = model.generate(**batch_inputs, max_new_tokens=5, do_sample=False)
+        assert torch.equal(vc.kept_tokens(model)["vit.out#0"], kept + 1)  # vids count from 1
+    assert torch.equal(got[:, -5:], want)
+
+
+def test_vit_out_gnorm_sums_the_groups_of_a_plain_loop(vit_models):
+    """`gnorm@vit.layer2` by hand per tile: block 2's output through block 3's input norm
+    (SigLIP's layer_norm1), each patch's L2 norm summed over its shuffled group; the stage
+    keeps the 5 largest groups of every tile."""
+    model, keep = vit_models["eager"], 5
+    batch_inputs = inputs(2)
+    px = _tower_input(batch_inputs["pixel_values"])
+    with torch.no_grad():
+        norms = model.model.vision_model.encoder.layers[3].layer_norm1(_plain_hidden(model, px, 3)).norm(dim=-1)
+    want = _top(_grouped(norms), keep) + 1
+    with vc.apply(f"at vit.out keep gnorm@vit.layer2 top {keep}", model), torch.no_grad():
+        model(**batch_inputs)
+        assert torch.equal(vc.kept_tokens(model)["vit.out#0"], want)
+
+
+VIT_COMPILED = ["at vit.out keep attn@vit.layer3 top 6",
+                "at vit.out keep attn@vit.layer2 top 4 + diverse 2 then merge rest into 2 by keys",
+                "at vit.out keep gnorm@vit.layer2 top 50%; at llm.layer2 keep text top 50%"]
+
+
+@pytest.mark.parametrize("src", VIT_COMPILED)
+def test_vit_out_compiled_flops_equal_the_cost_model(models, src):
+    """On the spec sized for the call's 256x64 image: a vit.out stage works per tile on the
+    shuffled tokens, 4 patches wide (diverse's cosines, the merge's), before the linear."""
+    assert_flops_equal_the_cost_model(models["eager"], SPEC.for_image(256, 64), src, inputs(1), IMG)
+
+
 # ---------------------------------------------------------------------------- check time
 def test_vit_sites_and_cls_scores_are_refused_where_they_point():
     cases = {"at llm.layer2 keep cls@vit.layer3 top 20": ("cls@", "no-cls", "has no CLS token"),
-             "at vit.layer2 keep random 10": ("vit.layer2", "model-layout", "whole 2x2 groups"),
-             "at vit.out keep random 10": ("vit.out", "model-layout", "merges 2x2 groups of ViT patches")}
+             "at vit.out keep cls@vit.layer3 top 6": ("cls@", "no-cls", "has no CLS token"),
+             "at vit.out keep cls_token + attn@vit.layer3 top 6": ("cls_token", "cls-token", "no CLS token"),
+             "at vit.layer2 keep random 10": ("vit.layer2", "model-layout", "whole 8x8 patch grid"),
+             "at llm.layer2 keep attn@vit.layer3 top 20": ("attn@", "model-layout", "summed over each shuffled")}
     for src, (at, code, words) in cases.items():
         d = first_error(src, SPEC)
         assert (d.span.line, d.span.column, d.code, words in d.message) == (1, src.index(at) + 1, code, True), src
+    # a token at vit.out is one shuffled 2x2 group: the tile's grid is 4x4
+    assert check("at vit.out keep attn@vit.layer3 top 50%", SPEC).stages[0].tokens_in == PER_TILE
+    assert check("at vit.out pool 2x2", SPEC).stages[0].tokens_out == PER_TILE // 4
+    big = get_spec("smolvlm-2.2b")  # 27x27 patches, 3x3 groups: 81 tokens per tile at vit.out
+    assert check("at vit.out keep attn@vit.layer20 top 25%", big).stages[0].tokens_in == 81
 
 
 def test_pooling_an_image_sized_spec_is_refused_per_tile_allowed():

@@ -161,6 +161,10 @@ def maybe_rewrite(
     if from_count == to_count or not isinstance(input_ids, Tensor) or images is None:
         return kwargs
     total = int((input_ids == image_token_id).sum())
+    if crops > 1 and not (from_count % crops or to_count % crops) and total == images * (from_count // crops):
+        # SmolVLM's 5-D pixel_values count tiles, not images, and each tile's placeholders
+        # are a run of their own between text tokens: shrink run by run, per tile
+        from_count, to_count = from_count // crops, to_count // crops
     if total == images * to_count or total != images * from_count:
         return kwargs
     new = rewrite_inputs(

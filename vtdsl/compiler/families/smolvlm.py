@@ -24,10 +24,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 class SmolVLM(Family):
-    """Tiles plus a global view, pixel-shuffle connector, 1-D RoPE; no size argument."""
+    """Tiles plus a global view, pixel-shuffle connector, 1-D RoPE; no size argument.
+
+    `vit.out` is the connector's linear layer's input (`merged_features`): a token there is
+    one pixel-shuffled s x s group of a tile, s² patches wide; stages run per tile (one
+    tile per row of the tower's batch), ViT scores summed over each group. The tower's
+    patch mask is not followed: the processor squares every tile, so real tiles have none."""
 
     name = "smolvlm"
-    layout_fields = ("spatial_merge",)
+    layout_fields = ("spatial_merge", "merged_features")
 
     def llm_tokens(self, spec: ModelSpec, images: int, per_image: int, device, vit_tokens: Tokens | None, *,
                    intact: bool) -> Tokens:

@@ -34,7 +34,9 @@ def split_edge(config, vc) -> int:
 def shuffle_layout(config, vc) -> dict[str, Any]:
     """Counts are for one tile (the unit the vision tower encodes): the pixel shuffle
     folds each s x s group of patches into one token `s²` times wider, then one linear
-    layer (no bias) maps it to the LLM's width."""
+    layer (no bias) maps it to the LLM's width. That layer is the projector vtdsl hooks
+    (`projector_path`): its input, the shuffled tokens, is where `vit.out` stages choose
+    (`merged_features`)."""
     s, side = config.scale_factor, vc.image_size // vc.patch_size
     if side % s:
         raise unsupported(f"scale_factor {s} does not divide the {side}x{side} patch grid")
@@ -43,6 +45,7 @@ def shuffle_layout(config, vc) -> dict[str, Any]:
         "select_strategy": "default",
         "projector": (vc.hidden_size * s * s, config.text_config.hidden_size),
         "spatial_merge": s,
+        "merged_features": True,
         "split_edge": split_edge(config, vc),
     }
 
@@ -51,7 +54,7 @@ def shuffle_layout(config, vc) -> dict[str, Any]:
 # `model.text_model.*`, `lm_head.*`: transformers 5's module tree as it is.
 FAMILY = ModelFamily(
     model_type="smolvlm", family="smolvlm", config_class="SmolVLMConfig", model_class="SmolVLMForConditionalGeneration",
-    vit_layer_path="model.vision_model.encoder.layers.{i}", projector_path="model.connector",
+    vit_layer_path="model.vision_model.encoder.layers.{i}", projector_path="model.connector.modality_projection",
     llm_layer_path="model.text_model.layers.{i}", layout=shuffle_layout,
     # SigLIP blocks: LayerNorm, q/k/v/out with biases, a fc1 / tanh-GELU / fc2 MLP
     vision_towers={"smolvlm_vision": {"has_cls": False, "mlp": "gelu", "layers": "num_hidden_layers",
