@@ -1,4 +1,4 @@
-"""ViT stages on towers that hand a merger whole merge units (Qwen2-VL, Qwen2.5-VL).
+"""ViT stages on towers that hand a merger whole merge units (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
 
 Such a tower runs on one packed sequence of every image's patches, ordered so that each
 `spatial_merge`² group (a merge unit: 2x2 patches, one LLM token) is `m²` consecutive rows;
@@ -19,7 +19,9 @@ The tower's output keeps the unpruned layout (one row per unit, zeros for the dr
 ones) so the prompt's placeholders and the model's M-RoPE positions stay the processor's;
 the LLM-input hook removes the dropped units' rows (`LlmRuntime`), keeping the positions
 of the kept ones, as an `llm.layer0` stage does. The whole tower forward is replaced on
-the instance (`install`), its modules untouched.
+the instance (`install`), its modules untouched. What a family's tower computes besides
+patch embedding, blocks and merger (Qwen3-VL: learned positions, DeepStack features) is
+its `Family.unit_tower_extras`, called before block 0, after each block and on the output.
 """
 
 from __future__ import annotations
