@@ -283,7 +283,7 @@ def test_vit_sites_and_cls_token_are_refused_where_they_point():
 
 
 # ---------------------------------------------------------------------------- model directories
-def _hub_directory(tmp_path, **vision) -> str:
+def _hub_directory(tmp_path, pre: dict | None = None, top: dict | None = None, **vision) -> str:
     """OpenGVLab/InternVL3-8B-hf's file layout: sides as [height, width] pairs, the text
     config's flat `rope_theta` and its `rope_scaling`, and a preprocessor_config.json that
     leaves `crop_to_patches` off (InternVLProcessor turns it on for every call)."""
@@ -291,6 +291,7 @@ def _hub_directory(tmp_path, **vision) -> str:
 
     config = builtin_config_dict("internvl3-8b")
     config.pop("vtdsl_preprocessor")
+    config.update(top or {})
     config["vision_config"].update({"image_size": [448, 448], "patch_size": [14, 14], **vision})
     text = config["text_config"]
     text.pop("rope_parameters")
@@ -298,7 +299,7 @@ def _hub_directory(tmp_path, **vision) -> str:
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(
         {"image_processor_type": "GotOcr2ImageProcessorFast", "crop_to_patches": False, "min_patches": 1,
-         "max_patches": 12, "size": {"height": 448, "width": 448}}))
+         "max_patches": 12, "size": {"height": 448, "width": 448}, **(pre or {})}))
     return str(tmp_path)
 
 
@@ -354,3 +355,23 @@ def test_the_tower_is_traced_once_per_encoder(models):
             with vc.apply(src, model):
                 codes.append(vc.compiled(model).listing.fx_code["model.vision_tower.encoder"])
     assert trace.call_count == 1 and codes[0] == codes[1]
+
+
+
+@pytest.mark.parametrize("pre, top, words", [
+    ({}, {"downsample_ratio": 0.3}, "downsample_ratio 0.3\n  expected: 1 / n for a whole n"),
+    ({"min_patches": 5, "max_patches": 2}, {}, "min_patches 5 / max_patches 2\n  expected: integers 1 <="),
+    ({"size": {"height": 224, "width": 224}}, {}, "tile size 224x224\n  expected: the vision tower's 448x448"),
+])
+def test_layouts_vtdsl_cannot_count_are_refused_in_one_located_line(tmp_path, pre, top, words):
+    """`vtdsl check --model DIR`: exit 2 and the file, the problem and what was expected."""
+    from click.testing import CliRunner
+
+    from vtdsl.cli import main
+
+    from pathlib import Path
+
+    policy = str(Path(__file__).resolve().parent.parent / "policies" / "fastv.vt")
+    run = CliRunner().invoke(main, ["check", policy, "--model", _hub_directory(tmp_path, pre, top)])
+    assert run.exit_code == 2 and "config.json: error: " in run.output and words in run.output, run.output
+    assert "Traceback" not in run.output
