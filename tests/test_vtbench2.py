@@ -77,7 +77,7 @@ def test_families_round_robin_and_answers_spread(examples):
         answers = Counter(e.answer for e in many if e.family == family)
         assert len(answers) == len(b2.answers_for(family)), (family, answers)
         assert max(answers.values()) <= 3 * min(answers.values()), (family, answers)
-    assert Counter(e.meta["pattern"] for e in many) .keys() == set(b2.PATTERNS)
+    assert set(Counter(e.meta["pattern"] for e in many)) == set(b2.PATTERNS)
     sizes = Counter(o["size"] for e in many for o in e.meta["objects"] if o["type"] == "shape")
     assert set(sizes) == {"small", "medium", "large"}
     # cluttered: 6 or more objects in most scenes
