@@ -124,3 +124,11 @@ def test_vtdsl_run_with_and_without_text_encoder(tmp_path):
     assert ok.exit_code == 0, ok.output
     bad = CliRunner().invoke(main, args + ["--text-encoder", str(tmp_path)])
     assert bad.exit_code == 2 and "no config.json" in bad.output and "Traceback" not in bad.output
+
+
+def test_vtdsl_compile_lists_the_policy_with_a_text_encoder_and_refuses_it_without(tmp_path):
+    policy = "policies/recoverable.vt"
+    refused = CliRunner().invoke(main, ["compile", policy, "--model", "tiny-llava"])
+    assert refused.exit_code == 2 and f"{policy}:32:61: error: 'clip_text' compares the patches" in refused.output
+    ok = CliRunner().invoke(main, ["compile", policy, "--model", "tiny-llava", "--text-encoder", str(tiny_clip()[0])])
+    assert ok.exit_code == 0, ok.output

@@ -9,6 +9,7 @@ import time
 import click
 
 from .common import EXIT_FAILED, emit_json, guarded
+from .run_cmd import TEXT_ENCODER_HELP
 
 
 def _write(directory: str, manifest: dict, listing: str) -> None:
@@ -33,10 +34,12 @@ def _write(directory: str, manifest: dict, listing: str) -> None:
               help="Text (non-image) prompt tokens assumed by the cost report.")
 @click.option("--from", "syntax", type=click.Choice(["vt", "yaml"]), default=None,
               help="Policy syntax (default: from the file extension; .vt for stdin).")
+@click.option("--text-encoder", "text_encoder", type=click.Path(file_okay=False), default=None,
+              help=TEXT_ENCODER_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @guarded
 def compile_(policy_file: str, model_name: str | None, out_dir: str | None, weights: str | None, text_tokens: int,
-             syntax: str | None, as_json: bool) -> None:
+             syntax: str | None, text_encoder: str | None, as_json: bool) -> None:
     """Compile POLICY onto a model: resolve every stage to a module, rewrite the model,
     and report the token counts and the cost.
 
@@ -52,9 +55,11 @@ def compile_(policy_file: str, model_name: str | None, out_dir: str | None, weig
     from .. import compiler
     from ..cost import estimate, verdicts
     from .check_cmd import load_plan
+    from .run_cmd import load_text_encoder
 
     plan, text, filename = load_plan(policy_file, model_name, syntax)
-    model, timing = _build_and_compile(plan, weights)
+    encoder = load_text_encoder(plan, text_encoder, text, filename)
+    model, timing = _build_and_compile(plan, weights, encoder)
     report = estimate(plan, text_tokens=text_tokens)
     budgets = verdicts(report, plan.policy.budgets)
     listing = compiler.compiled(model).listing
@@ -73,9 +78,9 @@ def compile_(policy_file: str, model_name: str | None, out_dir: str | None, weig
         raise SystemExit(EXIT_FAILED)
 
 
-def _build_and_compile(plan, weights: str | None):
+def _build_and_compile(plan, weights: str | None, text_encoder=None):
     """The model (local weights, or the architecture on the meta device) with the plan
-    installed, and the seconds each step took."""
+    installed (with `clip_text`'s text encoder, if any), and the seconds each step took."""
     from .. import compiler
     from ..models import load_weights
 
@@ -83,7 +88,7 @@ def _build_and_compile(plan, weights: str | None):
     started = time.perf_counter()
     model = load_weights(spec, weights) if weights else spec.build(device="meta")
     built = time.perf_counter()
-    compiler.compile(plan, model, spec=spec)
+    compiler.compile(plan, model, spec=spec, text_encoder=text_encoder)
     compiled_s = time.perf_counter() - built
     return model, {"build": round(built - started, 3), "compile": round(compiled_s, 3)}
 

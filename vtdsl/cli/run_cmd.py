@@ -8,6 +8,8 @@ import click
 
 from .common import emit_json, guarded
 
+TEXT_ENCODER_HELP = ("A local CLIP model directory (text tower, tokenizer, visual_projection) for policies that "
+                     "score with 'clip_text' (Recoverable Compression).")
 WEIGHTS_HELP = ("tiny-llava-vtbench (shipped) or a local HF model directory of a registered family (config.json, "
                 "safetensors, sharded or not, and its processor files); its code is never run.")
 
@@ -33,8 +35,7 @@ def weight_options(fn):
                    "32 otherwise).")
 @weight_options
 @click.option("--text-encoder", "text_encoder", type=click.Path(file_okay=False), default=None,
-              help="A local CLIP model directory (text tower, tokenizer, visual_projection) for policies that "
-                   "score with 'clip_text' (Recoverable Compression); it encodes --question.")
+              help=TEXT_ENCODER_HELP + " It encodes --question.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the answer, the visual tokens each stage kept, the FLOPs ratio and the prefill time.")
 @guarded
@@ -63,7 +64,7 @@ def run_(policy_file: str, weights: str, image_file: str, question: str, max_new
         raise PolicyError(Diagnostic(f"cannot read image {image_file}: {exc}", None, code="image")) from None
     loaded = load_pretrained(weights, device=device, dtype=dtype)
     plan, source, filename = load_plan(policy_file, loaded.spec)
-    encoder = _text_encoder(plan, text_encoder, source, filename)
+    encoder = load_text_encoder(plan, text_encoder, source, filename)
     result = answer(loaded, plan, image, question, max_new_tokens, text_encoder=encoder)
     result["policy"] = plan.policy.name or filename
     result["wall_s"] = round(time.perf_counter() - started, 3)
@@ -73,7 +74,7 @@ def run_(policy_file: str, weights: str, image_file: str, question: str, max_new
         click.echo(result["answer"])
 
 
-def _text_encoder(plan, directory: str | None, source: str, filename: str):
+def load_text_encoder(plan, directory: str | None, source: str, filename: str):
     """The `clip_text` encoder from --text-encoder; a policy that reads `clip_text`
     without one is refused at that score, and an encoder a policy does not read is not loaded."""
     from ..compiler.text_encoder import NEEDS_ENCODER, TextEncoder, clip_text_term
