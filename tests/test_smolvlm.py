@@ -353,7 +353,7 @@ def test_vit_sites_and_cls_scores_are_refused_where_they_point():
     cases = {"at llm.layer2 keep cls@vit.layer3 top 20": ("cls@", "no-cls", "has no CLS token"),
              "at vit.out keep cls@vit.layer3 top 6": ("cls@", "no-cls", "has no CLS token"),
              "at vit.out keep cls_token + attn@vit.layer3 top 6": ("cls_token", "cls-token", "no CLS token"),
-             "at vit.layer2 keep random 10": ("vit.layer2", "model-layout", "whole 8x8 patch grid"),
+             "at vit.layer2 keep random 10": ("vit.layer2", "model-layout", "keeps whole groups inside a tower only"),
              "at llm.layer2 keep attn@vit.layer3 top 20": ("attn@", "model-layout", "summed over each shuffled")}
     for src, (at, code, words) in cases.items():
         d = first_error(src, SPEC)

@@ -126,7 +126,8 @@ def _validate_layout(graph, spec: ModelSpec, stage: ast.Stage, site: ResolvedSit
             rows, cols = spec.grid
             error(graph, f"{spec.name} merges each {m}x{m} group of ViT patches into one token (a pixel shuffle or "
                   f"a pool) before the projector, which needs every crop's whole {rows}x{cols} patch grid; a stage at "
-                  f"{site.text()} would leave it incomplete", stage.site.span,
+                  f"{site.text()} would leave it incomplete (vtdsl keeps whole groups inside a tower only where it "
+                  "lays each group out as consecutive rows, as Qwen-VL's does)", stage.site.span,
                   expected=f"vit.out (a token there is one merged {m}x{m} group) or an llm.layerN site",
                   code="model-layout")
         return
