@@ -215,15 +215,21 @@ def vit_models():
     """`models` with the tower's attention sharpened too (q projections x 128) and random
     input-norm gains: the random tower attends almost uniformly and its freshly built
     LayerNorms give every patch the same norm, which would leave ranks to rounding."""
-    pair, gen = sharpened_pair(SPEC), torch.Generator().manual_seed(3)
+    pair = sharpened_pair(SPEC)
+    for model in pair.values():
+        _sharpen_tower(model)
+    return pair
+
+
+def _sharpen_tower(model):
+    gen = torch.Generator().manual_seed(3)
     gains = [torch.rand(SPEC.vit.hidden, generator=gen) + 0.5 for _ in range(SPEC.vit.layers)]
     with torch.no_grad():
-        for model in pair.values():
-            for block, gain in zip(model.model.vision_model.encoder.layers, gains):
-                block.self_attn.q_proj.weight.mul_(128)
-                block.self_attn.q_proj.bias.mul_(128)
-                block.layer_norm1.weight.copy_(gain)
-    return pair
+        for block, gain in zip(model.model.vision_model.encoder.layers, gains):
+            block.self_attn.q_proj.weight.mul_(128)
+            block.self_attn.q_proj.bias.mul_(128)
+            block.layer_norm1.weight.copy_(gain)
+    return model
 
 
 def _tower_input(px: torch.Tensor) -> torch.Tensor:
@@ -318,6 +324,31 @@ def test_vit_out_stage_equals_a_plain_loop_per_tile(vit_models, attn, layout):
         with torch.no_grad():
             got = model.generate(**batch_inputs, max_new_tokens=5, do_sample=False)
         assert torch.equal(vc.kept_tokens(model)["vit.out#0"], kept + 1)  # vids count from 1
+    assert torch.equal(got[:, -5:], want)
+
+
+def test_idefics3_vit_out_stage_equals_a_plain_loop():
+    """Idefics3's classes (SmolVLM-Instruct's; the connector's linear inside a SimpleMLP)
+    run the same vit.out stage: tiny-smolvlm's config under model_type idefics3, the spec
+    sized for the 256x64 image, eager, batch 2."""
+    config = builtin_config_dict("tiny-smolvlm")
+    config.update(model_type="idefics3", architectures=["Idefics3ForConditionalGeneration"])
+    config["vision_config"]["model_type"] = "idefics3_vision"
+    spec = spec_from_config(config, name="tiny-idefics3")
+    assert (spec.family, spec.merged_features, family_of(spec).name) == ("idefics3", True, "idefics3")
+    model = _sharpen_tower(spec.build(device="cpu", attn_implementation="eager", seed=0).eval())
+    ref = plain_copy(spec, model)
+    batch_inputs, keep = inputs(2), 6
+    px = _tower_input(batch_inputs["pixel_values"])
+    kept = _top(_plain_attn_scores(ref, px, layer=3), keep)
+    features = _plain_features(ref, px, kept).reshape(2, TILES * keep, -1)
+    short = vc.rewrite_inputs(batch_inputs["input_ids"], batch_inputs["attention_mask"], image_token_id=IMG,
+                              from_count=PER_TILE, to_count=keep)
+    want = generate_on_features(ref, short["input_ids"], short["attention_mask"], IMG, features, 5)
+    with vc.apply(f"at vit.out keep attn@vit.layer3 top {keep}", model, spec=spec.for_image(256, 64)):
+        with torch.no_grad():
+            got = model.generate(**batch_inputs, max_new_tokens=5, do_sample=False)
+        assert torch.equal(vc.kept_tokens(model)["vit.out#0"], kept + 1)
     assert torch.equal(got[:, -5:], want)
 
 
