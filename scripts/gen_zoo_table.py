@@ -103,9 +103,10 @@ models, so a `vit.out keep 64` hands LLaVA-NeXT's LLM 5 x 64 tokens and LLaVA-On
 light ViT-side prune can give it more tokens than the intact image). A refused file shows
 the first check-time diagnostic (docs/language.md, "Model families", gives the rules).
 Qwen3-VL is counted at 768x768 (576 merged tokens of 16-pixel patches); its ViT-side stages
-keep or drop whole merge units as on Qwen2.5-VL (each kept unit keeps its DeepStack features),
-and stages that merge or pool, in the tower or before `llm.layer3`, are refused (a merged token
-has no one DeepStack feature).
+keep or drop whole merge units as on Qwen2.5-VL (each kept unit keeps its DeepStack features;
+a `pool` at `vit.out` averages them as it averages the merged tokens), and stages that merge,
+in the tower or before `llm.layer3`, or pool in the LLM before `llm.layer3`, are refused (a
+merged token has no one DeepStack feature).
 
 """
 

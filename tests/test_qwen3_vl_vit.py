@@ -148,6 +148,31 @@ def test_vit_stage_with_deepstack_equals_the_plain_loop(models, attn, src, keep_
     assert (off - want).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_a_pool_at_vit_out_pools_the_deepstack_features_alike(models, attn):
+    """`pool 2x2` at vit.out: each 2x2 block of merged tokens averaged, at its top-left
+    unit's placeholder, its DeepStack features averaged over the same block (batch 2)."""
+    model = models[attn]
+    batch = grid_inputs(2)
+    ref = plain_copy(SPEC, model, attn)
+
+    def pooled(t: torch.Tensor) -> torch.Tensor:  # [64, D] raster units -> [16, D]
+        return t.view(4, 2, 4, 2, -1).mean((1, 3)).reshape(16, -1)
+
+    corners = [16 * r + 2 * c for r in range(4) for c in range(4)]
+    feats, stacks = [], []
+    with torch.no_grad():
+        for b in range(2):
+            _, f, s = plain_tower(ref.model.visual, batch["pixel_values"][b * 256:(b + 1) * 256], 16, None,
+                                  lambda _scores, units: units)
+            feats.append(pooled(f)), stacks.append([pooled(t) for t in s])
+        want = plain_logits(ref, batch, [corners] * 2, feats, stacks)
+    with vc.apply("at vit.out pool 2x2", model), torch.no_grad():
+        got = model(**batch).logits[:, -1]
+        assert vc.kept_counts(model)["vit"]["vit.out#0"] == (64, 16)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_keeping_every_unit_leaves_the_model_as_it_is(models):
     """`uniform 64` of 64 units before block 0 and at vit.out: the plain model's logits."""
     model = models["sdpa"]
@@ -200,6 +225,7 @@ def test_generate_after_a_vit_stage_runs_on_the_kept_rows(models):
     "at vit.layer2 keep attn@vit.layer1 top 20",
     "at vit.out keep norm@vit.layer3 top 16",
     "at vit.layer1 keep uniform 24; at vit.out keep uniform 12",
+    "at vit.out pool 2x2",
 ])
 def test_compiled_flops_equal_the_cost_model_part_by_part(models, src):
     """The tiny model's compiled prefill by module: the tower with its DeepStack mergers
@@ -257,9 +283,11 @@ def test_a_vit_stage_on_qwen3_vl_8b_costs_what_flop_counter_counts_part_by_part(
 # ---------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("src, at, words", [
     ("at vit.layer2 keep attn@vit.layer1 top 20 then merge rest into 4", "keep", "DeepStack mergers turn each"),
-    ("at vit.out pool 2x2", "pool", "hands on merged tokens"),
+    ("at llm.layer2 pool 2x2", "pool", "hands on merged tokens"),
+    ("at vit.layer3 keep attn@vit.layer2 top 20 then merge rest into 4; at vit.out pool 2x2", "keep",
+     "a pool at vit.out"),
 ])
 def test_a_vit_stage_that_merges_is_refused_where_written(src, at, words):
     d = first_error(src, SPEC)
     assert (d.span.line, d.span.column, d.code) == (1, src.index(at) + 1, "model-layout")
-    assert words in d.message
+    assert words in d.message + (d.expected or "")

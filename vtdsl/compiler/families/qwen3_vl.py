@@ -81,14 +81,16 @@ class Qwen3VL(Qwen2VL):
                            f"(injections after llm.layer0..{injected[-1]}; stages before them removed rows)")
 
     def unit_tower_extras(self, plan: Plan, visual: nn.Module) -> TowerExtras | None:
-        return DeepStackTower(visual, plan.spec.spatial_merge, plan.spec.deepstack_layers)
+        pools = [s.pool for s in plan.stages if s.site.tower == "vit" and s.site.layer is None and s.action == "pool"]
+        return DeepStackTower(visual, plan.spec.spatial_merge, plan.spec.deepstack_layers, pools)
 
 
 class DeepStackTower(TowerExtras):
     """Qwen3-VL's tower beyond Qwen2-VL's under ViT stages (module docstring)."""
 
-    def __init__(self, visual: nn.Module, merge: int, layers: tuple[int, ...]):
+    def __init__(self, visual: nn.Module, merge: int, layers: tuple[int, ...], pools: list[tuple[int, int]]):
         self.visual, self.merge, self.layers = visual, merge, layers
+        self.pools = pools  # the (rows, cols) windows of the `pool` stages at vit.out, in order
         self.seen: dict[int, tuple[Tensor, Tensor]] = {}  # block -> (output [G, k, m², d], raster unit ids [G, k])
 
     def embed(self, x: Tensor, grid_thw: Tensor) -> Tensor:
@@ -112,18 +114,38 @@ class DeepStackTower(TowerExtras):
 
         kept = tokens.vid - 1
         g, k = kept.shape
-        features = []
+        stacks = []
         for j, i in enumerate(self.layers):
             hidden, present = self.seen.pop(i)
             where = torch.zeros(g, units, dtype=torch.long, device=kept.device)
             where.scatter_(1, present, torch.arange(present.shape[1], device=kept.device).expand(g, -1))
             rows = ops.gather_tokens(hidden.flatten(2), where.gather(1, kept))  # the merger's units, [G, k, m²·d]
-            merged = self.visual.deepstack_merger_list[j](rows.flatten(0, 1)).view(g, k, -1)
+            stacks.append(self.visual.deepstack_merger_list[j](rows.flatten(0, 1)).view(g, k, -1))
+        kept, stacks = self._pooled(kept, stacks, tokens.grid)
+        features = []
+        for merged in stacks:
             full = merged.new_zeros(g, units, merged.shape[-1])
             full.scatter_(1, kept[..., None].expand(-1, -1, merged.shape[-1]), merged)
             features.append(full.flatten(0, 1))
         return BaseModelOutputWithDeepstackFeatures(last_hidden_state=out.last_hidden_state,
                                                     pooler_output=out.pooler_output, deepstack_features=features)
+
+    def _pooled(self, kept: Tensor, stacks: list[Tensor], grid: tuple[int, int]) -> tuple[Tensor, list[Tensor]]:
+        """The DeepStack features pooled as `pool` at vit.out pools the merged tokens (a
+        pooled token averages its window's features, linear as the merged ones), each
+        under the unit whose identity the pooled token takes: its window's top-left."""
+        for kr, kc in self.pools:
+            rows, cols = grid
+            if kept.shape[1] != rows * cols:
+                raise CompileError(f"a pool at vit.out needs the {rows}x{cols} merge units, got {kept.shape[1]}")
+            raster = kept.argsort(dim=1)
+            kept = kept.gather(1, raster)
+            stacks = [ops.pool2d(ops.gather_tokens(t, raster), grid, kr, kc) for t in stacks]
+            prow, pcol = ops.pooled_grid(grid, kr, kc)
+            r = torch.arange(prow, device=kept.device) * min(kr, rows)
+            corner = (r[:, None] * cols + torch.arange(pcol, device=kept.device) * min(kc, cols)).flatten()
+            kept, grid = kept[:, corner], (prow, pcol)
+        return kept, stacks
 
 
 def _add_at_kept_rows(hidden, mask, embeds, pos, is_img):

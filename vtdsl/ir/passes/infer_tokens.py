@@ -68,12 +68,14 @@ def _check_deepstack(graph: nx.DiGraph, spec: ModelSpec, data: dict) -> None:
     if not injected or stage.copies_rows:
         return
     last = injected[-1]
+    if stage.site.tower == "vit" and stage.site.layer is None and stage.action == "pool":
+        return  # after the merger: the DeepStack features are pooled as the merged tokens are
     if stage.site.tower == "vit":
         inner = ", ".join(str(i) for i in spec.deepstack_layers)
         error(graph, f"{spec.name}'s DeepStack mergers turn each merge unit's output of ViT blocks {inner} into "
               f"features added to its LLM token after llm.layer0 to llm.layer{last}; the {stage.action} at "
               f"{stage.site.text()} hands on merged tokens, which have none", data["stage"].action.span,
-              expected="a keep or drop of whole units at a ViT site, or a merge at "
+              expected="a keep or drop of whole units at a ViT site, a pool at vit.out, or a merge at "
               f"llm.layer{last + 1} or later", code="model-layout")
         return
     if stage.site.layer > injected[-1]:
