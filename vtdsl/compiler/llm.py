@@ -4,14 +4,15 @@ docstring for why).
 Prefill (the layer's cache is empty, or there is no cache):
 
 - the pre-hook of layer 0 starts the per-prompt state: which rows are image tokens
-  (recorded from `input_ids` by a pre-hook on `LlavaModel`), and the full-length
-  position embeddings, position ids and 4-D mask `LlamaModel` hands to every layer;
+  (recorded from `input_ids` by a pre-hook on `LlavaModel`) and the full-length
+  position ids `LlamaModel` hands to every layer;
 - the pre-hook of a stage layer K gathers the hidden states entering K to the kept rows
   (text rows always kept; each sample and each image selects its own tokens, all the
   same count);
 - the pre-hook of every layer >= K replaces `position_embeddings` (cos, sin),
   `position_ids` and the 4-D `attention_mask` by their gather to the kept positions, so
-  kept tokens keep their original RoPE positions and padding/causality;
+  kept tokens keep their original RoPE positions and padding/causality (each layer
+  gathers the ones it is handed: sliding-window and global layers differ in both);
 - after a `renumber` stage the rows carry their own position ids instead (each kept row's
   position less the rows the stage removed before it), and the layers from there on get
   (cos, sin) recomputed by the model's rotary embedding at those ids.
