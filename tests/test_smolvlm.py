@@ -299,6 +299,18 @@ def _one_tile_inputs(batch_inputs: dict) -> dict:
     return dict(input_ids=ids_t, attention_mask=mask_t, pixel_values=batch_inputs["pixel_values"][:, -1:])
 
 
+def _plain_vit_out_run(ref, batch_inputs: dict, keep: int):
+    """`keep attn@vit.layer3 top keep` at vit.out by hand on the plain model `ref`: each
+    tile's kept shuffled tokens ``[tiles, keep]`` and the 5 greedy tokens of the prompt
+    cut to `keep` placeholders per tile, fed those tokens' features."""
+    px = _tower_input(batch_inputs["pixel_values"])
+    kept = _top(_plain_attn_scores(ref, px, layer=3), keep)
+    features = _plain_features(ref, px, kept).reshape(2, -1, ref.config.text_config.hidden_size)
+    short = vc.rewrite_inputs(batch_inputs["input_ids"], batch_inputs["attention_mask"], image_token_id=IMG,
+                              from_count=PER_TILE, to_count=keep)
+    return kept, generate_on_features(ref, short["input_ids"], short["attention_mask"], IMG, features, 5)
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("layout", ["tile", "sized", "no-split"])
 def test_vit_out_stage_equals_a_plain_loop_per_tile(vit_models, attn, layout):
@@ -310,14 +322,7 @@ def test_vit_out_stage_equals_a_plain_loop_per_tile(vit_models, attn, layout):
     in the prompt with 6 placeholders per tile."""
     model, keep = vit_models[attn], 6
     batch_inputs = inputs(2) if layout != "no-split" else _one_tile_inputs(inputs(2))
-    tiles = batch_inputs["pixel_values"].shape[1]
-    ref = fresh_copy(model, attn)
-    px = _tower_input(batch_inputs["pixel_values"])
-    kept = _top(_plain_attn_scores(ref, px, layer=3), keep)
-    features = _plain_features(ref, px, kept).reshape(2, tiles * keep, -1)
-    short = vc.rewrite_inputs(batch_inputs["input_ids"], batch_inputs["attention_mask"], image_token_id=IMG,
-                              from_count=PER_TILE, to_count=keep)
-    want = generate_on_features(ref, short["input_ids"], short["attention_mask"], IMG, features, 5)
+    kept, want = _plain_vit_out_run(fresh_copy(model, attn), batch_inputs, keep)
     spec = {"tile": SPEC, "sized": SPEC.for_image(256, 64), "no-split": replace(SPEC, split_edge=0).for_image(256, 64)}
     with vc.apply(f"at vit.out keep attn@vit.layer3 top {keep}", model, spec=spec[layout]):
         assert vc.image_token_count(model) == keep * (TILES if layout == "sized" else 1)
@@ -337,14 +342,8 @@ def test_idefics3_vit_out_stage_equals_a_plain_loop():
     spec = spec_from_config(config, name="tiny-idefics3")
     assert (spec.family, spec.merged_features, family_of(spec).name) == ("idefics3", True, "idefics3")
     model = _sharpen_tower(spec.build(device="cpu", attn_implementation="eager", seed=0).eval())
-    ref = plain_copy(spec, model)
     batch_inputs, keep = inputs(2), 6
-    px = _tower_input(batch_inputs["pixel_values"])
-    kept = _top(_plain_attn_scores(ref, px, layer=3), keep)
-    features = _plain_features(ref, px, kept).reshape(2, TILES * keep, -1)
-    short = vc.rewrite_inputs(batch_inputs["input_ids"], batch_inputs["attention_mask"], image_token_id=IMG,
-                              from_count=PER_TILE, to_count=keep)
-    want = generate_on_features(ref, short["input_ids"], short["attention_mask"], IMG, features, 5)
+    kept, want = _plain_vit_out_run(plain_copy(spec, model), batch_inputs, keep)
     with vc.apply(f"at vit.out keep attn@vit.layer3 top {keep}", model, spec=spec.for_image(256, 64)):
         with torch.no_grad():
             got = model.generate(**batch_inputs, max_new_tokens=5, do_sample=False)
