@@ -145,3 +145,16 @@ def test_search_reference_rows_refuse_or_rescale():
     assert rows[False]["status"] == "invalid" and "written for model 'llava-1.5-7b'" in rows[False]["reason"]
     assert rows[True]["status"] == "ok" and rows[True]["rescaled"]["llm_layers"] == [32, 16]
     assert "| pdrop-64 (rescaled from llava-1.5-7b) |" in pareto_table([], [rows[True]])
+
+
+def test_search_refuses_a_space_written_for_another_model(tmp_path):
+    from vtdsl.search.objectives import SearchError
+    from vtdsl.search.run import SearchConfig, search
+
+    space = tmp_path / "s.vts"
+    space.write_text('policy "s"\nmodel "llava-1.5-7b"\nat vit.out keep cls top {32, 64}\n')
+    with pytest.raises(SearchError) as err:
+        search(SearchConfig(space=str(space), model=V1, objective="agreement", trials=1, references=False,
+                            out_dir=str(tmp_path / "out")), progress=False)
+    assert err.value.message.startswith(f"{space}:2:1: the space was written for model 'llava-1.5-7b' (576 visual "
+                                        "tokens, 24/32 layers) but would search 'tiny-llava-vtbench' (144, 5/4)")

@@ -186,8 +186,9 @@ def rescale(policy: ast.Policy, source: ModelSpec, target: ModelSpec, *, text: s
                     (source.llm.layers, target.llm.layers), list(dict.fromkeys(m.changes)))
 
 
-def _shape(spec: ModelSpec) -> tuple[int, int, int]:
-    return spec.image_tokens, spec.vit.layers, spec.llm.layers
+def same_counts(a: ModelSpec, b: ModelSpec) -> bool:
+    """Whether a policy's counts and layers mean the same on both models."""
+    return (a.image_tokens, a.vit.layers, a.llm.layers) == (b.image_tokens, b.vit.layers, b.llm.layers)
 
 
 def portable(policy: ast.Policy, target: ModelSpec, rescale_it: bool, *, text: str | None = None,
@@ -205,7 +206,7 @@ def portable(policy: ast.Policy, target: ModelSpec, rescale_it: bool, *, text: s
         d = err.diagnostics[0]
         raise PolicyError(Diagnostic(d.message, policy.model_span or policy.span, expected=d.expected, hint=d.hint,
                                      code="model"), source=text, filename=filename) from None
-    if source.name == target.name or _shape(source) == _shape(target):
+    if source.name == target.name or same_counts(source, target):
         # the same counts and depths (a local copy of the checkpoint, a tiny twin): the
         # policy means there what it means on its own model
         return policy, None

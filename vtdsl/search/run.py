@@ -165,6 +165,26 @@ def _parse_budgets(texts: list[str]):
     return [parse_budget(t) for t in texts]
 
 
+def _same_model_as_written(space, spec) -> None:
+    """A space whose `model` line names a model of other counts is refused, located: its
+    token counts and layers would mean another budget on `spec` (issue 22 item 6)."""
+    from ..ir.rescale import same_counts
+    from .objectives import SearchError
+
+    base = space.base_policy()
+    if not base.model:
+        return
+    written = resolve_spec(base.model)
+    if written.name != spec.name and not same_counts(written, spec):
+        span = base.model_span or base.span
+        where = f"{space.filename}:{span.line}:{span.column}: " if span else f"{space.filename}: "
+        raise SearchError(f"{where}the space was written for model '{written.name}' ({written.image_tokens} visual "
+                          f"tokens, {written.vit.layers}/{written.llm.layers} layers) but would search "
+                          f"'{spec.name}' ({spec.image_tokens}, {spec.vit.layers}/{spec.llm.layers})",
+                          hint=f"search it with --model {written.name}, or write the space for {spec.name} "
+                               "(--rescale maps the zoo references, not a space)")
+
+
 class _Context:
     """What a process needs to run trials: the space, the model spec, budgets, objective."""
 
@@ -180,6 +200,7 @@ class _Context:
             raise SearchError(f"no model to search on: {self.space.filename} has no `model \"...\"` line",
                               hint="pass --model NAME (see `vtdsl models`)")
         self.spec = resolve_spec(model)
+        _same_model_as_written(self.space, self.spec)
         if not cfg.verbose:
             _quiet_model_loading()
         self.budgets = _parse_budgets(cfg.budgets)
