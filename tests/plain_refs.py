@@ -9,6 +9,15 @@ import math
 import torch
 
 
+def image_zoo() -> list:
+    """The zoo files of image methods, written for llava-1.5-7b (policies/*.vt); video
+    methods (evs.vt) name frames and run on video in their own tests."""
+    from pathlib import Path
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "policies").glob("*.vt"))
+    return [p for p in paths if '\nmodel "llava-1.5-7b"' in p.read_text(encoding="utf-8")]
+
+
 def llm_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The decoder layers: `model.language_model` (LLaVA, Qwen) or `model.text_model`
     (SmolVLM / Idefics3)."""
@@ -149,19 +158,26 @@ def mrope_inputs(batch: int, side: int = 16, seed: int = 5, img: int = 250, star
     """Qwen-VL inputs: one side x side-patch image per prompt (side / 2 squared merged
     placeholders, wrapped in vision start/end), batch 2 left-padded with id 2; random
     patch pixels (temporal patch 2 x patch x patch x 3; Qwen3-VL's patch is 16)."""
-    n_img = (side // 2) ** 2
-    rows = [[5, 6, 7, start] + [img] * n_img + [end, 8, 9, 10]]
+    ids, mask = qwen_prompts(batch, [img] * ((side // 2) ** 2), start, end)
+    px = torch.randn(len(ids) * side * side, 3 * 2 * patch * patch, generator=torch.Generator().manual_seed(seed))
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=px,
+                image_grid_thw=torch.tensor([[1, side, side]] * len(ids)), mm_token_type_ids=(ids == img).int())
+
+
+def qwen_prompts(batch: int, visual: list[int], start: int = 251, end: int = 252) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Qwen-VL test prompts: the `visual` placeholder ids between vision start/end and
+    a few text ids; batch 2 adds a longer prompt and left-pads the first with id 2.
+    Returns (input_ids, attention_mask)."""
+    rows = [[5, 6, 7, start] + visual + [end, 8, 9, 10]]
     if batch == 2:
-        rows.append([11, 12, 13, 14, 15, start] + [img] * n_img + [end, 18, 19])
+        rows.append([11, 12, 13, 14, 15, start] + visual + [end, 18, 19])
     n = max(len(r) for r in rows)
     ids = torch.full((len(rows), n), 2, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, r in enumerate(rows):
         ids[i, n - len(r):] = torch.tensor(r)
         mask[i, n - len(r):] = 1
-    px = torch.randn(len(rows) * side * side, 3 * 2 * patch * patch, generator=torch.Generator().manual_seed(seed))
-    return dict(input_ids=ids, attention_mask=mask, pixel_values=px,
-                image_grid_thw=torch.tensor([[1, side, side]] * len(rows)), mm_token_type_ids=(ids == img).int())
+    return ids, mask
 
 
 def top_k_reference(ref, batch_inputs: dict, image_token_id: int, k: int, layer: int, new_tokens: int):

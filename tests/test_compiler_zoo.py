@@ -4,7 +4,6 @@ tiny widths, so layer indices and token counts are the ones the zoo was written 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,12 +13,10 @@ import vtdsl.compiler as vc
 from vtdsl.cost import estimate
 from vtdsl.models import get_spec
 
+from plain_refs import image_zoo
 from tiny_clip import text_encoder_kwargs
 
-# the image methods, written for llava-1.5-7b; video methods (evs.vt) run on video in
-# their own conformance tests (tests/conformance/test_evs.py)
-ZOO = [p for p in sorted((Path(__file__).resolve().parents[1] / "policies").glob("*.vt"))
-       if '\nmodel "llava-1.5-7b"' in p.read_text()]
+ZOO = image_zoo()  # video methods (evs.vt) run on video in tests/conformance/test_evs.py
 IMG = 255
 
 

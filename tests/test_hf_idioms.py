@@ -14,7 +14,6 @@ tokenizer over tiny-llava's 256 ids, a `CLIPImageProcessor` for 336-pixel images
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,9 +22,10 @@ import torch
 import vtdsl.compiler as vc
 from vtdsl.models import get_spec
 
+from plain_refs import image_zoo
 from tiny_clip import text_encoder_kwargs
 
-ZOO = sorted((Path(__file__).resolve().parents[1] / "policies").glob("*.vt"))
+ZOO = image_zoo()  # video methods (evs.vt) run on video in tests/conformance/test_evs.py
 SPEC = get_spec("tiny-llava")
 IMG, EOS = 255, 2  # tiny-llava's image token; its generation config's eos (also the padding of finished rows)
 NEW = 4

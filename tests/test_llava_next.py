@@ -4,7 +4,6 @@ an uncompiled model fed hand-built embeddings), never vtdsl's own ops."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -18,7 +17,7 @@ from vtdsl.lang.errors import PolicyError
 from vtdsl.models import get_spec
 
 from family_runs import anyres_inputs, compiled_anyres_vit_run, generate_on_fewer_placeholders
-from plain_refs import (plain_copy, clip_cls_scores, first_error, last_query_attention, masked_generate, prune_to_top,
+from plain_refs import (plain_copy, clip_cls_scores, image_zoo, first_error, last_query_attention, masked_generate, prune_to_top,
                         sharpened_pair, top_rows)
 
 SPEC = get_spec("tiny-llava-next")
@@ -28,7 +27,7 @@ SIDE = 4  # patches per crop side
 BASE = SIDE * SIDE  # 16 tokens of the base view
 ROWS, WIDTH = 2 * SIDE, 2 * SIDE + 1  # the 2x2 grid crops' map: 8 rows of 8 tokens + a newline
 N_IMG = BASE + ROWS * WIDTH  # 88
-ZOO = sorted((Path(__file__).resolve().parents[1] / "policies").glob("*.vt"))
+ZOO = image_zoo()  # video methods (evs.vt) run on video in tests/conformance/test_evs.py
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from vtdsl.cost import estimate
 from vtdsl.ir import check
 from vtdsl.models import get_spec
 
-from plain_refs import last_query_attention, masked_generate, mrope_inputs, plain_copy, sharpened_pair, top_rows
+from plain_refs import (last_query_attention, masked_generate, mrope_inputs, plain_copy, qwen_prompts, sharpened_pair,
+                        top_rows)
 
 from family_runs import assert_fastv_matches_masked_reference, compiled_prefill_flops
 
@@ -34,19 +35,10 @@ def video_inputs(spec, batch: int, groups: int = GROUPS, side: int = SIDE, seed:
     """One video per prompt between vision start/end, as many placeholders as its groups'
     merged grids hold; batch 2 is left-padded with id 2; random patch pixels."""
     vid = spec.config().video_token_id
-    n = groups * (side // 2) ** 2
-    rows = [[5, 6, 7, START] + [vid] * n + [END, 8, 9, 10]]
-    if batch == 2:
-        rows.append([11, 12, 13, 14, 15, START] + [vid] * n + [END, 18, 19])
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), 2, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    px = torch.randn(len(rows) * groups * side * side, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(seed))
+    ids, mask = qwen_prompts(batch, [vid] * (groups * (side // 2) ** 2), START, END)
+    px = torch.randn(len(ids) * groups * side * side, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(seed))
     return dict(input_ids=ids, attention_mask=mask, pixel_values_videos=px,
-                video_grid_thw=torch.tensor([[groups, side, side]] * len(rows)), mm_token_type_ids=(ids == vid).int() * 2)
+                video_grid_thw=torch.tensor([[groups, side, side]] * len(ids)), mm_token_type_ids=(ids == vid).int() * 2)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -249,38 +249,39 @@ class Installer:
         if not self.family.sized_per_image:
             return plans
         owner_path = self.family.multimodal_path(self.spec)
-        original = self.model.get_submodule(owner_path).get_image_features
-        names = ("pixel_values", self.family.size_argument)
 
-        @functools.wraps(original)  # generate() reads its signature to pick the encoder's inputs
-        def get_image_features(*args, **kwargs):
-            plans.current = plans.for_call({**dict(zip(names, args)), **kwargs})
-            return original(*args, **kwargs)
+        def record_image(kwargs: dict) -> None:
+            plans.current = plans.for_call(kwargs)
 
-        self.override(owner_path, "get_image_features", get_image_features, "method-wrapper",
-                      "record the image size: LLM stages and placeholders follow the plan checked for it")
-        self._record_video_sizes(plans, owner_path)
+        def record_video(kwargs: dict) -> None:
+            plans.video = plans.for_video(kwargs)
+
+        self._record_calls(owner_path, "get_image_features", ("pixel_values", self.family.size_argument),
+                           record_image, "record the image size: LLM stages and placeholders follow the plan checked "
+                           "for it")
+        # on families that take video, each call's video layout (temporal groups and grid):
+        # LLM stages prune the video's tokens under the plan checked for it (a family that
+        # refuses video overrode the method already)
+        owner = self.model.get_submodule(owner_path)
+        if (self.family.video_argument is not None and "get_video_features" not in owner.__dict__
+                and hasattr(owner, "get_video_features")):
+            self._record_calls(owner_path, "get_video_features", ("pixel_values_videos", self.family.video_argument),
+                               record_video, "record the video layout: LLM stages prune its placeholders under the "
+                               "plan checked for it")
         return plans
 
-    def _record_video_sizes(self, plans: PlanCache, owner_path: str) -> None:
-        """On families that take video, record each call's video layout (temporal groups
-        and grid) where the video is encoded: LLM stages then prune the video's tokens
-        under the plan checked for it. A family refusing video overrode the method first."""
-        owner = self.model.get_submodule(owner_path)
-        if self.family.video_argument is None or "get_video_features" in owner.__dict__:
-            return
-        original = getattr(owner, "get_video_features", None)
-        if original is None:
-            return
-        names = ("pixel_values_videos", self.family.video_argument)
+    def _record_calls(self, owner_path: str, method: str, names: tuple[str, str], record: Callable[[dict], None],
+                      what: str) -> None:
+        """Wrap the encoder `method` so that each call first hands `record` its inputs by
+        name (`names`: the leading positional parameters)."""
+        original = getattr(self.model.get_submodule(owner_path), method)
 
         @functools.wraps(original)  # generate() reads its signature to pick the encoder's inputs
-        def get_video_features(*args, **kwargs):
-            plans.video = plans.for_video({**dict(zip(names, args)), **kwargs})
+        def wrapper(*args, **kwargs):
+            record({**dict(zip(names, args)), **kwargs})
             return original(*args, **kwargs)
 
-        self.override(owner_path, "get_video_features", get_video_features, "method-wrapper",
-                      "record the video layout: LLM stages prune its placeholders under the plan checked for it")
+        self.override(owner_path, method, wrapper, "method-wrapper", what)
 
     def _install_llm(self, vit_rt, plans: PlanCache, trims: bool, image_token_id: int):
         """LLM stages and scores: hooks on the multimodal model, the language model's

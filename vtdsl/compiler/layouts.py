@@ -57,12 +57,7 @@ class PlanCache:
                                f"sizes give {len(specs)} ({', '.join(map(str, counts))} visual tokens): "
                                f"{sorted(size for _, size in specs.values())}; pass them in separate calls")
         (key, (spec, size)), = specs.items()
-        plan = self.by_layout.get(key)
-        if plan is None:
-            if len(self.by_layout) >= self.MAX_LAYOUTS:
-                self.by_layout.clear()
-            plan = self.by_layout[key] = self._check(spec, size)
-        return plan
+        return self._cached(key, spec, size)
 
     def for_video(self, kwargs: dict[str, Any]) -> Plan | None:
         """The plan for the video a call carries (its frames' token layout), or None."""
@@ -72,12 +67,15 @@ class PlanCache:
             raise CompileError(str(err)) from None
         if spec is None:
             return None
-        key = ("video", spec.vit_crops, *self.family.layout_key(spec))
+        return self._cached(("video", spec.vit_crops, *self.family.layout_key(spec)), spec, None)
+
+    def _cached(self, key: tuple, spec: ModelSpec, size: tuple[int, int] | None) -> Plan:
+        """The plan checked for `spec` (an image of `size`, or a video: None), once per layout."""
         plan = self.by_layout.get(key)
         if plan is None:
             if len(self.by_layout) >= self.MAX_LAYOUTS:
                 self.by_layout.clear()
-            plan = self.by_layout[key] = self._check(spec, None)
+            plan = self.by_layout[key] = self._check(spec, size)
         return plan
 
     def counts(self, kwargs: dict[str, Any]) -> tuple[int, int]:
