@@ -54,7 +54,11 @@ def _group_layers(rewrites: list[Rewrite]) -> list[tuple[str, str, str]]:
 def score_text(score: ResolvedScore) -> str:
     if score.op == "leaf":
         o = score.observation
-        args = f"({', '.join(o.args)})" if o.args else ""
+        # the options as the policy writes them (format.py's order), so the listing names the
+        # score that runs: `cls(whole)` and `cls(max)` are other scores than `cls`
+        heads = [] if o.heads == "mean" else [f"top {o.heads} heads" if isinstance(o.heads, int) else o.heads]
+        parts = list(o.args) + heads + ([] if o.rope else ["no_rope"]) + (["image_keys"] if o.image_keys else [])
+        args = f"({', '.join(parts)})" if parts else ""
         return f"{o.scorer}{args}@{o.tower}.layer{o.layer}"
     weights = score.weights or (1,) * len(score.args)
     return f"{score.op}(" + ", ".join(("" if w == 1 else f"{w:g} * ") + score_text(a)
