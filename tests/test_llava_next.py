@@ -17,6 +17,7 @@ from vtdsl.lang.errors import PolicyError
 from vtdsl.models import get_spec
 
 from family_runs import anyres_inputs, compiled_anyres_vit_run, generate_on_fewer_placeholders
+from tiny_clip import text_encoder_kwargs
 from plain_refs import (plain_copy, clip_cls_scores, image_zoo, first_error, last_query_attention, masked_generate, prune_to_top,
                         sharpened_pair, top_rows)
 
@@ -204,7 +205,9 @@ def test_zoo_on_llava_next_7b_compiles_or_is_refused_with_a_reason():
         except PolicyError as err:
             refused[path.stem] = err.diagnostics[0]
             continue
-        with vc.apply(plan, model):  # installs on the full-size module tree
+        # installs on the full-size module tree (recoverable.vt's clip_text with a tiny
+        # text encoder whose visual projection reads this ViT's width)
+        with vc.apply(plan, model, **text_encoder_kwargs(path, width=spec.vit.hidden)):
             assert vc.image_token_count(model) == plan.image_placeholders
         # vit.out counts are per crop: the LLM receives five crops' worth
         if any(s.site.tower == "vit" for s in plan.stages):

@@ -43,14 +43,15 @@ def tiny_clip(width: int = WIDTH, seed: int = 0) -> tuple[Path, torch.nn.Module,
     return path, model, tokenizer
 
 
-def text_encoder_kwargs(policy: Path | str, question: str = "What is in the image?") -> dict:
+def text_encoder_kwargs(policy: Path | str, question: str = "What is in the image?", width: int = WIDTH) -> dict:
     """``apply`` / ``compile`` keyword arguments for a policy: a loaded tiny text encoder
-    asked `question` when the policy reads `clip_text`, else nothing."""
+    asked `question` when the policy reads `clip_text`, else nothing; `width`: the vision
+    width of the model it is applied to."""
     text = policy.read_text() if isinstance(policy, Path) else policy
     if "clip_text" not in text:
         return {}
     from vtdsl.compiler.text_encoder import TextEncoder
 
-    encoder = TextEncoder.load(tiny_clip()[0])
+    encoder = TextEncoder.load(tiny_clip(width)[0])
     encoder.ask(question)
     return {"text_encoder": encoder}
