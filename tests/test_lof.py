@@ -48,7 +48,7 @@ def test_lof_outliers_match_the_definition(name, values, k):
 
 @pytest.mark.parametrize("name,values,k", _samples(), ids=[s[0] for s in _samples()])
 def test_lof_outliers_match_scikit_learn(name, values, k):
-    lof = pytest.importorskip("sklearn.neighbors").LocalOutlierFactor
+    from sklearn.neighbors import LocalOutlierFactor as lof  # a dev dependency: never skipped
     with warnings.catch_warnings():  # sklearn warns on duplicates and on K >= n, as it should
         warnings.simplefilter("ignore")
         pred = lof(n_neighbors=k, contamination="auto").fit_predict([[float(v)] for v in values.numpy()])
