@@ -1,11 +1,12 @@
-"""One policy on three model families (CPU, a few seconds).
+"""One policy on two model families, three zoo files on nine (CPU, a few seconds).
 
     python examples/model_families.py
 
 Compiles the same FastV-style policy onto tiny random LLaVA-NeXT (anyres crops) and
 Qwen2.5-VL (dynamic resolution, M-RoPE) and generates for images of two sizes each: the
 compiled model resolves `top 50%` for the number of visual tokens each image has. Then
-prints what `vtdsl check` says about a zoo file on the full-size models.
+prints what `vtdsl check` says about three zoo files on each registered full-size model
+(an LLM-side, a CLS-free ViT-side and a CLS-reading method).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import vtdsl.compiler as vc
 
 POLICY = "at llm.layer2 keep text top 50%"
 ZOO = Path(__file__).resolve().parent.parent / "policies"
+FULL_SIZE = ("llava-1.5-7b", "llava-next-7b", "llava-onevision-qwen2-7b", "qwen2-vl-7b", "qwen2.5-vl-7b",
+             "qwen3-vl-8b", "internvl3-8b", "gemma-3-4b", "smolvlm-2.2b")
 
 
 def llava_next_inputs(spec, height: int, width: int) -> dict:
@@ -57,13 +60,13 @@ def main() -> None:
                 print(f"{name:<16} {height}x{width}: {site} kept {n_out} of {n_in} visual tokens; "
                       f"generated {tokens[0, -4:].tolist()}")
     print()
-    for model in ("llava-next-7b", "qwen2.5-vl-7b"):
-        try:
-            plan = vtdsl.check(ZOO / "visionzip.vt", model)
-            print(f"visionzip on {model}: {plan.visual_tokens_to_llm} visual tokens enter the LLM "
-                  f"(vit.out counts are per crop)")
-        except vtdsl.PolicyError as err:
-            print(f"visionzip on {model}: refused: {err.diagnostics[0].message}")
+    for model in FULL_SIZE:
+        for policy in ("fastv", "hiprune-64", "visionzip"):
+            try:
+                plan = vtdsl.check(ZOO / f"{policy}.vt", model)
+                print(f"{policy:<10} on {model:<24} {plan.visual_tokens_to_llm} visual tokens enter the LLM")
+            except vtdsl.PolicyError as err:
+                print(f"{policy:<10} on {model:<24} refused: {err.diagnostics[0].message}")
 
 
 if __name__ == "__main__":
