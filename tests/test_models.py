@@ -25,13 +25,16 @@ def same_architecture(a: ModelSpec, b: ModelSpec) -> bool:
 
 
 # ----------------------------------------------------------------- built-ins
+# `vtdsl models` order: full-size checkpoints, then their tiny random variants in the same
+# family order, then the vtbench models
+LISTED = ["llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "llava-onevision-qwen2-7b", "qwen2-vl-7b", "qwen2.5-vl-7b",
+          "qwen3-vl-8b", "internvl3-8b", "gemma-3-4b", "smolvlm-2.2b",
+          "tiny-llava", "tiny-llava-next", "tiny-llava-onevision", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl",
+          "tiny-internvl3", "tiny-gemma3", "tiny-smolvlm", "tiny-llava-vtbench2", "tiny-llava-vtbench"]
+
+
 def test_registry_lists_the_builtins():
-    assert [s.name for s in list_specs()] == ["llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "qwen2.5-vl-7b",
-                                             "qwen2-vl-7b", "llava-onevision-qwen2-7b", "smolvlm-2.2b",
-                                             "internvl3-8b", "tiny-llava", "tiny-llava-next", "tiny-qwen2.5-vl",
-                                             "tiny-llava-onevision", "tiny-qwen2-vl", "tiny-smolvlm",
-                                             "tiny-llava-vtbench2", "tiny-internvl3", "qwen3-vl-8b", "tiny-qwen3-vl",
-                                             "gemma-3-4b", "tiny-gemma3", "tiny-llava-vtbench"]
+    assert [s.name for s in list_specs()] == LISTED
 
 
 def test_llava_15_7b_spec():
@@ -284,11 +287,7 @@ def test_cli_models_json():
     result = CliRunner().invoke(_cli(), ["--json"])
     assert result.exit_code == 0, result.output
     rows = {r["name"]: r for r in json.loads(result.output)["models"]}
-    assert list(rows) == ["llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "qwen2.5-vl-7b", "qwen2-vl-7b",
-                          "llava-onevision-qwen2-7b", "smolvlm-2.2b", "internvl3-8b", "tiny-llava", "tiny-llava-next",
-                          "tiny-qwen2.5-vl", "tiny-llava-onevision", "tiny-qwen2-vl", "tiny-smolvlm",
-                          "tiny-llava-vtbench2", "tiny-internvl3", "qwen3-vl-8b", "tiny-qwen3-vl",
-                          "gemma-3-4b", "tiny-gemma3", "tiny-llava-vtbench"]
+    assert list(rows) == LISTED
     assert rows["llava-1.5-7b"]["params"] == 7_063_427_072
     assert rows["llava-1.5-7b"]["visual_tokens"] == 576
     assert (rows["tiny-llava"]["vit_layers"], rows["tiny-llava"]["llm_layers"]) == (24, 32)

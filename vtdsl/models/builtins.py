@@ -681,12 +681,10 @@ _builtin("tiny-gemma3", TINY_GEMMA3,
 
 # in the order `vtdsl models` lists them: full-size checkpoints, then the tiny test variants
 BUILTINS: dict[str, tuple[dict, str]] = {name: _TABLE[name] for name in (
-    "llava-1.5-7b", "llava-1.5-13b", "llava-next-7b",
-    "qwen2.5-vl-7b", "qwen2-vl-7b", "llava-onevision-qwen2-7b",
-    "smolvlm-2.2b", "internvl3-8b", "tiny-llava", "tiny-llava-next",
-    "tiny-qwen2.5-vl", "tiny-llava-onevision", "tiny-qwen2-vl",
-    "tiny-smolvlm", "tiny-llava-vtbench2", "tiny-internvl3",
-    "qwen3-vl-8b", "tiny-qwen3-vl", "gemma-3-4b", "tiny-gemma3",
+    "llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "llava-onevision-qwen2-7b",
+    "qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b", "internvl3-8b", "gemma-3-4b", "smolvlm-2.2b",
+    "tiny-llava", "tiny-llava-next", "tiny-llava-onevision", "tiny-qwen2-vl", "tiny-qwen2.5-vl",
+    "tiny-qwen3-vl", "tiny-internvl3", "tiny-gemma3", "tiny-smolvlm", "tiny-llava-vtbench2",
 )}
 
 # Other spellings users type for the same architectures.
