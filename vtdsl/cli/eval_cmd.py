@@ -9,16 +9,19 @@ import click
 from .common import emit_json, guarded
 from .run_cmd import weight_options
 
+MODEL_HELP = ("tiny-llava-vtbench2 (vtbench v2), tiny-llava-vtbench (v1; both package data) or a directory written "
+              "by examples/train_tiny_vlm2.py / train_tiny_vlm.py; its input size picks the benchmark (192 / 96 px).")
+
 
 @click.command("eval")
 @click.argument("policy_files", metavar="POLICY...", nargs=-1, required=True)
 @click.option("-m", "--model", "model_name", default="tiny-llava-vtbench", show_default=True,
-              help="tiny-llava-vtbench (package data) or a directory written by examples/train_tiny_vlm.py.")
+              help=MODEL_HELP)
 @click.option("--data", "data_file", type=click.Path(dir_okay=False), default=None,
               help="Your own examples instead of vtbench: a JSONL file, one {image, question, answer, tag} per line "
                    "(image paths relative to the file; answer a string or a list).")
 @click.option("--weights", default=None,
-              help="With --data: tiny-llava-vtbench or a local HF model directory of any registered family "
+              help="With --data: a shipped vtbench model or a local HF model directory of any registered family "
                    "(default: --model).")
 @click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True,
               help="vtbench split (never train or search on test).")
@@ -60,12 +63,13 @@ def eval_(policy_files: tuple[str, ...], model_name: str, data_file: str | None,
         _eval_data(policy_files, weights or model_name, data_file, n, batch_size or 16, max_new_tokens, dtype,
                    device, baselines, rescale, as_json)
         return
-    from ..eval.bench import generate
     from ..eval.compare import compare, load_vtbench_model, render_table
+    from ..eval.suites import bench_for
 
     model, processor, spec = load_vtbench_model(weights or model_name)
+    examples = bench_for(spec).generate(split, n or 500)
     plans, rescaled = _plans(policy_files, spec, baselines, rescale)
-    result = compare(plans, model, processor, spec, generate(split, n or 500), batch_size=batch_size or 50,
+    result = compare(plans, model, processor, spec, examples, batch_size=batch_size or 50,
                      progress=not as_json)
     result["split"] = split
     _emit(result, rescaled, render_table, as_json)
@@ -136,7 +140,7 @@ def _eval_data(policy_files: tuple[str, ...], weights: str, data_file: str, n: i
 @click.command("show")
 @click.argument("policy_file", metavar="POLICY")
 @click.option("-m", "--model", "model_name", default="tiny-llava-vtbench", show_default=True,
-              help="tiny-llava-vtbench (package data) or a directory written by examples/train_tiny_vlm.py.")
+              help=MODEL_HELP)
 @click.option("--example", type=click.IntRange(min=0), default=None,
               help="Index of a vtbench example (with its question).")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", show_default=True)
@@ -159,9 +163,9 @@ def show_(policy_file: str, model_name: str, example: int | None, split: str, im
     """
     from PIL import Image, UnidentifiedImageError
 
-    from ..eval.bench import make_example
     from ..eval.compare import load_vtbench_model
     from ..eval.show import show
+    from ..eval.suites import bench_for
     from ..lang.errors import Diagnostic, PolicyError
     from .check_cmd import load_plan
 
@@ -176,7 +180,7 @@ def show_(policy_file: str, model_name: str, example: int | None, split: str, im
             raise PolicyError(Diagnostic(f"cannot read image {image_file}: {exc}", None, code="image")) from None
         text = question or "What shape is at the center?"
     else:
-        ex = make_example(split, example)
+        ex = bench_for(spec).make_example(split, example)
         image, text = ex.image, question or ex.question
     stages = show(plan, model, processor, spec, image, text, out_file)
     if as_json:

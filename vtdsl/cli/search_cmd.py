@@ -178,7 +178,7 @@ def _quote(a: str) -> str:
                    "budget lines.")
 @click.option("--objective", default="agreement", show_default=True, metavar="NAME",
               help="agreement (next-token agreement with the unpruned model, any model) or accuracy "
-                   "(vtbench, tiny-llava-vtbench).")
+                   "(vtbench: tiny-llava-vtbench2, or v1's tiny-llava-vtbench).")
 @click.option("--trials", type=click.IntRange(min=0), default=50, show_default=True,
               help="Finished trials (evaluated or rejected) the study should hold; a resumed study runs the rest.")
 @click.option("--study", default=None, help="Study name (default: SPACE-MODEL-OBJECTIVE); rerun with it to resume.")

@@ -1,7 +1,7 @@
 """Policies side by side on vtbench: accuracy, retention, tokens, FLOPs and latency.
 
     from vtdsl.eval.compare import load_vtbench_model, compare
-    model, processor, spec = load_vtbench_model("tiny-llava-vtbench")
+    model, processor, spec = load_vtbench_model("tiny-llava-vtbench2")
     result = compare([("fastv", plan)], model, processor, spec, examples)
 
 Every policy runs on the same examples as the unpruned model, installed with
@@ -21,22 +21,25 @@ from ..lang.errors import Diagnostic, PolicyError
 
 
 def load_vtbench_model(name_or_dir: str):
-    """(model, processor, spec) of tiny-llava-vtbench (package data) or of a local
-    directory holding a LLaVA trained on vtbench (config, safetensors, processor files)."""
+    """(model, processor, spec) of a shipped vtbench model (tiny-llava-vtbench2, v1's
+    tiny-llava-vtbench; package data) or of a local directory holding a LLaVA trained on
+    vtbench (config, safetensors, processor files)."""
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
     from ..models import get_spec, load_weights
-    from ..models.vtbench import DATA_DIR, NAME, vtbench_spec
+    from ..models.vtbench import NAME, SHIPPED_DIRS, vtbench_spec
 
-    path = DATA_DIR if name_or_dir == NAME else Path(name_or_dir)
+    shipped = name_or_dir in SHIPPED_DIRS
+    path = SHIPPED_DIRS[name_or_dir] if shipped else Path(name_or_dir)
     if not (path / "config.json").is_file():
-        hint = ("train it with examples/train_tiny_vlm.py (docs/vtbench.md)" if name_or_dir == NAME
-                else "a directory written by examples/train_tiny_vlm.py --export DIR")
+        script = "examples/train_tiny_vlm.py" if name_or_dir == NAME else "examples/train_tiny_vlm2.py"
+        hint = (f"train it with {script} (docs/vtbench.md)" if shipped
+                else "a directory written by examples/train_tiny_vlm2.py --export DIR")
         raise PolicyError(Diagnostic(f"no trained vtbench model at {path}", None,
-                                     expected=f"{NAME} or a model directory with config.json",
+                                     expected=f"{' or '.join(SHIPPED_DIRS)} or a model directory with config.json",
                                      hint=hint, code="model"))
-    if name_or_dir == NAME:
-        spec = vtbench_spec()
+    if shipped:
+        spec = vtbench_spec() if name_or_dir == NAME else get_spec(name_or_dir)
         model = LlavaForConditionalGeneration.from_pretrained(path, use_safetensors=True, local_files_only=True)
     else:
         # a user's directory: its config.json checked by the registry, then safetensors

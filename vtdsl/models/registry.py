@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+from dataclasses import replace
 from typing import Any, Callable
 
 from ..lang.errors import Diagnostic, PolicyError, did_you_mean
@@ -19,6 +20,7 @@ from .families import FAMILIES as _FAMILIES
 from .families import TEXT_MODELS as _TEXT_MODELS
 from .families import VISION_TOWERS as _VISION_TOWERS
 from .families import unsupported
+from .shipped import trained_dir
 from .spec import DTYPE_BYTES, ModelSpec, TowerDims
 from .validate import check_preprocessor, checked_dims, located, read_config, read_json_object
 
@@ -208,7 +210,9 @@ def _token_facts(config, tc) -> dict[str, Any]:
 def _builtin_spec(name: str) -> ModelSpec:
     # spec_from_config's result, shipped as data (builtins.SHIPPED_SPECS; a test
     # regenerates it) so naming a built-in model does not import transformers
-    return shipped_spec(name, _config_from_dict)
+    spec = shipped_spec(name, _config_from_dict)
+    trained = trained_dir(name)  # a built-in whose trained weights ship (tiny-llava-vtbench2)
+    return spec if trained is None else replace(spec, source=str(trained), pretrained=True)
 
 
 @functools.lru_cache(maxsize=64)

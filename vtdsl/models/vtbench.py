@@ -22,13 +22,17 @@ exact command are recorded in ``docs/vtbench.md``.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from .spec import ModelSpec
 
-NAME = "tiny-llava-vtbench"
-DATA_DIR = Path(__file__).resolve().parent / "data" / NAME
+from .shipped import SHIPPED_DIRS, VTBENCH, VTBENCH2, trained_dir  # noqa: F401 (re-exported)
+
+NAME = VTBENCH
+DATA_DIR = SHIPPED_DIRS[NAME]
+NAME2 = VTBENCH2  # vtbench v2's model: the default of `eval`, `show` and the accuracy objective
+DATA_DIR2 = SHIPPED_DIRS[NAME2]
+DEFAULT_MODEL = NAME2
 
 IMAGE_SIZE = 96
 PATCH_SIZE = 8
@@ -93,23 +97,24 @@ def vtbench_spec() -> ModelSpec:
                    source=str(DATA_DIR), pretrained=True)
 
 
-def load_processor():
+def load_processor(name: str = NAME):
     """`LlavaProcessor` (word-level tokenizer + CLIPImageProcessor), offline."""
     from transformers import LlavaProcessor
 
-    return LlavaProcessor.from_pretrained(DATA_DIR)
+    return LlavaProcessor.from_pretrained(SHIPPED_DIRS[name])
 
 
-def load_tiny_vtbench(device: str = "cpu", dtype: Any = None):
-    """Load (model, processor) from package data; no network. `processor.tokenizer` is
-    the word-level tokenizer (left padding). Weights are float32 (about 5.7 MB)."""
+def load_tiny_vtbench(device: str = "cpu", dtype: Any = None, name: str = NAME):
+    """Load (model, processor) of a shipped vtbench model from package data; no network.
+    `processor.tokenizer` is the word-level tokenizer (left padding). Weights are float32
+    (v1 about 5.7 MB, v2 13.6 MB)."""
     import torch
     from transformers import LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(
-        DATA_DIR, dtype=dtype or torch.float32, local_files_only=True)
+        SHIPPED_DIRS[name], dtype=dtype or torch.float32, local_files_only=True)
     model.to(device).eval()
-    return model, load_processor()
+    return model, load_processor(name)
 
 
 def register_shipped() -> None:

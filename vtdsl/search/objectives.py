@@ -49,14 +49,14 @@ def _unavailable(message: str, hint: str | None = None) -> ObjectiveUnavailable:
     return ObjectiveUnavailable(message, hint)
 
 
-def vtbench_missing() -> str | None:
-    """Why tiny-llava-vtbench cannot be loaded, or None when its files are there."""
+def vtbench_missing(name: str = "tiny-llava-vtbench") -> str | None:
+    """Why the shipped vtbench model `name` cannot be loaded, or None when its files are there."""
     try:
-        from ..models.vtbench import DATA_DIR
+        from ..models.vtbench import SHIPPED_DIRS
     except ImportError as exc:
         return f"vtdsl.models.vtbench cannot be imported ({exc})"
-    if not (DATA_DIR / "config.json").is_file():
-        return f"{DATA_DIR} holds no trained model"
+    if not (SHIPPED_DIRS[name] / "config.json").is_file():
+        return f"{SHIPPED_DIRS[name]} holds no trained model"
     return None
 
 
@@ -150,32 +150,36 @@ class Agreement:
 
 
 class Accuracy:
-    """vtbench validation accuracy (greedy first-token exact match) of tiny-llava-vtbench."""
+    """vtbench validation accuracy (greedy first-token exact match) of a shipped vtbench
+    model: tiny-llava-vtbench2 on v2's scenes, tiny-llava-vtbench on v1's."""
 
     name = "accuracy"
-    MODEL = "tiny-llava-vtbench"
+    MODELS = ("tiny-llava-vtbench2", "tiny-llava-vtbench")
 
     def __new__(cls, spec, *, data: str | None = None, **_: Any):
         # a user's own examples (`data`): any model with weights, scored by DataAccuracy
         return super().__new__(DataAccuracy if data is not None and cls is Accuracy else cls)
 
     def __init__(self, spec, *, examples: int = ACCURACY_EXAMPLES, weights: str | None = None, **_: Any):
-        if spec.name != self.MODEL:
-            raise _unavailable(f"the accuracy objective is defined for '{self.MODEL}', not '{spec.name}'",
-                               hint=f"use --model {self.MODEL}, or --objective agreement for any model")
+        if spec.name not in self.MODELS:
+            raise _unavailable(f"the accuracy objective is defined for {' and '.join(map(repr, self.MODELS))}, "
+                               f"not '{spec.name}'",
+                               hint=f"use --model {self.MODELS[0]}, or --objective agreement for any model")
         self.spec = spec
         self.n = examples
         self.weights = weights
         self.model = self.processor = self.examples = None
 
     def setup(self) -> None:
-        missing = vtbench_missing()
+        name = self.spec.name
+        script = "examples/train_tiny_vlm2.py" if name == self.MODELS[0] else "examples/train_tiny_vlm.py"
+        missing = vtbench_missing(name)
         if missing:
-            raise _unavailable(f"the trained model '{self.MODEL}' is not available: {missing}",
-                               hint="it ships with vtbench (examples/train_tiny_vlm.py trains it); "
-                                    "until then use --objective agreement")
+            raise _unavailable(f"the trained model '{name}' is not available: {missing}",
+                               hint=f"it ships with vtbench ({script} trains it); until then use --objective agreement")
         try:
-            from ..eval import bench, harness
+            from ..eval import harness
+            from ..eval.suites import bench_for
             from ..models.vtbench import load_processor, load_tiny_vtbench
         except ImportError as exc:
             raise _unavailable(f"the accuracy objective needs vtdsl.eval, which cannot be imported ({exc})",
@@ -184,15 +188,15 @@ class Accuracy:
             if self.weights:
                 from ..models import load_weights
 
-                self.model, self.processor = load_weights(self.spec, self.weights), load_processor()
+                self.model, self.processor = load_weights(self.spec, self.weights), load_processor(name)
             else:
-                self.model, self.processor = load_tiny_vtbench()
+                self.model, self.processor = load_tiny_vtbench(name=name)
         except (OSError, ValueError, ImportError) as exc:
-            raise _unavailable(f"the trained model '{self.MODEL}' is not available ({type(exc).__name__}: "
+            raise _unavailable(f"the trained model '{name}' is not available ({type(exc).__name__}: "
                                f"{str(exc).splitlines()[0] if str(exc) else ''})",
-                               hint="train it with examples/train_tiny_vlm.py, or use --objective agreement") from None
+                               hint=f"train it with {script}, or use --objective agreement") from None
         self._evaluate = harness.evaluate
-        self.examples = bench.generate("val", self.n)
+        self.examples = bench_for(self.spec).generate("val", self.n)
 
     def __call__(self, plan) -> dict[str, Any]:
         from .. import compiler
