@@ -183,7 +183,7 @@ def test_agreement_objective():
 
 def test_objective_errors(space_file, tmp_path):
     cfg = SearchConfig(space=str(space_file), model="tiny-llava", objective="accuracy", out_dir=str(tmp_path))
-    with pytest.raises(SearchError, match="defined for 'tiny-llava-vtbench'"):
+    with pytest.raises(SearchError, match="defined for 'tiny-llava-vtbench2' and 'tiny-llava-vtbench', not 'tiny-llava'"):
         search(cfg, progress=False)
     if vtbench_missing() is not None:  # until the trained model ships
         cfg = SearchConfig(space=str(space_file), model="tiny-llava-vtbench", objective="accuracy", out_dir=str(tmp_path))
