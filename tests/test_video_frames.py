@@ -61,6 +61,12 @@ def temporal_by_hand(features: torch.Tensor) -> torch.Tensor:
     "at llm.layer2 keep text top 30% per frame",
     "at llm.layer2 keep text top 30% per frame proportional",
     "at llm.layer0 keep temporal top 10 + uniform 8 per frame",
+    "at llm.layer0 merge static 70% per window 4",  # segments: tests/test_video_segments.py
+    "at llm.layer0 merge static 8 per segment 3",
+    "at llm.layer2 keep text top 30% per window 2",
+    "at llm.layer2 keep text top 30% per segment 4 proportional",
+    "at llm.layer2 keep text top 30% per segment 4 below 0.85",
+    "at llm.layer0 keep sum(uniqueness, temporal) top 25% per frame proportional",
 ])
 def test_parse_format_yaml_round_trip(src):
     text = format_policy(parse(src))
@@ -77,6 +83,10 @@ def test_per_frame_takes_no_grid():
 @pytest.mark.parametrize("src, at", [
     ("at llm.layer2 keep text top 30% per frame", "per frame"),
     ("at llm.layer0 keep temporal top 25%", "temporal"),
+    ("at llm.layer2 keep text top 30% per window 2", "per window"),  # tests/test_video_segments.py
+    ("at llm.layer2 keep text top 30% per segment 2", "per segment"),
+    ("at llm.layer0 merge static 70% per window 4", "per window"),
+    ("at llm.layer0 keep uniqueness top 25%", "uniqueness"),
 ])
 @pytest.mark.parametrize("spec, words", [
     (SPEC.for_image(224, 224), "sized for an image here, which has no frames"),
@@ -149,14 +159,18 @@ def test_per_frame_keeps_each_groups_share_by_a_plain_loop(models):
         assert torch.equal(vc.kept_tokens(model)["llm.layer2#0"], torch.stack(want))
 
 
-def test_an_image_call_under_a_frame_policy_is_refused_with_its_location(models):
-    with vc.apply("at llm.layer2 keep text top 25% per frame", models["eager"]), torch.no_grad():
-        with pytest.raises(vc.CompileError, match=r"has no frames \(policy line 1, column 33\)"):
+@pytest.mark.parametrize("src, column", [("at llm.layer2 keep text top 25% per frame", 33),
+                                         ("at llm.layer0 merge static 70% per window 4", 32)])
+def test_an_image_call_under_a_frame_policy_is_refused_with_its_location(models, src, column):
+    with vc.apply(src, models["eager"]), torch.no_grad():
+        with pytest.raises(vc.CompileError, match=rf"has no frames \(policy line 1, column {column}\)"):
             models["eager"](**mrope_inputs(1))
 
 
 @pytest.mark.parametrize("src", ["at llm.layer0 keep temporal top 25%",
-                                 "at llm.layer0 keep temporal top 50% per frame; at llm.layer2 keep text top 5"])
+                                 "at llm.layer0 keep temporal top 50% per frame; at llm.layer2 keep text top 5",
+                                 "at llm.layer0 merge static 70% per window 2; at llm.layer2 keep text top 8",
+                                 "at llm.layer0 keep temporal top 50% per segment 2 below 0.5"])
 def test_compiled_flops_equal_the_cost_model(models, src):
     batch_inputs = clip(1)
     flops = compiled_prefill_flops(models["eager"], src, batch_inputs)

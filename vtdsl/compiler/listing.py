@@ -79,6 +79,17 @@ def _rule_text(rule) -> str:
     return f"entropy({score_text(rule.score)}) over {rule.steps} layer{'s' if rule.steps != 1 else ''}"
 
 
+def _region_text(stage: ResolvedStage) -> str:
+    if stage.region is None:
+        return ""
+    kind, rows, cols = stage.region
+    below = f" below {stage.below:g}" if stage.below is not None else ""
+    text = {"crop": " per crop", "frame": f" per frame ({rows} frames)",
+            "window": f" per window {rows}", "segment": f" per segment {rows}{below}"}.get(
+        kind, f" per region {rows}x{cols}")
+    return text + (" proportional" if stage.region_proportional else "")
+
+
 def _action_text(stage: ResolvedStage) -> str:
     if stage.action == "drop":
         return "drop all"
@@ -86,6 +97,8 @@ def _action_text(stage: ResolvedStage) -> str:
         return f"pool {stage.pool[0]}x{stage.pool[1]}"
     if stage.action == "merge":
         return f"merge {stage.merge_rest}"
+    if stage.action == "static":
+        return f"merge static {stage.merge_rest}{_region_text(stage)}"
     parts = ["cls_token"] if stage.keep_cls else []
     for term in stage.terms:
         if term.kind == "top" and term.adaptive is not None:
@@ -105,11 +118,7 @@ def _action_text(stage: ResolvedStage) -> str:
         else:
             parts.append(f"{term.kind} {term.count}")
     text = "keep " + " + ".join(parts)
-    if stage.region is not None:
-        kind, rows, cols = stage.region
-        text += {"crop": " per crop", "frame": f" per frame ({rows} frames)"}.get(kind, f" per region {rows}x{cols}")
-        if stage.region_proportional:
-            text += " proportional"
+    text += _region_text(stage)
     if stage.rest is not None:
         text += stage.rest.listing()
     return text

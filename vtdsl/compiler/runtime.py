@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..ops import frames as ops_frames
 from ..ops.rest import MissingInput
 from ..ir.plan import Observation, ResolvedScore, ResolvedStage
 
@@ -246,7 +247,16 @@ def _tome_merge(stage: ResolvedStage, view: StageView) -> tuple[Tensor, Tensor, 
     return out, src, view.tokens.take(src)
 
 
-_WHOLE_SET = {"drop": _drop, "pool": _pool, "merge": _tome_merge}
+def _static_merge(stage: ResolvedStage, view: StageView) -> tuple[Tensor, Tensor, Tokens]:
+    """`merge static`: DyCoke's TTM over the video's windows or segments (vtdsl.ops.frames)."""
+    x, tokens = view.x, view.tokens
+    if tokens.crop is None:
+        raise CompileError(f"stage at {stage.site.text()}: 'merge static' on visual tokens without frames (an image)")
+    kept = ops_frames.static_merge(x, tokens.crop, tokens.gpos, _frame_groups(stage, x, tokens), stage.merge_rest)
+    return ops.gather_tokens(x, kept), kept, tokens.take(kept)
+
+
+_WHOLE_SET = {"drop": _drop, "pool": _pool, "merge": _tome_merge, "static": _static_merge}
 
 
 # ------------------------------------------------------------- keep: terms and selection
@@ -297,8 +307,18 @@ def _far_inputs(stage: ResolvedStage, term,
     return pivots, pivot_keys, feats
 
 
-def _regions(stage: ResolvedStage, tokens: Tokens, g: int, n: int, device) -> tuple[Tensor | None, int | None]:
-    """`per region` / `per chunk` / `per crop`: the region of each candidate, and how many."""
+def _frame_groups(stage: ResolvedStage, x: Tensor, tokens: Tokens) -> Tensor:
+    """``[G, F]``: each frame's window (`per window N`) or segment (`per segment C`)."""
+    kind, size, _ = stage.region
+    if kind == "window":
+        return ops_frames.window_segments(x.shape[0], tokens.crops, size, x.device)
+    return ops_frames.similar_segments(x, tokens.crop, tokens.crops, size, stage.below)
+
+
+def _regions(stage: ResolvedStage, x: Tensor, tokens: Tokens) -> tuple[Tensor | None, int | None]:
+    """`per region` / `per chunk` / `per crop` / `per frame` / `per window` / `per segment`:
+    the region of each candidate, and how many."""
+    g, n, device = x.shape[0], x.shape[1], x.device
     if stage.region is None:
         return None, None
     kind, rr, rc = stage.region
@@ -306,8 +326,11 @@ def _regions(stage: ResolvedStage, tokens: Tokens, g: int, n: int, device) -> tu
         return ops.split_regions(tokens.gpos, tokens.grid, rr, rc), rr * rc
     if kind == "chunk":
         return ops.split_chunks(n, rr, device)[None].expand(g, -1), rr
-    if kind == "frame" and tokens.crop is None:
-        raise CompileError(f"stage at {stage.site.text()}: 'per frame' on visual tokens without frames (an image)")
+    if kind in ("frame", "window", "segment") and tokens.crop is None:
+        raise CompileError(f"stage at {stage.site.text()}: 'per {kind}' on visual tokens without frames (an image)")
+    if kind in ("window", "segment"):
+        seg = _frame_groups(stage, x, tokens)
+        return seg.gather(1, tokens.crop), (seg.shape[1] if kind == "segment" else int(seg.max()) + 1)
     if tokens.crop is not None:  # crops packed for the LLM (a video's: its temporal groups): each its share
         return tokens.crop, tokens.crops
     # a ViT row is one crop (LLaVA-1.5: the image; LLaVA-NeXT: one of its crops)
@@ -318,7 +341,12 @@ def _select(stage: ResolvedStage, view: StageView, terms: list[ops.TermSpec], ne
     """``[G, k]``: the candidates the terms keep, ascending."""
     x, tokens = view.x, view.tokens
     g, n, _ = x.shape
-    region_ids, num_regions = _regions(stage, tokens, g, n, x.device)
+    region_ids, num_regions = _regions(stage, x, tokens)
+    weights = terms[0].scores if stage.region_proportional else None
+    if weights is None and stage.region is not None and stage.region[0] == "segment":
+        # the clip's own segment count: equal weights share the budget evenly over the
+        # segments present, none to the empty ids (per_region's shares)
+        weights = torch.ones(g, n, device=x.device)
     return ops.select_union(
         terms,
         n=n,
@@ -327,7 +355,7 @@ def _select(stage: ResolvedStage, view: StageView, terms: list[ops.TermSpec], ne
         features=x if needs_features else None,
         region_ids=region_ids,
         num_regions=num_regions,
-        region_weights=terms[0].scores if stage.region_proportional else None,
+        region_weights=weights,
         batch=g,
     )
 

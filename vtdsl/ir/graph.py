@@ -75,7 +75,8 @@ def lower(policy: ast.Policy) -> nx.DiGraph:
             if action.rest is not None:  # what happens to the rest: mode is its option's kind
                 chain(f"merge:{index}", kind="merge", index=index, mode=action.rest.kind, span=action.rest.span)
         elif isinstance(action, ast.Merge):
-            chain(f"merge:{index}", kind="merge", index=index, mode="tome", span=action.span)
+            chain(f"merge:{index}", kind="merge", index=index, mode="static" if action.static else "tome",
+                  span=action.span)
         elif isinstance(action, ast.Pool):
             chain(f"merge:{index}", kind="merge", index=index, mode="pool", span=action.span)
         else:

@@ -113,14 +113,17 @@ class ResolvedTerm:
 class ResolvedStage:
     index: int  # position in the source policy
     site: ResolvedSite
-    action: Literal["keep", "merge", "pool", "drop"]
+    # "static": `merge static` (DyCoke's TTM), which keeps input rows as a keep does
+    action: Literal["keep", "merge", "pool", "drop", "static"]
     tokens_in: int  # selectable visual tokens entering the stage (CLS excluded)
     tokens_out: int
     terms: tuple[ResolvedTerm, ...] = ()
     region: tuple[str, int, int] | None = None  # ("region", rows, cols) or ("crop", 0, 0)
     # `per region RxC proportional`: shares follow each region's mean of the first term's score
     region_proportional: bool = False
-    merge_rest: int = 0  # merge (ToMe): pairs merged
+    # `per segment C below T`: also cut the clip where consecutive frames' cosine is below T
+    below: float | None = None
+    merge_rest: int = 0  # merge (ToMe): pairs merged; static: tokens merged in each non-first frame
     pool: tuple[int, int] | None = None
     # keep: the CLS token goes ahead of the kept patches (`cls_token`, vit.out only);
     # counted in tokens_out, not in the terms.
@@ -145,7 +148,7 @@ class ResolvedStage:
     def copies_rows(self) -> bool:
         """Whether the stage's output tokens are input rows unchanged (a plain keep or drop),
         so the pruned sequence is one gather of the hidden states."""
-        return self.action in ("keep", "drop") and not (self.rest is not None and self.rest.merges)
+        return self.action in ("keep", "drop", "static") and not (self.rest is not None and self.rest.merges)
 
     @property
     def fewest_out(self) -> int:

@@ -262,14 +262,18 @@ Term = Annotated[Union[TopTerm, SelectTerm, BuffersTerm, ClsTokenTerm], Field(di
 
 class Region(Node):
     """`per crop` (each anyres crop), `per frame` (each temporal group of a video), `per
-    region RxC` (a spatial split) or `per chunk N` (N contiguous runs of the tokens in
-    order); the budget is shared evenly, or with `proportional` in proportion to each
-    region's mean score."""
+    region RxC` (a spatial split), `per chunk N` (N contiguous runs of the tokens in
+    order), `per window N` (runs of N consecutive frames) or `per segment C [below T]`
+    (FastVID's segments of similar consecutive frames); the budget is shared evenly, or
+    with `proportional` in proportion to each region's mean score."""
 
-    kind: Literal["crop", "frame", "region", "chunk"]
+    kind: Literal["crop", "frame", "region", "chunk", "window", "segment"]
     rows: int | None = None
     cols: int | None = None
     chunks: int | None = None
+    window: int | None = None  # `per window N`: frames per window
+    segments: int | None = None  # `per segment C`: the fewest segments
+    below: float | None = None  # `per segment C below T`: also cut where consecutive frames' cosine < T
     proportional: bool = False
 
     @model_validator(mode="after")
@@ -280,10 +284,17 @@ class Region(Node):
             raise ValueError("'per crop' takes no RxC split and no 'proportional'")
         if self.kind == "chunk" and (not self.chunks or self.chunks < 1 or self.rows is not None):
             raise ValueError("'per chunk' needs a positive number of chunks such as 16")
-        if self.kind == "frame" and (self.rows is not None or self.cols is not None):
-            raise ValueError("'per frame' takes no RxC split")
+        if self.kind in ("frame", "window", "segment") and (self.rows is not None or self.cols is not None):
+            raise ValueError(f"'per {self.kind}' takes no RxC split")
         if self.kind != "chunk" and self.chunks is not None:
             raise ValueError("only 'per chunk' takes a chunk count")
+        if (self.kind == "window") != (self.window is not None) or (self.window is not None and self.window < 1):
+            raise ValueError("'per window' (and only it) takes a positive number of frames such as 4")
+        if (self.kind == "segment") != (self.segments is not None) or (self.segments is not None
+                                                                       and self.segments < 1):
+            raise ValueError("'per segment' (and only it) takes a positive number of segments such as 8")
+        if self.below is not None and (self.kind != "segment" or not -1 <= self.below <= 1):
+            raise ValueError("'below T' follows 'per segment C' only, with a cosine T between -1 and 1")
         return self
 
 
@@ -324,10 +335,20 @@ class Keep(Node):
 
 
 class Merge(Node):
-    """`merge <r>`: ToMe bipartite soft matching of r token pairs."""
+    """`merge <r>`: ToMe bipartite soft matching of r token pairs; or `merge static <q> per
+    window N | per segment C`: DyCoke's temporal token merging, `pairs` then the share of
+    each non-first frame of a window (segment) that merges into its reference frame."""
 
     kind: Literal["merge"] = "merge"
     pairs: Quantity
+    static: bool = False
+    region: Region | None = None  # `static` only: its windows or segments
+
+    @model_validator(mode="after")
+    def _check(self) -> "Merge":
+        if self.static != (self.region is not None):
+            raise ValueError("'merge static' (and only it) takes 'per window N' or 'per segment C'")
+        return self
 
 
 class Pool(Node):

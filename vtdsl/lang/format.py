@@ -114,6 +114,13 @@ def format_term(term) -> str:
     return text
 
 
+def format_merge_body(action: ast.Merge) -> str:
+    """What follows `merge`: the pairs, or `static Q per window N | per segment C`."""
+    if not action.static:
+        return format_quantity(action.pairs)
+    return f"static {format_quantity(action.pairs)} per {format_region(action.region)}"
+
+
 def format_region(region: ast.Region) -> str:
     if region.kind == "crop":
         return "crop"
@@ -121,6 +128,11 @@ def format_region(region: ast.Region) -> str:
         return "frame" + (" proportional" if region.proportional else "")
     if region.kind == "chunk":
         return f"chunk {region.chunks}" + (" proportional" if region.proportional else "")
+    if region.kind == "window":
+        return f"window {region.window}" + (" proportional" if region.proportional else "")
+    if region.kind == "segment":
+        below = "" if region.below is None else f" below {format_number(region.below)}"
+        return f"segment {region.segments}{below}" + (" proportional" if region.proportional else "")
     return f"region {region.rows}x{region.cols}" + (" proportional" if region.proportional else "")
 
 
@@ -133,7 +145,7 @@ def format_action(action) -> str:
             text += rest_options.by_node(action.rest).text(action.rest)
         return text
     if isinstance(action, ast.Merge):
-        return f"merge {format_quantity(action.pairs)}"
+        return "merge " + format_merge_body(action)
     if isinstance(action, ast.Pool):
         return f"pool {action.rows}x{action.cols}"
     return "drop all"

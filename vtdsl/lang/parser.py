@@ -43,7 +43,7 @@ WHOLE_HEAD = "whole"
 GRAMMAR_PATH = Path(__file__).with_name("grammar.lark")
 # Entry rules: `statement` for .vt files, the others for values inside the YAML form.
 START_RULES = ["start", "statement", "term", "terms", "quantity", "budget_body", "site", "region_body", "grid",
-               "decode_count"]
+               "decode_count", "merge_body"]
 
 MAX_SOURCE_BYTES = 1 << 20  # 1 MiB: policies are a few lines; anything bigger is a mistake
 MAX_DIAGNOSTICS = 10
@@ -330,7 +330,8 @@ def _parse_tokens(tokens: list[Token], start: str, where: _Where, terminator: To
     for i, tok in enumerate(tokens):
         accepts = _accepts(ip)
         if tok.type == "NAME" and "NAME" in accepts and "ALL" not in accepts:
-            _check_scorer_word(tok, accepts, where)
+            merge_word = prev.type == "_MERGE" if prev is not None else start == "merge_body"
+            _check_scorer_word(tok, accepts, where, prev, merge_word)
         elif tok.type == "SITE" and "SITE" in accepts and not _SITE_RE.match(tok):
             raise _fail(f"unknown site '{show(tok)}'", where.of_token(tok),
                         expected=TERMINAL_WORDS["SITE"], hint=site_hint(str(tok)))
@@ -362,8 +363,21 @@ def _either(words) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
 
 
-def _check_scorer_word(tok: Token, accepts: set[str], where: _Where) -> None:
+def _check_scorer_word(tok: Token, accepts: set[str], where: _Where, prev: Token | None = None,
+                       merge_word: bool = False) -> None:
     word = str(tok)
+    if merge_word:  # `merge static 70% per window 4`
+        if word != "static":
+            raise _fail(f"unknown merge '{show(word)}'", where.of_token(tok),
+                        expected="a number of pairs (merge 16) or 'static' (merge static 70% per window 4)",
+                        hint=did_you_mean(word[:64], ["static"]))
+        return
+    if prev is not None and prev.type == "NUMBER" and "PROPORTIONAL" in accepts:  # `per segment C below T`
+        if word != "below":
+            raise _fail(f"unexpected word '{show(word)}' after 'per segment'", where.of_token(tok),
+                        expected="'below' and a cosine such as 0.9, 'proportional' or the end of the keep",
+                        hint=did_you_mean(word[:64], ["below", "proportional"]))
+        return
     if accepts == {"NAME", "NUMBER", "PERCENT"}:  # `attend top p 0.9`
         if word != "p":
             raise _fail(f"unexpected word '{show(word)}'", where.of_token(tok),
@@ -593,7 +607,7 @@ class _Builder:
                     rest = rest_options.by_rule(child.data).build(self, child)
             return self.node(ast.Keep, span, terms=terms, region=region, rest=rest)
         if kind == "merge":
-            return self.node(ast.Merge, span, pairs=self.quantity(tree.children[0]))
+            return self.node(ast.Merge, span, **self.merge_body(tree.children[0]))
         if kind == "pool":
             rows, cols = self.grid(tree.children[0], "pool")
             return self.node(ast.Pool, span, rows=rows, cols=cols)
@@ -691,8 +705,50 @@ class _Builder:
             raise _fail(f"a seed must lie in 0..2^63-1, got {show(str(tok))}", self.span(tok), code="semantic")
         return value
 
+    def merge_body(self, tree: Tree) -> dict:
+        """`merge Q` (ToMe), or `merge static Q per window N | per segment C` (DyCoke's TTM)."""
+        if len(tree.children) == 1:
+            return {"pairs": self.quantity(tree.children[0])}
+        word, qty, region = tree.children
+        if str(word) != "static":
+            raise _fail(f"unknown merge '{show(str(word))}'", self.span(word),
+                        expected="a number of pairs (merge 16) or 'static' (merge static 70% per window 4)",
+                        hint=did_you_mean(str(word), ["static"]))
+        reg = self.region(region.children[0], self.span(region))
+        if reg.kind not in ("window", "segment"):
+            raise _fail(f"'merge static' merges across the frames of a window or segment, not per {reg.kind}",
+                        reg.span, expected="'per window N' or 'per segment C'", code="semantic")
+        return {"pairs": self.quantity(qty), "static": True, "region": reg}
+
+    def whole(self, tok: Token, what: str, high: int) -> int:
+        value = self.number(tok)
+        if not isinstance(value, int) or not 1 <= value <= high:
+            raise _fail(f"{what} needs a whole number between 1 and {high}, got {show(str(tok))}",
+                        self.span(tok), code="semantic")
+        return value
+
     def region(self, tree: Tree, span: ast.Span) -> ast.Region:
         kind = str(tree.children[0])
+        proportional = str(tree.children[-1].data if isinstance(tree.children[-1], Tree) else "") == "proportional"
+        if kind == "window":
+            return self.node(ast.Region, span, kind="window", window=self.whole(tree.children[1], "'per window'", 4096),
+                             proportional=proportional)
+        if kind == "segment":
+            below = None
+            parts = [c for c in tree.children[2:] if isinstance(c, Tree) and c.data == "segment_below"]
+            if parts:
+                word, tok = parts[0].children
+                if str(word) != "below":
+                    raise _fail(f"unexpected '{show(str(word))}' after 'per segment'", self.span(word),
+                                expected="'below' and a cosine such as 0.9, 'proportional' or the end of the keep",
+                                hint=did_you_mean(str(word), ["below"]))
+                below = float(self.number(tok))
+                if not below <= 1:
+                    raise _fail(f"'below' takes a cosine similarity between 0 and 1, got {show(str(tok))}",
+                                self.span(tok), code="semantic")
+            return self.node(ast.Region, span, kind="segment",
+                             segments=self.whole(tree.children[1], "'per segment'", 4096), below=below,
+                             proportional=proportional)
         if kind == "crop":
             return self.node(ast.Region, span, kind="crop")
         if kind == "frame":
@@ -908,6 +964,8 @@ def parse_value(text: str, start: str, where: _Where):
         return b.grid(tree, "pool")
     if start == "decode_count":
         return b.decode_count(tree)
+    if start == "merge_body":
+        return b.merge_body(tree)
     raise ValueError(start)
 
 
@@ -917,9 +975,10 @@ _START_WORDS = {
     "quantity": "a token count such as 64 or a percentage such as 10%",
     "budget_body": "a budget such as 'flops <= 25%'",
     "site": TERMINAL_WORDS["SITE"],
-    "region_body": "'crop', 'frame', 'region RxC' or 'chunk N'",
+    "region_body": "'crop', 'frame', 'region RxC', 'chunk N', 'window N' or 'segment C'",
     "grid": TERMINAL_WORDS["GRID"],
     "decode_count": "a count such as 64, a percentage such as 10% or a share such as p 0.9",
+    "merge_body": "a number of pairs such as 16, or 'static 70% per window 4'",
 }
 
 

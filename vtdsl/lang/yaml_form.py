@@ -49,7 +49,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from . import ast
 from .errors import Diagnostic, PolicyError, did_you_mean
-from .format import format_budget_body, format_decode_count, format_term
+from .format import format_budget_body, format_decode_count, format_merge_body, format_term
 from .parser import _StatementError, _Where, check_size, has_surrogate, parse_value
 from .yaml_keys import (ACTIONS, DECODE, DECODE_KEYS, RENUMBER, TOP_KEYS, KeepOption, key_rule, keep_keys, keep_options,
                         quantity_data, rest_listing, stage_keys)
@@ -85,7 +85,7 @@ def _action_data(a: ast.Action) -> dict:
             option.write(a, item)
         return item
     if isinstance(a, ast.Merge):
-        return {"merge": quantity_data(a.pairs)}
+        return {"merge": format_merge_body(a) if a.static else quantity_data(a.pairs)}
     if isinstance(a, ast.Pool):
         return {"pool": f"{a.rows}x{a.cols}"}
     return {"drop": "all"}
@@ -340,7 +340,7 @@ _VALUE_HINTS = {
     "quantity": "write a count such as 64 or a percentage such as 10%",
     "budget_body": "write a budget such as 'flops <= 25%'",
     "site": "write a site such as vit.layer16",
-    "region_body": "write 'crop', 'frame', 'region 2x2' or 'chunk 16'",
+    "region_body": "write 'crop', 'frame', 'region 2x2', 'chunk 16', 'window 4' or 'segment 8'",
     "grid": "write a grid such as 2x2",
     "decode_count": "write a count such as 64, a percentage such as 10% or a share such as p 0.9",
 }
@@ -444,7 +444,7 @@ class _PolicyReader(YamlReader):
         return self.node(ast.Keep, self.join(key, last), terms=terms, **fields)
 
     def read_merge(self, m: Keys) -> ast.Merge:
-        return self.node(ast.Merge, self.join(*m["merge"]), pairs=self.key_value(m, "merge"))
+        return self.node(ast.Merge, self.join(*m["merge"]), **self.key_value(m, "merge"))
 
     def read_pool(self, m: Keys) -> ast.Pool:
         rows, cols = self.key_value(m, "pool")

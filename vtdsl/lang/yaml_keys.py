@@ -39,7 +39,7 @@ DECODE_KEYS: dict[str, str] = {"at": "site", "attend": "decode_count"}
 # The grammar rule that reads the value of a placement or action key (None: a fixed word
 # the reader checks itself); keep options carry their own.
 _RULES: dict[str, str | None] = {"at": "site", "from": "site", "to": "site", "every": None,
-                                 "keep": "terms", "merge": "quantity", "pool": "grid", "drop": None}
+                                 "keep": "terms", "merge": "merge_body", "pool": "grid", "drop": None}
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from ...ops import rest as rest_options
 from ..plan import ResolvedAdaptive, ResolvedStage, ResolvedTerm
 from .common import error, qty_text, resolve_quantity, resolve_score
 from .keep_options import resolve_far
-from .stage_kinds import StageInput, percent_of_varying
+from .stage_kinds import StageInput, percent_of_varying, resolve_frames
 
 
 @dataclass
@@ -54,7 +54,8 @@ def infer_keep(s: StageInput):
     out, out_min = picked.kept + handed, picked.kept_min + handed
     stage_out = ResolvedStage(
         action="keep", tokens_out=out + keep_cls, terms=tuple(picked.terms), region=region, keep_cls=keep_cls,
-        region_proportional=proportional, tokens_out_min=out_min + keep_cls if (out_min != out or s.varies) else None,
+        region_proportional=proportional, below=action.region.below if action.region is not None else None,
+        tokens_out_min=out_min + keep_cls if (out_min != out or s.varies) else None,
         rest=rest, **s.common()
     )
     exact = out == s.tokens_in and out_min == out and not s.varies
@@ -174,20 +175,6 @@ def _term(s: StageInput, term, count: int, far: dict, picked: _Kept) -> Resolved
                         per_pivot=far.get("per_pivot", 0), normed=far.get("normed", False))
 
 
-def _resolve_frames(s: StageInput, region: ast.Region) -> tuple[tuple, bool] | None:
-    """`per frame [proportional]`: the LLM's tokens of each temporal group of a video."""
-    spec = s.graph.graph["spec"]
-    refusal = spec.frames_refusal()
-    if refusal is None and s.site.tower != "llm":
-        refusal = f"the vision tower encodes one temporal group at a time, so {s.site.text()} sees no frames"
-    if refusal is not None:
-        error(s.graph, f"'per frame' names the frames of a video, but {refusal}", region.span,
-              expected="a video input (vtdsl check --video FRAMESxHxW) at an llm.layerN site, or 'per crop' / "
-                       "'per chunk N' on an image", code="frames")
-        return None
-    return ("frame", spec.vit_crops if spec.video_frames else 1, 0), region.proportional
-
-
 def _resolve_region(s: StageInput, picked: _Kept) -> tuple[tuple | None, bool] | None:
     """`per crop | per region RxC [proportional] | per chunk N`: (the plan's region,
     proportional), or None when reported."""
@@ -205,8 +192,9 @@ def _resolve_region(s: StageInput, picked: _Kept) -> tuple[tuple | None, bool] |
         error(s.graph, "a count decided per image ('by ...') cannot also be split over regions", region.span,
               expected="the stage without 'per ...', or a fixed count", code="adaptive")
         return None
-    if region.kind == "frame":
-        return _resolve_frames(s, region)
+    if region.kind in ("frame", "window", "segment"):
+        resolved = resolve_frames(s, region)
+        return None if resolved is None else (resolved, region.proportional)
     if region.kind == "chunk":
         if region.chunks > s.fewest:
             error(s.graph, f"'per chunk {region.chunks}' cuts {s.fewest} tokens into empty chunks", region.span,

@@ -72,6 +72,27 @@ def percent_of_varying(s: StageInput, quantities: list) -> bool:
     return False
 
 
+def resolve_frames(s: StageInput, region: ast.Region) -> tuple[str, int, int] | None:
+    """`per frame`, `per window N`, `per segment C`: the plan's region over a video's
+    frames (the LLM's tokens of each temporal group), or None when reported."""
+    spec = s.graph.graph["spec"]
+    refusal = spec.frames_refusal()
+    if refusal is None and s.site.tower != "llm":
+        refusal = f"the vision tower encodes one temporal group at a time, so {s.site.text()} sees no frames"
+    if refusal is not None:
+        error(s.graph, f"'per {region.kind}' names the frames of a video, but {refusal}", region.span,
+              expected="a video input (vtdsl check --video FRAMESxHxW) at an llm.layerN site, or 'per crop' / "
+                       "'per chunk N' on an image", code="frames")
+        return None
+    frames = spec.vit_crops if spec.video_frames else 1
+    if region.kind == "segment" and spec.video_frames and region.segments > frames:
+        error(s.graph, f"'per segment {region.segments}' cuts a video of {frames} frames (temporal groups) into "
+              "empty segments", region.span, expected=f"at most {frames} segments", code="region")
+        return None
+    size = {"frame": frames, "window": region.window, "segment": region.segments}[region.kind]
+    return region.kind, size, 0
+
+
 def infer_drop(s: StageInput):
     return ResolvedStage(action="drop", tokens_out=0, **s.common()), None
 
@@ -93,8 +114,44 @@ def infer_pool(s: StageInput):
     return stage_out, (rows, cols)
 
 
+def infer_static(s: StageInput):
+    """`merge static Q per window N | per segment C`: DyCoke's TTM. Every window (segment)
+    keeps its first frame whole and Q fewer tokens of each other frame, so the count out
+    is F·N − (F − S)·Q for S windows (segments)."""
+    action: ast.Merge = s.action
+    region = action.region
+    resolved = resolve_frames(s, region)
+    if resolved is None:
+        return None
+    if region.below is not None:
+        error(s.graph, "'merge static' keeps a whole first frame per segment, so a segment count that varies "
+              "per clip ('below') would vary the tokens kept", region.span,
+              expected=f"'per segment {region.segments}' without 'below', or 'per window N'", code="frames")
+        return None
+    spec = s.graph.graph["spec"]
+    frames = spec.vit_crops if spec.video_frames else 1
+    if s.grid is None or s.varies or s.tokens_in % frames:
+        error(s.graph, "'merge static' compares each token with the same position in another frame, so it needs "
+              "every token of every frame, but an earlier stage removed some", action.span,
+              expected="'merge static' before any other stage", code="frames")
+        return None
+    per_frame = s.tokens_in // frames
+    merged = resolve_quantity(action.pairs, per_frame)
+    if merged > per_frame:
+        error(s.graph, f"'merge static {qty_text(action.pairs)}' merges {merged} tokens of each frame, but a frame "
+              f"has {per_frame}", action.pairs.span, expected=f"at most {per_frame} tokens", code="quantity")
+        return None
+    kind, size, _ = resolved
+    groups = -(-frames // size) if kind == "window" else min(size, frames)
+    out = s.tokens_in - (frames - groups) * merged
+    stage_out = ResolvedStage(action="static", tokens_out=out, region=resolved, merge_rest=merged, **s.common())
+    return stage_out, (s.grid if out == s.tokens_in else None)
+
+
 def infer_merge(s: StageInput):
     action: ast.Merge = s.action
+    if action.static:
+        return infer_static(s)
     if percent_of_varying(s, [action.pairs]):
         return None
     fewest, varies = s.fewest, s.varies
