@@ -18,6 +18,7 @@ from vtdsl.models import get_spec
 from . import plain
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
+VISION_START, VISION_END = 251, 252  # tiny-qwen2.5-vl's vision start/end token ids
 SPEC = get_spec("tiny-llava")
 SEEDS = (0, 1, 2)
 ATTNS = ("eager", "sdpa")
@@ -147,3 +148,23 @@ def compiled(models):
             hook.remove()
         return kept, got[0][0], logits[0, -1]
     return run
+
+
+@pytest.fixture(scope="session")
+def qwen_video():
+    """tiny-qwen2.5-vl's video token id and its sharpened {attn: model} pair, with
+    `clip(groups, side, seed)`: one video of `groups` temporal groups of side x side
+    patches between vision start/end, random pixels (the video methods' inputs)."""
+    from plain_refs import sharpened_pair
+
+    spec = get_spec("tiny-qwen2.5-vl")
+    vid = spec.config().video_token_id
+
+    def clip(groups: int, side: int, seed: int) -> dict:
+        n = groups * (side // 2) ** 2
+        ids = torch.tensor([[5, 6, 7, VISION_START] + [vid] * n + [VISION_END, 8, 9, 10]])
+        px = torch.randn(groups * side * side, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(seed))
+        return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=px,
+                    video_grid_thw=torch.tensor([[groups, side, side]]), mm_token_type_ids=(ids == vid).int() * 2)
+
+    return vid, sharpened_pair(spec), clip

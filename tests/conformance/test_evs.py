@@ -13,11 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from plain_refs import sharpened_pair
-
 CLAIMS = {"evs": 1.0}  # the policy's `# conformance:` line (1.0: equal kept sets)
 Q = 0.75  # policies/evs.vt's rate
-START, END = 251, 252
 
 
 def retained_count(tokens_per_frame: int, num_frames: int, q: float) -> int:
@@ -35,34 +32,18 @@ def evs_mask(video_embeds: torch.Tensor, thw: tuple[int, int, int], merge: int, 
     return mask
 
 
-@pytest.fixture(scope="module")
-def qwen():
-    from vtdsl.models import get_spec  # the model under test only; the reference above takes tensors
-
-    spec = get_spec("tiny-qwen2.5-vl")
-    return spec.config().video_token_id, sharpened_pair(spec)
-
-
-def clip(vid: int, groups: int, side: int, seed: int) -> dict:
-    n = groups * (side // 2) ** 2
-    ids = torch.tensor([[5, 6, 7, START] + [vid] * n + [END, 8, 9, 10]])
-    px = torch.randn(groups * side * side, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(seed))
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=px,
-                video_grid_thw=torch.tensor([[groups, side, side]]), mm_token_type_ids=(ids == vid).int() * 2)
-
-
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("groups, side", [(4, 8), (6, 12)])
-def test_evs_keeps_what_compute_retention_mask_keeps(qwen, attn, groups, side):
+def test_evs_keeps_what_compute_retention_mask_keeps(qwen_video, attn, groups, side):
     from pathlib import Path
 
     import vtdsl.compiler as vc
 
-    vid, models = qwen
+    vid, models, clip = qwen_video
     model = models[attn]
     policy = Path(__file__).resolve().parents[2] / "policies" / "evs.vt"
     for seed in (1, 2, 3):
-        inputs = clip(vid, groups, side, seed)
+        inputs = clip(groups, side, seed)
         with torch.no_grad():
             embeds = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
         want = evs_mask(embeds.pooler_output[0], (groups, side, side), 2, Q).nonzero().flatten().tolist()
