@@ -172,7 +172,7 @@ VIDEO = "16x448x448"
 VIDEO_HEADER = """
 ## Video methods
 
-Methods that name frames (`per frame`, `temporal`) run on video inputs only, so they are
+Methods that name frames (`per frame`, `temporal`, `merge static`) run on video inputs only, so they are
 costed on their paper's model with a {video} clip (`vtdsl check --video {video}`: 16
 frames of 448x448 pixels, resized into the video processor's range) and {text} text
 tokens, in the columns of the table above.
