@@ -21,7 +21,7 @@ SPEC = get_spec("tiny-llava")
 IMG = SPEC.image_token_id
 PREFIX, SUFFIX = [5, 6, 7], [8, 9, 10, 11]
 # the papers' models of the zoo and the tiny random variant each file is also checked on
-TINY = {"llava-1.5-7b": "tiny-llava", "qwen2.5-vl-7b": "tiny-qwen2.5-vl"}
+TINY = {"llava-1.5-7b": "tiny-llava", "qwen2.5-vl-7b": "tiny-qwen2.5-vl", "qwen2-vl-7b": "tiny-qwen2-vl"}
 
 
 def test_zoo_is_complete():

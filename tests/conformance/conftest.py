@@ -168,3 +168,35 @@ def qwen_video():
                     video_grid_thw=torch.tensor([[groups, side, side]]), mm_token_type_ids=(ids == vid).int() * 2)
 
     return vid, sharpened_pair(spec), clip
+
+
+@pytest.fixture(scope="session")
+def qwen_models():
+    """`qwen_models(name)`: {attn: the tiny Qwen-VL model `name` (seed 0, eager and sdpa,
+    same weights) with every LLM query projection scaled by 8 and the final norm's gains
+    drawn in [0.5, 1.5) (initialised to ones they would leave cosines unchanged, and a
+    rule comparing normed states could not be told from one comparing raw ones)}."""
+    def build(name: str) -> dict:
+        out = {}
+        for attn in ATTNS:
+            model = get_spec(name).build(device="cpu", attn_implementation=attn, seed=0).eval()
+            norm = model.model.language_model.norm.weight
+            with torch.no_grad():
+                for layer in model.model.language_model.layers:
+                    layer.self_attn.q_proj.weight.mul_(8.0)
+                norm.copy_(0.5 + torch.rand(norm.shape, generator=torch.Generator().manual_seed(7)))
+            out[attn] = model
+        return out
+    return lru_cache(maxsize=None)(build)
+
+
+@pytest.fixture(scope="session")
+def qwen_compiled():
+    """`qwen_compiled(policy, model, inputs)`: the zoo policy compiled into the Qwen-VL
+    model, one forward of `inputs` (a dict of the model's keyword arguments); each stage's
+    kept tokens as lists of prompt positions (the first prompt)."""
+    def run(policy: str, model, inputs: dict) -> dict:
+        with vc.apply(POLICIES / f"{policy}.vt", model), torch.no_grad():
+            model(**inputs)
+            return {k: v[0].tolist() for k, v in vc.kept_tokens(model).items()}
+    return run
