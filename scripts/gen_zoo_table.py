@@ -202,16 +202,49 @@ def video_row(path: Path, text_tokens: int) -> str:
     return f"| `{path.stem}` | {model} | {cells}"
 
 
+FAMILY_FILES_HEADER = """
+## Family-specific files
+
+Settings the authors published for a model family other than LLaVA-1.5 (their code's
+defaults for it, cited in each file's header), written for that family's model and
+costed there ({text} text tokens, the model's reference image). The tables above leave
+them out; `source` is the authors' repository and commit the header cites.
+
+| policy | model | source | authors' code | stages | tokens → LLM | mean over LLM layers | FLOPs (hf) | FLOPs (fastv) | KV |
+|---|---|---|---|---|---:|---:|---:|---:|---:|
+"""
+
+SOURCE = re.compile(r"Official code: (?P<repo>[\w.-]+/[\w.-]+) @ (?P<commit>[0-9a-f]{7,40})")
+
+
+def family_file_row(path: Path, text_tokens: int) -> str:
+    """A family-specific file's row: costed on its own model, with the cited source."""
+    from vtdsl.lang import parse_file
+
+    model = parse_file(path).model
+    match = SOURCE.search(path.read_text().split("\npolicy ")[0])
+    if match is None:
+        raise SystemExit(f"{path.name}: a family-specific file cites 'Official code: OWNER/REPO @ COMMIT'")
+    cells = row(path, model, text_tokens).split(" | ", 1)[1]
+    return f"| `{path.stem}` | {model} | {match['repo']} @ {match['commit'][:8]} | {cells}"
+
+
 def render(model: str, text_tokens: int) -> str:
+    from vtdsl.lang import parse_file
+
     paths = sorted(POLICIES.glob("*.vt"))
     video = [p for p in paths if is_video_method(p)]
-    image = [p for p in paths if p not in video]
+    # a file written for another model than the table's is one family's published setting
+    family = [p for p in paths if p not in video and parse_file(p).model != model]
+    image = [p for p in paths if p not in video and p not in family]
     rows = [row(p, model, text_tokens) for p in image]
     families = [f"| `{p.stem}` | " + " | ".join(family_cells(p, m, text_tokens) for m in FAMILIES) + " |"
                 for p in image]
     videos = [video_row(p, text_tokens) for p in video]
+    own = [family_file_row(p, text_tokens) for p in family]
     return (HEADER.format(model=model, text=text_tokens) + "\n".join(rows) + "\n"
             + FAMILY_HEADER.format(text=text_tokens) + family_table_head() + "\n".join(families) + "\n"
+            + (FAMILY_FILES_HEADER.format(text=text_tokens) + "\n".join(own) + "\n" if own else "")
             + (VIDEO_HEADER.format(video=VIDEO, text=text_tokens) + "\n".join(videos) + "\n" if videos else ""))
 
 
