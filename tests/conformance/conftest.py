@@ -173,7 +173,9 @@ def qwen_video():
 @pytest.fixture(scope="session")
 def qwen_models():
     """`qwen_models(name)`: {attn: the tiny Qwen-VL model `name` (seed 0, eager and sdpa,
-    same weights) with every LLM query projection scaled by 8 and the final norm's gains
+    same weights) with the LLM's query projections scaled by 8 (as `_peaked`), the tower's
+    query rows by 100 (at 8 the tiny tower's received attention stays within 0.3% of
+    uniform, and a rule ranking it would rank rounding noise) and the final norm's gains
     drawn in [0.5, 1.5) (initialised to ones they would leave cosines unchanged, and a
     rule comparing normed states could not be told from one comparing raw ones)}."""
     def build(name: str) -> dict:
@@ -182,6 +184,10 @@ def qwen_models():
             model = get_spec(name).build(device="cpu", attn_implementation=attn, seed=0).eval()
             norm = model.model.language_model.norm.weight
             with torch.no_grad():
+                for block in model.model.visual.blocks:
+                    width = block.attn.qkv.in_features  # the fused projection's first third is q
+                    block.attn.qkv.weight[:width].mul_(100.0)
+                    block.attn.qkv.bias[:width].mul_(100.0)
                 for layer in model.model.language_model.layers:
                     layer.self_attn.q_proj.weight.mul_(8.0)
                 norm.copy_(0.5 + torch.rand(norm.shape, generator=torch.Generator().manual_seed(7)))
@@ -192,11 +198,20 @@ def qwen_models():
 
 @pytest.fixture(scope="session")
 def qwen_compiled():
-    """`qwen_compiled(policy, model, inputs)`: the zoo policy compiled into the Qwen-VL
-    model, one forward of `inputs` (a dict of the model's keyword arguments); each stage's
-    kept tokens as lists of prompt positions (the first prompt)."""
-    def run(policy: str, model, inputs: dict) -> dict:
-        with vc.apply(POLICIES / f"{policy}.vt", model), torch.no_grad():
+    """`qwen_compiled(policy, model, inputs, rescale_to=None)`: the zoo policy compiled into
+    the Qwen-VL model, one forward of `inputs` (the model's keyword arguments); each
+    stage's kept tokens as lists (the first prompt: LLM stages give prompt positions,
+    `vit.out` merged-token ids in raster order, 1 + the token's index). `rescale_to`: a tiny spec name the
+    file's layers are first carried onto (`vtdsl.ir.rescale`), for a file whose layers
+    the tiny tower does not have."""
+    from vtdsl.ir.rescale import rescale
+    from vtdsl.lang import parse_file
+
+    def run(policy: str, model, inputs: dict, rescale_to: str | None = None) -> dict:
+        source = parse_file(POLICIES / f"{policy}.vt")
+        if rescale_to is not None:
+            source = rescale(source, get_spec(source.model), get_spec(rescale_to)).policy
+        with vc.apply(source, model), torch.no_grad():
             model(**inputs)
             return {k: v[0].tolist() for k, v in vc.kept_tokens(model).items()}
     return run
