@@ -486,7 +486,6 @@ def test_vit_out_stage_keeps_pooled_tokens_as_a_plain_loop(models, attn):
 # ---------------------------------------------------------------------------- check time
 @pytest.mark.parametrize("src, at, code, words", [
     ("at llm.layer2 keep cls@vit.layer1 top 8", "cls@", "no-cls", "has no CLS token"),
-    ("at vit.layer1 keep random 8", "vit.layer1", "model-layout", "merges each 4x4 group of ViT patches"),
     ("at vit.out keep cls_token + random 8", "cls_token", "cls-token", "has no CLS token"),
     ("at llm.layer2 keep knorm@vit.layer1 top 8", "knorm@", "model-layout", "summed over each shuffled or pooled 4x4 group"),
 ])

@@ -383,13 +383,14 @@ def test_vit_sites_and_cls_scores_are_refused_where_they_point():
     cases = {"at llm.layer2 keep cls@vit.layer3 top 20": ("cls@", "no-cls", "has no CLS token"),
              "at vit.out keep cls@vit.layer3 top 6": ("cls@", "no-cls", "has no CLS token"),
              "at vit.out keep cls_token + attn@vit.layer3 top 6": ("cls_token", "cls-token", "no CLS token"),
-             "at vit.layer2 keep random 10": ("vit.layer2", "model-layout", "keeps whole groups inside a tower only"),
              "at llm.layer2 keep attn@vit.layer3 top 20": ("attn@", "model-layout", "summed over each shuffled")}
     for src, (at, code, words) in cases.items():
         d = first_error(src, SPEC)
         assert (d.span.line, d.span.column, d.code, words in d.message) == (1, src.index(at) + 1, code, True), src
-    # a token at vit.out is one shuffled 2x2 group: the tile's grid is 4x4
+    # a token at vit.out is one shuffled 2x2 group: the tile's grid is 4x4; inside the tower
+    # a stage keeps whole groups (tests/test_vit_groups.py), counted alike
     assert check("at vit.out keep attn@vit.layer3 top 50%", SPEC).stages[0].tokens_in == PER_TILE
+    assert check("at vit.layer2 keep random 10", SPEC).stages[0].tokens_in == PER_TILE
     assert check("at vit.out pool 2x2", SPEC).stages[0].tokens_out == PER_TILE // 4
     big = get_spec("smolvlm-2.2b")  # 27x27 patches, 3x3 groups: 81 tokens per tile at vit.out
     assert check("at vit.out keep attn@vit.layer20 top 25%", big).stages[0].tokens_in == 81

@@ -170,11 +170,15 @@ class Installer:
         self.listing.mechanism["vit"] = "none"
         if not stages and not observations:
             return None
-        if self.spec.vit_units > 1:  # the tower's merger reads whole units: its own block loop
+        if self.spec.packed_units:  # the tower's merger reads whole units: its own block loop
             from . import merge_units
 
             return merge_units.install(self, self.plan, self.log)
-        rt = VitRuntime(self.plan, self.spec.vit.heads, self.log)
+        if self.spec.merged_features:  # the connector fuses patch groups: stages keep whole ones
+            from .vit_groups import GroupVitRuntime as runtime
+        else:
+            runtime = VitRuntime
+        rt = runtime(self.plan, self.spec.vit.heads, self.log)
         rt.aux = self.text_encoder
         self._swap_encoder(rt, stages)
         self._hook_vit_observations(rt, observations)
@@ -200,10 +204,14 @@ class Installer:
         self.listing.mechanism["vit"] = "fx"
         self.listing.fx_code[encoder_path] = gm.code
         inserted = ["vtdsl_vit_begin (reset token bookkeeping)"]
+        what = "merge units, CLS kept" if self.spec.vit_units > 1 else "patches, CLS kept"
         for s in stages:
             if s.site.layer is not None:
                 inserted.append(f"vtdsl_vit_stage{s.index} before layers.{s.site.layer}: {stage_text(s)} "
-                                f"({s.tokens_in} -> {s.tokens_out} patches, CLS kept)")
+                                f"({s.tokens_in} -> {s.tokens_out} {what})")
+        if any(n.target == "vtdsl_vit_end" for n in gm.graph.nodes if n.op == "call_module"):
+            inserted.append("vtdsl_vit_end (the kept units' patches back to their raster rows, the dropped "
+                            "ones zero, for the connector's shuffle or pool; its pre-hook keeps the kept units)")
         self.listing.add(encoder_path, "fx", f"{type(original).__name__} traced with layers as leaves -> "
                          f"{type(gm).__name__}; inserted " + "; ".join(inserted))
 
@@ -232,7 +240,7 @@ class Installer:
         rewrites. Returns whether the features' count varies per call."""
         # a merge-unit tower hands the unpruned layout on (dropped rows removed at the LLM
         # input, whatever the count), so nothing is padded
-        trims = _features_vary(self.plan) and self.spec.vit_units == 1
+        trims = _features_vary(self.plan) and not self.spec.packed_units
         self.family.check(self.plan, trims)
         if trims:
             self.hook(self.spec.projector_path, "post", vit_rt.pad_features,

@@ -12,8 +12,9 @@ and swaps the encoder module for the resulting `GraphModule`, whose submodule pa
 (``layers.i``) and therefore state-dict keys are the original ones.
 
 `vit.out` stages run in a forward pre-hook on the projector, on the features after the
-select strategy dropped CLS (on merged features, InternVL's, the pixel-shuffled tokens,
-ViT scores summed over each token's group of patches). A stage at ``vit.layer{f+1}``
+select strategy dropped CLS (on merged features, InternVL's, SmolVLM's, Gemma 3's, the
+pixel-shuffled or pooled tokens: `vtdsl.compiler.vit_groups`, which also adds a
+``vtdsl_vit_end`` node after the last layer). A stage at ``vit.layer{f+1}``
 (f = feature layer) also
 defines the features: its fx node runs after transformers captured layer f's output as a
 hidden state, so the projector hook substitutes that node's output for the features.
@@ -135,6 +136,15 @@ class _VitStage(nn.Module):
         return f"{s.site.text()}: {s.action} {s.tokens_in} -> {s.tokens_out}"
 
 
+class _VitEnd(nn.Module):
+    def __init__(self, rt):
+        super().__init__()
+        self.rt = rt
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.rt.finish(x)
+
+
 class VitRuntime:
     """Bookkeeping of the vision tower for one compiled model."""
 
@@ -226,11 +236,7 @@ class VitRuntime:
         (x,) = args[:1]
         if self.feature_tokens is None:
             raise CompileError("the projector ran without the compiled vision encoder")
-        if self.feature_override is not None:
-            x = self.feature_override[:, 1:] if self.drop_cls else self.feature_override
-        tokens = self.feature_tokens.drop_first() if self.drop_cls else self.feature_tokens
-        if self.spec.merged_features:  # the shuffle's tokens, one per group of the whole grid
-            tokens = Tokens.initial(x.shape[0], self.spec.llm_grid, x.device, False)
+        x, tokens = self.projector_input(x)
         if tokens.count != x.shape[1] or tokens.vid.shape[0] != x.shape[0]:
             raise CompileError(
                 f"projector input has {tuple(x.shape[:2])} tokens, bookkeeping expects "
@@ -270,6 +276,12 @@ class VitRuntime:
         self.projector_tokens = tokens
         return (x, *args[1:])
 
+    def projector_input(self, x: Tensor) -> tuple[Tensor, Tokens]:
+        """The projector's input `x` as vit.out stages see it, and its tokens' identities."""
+        if self.feature_override is not None:
+            x = self.feature_override[:, 1:] if self.drop_cls else self.feature_override
+        return x, self.feature_tokens.drop_first() if self.drop_cls else self.feature_tokens
+
     def pad_features(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
         """Projector post-hook under adaptive ViT counts: the prompt holds room for the
         plan's bound per image (per crop on anyres models, whose crops all get the call's
@@ -293,55 +305,34 @@ class VitRuntime:
         cap = self.captured.get(obs.layer)
         if cap is None:
             raise CompileError(f"nothing was captured at vit.layer{obs.layer} for '{obs.scorer}'")
-        tokens: Tokens = cap["tokens"]
         lead = 1 if self.has_cls else 0
         info = by_canonical(obs.scorer)
         if "vit" not in info.towers or info.kernel is None:
             raise CompileError(f"scorer '{obs.scorer}' cannot be read in the ViT")
         values = info.kernel(ScoreContext(obs, cap, self.num_heads, lead=lead, layer=self._layer,
                                           aux=self.aux))
-        ids = tokens.vid[:, lead:]
-        done = self.scored[obs] = Scored(values, ids, "vid", self.ids)
+        done = self.scored[obs] = self.scored_patches(values, cap)
         return done
+
+    def scored_patches(self, values: Tensor, cap: dict[str, Any]) -> Scored:
+        """A kernel's values ``[G, patches]`` over the rows captured in `cap`, by identity."""
+        lead = 1 if self.has_cls else 0
+        return Scored(values, cap["tokens"].vid[:, lead:], "vid", self.ids)
 
     def _layer(self, i: int) -> nn.Module:
         if self.layers is None or not 0 <= i < len(self.layers):
             raise CompileError(f"the vision tower has no layer {i}")
         return self.layers[i]
 
-    def observe_merged(self, obs: Observation) -> Scored:
-        """A ViT observation's scores summed over each group of patches the features merge
-        (`ModelSpec.merged_features`), one per merged token in raster order (vid = index + 1):
-        the group's attention mass, or its summed norm. The tower had no stage, so the
-        scores cover the whole patch grid."""
-        done = self.merged.get(obs)
-        if done is not None:
-            return done
-        values = self.observe(obs).values.float()
-        g, m, (rows, cols) = values.shape[0], self.spec.spatial_merge, self.spec.grid
-        if values.shape[1] != rows * cols:
-            raise CompileError(f"'{obs.scorer}' at vit.layer{obs.layer} covers {values.shape[1]} patches, "
-                               f"not the whole {rows}x{cols} grid the shuffle merges")
-        merged = values.view(g, rows // m, m, cols // m, m).sum((2, 4)).reshape(g, -1)
-        ids = torch.arange(1, merged.shape[1] + 1, device=merged.device)[None].expand(g, -1)
-        done = self.merged[obs] = Scored(merged, ids, "vid", merged.shape[1] + 1)
-        return done
-
     def keys_of(self, layer: int, vid: Tensor) -> Tensor:
         """``[G, n, dh]``: the attention keys of ViT `layer` (its k_proj output, head
-        mean) of the tokens `vid`, which must have been present at that layer; on merged
-        features, a merged token's key is the mean of its group's."""
+        mean) of the tokens `vid`, which must have been present at that layer."""
         cap = self.captured.get(layer, {})
         if "k" not in cap:
             raise CompileError(f"'by keys' found no keys captured at vit.layer{layer}")
         k, tokens = cap["k"], cap["tokens"]
         g, n_l = k.shape[:2]
         keys = k.view(g, n_l, self.num_heads, -1).mean(2)
-        if self.spec.merged_features:
-            m, (rows, cols) = self.spec.spatial_merge, self.spec.grid
-            lead = 1 if self.has_cls else 0
-            grid = keys[:, lead:].reshape(g, rows // m, m, cols // m, m, -1)
-            return ops.gather_tokens(grid.mean((2, 4)).reshape(g, -1, keys.shape[-1]), vid - 1)
         where = torch.full((g, self.ids), -1, dtype=torch.long, device=k.device)
         where.scatter_(1, tokens.vid, torch.arange(n_l, device=k.device)[None].expand(g, -1))
         idx = where.gather(1, vid)
@@ -364,7 +355,7 @@ class VitRuntime:
     def _aligned(self, obs: Observation, vid: Tensor) -> Tensor:
         if obs.tower != "vit":
             raise CompileError(f"a ViT stage cannot read the LLM observation at llm.layer{obs.layer}")
-        return _align(self.observe_merged(obs) if self.spec.merged_features else self.observe(obs), vid)
+        return _align(self.observe(obs), vid)
 
 
 def build_vit(model: nn.Module, plan: Plan, rt: VitRuntime, encoder_path: str) -> tuple[nn.Module, fx.GraphModule]:
@@ -390,8 +381,13 @@ def build_vit(model: nn.Module, plan: Plan, rt: VitRuntime, encoder_path: str) -
         node.update_arg(0, new)
         modules[name] = _VitStage(rt, stage)
     output = next(n for n in graph.nodes if n.op == "output")
+    last = output.args[0]
+    if layer_stages and hasattr(rt, "finish"):  # the tower's output laid out as the unpruned one
+        with graph.inserting_before(output):
+            last = graph.call_module("vtdsl_vit_end", (last,))
+        modules["vtdsl_vit_end"] = _VitEnd(rt)
     with graph.inserting_before(output):
-        wrapped = graph.call_function(_encoder_output, (output.args[0],))
+        wrapped = graph.call_function(_encoder_output, (last,))
     output.args = (wrapped,)
     with graph.inserting_after(placeholder):
         kwargs_node = graph.placeholder("**kwargs")

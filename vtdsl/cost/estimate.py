@@ -105,8 +105,6 @@ class _ExpectedWalk:
         self.cls = 1 if spec.has_cls else 0
         self.vit = [spec.vit_tokens] * spec.vit.layers
         self.patches = self.features = spec.patch_tokens
-        if spec.merged_features:  # vit.out sees the merged tokens (no stage inside the tower)
-            self.features = spec.llm_grid[0] * spec.llm_grid[1]
         self.units = spec.vit_units  # merge-unit towers count merge units at ViT sites
         if self.units > 1:
             self.patches = self.features = self.merged = spec.llm_grid[0] * spec.llm_grid[1]
@@ -140,7 +138,7 @@ class _ExpectedWalk:
     def result(self) -> tuple[list[int], int, list[int]]:
         projector = self._projector()
         llm = self.llm or [self.spec.llm_entry_tokens(projector)] * self.spec.llm.layers
-        if self.units > 1:  # the merger runs before vit.out: on the units the blocks hand on
+        if self.spec.packed_units:  # the merger runs before vit.out: on the units the blocks hand on
             projector = self.merged * self.spec.vit_crops
         return self.vit, projector, llm
 

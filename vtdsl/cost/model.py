@@ -190,10 +190,14 @@ def stage_flops(k: _Constants, stage) -> int:
     """Matmul work of a stage's selectors and merges (docs/dev/contracts.md); a ViT stage
     runs once per crop."""
     if stage.site.tower == "vit":
-        # vit.out works on the projector's input, merged tokens wider than a patch on some models
-        d = k.spec.projector[0] if stage.site.layer is None and k.spec.merged_features else k.vit_d
-        if k.spec.vit_units > 1:  # merge units: m² patch rows in the tower, the merger's output at vit.out
-            d = k.spec.projector[-1] if stage.site.layer is None else k.spec.projector[0]
+        # in the tower a candidate is one merge unit, its m² patch rows side by side; vit.out
+        # works on the projector's input (merged tokens, wider than a patch on some models),
+        # or, where the tower merges units itself (Qwen-VL), on the merger's output
+        d = k.vit_d * k.spec.vit_units
+        if stage.site.layer is None and k.spec.merged_features:
+            d = k.spec.projector[0]
+        elif stage.site.layer is None and k.spec.packed_units:
+            d = k.spec.projector[-1]
         return k.crops * _stage_flops(stage, d, k.spec.vit.head_dim)
     return _stage_flops(stage, k.llm_d)
 

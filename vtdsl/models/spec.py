@@ -135,10 +135,11 @@ class ModelSpec:
     # image's, and adds a thumbnail tile when it cut more than one; (0, 0): no tiling. The
     # spec's own counts are for one tile; `for_image` sets `vit_crops` to an image's tiles.
     tile_range: tuple[int, int] = (0, 0)
-    # The projector's input is already merged (InternVL's pixel shuffle runs before its
-    # projector): a `vit.out` stage chooses among the merged tokens (`llm_grid`, each of
-    # spatial_merge² patches), ViT scores summed over each token's patches; stages inside
-    # the tower are refused, the shuffle needs every patch.
+    # The projector's input is already merged (InternVL's and SmolVLM's pixel shuffle,
+    # Gemma 3's average pool run before the projector): a `vit.out` stage chooses among the
+    # merged tokens (`llm_grid`, each of spatial_merge² patches), ViT scores summed over each
+    # token's patches; a stage inside the tower keeps or drops whole groups (`vit_units`,
+    # vtdsl.compiler.vit_groups).
     merged_features: bool = False
     # Pan-and-scan (Gemma 3) when the processor turns it on: (min crop side, max crops, min
     # aspect ratio); an image more elongated than the ratio is also cut into 2..max crops
@@ -190,13 +191,21 @@ class ModelSpec:
 
     @property
     def vit_units(self) -> int:
-        """Patches a ViT-side stage keeps or drops together: `spatial_merge`² where the tower
-        hands its merger whole merge units in its own sequence (Qwen2-VL, Qwen2.5-VL,
-        Qwen3-VL: dynamic resolution, no pixel shuffle before the projector; DeepStack's
-        mergers read the same units of inner blocks), so ViT stages choose among units
-        (vtdsl.compiler.merge_units); else 1."""
-        units = self.spatial_merge > 1 and self.dynamic_resolution and not self.merged_features
+        """Patches a ViT-side stage keeps or drops together: `spatial_merge`² where each group
+        becomes one LLM token and ViT stages choose among groups (merge units), counted in
+        them; else 1. Two kinds: `packed_units` towers (Qwen-VL) hand their merger the units in
+        their own sequence; merged-features ones (InternVL3, SmolVLM, Gemma 3) fuse each
+        group of a tile's raster grid after the tower (pixel shuffle, pool)."""
+        units = self.spatial_merge > 1 and (self.dynamic_resolution or self.merged_features)
         return self.spatial_merge**2 if units else 1
+
+    @property
+    def packed_units(self) -> bool:
+        """Whether the tower itself lays each merge unit out as consecutive rows and merges
+        them (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: dynamic resolution, no pixel shuffle before the
+        projector; DeepStack's mergers read the same units of inner blocks): its own block
+        loop runs ViT stages (vtdsl.compiler.merge_units), the prompt keeps its placeholders."""
+        return self.vit_units > 1 and not self.merged_features
 
     @property
     def projector_tokens(self) -> int:

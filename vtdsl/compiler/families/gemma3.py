@@ -8,8 +8,9 @@ tokens attend to each other both ways (`token_type_ids`), the rest causally; lay
 sliding-window (a local rotary base) or global (their own base), each kind with its mask.
 
 `vit.out` sits after the pool, at the projector's norm: a stage there chooses among a
-view's 256 pooled tokens, ViT scores summed over each token's 4x4 patches; stages inside
-the tower are refused (the pool needs every patch).
+view's 256 pooled tokens, ViT scores summed over each token's 4x4 patches; a stage inside
+the tower keeps or drops whole 4x4 groups, whose patches go back to their raster rows
+before the model's own pool (`vtdsl.compiler.vit_groups`).
 
 `Gemma3Model` builds those masks before its LLM, from the prompt's full length. At
 prefill that is what the LLM hooks gather (each layer its own kind's mask, rows and

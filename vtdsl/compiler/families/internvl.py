@@ -26,9 +26,11 @@ if TYPE_CHECKING:  # pragma: no cover
 class InternVL(SmolVLM):
     """Aspect-matched tiles plus a thumbnail, pixel shuffle before the projector, 1-D RoPE.
 
-    ViT stages sit at `vit.out` only (the IR refuses `vit.layerN`: the shuffle needs every
-    patch): they run in the projector's pre-hook on a tile's 16x16 shuffled tokens, one
-    tile per row of the tower's batch, with ViT scores summed over each token's 2x2 group."""
+    ViT stages keep or drop whole 2x2 groups (merge units) of each tile, one tile per row of
+    the tower's batch (`vtdsl.compiler.vit_groups`): inside the tower the CLS row stays, and
+    the kept patches go back to their raster rows before the model's own shuffle; `vit.out`
+    runs in the projector's pre-hook on the kept units' shuffled tokens, ViT scores summed
+    over each unit's 2x2 patches."""
 
     name = "internvl"
     layout_fields = ("spatial_merge", "tile_range", "merged_features")

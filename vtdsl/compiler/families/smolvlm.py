@@ -27,8 +27,9 @@ class SmolVLM(Family):
     """Tiles plus a global view, pixel-shuffle connector, 1-D RoPE; no size argument.
 
     `vit.out` is the connector's linear layer's input (`merged_features`): a token there is
-    one pixel-shuffled s x s group of a tile, s² patches wide; stages run per tile (one
-    tile per row of the tower's batch), ViT scores summed over each group. The tower's
+    one pixel-shuffled s x s group of a tile, s² patches wide; a `vit.layerN` stage keeps
+    or drops whole groups inside the tower (`vtdsl.compiler.vit_groups`); stages run per
+    tile (one tile per row of the tower's batch), ViT scores summed over each group. The tower's
     patch mask is not followed: the processor squares every tile, so real tiles have none."""
 
     name = "smolvlm"

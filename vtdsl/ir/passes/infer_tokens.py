@@ -45,14 +45,14 @@ def infer_tokens(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
     llm_visual = counts.llm_visual
     if llm_visual is None:
         llm_visual = [spec.llm_entry_tokens(projector_tokens)] * spec.llm.layers
-    if spec.vit_units > 1:  # the merger runs before vit.out there: on the units the blocks hand on
+    if spec.packed_units:  # the merger runs before vit.out there: on the units the blocks hand on
         projector_tokens = _to_projector(counts.feature_patches, spec)
     _annotate_stream(graph)
     graph.graph["vit_tokens"] = counts.vit_tokens
     graph.graph["projector_tokens"] = projector_tokens
     # merge-unit towers keep the processor's placeholders (and M-RoPE positions): the
     # compiled model removes the dropped units' rows at the LLM input
-    graph.graph["image_placeholders"] = (spec.image_tokens if spec.vit_units > 1
+    graph.graph["image_placeholders"] = (spec.image_tokens if spec.packed_units
                                          else spec.llm_entry_tokens(projector_tokens))
     graph.graph["llm_visual"] = llm_visual
     return graph
@@ -108,10 +108,6 @@ class _Counts:
     @classmethod
     def start(cls, spec: ModelSpec) -> _Counts:
         patches = spec.patch_tokens
-        if spec.merged_features:  # what reaches vit.out is merged already (no stage inside the tower)
-            rows, cols = spec.llm_grid
-            return cls(spec, [spec.vit_tokens] * spec.vit.layers, patches, patches, rows * cols, rows * cols,
-                       spec.llm_grid)
         if spec.vit_units > 1:  # ViT stages choose whole merge units: counts in units (LLM tokens)
             rows, cols = spec.llm_grid
             units = rows * cols

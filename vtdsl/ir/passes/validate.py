@@ -110,27 +110,15 @@ def _validate_renumber(graph, spec: ModelSpec, stage: ast.Stage, site: ResolvedS
 def _validate_layout(graph, spec: ModelSpec, stage: ast.Stage, site: ResolvedSite) -> None:
     """What a model family's token layout rules out (docs/language.md, "Model families").
 
-    - A patch merger reading whole merge units in the tower's own order (Qwen2-VL; Qwen2.5-VL
-      in window order, `spec.vit_units`): ViT stages choose whole units, allowed; other
-      patch mergers (pooling, shuffles) would need every patch: ViT stages refused.
+    - A merger of fixed patch groups (Qwen-VL's merge units in the tower's own order;
+      InternVL3's and SmolVLM's pixel shuffle, Gemma 3's pool after it, `spec.vit_units`):
+      ViT stages choose whole groups (merge units), allowed; a patch merger whose groups a
+      ViT stage cannot keep whole: ViT stages refused.
     - Anyres (LLaVA-NeXT): the LLM's visual tokens are the base view, the unpadded grid
       crops and newline tokens, not one grid; spatial selectors there are refused.
     - Image splitting sized for an image (SmolVLM): the LLM's visual tokens are its tiles'
       grids one after the other between text tokens, not one grid; refused alike.
-    - Merged features (InternVL's pixel shuffle before the projector): vit.out chooses among
-      the merged tokens; a stage inside the tower would break the groups the shuffle reads.
     """
-    if site.tower == "vit" and spec.merged_features:
-        if site.layer is not None:
-            m = spec.spatial_merge
-            rows, cols = spec.grid
-            error(graph, f"{spec.name} merges each {m}x{m} group of ViT patches into one token (a pixel shuffle or "
-                  f"a pool) before the projector, which needs every crop's whole {rows}x{cols} patch grid; a stage at "
-                  f"{site.text()} would leave it incomplete (vtdsl keeps whole groups inside a tower only where it "
-                  "lays each group out as consecutive rows, as Qwen-VL's does)", stage.site.span,
-                  expected=f"vit.out (a token there is one merged {m}x{m} group) or an llm.layerN site",
-                  code="model-layout")
-        return
     if site.tower == "vit" and spec.vit_units > 1 and spec.video_frames:
         error(graph, f"ViT stages on {spec.name} choose merge units of one image; on a video of "
               f"{spec.vit_crops} temporal groups vtdsl does not run them", stage.site.span,
@@ -251,7 +239,7 @@ def _image_keys_in_vit(r: _Read):
 
 
 def _no_rope_in_vit(r: _Read):
-    if not r.obs.rope and r.obs.tower == "vit" and r.spec.vit_units > 1:
+    if not r.obs.rope and r.obs.tower == "vit" and r.spec.packed_units:
         return (f"{r.spec.name}'s ViT scores read q and k as its blocks rotate them (2-D RoPE); vtdsl does not "
                 f"read them unrotated at {r.where}", f"'{r.ref.name}' without no_rope", "scorer-args")
     if not r.obs.rope and r.obs.tower == "vit":
