@@ -94,10 +94,12 @@ The same files, unchanged, checked against LLaVA-NeXT (anyres, counted at 672x67
 view + 2x2 crops, 2928 visual tokens), Qwen2.5-VL (counted at 672x672: 576 merged
 tokens), LLaVA-OneVision (anyres_max_9, counted at 2304x2304: base view + 6x6 crops,
 7371 visual tokens), SmolVLM (counted per 384-pixel tile: 81 tokens after the 3x3 pixel
-shuffle; ViT-side stages at `vit.out` only, per tile; an image is up to 17 tiles, each pruned alike), InternVL3 (counted per 448-pixel
-tile: 256 tokens after the 2x2 pixel shuffle; ViT-side stages at `vit.out` only, per tile; an
-image is up to 12 tiles and a thumbnail) and Gemma 3 (one 896-pixel view: 256 tokens after the
-4x4 average pool; pan-and-scan off, as the checkpoint ships), {text} text tokens. ViT-side counts are per crop on the anyres
+shuffle; an image is up to 17 tiles, each pruned alike), InternVL3 (counted per 448-pixel
+tile: 256 tokens after the 2x2 pixel shuffle; an image is up to 12 tiles and a thumbnail) and
+Gemma 3 (one 896-pixel view: 256 tokens after the 4x4 average pool; pan-and-scan off, as the
+checkpoint ships), {text} text tokens. On these three a ViT-side token, at `vit.layerN` as
+at `vit.out`, is one group the shuffle or pool fuses into one LLM token (a merge unit), kept
+or dropped whole per tile. ViT-side counts are per crop on the anyres
 models, so a `vit.out keep 64` hands LLaVA-NeXT's LLM 5 x 64 tokens and LLaVA-OneVision's
 37 x 64 (pruned crops are concatenated, without OneVision's shrink of the intact map: a
 light ViT-side prune can give it more tokens than the intact image). A refused file shows
