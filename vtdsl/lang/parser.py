@@ -28,6 +28,7 @@ from typing import Any, Iterator
 
 from lark import Lark, Token, Tree
 from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedToken
+from lark.lexer import LexerThread
 from pydantic import ValidationError
 
 from ..ops import rest as rest_options
@@ -63,6 +64,19 @@ def grammar() -> Lark:
         propagate_positions=True,
         start=START_RULES,
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _keeping_lexer():
+    """`grammar()`'s lexer that also hands on the %ignore'd tokens (whitespace, comments).
+    `Lark.lex(dont_ignore=True)` builds a new one, scanner regexes included, on every call:
+    most of the time a compile spends parsing a short policy."""
+    return grammar()._build_lexer(dont_ignore=True)
+
+
+def lex_all(text: str):
+    """Every token of `text`, the ignored ones too (no postlexer: the grammar has none)."""
+    return LexerThread.from_text(_keeping_lexer(), text).lex(None)
 
 
 def _rest_grammar() -> str:
@@ -245,7 +259,7 @@ def parse_source(text: str, filename: str = "<policy>") -> Parsed:
 
     current: list[Token] = []
     try:
-        for tok in grammar().lex(text, dont_ignore=True):
+        for tok in lex_all(text):
             if tok.type == "WS":
                 continue
             if tok.type == "COMMENT":
@@ -935,7 +949,7 @@ def parse_value(text: str, start: str, where: _Where):
     """
     tokens: list[Token] = []
     try:
-        for tok in grammar().lex(text, dont_ignore=True):
+        for tok in lex_all(text):
             if tok.type in ("WS", "COMMENT"):
                 continue
             if tok.type in _SEPARATORS:
