@@ -614,11 +614,11 @@ def export_model(model, processor, path: Path, record: dict[str, Any]) -> None:
 REFERENCE = {"split": "test", "start": 0, "n": 200, "tolerance": 0.02, "family_tolerance": 0.05}
 
 
-def write_reference(model, processor, path: Path) -> dict[str, Any]:
-    """Record the unpruned accuracy and predictions on a fixed 200-example test slice; the
-    tests check the shipped model against it."""
+def write_reference(model, processor, path: Path, benchmark=bench) -> dict[str, Any]:
+    """Record the unpruned accuracy and predictions on a fixed 200-example test slice of
+    `benchmark` (v1's `bench` or v2's `bench2`); the tests check the shipped model against it."""
     ref = dict(REFERENCE)
-    exs = bench.generate(ref["split"], ref["n"], start=ref["start"])
+    exs = benchmark.generate(ref["split"], ref["n"], start=ref["start"])
     res = evaluate(model, exs, processor, batch_size=50, progress=False, return_predictions=True)
     ref.update(overall=res["overall"], per_family=res["per_family"], predictions=res["predictions"],
                torch=torch.__version__)

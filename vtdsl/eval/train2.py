@@ -172,11 +172,14 @@ class Stream:
 
 @dataclass
 class TrainConfig:
-    # The defaults fit 100 minutes on 2 idle CPU cores by the measurement in docs/vtbench.md
-    # (vision phase ~1.8 s a step, full phase ~9.5 s); a GPU (`--device cuda`) affords more.
-    steps: int = 440  # full-phase steps
+    # The defaults fit 100 minutes on 2 idle CPU cores: the vision phase ~0.8 s a step, the
+    # full phase ~4.8 s with all 576 tokens and ~3 s dropping (docs/vtbench.md); a GPU
+    # (`--device cuda`) affords more. 32 questions per image cost +37 % over 8 (the 576
+    # image tokens dominate a step) for 4x the answer supervision: at 8, 440 steps reached
+    # only 23 % val accuracy.
+    steps: int = 1300  # full-phase steps
     batch_size: int = 8
-    questions: int = 8
+    questions: int = 32
     lr: float = 1e-3
     warmup: int = 50
     min_lr_ratio: float = 0.05
@@ -193,7 +196,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     device: str = "cpu"
-    eval_every: int = 110
+    eval_every: int = 260
     val_n: int = 200
     final_n: int = 500
     ckpt_every: int = 50
@@ -429,6 +432,7 @@ def train(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
     model.save_pretrained(export, safe_serialization=True)
     session.processor.save_pretrained(export)
     (export / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    v1.write_reference(model, session.processor, export, bench2)
     _log(f"exported to {export}")
     return record
 
