@@ -193,6 +193,44 @@ def interleaved(fns: dict[str, Callable], repeats: int) -> tuple[dict[str, list[
     return cpu, wall
 
 
+def timing_args(doc: str, repeats: int = 7):
+    """The options every timing script takes; returns the parser for more."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; see README)")
+    return parser
+
+
+def plain_call(fn: Callable) -> Callable[[], Stopwatch]:
+    def run():
+        with Stopwatch() as sw:
+            fn()
+        return sw
+
+    return run
+
+
+def compiled_call(model, plan, fn: Callable, after: Callable[[], None] | None = None) -> Callable[[], Stopwatch]:
+    """Times `fn()` with `plan` installed on `model` (installing and `after()`, which may read
+    the compiled model's logs, are not timed); the model is left uncompiled."""
+    import vtdsl.compiler as vc
+
+    def run():
+        vc.compile(plan, model)
+        try:
+            with Stopwatch() as sw:
+                fn()
+            if after is not None:
+                after()
+            return sw
+        finally:
+            vc.uncompile(model)
+
+    return run
+
+
 def med(xs: list[float]) -> float:
     return statistics.median(xs)
 

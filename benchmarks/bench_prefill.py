@@ -54,25 +54,9 @@ def main() -> dict:
         with torch.inference_mode():
             return model(**inputs, logits_to_keep=1)
 
-    def under(plan):
-        def run():
-            vc.compile(plan, model)  # installing is not timed
-            try:
-                with C.Stopwatch() as sw:
-                    prefill()
-                return sw
-            finally:
-                vc.uncompile(model)
-
-        return run
-
-    def plain():
-        with C.Stopwatch() as sw:
-            prefill()
-        return sw
-
     # --------------------------------------------------------------- item 1: latency
-    fns = {"unpruned": plain, **{name: under(plan) for name, plan in plans.items()}}
+    fns = {"unpruned": C.plain_call(prefill), **{name: C.compiled_call(model, plan, prefill)
+                                                  for name, plan in plans.items()}}
     cpu, wall = C.interleaved(fns, args.repeats)
     base_cpu, base_wall = C.med(cpu["unpruned"]), C.med(wall["unpruned"])
     rows = []

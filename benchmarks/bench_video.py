@@ -35,7 +35,6 @@ and splits the forward into ViT, LLM and lm_head.
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import _common as C
@@ -111,25 +110,11 @@ def latency(model, prefill, plans, repeats):
 
     kept = {}
 
-    def under(name, plan):
-        def run():
-            vc.compile(plan, model)
-            try:
-                with C.Stopwatch() as sw:
-                    prefill()
-                kept[name] = vc.kept_counts(model)["llm"]
-                return sw
-            finally:
-                vc.uncompile(model)
+    def log(name):
+        return lambda: kept.__setitem__(name, vc.kept_counts(model)["llm"])
 
-        return run
-
-    def plain():
-        with C.Stopwatch() as sw:
-            prefill()
-        return sw
-
-    fns = {"unpruned": plain, **{name: under(name, plan) for name, plan in plans.items()}}
+    fns = {"unpruned": C.plain_call(prefill),
+           **{name: C.compiled_call(model, plan, prefill, log(name)) for name, plan in plans.items()}}
     cpu, wall = C.interleaved(fns, repeats)
     return cpu, wall, kept
 
@@ -139,18 +124,23 @@ def instrumented(model, prefill, plan, repeats) -> list[dict]:
     import vtdsl.compiler as vc
 
     before = HookTimer.snapshot(model)
+    undo = []  # run last-first whatever happens
+    timer = None
     if plan is not None:
         vc.compile(plan, model)
-    timer = HookTimer(model, before) if plan is not None else None
+        undo.append(lambda: vc.uncompile(model))
+        timer = HookTimer(model, before)
+        undo.append(timer.remove)
     parts = QwenParts(model)
+    undo.append(parts.remove)
+    resets = [parts.reset] + ([timer.reset] if timer else [])
     runs = []
     try:
         prefill()  # warm-up
         for _ in range(repeats):
             C.gc.collect()
-            parts.reset()
-            if timer:
-                timer.reset()
+            for reset in resets:
+                reset()
             with C.Stopwatch() as sw:
                 prefill()
             sites = dict(timer.totals) if timer else {}
@@ -160,11 +150,8 @@ def instrumented(model, prefill, plan, repeats) -> list[dict]:
                 run[part] = parts.totals[part] - sum(v for k, v in sites.items() if k.startswith(path + "."))
             runs.append(run)
     finally:
-        parts.remove()
-        if timer:
-            timer.remove()
-        if plan is not None:
-            vc.uncompile(model)
+        for fn in reversed(undo):
+            fn()
     return runs
 
 
@@ -250,10 +237,7 @@ def report(base_cpu, rows, overhead) -> None:
 
 
 def main() -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; see README)")
-    args = parser.parse_args()
+    args = C.timing_args(__doc__).parse_args()
 
     import torch
 
