@@ -25,7 +25,7 @@ from ..ops.rest.base import RestPlan
 Tower = Literal["vit", "llm"]
 # Which attention rows a score reads (queries); "none" for scores without attention.
 # "raters": SparseVLM's text raters, the question tokens most relevant to the image.
-Queries = Literal["cls", "all", "last_text", "all_text", "raters", "visual", "none"]
+Queries = Literal["cls", "all", "last_text", "last4_text", "all_text", "raters", "visual", "none"]
 
 
 @dataclass(frozen=True)

@@ -342,6 +342,11 @@ def _query_rows(ctx: ScoreContext, q: Tensor, cos: Tensor, sin: Tensor) -> tuple
     if queries == "last_text":
         rows = apply_rope(q[:, :, -1:], cos[:, -1:], sin[:, -1:])
         return rows, (mask[:, :, -1:, :] if mask is not None else None), None, None
+    if queries == "last4_text":  # FrameFusion's rows: the prompt's last 4, causal among themselves
+        rows = apply_rope(q[:, :, -4:], cos[:, -4:], sin[:, -4:])
+        if mask is not None:
+            return rows, mask[:, :, -4:, :], None, None
+        return rows, None, torch.arange(n - 4, n, device=q.device), None
     if queries == "all":
         return apply_rope(q, cos, sin), mask, (torch.arange(n, device=q.device) if mask is None else None), None
     if queries not in ("all_text", "raters", "visual"):
@@ -399,6 +404,8 @@ def attention_cost(obs: Any, size: ScoreSize) -> int:
         raise ValueError(f"observation {obs.scorer} at vit.layer{obs.layer} reads text queries ({q})")
     if q in ("cls", "last_text"):
         m = 1
+    elif q == "last4_text":
+        m = 4
     elif q in ("all_text", "raters"):  # raters: every text row is computed, the raters averaged
         m = size.text
     elif q == "visual":
@@ -423,10 +430,12 @@ register(
                 "tokens' queries only (LLM)", cost=attention_cost, kernel=_attn,
     ),
     ScorerInfo(
-        "text", ("llm",), args=("last", "all", "raters"), max_args=1, default_args=("last",),
-        canonical="text", queries={("last",): "last_text", ("all",): "all_text", ("raters",): "raters"}, rank=30,
-        summary="attention from the last text token; text(all): mean over all text tokens; text(raters): "
-                "over SparseVLM's raters (LLM only)",
+        "text", ("llm",), args=("last", "last4", "all", "raters"), max_args=1, default_args=("last",),
+        canonical="text", queries={("last",): "last_text", ("last4",): "last4_text", ("all",): "all_text",
+                                   ("raters",): "raters"}, rank=30,
+        summary="attention from the last text token; text(last4): mean over the prompt's last 4 rows "
+                "(FrameFusion); text(all): mean over all text tokens; text(raters): over SparseVLM's raters "
+                "(LLM only)",
         tower_error="'{name}' reads attention from text tokens, which exist only inside the LLM (not at {where})",
         cost=attention_cost, kernel=llm_attention,
     ),
