@@ -32,6 +32,8 @@ POLICIES = [
     "at vit.layer1 pool 2x2; at llm.layer2 keep attn top 8 per region 2x2",
     # scores read on a layer's own input (PDrop), one query row and all rows
     "at llm.layer1 keep text@llm.layer1 top 50%\nat llm.layer3 keep text(all)@llm.layer3 top 25%",
+    # FrameFusion's last 4 rows, after a layer and on a layer's input (every row projected)
+    "at llm.layer1 keep text(last4) top 50%\nat llm.layer2 keep text(last4)@llm.layer2 top 50%",
 ]
 
 

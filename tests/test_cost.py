@@ -309,6 +309,7 @@ def test_scorer_extras_equal_the_counted_matmuls(llava7b):
         (obs("vit", 5, "all"), lambda: attn_rows(577, 577, Hv, dhv)),
         (obs("llm", 1, "last_text"), lambda: attn_rows(1, text + 144, H, dh)),
         (obs("llm", 8, "all_text"), lambda: attn_rows(text, text + 72, H, dh)),
+        (obs("llm", 8, "last4_text"), lambda: attn_rows(4, text + 72, H, dh)),
         (obs("llm", 8, "all"), lambda: attn_rows(text + 72, text + 72, H, dh)),
         (obs("llm", 8, "none", scorer="norm"), lambda: None),
     ]

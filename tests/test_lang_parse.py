@@ -196,6 +196,7 @@ def test_scorer_table_drives_the_parser():
             p = parse(f"at llm.layer2 keep {name}({arg}) top 1")
             assert p.stages[0].action.terms[0].score.args == [arg]
     assert SCORERS["text"].queries_for(()) == "last_text"
+    assert SCORERS["text"].queries_for(("last4",)) == "last4_text"
     assert SCORERS["text"].queries_for(["all"]) == "all_text"
     assert SCORERS["anchors"].canonical == "attn"
 

@@ -181,7 +181,7 @@ def observation_flops(k: _Constants, obs, vit_tokens, llm_visual, T: int) -> int
     visual = llm_visual[obs.layer - 1]
     n = T + visual
     score = cost(obs, ScoreSize(n=n, visual=visual, text=T, width=k.llm_qd))
-    q_rows = 1 if obs.queries in _ONE_QUERY else 4 if obs.queries == "last4_text" else n
+    q_rows = 1 if obs.queries in _ONE_QUERY else n
     spec_t = k.spec.llm
     return 2 * n * spec_t.hidden * spec_t.kv_width + 2 * q_rows * spec_t.hidden * spec_t.q_width + score
 
