@@ -71,7 +71,7 @@ def test_correlations_follow_the_published_order():
 
 @pytest.mark.slow
 def test_small_report_matches_vtdsl_eval(tmp_path):
-    """On v1's model, 21 test examples: calibrate's accuracies equal `vtdsl eval --rescale`'s
+    """On v1's model, 42 test examples: calibrate's accuracies equal `vtdsl eval --rescale`'s
     on the same files, FastV's count variants run, and the grid-row shares add up."""
     from vtdsl.cli import main
 
@@ -79,11 +79,11 @@ def test_small_report_matches_vtdsl_eval(tmp_path):
     policies.mkdir()
     for name in ("fastv", "visionzip-64", "pool-64"):
         shutil.copy(ROOT / "policies" / f"{name}.vt", policies)
-    report = cal.calibrate("tiny-llava-vtbench", n=21, split="test", policies=policies, resamples=50, progress=False)
+    report = cal.calibrate("tiny-llava-vtbench", n=42, split="test", policies=policies, resamples=50, progress=False)
     rows = {r["label"]: r for r in report["rows"]}
     assert set(rows) == {"fastv", "fastv-192*", "fastv-128*", "fastv-64*", "visionzip-64", "pool-64"}
     result = CliRunner().invoke(main, ["eval", str(policies / "visionzip-64.vt"), str(policies / "pool-64.vt"),
-                                       "--model", "tiny-llava-vtbench", "--n", "21", "--rescale", "--json"])
+                                       "--model", "tiny-llava-vtbench", "--n", "42", "--rescale", "--json"])
     assert result.exit_code == 0, result.output
     by_name = {r["policy"]: r for r in json.loads(result.stdout)["results"]}
     assert report["unpruned"]["accuracy"] == pytest.approx(by_name["unpruned"]["accuracy"])
@@ -91,5 +91,7 @@ def test_small_report_matches_vtdsl_eval(tmp_path):
         assert rows[label]["accuracy"] == pytest.approx(by_name[label]["accuracy"])
         lo, hi = rows[label]["interval"]
         assert lo <= rows[label]["retention"] <= hi
-    shares = report["checks"]["rows_of_the_grid"]["fastv_64_kept_share_by_row"]
+    rows_of_grid = report["checks"]["rows_of_the_grid"]
+    assert set(rows_of_grid["locate_accuracy_by_row"]["unpruned"]) == {"top", "middle", "bottom"}
+    shares = rows_of_grid["fastv_64_kept_share_by_row"]
     assert set(shares) == {"top", "middle", "bottom"} and sum(shares.values()) == pytest.approx(1.0)

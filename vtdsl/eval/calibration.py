@@ -268,8 +268,11 @@ def checks(runs: Sequence[Run], point: np.ndarray, boot: np.ndarray) -> dict[str
 ROWS = ("top", "middle", "bottom")
 
 
-def _region_row(answer: str) -> str:
-    return "top" if answer.startswith("top") else "bottom" if answer.startswith("bottom") else "middle"
+def _region_row(example) -> str:
+    """The grid row (third) of the asked place: v1's `locate` names it in the question
+    (meta "location"), v2's answers with it; both spell regions as top-left .. bottom-right."""
+    where = example.meta.get("location") or example.answer
+    return "top" if where.startswith("top") else "bottom" if where.startswith("bottom") else "middle"
 
 
 def _grid_rows(runs, correct: np.ndarray, base: np.ndarray, examples, model, processor, spec,
@@ -277,7 +280,7 @@ def _grid_rows(runs, correct: np.ndarray, base: np.ndarray, examples, model, pro
     """FEATHER's finding, measured: where in the grid FastV-64's kept tokens lie, and
     `locate` accuracy by the row of the asked object, unpruned and per 64-token method."""
     locate = [i for i, ex in enumerate(examples) if ex.family == "locate"]
-    by_row = {row: [i for i in locate if _region_row(examples[i].answer) == row] for row in ROWS}
+    by_row = {row: [i for i in locate if _region_row(examples[i]) == row] for row in ROWS}
     accuracy = {"unpruned": {row: float(base[ix].mean()) for row, ix in by_row.items() if ix}}
     for i, r in enumerate(runs):
         if r.budget == 64:
