@@ -63,7 +63,7 @@ def main() -> None:
     report = calibrate(args.model, n=args.n, split=args.split, policies=C.ROOT / "policies",
                        resamples=args.resamples)
     report["seconds"] = round(time.time() - t0, 1)
-    report["machine"] = C.machine() if hasattr(C, "machine") else None
+    report["machine"] = C.machine()
     name = os.path.basename(os.path.normpath(args.model))
     out = args.out or C.RESULTS / f"calibration-{name}.json"
     with open(out, "w") as f:

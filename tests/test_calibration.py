@@ -39,6 +39,7 @@ def test_zoo_runs_cover_every_published_method_at_every_budget():
             assert (method, budget) in have, (method, budget)
     labels = {r.label: r for r in runs}
     # the unsuffixed files sit at their papers' budgets; FastV and PruMerge get count variants
+    assert labels["visionzip"].path == "policies/visionzip.vt"  # as the repository names it, not this checkout
     assert labels["visionzip"].budget == 192 and labels["dart"].budget == 128 and labels["holov"].budget == 64
     assert "keep text top 64" in labels["fastv-64*"].source and 'policy "fastv-64"' in labels["fastv-64*"].source
     assert "top 128 then absorb 32" in labels["prumerge-128*"].source

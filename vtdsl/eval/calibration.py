@@ -75,23 +75,25 @@ class Run:
 def zoo_runs(policies: Path) -> list[Run]:
     """Every image method of the zoo at each budget it has a file (or variant) for, then
     the files whose setting is not one of the budgets."""
+    from ..lang.source import parse_text
+
     runs: list[Run] = []
     for path in sorted(policies.glob("*.vt")):
         m = re.fullmatch(r"(.+?)(?:-(\d+))?", path.stem)
         method, suffix = m.group(1), m.group(2)
         text = path.read_text(encoding="utf-8")
-        model = re.search(r'^model "([^"]+)"', text, re.M)
-        if method in SKIPPED or (model and model.group(1) != "llava-1.5-7b"):  # family files: another model
+        shown = f"{policies.name}/{path.name}"  # reports name the file as the repository does
+        if method in SKIPPED or parse_text(text, filename=shown).model != "llava-1.5-7b":  # family files
             continue
         budget = int(suffix) if suffix else UNSUFFIXED_BUDGET.get(method)
-        runs.append(Run(method, budget if budget in BUDGETS else None, path.stem, text, str(path)))
+        runs.append(Run(method, budget if budget in BUDGETS else None, path.stem, text, shown))
         if method in VARIANTS and not suffix:
             old, new = VARIANTS[method]
             if old not in text:
                 raise ValueError(f"{path}: the variant rule expects {old!r}")
             for n in BUDGETS:
                 variant = text.replace(old, new.format(n=n)).replace(f'policy "{method}"', f'policy "{method}-{n}"')
-                runs.append(Run(method, n, f"{method}-{n}*", variant, str(path)))
+                runs.append(Run(method, n, f"{method}-{n}*", variant, shown))
     return runs
 
 
@@ -172,14 +174,15 @@ def plan_for(run: Run, spec):
 
 
 def correctness(model, processor, examples: Sequence[Any], plan=None, spec=None, batch_size: int = 50) -> np.ndarray:
-    """Per-example correctness (bool ``[n]``) of the model, with `plan` installed if given.
-    Adaptive counts are one per forward, so an adaptive plan runs one image per batch."""
+    """Per-example correctness (bool ``[n]``) of the model, with `plan` installed if given
+    (an adaptive plan one image per forward, as `vtdsl eval` runs it)."""
     from .. import compiler
+    from .compare import batch_size_for
     from .harness import evaluate
 
     def run() -> dict[str, Any]:
-        size = 1 if plan is not None and plan.adaptive else batch_size
-        return evaluate(model, examples, processor, batch_size=size, progress=False, return_predictions=True)
+        return evaluate(model, examples, processor, batch_size=batch_size_for(plan, batch_size), progress=False,
+                        return_predictions=True)
 
     if plan is None:
         result = run()
@@ -331,8 +334,9 @@ def renumber_penalty(model, processor, spec, examples, base: np.ndarray, batch_s
     for budget in BUDGETS:
         k = max(1, round(budget * spec.image_tokens / 576))
         acc = {}
-        for mode, suffix in (("own_positions", ""), ("renumbered", " renumber")):
-            text = f'policy "random-{k}{suffix.strip() and "-renumber"}"\nat llm.layer0 keep random {k} seed 0{suffix}\n'
+        for mode, renumber in (("own_positions", False), ("renumbered", True)):
+            name, tail = (f"random-{k}-renumber", " renumber") if renumber else (f"random-{k}", "")
+            text = f'policy "{name}"\nat llm.layer0 keep random {k} seed 0{tail}\n'
             plan = check(parse_text(text, filename="<renumber>"), spec)
             acc[mode] = float(correctness(model, processor, examples, plan, spec, batch_size).mean())
         out[str(budget)] = {"kept": k, **acc, "penalty_points": 100 * (acc["own_positions"] - acc["renumbered"])}

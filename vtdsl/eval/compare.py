@@ -70,6 +70,12 @@ def baseline_sources(tokens: int, grid: tuple[int, int], seed: int = 0) -> list[
             (f"pool-{r}x{c}", f'policy "pool-{r}x{c}"\nat vit.out pool {r}x{c}\n')]
 
 
+def batch_size_for(plan, batch_size: int) -> int:
+    """Images per forward under `plan`: adaptive counts are one per call, so one image per
+    batch gives each image its own."""
+    return 1 if plan is not None and plan.adaptive else batch_size
+
+
 def mean_text_tokens(examples: Sequence[Any], tokenizer: Any) -> int:
     """Mean prompt length without the image placeholders (the cost model's text tokens)."""
     from .bench import prompt
@@ -99,8 +105,7 @@ def compare(plans: Sequence[tuple[str, Any]], model, processor, spec, examples: 
     rows = [_row("unpruned", base, base, spec.image_tokens, 1.0)]
     for name, plan in plans:
         with compiler.apply(plan, model, spec=spec):
-            # adaptive counts are one per call: one image per batch gives each its own
-            res = run(name, 1 if plan.adaptive else batch_size)
+            res = run(name, batch_size_for(plan, batch_size))
         ratio = estimate(plan, text_tokens=text_tokens).flops_ratio
         rows.append(_row(name, res, base, plan.visual_tokens_to_llm, ratio, bound=plan.adaptive))
     return {"model": spec.name, "examples": len(examples), "text_tokens": text_tokens, "results": rows}
