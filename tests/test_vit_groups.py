@@ -279,3 +279,86 @@ def test_cls_free_scores_choose_whole_units_of_each_tile(family, score):
         assert layer.shape == (2 * fam.tiles, out) and all(len(set(row.tolist())) == out for row in layer)
         assert int(layer.min()) >= 1 and int(layer.max()) <= 16
     assert all(set(b.tolist()) <= set(a.tolist()) for a, b in zip(inner, kept["vit.out#1"]))
+
+
+# ---------------------------------------------------------------------------- full size, meta
+# (model, image, stage site, units kept in the tower per tile, units kept at vit.out)
+FULL_SIZE = [("internvl3-8b", (896, 896), 12, 64, 32), ("gemma-3-4b", None, 12, 64, 32),
+             ("smolvlm-2.2b", (1536, 1536), 12, 27, 9)]
+
+
+def _meta_tower_parts(model):
+    """(patch embedding of [tiles, 3, s, s], layers, CLS rows, projector on the kept
+    units' fused rows, LLM) of a meta InternVL3 / Gemma 3 / SmolVLM model."""
+    inner = model.model
+    if hasattr(inner, "connector"):  # SmolVLM: every patch real, so no patch mask
+        vt = inner.vision_model
+        mask = lambda px: torch.ones(px.shape[0], *([px.shape[-1] // 14] * 2), dtype=torch.bool, device="meta")
+        return (lambda px: vt.embeddings(px, mask(px)), vt.encoder.layers, 0,
+                inner.connector.modality_projection, inner.text_model)
+    if hasattr(inner.vision_tower, "encoder") and hasattr(inner.vision_tower.encoder, "layer"):  # InternViT
+        vt = inner.vision_tower
+        return vt.embeddings, vt.encoder.layer, 1, inner.multi_modal_projector, inner.language_model
+    vt, proj = inner.vision_tower, inner.multi_modal_projector  # Gemma 3: pool, norm, one matmul
+    project = lambda units: proj.mm_soft_emb_norm(units) @ proj.mm_input_projection_weight  # noqa: E731
+    return vt.embeddings, vt.encoder.layers, 0, project, inner.language_model
+
+
+def _plain_pruned_prefill(spec, model, at: int, keep: int, out_keep: int, text: int) -> dict[str, int]:
+    """FlopCounterMode by part of a prefill pruned by hand on the meta model: every tile's
+    blocks before `at` on all its rows, the blocks from `at` on CLS + `keep` units' patches,
+    the projector on `out_keep` units per tile (their patches fused: channels side by side,
+    or Gemma 3's pooled mean), the LLM on text + tiles · out_keep visual rows, the head on
+    the last row. Which rows are kept changes no FLOPs, so the first ones are."""
+    embed, layers, cls, project, llm = _meta_tower_parts(model)
+    tiles, unit, dt = spec.vit_crops, spec.spatial_merge ** 2, model.dtype
+    fused = spec.vit.hidden * (1 if spec.family == "gemma3" else unit)
+    got = {}
+
+    def counted(part, fn):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            out = fn()
+        got[part] = counter.get_total_flops()
+        return out
+
+    def tower():
+        h = embed(torch.zeros(tiles, 3, spec.image_size, spec.image_size, device="meta", dtype=dt))
+        for i, layer in enumerate(layers):
+            h = h[:, :cls + keep * unit] if i == at else h
+            out = layer(h, attention_mask=None) if cls == 0 else layer(h)
+            h = out[0] if isinstance(out, tuple) else out
+
+    counted("vit", tower)
+    counted("projector", lambda: project(torch.zeros(tiles, out_keep, fused, device="meta", dtype=dt)))
+    embeds = torch.zeros(1, text + tiles * out_keep, spec.llm.hidden, device="meta", dtype=dt)
+    states = counted("llm", lambda: llm(inputs_embeds=embeds).last_hidden_state)
+    counted("lm_head", lambda: model.lm_head(states[:, -1:]))
+    return got
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, size, at, keep, out_keep", FULL_SIZE, ids=[f[0] for f in FULL_SIZE])
+def test_merge_unit_stages_on_the_full_size_model_cost_what_flop_counter_counts(name, size, at, keep, out_keep):
+    """`at vit.layer12 keep uniform K; at vit.out keep uniform K'` on the full-size meta
+    model (InternVL3-8B at 896x896: 5 tiles of 16x16 2x2 units plus CLS; Gemma 3 4B: one
+    view of 16x16 4x4 units; SmolVLM 2.2B at 1536x1536: 17 tiles of 9x9 3x3 units): a
+    plain pruned prefill counted by FlopCounterMode equals `vtdsl check` part by part,
+    and the tower's and projector's FLOPs by hand."""
+    spec = get_spec(name)
+    spec = spec.for_image(*size) if size else spec
+    model = spec.build(device="meta", attn_implementation="eager")
+    text = 64
+    got = _plain_pruned_prefill(spec, model, at, keep, out_keep, text)
+    src = f"at vit.layer{at} keep uniform {keep}; at vit.out keep uniform {out_keep}"
+    report = estimate(check(src, spec), text_tokens=text, logits="last")
+    assert report.policy.by_part() == {**got, "scorers": 0}
+    d, ffn, tiles, unit = spec.vit.hidden, spec.vit.ffn, spec.vit_crops, spec.spatial_merge ** 2
+    cls = 1 if spec.has_cls else 0
+    n_all, n_kept = cls + spec.grid[0] * spec.grid[1], cls + keep * unit
+    block = lambda n: 2 * n * (4 * d * d + 2 * d * ffn) + 4 * d * n * n  # noqa: E731
+    patch = 2 * spec.grid[0] * spec.grid[1] * 3 * 14 * 14 * d
+    assert got["vit"] == tiles * (patch + at * block(n_all) + (spec.vit.layers - at) * block(n_kept))
+    h = spec.llm.hidden
+    projector = {"internvl": 2 * out_keep * (unit * d * h + h * h), "gemma3": 2 * out_keep * d * h,
+                 "idefics3": 2 * out_keep * unit * d * h}[spec.family]
+    assert got["projector"] == tiles * projector
