@@ -203,15 +203,16 @@ def qwen_compiled():
     stage's kept tokens as lists (the first prompt: LLM stages give prompt positions,
     `vit.out` merged-token ids in raster order, 1 + the token's index). `rescale_to`: a tiny spec name the
     file's layers are first carried onto (`vtdsl.ir.rescale`), for a file whose layers
-    the tiny tower does not have."""
+    the tiny tower does not have; `logits`: (kept, the last position's logits)."""
     from vtdsl.ir.rescale import rescale
     from vtdsl.lang import parse_file
 
-    def run(policy: str, model, inputs: dict, rescale_to: str | None = None) -> dict:
+    def run(policy: str, model, inputs: dict, rescale_to: str | None = None, logits: bool = False):
         source = parse_file(POLICIES / f"{policy}.vt")
         if rescale_to is not None:
             source = rescale(source, get_spec(source.model), get_spec(rescale_to)).policy
         with vc.apply(source, model), torch.no_grad():
-            model(**inputs)
-            return {k: v[0].tolist() for k, v in vc.kept_tokens(model).items()}
+            out = model(**inputs).logits[0, -1]
+            kept = {k: v[0].tolist() for k, v in vc.kept_tokens(model).items()}
+        return (kept, out) if logits else kept
     return run
