@@ -22,6 +22,7 @@ from vtdsl.cost import estimate, estimate_counts
 from vtdsl.ir import check
 from vtdsl.models import get_spec, list_specs
 from vtdsl.models.builtins import builtin_config_dict
+from vtdsl.models.families.gemma3 import with_pan_and_scan
 from vtdsl.models.registry import spec_from_config
 
 from plain_refs import first_error, flops_per_part, last_query_attention, plain_copy, top_rows
@@ -120,7 +121,10 @@ def test_vtdsl_models_lists_both():
 
 
 SIZES = [(100, 100), (896, 896), (500, 1000), (300, 1000), (1000, 300), (2000, 333), (333, 2000), (600, 5000),
-         (256, 700), (700, 256), (255, 1000), (1000, 1300), (1000, 1250), (512, 2400)]
+         (256, 700), (700, 256), (255, 1000), (1000, 1300), (1000, 1250), (512, 2400),
+         # pan-and-scan's edges: the 1.2 ratio, the 256-pixel crop floor, the half-up ratio
+         (1000, 1199), (1000, 1200), (1200, 1000), (300, 511), (300, 512), (256, 513), (400, 1000), (400, 999),
+         (3000, 700), (120, 2000)]
 
 
 @pytest.mark.slow
@@ -130,13 +134,15 @@ def test_visual_tokens_for_image_sizes_equal_the_processor(name, pan_and_scan):
     """The image tokens Gemma 3's processor writes for one image: its image processor's
     `num_crops` (the PIL backend: no torchvision) expanded by the processor's own
     `replace_image_token` (called on a stand-in: constructing the processor needs the
-    checkpoint's tokenizer), with the processor's pan-and-scan defaults."""
+    checkpoint's tokenizer), with the processor's pan-and-scan defaults. With pan-and-scan
+    on, both ways of turning it on count alike: the preprocessor saying so, and
+    `--pan-and-scan` on the registered spec (`with_pan_and_scan`)."""
     from PIL import Image
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
     from transformers.models.gemma3.processing_gemma3 import Gemma3Processor
 
     config = _pan_and_scan_config(name) if pan_and_scan else builtin_config_dict(name)
-    spec = spec_from_config(config, name=name)
+    specs = [spec_from_config(config, name=name)] + ([with_pan_and_scan(get_spec(name))] if pan_and_scan else [])
     settings = {**Gemma3Processor.images_kwargs, "do_pan_and_scan": pan_and_scan}
     settings.pop("do_convert_rgb")
     side = config["vision_config"]["image_size"]
@@ -146,9 +152,10 @@ def test_visual_tokens_for_image_sizes_equal_the_processor(name, pan_and_scan):
         image = Image.fromarray(np.full((height, width, 3), 7, np.uint8))
         out = processor(images=[image], return_tensors="np")
         text = Gemma3Processor.replace_image_token(stand_in, {"num_crops": out["num_crops"]}, 0)
-        sized = spec.for_image(height, width)
-        assert sized.image_tokens == text.count("<img>"), (name, pan_and_scan, height, width)
-        assert sized.vit_crops == out["pixel_values"].shape[0]  # the views the tower encodes
+        for spec in specs:
+            sized = spec.for_image(height, width)
+            assert sized.image_tokens == text.count("<img>"), (name, pan_and_scan, height, width)
+            assert sized.vit_crops == out["pixel_values"].shape[0]  # the views the tower encodes
 
 
 def test_check_cli_counts_pan_and_scan_crops(tmp_path):
@@ -170,6 +177,42 @@ def test_check_cli_counts_pan_and_scan_crops(tmp_path):
     assert run.exit_code == 0, run.output
     out = json.loads(run.output)
     assert (out["visual_tokens_to_llm"], out["crops"], out["stages"][0]["tokens_out"]) == (1024, 4, 512)
+
+
+@pytest.mark.parametrize("model, image, want", [
+    ("gemma-3-4b", "300x1000", (1024, 4, 512)),  # the original view and 3 crops
+    ("gemma-3-4b", "1000x1000", (256, 1, 128)),  # square: pan-and-scan cuts nothing
+    ("gemma-3-4b", "600x5000", (1280, 5, 640)),  # ratio 8.3: the 4-crop ceiling
+])
+def test_check_cli_pan_and_scan_option_on_the_registered_model(tmp_path, model, image, want):
+    """`vtdsl check --pan-and-scan` on the registered gemma-3-4b (its preprocessor leaves
+    pan-and-scan off): the crops the processor cuts with do_pan_and_scan=True."""
+    import json
+
+    from click.testing import CliRunner
+
+    from vtdsl.cli import main
+
+    policy = tmp_path / "p.vt"
+    policy.write_text('policy "p"\nat llm.layer2 keep text top 50%\n')
+    run = CliRunner().invoke(main, ["check", str(policy), "-m", model, "--image", image, "--pan-and-scan", "--json"])
+    assert run.exit_code == 0, run.output
+    out = json.loads(run.output)
+    assert (out["visual_tokens_to_llm"], out["crops"], out["stages"][0]["tokens_out"]) == want
+
+
+def test_check_cli_pan_and_scan_on_another_family_is_refused(tmp_path):
+    from click.testing import CliRunner
+
+    from vtdsl.cli import main
+
+    policy = tmp_path / "p.vt"
+    policy.write_text('policy "p"\nat llm.layer2 keep text top 50%\n')
+    run = CliRunner().invoke(main, ["check", str(policy), "-m", "internvl3-8b", "--image", "300x1000",
+                                    "--pan-and-scan"])
+    assert run.exit_code == 2
+    assert "has no pan-and-scan: only Gemma 3's processor cuts pan-and-scan crops" in run.output
+    assert "Traceback" not in run.output
 
 
 def test_a_hub_style_directory_gives_the_registered_spec(tmp_path):

@@ -53,11 +53,12 @@ def parse_convention(ctx, param, value: str | None) -> str | None:
 
 
 def load_plan(policy_file: str, model: str | None, syntax: str | None = None,
-              image: tuple[int, int] | None = None, video: tuple[int, int, int] | None = None):
+              image: tuple[int, int] | None = None, video: tuple[int, int, int] | None = None,
+              pan_and_scan: bool = False):
     """Parse POLICY (path or '-') and check it against MODEL (default: the policy's hint),
     for an image of `image` = (height, width) pixels when given (anyres and
     dynamic-resolution models count tokens by image size), or a video of `video` =
-    (frames, height, width)."""
+    (frames, height, width); `pan_and_scan`: Gemma 3's processor cuts its crops."""
     from ..ir import check
     from ..lang.errors import Diagnostic, PolicyError
     from ..models import get_spec
@@ -78,6 +79,13 @@ def load_plan(policy_file: str, model: str | None, syntax: str | None = None,
             source=text,
             filename=filename,
         )
+    if pan_and_scan:
+        from ..models.families.gemma3 import with_pan_and_scan
+
+        try:
+            model = with_pan_and_scan(get_spec(model))
+        except PolicyError as err:
+            raise PolicyError(err.diagnostics, source=text, filename=filename) from None
     if image is not None or video is not None:
         spec = get_spec(model)
         try:
@@ -259,6 +267,9 @@ def _budget_value(verdict: dict) -> str:
 @click.option("--video", metavar="FRAMESxHxW", callback=parse_video_size,
               help="A video prompt instead of an image (qwen2-vl-7b, qwen2.5-vl-7b): frames, then each frame's "
                    "height x width in pixels; exclusive with --image.")
+@click.option("--pan-and-scan", is_flag=True,
+              help="Gemma 3: count the pan-and-scan crops the processor cuts from --image when called with "
+                   "do_pan_and_scan=True (the checkpoints' preprocessor leaves it off).")
 @click.option("--device", metavar="NAME",
               help="Predict prefill and decode latency on a device profile: a100, h100, h200, l40s, rtx4090, "
                    "or cpu after `vtdsl calibrate` (or a profile JSON file).")
@@ -270,8 +281,8 @@ def _budget_value(verdict: dict) -> str:
 @guarded
 def check_(policy_file: str, model: str | None, text_tokens: tuple[int, ...], logits: str, convention: str | None,
            newlines: bool, expect_tokens: int | None, budgets: tuple[str, ...], decode_context: int,
-           image: tuple[int, int] | None, video: tuple[int, int, int] | None, device: str | None, batch: int,
-           dtype: str | None, as_json: bool) -> None:
+           image: tuple[int, int] | None, video: tuple[int, int, int] | None, pan_and_scan: bool,
+           device: str | None, batch: int, dtype: str | None, as_json: bool) -> None:
     """Check POLICY against a model: stages, token counts, cost and budget verdicts.
 
     Exit 0 when the policy is valid and within every budget, 1 when over budget,
@@ -283,6 +294,7 @@ def check_(policy_file: str, model: str | None, text_tokens: tuple[int, ...], lo
       vtdsl check policies/visionzip.vt -m llava-1.5-7b --budget "flops <= 25%" --json
       vtdsl check policies/fastv.vt -m llava-next-7b --image 600x800
       vtdsl check policies/fastv.vt -m qwen2.5-vl-7b --video 16x448x448
+      vtdsl check policies/fastv.vt -m gemma-3-4b --image 300x1000 --pan-and-scan
       vtdsl check policies/visionzip-64.vt -m llava-1.5-7b --device h100 --batch 8 --budget "latency <= 40%"
       vtdsl check policies/divprune.vt -m llava-1.5-7b --convention divprune --text-tokens 15,23,83
     """
@@ -291,7 +303,7 @@ def check_(policy_file: str, model: str | None, text_tokens: tuple[int, ...], lo
 
     if image is not None and video is not None:
         raise click.UsageError("--image and --video are exclusive: a prompt is one image or one video")
-    plan, source, filename = load_plan(policy_file, model, image=image, video=video)
+    plan, source, filename = load_plan(policy_file, model, image=image, video=video, pan_and_scan=pan_and_scan)
     extra = [parse_budget(text) for text in budgets]
     mean_text = text_tokens[0] if len(text_tokens) == 1 else round(sum(text_tokens) / len(text_tokens))
     report = estimate(plan, text_tokens=mean_text, logits=logits, decode_context=decode_context)

@@ -6,10 +6,14 @@ attention among one image's tokens) and optional pan-and-scan crops."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from .base import ModelFamily, unsupported
 from .llava import _RENAMES as LLAVA_RENAMES
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..spec import ModelSpec
 
 # The processor's pan-and-scan settings when preprocessor_config.json leaves them null
 # (transformers' Gemma3Processor.images_kwargs): off, 256-pixel crops at least, 4 at most,
@@ -30,6 +34,21 @@ def pan_and_scan(config) -> tuple[int, int, float] | None:
         raise unsupported(f"pan-and-scan settings min_crop_size={low!r}, max_num_crops={most!r}, "
                           f"min_ratio_to_activate={ratio!r}", expected="integers >= 1 and >= 2, a ratio >= 1")
     return low, most, float(ratio)
+
+
+def with_pan_and_scan(spec: ModelSpec) -> ModelSpec:
+    """`spec` counting pan-and-scan crops (`vtdsl check --pan-and-scan`): what the
+    processor does when called with `do_pan_and_scan=True` and its other settings as the
+    checkpoint's preprocessor left them (null there: the processor's defaults). The
+    google/gemma-3-*-it preprocessors leave it off, so the registered specs count one view."""
+    if spec.family != "gemma3":
+        raise unsupported(f"model {spec.name!r} ({spec.family}) has no pan-and-scan: only Gemma 3's processor "
+                          "cuts pan-and-scan crops", expected="--pan-and-scan with a Gemma 3 model")
+    if spec.pan_and_scan:
+        return spec
+    config = spec.config()
+    config.vtdsl_preprocessor = {**(getattr(config, "vtdsl_preprocessor", None) or {}), "do_pan_and_scan": True}
+    return replace(spec, pan_and_scan=pan_and_scan(config))
 
 
 def pooled_layout(config, vc) -> dict[str, Any]:
