@@ -94,6 +94,25 @@ def _gemma3_4b_params() -> int:
 
 
 @pytest.mark.slow
+def test_parameter_counts_equal_kerashubs_gemma3_4b_presets():
+    """The published counts of keras-team/keras-hub @ 00d9f10a,
+    keras_hub/src/models/gemma3/gemma3_presets.py: gemma3_instruct_4b (vision + text)
+    4,299,915,632, gemma3_instruct_4b_text 3,880,099,328, medgemma_4b 4,300,079,472.
+    KerasHub's Gemma 3 embeds 262,144 tokens, google/gemma-3-4b-it 262,208 (64 rows of
+    2560 more; medgemma_4b, the same architecture, counts them). Checks the widths,
+    depths, heads, patch grid and projector of the registered config, each part alone."""
+    model = get_spec("gemma-3-4b").build(device="meta")
+    extra_rows = (262208 - 262144) * 2560
+    per_part = {}
+    for name, p in model.named_parameters():
+        part = "text" if ".language_model." in f".{name}" else "vision"
+        per_part[part] = per_part.get(part, 0) + p.numel()
+    assert per_part["text"] - extra_rows == 3_880_099_328
+    assert sum(per_part.values()) - extra_rows == 4_299_915_632
+    assert sum(per_part.values()) == 4_300_079_472
+
+
+@pytest.mark.slow
 def test_spec_from_the_published_config():
     s = get_spec("gemma-3-4b")
     assert (s.family, s.model_class, s.has_cls, s.spatial_merge, s.pan_and_scan) == (

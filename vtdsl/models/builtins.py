@@ -370,10 +370,8 @@ TINY_QWEN2_VL = {
 _builtin("tiny-qwen2-vl", TINY_QWEN2_VL,
          "tiny random Qwen2-VL (full-attention ViT, 2x2 merger, M-RoPE; 224x224 reference) for tests, float32")
 
-# Qwen/Qwen3-VL-8B-Instruct, as remembered from its config.json and preprocessor_config.json
-# (no network here: not checked against the hub files; the architecture matches transformers
-# 5's Qwen3VL classes and defaults where they coincide): a 27-block LayerNorm ViT (hidden
-# 1152, 16 heads, GELU-tanh MLP 4304, patch 16, temporal patch 2, 2304 learned positions
+# Qwen/Qwen3-VL-8B-Instruct (config.json and preprocessor_config.json): a 27-block
+# LayerNorm ViT (hidden 1152, 16 heads, GELU-tanh MLP 4304, patch 16, temporal patch 2, 2304 learned positions
 # interpolated to each grid), a merger (LayerNorm, 2x2 patches -> Linear 4608->4608, GELU,
 # Linear 4608->4096) and three DeepStack mergers of the same widths on blocks 8, 16 and 24,
 # whose features are added to the visual tokens after LLM layers 0, 1 and 2; Qwen3-8B
@@ -381,6 +379,17 @@ _builtin("tiny-qwen2-vl", TINY_QWEN2_VL,
 # 151936, untied), interleaved M-RoPE sections [24, 20, 20], rope_theta 5e6, bfloat16. The
 # processor resizes every image's area into [65536, 16777216] pixels in 32-pixel units. At a
 # 768x768 reference: 48x48 patches -> 576 visual tokens, the LLaVA-1.5 count.
+# Checked (offline: copies of the checkpoint's metadata, not the hub itself): the GGUF
+# metadata of Ollama's conversion (ollama.com/library/qwen3-vl:8b-instruct-bf16, blob
+# 9b99cf8ef107: 36 blocks, width 4096, FFN 12288, 32 heads, 8 KV heads of 128, RMS eps
+# 1e-6, context 262144, RoPE base 5e6; vision 27 blocks, width 1152, 16 heads, patch 16,
+# temporal patch 2, merge 2, DeepStack [8, 16, 24], pixels 65536..16777216) and a
+# fine-tune's config.json keeping the architecture (huggingface.co/Steinate/Cortex:
+# mrope_section [24, 20, 20] interleaved, vocab 151936, untied, image / video ids 151655 /
+# 151656, eos 151645); Ascend/MindSpeed-MM's examples/qwen3vl/model_8B.json agrees on
+# the depths and widths. Seen only in third-party transcriptions (not checked): the
+# vision FFN 4304, out_hidden_size 4096, num_position_embeddings 2304, vision start / end
+# ids 151652 / 151653; the published total, 8.77 B, agrees with the count they give.
 QWEN3_VL_8B = {
     "architectures": ["Qwen3VLForConditionalGeneration"],
     "model_type": "qwen3_vl",
@@ -409,7 +418,7 @@ QWEN3_VL_8B = {
     },
 }
 _builtin("qwen3-vl-8b", QWEN3_VL_8B,
-         "Qwen3-VL 8B (Qwen/Qwen3-VL-8B-Instruct; config values from memory, not checked against the hub offline): "
+         "Qwen3-VL 8B (Qwen/Qwen3-VL-8B-Instruct): "
          "full-attention ViT + 2x2 merger + DeepStack (blocks 8/16/24 into LLM layers 0-2) + Qwen3-8B with "
          "interleaved M-RoPE; counts at 768x768 (576 visual tokens)")
 
@@ -470,7 +479,13 @@ _builtin("tiny-llava-onevision", TINY_LLAVA_ONEVISION,
 # bfloat16. Its processor resizes the longest edge to 1536 and cuts 384-pixel tiles plus
 # a global view (up to 4x4 + 1 = 17 tiles, 1377 tokens). Values as published on the hub
 # (config.json / preprocessor_config.json); transformers' Idefics3Config defaults
-# describe no released checkpoint.
+# describe no released checkpoint. Checked (offline) against a copy of SmolVLM-Instruct's
+# config.json (huggingface.co/chflame163/ComfyUI_LayerStyle, ComfyUI/models/smol/
+# SmolVLM-Instruct/config.json: image_seq_len 81, image_token_id 49153, scale_factor 3,
+# text width 2048, FFN 8192, head_dim 64, max_position_embeddings 16384) and SmolVLM-
+# Base's (huggingface.co/frontrx/ECGv3: the same and 24 layers). Not checked (the excerpts
+# stop before them): the text vocab 49155, heads 32 / KV 32, rope_theta 273768, the vision
+# config and the processor's 1536 / 384 edges; the published total, 2.25 B, agrees.
 SMOLVLM_2B = {
     "architectures": ["Idefics3ForConditionalGeneration"],
     "model_type": "idefics3",
@@ -575,11 +590,16 @@ _builtin("tiny-llava-vtbench2", TINY_LLAVA_VTBENCH2,
 # tile), a LayerNorm + 4096 -> 3584 -> 3584 GELU projector, Qwen2.5-7B (28 layers, hidden
 # 3584, ffn 18944, 28 heads, 4 KV heads, vocab 151674, rope_theta 1e6, untied head),
 # image_token_id 151667 (<IMG_CONTEXT>), bfloat16. Its processor (GotOcr2 image processor,
-# crop_to_patches forced on) cuts 1 to 12 tiles of 448 px plus a thumbnail. Written from
-# memory of the hub's config.json / preprocessor_config.json (no network here): not
-# verified offline are vocab_size 151674, max_position_embeddings 32768, the hub's
-# rope_scaling entry (left out: it changes no count), image_token_id and max_patches 12;
-# the widths and depths are the published InternViT-300M and Qwen2.5-7B ones.
+# crop_to_patches forced on) cuts 1 to 12 tiles of 448 px plus a thumbnail. Checked
+# (offline) against Ascend/MindSpeed-MM 2.3.0's examples/internvl3/model_8B.json, a
+# training config of this checkpoint: image token 151667, 28 layers, width 3584, FFN
+# 18944, 28 heads, 4 KV heads, q/k/v biases, vocab 151674, max positions 32768, RoPE base
+# 1e6, RMS eps 1e-6, InternViT 24 layers, downsample 0.5; its InternViT-300M block
+# (examples/qwen3vl_dev/model_internvit_qwen3.json): width 1024, FFN 4096, 16 heads,
+# patch 14 at 448 px, q/k/v biases, no QK norm, LayerNorm eps 1e-6, GELU. That file (and
+# the -hf 1B's config.json, hf-internal-testing/tiny-processor-internvl) carries a
+# dynamic RoPE scaling of factor 2, left out here: it changes no count or FLOP. Not
+# checked: max_patches 12 and the layer-scale / mean-pooling flags (from memory).
 INTERNVL3_8B = {
     "architectures": ["InternVLForConditionalGeneration"],
     "model_type": "internvl",
@@ -633,11 +653,15 @@ _builtin("tiny-internvl3", TINY_INTERNVL3,
 # matrix; Gemma 3 text: 34 layers, hidden 2560, ffn 10240 (gated tanh-GELU), 8 heads and 4
 # KV heads of 256, query_pre_attn_scalar 256, every 6th layer global (RoPE theta 1e6, linear
 # scaling 8) and the others sliding over 1024 tokens (theta 1e4), vocab 262208 with tied
-# embeddings, image token 262144 (boi 255999, eoi 256000), bfloat16. Could not be checked
-# offline against the hub's config.json: the widths, depth and window (from the Gemma 3
-# report and transformers' docs; third-party configs agree), the rope scaling and token
-# ids (from memory); the rest are Gemma3TextConfig / SiglipVisionConfig defaults.
-# preprocessor_config.json leaves pan-and-scan null: the processor's default, off.
+# embeddings, image token 262144 (boi 255999, eoi 256000), bfloat16. Checked (offline)
+# against a bf16 copy of the checkpoint's config.json (huggingface.co/mlx-community/
+# gemma-3-4b-it-bf16: width 2560, FFN 10240, 34 layers, linear RoPE scaling 8 on the
+# global layers, window 1024, the vision config, 256 tokens per image, ids 255999 /
+# 256000 / 262144, eos [1, 106]) and KerasHub's published parameter counts
+# (keras-team/keras-hub @ 00d9f10a, gemma3_presets.py: tests/test_gemma3.py matches
+# them part by part). The rest are Gemma3TextConfig / SiglipVisionConfig defaults, as
+# the hub file leaves them; preprocessor_config.json leaves pan-and-scan null: the
+# processor's default, off (`vtdsl check --pan-and-scan` turns it on).
 GEMMA3_4B = {
     "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "mm_tokens_per_image": 256,
     "boi_token_index": 255999, "eoi_token_index": 256000, "image_token_index": 262144,
