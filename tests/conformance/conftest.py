@@ -18,7 +18,7 @@ from vtdsl.models import get_spec
 from . import plain
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
-VISION_START, VISION_END = 251, 252  # tiny-qwen2.5-vl's vision start/end token ids
+VISION_START, VISION_END, QWEN_IMAGE = 251, 252, 250  # tiny Qwen-VL's vision start/end and image ids
 SPEC = get_spec("tiny-llava")
 SEEDS = (0, 1, 2)
 ATTNS = ("eager", "sdpa")
@@ -26,6 +26,18 @@ ATTNS = ("eager", "sdpa")
 # tokens without it (slow: they double the compiled runs)
 IMPLS = ("eager", pytest.param("sdpa", marks=pytest.mark.slow))
 PREFIX = [5, 6, 7]
+
+
+def qwen_image_case(seed: int, rows: int, cols: int, question: int) -> dict:
+    """One Qwen-VL prompt (tiny-qwen2.5-vl / tiny-qwen2-vl ids): 3 text ids, a rows x cols
+    patch image between vision start/end, `question` random ids; random patch pixels
+    (2 frames x 14 x 14 x 3 values per patch), all drawn from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    asked = torch.randint(10, 240, (question,), generator=g).tolist()
+    ids = torch.tensor([[5, 6, 7, VISION_START] + [QWEN_IMAGE] * (rows * cols // 4) + [VISION_END] + asked])
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                pixel_values=torch.randn(rows * cols, 1176, generator=g),
+                image_grid_thw=torch.tensor([[1, rows, cols]]), mm_token_type_ids=(ids == QWEN_IMAGE).int())
 
 
 @dataclass(frozen=True)

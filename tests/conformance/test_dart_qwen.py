@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from .conftest import IMPLS, SEEDS
+from .conftest import IMPLS, SEEDS, qwen_image_case
 
 FILES = {"dart-qwen2.5-vl": "tiny-qwen2.5-vl", "dart-qwen2-vl": "tiny-qwen2-vl"}
 CLAIMS = dict.fromkeys(FILES, 1.0)  # the policies' `# conformance:` lines (1.0: equal kept sets)
@@ -31,14 +31,8 @@ SIZES = ((16, 16), (32, 24))  # patches per side; the merged grid is half of eac
 
 
 def qwen_case(seed: int, rows: int, cols: int) -> dict:
-    """One prompt: 3 text ids, the image between vision start/end, a question of 5 + seed
-    random ids; random patch pixels (2 frames x 14 x 14 x 3 values per patch)."""
-    g = torch.Generator().manual_seed(2000 + seed)
-    question = torch.randint(10, 240, (5 + seed,), generator=g).tolist()
-    ids = torch.tensor([[5, 6, 7, START] + [IMG] * (rows * cols // 4) + [END] + question])
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids),
-                pixel_values=torch.randn(rows * cols, 1176, generator=g),
-                image_grid_thw=torch.tensor([[1, rows, cols]]), mm_token_type_ids=(ids == IMG).int())
+    """One prompt: a question of 5 + seed random ids (`qwen_image_case`)."""
+    return qwen_image_case(2000 + seed, rows, cols, 5 + seed)
 
 
 def dart_keep(model, inputs: dict, by_position: bool = False, reduction_ratio: float = REDUCTION_RATIO,

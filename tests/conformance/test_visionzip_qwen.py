@@ -26,22 +26,17 @@ import torch.nn.functional as F
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_window_index
 
-from .conftest import IMPLS, SEEDS
+from .conftest import IMPLS, SEEDS, qwen_image_case
 
 TINY = "tiny-qwen2.5-vl"
 DOMINANT = {"visionzip-qwen2.5-vl": 0.65, "visionzip-qwen2.5-vl-50": 0.45}  # dominant_num's ratio
 CLAIMS = dict.fromkeys(DOMINANT, 1.0)  # the policies' `# conformance:` lines (1.0: equal kept sets)
-IMG, START, END = 250, 251, 252
+IMG = 250  # tiny-qwen2.5-vl's <|image_pad|>
 SIZES = ((20, 20), (16, 20))
 
 
 def case(seed: int, rows: int, cols: int) -> dict:
-    g = torch.Generator().manual_seed(4000 + seed)
-    question = torch.randint(10, 240, (4 + seed,), generator=g).tolist()
-    ids = torch.tensor([[5, 6, 7, START] + [IMG] * (rows * cols // 4) + [END] + question])
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids),
-                pixel_values=torch.randn(rows * cols, 1176, generator=g),
-                image_grid_thw=torch.tensor([[1, rows, cols]]), mm_token_type_ids=(ids == IMG).int())
+    return qwen_image_case(4000 + seed, rows, cols, 4 + seed)
 
 
 def last_block_score_and_keys(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
