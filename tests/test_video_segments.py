@@ -64,6 +64,11 @@ def rows_of(batch_inputs, b: int) -> torch.Tensor:
     ("at llm.layer0 keep text top 5 per segment 3 belo 0.9", "belo", "did you mean 'below'"),
     ("at llm.layer0 keep text top 5 per window 0", "0", "between 1 and 4096"),
     ("at llm.layer0 keep text top 5 per segment 2 below 1.5", "1.5", "between 0 and 1"),
+    # VidCom2's `per frame softmax T` (tests/test_frame_softmax.py)
+    ("at llm.layer0 keep norm top 25% per frame softmax 0", "0", "temperature above 0"),
+    ("at llm.layer0 keep norm top 25% per frame softmax 1001", "1001", "temperature above 0"),
+    ("at llm.layer0 keep norm top 25% per frame proportional softmax 0.1", "softmax", "unexpected 'softmax'"),
+    ("at llm.layer0 keep norm top 25% per window 4 softmax 0.1", "softmax", "unexpected 'softmax'"),
 ])
 def test_syntax_errors_are_located(src, at, words):
     with pytest.raises(PolicyError) as err:

@@ -87,6 +87,8 @@ def _region_text(stage: ResolvedStage) -> str:
     text = {"crop": " per crop", "frame": f" per frame ({rows} frames)",
             "window": f" per window {rows}", "segment": f" per segment {rows}{below}"}.get(
         kind, f" per region {rows}x{cols}")
+    if stage.region_softmax is not None:
+        return text + f" softmax {stage.region_softmax:g}"
     return text + (" proportional" if stage.region_proportional else "")
 
 

@@ -342,7 +342,7 @@ def _select(stage: ResolvedStage, view: StageView, terms: list[ops.TermSpec], ne
     x, tokens = view.x, view.tokens
     g, n, _ = x.shape
     region_ids, num_regions = _regions(stage, x, tokens)
-    weights = terms[0].scores if stage.region_proportional else None
+    weights = terms[0].scores if stage.region_proportional or stage.region_softmax is not None else None
     if weights is None and stage.region is not None and stage.region[0] == "segment":
         # the clip's own segment count: equal weights share the budget evenly over the
         # segments present, none to the empty ids (per_region's shares)
@@ -356,6 +356,7 @@ def _select(stage: ResolvedStage, view: StageView, terms: list[ops.TermSpec], ne
         region_ids=region_ids,
         num_regions=num_regions,
         region_weights=weights,
+        region_softmax=stage.region_softmax,
         batch=g,
     )
 

@@ -121,6 +121,8 @@ class ResolvedStage:
     region: tuple[str, int, int] | None = None  # ("region", rows, cols) or ("crop", 0, 0)
     # `per region RxC proportional`: shares follow each region's mean of the first term's score
     region_proportional: bool = False
+    # `per frame softmax T`: VidCom2's frame budgets from the first term's frame means
+    region_softmax: float | None = None
     # `per segment C below T`: also cut the clip where consecutive frames' cosine is below T
     below: float | None = None
     merge_rest: int = 0  # merge (ToMe): pairs merged; static: tokens merged in each non-first frame

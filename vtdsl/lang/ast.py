@@ -275,6 +275,8 @@ class Region(Node):
     segments: int | None = None  # `per segment C`: the fewest segments
     below: float | None = None  # `per segment C below T`: also cut where consecutive frames' cosine < T
     proportional: bool = False
+    # `per frame softmax T`: VidCom2's frame budgets at temperature T (> 0)
+    softmax: float | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "Region":
@@ -295,6 +297,8 @@ class Region(Node):
             raise ValueError("'per segment' (and only it) takes a positive number of segments such as 8")
         if self.below is not None and (self.kind != "segment" or not -1 <= self.below <= 1):
             raise ValueError("'below T' follows 'per segment C' only, with a cosine T between -1 and 1")
+        if self.softmax is not None and (self.kind != "frame" or self.proportional or not self.softmax > 0):
+            raise ValueError("'softmax T' follows 'per frame' only, without 'proportional', with a temperature T > 0")
         return self
 
 

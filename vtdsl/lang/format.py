@@ -125,6 +125,8 @@ def format_region(region: ast.Region) -> str:
     if region.kind == "crop":
         return "crop"
     if region.kind == "frame":
+        if region.softmax is not None:
+            return f"frame softmax {format_number(region.softmax)}"
         return "frame" + (" proportional" if region.proportional else "")
     if region.kind == "chunk":
         return f"chunk {region.chunks}" + (" proportional" if region.proportional else "")

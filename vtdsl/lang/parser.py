@@ -766,7 +766,15 @@ class _Builder:
         if kind == "crop":
             return self.node(ast.Region, span, kind="crop")
         if kind == "frame":
-            return self.node(ast.Region, span, kind="frame", proportional=len(tree.children) > 1)
+            option = tree.children[1].data if len(tree.children) > 1 else ""
+            if option == "frame_softmax":
+                tok = tree.children[1].children[1]
+                temperature = float(self.number(tok))
+                if not 0 < temperature <= 1000:
+                    raise _fail(f"'softmax' takes a temperature above 0 (at most 1000), got {show(str(tok))}",
+                                self.span(tok), code="semantic")
+                return self.node(ast.Region, span, kind="frame", softmax=temperature)
+            return self.node(ast.Region, span, kind="frame", proportional=option == "proportional")
         if kind == "chunk":
             tok = tree.children[1]
             value = self.number(tok)

@@ -68,6 +68,7 @@ TERMINAL_WORDS: dict[str, str] = {
     "_REST": "'rest'",
     "_INTO": "'into'",
     "PROPORTIONAL": "'proportional'",
+    "SOFTMAX": "'softmax' and a temperature such as 0.01",
     "RENUMBER": "'renumber'",
     "ALL": "'all'",
     "MEAN": "'mean'",

@@ -24,7 +24,7 @@ __getattr__, __all__ = lazy_attributes(__name__, {
     "vtdsl.ops.scorers.values": ("value_norm", "value_similarity"),
     "vtdsl.ops.similarity": ("pairwise_cosine",),
     "vtdsl.ops.select": ("topk", "diverse", "diverse_sum", "far", "unique", "uniform", "random", "buffers",
-                         "split_chunks", "split_regions", "per_region", "proportional_shares"),
+                         "split_chunks", "split_regions", "per_region", "proportional_shares", "softmax_shares"),
     "vtdsl.ops.counts": ("outlier_count", "entropy_count", "normalised_entropy", "lof_outliers", "lof_count"),
     "vtdsl.ops.keep": ("TermSpec", "select_union"),
     "vtdsl.ops.merge": ("gather_tokens", "merge_rest", "absorb_neighbours", "recycle_clusters", "recycle_cells",

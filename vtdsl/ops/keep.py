@@ -71,6 +71,7 @@ def select_union(
     region_ids: Tensor | None = None,
     num_regions: int | None = None,
     region_weights: Tensor | None = None,
+    region_softmax: float | None = None,
     batch: int | None = None,
     return_terms: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -82,10 +83,8 @@ def select_union(
         Evaluated left to right; term i never picks a token kept by terms ``< i``.
     n : int
         Tokens in the stage.
-    positions : Tensor, optional
-        ``[B, n]`` / ``[n]`` raster grid positions; required by ``buffers``.
-    grid : (int, int), optional
-        ``(rows, cols)``; required by ``buffers``.
+    positions, grid : optional
+        ``[B, n]`` / ``[n]`` raster grid positions and ``(rows, cols)``; required by ``buffers``.
     features : Tensor, optional
         ``[B, n, d]``; required by ``diverse`` / ``unique``. Their cosine matrix is
         computed once per call and shared by all such terms (``2·n²·d`` once per stage).
@@ -94,9 +93,10 @@ def select_union(
     region_ids, num_regions : optional
         ``per region`` / ``per crop``: every term's count is split across the regions
         with `select.per_region`.
-    region_weights : Tensor, optional
-        ``[B, n]`` token scores: each term's count is shared across the regions in
-        proportion to their mean score (`select.proportional_shares`) instead of evenly.
+    region_weights, region_softmax : optional
+        ``[B, n]`` token scores: each term's count is shared across the regions in proportion
+        to their mean score (`select.proportional_shares`) instead of evenly; with
+        `region_softmax` T, by VidCom2's rule at T (`select.softmax_shares`).
     batch : int, optional
         Batch size, needed only when no tensor argument carries it.
     return_terms : bool
@@ -129,10 +129,11 @@ def select_union(
                    taken=torch.zeros(b, n, dtype=torch.bool, device=device),
                    blocked=exclude if exclude is not None else torch.zeros(b, n, dtype=torch.bool, device=device))
     term_of = torch.full((b, n), -1, dtype=torch.long, device=device)
+    weighting = (region_weights, region_softmax)
     for ti, term in enumerate(terms):
         if term.count == 0:
             continue
-        idx = stage.pick(_selector(ti, term, stage), term.count, region_ids, num_regions, region_weights)
+        idx = stage.pick(_selector(ti, term, stage), term.count, region_ids, num_regions, weighting)
         stage.taken.scatter_(1, idx, True)
         term_of.scatter_(1, idx, ti)
     kept = stage.taken.nonzero()[:, 1].view(b, sum(t.count for t in terms))
@@ -170,14 +171,16 @@ class _Stage:
         return self.sim
 
     def pick(self, fn, count: int, region_ids: Tensor | None, num_regions: int | None,
-             region_weights: Tensor | None) -> Tensor:
+             weighting: tuple[Tensor | None, float | None]) -> Tensor:
         """`count` tokens chosen by the selector `fn`, over the whole stage or shared
         across the regions (evenly, or by `region_weights`)."""
         if region_ids is None:
             rows = torch.arange(self.b, device=self.device)
             return fn(count, ~self.taken & ~self.blocked, self.taken, rows)
-        shares = None
-        if region_weights is not None:
+        shares, (region_weights, softmax) = None, weighting
+        if region_weights is not None and softmax is not None:
+            shares = sel.softmax_shares(region_weights, region_ids, num_regions, count, softmax)
+        elif region_weights is not None:
             shares = sel.proportional_shares(region_weights, region_ids, num_regions, count)
         return sel.per_region(fn, count, region_ids, num_regions, taken=self.taken, exclude=self.blocked,
                               shares=shares)

@@ -655,6 +655,64 @@ def proportional_shares(scores: Tensor, region_ids: Tensor, num_regions: int, k:
     return base + rounds[:, None] + (rank < extra[:, None]).long()
 
 
+def softmax_shares(scores: Tensor, region_ids: Tensor, num_regions: int, k: int, temperature: float) -> Tensor:
+    """Tokens per region by VidCom2's frame budget (xuyang-liu16/VidCom2 @ 944a17d,
+    token_compressor/vidcom2/vidcom2.py, `compute_scales` and `select_outlier_indices`,
+    lines 64-78).
+
+    Parameters
+    ----------
+    scores : Tensor
+        ``[B, n]`` token scores; a region weighs by its mean.
+    region_ids : Tensor
+        ``[B, n]`` int64 region of each token (-1: none).
+    num_regions, k, temperature
+        G; the total tokens, which each row of the ``[B, G]`` int64 result adds up to; T.
+
+    Notes
+    -----
+    Over the regions holding tokens, p = softmax(m / T) of their mean scores m, and region g
+    gets ``round(min(1, b·(1 + p_g - mean(p))) · c_g)``, at least 1, at most its c_g
+    tokens, with b = k / (tokens in all regions): VidCom2's ``round(scale · tokens per
+    frame)``. VidCom2 keeps whatever those roundings add up to; here a total off k is
+    brought back to k one token at a time, taking from the regions rounded up most (or
+    giving to those rounded down most; ties: lowest index).
+    """
+    b = scores.shape[0]
+    valid = region_ids >= 0
+    ids = region_ids.clamp(min=0)
+    total = torch.zeros(b, num_regions, device=scores.device).scatter_add_(1, ids, scores.float() * valid)
+    count = torch.zeros(b, num_regions, device=scores.device).scatter_add_(1, ids, valid.float())
+    present = count > 0
+    mean = torch.where(present, total / count.clamp(min=1), torch.full_like(total, float("-inf")))
+    top = mean.max(dim=1, keepdim=True).values
+    probs = torch.softmax((mean - top) / temperature, dim=1)
+    probs_mean = probs.sum(dim=1, keepdim=True) / present.sum(dim=1, keepdim=True).clamp(min=1)
+    base = k / count.sum(dim=1, keepdim=True).clamp(min=1)
+    scale = (base * (1 + probs - probs_mean)).clamp(max=1.0)
+    raw = torch.where(present, scale * count, torch.zeros_like(scale))
+    shares = torch.minimum(torch.round(raw).clamp(min=1), count) * present
+    return torch.stack([_to_total(shares[i], raw[i], count[i], k) for i in range(b)]).long()
+
+
+def _to_total(shares: Tensor, raw: Tensor, cap: Tensor, k: int) -> Tensor:
+    """`shares` ``[G]`` moved one token at a time until they add up to k: the regions whose
+    rounding gave the most (took the most) first, never below 1 while k allows (then 0)
+    nor above `cap`."""
+    shares = shares.clone()
+    floor = 1 if k >= int((cap > 0).sum()) else 0
+    while int(shares.sum()) != k:
+        give = int(shares.sum()) < k
+        off = raw - shares  # > 0: rounded down
+        room = (shares < cap) if give else (shares > floor) & (cap > 0)
+        key = torch.where(room, -off if give else off, torch.full_like(off, float("inf")))
+        g = int(torch.argmin(key))  # argmin: the first on ties
+        if not bool(room[g]):
+            break  # nothing can move (k beyond the tokens): per_region's fill takes over
+        shares[g] += 1 if give else -1
+    return shares
+
+
 SelectFn = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 """``select_fn(count, allowed, taken, rows) -> idx [b', count]`` on the sub-batch ``rows``:
 ``allowed`` ``[b', n]`` = tokens it may choose, ``taken`` ``[b', n]`` = tokens kept so far."""

@@ -55,6 +55,7 @@ def infer_keep(s: StageInput):
     stage_out = ResolvedStage(
         action="keep", tokens_out=out + keep_cls, terms=tuple(picked.terms), region=region, keep_cls=keep_cls,
         region_proportional=proportional, below=action.region.below if action.region is not None else None,
+        region_softmax=action.region.softmax if action.region is not None else None,
         tokens_out_min=out_min + keep_cls if (out_min != out or s.varies) else None,
         rest=rest, **s.common()
     )
@@ -182,9 +183,10 @@ def _resolve_region(s: StageInput, picked: _Kept) -> tuple[tuple | None, bool] |
     region = action.region
     if region is None:
         return None, False
-    if region.proportional and (not picked.terms or picked.terms[0].kind != "top"):
+    weighted = "proportional" if region.proportional else "softmax" if region.softmax is not None else None
+    if weighted is not None and (not picked.terms or picked.terms[0].kind != "top"):
         first = next((t for t in action.terms if not isinstance(t, ast.ClsTokenTerm)), action.terms[0])
-        error(s.graph, "'proportional' shares the budget by each region's mean of the first term's score, "
+        error(s.graph, f"'{weighted}' shares the budget by each region's mean of the first term's score, "
               f"but the first term ('{first.kind}') has no score", first.span,
               expected="a scored first term, such as 'cls top 64 per region 4x4 proportional'", code="region")
         return None
