@@ -162,6 +162,16 @@ def compiled(models):
     return run
 
 
+def video_kept(policy: Path, model, inputs: dict, vid: int, stage: str = "llm.layer0#0") -> list[int]:
+    """The video rows (0 = the clip's first placeholder) a compiled policy's stage keeps on
+    one forward of `inputs`."""
+    with vc.apply(policy, model), torch.no_grad():
+        model(**inputs)
+        kept = vc.kept_tokens(model)[stage][0]
+    first = int((inputs["input_ids"][0] == vid).nonzero()[0])
+    return [p - first for p in kept.tolist()]
+
+
 @pytest.fixture(scope="session")
 def qwen_video():
     """tiny-qwen2.5-vl's video token id and its sharpened {attn: model} pair, with

@@ -103,6 +103,14 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, causal_
     return logits.softmax(-1)
 
 
+def video_embeddings(model, inputs) -> torch.Tensor:
+    """A Qwen-VL video's merged embeddings ``[F·N, d]`` from the plain model: what the
+    video methods compress before the LLM."""
+    with torch.no_grad():
+        out = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    return out.pooler_output[0]
+
+
 def jaccard(a, b) -> float:
     a, b = set(a), set(b)
     return len(a & b) / len(a | b) if a | b else 1.0

@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from .conftest import video_kept
+from .plain import video_embeddings
+
 CLAIMS = {"dycoke": 1.0}  # the policy's `# conformance:` line (1.0: equal kept sets)
 K = 0.7  # dycoke_k, the README's setting
 POLICY = Path(__file__).resolve().parents[2] / "policies" / "dycoke.vt"
@@ -46,22 +49,6 @@ def dycoke_kept(embeds: torch.Tensor, per_frame: int, k: float = K) -> list[int]
     return sorted(f * per_frame + c for f, cells in kept.items() for c in cells)
 
 
-def kept_by_policy(model, inputs, vid: int) -> list[int]:
-    import vtdsl.compiler as vc
-
-    with vc.apply(POLICY, model), torch.no_grad():
-        model(**inputs)
-        kept = vc.kept_tokens(model)["llm.layer0#0"][0]
-    first = int((inputs["input_ids"][0] == vid).nonzero()[0])
-    return [p - first for p in kept.tolist()]
-
-
-def embeddings(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        out = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
-    return out.pooler_output[0]
-
-
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("groups, side", [(6, 16), (2, 20)])
 def test_ttm_keeps_what_dycole_ttm_keeps(qwen_video, attn, groups, side):
@@ -71,8 +58,8 @@ def test_ttm_keeps_what_dycole_ttm_keeps(qwen_video, attn, groups, side):
     per_frame = (side // 2) ** 2
     for seed in (1, 2, 3):
         inputs = clip(groups, side, seed)
-        want = dycoke_kept(embeddings(model, inputs), per_frame)
-        assert kept_by_policy(model, inputs, vid) == want, f"seed {seed}"
+        want = dycoke_kept(video_embeddings(model, inputs), per_frame)
+        assert video_kept(POLICY, model, inputs, vid) == want, f"seed {seed}"
         windows = -(-groups // 4)
         assert len(want) == windows * per_frame + (groups - windows) * int((1 - K) * per_frame)
 
@@ -83,8 +70,8 @@ def test_ttm_differs_only_where_dycokes_loop_stops_early(qwen_video):
     vid, models, clip = qwen_video
     model, per_frame = models["eager"], 64
     inputs = clip(8, 16, 4)
-    embeds = embeddings(model, inputs)
-    want, got = set(dycoke_kept(embeds, per_frame)), set(kept_by_policy(model, inputs, vid))
+    embeds = video_embeddings(model, inputs)
+    want, got = set(dycoke_kept(embeds, per_frame)), set(video_kept(POLICY, model, inputs, vid))
     assert got < want
     extra = sorted(want - got)
     assert all(6 * per_frame <= r < 7 * per_frame for r in extra) and len(extra) == per_frame - 19
