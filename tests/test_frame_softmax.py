@@ -115,3 +115,10 @@ def test_gauss_scores_match_a_per_token_loop(centre):
     got = gaussian_distance(h, frame, centre)
     assert torch.allclose(got.double(), gauss_by_hand(h, frame, centre), atol=1e-5)
     assert bool((got[frame < 0] == 0).all())
+
+
+def test_the_compile_listing_names_the_temperature():
+    import vtdsl.compiler as vc
+
+    stage = check(POLICY, SPEC.for_video(8, 224, 224)).stages[0]
+    assert vc.stage_text(stage).endswith(" per frame (4 frames) softmax 0.01")
