@@ -17,7 +17,8 @@ TINY = {"text_hidden_size": 32, "text_intermediate_size": 64, "text_num_hidden_l
 
 def _cfg(tmp_path, **kw):
     base = dict(vit_steps=2, steps=6, batch_size=2, questions=3, vit_batch_size=4, lr=3e-3, warmup=1, threads=1,
-                eval_every=10**6, val_n=2, chunk=8, pool=2, ckpt_every=4, out=str(tmp_path / "run"), model=TINY)
+                eval_every=10**6, val_n=2, chunk=8, pool=2, ckpt_every=4, out=str(tmp_path / "run"), model=TINY,
+                attn_layer=1)
     return t2.TrainConfig(**{**base, **kw})
 
 
@@ -54,6 +55,80 @@ def test_token_plan_and_positions():
     assert renum["position_ids"][0, s + k].item() == s + k
     assert tok.convert_ids_to_tokens(kept["labels"].tolist()) == ["yes", "top"]
     assert not t2.token_plan(t2.TrainConfig(drop_prob=0.0), 7, 2, 576)[1]
+
+
+def test_asked_patches_cover_the_objects_that_hold_the_answer():
+    objects = [
+        {"type": "shape", "shape": "circle", "color": "red", "size": "small", "box": [8, 16, 20, 28]},
+        {"type": "shape", "shape": "square", "color": "blue", "size": "medium", "box": [100, 100, 120, 116]},
+        {"type": "shape", "shape": "circle", "color": "blue", "size": "small", "box": [180, 0, 192, 8]},
+        {"type": "sign", "char": "K", "color": "green", "box": [64, 64, 72, 72]},
+    ]
+    meta = {"objects": objects}
+
+    def cells(question, answer="yes"):
+        return {(int(i) // 24, int(i) % 24) for i in t2.asked_patches(meta, question, answer).nonzero()}
+
+    red_circle = {(2, 1), (2, 2), (3, 1), (3, 2)}  # x 8..19 -> columns 1-2, y 16..27 -> rows 2-3
+    blue_square = {(r, c) for r in (12, 13, 14) for c in (12, 13, 14)}  # 100..119 / 100..115
+    blue_circle = {(0, 22), (0, 23)}
+    assert cells("Is there a red circle?") == cells("Where is the red circle?") == red_circle
+    assert cells("What size is the blue square?") == blue_square
+    assert cells("What color is the square?") == blue_square
+    assert cells("How many circles are there?", "two") == red_circle | blue_circle
+    assert cells("How many blue shapes are there?", "two") == blue_square | blue_circle
+    assert cells("Is the red circle above the blue square?") == red_circle | blue_square
+    assert cells("What is written on the green sign?", "k") == {(8, 8)}
+    assert cells("Which color is most common?", "blue") == blue_square | blue_circle
+    assert cells("Is there a green cross?", "no") == cells("What pattern is the background?", "dots") == set()
+
+
+def test_align_loss_pulls_patches_towards_the_words_naming_them():
+    tok = t2.build_tokenizer()
+    words = t2.class_words(tok)
+    red_circle, sign_k = t2.PATCH_CLASSES.index("red circle"), t2.PATCH_CLASSES.index("sign K")
+    assert tok.convert_ids_to_tokens(words[red_circle].tolist()) == ["red", "circle"]
+    assert tok.convert_ids_to_tokens(words[sign_k].tolist()) == ["sign", "k"]
+    embed = torch.randn(len(tok), 6, generator=torch.Generator().manual_seed(0))
+    labels = torch.zeros(1, 3, 3, dtype=torch.long)
+    labels[0, 0] = torch.tensor([0, red_circle, sign_k])  # background, a red circle, a sign
+    scene = torch.zeros(1, 5)
+    scene[0, -1] = bench2.PATTERNS.index("dots")
+    projected = torch.randn(1, 3, 6, generator=torch.Generator().manual_seed(1))
+    ids = tok.convert_tokens_to_ids
+    targets = [embed[ids("dots")], (embed[ids("red")] + embed[ids("circle")]) / 2,
+               (embed[ids("sign")] + embed[ids("k")]) / 2]
+    want = sum(1 - float(projected[0, i] @ t / (projected[0, i].norm() * t.norm())) for i, t in enumerate(targets)) / 3
+    got = t2.Heads(4).align_loss(projected, labels, scene, embed, words)
+    assert abs(float(got) - want) < 1e-6
+
+
+def test_attention_guide_loss_is_the_layers_own_attention_mass():
+    # eager attention's weights, with the packed mask as an additive float mask (eager
+    # adds a boolean mask as numbers), are the reference
+    tiny = {**TINY, "text_num_hidden_layers": 3}
+    model = t2.build_model(0, **tiny)
+    model.model.language_model.config._attn_implementation = "eager"
+    tok = t2.build_tokenizer()
+    idx, renumber = t2.token_plan(t2.TrainConfig(drop_prob=1.0, min_keep=0.3, renumber_prob=0.0), 3, 2, 576)
+    qa = [[("Is there a red circle?", "yes"), ("Where is the blue square?", "top")],
+          [("What color is the cross?", "red")]]
+    batch = t2.packed_inputs(tok, qa, idx, renumber, 576)
+    embeds = torch.randn(*batch["input_ids"].shape, tiny["text_hidden_size"], generator=torch.Generator().manual_seed(0))
+    attn, seen = model.model.language_model.layers[1].self_attn, {}
+    hook = attn.register_forward_pre_hook(lambda _m, _a, kw: seen.update(kw), with_kwargs=True)
+    additive = torch.zeros(batch["attention_mask"].shape).masked_fill(~batch["attention_mask"], float("-inf"))
+    with torch.no_grad():
+        weights = model.model.language_model(inputs_embeds=embeds, attention_mask=additive, use_cache=False,
+                                             position_ids=batch["position_ids"], output_attentions=True).attentions[1]
+        hook.remove()
+        rows = batch["label_index"]
+        target = torch.rand(len(rows), embeds.shape[1], generator=torch.Generator().manual_seed(1)) < 0.1
+        target[1] = False  # a row without a target does not count
+        got = t2.attention_guide_loss(attn, seen["hidden_states"], seen["position_embeddings"],
+                                      batch["attention_mask"], rows, target, 3)
+    mass = (weights[rows[:, 0], :3, rows[:, 1]] * target[:, None]).sum(-1)  # (rows, heads 0..2)
+    torch.testing.assert_close(got, -mass[[0, 2]].log().mean(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow  # ~30 s: a few steps at 576 visual tokens, twice
@@ -94,7 +169,7 @@ def test_one_command_trains_evaluates_and_exports(tmp_path):
     out, export = tmp_path / "run", tmp_path / "export"
     args = ["--vit-steps", "1", "--steps", "2", "--batch-size", "2", "--questions", "2", "--vit-batch-size", "2",
             "--val-n", "2", "--final-n", "3", "--chunk", "8", "--pool", "2", "--threads", "1", "--out", str(out),
-            "--export", str(export)] + [a for k, v in TINY.items() for a in ("--model", f"{k}={v}")]
+            "--export", str(export), "--attn-layer", "1"] + [a for k, v in TINY.items() for a in ("--model", f"{k}={v}")]
     assert t2.main(args) == 0
     record = json.loads((export / "training.json").read_text())
     assert record["steps"] == 3 and record["device"] == "cpu" and record["final"]["test"]["n"] == 3

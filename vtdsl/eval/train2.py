@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -127,6 +128,45 @@ def questions_for(ex, k: int, seed: int) -> list[tuple[str, str]]:
     return out
 
 
+_ASKED = (  # question template -> which objects hold its answer (attention targets)
+    (re.compile(r"(?:Is there a|What size is the|Where is the) (\w+) (\w+)\?"),
+     lambda o, m, a: o.get("color") == m[1] and o.get("shape") == m[2]),
+    (re.compile(r"What color is the (\w+)\?"), lambda o, m, a: o.get("shape") == m[1]),
+    (re.compile(r"Is the (\w+) (\w+) .+ the (\w+) (\w+)\?"),
+     lambda o, m, a: (o.get("color"), o.get("shape")) in ((m[1], m[2]), (m[3], m[4]))),
+    (re.compile(r"How many (\w+) shapes are there\?"), lambda o, m, a: o["type"] == "shape" and o["color"] == m[1]),
+    (re.compile(r"How many (\w+) are there\?"),
+     lambda o, m, a: o["type"] == "shape" and bench2.PLURALS[o["shape"]] == m[1]),
+    (re.compile(r"What is written on the (\w+) sign\?"), lambda o, m, a: o["type"] == "sign" and o["color"] == m[1]),
+    (re.compile(r"Which color is most common\?"), lambda o, m, a: o["type"] == "shape" and o["color"] == a),
+)
+
+
+def asked_patches(meta: dict[str, Any], question: str, answer: str) -> torch.Tensor:
+    """(576,) bool: the patches overlapping the objects that hold the answer (none for the
+    background pattern and for absent objects)."""
+    side, p = bench2.IMAGE_SIZE // bench2.PATCH, bench2.PATCH
+    grid = torch.zeros(side, side, dtype=torch.bool)
+    for pattern, holds in _ASKED:
+        m = pattern.fullmatch(question)
+        if m is None:
+            continue
+        for o in meta["objects"]:
+            if holds(o, m, answer):
+                x0, y0, x1, y1 = o["box"]
+                grid[int(y0 // p):int((y1 - 1) // p) + 1, int(x0 // p):int((x1 - 1) // p) + 1] = True
+        break
+    return grid.flatten()
+
+
+def _asked_rows(ex, qa: list[tuple[str, str]], k: int) -> torch.Tensor:
+    """(k, 576) bool: `asked_patches` of each question (rows past the scene's questions empty)."""
+    rows = torch.zeros(k, (bench2.IMAGE_SIZE // bench2.PATCH) ** 2, dtype=torch.bool)
+    for i, (q, a) in enumerate(qa):
+        rows[i] = asked_patches(ex.meta, q, a)
+    return rows
+
+
 class Stream:
     """Train examples by index, rendered a chunk at a time (cached on disk if asked)."""
 
@@ -137,16 +177,18 @@ class Stream:
         self.chunk: tuple[int, dict] | None = None
 
     def _render(self, start: int) -> dict:
-        name = f"v2_{start:09d}_{self.size}_q{self.questions}_s{self.seed}.pt"
+        name = f"v2a_{start:09d}_{self.size}_q{self.questions}_s{self.seed}.pt"
         path = self.cache_dir / name if self.cache_dir else None
         if path is not None and path.exists():
             return torch.load(path)
         exs = bench2.generate("train", self.size, start)
+        qa = [questions_for(e, self.questions, self.seed) for e in exs]
         data = {
             "pixels": torch.from_numpy(np.stack([np.asarray(e.image) for e in exs])).permute(0, 3, 1, 2).contiguous(),
-            "qa": [questions_for(e, self.questions, self.seed) for e in exs],
+            "qa": qa,
             "patch": torch.stack([patch_labels(e.meta) for e in exs]),
             "scene": torch.stack([scene_labels(e.meta) for e in exs]),
+            "asked": torch.stack([_asked_rows(e, q, self.questions) for e, q in zip(exs, qa)]),
         }
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,7 +197,7 @@ class Stream:
         return data
 
     def items(self, first: int, n: int) -> dict:
-        out: dict[str, list] = {"pixels": [], "qa": [], "patch": [], "scene": []}
+        out: dict[str, list] = {"pixels": [], "qa": [], "patch": [], "scene": [], "asked": []}
         for i in range(first, first + n):
             if self.pool:
                 i = i % VIT_OFFSET % self.pool + (VIT_OFFSET if i >= VIT_OFFSET else 0)
@@ -193,6 +235,16 @@ class TrainConfig:
     drop_prob: float = 0.5  # share of full-phase batches that drop tokens
     min_keep: float = 0.1  # their keep ratio is uniform in [min_keep, 1]
     renumber_prob: float = 0.5  # share of dropping batches whose kept tokens are renumbered
+    # Attention supervision: heads 0..attn_heads-1 of LLM layer attn_layer are pushed to put
+    # their attention from each question's last token on the asked objects' patches. Without
+    # it the 16-layer LLM stays at the questions' prior (docs/vtbench.md, "training runs").
+    attn_weight: float = 1.0
+    attn_layer: int = 2
+    attn_heads: int = 4
+    # Feature alignment (LLaVA's stage 1 in miniature): each projected patch is pulled (cosine)
+    # towards the mean word embedding of what covers it ("red circle", "sign k", the pattern).
+    align_weight: float = 1.0
+    init_tower: str | None = None  # a checkpoint whose tower (and CLS/patch heads) start this run
     seed: int = 0
     threads: int = 2
     device: str = "cpu"
@@ -232,6 +284,14 @@ def token_plan(cfg: TrainConfig, step: int, batch: int, n: int) -> tuple[torch.T
     return idx, torch.rand((), generator=g).item() < cfg.renumber_prob
 
 
+def class_words(tokenizer) -> torch.Tensor:
+    """(len(PATCH_CLASSES) + len(PATTERNS), 2) word ids naming each patch class (a colour and
+    a shape, or "sign" and the character), then each background pattern (twice)."""
+    names = [c.lower().split() for c in PATCH_CLASSES] + [[p, p] for p in bench2.PATTERNS]
+    names[0] = ["background", "background"]  # never read: background patches take their pattern
+    return torch.tensor([tokenizer.convert_tokens_to_ids(n) for n in names])
+
+
 class Heads(torch.nn.Module):
     """Training-only heads (not shipped): the CLS objective and the patch probes."""
 
@@ -239,6 +299,16 @@ class Heads(torch.nn.Module):
         super().__init__()
         self.cls = torch.nn.Linear(width, len(SCENE_LABELS) + len(bench2.PATTERNS))
         self.patch = torch.nn.Linear(width, len(PATCH_CLASSES) + 9 + 2)
+
+    def align_loss(self, projected: torch.Tensor, labels: torch.Tensor, scene: torch.Tensor,
+                   embed: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        """1 - cos(projected patch, mean embedding of the words naming its content);
+        `words` (classes + patterns, 2) holds the word ids of each patch class, then of each
+        background pattern (for background patches)."""
+        cls = labels[:, 0]  # (B, 576) patch class, 0 = background
+        pattern = len(PATCH_CLASSES) + scene[:, -1].long()[:, None].expand_as(cls)
+        target = embed.detach()[words[torch.where(cls == 0, pattern, cls)]].mean(-2)
+        return (1 - torch.nn.functional.cosine_similarity(projected, target, dim=-1)).mean()
 
     def cls_loss(self, cls_token: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         out, k = self.cls(cls_token), len(SCENE_LABELS)
@@ -274,6 +344,30 @@ def packed_inputs(tokenizer, qa: list, idx: torch.Tensor, renumber: bool, n_imag
             "label_index": torch.tensor(index), "labels": torch.tensor(labels)}
 
 
+def attention_guide_loss(attn, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                         mask: torch.Tensor, rows: torch.Tensor, target: torch.Tensor, heads: int) -> torch.Tensor:
+    """-log of the attention mass heads ``0..heads-1`` of `attn` (a Llama attention module,
+    given its input) put on `target` (N, T) from the N query tokens ``rows`` (batch, position),
+    under the boolean `mask` (B, 1, T, T); rows without a target do not count. The
+    attention is recomputed for those rows only: the layer itself runs its fused kernel."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    keep = target.any(-1)
+    if not bool(keep.any()):
+        return hidden.new_zeros(())
+    rows, target = rows[keep], target[keep]
+    b, t = rows[:, 0], rows[:, 1]
+    hd, group = attn.head_dim, attn.num_key_value_groups
+    cos, sin = position_embeddings
+    q = attn.q_proj(hidden[b, t]).view(len(rows), -1, hd)[:, :heads]
+    q = q * cos[b, t][:, None] + rotate_half(q) * sin[b, t][:, None]
+    k = attn.k_proj(hidden).view(*hidden.shape[:2], -1, hd)
+    k = (k * cos[:, :, None] + rotate_half(k) * sin[:, :, None])[:, :, torch.arange(heads, device=k.device) // group]
+    scores = torch.einsum("nhd,nkhd->nhk", q, k[b]) * attn.scaling
+    logp = scores.masked_fill(~mask[b, 0, t][:, None], float("-inf")).log_softmax(-1)
+    return -logp.masked_fill(~target[:, None], float("-inf")).logsumexp(-1).mean()
+
+
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -292,10 +386,13 @@ class Session:
         self.stream = Stream(self.tokenizer, cfg.questions, cfg.seed, Path(cfg.cache_dir) if cfg.cache_dir else None,
                              cfg.chunk, cfg.pool)
         self.skip_last = _SkipLastVitLayer(self.model)
+        self.class_words = class_words(self.tokenizer).to(self.device)
         self.ckpt = Path(cfg.out) / "checkpoint.pt"
         self.step, self.history, self.elapsed, self.cpu = 0, [], 0.0, 0.0
         if cfg.resume and self.ckpt.exists():
             self.load()
+        elif cfg.init_tower:
+            self.load_tower(cfg.init_tower)
 
     @property
     def total(self) -> int:
@@ -323,21 +420,37 @@ class Session:
         idx, renumber = token_plan(cfg, self.step, cfg.batch_size, n)
         batch = self._on_device(packed_inputs(self.tokenizer, items["qa"], idx, renumber, n))
         idx = idx.to(self.device)
-        feats = model.model.multi_modal_projector(torch.gather(
-            hidden[:, 1:], 1, idx[..., None].expand(-1, -1, hidden.shape[-1])))
+        projected = model.model.multi_modal_projector(hidden[:, 1:])
+        feats = torch.gather(projected, 1, idx[..., None].expand(-1, -1, projected.shape[-1]))
+        table = model.model.language_model.embed_tokens.weight
+        align = self.heads.align_loss(projected, items["patch"], items["scene"], table, self.class_words)
         embeds = model.model.language_model.embed_tokens(batch["input_ids"])
         start = batch["image_start"]
         embeds = torch.cat([embeds[:, :start], feats.to(embeds.dtype), embeds[:, start + idx.shape[1]:]], dim=1)
-        out = model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                                         position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+        attn = model.model.language_model.layers[cfg.attn_layer].self_attn
+        seen: dict[str, Any] = {}
+        hook = attn.register_forward_pre_hook(lambda _m, _a, kw: seen.update(kw), with_kwargs=True)
+        try:
+            out = model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                             position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+        finally:
+            hook.remove()
         li = batch["label_index"]
         logits = model.lm_head(out[li[:, 0], li[:, 1]])
         answer = torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
         cls = self.heads.cls_loss(hidden[:, 0], items["scene"])
         aux = self.heads.patch_loss(hidden[:, 1:], items["patch"])
-        self._update(answer + cfg.cls_weight * cls + cfg.aux_weight * aux)
-        return {"answer": answer.item(), "cls": cls.item(), "aux": aux.item(), "kept": idx.shape[1],
-                "renumber": float(renumber)}
+        asked = torch.cat([torch.gather(items["asked"][r, :len(row)], 1, idx[r].expand(len(row), -1))
+                           for r, row in enumerate(items["qa"])])
+        target = torch.zeros(len(asked), embeds.shape[1], dtype=torch.bool, device=self.device)
+        target[:, start:start + idx.shape[1]] = asked
+        guide = attention_guide_loss(attn, seen["hidden_states"], seen["position_embeddings"],
+                                     batch["attention_mask"], li, target, cfg.attn_heads)
+        self._update(answer + cfg.cls_weight * cls + cfg.aux_weight * aux + cfg.attn_weight * guide
+                     + cfg.align_weight * align)
+        return {"answer": answer.item(), "cls": cls.item(), "aux": aux.item(), "guide": guide.item(),
+                "align": align.item(),
+                "kept": idx.shape[1], "renumber": float(renumber)}
 
     def _on_device(self, data: dict) -> dict:
         """A batch on the training device, pixels normalised (uint8 -> CLIP float)."""
@@ -391,6 +504,15 @@ class Session:
         tmp = self.ckpt.with_suffix(".tmp")
         torch.save(self.state(), tmp)
         os.replace(tmp, self.ckpt)
+
+    def load_tower(self, path: str) -> None:
+        """Start from another run's tower and CLS/patch heads; the rest stays fresh."""
+        state = torch.load(path, weights_only=False, map_location=self.device)  # noqa: S614 (our own checkpoint)
+        prefix = "model.vision_tower."
+        tower = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+        self.model.model.vision_tower.load_state_dict(tower)
+        self.heads.load_state_dict(state["heads"])
+        _log(f"tower and heads from {path} (its step {state['step']})")
 
     def load(self) -> None:
         state = torch.load(self.ckpt, weights_only=False, map_location=self.device)  # noqa: S614 (our own checkpoint)
