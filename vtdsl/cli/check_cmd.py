@@ -92,7 +92,8 @@ def load_plan(policy_file: str, model: str | None, syntax: str | None = None,
             model = spec.for_image(*image) if video is None else spec.for_video(*video)
         except ValueError as err:
             expected = "--image with sides the model accepts" if video is None else \
-                "--video on a model that takes video (qwen2-vl, qwen2.5-vl), sides it accepts"
+                "--video on a model that takes video (qwen2-vl, qwen2.5-vl, llava-onevision, llava-next-video), " \
+                "sides it accepts"
             raise PolicyError(Diagnostic(str(err), expected=expected, code="model"),
                               source=text, filename=filename) from None
     return check(policy, model, source=text, filename=filename), text, filename
@@ -165,8 +166,9 @@ def render_text(payload: dict, report, latency=None, convention: str | None = No
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     if payload.get("video_frames"):
-        lines.append(f"video: {payload['video_frames']} frames in {payload['crops']} temporal groups, "
-                     f"ViT counts per group")
+        frames, crops = payload["video_frames"], payload["crops"]
+        lines.append(f"video: {frames} frames, ViT counts per frame" if frames == crops else
+                     f"video: {frames} frames in {crops} temporal groups, ViT counts per group")
     lines.append(f"visual tokens into the LLM: {payload['visual_tokens_to_llm']}")
     lines.append("")
     lines.append(report.summary())
@@ -265,7 +267,8 @@ def _budget_value(verdict: dict) -> str:
               help="Image size in pixels (height x width) for models whose token count depends on it "
                    "(llava-next-7b, qwen2.5-vl-7b); default: the model's reference image.")
 @click.option("--video", metavar="FRAMESxHxW", callback=parse_video_size,
-              help="A video prompt instead of an image (qwen2-vl-7b, qwen2.5-vl-7b): frames, then each frame's "
+              help="A video prompt instead of an image (qwen2-vl-7b, qwen2.5-vl-7b, llava-onevision-7b, "
+                   "llava-next-video-7b): frames, then each frame's "
                    "height x width in pixels; exclusive with --image.")
 @click.option("--pan-and-scan", is_flag=True,
               help="Gemma 3: count the pan-and-scan crops the processor cuts from --image when called with "
@@ -295,6 +298,7 @@ def check_(policy_file: str, model: str | None, text_tokens: tuple[int, ...], lo
       vtdsl check policies/fastv.vt -m llava-next-7b --image 600x800
       vtdsl check policies/fastv.vt -m qwen2.5-vl-7b --video 16x448x448
       vtdsl check policies/fastv.vt -m gemma-3-4b --image 300x1000 --pan-and-scan
+      vtdsl check policies/fastv.vt -m llava-onevision-7b --video 16x384x384
       vtdsl check policies/visionzip-64.vt -m llava-1.5-7b --device h100 --batch 8 --budget "latency <= 40%"
       vtdsl check policies/divprune.vt -m llava-1.5-7b --convention divprune --text-tokens 15,23,83
     """

@@ -56,14 +56,17 @@ class Tokens:
         return Tokens(vid[None].expand(g, -1), gpos[None].expand(g, -1), grid)
 
     @staticmethod
-    def video(g: int, groups: int, grid: tuple[int, int], device) -> "Tokens":
+    def video(g: int, groups: int, grid: tuple[int, int], device, newline: bool = False) -> "Tokens":
         """A video's LLM tokens: its `groups` temporal groups one after another, each a
         `grid` in raster order; `crop` is each token's group (its frame), `gpos` its
-        position in the frame, so `per frame` and temporal scores pair tokens across frames."""
+        position in the frame, so `per frame` and temporal scores pair tokens across frames.
+        A `newline` token after the last group (LLaVA-OneVision) counts with the last group,
+        at the position past its grid (no other frame has a token there)."""
         cells = grid[0] * grid[1]
-        idx = torch.arange(groups * cells, device=device)
-        return Tokens((idx + 1)[None].expand(g, -1), (idx % cells)[None].expand(g, -1), grid,
-                      (idx // cells)[None].expand(g, -1), groups)
+        idx = torch.arange(groups * cells + (1 if newline else 0), device=device)
+        frame = (idx // cells).clamp(max=groups - 1)
+        return Tokens((idx + 1)[None].expand(g, -1), (idx - frame * cells)[None].expand(g, -1), grid,
+                      frame[None].expand(g, -1), groups)
 
     @property
     def count(self) -> int:

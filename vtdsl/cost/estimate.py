@@ -111,10 +111,7 @@ class _ExpectedWalk:
         self.llm: list[int] | None = None
 
     def _projector(self) -> int:
-        spec = self.spec
-        keeps_cls = spec.has_cls and spec.select_strategy == "full"
-        merged = self.features if spec.merged_features or self.units > 1 else self.features // spec.spatial_merge**2
-        return (merged + (1 if keeps_cls else 0)) * spec.vit_crops
+        return self.spec.projector_input(self.features)
 
     def entering(self, site) -> int:
         if site.tower == "vit":

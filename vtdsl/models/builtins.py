@@ -728,6 +728,7 @@ ALIASES: dict[str, str] = {
     "llava-hf/llava-onevision-qwen2-7b-ov-hf": "llava-onevision-qwen2-7b",
     "llava-onevision-qwen2-7b-ov-hf": "llava-onevision-qwen2-7b",
     "lmms-lab/llava-onevision-qwen2-7b-ov": "llava-onevision-qwen2-7b",
+    "llava-onevision-7b": "llava-onevision-qwen2-7b",
     "qwen/qwen2-vl-7b-instruct": "qwen2-vl-7b",
     "qwen2-vl-7b-instruct": "qwen2-vl-7b",
     "qwen/qwen3-vl-8b-instruct": "qwen3-vl-8b",

@@ -110,6 +110,16 @@ class ModelSpec:
     video_min_pixels: int = 0
     video_max_pixels: int = 0
     video_frames: int = 0
+    # Fixed-size video frames (LLaVA-OneVision, LLaVA-NeXT-Video): the video processor brings
+    # every frame to the tower's image size and each is encoded as one crop, its feature
+    # grid then pooled `frame_pool` x `frame_pool` (0: the model takes no such video). A
+    # bilinear resize to the sides rounded up after the projector (`frame_pool_ceil`;
+    # OneVision), or an average / max pool rounding down before it (`frame_pool_first`;
+    # NeXT-Video). `video_newline`: one learned newline token ends a video's frames.
+    frame_pool: int = 0
+    frame_pool_ceil: bool = False
+    frame_pool_first: bool = False
+    video_newline: bool = False
     # Frames one patch spans (Qwen2.5-VL's Conv3d patch embedding: 2; an image is repeated).
     temporal_patch: int = 1
     # Window attention (Qwen2.5-VL): tokens per window in every ViT layer not listed in
@@ -185,9 +195,23 @@ class ModelSpec:
 
     @property
     def llm_grid(self) -> tuple[int, int]:
-        """Token grid of one crop as the projector hands it on (after a patch merger)."""
+        """Token grid of one crop as the LLM receives it (after a patch merger; a video
+        frame's after its pool)."""
         rows, cols = self.grid
+        if self.pools_frames:
+            s = self.frame_pool
+            return (-(-rows // s), -(-cols // s)) if self.frame_pool_ceil else (rows // s, cols // s)
         return rows // self.spatial_merge, cols // self.spatial_merge
+
+    @property
+    def pools_frames(self) -> bool:
+        """Whether this spec is sized for a video whose frames are pooled one by one."""
+        return bool(self.video_frames and self.frame_pool)
+
+    @property
+    def takes_video(self) -> bool:
+        """Whether the model takes video input (`for_video`)."""
+        return bool(self.video_max_pixels or self.frame_pool)
 
     @property
     def vit_units(self) -> int:
@@ -210,10 +234,26 @@ class ModelSpec:
     @property
     def projector_tokens(self) -> int:
         """Visual tokens entering the projector per image when nothing is pruned (merged
-        units for a patch merger: Qwen2.5-VL's projector widths are 4 patches wide)."""
+        units for a patch merger: Qwen2.5-VL's projector widths are 4 patches wide; a
+        video frame's patches, or its pooled grid where the pool comes first)."""
         keeps_cls = self.has_cls and self.select_strategy == "full"
-        rows, cols = self.llm_grid
+        rows, cols = self.grid if self.pools_frames and not self.frame_pool_first else self.llm_grid
         return (rows * cols + (1 if keeps_cls else 0)) * self.vit_crops
+
+    def projector_input(self, features: int) -> int:
+        """Visual tokens one image hands the projector, from the `features` one crop's
+        feature layer (and vit.out stages) hands over, patches or merge units: merged in
+        groups of spatial_merge x spatial_merge (Qwen2.5-VL), a video frame pooled first
+        (NeXT-Video; ViT stages are refused on video, so every patch is there), CLS added
+        back under the "full" strategy, times the crops (LLaVA-NeXT)."""
+        keeps_cls = self.has_cls and self.select_strategy == "full"
+        if self.pools_frames and self.frame_pool_first:
+            merged = self.llm_grid[0] * self.llm_grid[1]
+        elif self.merged_features or self.vit_units > 1:
+            merged = features
+        else:
+            merged = features // self.spatial_merge**2
+        return (merged + (1 if keeps_cls else 0)) * self.vit_crops
 
     @property
     def vit_window_pairs(self) -> int:
@@ -273,6 +313,8 @@ class ModelSpec:
         """Visual tokens entering the LLM per image when nothing is pruned (the prompt's
         image placeholders): the projector's output; for packed crops, the base view plus
         the unpadded grid crops' map with one newline token ending each row."""
+        if self.pools_frames:
+            return self.llm_grid[0] * self.llm_grid[1] * self.vit_crops + (1 if self.video_newline else 0)
         if not self.packs_crops:
             return self.projector_tokens
         rows, cols, _, _ = self.crop_map
@@ -380,15 +422,21 @@ class ModelSpec:
         return replace(self, image_grid=(rows, cols))
 
     def for_video(self, frames: int, height: int, width: int) -> "ModelSpec":
-        """This spec for a video of `frames` frames of height x width pixels (dynamic
-        resolution): every frame resized as the video processor does (its own pixel range),
+        """This spec for a video of `frames` frames of height x width pixels. Dynamic
+        resolution: every frame resized as the video processor does (its own pixel range),
         the frames padded with copies of the last to a whole number of temporal patches,
-        each group of `temporal_patch` frames one crop of the resized grid."""
+        each group of `temporal_patch` frames one crop of the resized grid. Fixed-size
+        frames (`frame_pool`): each frame one crop at the tower's size, pooled."""
         from dataclasses import replace
 
-        if not self.video_max_pixels or frames < 1:
-            raise ValueError(f"{self.name} takes no video input" if not self.video_max_pixels
+        if not self.takes_video or frames < 1:
+            raise ValueError(f"{self.name} takes no video input" if not self.takes_video
                              else f"a video of {frames} frames: expected at least 1 frame")
+        if self.frame_pool:
+            # every frame brought to the tower's size (OneVision resizes it, NeXT-Video
+            # resizes and centre-crops), whatever its own: one crop a frame, no anyres
+            return replace(self, anyres_grid=None, anyres_map=None, anyres_pinpoints=(), anyres_max_crops=0,
+                           image_grid=None, vit_crops=frames, video_frames=frames)
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
         height, width = smart_resize(height, width, factor=self.patch_size * self.spatial_merge,
@@ -404,9 +452,9 @@ class ModelSpec:
         image call is refused then); an image, or a model without video, has none."""
         if self.video_frames:
             return None
-        if not self.video_max_pixels:
+        if not self.takes_video:
             return f"{self.name} takes no video input, so its visual tokens have no frames"
-        if self.image_grid is not None:
+        if self.image_grid is not None or self.anyres_map is not None:
             return f"{self.name} is sized for an image here, which has no frames"
         return None
 

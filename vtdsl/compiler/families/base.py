@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ..runtime import Tokens
+from ..runtime import CompileError, Tokens
 
 if TYPE_CHECKING:  # pragma: no cover
     from ...ir.plan import Plan
@@ -135,7 +136,7 @@ class Family:
         if vit_tokens is not None and images:
             return vit_tokens.expand_to(images)
         if spec.video_frames and per_image == spec.image_tokens:
-            return Tokens.video(images, spec.vit_crops, spec.llm_grid, device)
+            return Tokens.video(images, spec.vit_crops, spec.llm_grid, device, newline=spec.video_newline)
         keeps_cls = spec.has_cls and spec.select_strategy == "full"
         return Tokens.initial(images, spec.llm_grid, device, keeps_cls)
 
@@ -153,6 +154,26 @@ class Family:
     def install(self, installer: Installer, plan: Plan) -> None:
         """The family's own rewrites between the projector and the LLM (none here); each
         goes through `installer` so that it is listed and undone."""
+
+    @staticmethod
+    def reads_vit(plan: Plan) -> bool:
+        """Whether a plan has ViT stages or ViT scores (planned for an image's crops or
+        patches, which a video's frames would run through unplanned)."""
+        return any(s.site.tower == "vit" for s in plan.stages) or any(o.tower == "vit" for o in plan.observations)
+
+    def refuse_video(self, installer: Installer, plan: Plan, why: str, what: str) -> None:
+        """Make the model's `get_video_features` raise a `CompileError` saying `why` (listed
+        as `what`): for plans whose stages cannot take a video's frames."""
+        owner_path = self.multimodal_path(plan.spec)
+        original = getattr(installer.model.get_submodule(owner_path), "get_video_features", None)
+        if original is None:
+            return
+
+        @functools.wraps(original)  # generate() reads its signature to pick the encoder's inputs
+        def get_video_features(*_, **__):
+            raise CompileError(why)
+
+        installer.override(owner_path, "get_video_features", get_video_features, "method-override", what)
 
     def install_llm(self, installer: Installer, plan: Plan, runtime: LlmRuntime | None) -> None:
         """The family's own rewrites inside the language model that must follow the rows

@@ -60,8 +60,21 @@ class LlavaNext(Family):
     def layout_key(self, spec: ModelSpec) -> tuple:
         return spec.anyres_grid, spec.anyres_map
 
+    def video_spec(self, spec: ModelSpec, kwargs: dict[str, Any]) -> ModelSpec | None:
+        """Videos of fixed-size frames (`ModelSpec.frame_pool`): the frames a call's
+        ``pixel_values_videos`` ``[B, frames, C, H, W]`` holds, each one crop."""
+        value = kwargs.get(self.video_argument) if self.video_argument else None
+        if value is None:
+            return None
+        if value.dim() != 5:
+            raise CompileError(f"pixel_values_videos of shape {list(value.shape)}: expected "
+                               "[batch, frames, channels, height, width]")
+        return spec.for_video(*value.shape[1:2], *value.shape[3:])
+
     def llm_tokens(self, spec: ModelSpec, images: int, per_image: int, device, vit_tokens: Tokens | None, *,
                    intact: bool) -> Tokens:
+        if spec.video_frames:  # a video's frames, one pooled grid each
+            return super().llm_tokens(spec, images, per_image, device, vit_tokens, intact=intact)
         # the packing leaves no ViT identity to carry over: tokens are read off the layout
         return anyres_tokens(images, per_image, spec, device, intact=intact)
 
@@ -79,8 +92,14 @@ class LlavaNext(Family):
     def install(self, installer: Installer, plan: Plan) -> None:
         """Packing needs every crop's full grid. With pruned crops, the kept tokens of each
         crop are concatenated in crop order (base view first) instead, as the published
-        anyres pruning methods do: `crops x k` visual tokens per image, no newline tokens."""
+        anyres pruning methods do: `crops x k` visual tokens per image, no newline tokens.
+        On families that take video, video calls under ViT stages or scores are refused (a
+        frame's pool needs its whole grid)."""
         spec = plan.spec
+        if self.video_argument is not None and self.reads_vit(plan):
+            self.refuse_video(installer, plan, f"a compiled {spec.name} with ViT stages or scores refuses "
+                              "pixel_values_videos: each frame's features are pooled from its whole grid; prune a "
+                              "video at LLM sites", "refuse video inputs: ViT stages are planned for images")
         if plan.projector_tokens == spec.projector_tokens:
             return
         owner_path = spec.projector_path.rpartition(".")[0]

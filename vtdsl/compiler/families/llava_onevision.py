@@ -7,6 +7,11 @@ SigLIP tower without a CLS token, with one step more in `pack_image_features`: u
 "anyres_max_N" a map of more than about N crops' tokens is shrunk by bilinear
 interpolation (`ModelSpec.crop_map` is the shrunk map). Pruned crops are concatenated as
 on LLaVA-NeXT, without newline tokens and without the shrink.
+
+Video (`pixel_values_videos` ``[B, frames, C, H, W]``): each frame one crop, its projected
+features resized bilinearly to 14x14 at 384 px, the frames one after another under
+`video_token_id` placeholders, one newline token after the last. LLM stages run the plan
+checked for the call's frame count (`video_spec`); its tokens know their frame.
 """
 
 from __future__ import annotations
@@ -49,13 +54,18 @@ class LlavaOnevision(LlavaNext):
     """Anyres crops, unpadding, anyres_max shrink, newline tokens; `image_sizes` per call."""
 
     name = "llava-onevision"
+    video_argument = "pixel_values_videos"
     layout_fields = ("anyres_grid", "anyres_max_crops")
 
     def layout_key(self, spec: ModelSpec) -> tuple:
+        if spec.video_frames:  # the frame count, in the video plan's own key, is all there is
+            return ()
         return spec.anyres_grid, spec.anyres_map, spec.crop_map
 
     def llm_tokens(self, spec: ModelSpec, images: int, per_image: int, device, vit_tokens: Tokens | None, *,
                    intact: bool) -> Tokens:
+        if spec.video_frames:
+            return super().llm_tokens(spec, images, per_image, device, vit_tokens, intact=intact)
         return onevision_tokens(images, per_image, spec, device, intact=intact)
 
 

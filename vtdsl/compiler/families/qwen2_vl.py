@@ -15,7 +15,6 @@ Video (`pixel_values_videos`, `video_grid_thw`): the frames come in temporal gro
 
 from __future__ import annotations
 
-import functools
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -70,23 +69,12 @@ class Qwen2VL(Family):
 
     def install(self, installer: Installer, plan: Plan) -> None:
         """Refuse video calls under ViT stages or scores: they are planned for an image's
-        patches (one temporal group), and the video's would run through them unplanned.
-        LLM stages take videos (the installer records each call's `video_grid_thw`)."""
-        if not any(s.site.tower == "vit" for s in plan.stages) and not any(
-                o.tower == "vit" for o in plan.observations):
-            return
-        owner_path = self.multimodal_path(plan.spec)
-        original = getattr(installer.model.get_submodule(owner_path), "get_video_features", None)
-        if original is None:
-            return
-
-        @functools.wraps(original)  # generate() reads its signature to pick the encoder's inputs
-        def get_video_features(*_, **__):
-            raise CompileError("a compiled Qwen-VL model with ViT stages or scores refuses pixel_values_videos: "
-                               "they are planned for an image's patches; prune a video at LLM sites")
-
-        installer.override(owner_path, "get_video_features", get_video_features, "method-override",
-                           "refuse video inputs: ViT stages are planned for images")
+        patches (one temporal group). LLM stages take videos (the installer records each
+        call's `video_grid_thw`)."""
+        if self.reads_vit(plan):
+            self.refuse_video(installer, plan, "a compiled Qwen-VL model with ViT stages or scores refuses "
+                              "pixel_values_videos: they are planned for an image's patches; prune a video at LLM "
+                              "sites", "refuse video inputs: ViT stages are planned for images")
 
 
 FAMILY = Qwen2VL()

@@ -21,7 +21,6 @@ adds each its own features.
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -47,18 +46,10 @@ class Qwen3VL(Qwen2VL):
     def install(self, installer: Installer, plan: Plan) -> None:
         """Refuse video calls under any stage or score: the LLM stages find visual tokens by
         the image placeholder, so a video's would pass through as text, unpruned."""
-        if not plan.stages and not plan.observations:
-            return
-        path = self.multimodal_path(plan.spec)
-        original = installer.model.get_submodule(path).get_video_features
-
-        @functools.wraps(original)  # generate() reads its signature to pick the encoder's inputs
-        def get_video_features(*_, **__):
-            raise CompileError(f"a compiled {plan.spec.name} takes image inputs only: its video token counts "
-                               "are not modelled, so LLM stages would not see a video's tokens")
-
-        installer.override(path, "get_video_features", get_video_features, "method-override",
-                           "refuse video inputs: LLM stages prune image placeholders only")
+        if plan.stages or plan.observations:
+            self.refuse_video(installer, plan, f"a compiled {plan.spec.name} takes image inputs only: its video "
+                              "token counts are not modelled, so LLM stages would not see a video's tokens",
+                              "refuse video inputs: LLM stages prune image placeholders only")
 
     def install_llm(self, installer: Installer, plan: Plan, runtime: LlmRuntime | None) -> None:
         if runtime is None or not plan.spec.deepstack_layers:

@@ -41,12 +41,12 @@ def infer_tokens(graph: nx.DiGraph, spec: ModelSpec) -> nx.DiGraph:
         data["resolved"], counts.grid = resolved
         _check_deepstack(graph, spec, data)
         counts.leave(site, data["resolved"])
-    projector_tokens = _to_projector(counts.features_out(), spec)
+    projector_tokens = spec.projector_input(counts.features_out())
     llm_visual = counts.llm_visual
     if llm_visual is None:
         llm_visual = [spec.llm_entry_tokens(projector_tokens)] * spec.llm.layers
     if spec.packed_units:  # the merger runs before vit.out there: on the units the blocks hand on
-        projector_tokens = _to_projector(counts.feature_patches, spec)
+        projector_tokens = spec.projector_input(counts.feature_patches)
     _annotate_stream(graph)
     graph.graph["vit_tokens"] = counts.vit_tokens
     graph.graph["projector_tokens"] = projector_tokens
@@ -128,12 +128,13 @@ class _Counts:
 
     def _enter_llm(self) -> None:
         spec = self.spec
-        self.llm_visual = [spec.llm_entry_tokens(_to_projector(self.features, spec))] * spec.llm.layers
-        self.llm_min = [spec.llm_entry_tokens(_to_projector(self.features_min, spec))] * spec.llm.layers
-        # the LLM's token grid: one crop's, merged (Qwen2.5-VL); none for packed crops (anyres)
+        self.llm_visual = [spec.llm_entry_tokens(spec.projector_input(self.features))] * spec.llm.layers
+        self.llm_min = [spec.llm_entry_tokens(spec.projector_input(self.features_min))] * spec.llm.layers
+        # the LLM's token grid: one crop's, merged (Qwen2.5-VL) or a video frame's, pooled;
+        # none for packed crops (anyres)
         if spec.packs_crops:
             self.grid = None
-        elif self.grid is not None and spec.spatial_merge > 1:
+        elif self.grid is not None and (spec.spatial_merge > 1 or spec.pools_frames):
             self.grid = spec.llm_grid
 
     def leave(self, site: ResolvedSite, stage: ResolvedStage) -> None:
@@ -157,16 +158,6 @@ class _Counts:
     def features_out(self) -> int:
         """The patch tokens the feature layer and any vit.out stages hand the projector."""
         return self.feature_patches if self.features is None else self.features
-
-
-def _to_projector(features: int, spec: ModelSpec) -> int:
-    """Visual tokens one image hands the projector, from the patch tokens one crop's
-    feature layer hands over: merged in groups of spatial_merge x spatial_merge
-    (Qwen2.5-VL), CLS added back under the "full" strategy, times the crops (LLaVA-NeXT).
-    With nothing pruned this is `spec.projector_tokens`."""
-    keeps_cls = spec.has_cls and spec.select_strategy == "full"
-    merged = features if spec.merged_features or spec.vit_units > 1 else features // spec.spatial_merge**2
-    return (merged + (1 if keeps_cls else 0)) * spec.vit_crops
 
 
 def _annotate_stream(graph: nx.DiGraph) -> None:

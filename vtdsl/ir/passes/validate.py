@@ -118,11 +118,19 @@ def _validate_layout(graph, spec: ModelSpec, stage: ast.Stage, site: ResolvedSit
       crops and newline tokens, not one grid; spatial selectors there are refused.
     - Image splitting sized for an image (SmolVLM): the LLM's visual tokens are its tiles'
       grids one after the other between text tokens, not one grid; refused alike.
+    - A video of pooled frames (LLaVA-OneVision, LLaVA-NeXT-Video): ViT stages refused (the
+      pool needs each frame's whole grid); spatial LLM selectors refused as for tiles.
     """
     if site.tower == "vit" and spec.vit_units > 1 and spec.video_frames:
         error(graph, f"ViT stages on {spec.name} choose merge units of one image; on a video of "
               f"{spec.vit_crops} temporal groups vtdsl does not run them", stage.site.span,
               expected="an llm.layerN site for a video", code="model-layout")
+        return
+    if site.tower == "vit" and spec.pools_frames:
+        error(graph, f"{spec.name} pools each video frame's whole {spec.grid[0]}x{spec.grid[1]} feature grid "
+              f"{spec.frame_pool}x{spec.frame_pool} after the vision tower, so a stage at {site.text()} would "
+              "leave it no grid to pool", stage.site.span, expected="an llm.layerN site for a video",
+              code="model-layout")
         return
     if site.tower == "vit" and spec.spatial_merge > 1 and spec.vit_units == 1:
         m = spec.spatial_merge
@@ -304,6 +312,11 @@ def _vit_for_packed_crops(r: _Read):
         return (f"'{ref_text(r.ref)}' scores ViT crop patches, but the stage at {r.stage_site.text()} chooses "
                 f"among {r.spec.name}'s packed LLM tokens (base view, unpadded crops, newline tokens)",
                 "an LLM score such as text@llm.layer2, or the stage at vit.out", "model-layout")
+    if r.obs.tower == "vit" and r.spec.pools_frames:
+        pool = r.spec.frame_pool
+        return (f"'{ref_text(r.ref)}' scores a video frame's ViT patches, but {r.spec.name} pools them {pool}x{pool} "
+                "before the LLM; vtdsl reads no ViT scores on a video there", "an LLM score such as text@llm.layer2",
+                "model-layout")
     return None
 
 

@@ -1,6 +1,8 @@
 """LLaVA-OneVision (`llava_onevision`): a SigLIP tower (no CLS token), LLaVA-NeXT's anyres
 crops, unpadding and newline tokens, the unpadded map shrunk under "anyres_max_N", a
-2-layer projector and a Qwen2 LLM."""
+2-layer projector and a Qwen2 LLM. Video: every frame at the tower's size, its projected
+features resized bilinearly to half the grid's sides (rounded up), the frames one after
+another and one newline token after the last."""
 
 from __future__ import annotations
 
@@ -20,7 +22,11 @@ def onevision_layout(config, vc) -> dict[str, Any]:
     match = re.fullmatch(r"anyres_max_([1-9][0-9]*)", str(ratio))
     if match is None:
         raise unsupported(f"vision_aspect_ratio {ratio!r}", expected="anyres_max_N, such as anyres_max_9")
-    return {**anyres_layout(config, vc), "anyres_max_crops": int(match.group(1))}
+    # transformers 5.24 modeling_llava_onevision.py `get_video_features` / `apply_pooling`
+    # (ceil(side / 2) by bilinear interpolation, after the projector; the newline appended
+    # once per video), as the processor counts it (frames x 14² + 1 at 384 px)
+    return {**anyres_layout(config, vc), "anyres_max_crops": int(match.group(1)),
+            "frame_pool": 2, "frame_pool_ceil": True, "video_newline": True}
 
 
 # SigLIP layers have CLIP's layout (q/k/v/out_proj, layer_norm1/2, fc1/fc2; tanh GELU)

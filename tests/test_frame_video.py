@@ -1,0 +1,258 @@
+"""Video on the families that pool each frame (issue 20 item 1): LLaVA-OneVision (frames
+at the tower's size, projected, resized bilinearly to half the grid's sides rounded up, one
+newline token after the last frame). Counts against transformers' own processor and
+`get_video_features`, the cost model against FlopCounterMode on the meta 7B part by part,
+compiled LLM stages against the uncompiled model with pruned positions masked out. The
+expected numbers are computed here from the architecture, not read from vtdsl."""
+
+from __future__ import annotations
+
+import json
+import types
+from unittest import mock
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import vtdsl.compiler as vc
+from vtdsl.compiler.families import family_of
+from vtdsl.cost import estimate
+from vtdsl.ir import check
+from vtdsl.lang.errors import PolicyError
+from vtdsl.models import get_spec
+
+from family_runs import compiled_generate, compiled_prefill_flops
+from plain_refs import (first_error, last_query_attention, masked_generate, plain_copy, sharpened_pair, top_k_reference,
+                        top_rows)
+
+NAMES = ("tiny-llava-onevision",)
+FRAMES = 6
+
+
+def per_frame(name: str) -> int:
+    """Tokens one frame gives the LLM, from the tiny configs: OneVision's 56-pixel SigLIP
+    frame is 4x4 patches, resized to ceil(4 / 2)² = 4."""
+    return {"tiny-llava-onevision": 4}[name]
+
+
+def newline(name: str) -> int:
+    return {"tiny-llava-onevision": 1}[name]
+
+
+def video_tokens(name: str, frames: int = FRAMES) -> int:
+    return frames * per_frame(name) + newline(name)
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def family(request):
+    spec = get_spec(request.param)
+    return spec, sharpened_pair(spec)
+
+
+def video_inputs(spec, batch: int, frames: int = FRAMES, seed: int = 4) -> dict:
+    """One video of `frames` random frames per prompt, as many placeholders as the
+    processor gives it (computed here); batch 2 is left-padded with id 0."""
+    vid = spec.config().video_token_id
+    n = video_tokens(spec.name, frames)
+    rows = [[5, 6, 7] + [vid] * n + [8, 9, 10]]
+    if batch == 2:
+        rows.append([11, 12, 13, 14, 15] + [vid] * n + [18, 19, 20, 21])
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    side = spec.image_size
+    px = torch.randn(len(rows), frames, 3, side, side, generator=torch.Generator().manual_seed(seed))
+    return dict(input_ids=ids, attention_mask=mask, pixel_values_videos=px)
+
+
+# ---------------------------------------------------------------------------- counts
+def _onevision_processor_count(frames: int, height: int, width: int) -> int:
+    """transformers' LlavaOnevisionProcessor count for a video (`_get_num_multimodal_tokens`,
+    on a stand-in: the processor itself needs the video processor, hence torchvision)."""
+    from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
+
+    proc = types.SimpleNamespace(num_image_tokens=729)
+    counts = LlavaOnevisionProcessor._get_num_multimodal_tokens(proc, video_sizes=[(frames, height, width)])
+    return counts["num_video_tokens"][0]
+
+
+@pytest.mark.parametrize("frames, height, width", [(1, 384, 384), (16, 384, 384), (8, 480, 640), (32, 1080, 1920),
+                                                   (3, 100, 5000)])
+def test_onevision_video_counts_equal_the_processor(frames, height, width):
+    video = get_spec("llava-onevision-7b").for_video(frames, height, width)
+    assert video.image_tokens == _onevision_processor_count(frames, height, width) == frames * 14 * 14 + 1
+    assert (video.vit_crops, video.video_frames, video.vit_tokens, video.projector_tokens) == (
+        frames, frames, 729, frames * 729)  # the projector runs before the resize
+
+
+def test_counts_equal_the_models_own_video_features(family):
+    spec, models = family
+    for frames in (1, 2, 5):
+        px = torch.randn(2, frames, 3, spec.image_size, spec.image_size)
+        with torch.no_grad():
+            feats = models["eager"].model.get_video_features(pixel_values_videos=px).pooler_output
+        assert feats.shape[:2] == (2, video_tokens(spec.name, frames))
+        assert spec.for_video(frames, spec.image_size, spec.image_size).image_tokens == feats.shape[1]
+
+
+def test_the_call_layout_counts_as_check_video_does(family):
+    spec, _ = family
+    called = family_of(spec).video_spec(spec, {"pixel_values_videos": video_inputs(spec, 1)["pixel_values_videos"]})
+    assert called == spec.for_video(FRAMES, 720, 1280) and called.image_tokens == video_tokens(spec.name)
+
+
+# ---------------------------------------------------------------------------- cost
+def test_onevision_video_cost_equals_flop_counter_on_meta_part_by_part():
+    """16 frames of 384x384 on the 7B: SigLIP on each frame's 729 patches, the projector on
+    them, the LLM on 16·196 + 1 video tokens and 64 text tokens, lm_head on the last row."""
+    spec = get_spec("llava-onevision-7b").for_video(16, 384, 384)
+    model = spec.build(device="meta", attn_implementation="eager")
+    text, frames = 64, 16
+    vid = model.config.video_token_id
+    ids = torch.cat([torch.full((1, frames * 196 + 1), vid), torch.ones(1, text, dtype=torch.long)], 1)
+    px = torch.zeros(1, frames, 3, 384, 384, device="meta", dtype=model.dtype)
+    check_off = mock.patch("transformers.models.llava_onevision.modeling_llava_onevision.torch_compilable_check",
+                           lambda *a, **k: None, create=True)
+    with check_off, torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(input_ids=ids.to("meta"), pixel_values_videos=px, logits_to_keep=1)
+    d, ffn, h, kv, mlp = 1152, 4304, 3584, 512, 18944
+    n_vit, n_llm = 729, frames * 196 + 1 + text
+    vit_layer = 2 * n_vit * (4 * d * d + 2 * d * ffn) + 4 * n_vit * n_vit * d
+    llm_layer = 2 * n_llm * (2 * h * h + 2 * h * kv + 3 * h * mlp) + 4 * n_llm * n_llm * h
+    want = {"vit": frames * (2 * n_vit * 3 * 14 * 14 * d + 26 * vit_layer),
+            "projector": 2 * frames * n_vit * (d * h + h * h),
+            "llm": 28 * llm_layer,
+            "lm_head": 2 * h * 152128}
+    root = type(model).__name__
+    per_module = counter.get_flop_counts()
+    modules = {"vit": "model.vision_tower", "projector": "model.multi_modal_projector",
+               "llm": "model.language_model", "lm_head": "lm_head"}
+    got = {part: sum(per_module.get(f"{root}.{name}", {}).values()) for part, name in modules.items()}
+    assert got == want and counter.get_total_flops() == sum(want.values())  # the resize counts nothing
+    report = estimate(check("at llm.layer2 keep text top 50%", spec), text_tokens=text, logits="last")
+    assert report.baseline.by_part() == {**want, "scorers": 0}
+    assert report.llm_visual[:2] == [3137, 3137] and report.llm_visual[2:] == [1569] * 26
+
+
+def test_cli_check_counts_a_onevision_video():
+    from click.testing import CliRunner
+
+    from vtdsl.cli import main
+
+    run = CliRunner().invoke(main, ["check", "policies/fastv.vt", "--model", "llava-onevision-7b", "--video",
+                                    "16x384x384", "--json"])
+    assert run.exit_code == 0, run.output
+    payload = json.loads(run.stdout)
+    assert (payload["visual_tokens_to_llm"], payload["crops"], payload["video_frames"]) == (16 * 196 + 1, 16, 16)
+    run = CliRunner().invoke(main, ["check", "policies/fastv.vt", "--model", "llava-onevision-7b", "--video",
+                                    "16x384x384"])
+    assert run.exit_code == 0 and "video: 16 frames, ViT counts per frame" in run.output
+
+
+@pytest.mark.parametrize("src", [
+    "at llm.layer2 keep text top 50%",
+    "at llm.layer0 keep uniform 10; at llm.layer2 keep text top 2 per frame",
+])
+def test_compiled_video_flops_equal_the_cost_model(family, src):
+    spec, models = family
+    flops = compiled_prefill_flops(models["eager"], src, video_inputs(spec, 1))
+    assert flops == estimate(check(src, spec.for_video(FRAMES, 56, 56)), text_tokens=6, logits="all").flops
+
+
+# ---------------------------------------------------------------------------- compiled LLM stages
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_llm_stage_on_a_video_generates_as_the_masked_reference(family, attn, batch):
+    """`keep text top k` at llm.layer2 over the video's placeholders (the newline among
+    them): the positions and greedy tokens of the masked reference."""
+    spec, models = family
+    model, inputs = models[attn], video_inputs(spec, batch)
+    k = video_tokens(spec.name) // 2
+    kept, want = top_k_reference(plain_copy(spec, model), inputs, spec.config().video_token_id, k, layer=2,
+                                 new_tokens=6)
+    got, kept_got = compiled_generate(model, f"at llm.layer2 keep text top {k}", inputs, "llm.layer2#0", 6)
+    assert torch.equal(kept_got, kept) and torch.equal(got, want)
+
+
+def frame_of(name: str, i: int) -> int:
+    """The frame of the i-th video token: frames one after another, the newline with the
+    last frame."""
+    return min(i // per_frame(name), FRAMES - 1)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_per_frame_gives_each_frame_its_share(family, attn):
+    """`top 12 per frame`: 2 of each frame's tokens (the newline competes in the last
+    frame), ranked by the last row's attention at layer 0; generate equals masking the
+    others from layer 1 on."""
+    spec, models = family
+    model, inputs = models[attn], video_inputs(spec, 2)
+    ref = plain_copy(spec, model)
+    att = last_query_attention(ref, inputs, 0)
+    ids, vid = inputs["input_ids"], spec.config().video_token_id
+    frame = torch.tensor([frame_of(spec.name, i) for i in range(video_tokens(spec.name))])
+    kept, pruned = [], []
+    for b in range(2):
+        rows = (ids[b] == vid).nonzero().flatten()
+        chosen = torch.cat([top_rows(att[b], rows[frame == f], 2) for f in range(FRAMES)]).sort().values
+        kept.append(chosen)
+        pruned.append(rows[~torch.isin(rows, chosen)])
+    want = masked_generate(plain_copy(spec, model, attn), inputs, pruned, from_layer=1, new_tokens=5)
+    with vc.apply("at llm.layer1 keep text top 12 per frame", model), torch.no_grad():
+        got = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+        assert torch.equal(vc.kept_tokens(model)["llm.layer1#0"], torch.stack(kept))
+    assert torch.equal(got, want)
+
+
+def test_a_video_of_another_length_runs_the_plan_checked_for_it(family):
+    spec, models = family
+    n = video_tokens(spec.name, 3)
+    with vc.apply("at llm.layer2 keep text top 50%", models["eager"]), torch.no_grad():
+        models["eager"](**video_inputs(spec, 1, frames=3, seed=7))
+        assert vc.kept_counts(models["eager"])["llm"]["llm.layer2#0"] == (n, (n + 1) // 2)  # n odd: half up
+
+
+def test_images_still_run_their_own_plan_after_a_video(family):
+    """The compiled model keeps one plan per layout: an image call after a video call
+    prunes the image's packed tokens (per frame is refused on an image)."""
+    from family_runs import anyres_inputs
+
+    spec, models = family
+    model = models["eager"]
+    image = anyres_inputs(spec, (spec.image_size, spec.image_size), 1, 3)
+    n_img = spec.for_image(spec.image_size, spec.image_size).image_tokens
+    with vc.apply("at llm.layer2 keep text top 50%", model), torch.no_grad():
+        model(**video_inputs(spec, 1))
+        model(**image)
+        assert vc.kept_counts(model)["llm"]["llm.layer2#0"] == (n_img, n_img // 2)
+    with vc.apply("at llm.layer2 keep text top 2 per frame", model), torch.no_grad():
+        with pytest.raises(vc.CompileError, match="per frame"):
+            model(**image)
+
+
+# ---------------------------------------------------------------------------- refusals
+def test_vit_stages_and_scores_are_refused_on_a_video(family):
+    spec, _ = family
+    video = spec.for_video(FRAMES, 56, 56)
+    src = "at vit.layer2 keep knorm@vit.layer1 top 8"
+    d = first_error(src, video)
+    assert (d.span.line, d.span.column) == (1, 4) and "pools each video frame's whole" in d.message
+    src = "at llm.layer2 keep knorm@vit.layer1 top 8"
+    d = first_error(src, video)
+    assert d.span.column == src.index("knorm") + 1 and "vtdsl reads no ViT scores on a video" in d.message
+
+
+def test_a_compiled_model_with_vit_stages_refuses_video_calls(family):
+    spec, models = family
+    with vc.apply("at vit.layer2 keep knorm@vit.layer1 top 8", models["eager"]), torch.no_grad():
+        with pytest.raises(vc.CompileError, match="refuses pixel_values_videos"):
+            models["eager"](**video_inputs(spec, 1))
+
+
+def test_spatial_llm_stages_on_a_video_are_refused():
+    with pytest.raises(PolicyError, match="not one token grid"):
+        check("at llm.layer2 pool 2x2", get_spec("llava-onevision-7b").for_video(16, 384, 384))
