@@ -13,7 +13,8 @@ from vtdsl.ir import check
 
 from torch.utils.flop_counter import FlopCounterMode
 
-from plain_refs import generate_on_features, last_query_attention, masked_generate, top_k_reference, top_rows
+from plain_refs import (clip_crop_features, generate_on_features, last_query_attention, left_padded, masked_generate, top_k_reference,
+                        top_rows)
 
 
 def compiled_prefill_flops(model, src: str, batch_inputs: dict) -> int:
@@ -62,12 +63,7 @@ def anyres_inputs(spec, size: tuple[int, int], batch: int, seed: int):
     rows = [[5, 6, 7] + [spec.image_token_id] * sized.image_tokens + [8, 9, 10]]
     if batch == 2:
         rows.append([11, 12, 13, 14, 15] + [spec.image_token_id] * sized.image_tokens + [18, 19, 20, 21])
-    n = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), n, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, n - len(r):] = torch.tensor(r)
-        mask[i, n - len(r):] = 1
+    ids, mask = left_padded(rows)
     px = torch.randn(len(rows), sized.vit_crops, 3, spec.image_size, spec.image_size,
                      generator=torch.Generator().manual_seed(seed))
     return dict(input_ids=ids, attention_mask=mask, pixel_values=px, image_sizes=torch.tensor([list(size)] * len(rows)))
@@ -165,3 +161,15 @@ def check_image_counts(tmp_path, model: str, image: str, src: str = "at llm.laye
     assert run.exit_code == 0, run.output
     out = json.loads(run.output)
     return out["visual_tokens_to_llm"], out["crops"], out["stages"][0]["tokens_out"]
+
+
+def assert_clip_vit_stage_matches(model, reference, batch_inputs: dict, image_token_id: int, crops: int) -> None:
+    """`at vit.layer2 keep cls top 8` on a CLIP anyres model (LLaVA-NeXT, NeXT-Video): the
+    features equal `plain_refs.clip_crop_features` (a loop over the layers), generate equals
+    `reference` (an uncompiled copy) fed them on 8 placeholders per crop, and the caller's
+    prompt comes back."""
+    want = clip_crop_features(model, batch_inputs["pixel_values"], prune_at=2, keep=8)
+    got, gen = compiled_anyres_vit_run(model, batch_inputs, "at vit.layer2 keep cls top 8", kept=crops * 8)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(gen[:, -5:], generate_on_fewer_placeholders(reference, batch_inputs, image_token_id, want))
+    assert torch.equal(gen[:, :-5], batch_inputs["input_ids"])

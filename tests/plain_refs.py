@@ -171,13 +171,41 @@ def qwen_prompts(batch: int, visual: list[int], start: int = 251, end: int = 252
     rows = [[5, 6, 7, start] + visual + [end, 8, 9, 10]]
     if batch == 2:
         rows.append([11, 12, 13, 14, 15, start] + visual + [end, 18, 19])
+    return left_padded(rows, pad=2)
+
+
+def left_padded(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as one batch, left-padded with `pad`: (input_ids,
+    attention_mask)."""
     n = max(len(r) for r in rows)
-    ids = torch.full((len(rows), n), 2, dtype=torch.long)
+    ids = torch.full((len(rows), n), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, r in enumerate(rows):
         ids[i, n - len(r):] = torch.tensor(r)
         mask[i, n - len(r):] = 1
     return ids, mask
+
+
+def clip_crop_features(model, px: torch.Tensor, prune_at: int, keep: int) -> torch.Tensor:
+    """Each anyres crop through a LLaVA-NeXT model's CLIP layers by hand, pruned before layer
+    `prune_at` to the `keep` patches the CLS row of layer prune_at-1 attends to most; the
+    feature layer's (-2) patches through the projector; crops concatenated in order (base
+    view first)."""
+    vt = model.model.vision_tower
+    layers = vt.encoder.layers
+    with torch.no_grad():
+        h = vt.pre_layrnorm(vt.embeddings(px.reshape(-1, *px.shape[2:])))
+        prev = feats = None
+        for i, layer in enumerate(layers):
+            if i == prune_at:
+                idx = torch.topk(clip_cls_scores(layers[i - 1], prev), keep, dim=1).indices.sort(1).values
+                h = torch.cat([h[:, :1], torch.stack([h[c, 1 + idx[c]] for c in range(h.shape[0])])], 1)
+            prev = h
+            h = layer(h, None)
+            if i == len(layers) - 2:  # vision_feature_layer -2
+                feats = h[:, 1:]
+        out = model.model.multi_modal_projector(feats)
+    return out.reshape(px.shape[0], -1, out.shape[-1])
 
 
 def top_k_reference(ref, batch_inputs: dict, image_token_id: int, k: int, layer: int, new_tokens: int):

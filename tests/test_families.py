@@ -30,6 +30,7 @@ FAMILY_FIELDS = ("anyres_grid", "anyres_map", "anyres_pinpoints", "image_newline
 def test_every_registered_model_has_its_family():
     expected = {"llava-1.5-7b": "llava", "llava-1.5-13b": "llava", "tiny-llava": "llava",
                 "llava-next-7b": "llava-next", "tiny-llava-next": "llava-next",
+                "llava-next-video-7b": "llava-next-video", "tiny-llava-next-video": "llava-next-video",
                 "qwen2.5-vl-7b": "qwen2.5-vl", "tiny-qwen2.5-vl": "qwen2.5-vl",
                 "qwen2-vl-7b": "qwen2-vl", "tiny-qwen2-vl": "qwen2-vl",
                 "llava-onevision-qwen2-7b": "llava-onevision", "tiny-llava-onevision": "llava-onevision",
@@ -46,8 +47,8 @@ def test_every_registered_model_has_its_family():
 def test_an_unknown_family_is_refused_with_the_known_ones():
     spec = replace(get_spec("tiny-llava"), family="paligemma")
     with pytest.raises(vc.CompileError, match="'paligemma' model, which vtdsl cannot compile; known families: "
-                                              "gemma3, idefics3, internvl, llava, llava-next, llava-onevision, "
-                                              "qwen2.5-vl, qwen2-vl, qwen3-vl, smolvlm"):
+                                              "gemma3, idefics3, internvl, llava, llava-next, llava-next-video, "
+                                              "llava-onevision, qwen2.5-vl, qwen2-vl, qwen3-vl, smolvlm"):
         family_of(spec)
 
 

@@ -16,9 +16,9 @@ from vtdsl.ir import check
 from vtdsl.lang.errors import PolicyError
 from vtdsl.models import get_spec
 
-from family_runs import anyres_inputs, compiled_anyres_vit_run, generate_on_fewer_placeholders
+from family_runs import anyres_inputs, assert_clip_vit_stage_matches
 from tiny_clip import text_encoder_kwargs
-from plain_refs import (plain_copy, clip_cls_scores, image_zoo, first_error, last_query_attention, masked_generate, prune_to_top,
+from plain_refs import (plain_copy, clip_crop_features, image_zoo, first_error, last_query_attention, masked_generate, prune_to_top,
                         sharpened_pair, top_rows)
 
 SPEC = get_spec("tiny-llava-next")
@@ -148,38 +148,9 @@ def test_per_crop_at_an_llm_site_gives_every_crop_its_share(models):
 
 
 # ---------------------------------------------------------------------------- ViT stages
-def crop_features_reference(model, px, prune_at: int, keep: int) -> torch.Tensor:
-    """Each crop through the CLIP layers by hand, pruned before layer `prune_at` to the
-    `keep` patches the CLS row of layer prune_at-1 attends to most; the feature layer's
-    patches through the projector; crops concatenated in order (base view first)."""
-    vt = model.model.vision_tower
-    layers = vt.encoder.layers
-    with torch.no_grad():
-        crops = px.reshape(-1, *px.shape[2:])
-        h = vt.pre_layrnorm(vt.embeddings(crops))
-        prev = None
-        for i, layer in enumerate(layers):
-            if i == prune_at:
-                idx = torch.topk(clip_cls_scores(layers[i - 1], prev), keep, dim=1).indices.sort(1).values
-                h = torch.cat([h[:, :1], torch.stack([h[c, 1 + idx[c]] for c in range(h.shape[0])])], 1)
-            prev = h
-            h = layer(h, None)
-            if i == len(layers) - 2:  # vision_feature_layer -2
-                feats = h[:, 1:]
-        out = model.model.multi_modal_projector(feats)
-    return out.reshape(px.shape[0], -1, out.shape[-1])
-
-
 def test_vit_stage_prunes_every_crop_and_generate_follows(models):
     model = models["eager"]
-    batch_inputs = inputs(2)
-    want = crop_features_reference(model, batch_inputs["pixel_values"], prune_at=2, keep=8)
-    got, gen = compiled_anyres_vit_run(model, batch_inputs, "at vit.layer2 keep cls top 8", kept=5 * 8)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    # reference generation: the plain model on a prompt with 40 placeholders whose
-    # embeddings are the reference features
-    assert torch.equal(gen[:, -5:], generate_on_fewer_placeholders(fresh_copy(model), batch_inputs, IMG, want))
-    assert torch.equal(gen[:, :-5], batch_inputs["input_ids"])  # the caller's prompt comes back (88 per image)
+    assert_clip_vit_stage_matches(model, fresh_copy(model), inputs(2), IMG, crops=5)
 
 
 # ---------------------------------------------------------------------------- check time
@@ -273,7 +244,7 @@ def test_llm_stage_at_another_image_size_resolves_for_its_count(models):
 def test_vit_stage_at_another_image_size_packs_its_crops(models):
     model = models["eager"]
     spec, batch_inputs = small_inputs()
-    want = crop_features_reference(model, batch_inputs["pixel_values"], prune_at=2, keep=8)  # 3 crops x 8
+    want = clip_crop_features(model, batch_inputs["pixel_values"], prune_at=2, keep=8)  # 3 crops x 8
     with vc.apply("at vit.layer2 keep cls top 8", model):
         with torch.no_grad():
             gen = model.generate(**batch_inputs, max_new_tokens=5, do_sample=False)

@@ -21,7 +21,8 @@ from vtdsl.models import get_spec, list_specs
 
 from family_runs import (anyres_inputs, assert_fastv_matches_masked_reference, compiled_anyres_vit_run,
                          compiled_generate, compiled_prefill_flops, generate_on_fewer_placeholders)
-from plain_refs import plain_copy, first_error, last_query_attention, masked_generate, sharpened_pair, top_rows
+from plain_refs import (plain_copy, first_error, flops_per_part, last_query_attention, masked_generate, sharpened_pair,
+                        top_rows)
 
 SPEC = get_spec("tiny-llava-onevision")
 BIG = "llava-onevision-qwen2-7b"
@@ -121,32 +122,43 @@ def test_counts_equal_the_models_own_packing():
     assert SPEC.for_image(100, 170).crop_map[:2] == (6, 9)  # 8x12 unpadded, shrunk by sqrt(96 / 64)
 
 
-def test_cost_of_the_7b_equals_flop_counter_on_meta_part_by_part():
-    spec = get_spec(BIG)
-    model = spec.build(device="meta", attn_implementation="eager")
-    text = 64
-    ids = torch.cat([torch.full((1, spec.image_tokens), IMG_BIG := spec.image_token_id),
-                     torch.ones(1, text, dtype=torch.long)], 1)
-    px = torch.zeros(1, 37, 3, 384, 384, device="meta", dtype=model.dtype)
+def meta_7b_parts(**call) -> tuple[dict, int]:
+    """FlopCounterMode of one prefill of the meta LLaVA-OneVision 7B on `call` (last logits
+    only) by part, and its total."""
+    model = get_spec(BIG).build(device="meta", attn_implementation="eager")
+    call = {k: v.to(device="meta", dtype=model.dtype if v.is_floating_point() else v.dtype) if k != "image_sizes"
+            else v for k, v in call.items()}
     check_off = mock.patch("transformers.models.llava_onevision.modeling_llava_onevision.torch_compilable_check",
                            lambda *a, **k: None, create=True)
     with check_off, torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(input_ids=ids.to("meta"), pixel_values=px, image_sizes=torch.tensor([[2304, 2304]]), logits_to_keep=1)
-    assert IMG_BIG == 151646
-    d, ffn, h, kv, mlp = 1152, 4304, 3584, 512, 18944
-    n_vit, crops, n_llm = 729, 37, 729 + 81 * 82 + text
+        model(**call, logits_to_keep=1)
+    return flops_per_part(model, counter), counter.get_total_flops()
+
+
+def onevision_7b_parts(crops: int, n_llm: int) -> dict:
+    """The 7B's FLOPs by hand: SigLIP (1152 wide, MLP 4304, 26 layers) on each crop's 729
+    patches, the projector (1152 -> 3584 -> 3584) on them, 28 Qwen2-7B layers (4 KV heads of
+    128, SwiGLU 18944) on `n_llm` tokens, the last row's logits (152128)."""
+    d, ffn, h, kv, mlp, n_vit = 1152, 4304, 3584, 512, 18944, 729
     vit_layer = 2 * n_vit * (4 * d * d + 2 * d * ffn) + 4 * n_vit * n_vit * d
     llm_layer = 2 * n_llm * (2 * h * h + 2 * h * kv + 3 * h * mlp) + 4 * n_llm * n_llm * h
-    want = {"vit": crops * (2 * n_vit * 3 * 14 * 14 * d + 26 * vit_layer),
+    return {"vit": crops * (2 * n_vit * 3 * 14 * 14 * d + 26 * vit_layer),
             "projector": 2 * crops * n_vit * (d * h + h * h),
             "llm": 28 * llm_layer,
             "lm_head": 2 * h * 152128}
-    root = type(model).__name__
-    per_module = counter.get_flop_counts()
-    modules = {"vit": "model.vision_tower", "projector": "model.multi_modal_projector",
-               "llm": "model.language_model", "lm_head": "lm_head"}
-    got = {part: sum(per_module.get(f"{root}.{name}", {}).values()) for part, name in modules.items()}
-    assert got == want and counter.get_total_flops() == sum(want.values())
+
+
+def test_cost_of_the_7b_equals_flop_counter_on_meta_part_by_part():
+    spec = get_spec(BIG)
+    text = 64
+    ids = torch.cat([torch.full((1, spec.image_tokens), IMG_BIG := spec.image_token_id),
+                     torch.ones(1, text, dtype=torch.long)], 1)
+    parts, total = meta_7b_parts(input_ids=ids, pixel_values=torch.zeros(1, 37, 3, 384, 384),
+                                 image_sizes=torch.tensor([[2304, 2304]]))
+    assert IMG_BIG == 151646
+    n_vit, crops, n_llm = 729, 37, 729 + 81 * 82 + text
+    want = onevision_7b_parts(crops, n_llm)
+    assert parts == want and total == sum(want.values())
     report = estimate_counts(spec, [n_vit] * 26, crops * n_vit, [n_llm - text] * 28, text).baseline
     assert {part: getattr(report, part) for part in want} == want
 

@@ -27,10 +27,10 @@ def same_architecture(a: ModelSpec, b: ModelSpec) -> bool:
 # ----------------------------------------------------------------- built-ins
 # `vtdsl models` order: full-size checkpoints, then their tiny random variants in the same
 # family order, then the vtbench models
-LISTED = ["llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "llava-onevision-qwen2-7b", "qwen2-vl-7b", "qwen2.5-vl-7b",
-          "qwen3-vl-8b", "internvl3-8b", "gemma-3-4b", "smolvlm-2.2b",
-          "tiny-llava", "tiny-llava-next", "tiny-llava-onevision", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl",
-          "tiny-internvl3", "tiny-gemma3", "tiny-smolvlm", "tiny-llava-vtbench2", "tiny-llava-vtbench"]
+LISTED = ["llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "llava-next-video-7b", "llava-onevision-qwen2-7b",
+          "qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b", "internvl3-8b", "gemma-3-4b", "smolvlm-2.2b",
+          "tiny-llava", "tiny-llava-next", "tiny-llava-next-video", "tiny-llava-onevision", "tiny-qwen2-vl",
+          "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-internvl3", "tiny-gemma3", "tiny-smolvlm", "tiny-llava-vtbench2", "tiny-llava-vtbench"]
 
 
 def test_registry_lists_the_builtins():

@@ -143,6 +143,43 @@ _builtin("llava-next-7b", LLAVA_NEXT_7B,
          "LLaVA-NeXT 7B (llava-hf/llava-v1.6-vicuna-7b-hf): anyres CLIP ViT-L/14-336 (base + up to 4 crops) + "
          "Vicuna-7B v1.5")
 
+# llava-hf/LLaVA-NeXT-Video-7B-hf: LLaVA-NeXT-7B's towers, projector and anyres pinpoints
+# (CLIP ViT-L/14-336, Vicuna-7B v1.5), image_token_index 32001, video_token_index 32000,
+# spatial_pool_mode "average", spatial_pool_stride 2 (transformers' LlavaNextVideoConfig
+# defaults, which it documents as this checkpoint's). The values are those of the
+# checkpoint's config as AutoConfig prints it in a public script (transformers 4.57.3):
+# those defaults plus a linear RoPE scaling of 2.5 (no FLOPs) and vocab 32064; not read
+# from the hub itself (no network here). Its video processor is assumed to bring frames to
+# 336x336 (the tower's size; CLIP refuses other sizes): 12x12 = 144 tokens a frame.
+LLAVA_NEXT_VIDEO_7B = {
+    "architectures": ["LlavaNextVideoForConditionalGeneration"],
+    "model_type": "llava_next_video",
+    "image_token_index": 32001,
+    "video_token_index": 32000,
+    "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    "image_seq_length": 576,
+    "video_seq_length": 288,
+    "multimodal_projector_bias": True,
+    "projector_hidden_act": "gelu",
+    "spatial_pool_mode": "average",
+    "spatial_pool_out_channels": 1024,
+    "spatial_pool_stride": 2,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_image_newline_parameter": True,
+    "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default",
+    "vision_config": {**_CLIP_L14_336, "hidden_act": "quick_gelu", "num_channels": 3},
+    "text_config": {
+        **copy.deepcopy(LLAVA_15_7B["text_config"]),
+        "pad_token_id": 0,
+        "rope_parameters": {"rope_type": "linear", "factor": 2.5, "rope_theta": 10000.0},
+    },
+}
+_builtin("llava-next-video-7b", LLAVA_NEXT_VIDEO_7B,
+         "LLaVA-NeXT-Video 7B (llava-hf/LLaVA-NeXT-Video-7B-hf): anyres CLIP ViT-L/14-336 + Vicuna-7B v1.5; video "
+         "frames pooled 2x2 (144 tokens a frame)")
+
 QWEN25_VL_7B = {
     "architectures": ["Qwen2_5_VLForConditionalGeneration"],
     "model_type": "qwen2_5_vl",
@@ -324,6 +361,25 @@ TINY_LLAVA_NEXT = {
 TINY_LLAVA_NEXT["vision_config"].update(image_size=56, num_hidden_layers=4)
 TINY_LLAVA_NEXT["text_config"].update(num_hidden_layers=4)
 _builtin("tiny-llava-next", TINY_LLAVA_NEXT, "tiny random LLaVA-NeXT (anyres, 56-pixel crops) for tests, float32")
+
+# LLaVA-NeXT-Video at tiny widths: 112-pixel CLIP crops (8x8 patches, CLS dropped),
+# pinpoints 112..224 (largest: base + 2x2 crops, 64 + 16·17 = 336 visual tokens), a video
+# frame pooled to 4x4 = 16 tokens; 4 ViT and 4 LLM layers.
+TINY_LLAVA_NEXT_VIDEO = {
+    **copy.deepcopy(TINY_LLAVA),
+    "architectures": ["LlavaNextVideoForConditionalGeneration"],
+    "model_type": "llava_next_video",
+    "image_token_index": 255,
+    "video_token_index": 254,
+    "image_grid_pinpoints": [[112, 224], [224, 112], [224, 224]],
+    "spatial_pool_mode": "average",
+    "spatial_pool_stride": 2,
+    "use_image_newline_parameter": True,
+}
+TINY_LLAVA_NEXT_VIDEO["vision_config"].update(image_size=112, num_hidden_layers=4)
+TINY_LLAVA_NEXT_VIDEO["text_config"].update(num_hidden_layers=4)
+_builtin("tiny-llava-next-video", TINY_LLAVA_NEXT_VIDEO,
+         "tiny random LLaVA-NeXT-Video (anyres and 2x2-pooled video frames, 112-pixel crops) for tests, float32")
 
 # Qwen2.5-VL's layout at tiny widths: 4 ViT blocks (1 and 3 full attention, the others in
 # 56-pixel windows of 4x4 patches), 2x2 merger, 4 LLM layers with M-RoPE; a 224x224
@@ -705,10 +761,10 @@ _builtin("tiny-gemma3", TINY_GEMMA3,
 
 # in the order `vtdsl models` lists them: full-size checkpoints, then the tiny test variants
 BUILTINS: dict[str, tuple[dict, str]] = {name: _TABLE[name] for name in (
-    "llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "llava-onevision-qwen2-7b",
+    "llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "llava-next-video-7b", "llava-onevision-qwen2-7b",
     "qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b", "internvl3-8b", "gemma-3-4b", "smolvlm-2.2b",
-    "tiny-llava", "tiny-llava-next", "tiny-llava-onevision", "tiny-qwen2-vl", "tiny-qwen2.5-vl",
-    "tiny-qwen3-vl", "tiny-internvl3", "tiny-gemma3", "tiny-smolvlm", "tiny-llava-vtbench2",
+    "tiny-llava", "tiny-llava-next", "tiny-llava-next-video", "tiny-llava-onevision", "tiny-qwen2-vl",
+    "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-internvl3", "tiny-gemma3", "tiny-smolvlm", "tiny-llava-vtbench2",
 )}
 
 # Other spellings users type for the same architectures.
@@ -729,6 +785,8 @@ ALIASES: dict[str, str] = {
     "llava-onevision-qwen2-7b-ov-hf": "llava-onevision-qwen2-7b",
     "lmms-lab/llava-onevision-qwen2-7b-ov": "llava-onevision-qwen2-7b",
     "llava-onevision-7b": "llava-onevision-qwen2-7b",
+    "llava-hf/llava-next-video-7b-hf": "llava-next-video-7b",
+    "llava-next-video-7b-hf": "llava-next-video-7b",
     "qwen/qwen2-vl-7b-instruct": "qwen2-vl-7b",
     "qwen2-vl-7b-instruct": "qwen2-vl-7b",
     "qwen/qwen3-vl-8b-instruct": "qwen3-vl-8b",

@@ -130,6 +130,11 @@ def infer_static(s: StageInput):
         return None
     spec = s.graph.graph["spec"]
     frames = spec.vit_crops if spec.video_frames else 1
+    if spec.video_frames and spec.video_newline:
+        error(s.graph, f"'merge static' compares each token with the same position in another frame, but "
+              f"{spec.name}'s video ends with a newline token that has no place in a frame", action.span,
+              expected="a keep stage ('per frame' splits its count over the frames)", code="frames")
+        return None
     if s.grid is None or s.varies or s.tokens_in % frames:
         error(s.graph, "'merge static' compares each token with the same position in another frame, so it needs "
               "every token of every frame, but an earlier stage removed some", action.span,
