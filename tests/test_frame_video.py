@@ -98,6 +98,8 @@ def test_the_call_layout_counts_as_check_video_does(family):
     spec, _ = family
     called = family_of(spec).video_spec(spec, {"pixel_values_videos": video_inputs(spec, 1)["pixel_values_videos"]})
     assert called == spec.for_video(FRAMES, 720, 1280) and called.image_tokens == video_tokens(spec.name)
+    with pytest.raises(vc.CompileError, match=r"expected \[batch, frames, channels, height, width\]"):
+        family_of(spec).video_spec(spec, {"pixel_values_videos": torch.zeros(FRAMES, 3, 56, 56)})
 
 
 # ---------------------------------------------------------------------------- cost

@@ -69,7 +69,8 @@ class LlavaNext(Family):
         if value.dim() != 5:
             raise CompileError(f"pixel_values_videos of shape {list(value.shape)}: expected "
                                "[batch, frames, channels, height, width]")
-        return spec.for_video(*value.shape[1:2], *value.shape[3:])
+        _, frames, _, height, width = value.shape
+        return spec.for_video(frames, height, width)
 
     def llm_tokens(self, spec: ModelSpec, images: int, per_image: int, device, vit_tokens: Tokens | None, *,
                    intact: bool) -> Tokens:
