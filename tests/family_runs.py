@@ -13,8 +13,8 @@ from vtdsl.ir import check
 
 from torch.utils.flop_counter import FlopCounterMode
 
-from plain_refs import (clip_crop_features, generate_on_features, last_query_attention, left_padded, masked_generate, top_k_reference,
-                        top_rows)
+from plain_refs import (clip_crop_features, decode_reference, generate_on_features, last_query_attention, left_padded,
+                        masked_generate, top_k_reference, top_rows)
 
 
 def compiled_prefill_flops(model, src: str, batch_inputs: dict) -> int:
@@ -173,3 +173,21 @@ def assert_clip_vit_stage_matches(model, reference, batch_inputs: dict, image_to
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(gen[:, -5:], generate_on_fewer_placeholders(reference, batch_inputs, image_token_id, want))
     assert torch.equal(gen[:, :-5], batch_inputs["input_ids"])
+
+
+def assert_decode_selection_matches(model, reference, batch_inputs: dict, video_token_id: int, keep: int,
+                                    steps: int = 4) -> None:
+    """`during decode at llm.layer2 attend top {keep}` on a video: generate's sequences and
+    per-step scores equal `plain_refs.decode_reference` on `reference` (an uncompiled eager
+    copy), and differ from the unpruned model's after the first step."""
+    want = decode_reference(reference, batch_inputs, video_token_id, 2, keep, steps)
+    kw = dict(**batch_inputs, max_new_tokens=steps, do_sample=False, output_scores=True,
+              return_dict_in_generate=True)
+    with vc.apply(f"during decode at llm.layer2 attend top {keep}", model), torch.no_grad():
+        got = model.generate(**kw)
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (a, b) in enumerate(zip(got.scores, want.scores)):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), step
+    with torch.no_grad():
+        plain = model.generate(**kw)
+    assert max((a - b).abs().max().item() for a, b in zip(got.scores[1:], plain.scores[1:])) > 1e-3

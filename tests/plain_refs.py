@@ -71,16 +71,8 @@ def masked_generate(ref, batch_inputs: dict, pruned: list[torch.Tensor], from_la
     """Greedy `generate` of `ref` with the positions `pruned[b]` of sample b masked out of
     every attention from LLM layer `from_layer` on, positions unchanged: what a prune at
     that layer means."""
-    def hook(module, args, kwargs):
-        m = kwargs["attention_mask"]
-        m = m.expand(len(pruned), *m.shape[1:]).clone()
-        blocked = False if m.dtype == torch.bool else torch.finfo(m.dtype).min  # bool masks: True = attend
-        for b, cols in enumerate(pruned):
-            m[b, :, :, cols] = blocked
-        kwargs["attention_mask"] = m
-        return args, kwargs
-
     layers = llm_layers(ref)
+    hook = _blocking(pruned)
     hooks = [layers[j].register_forward_pre_hook(hook, with_kwargs=True) for j in range(from_layer, len(layers))]
     try:
         with torch.no_grad():
@@ -258,3 +250,52 @@ def flops_per_part(model, counter) -> dict[str, int]:
     modules = {"vit": "model.vision_tower", "projector": "model.multi_modal_projector",
                "llm": "model.language_model", "lm_head": "lm_head"}
     return {part: sum(per_module.get(f"{root}.{name}", {}).values()) for part, name in modules.items()}
+
+
+def _blocking(pruned: list[torch.Tensor]):
+    """A decoder-layer pre-hook blocking the key columns `pruned[b]` of sample b."""
+    def hook(module, args, kwargs):
+        m = kwargs["attention_mask"]
+        m = m.expand(len(pruned), *m.shape[1:]).clone()
+        blocked = False if m.dtype == torch.bool else torch.finfo(m.dtype).min  # bool masks: True = attend
+        for b, cols in enumerate(pruned):
+            m[b, :, :, cols] = blocked
+        kwargs["attention_mask"] = m
+        return args, kwargs
+    return hook
+
+
+def decode_reference(ref, batch_inputs: dict, vid: int, layer: int, k: int, steps: int):
+    """DyCoke's decode rule by hand on the plain eager model's own generate: at each new
+    token (a one-row query), the head-mean attention row of layer-1 over the cache (its
+    eager weights) picks the top k of the video's rows, and layers from `layer` on have the
+    others blocked for that step. Returns generate's output (sequences and scores)."""
+    visual = batch_inputs["input_ids"] == vid
+    layers = ref.model.language_model.layers
+    pruned: list[torch.Tensor] = []
+
+    def pick(module, args, output):
+        weights = output[1]
+        pruned.clear()
+        if weights is None or weights.shape[2] != 1:
+            return None  # prefill: nothing is selected
+        row = weights[:, :, -1, :].float().mean(1)
+        for b in range(row.shape[0]):
+            rows = visual[b].nonzero().flatten()
+            order = torch.argsort(row[b, rows], descending=True)
+            assert row[b, rows[order[k - 1]]] - row[b, rows[order[k]]] > 1e-7, "near tie"
+            pruned.append(rows[order[k:]])
+        return None
+
+    def block(module, args, kwargs):
+        return _blocking(pruned)(module, args, kwargs) if pruned else None
+
+    hooks = [layers[layer - 1].self_attn.register_forward_hook(pick)]
+    hooks += [layers[j].register_forward_pre_hook(block, with_kwargs=True) for j in range(layer, len(layers))]
+    try:
+        with torch.no_grad():
+            return ref.generate(**batch_inputs, max_new_tokens=steps, do_sample=False, output_scores=True,
+                                return_dict_in_generate=True)
+    finally:
+        for h in hooks:
+            h.remove()

@@ -21,7 +21,7 @@ from vtdsl.ir import check
 from vtdsl.lang.errors import PolicyError
 from vtdsl.models import get_spec
 
-from family_runs import compiled_generate, compiled_prefill_flops
+from family_runs import assert_decode_selection_matches, compiled_generate, compiled_prefill_flops
 from plain_refs import (first_error, last_query_attention, left_padded, masked_generate, plain_copy,
                         sharpened_pair, top_k_reference, top_rows)
 
@@ -224,22 +224,11 @@ def test_images_still_run_their_own_plan_after_a_video(family):
 def test_decode_selection_on_a_video_equals_the_step_by_step_reference(family, attn):
     """`during decode at llm.layer2 attend top 8` picks among the video's rows (found by
     `video_token_id`, OneVision's newline among them): generate's scores equal the masked
-    reference step by step, and differ from the unpruned model's."""
-    from test_qwen_video import decode_reference
-
+    reference step by step."""
     spec, models = family
-    model, inputs = models[attn], video_inputs(spec, 2)
-    steps = 4
-    want = decode_reference(plain_copy(spec, model), inputs, spec.config().video_token_id, 2, 8, steps)
-    kw = dict(**inputs, max_new_tokens=steps, do_sample=False, output_scores=True, return_dict_in_generate=True)
-    with vc.apply("during decode at llm.layer2 attend top 8", model), torch.no_grad():
-        got = model.generate(**kw)
-    assert torch.equal(got.sequences, want.sequences)
-    for step, (a, b) in enumerate(zip(got.scores, want.scores)):
-        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), step
-    with torch.no_grad():
-        plain = model.generate(**kw)
-    assert max((a - b).abs().max().item() for a, b in zip(got.scores[1:], plain.scores[1:])) > 1e-3
+    model = models[attn]
+    assert_decode_selection_matches(model, plain_copy(spec, model), video_inputs(spec, 2),
+                                    spec.config().video_token_id, keep=8)
 
 
 # ---------------------------------------------------------------------------- refusals

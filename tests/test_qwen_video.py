@@ -17,7 +17,8 @@ from vtdsl.models import get_spec
 from plain_refs import (last_query_attention, masked_generate, mrope_inputs, plain_copy, qwen_prompts, sharpened_pair,
                         top_rows)
 
-from family_runs import assert_fastv_matches_masked_reference, compiled_prefill_flops
+from family_runs import (assert_decode_selection_matches, assert_fastv_matches_masked_reference,
+                         compiled_prefill_flops)
 
 NAMES = ("tiny-qwen2-vl", "tiny-qwen2.5-vl")
 START, END = 251, 252
@@ -136,70 +137,11 @@ def test_a_policy_that_does_not_fit_the_video_is_refused_at_run_time(family):
             models["eager"](**video_inputs(spec, 1, groups=1, side=6, seed=6))
 
 
-def _blocking(pruned: list[torch.Tensor]):
-    """A decoder-layer pre-hook blocking the key columns `pruned[b]` of sample b."""
-    def hook(module, args, kwargs):
-        m = kwargs["attention_mask"]
-        m = m.expand(len(pruned), *m.shape[1:]).clone()
-        blocked = False if m.dtype == torch.bool else torch.finfo(m.dtype).min
-        for b, cols in enumerate(pruned):
-            m[b, :, :, cols] = blocked
-        kwargs["attention_mask"] = m
-        return args, kwargs
-    return hook
-
-
-def decode_reference(ref, batch_inputs: dict, vid: int, layer: int, k: int, steps: int):
-    """DyCoke's decode rule by hand on the plain eager model's own generate: at each new
-    token (a one-row query), the head-mean attention row of layer-1 over the cache (its
-    eager weights) picks the top k of the video's rows, and layers from `layer` on have the
-    others blocked for that step. Returns generate's output (sequences and scores)."""
-    visual = batch_inputs["input_ids"] == vid
-    layers = ref.model.language_model.layers
-    pruned: list[torch.Tensor] = []
-
-    def pick(module, args, output):
-        weights = output[1]
-        pruned.clear()
-        if weights is None or weights.shape[2] != 1:
-            return None  # prefill: nothing is selected
-        row = weights[:, :, -1, :].float().mean(1)
-        for b in range(row.shape[0]):
-            rows = visual[b].nonzero().flatten()
-            order = torch.argsort(row[b, rows], descending=True)
-            assert row[b, rows[order[k - 1]]] - row[b, rows[order[k]]] > 1e-7, "near tie"
-            pruned.append(rows[order[k:]])
-        return None
-
-    def block(module, args, kwargs):
-        return _blocking(pruned)(module, args, kwargs) if pruned else None
-
-    hooks = [layers[layer - 1].self_attn.register_forward_hook(pick)]
-    hooks += [layers[j].register_forward_pre_hook(block, with_kwargs=True) for j in range(layer, len(layers))]
-    try:
-        with torch.no_grad():
-            return ref.generate(**batch_inputs, max_new_tokens=steps, do_sample=False, output_scores=True,
-                                return_dict_in_generate=True)
-    finally:
-        for h in hooks:
-            h.remove()
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_decode_selection_on_a_video_equals_the_step_by_step_reference(family, attn):
     """`during decode at llm.layer2 attend top 16` picks among the video's rows (found by
     `video_token_id`): generate's scores equal the masked reference step by step."""
     spec, models = family
-    model, batch_inputs = models[attn], video_inputs(spec, 2)
-    steps = 4
-    want = decode_reference(plain_copy(spec, model), batch_inputs, spec.config().video_token_id, 2, 16, steps)
-    kw = dict(**batch_inputs, max_new_tokens=steps, do_sample=False, output_scores=True,
-              return_dict_in_generate=True)
-    with vc.apply("during decode at llm.layer2 attend top 16", model), torch.no_grad():
-        got = model.generate(**kw)
-    assert torch.equal(got.sequences, want.sequences)
-    for step, (a, b) in enumerate(zip(got.scores, want.scores)):
-        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), step
-    with torch.no_grad():
-        plain = model.generate(**kw)
-    assert max((a - b).abs().max().item() for a, b in zip(got.scores[1:], plain.scores[1:])) > 1e-3
+    model = models[attn]
+    assert_decode_selection_matches(model, plain_copy(spec, model), video_inputs(spec, 2),
+                                    spec.config().video_token_id, keep=16)
