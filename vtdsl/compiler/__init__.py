@@ -56,6 +56,7 @@ from .api import (
 )
 from .inputs import patch_processor, processor_for, rewrite_inputs
 from .listing import Listing, Rewrite, stage_module_path, stage_text
+from .regions import compile_regions, uncompile_regions
 from .runtime import CompileError
 
 __all__ = [
@@ -65,6 +66,7 @@ __all__ = [
     "Rewrite",
     "apply",
     "compile",
+    "compile_regions",
     "compiled",
     "image_token_count",
     "kept_counts",
@@ -77,4 +79,5 @@ __all__ = [
     "stage_module_path",
     "stage_text",
     "uncompile",
+    "uncompile_regions",
 ]

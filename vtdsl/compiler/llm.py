@@ -43,6 +43,7 @@ from .. import ops
 from ..ir.plan import Observation, Plan, ResolvedStage
 from ..ops.scorers import ScoreContext, by_canonical
 from .families import family_of
+from .layer_cache import bind_cache
 from .layouts import PlanCache
 from .runtime import CompileError, ForwardLog, Scored, StageView, Tokens, _align, evaluate_score
 from .vit import VitRuntime
@@ -326,48 +327,52 @@ class LlmRuntime:
 
     def layer_pre_hook(self, j: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
-            self.layers[j] = module  # a score's kernel may read the layer's modules (its input norm)
-            hidden = args[0] if args else kwargs["hidden_states"]
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            prefill = cache is None or cache.get_seq_length(j) == 0
-            if prefill:
-                return self._prefill(j, hidden, args, kwargs, cache)
-            self.prefill = False
-            st = self.by_cache.get(cache)
-            if st is None:
-                return None
-            if j not in st.layer_rows:
-                return self._windowed(j, args, kwargs, cache, hidden.shape[1])
-            kwargs = dict(kwargs)
-            shift = st.layer_shift.get(j, 0)
-            if shift:
-                pid = kwargs.get("position_ids")
-                if pid is None:
-                    raise CompileError(f"layer {j}: 'renumber' needs the position ids the layers are handed")
-                pid = pid - shift
-                kwargs["position_ids"] = pid
-                kwargs["position_embeddings"] = self._rope_at(kwargs.get("position_embeddings"), pid, j)
-            mask = kwargs.get("attention_mask")
-            if mask is None:
-                return args, kwargs
-            if not isinstance(mask, Tensor) or mask.dim() != 4:
-                raise CompileError(f"LLM stages need a 4-D tensor attention mask, got {type(mask).__name__}")
-            kept = st.layer_rows[j]
-            tail = torch.arange(st.nb, mask.shape[-1], device=kept.device)[None].expand(kept.shape[0], -1)
-            cols = torch.cat([kept, tail], dim=1)
-            q = hidden.shape[1]
-            if cache.get_seq_length(j) + q != cols.shape[1]:
-                raise CompileError(
-                    f"layer {j}: cache holds {cache.get_seq_length(j)} tokens but the pruned mask "
-                    f"expects {cols.shape[1] - q}"
-                )
-            # a sliding-window layer's cache holds only its last rows: the mask's last columns
-            # (a window over original positions, which the full-length mask carries)
-            kv = cache.get_mask_sizes(q, j)[0]
-            kwargs["attention_mask"] = _gather_mask(mask, None, cols[:, -kv:] if kv < cols.shape[1] else cols)
-            return args, kwargs
+            out = self._layer_pre(j, module, args, kwargs)
+            return bind_cache(j, module, *(out or (args, kwargs)))
 
         return hook
+
+    def _layer_pre(self, j: int, module: nn.Module, args: tuple, kwargs: dict):
+        self.layers[j] = module  # a score's kernel may read the layer's modules (its input norm)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        prefill = cache is None or cache.get_seq_length(j) == 0
+        if prefill:
+            return self._prefill(j, hidden, args, kwargs, cache)
+        self.prefill = False
+        st = self.by_cache.get(cache)
+        if st is None:
+            return None
+        if j not in st.layer_rows:
+            return self._windowed(j, args, kwargs, cache, hidden.shape[1])
+        kwargs = dict(kwargs)
+        shift = st.layer_shift.get(j, 0)
+        if shift:
+            pid = kwargs.get("position_ids")
+            if pid is None:
+                raise CompileError(f"layer {j}: 'renumber' needs the position ids the layers are handed")
+            pid = pid - shift
+            kwargs["position_ids"] = pid
+            kwargs["position_embeddings"] = self._rope_at(kwargs.get("position_embeddings"), pid, j)
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            return args, kwargs
+        if not isinstance(mask, Tensor) or mask.dim() != 4:
+            raise CompileError(f"LLM stages need a 4-D tensor attention mask, got {type(mask).__name__}")
+        kept = st.layer_rows[j]
+        tail = torch.arange(st.nb, mask.shape[-1], device=kept.device)[None].expand(kept.shape[0], -1)
+        cols = torch.cat([kept, tail], dim=1)
+        q = hidden.shape[1]
+        if cache.get_seq_length(j) + q != cols.shape[1]:
+            raise CompileError(
+                f"layer {j}: cache holds {cache.get_seq_length(j)} tokens but the pruned mask "
+                f"expects {cols.shape[1] - q}"
+            )
+        # a sliding-window layer's cache holds only its last rows: the mask's last columns
+        # (a window over original positions, which the full-length mask carries)
+        kv = cache.get_mask_sizes(q, j)[0]
+        kwargs["attention_mask"] = _gather_mask(mask, None, cols[:, -kv:] if kv < cols.shape[1] else cols)
+        return args, kwargs
 
     @staticmethod
     def _windowed(j: int, args: tuple, kwargs: dict, cache, q: int):
