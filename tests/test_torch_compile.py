@@ -187,3 +187,63 @@ def test_regions_of_a_vit_policy_match_eager():
         for got, want in zip(run.logits, r["eager"].logits):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert r["calls"][3] == r["calls"][-1]
+
+
+def _dynamic_cache(layers: int):
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    cache = DynamicCache()
+    cache.layers.extend(DynamicLayer() for _ in range(layers))
+    return cache
+
+
+def test_a_layer_cache_writes_its_own_layer_whatever_index_it_is_given():
+    from torch import nn
+
+    from vtdsl.compiler.layer_cache import LayerCache, bind_cache
+
+    k, v = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+    cache, want = _dynamic_cache(3), _dynamic_cache(3)
+    args, kwargs = bind_cache(1, nn.Linear(2, 2), (), {"cache": cache, "use_cache": True})
+    view = kwargs["cache"]
+    assert isinstance(view, LayerCache) and kwargs["use_cache"] is True
+    got = view.update(k, v, 7)  # the attention's own index is not read
+    expected = want.update(k, v, 1)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert [cache.get_seq_length(i) for i in range(3)] == [0, 5, 0]
+    assert view.get_seq_length(1) == 5  # the rest is the cache's
+
+
+def test_hooked_layers_and_other_caches_keep_the_cache():
+    from torch import nn
+    from transformers.cache_utils import DynamicCache
+
+    from vtdsl.compiler.layer_cache import bind_cache
+
+    layer = nn.Sequential(nn.Linear(2, 2))
+    cache = _dynamic_cache(2)
+    handle = layer[0].register_forward_hook(lambda *_: None)
+    assert bind_cache(0, layer, (), {"cache": cache})[1]["cache"] is cache
+    handle.remove()
+    assert bind_cache(0, layer, (), {"past_key_values": cache})[1]["past_key_values"] is not cache
+    assert bind_cache(2, layer, (), {"cache": cache})[1]["cache"] is cache  # no such layer
+
+    class Own(DynamicCache):
+        def update(self, *args, **kwargs):
+            return super().update(*args, **kwargs)
+
+    own = Own()
+    own.layers.append(_dynamic_cache(1).layers[0])
+    assert bind_cache(0, layer, (), {"cache": own})[1]["cache"] is own
+
+
+def test_compile_regions_wraps_every_layer_once_and_undoes_it():
+    model = _model(2)
+    assert vc.compile_regions(model, backend="aot_eager") == 6  # 4 ViT layers, 2 decoder layers
+    assert vc.compile_regions(model, backend="aot_eager") == 0
+    layers = [m for m in model.modules() if "forward" in m.__dict__]
+    assert len(layers) == 6
+    assert layers[0].forward.compiled is layers[3].forward.compiled  # one per class
+    assert layers[3].forward.compiled is not layers[4].forward.compiled
+    assert vc.uncompile_regions(model) == 6
+    assert not [m for m in model.modules() if "forward" in m.__dict__]

@@ -36,6 +36,8 @@ class LayerCache:
         return self.layer.update(key_states, value_states, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
+        if name in ("cache", "layer"):  # not set yet (a copy being made): no recursion
+            raise AttributeError(name)
         return getattr(self.cache, name)
 
 
