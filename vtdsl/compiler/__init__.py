@@ -4,6 +4,7 @@
     model = vc.compile("at llm.layer2 keep text top 50%", model)   # in place
     with vc.apply(policy, model): ...                              # undone on exit
     vc.compiled(model).listing.text()                              # what changed where
+    vc.compile_regions(model)                                      # torch.compile of its layers
 
 The IR does not know how a stage is installed; each tower uses the mechanism that holds.
 

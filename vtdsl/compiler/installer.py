@@ -36,8 +36,9 @@ def _eager(fn: Callable) -> Callable:
     hook was specialised on its closure (the layer index) and on the per-prompt state
     (ints, shapes, `.item()`s) and recompiled for every layer until dynamo's recompile
     limit (tiny-llava, 2 LLM layers: 28 recompiles, 59 graphs, 20 s for a second
-    generate); skipped, none of it is compiled (16 recompiles, 15 graphs, 0.1 s). What
-    remains per layer is transformers': tests/test_torch_compile.py."""
+    generate); skipped, none of it is compiled (16 recompiles, 15 graphs, 0.1 s). Each
+    layer is then a frame of its own, compiled once for all layers because the pre-hook
+    hands it its own cache layer (`layer_cache`; docs/compiler.md, "torch.compile")."""
     import torch
 
     return torch.compiler.disable(fn, recursive=True)
