@@ -142,6 +142,7 @@ def main() -> dict:
     args = parser.parse_args()
 
     import vtdsl
+    from vtdsl.compiler import CompileError
     from vtdsl.cost.calibrate import calibrate
     from vtdsl.cost.latency import predict
     from vtdsl.lang.errors import PolicyError
@@ -169,9 +170,13 @@ def main() -> dict:
                 refused[path.name] = err.diagnostics[0].message
                 continue
             # the timed steps generate tokens 2..16: their mean cached context is 8.5 + prompt
-            report = _report(plan, model, inputs)
+            try:
+                report = _report(plan, model, inputs)
+                m = measure(model, inputs, plan, args.repeats)
+            except CompileError as err:  # checks, but needs what this model lacks (a CLIP text tower)
+                refused[path.name] = str(err)
+                continue
             lat = predict(report, profile, batch=batch, dtype="float32")
-            m = measure(model, inputs, plan, args.repeats)
             row = {"policy": path.stem, "batch": batch, **m, "predicted_prefill": lat.prefill_speedup,
                    "predicted_decode": lat.decode_speedup, "flops_ideal": 1 / report.flops_ratio,
                    "visual_tokens": report.policy.visual}
@@ -191,8 +196,9 @@ def main() -> dict:
 def _save(name: str, machine: dict, profile, rows: list[dict], refused: dict, repeats: int,
           quiet: bool = False) -> dict:
     worst = max((abs(r[k]) for r in rows for k in ("prefill_error", "decode_error")), default=0.0)
-    shared = ("the machine's cores were shared with other people's jobs while this ran (see load_average): "
-              "times are the process CPU time of one torch thread, medians of interleaved rounds")
+    shared = (f"load average {machine.get('load_average')} and {machine.get('other_busy_processes')} other busy "
+              "process(es) at the start: times are the process CPU time of one torch thread, medians of "
+              "interleaved rounds")
     result = {"machine": machine, "note": shared, "profile": profile.to_json(), "rows": rows, "refused": refused,
               "worst_error": worst, "new_tokens": NEW_TOKENS, "repeats": repeats}
     if quiet:
